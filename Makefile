@@ -1,0 +1,64 @@
+# Convergence: `make run` starts the service on the embedded store, `make test` runs the suite.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SITE = $(shell $(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+BUF_VERSION := 1.75.0
+BUF := build/tools/node_modules/.bin/buf
+PROTOS := $(wildcard protos/convergence/v1/*.proto)
+GEN_DIR := clients/python
+GEN_STAMP := build/.proto-stamp
+DESCRIPTOR := build/convergence.pb
+
+.DEFAULT_GOAL := help
+.PHONY: help install proto lint test run bench clean
+
+help: ## Show this help.
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+
+$(VENV)/.installed: pyproject.toml clients/python/pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e clients/python -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed ## Create the virtualenv and install the server, client and dev tools.
+
+$(GEN_STAMP): $(PROTOS) $(VENV)/.installed
+	@mkdir -p build
+	rm -f $(GEN_DIR)/convergence/v1/*_pb2*.py $(GEN_DIR)/convergence/v1/*_pb2*.pyi
+	$(PY) -m grpc_tools.protoc -Iprotos -I$(SITE) \
+	  --python_out=$(GEN_DIR) --pyi_out=$(GEN_DIR) \
+	  --grpc_python_out=$(GEN_DIR) --mypy_grpc_out=$(GEN_DIR) \
+	  --plugin=protoc-gen-mypy_grpc=$(VENV)/bin/protoc-gen-mypy_grpc \
+	  $(PROTOS)
+	$(PY) -m grpc_tools.protoc -Iprotos -I$(SITE) --include_imports \
+	  --descriptor_set_out=$(DESCRIPTOR) \
+	  $(PROTOS) google/rpc/status.proto google/rpc/error_details.proto
+	touch $@
+
+proto: $(GEN_STAMP) ## Generate the Python modules, .pyi stubs and Envoy's descriptor set from protos/.
+
+$(BUF):
+	npm install --silent --no-save --prefix build/tools @bufbuild/buf@$(BUF_VERSION)
+
+lint: $(GEN_STAMP) $(BUF) ## Lint the protos (buf), the Python code (ruff) and its types (mypy --strict).
+	mkdir -p build/third_party/google/api build/third_party/google/rpc
+	cp $(SITE)/google/api/annotations.proto $(SITE)/google/api/http.proto build/third_party/google/api/
+	cp $(SITE)/google/rpc/status.proto $(SITE)/google/rpc/error_details.proto build/third_party/google/rpc/
+	$(BUF) lint
+	$(VENV)/bin/ruff check server tests bench
+	$(VENV)/bin/ruff format --check server tests bench
+	$(VENV)/bin/mypy
+
+test: $(GEN_STAMP) ## Run the test suite (starts real servers and Envoy on loopback ports).
+	$(PY) -m pytest
+
+run: $(GEN_STAMP) ## Start the gRPC server and Envoy on the embedded store; Ctrl-C stops both.
+	$(PY) -m convergence_server stack
+
+bench: $(GEN_STAMP) ## Run the benchmarks and print their results.
+	$(PY) -m bench.api_overhead
+
+clean: ## Remove the virtualenv, generated code and build output (keeps .data/).
+	rm -rf $(VENV) build $(GEN_DIR)/convergence/v1/*_pb2*.py $(GEN_DIR)/convergence/v1/*_pb2*.pyi

@@ -1,0 +1,182 @@
+-- Response shaping for REST calls transcoded by Envoy (see envoy/README.md).
+--
+-- Runs AFTER the gRPC-JSON transcoder on responses (it is listed before it).
+--   * Native gRPC calls (request content-type application/grpc*): untouched.
+--   * REST call, response carries x-error-body (the server's trailing metadata,
+--     turned into headers for a trailers-only error): :status from
+--     x-http-status, body = x-error-body verbatim, content-type JSON.
+--     If the server sent response headers before failing, x-error-body comes
+--     in the trailers and there is no body to fill: only the status is set.
+--   * REST call, other non-zero grpc-status: generic
+--     {"error": <reason>, "message": <grpc-message>} body.
+--   * REST success: strip grpc-* headers that would leak.
+-- Envoy's Lua has no JSON library: escaping is done by hand below.
+
+local META_NS = "convergence.error_body"
+
+-- Internal headers never shown to REST clients. retry-after is kept.
+local STRIP = {
+  "x-error-body", "x-http-status",
+  "grpc-status", "grpc-message", "grpc-status-details-bin", "grpc-accept-encoding",
+}
+
+-- The same "error" strings as the server's documented bodies.
+local REASONS = {
+  [400] = "Validation error",
+  [401] = "Authentication failed",
+  [403] = "Authorization failed",
+  [404] = "Not found",
+  [405] = "Method not allowed",
+  [409] = "Conflict",
+  [413] = "Payload too large",
+  [429] = "Too many requests",
+  [499] = "Client closed request",
+  [500] = "Internal server error",
+  [501] = "Not implemented",
+  [503] = "Service unavailable",
+  [504] = "Gateway timeout",
+}
+
+-- gRPC code -> HTTP status, as Envoy maps them; used only when the
+-- transcoder left a non-error :status behind.
+local GRPC_TO_HTTP = {
+  [1] = 499, [2] = 500, [3] = 400, [4] = 504, [5] = 404, [6] = 409, [7] = 403,
+  [8] = 429, [9] = 400, [10] = 409, [11] = 400, [12] = 501, [13] = 500,
+  [14] = 503, [15] = 500, [16] = 401,
+}
+
+local function reason(status)
+  local r = REASONS[status]
+  if r ~= nil then return r end
+  if status >= 500 then return "Internal server error" end
+  return "Request error"
+end
+
+local function percent_decode(s)
+  return (s:gsub("%%(%x%x)", function(h) return string.char(tonumber(h, 16)) end))
+end
+
+-- True when s is well-formed UTF-8 (so it may go into JSON as is).
+local function valid_utf8(s)
+  local i, n = 1, #s
+  while i <= n do
+    local c = s:byte(i)
+    local len
+    if c < 0x80 then len = 1
+    elseif c >= 0xC2 and c <= 0xDF then len = 2
+    elseif c >= 0xE0 and c <= 0xEF then len = 3
+    elseif c >= 0xF0 and c <= 0xF4 then len = 4
+    else return false end
+    if i + len - 1 > n then return false end
+    for j = i + 1, i + len - 1 do
+      local cc = s:byte(j)
+      if cc < 0x80 or cc > 0xBF then return false end
+    end
+    i = i + len
+  end
+  return true
+end
+
+local ESCAPES = { ['"'] = '\\"', ['\\'] = '\\\\', ['\n'] = '\\n', ['\r'] = '\\r', ['\t'] = '\\t' }
+
+local function json_string(s)
+  if not valid_utf8(s) then
+    s = s:gsub("[\128-\255]", "?")
+  end
+  local escaped = s:gsub('[%c"\\]', function(c)
+    return ESCAPES[c] or string.format("\\u%04x", c:byte())
+  end)
+  return '"' .. escaped .. '"'
+end
+
+local function set_error_headers(headers, status)
+  headers:replace(":status", tostring(status))
+  for _, name in ipairs(STRIP) do headers:remove(name) end
+end
+
+-- The status a REST error response should carry: x-http-status when it is a
+-- valid error status, else the transcoder's, else one mapped from grpc-status.
+local function error_status(headers, wanted)
+  local status = tonumber(headers:get(":status") or "") or 200
+  local from_server = tonumber(wanted or "")
+  if from_server ~= nil and from_server >= 400 and from_server <= 599 then
+    return from_server
+  end
+  if status < 400 then
+    local grpc_status = tonumber(headers:get("grpc-status") or "") or 2
+    return GRPC_TO_HTTP[grpc_status] or 500
+  end
+  return status
+end
+
+local function generic_body(status, grpc_message)
+  return '{"error":' .. json_string(reason(status))
+    .. ',"message":' .. json_string(percent_decode(grpc_message or "")) .. '}'
+end
+
+local function shape_response(handle)
+  local headers = handle:headers()
+  local grpc_status = tonumber(headers:get("grpc-status") or "0") or 2
+
+  local error_body = headers:get("x-error-body")
+  if error_body == nil and grpc_status == 0 then
+    -- Success: no buffering, only strip the grpc-* headers that leak.
+    for _, name in ipairs(STRIP) do headers:remove(name) end
+    return
+  end
+
+  local wanted = headers:get("x-http-status")
+  local message = headers:get("grpc-message")
+  local status = error_status(headers, wanted)
+  -- Waits for the end of the response. A trailers-only gRPC error (the usual
+  -- case) has no body: body(true) then gives an empty buffer to fill.
+  local buffer = handle:body(true)
+  -- A header wrapper taken before body() may be dead afterwards (seen when the
+  -- response ended with trailers): take a fresh one.
+  headers = handle:headers()
+  if error_body == nil then
+    -- The server sent its headers before failing: the transcoder moved
+    -- grpc-status into the headers, x-error-body is in the trailers.
+    local trailers = handle:trailers()
+    if trailers ~= nil then
+      error_body = trailers:get("x-error-body")
+      if error_body ~= nil then
+        status = error_status(headers, trailers:get("x-http-status"))
+      end
+      message = message or trailers:get("grpc-message")
+      for _, name in ipairs(STRIP) do trailers:remove(name) end
+    end
+  end
+  local body = error_body or generic_body(status, message)
+
+  set_error_headers(headers, status)
+  if buffer == nil then
+    -- Headers, then trailers, no data: Envoy's Lua cannot add a body here.
+    -- The status is right, the body stays empty.
+    headers:remove("content-type")
+    headers:replace("content-length", "0")
+    return
+  end
+  headers:replace("content-type", "application/json")
+  headers:replace("content-length", tostring(#body))
+  buffer:setBytes(body)
+end
+
+function envoy_on_request(request_handle)
+  local ct = request_handle:headers():get("content-type")
+  if ct ~= nil and ct:lower():sub(1, 16) == "application/grpc" then
+    request_handle:streamInfo():dynamicMetadata():set(META_NS, "native_grpc", true)
+  end
+end
+
+function envoy_on_response(response_handle)
+  local meta = response_handle:streamInfo():dynamicMetadata():get(META_NS)
+  if meta ~= nil and meta["native_grpc"] then
+    return
+  end
+  -- A script error must never leave the response hanging: contain it.
+  local ok, err = pcall(shape_response, response_handle)
+  if not ok then
+    response_handle:logErr("error_body.lua: " .. tostring(err))
+  end
+end

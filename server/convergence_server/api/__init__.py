@@ -1,0 +1,1 @@
+"""API: gRPC servicers and interceptors translating between protos and the domain."""

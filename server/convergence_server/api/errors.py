@@ -1,0 +1,123 @@
+"""The one place where errors become a gRPC status and the documented REST body.
+
+gRPC clients get the status code with `google.rpc` details (ErrorInfo, BadRequest, the
+dry-run report). REST clients get the body of the integration guide: the server puts the
+HTTP status and the ready-made JSON body in trailing metadata (`x-http-status`,
+`x-error-body`), and Envoy's Lua filter (envoy/error_body.lua) turns them into the response.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from convergence_server import errors
+from convergence_server.api import convert
+from convergence_server.domain.onboarding import FailureKind, OnboardingRefused
+
+ERROR_DOMAIN = "convergence.v1"
+INTERNAL_MESSAGE = "An unexpected error occurred"
+
+
+@dataclass(frozen=True)
+class _Mapping:
+    code: grpc.StatusCode
+    http_status: int
+    title: str
+
+
+_MAPPINGS: dict[type[errors.ConvergenceError], _Mapping] = {
+    errors.InvalidArgument: _Mapping(grpc.StatusCode.INVALID_ARGUMENT, 400, "Validation error"),
+    errors.Unauthenticated: _Mapping(grpc.StatusCode.UNAUTHENTICATED, 401, "Authentication failed"),
+    errors.PermissionDenied: _Mapping(
+        grpc.StatusCode.PERMISSION_DENIED, 403, "Authorization failed"
+    ),
+    errors.NotFound: _Mapping(grpc.StatusCode.NOT_FOUND, 404, "Not found"),
+    errors.AlreadyExists: _Mapping(grpc.StatusCode.ALREADY_EXISTS, 409, "Conflict"),
+    errors.Unavailable: _Mapping(grpc.StatusCode.UNAVAILABLE, 503, "Service unavailable"),
+    errors.NotImplementedYet: _Mapping(grpc.StatusCode.UNIMPLEMENTED, 501, "Not implemented"),
+}
+_INTERNAL = _Mapping(grpc.StatusCode.INTERNAL, 500, "Internal server error")
+_REFUSALS = {
+    FailureKind.INVALID: _MAPPINGS[errors.InvalidArgument],
+    FailureKind.CONFLICT: _MAPPINGS[errors.AlreadyExists],
+    FailureKind.UNAVAILABLE: _MAPPINGS[errors.Unavailable],
+}
+
+
+def _mapping(error: errors.ConvergenceError) -> _Mapping:
+    if isinstance(error, OnboardingRefused):
+        return _REFUSALS[error.kind]
+    for cls in type(error).__mro__:
+        if cls in _MAPPINGS:
+            return _MAPPINGS[cls]
+    return _INTERNAL
+
+
+def _pack(message: Any) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)
+    return packed
+
+
+@dataclass(frozen=True)
+class Abort:
+    """What `ServicerContext.abort` needs to end a call with an error."""
+
+    code: grpc.StatusCode
+    details: str
+    trailing_metadata: tuple[tuple[str, str | bytes], ...]
+
+
+def to_abort(error: errors.ConvergenceError | None, request_id: str) -> Abort:
+    """The status (with details and trailing metadata) to abort the call with.
+
+    `None` stands for an unexpected exception: a generic 500 carrying the request id.
+    """
+    mapping = _INTERNAL if error is None else _mapping(error)
+    message = INTERNAL_MESSAGE if error is None else error.message
+    body: dict[str, Any] = {"error": mapping.title, "message": message}
+    details = [
+        error_details_pb2.ErrorInfo(
+            reason="INTERNAL" if error is None else error.reason,
+            domain=ERROR_DOMAIN,
+            metadata={"request_id": request_id},
+        )
+    ]
+    if error is None:
+        body["request_id"] = request_id
+    if isinstance(error, errors.InvalidArgument | OnboardingRefused) and error.violations:
+        first = error.violations[0]
+        body["details"] = {"field": first.field, "issue": first.issue}
+        details.append(
+            error_details_pb2.BadRequest(
+                field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.issue)
+                    for v in error.violations
+                ]
+            )
+        )
+    if isinstance(error, OnboardingRefused):
+        report = convert.dry_run_response(error.report)
+        details.append(report)
+        body.update(
+            (name, value) for name, value in convert.to_json(report).items() if name != "message"
+        )
+    proto = status_pb2.Status(
+        code=getattr(code_pb2, mapping.code.name),
+        message=message,
+        details=[_pack(d) for d in details],
+    )
+    status = rpc_status.to_status(proto)
+    trailing = (
+        *status.trailing_metadata,
+        ("x-http-status", str(mapping.http_status)),
+        ("x-error-body", json.dumps(body, ensure_ascii=True)),
+    )
+    return Abort(status.code, status.details, trailing)

@@ -1,0 +1,28 @@
+"""HealthService: liveness, plus an API-key check when a key is sent."""
+
+from __future__ import annotations
+
+from grpc.aio import ServicerContext
+
+from convergence.v1 import health_service_pb2, health_service_pb2_grpc
+from convergence_server import __version__
+from convergence_server.api.context import current_caller
+
+
+class HealthServicer(health_service_pb2_grpc.HealthServiceServicer):
+    def __init__(self, store_kind: str) -> None:
+        self._store_kind = store_kind
+
+    async def GetHealth(
+        self, request: health_service_pb2.GetHealthRequest, context: ServicerContext
+    ) -> health_service_pb2.GetHealthResponse:
+        caller = current_caller()
+        response = health_service_pb2.GetHealthResponse(
+            status="healthy",
+            version=__version__,
+            store=self._store_kind,
+            authenticated=caller is not None,
+        )
+        if caller is not None:
+            response.tenant_id = caller.tenant_id
+        return response

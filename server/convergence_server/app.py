@@ -1,0 +1,110 @@
+"""`create_server(config)`: the whole service, wired once."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer as GrpcHealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from convergence.v1 import (
+    health_service_pb2,
+    health_service_pb2_grpc,
+    pipeline_service_pb2,
+    pipeline_service_pb2_grpc,
+    run_service_pb2,
+    run_service_pb2_grpc,
+    tenant_service_pb2,
+    tenant_service_pb2_grpc,
+)
+from convergence_server.api.health import HealthServicer
+from convergence_server.api.interceptors import (
+    AuthInterceptor,
+    ErrorInterceptor,
+    RequestContextInterceptor,
+)
+from convergence_server.api.pipelines import PipelineServicer
+from convergence_server.api.runs import RunServicer
+from convergence_server.api.tenants import TenantServicer
+from convergence_server.config import Config
+from convergence_server.domain.auth import Authenticator
+from convergence_server.domain.onboarding import Onboarding
+from convergence_server.domain.plans import load_plans
+from convergence_server.engine.templates import load_templates
+from convergence_server.storage import Store, open_store
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = tuple(
+    module.DESCRIPTOR.services_by_name[name].full_name
+    for module, name in (
+        (health_service_pb2, "HealthService"),
+        (tenant_service_pb2, "TenantService"),
+        (pipeline_service_pb2, "PipelineService"),
+        (run_service_pb2, "RunService"),
+    )
+)
+
+
+@dataclass
+class ConvergenceServer:
+    """The running service: a grpc.aio server and what it owns."""
+
+    server: grpc.aio.Server
+    store: Store
+    health: GrpcHealthServicer
+    port: int
+
+    async def start(self) -> None:
+        await self.server.start()
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving", extra={"fields": {"grpc_port": self.port}})
+
+    async def stop(self, grace: float = 5.0) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        await self.store.close()
+
+    async def wait(self) -> None:
+        await self.server.wait_for_termination()
+
+
+def create_server(config: Config) -> ConvergenceServer:
+    """Builds the server: validates configuration, opens the store, binds the port."""
+    plans = load_plans(config.plans_path)
+    load_templates(config.config_dir)
+    store = open_store(config.store, config.database_path)
+    authenticator = Authenticator(store, config.key_pepper)
+    server = grpc.aio.server(
+        interceptors=[
+            ErrorInterceptor(),
+            RequestContextInterceptor(),
+            AuthInterceptor(authenticator),
+        ],
+        options=[
+            ("grpc.max_receive_message_length", config.max_request_bytes),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    onboarding = Onboarding(store, plans, config.config_dir, config.key_pepper)
+    health_service_pb2_grpc.add_HealthServiceServicer_to_server(HealthServicer(store.kind), server)
+    tenant_service_pb2_grpc.add_TenantServiceServicer_to_server(TenantServicer(onboarding), server)
+    pipeline_service_pb2_grpc.add_PipelineServiceServicer_to_server(PipelineServicer(), server)
+    run_service_pb2_grpc.add_RunServiceServicer_to_server(RunServicer(), server)
+    health = GrpcHealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection(
+        (
+            *SERVICE_NAMES,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
+        server,
+    )
+    port = server.add_insecure_port(f"{config.grpc_host}:{config.grpc_port}")
+    if port == 0:
+        raise SystemExit(f"cannot bind the gRPC port {config.grpc_host}:{config.grpc_port}")
+    return ConvergenceServer(server, store, health, port)

@@ -1,0 +1,84 @@
+"""Settings, read once from the environment at start-up (every variable is in the README)."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+LOCAL_PEPPER_BYTES = 32
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything the server needs to start; tests build one directly."""
+
+    grpc_host: str = "127.0.0.1"
+    grpc_port: int = 50051
+    http_host: str = "127.0.0.1"
+    http_port: int = 8080
+    envoy_admin_port: int = 9901
+    store: str = "embedded"
+    data_dir: Path = REPO_ROOT / ".data"
+    config_dir: Path = REPO_ROOT / "configs"
+    key_pepper: bytes = field(default=b"", repr=False)
+    max_request_bytes: int = 1 << 20
+    log_level: str = "INFO"
+
+    @property
+    def database_path(self) -> Path:
+        return self.data_dir / "convergence.duckdb"
+
+    @property
+    def plans_path(self) -> Path:
+        return self.config_dir / "plans.yml"
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> Config:
+        env = dict(os.environ if env is None else env)
+        defaults = cls()
+        data_dir = Path(env.get("CONVERGENCE_DATA_DIR", str(defaults.data_dir)))
+        pepper = env.get("CONVERGENCE_KEY_PEPPER", "")
+        return cls(
+            grpc_host=env.get("CONVERGENCE_GRPC_HOST", defaults.grpc_host),
+            grpc_port=_int(env, "CONVERGENCE_GRPC_PORT", defaults.grpc_port),
+            http_host=env.get("CONVERGENCE_HTTP_HOST", defaults.http_host),
+            http_port=_int(env, "CONVERGENCE_HTTP_PORT", defaults.http_port),
+            envoy_admin_port=_int(env, "CONVERGENCE_ENVOY_ADMIN_PORT", defaults.envoy_admin_port),
+            store=env.get("CONVERGENCE_STORE", defaults.store),
+            data_dir=data_dir,
+            config_dir=Path(env.get("CONVERGENCE_CONFIG_DIR", str(defaults.config_dir))),
+            key_pepper=pepper.encode() if pepper else _local_pepper(data_dir),
+            max_request_bytes=_int(
+                env, "CONVERGENCE_MAX_REQUEST_BYTES", defaults.max_request_bytes
+            ),
+            log_level=env.get("CONVERGENCE_LOG_LEVEL", defaults.log_level).upper(),
+        )
+
+
+def _int(env: dict[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise SystemExit(f"{name} must be an integer, got {raw!r}") from None
+
+
+def _local_pepper(data_dir: Path) -> bytes:
+    """A per-installation pepper kept beside the embedded store (development only).
+
+    Production sets CONVERGENCE_KEY_PEPPER from a secret manager, so that the
+    pepper never lives with the hashes it protects.
+    """
+    path = data_dir / "key_pepper"
+    if not path.exists():
+        data_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(secrets.token_hex(LOCAL_PEPPER_BYTES))
+    return path.read_text().strip().encode()

@@ -1,0 +1,391 @@
+"""Onboarding: the dry-run's fifteen checks, and the atomic creation of a tenant.
+
+A check is one small coroutine returning a `CheckResult`; `Onboarding.dry_run` runs them
+all (a failing store fails its checks, it does not abort the report) and `onboard` refuses
+unless none failed. What decides the refusal's status is the first failed check's kind:
+a bad request field (400), an existing tenant or dataset (409), a service not ready (503).
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path
+
+import email_validator
+
+from convergence_server.domain.keys import issue_key
+from convergence_server.domain.plans import Plan
+from convergence_server.engine.templates import TemplateError, load_templates
+from convergence_server.errors import AlreadyExists, ConvergenceError, FieldViolation
+from convergence_server.storage import Store
+from convergence_server.storage.identifiers import IDENTIFIER_PATTERN
+from convergence_server.storage.records import ApiKeyRecord, TenantRecord
+from convergence_server.storage.schema import CENTRAL_TABLES, SCHEMA_VERSION
+
+MIN_PEPPER_BYTES = 32
+MAX_COMPANY_NAME = 200
+_TENANT_ID = re.compile(IDENTIFIER_PATTERN.strip("^$"), re.ASCII)
+
+# Names a tenant dataset may not take: the service's own datasets, the backends' system
+# schemas, and SQL reserved words (BigQuery's list, which covers DuckDB's at 3+ letters).
+RESERVED_TENANT_IDS = frozenset(
+    """
+    tenants information_schema main temp system pg_catalog sys public default admin root
+    convergence api health null none all and any array asc assert_rows_modified between
+    case cast collate contains create cross cube current define desc distinct else end
+    enum escape except exclude exists extract false fetch following for from full group
+    grouping groups hash having ignore inner intersect interval into join lateral left
+    like limit lookup merge natural new not nulls order outer over partition preceding
+    proto qualify range recursive respect right rollup rows select set some struct
+    tablesample then treat true unbounded union unnest using when where window with within
+    """.split()
+)
+
+
+class CheckStatus(StrEnum):
+    PASSED = "PASSED"
+    FAILED = "FAILED"
+    WARNING = "WARNING"
+
+
+class FailureKind(StrEnum):
+    INVALID = "invalid"
+    CONFLICT = "conflict"
+    UNAVAILABLE = "unavailable"
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    check_name: str
+    status: CheckStatus
+    message: str
+    field: str = ""
+    kind: FailureKind = FailureKind.INVALID
+    issue: str = ""
+
+
+@dataclass(frozen=True)
+class TenantApplication:
+    tenant_id: str
+    company_name: str
+    admin_email: str
+    subscription_plan: str
+
+
+@dataclass(frozen=True)
+class DryRunReport:
+    results: tuple[CheckResult, ...]
+
+    def count(self, status: CheckStatus) -> int:
+        return sum(1 for r in self.results if r.status is status)
+
+    @property
+    def failures(self) -> tuple[CheckResult, ...]:
+        return tuple(r for r in self.results if r.status is CheckStatus.FAILED)
+
+    @property
+    def ready(self) -> bool:
+        return not self.failures
+
+    @property
+    def message(self) -> str:
+        if not self.ready:
+            return (
+                f"{len(self.failures)} of {len(self.results)} validations failed. "
+                "Fix the failed checks and retry the dry-run."
+            )
+        warnings = self.count(CheckStatus.WARNING)
+        if warnings:
+            return f"All validations passed with {warnings} warning(s). Safe to proceed with onboarding."
+        return "All validations passed. Safe to proceed with onboarding."
+
+
+class OnboardingRefused(ConvergenceError):
+    """Checks failed; `kind` decides the status, `report` is the whole dry-run report."""
+
+    reason = "ONBOARDING_VALIDATION_FAILED"
+
+    def __init__(self, report: DryRunReport) -> None:
+        order = (FailureKind.INVALID, FailureKind.CONFLICT, FailureKind.UNAVAILABLE)
+        failures = sorted(report.failures, key=lambda r: order.index(r.kind))
+        super().__init__(failures[0].message)
+        self.kind = failures[0].kind
+        self.report = report
+        self.violations = [
+            FieldViolation(r.field, r.issue or r.message) for r in failures if r.field
+        ]
+
+
+@dataclass(frozen=True)
+class OnboardedTenant:
+    tenant_id: str
+    company_name: str
+    subscription_plan: str
+    api_key: str
+    tables_created: tuple[str, ...]
+
+
+def _passed(name: str, message: str, field: str = "") -> CheckResult:
+    return CheckResult(name, CheckStatus.PASSED, message, field)
+
+
+def _failed(
+    name: str, message: str, kind: FailureKind, field: str = "", issue: str = ""
+) -> CheckResult:
+    return CheckResult(name, CheckStatus.FAILED, message, field, kind, issue)
+
+
+class Onboarding:
+    def __init__(
+        self, store: Store, plans: dict[str, Plan], config_dir: Path, pepper: bytes
+    ) -> None:
+        self._store = store
+        self._plans = plans
+        self._config_dir = config_dir
+        self._pepper = pepper
+
+    async def dry_run(self, app: TenantApplication) -> DryRunReport:
+        """Runs every check; raises `OnboardingRefused` when any fails."""
+        report = DryRunReport(tuple([await check(app) for check in self._checks()]))
+        if not report.ready:
+            raise OnboardingRefused(report)
+        return report
+
+    async def onboard(self, app: TenantApplication) -> OnboardedTenant:
+        await self.dry_run(app)
+        issued = issue_key(app.tenant_id, self._pepper)
+        now = datetime.now(UTC)
+        tenant = TenantRecord(
+            tenant_id=app.tenant_id,
+            company_name=app.company_name.strip(),
+            admin_email=app.admin_email.strip(),
+            subscription_plan=app.subscription_plan,
+            created_at=now,
+        )
+        key = ApiKeyRecord(issued.key_id, app.tenant_id, issued.salt, issued.key_hash, now)
+        try:
+            tables = await self._store.create_tenant(tenant, key)
+        except AlreadyExists:
+            raise AlreadyExists(f"Tenant '{app.tenant_id}' already exists") from None
+        return OnboardedTenant(
+            app.tenant_id, tenant.company_name, app.subscription_plan, issued.key, tables
+        )
+
+    def _checks(self) -> tuple[Callable[[TenantApplication], Awaitable[CheckResult]], ...]:
+        return (
+            self._tenant_id_format,
+            self._tenant_id_not_reserved,
+            self._tenant_not_onboarded,
+            self._tenant_id_case_unique,
+            self._dataset_absent,
+            self._company_name_valid,
+            self._admin_email_valid,
+            self._subscription_plan_known,
+            self._plan_limits_configured,
+            self._store_reachable,
+            self._central_tables_present,
+            self._schema_version_current,
+            self._dataset_create_permission,
+            self._templates_loadable,
+            self._key_hashing_configured,
+        )
+
+    # -- request fields ---------------------------------------------------------------------
+
+    async def _tenant_id_format(self, app: TenantApplication) -> CheckResult:
+        name = "tenant_id_format"
+        if _TENANT_ID.fullmatch(app.tenant_id):
+            return _passed(name, "tenant_id is well-formed", "tenant_id")
+        return _failed(
+            name,
+            "Invalid tenant_id format",
+            FailureKind.INVALID,
+            "tenant_id",
+            f"must match pattern {IDENTIFIER_PATTERN}",
+        )
+
+    async def _tenant_id_not_reserved(self, app: TenantApplication) -> CheckResult:
+        name = "tenant_id_not_reserved"
+        lowered = app.tenant_id.lower()
+        if lowered in RESERVED_TENANT_IDS or lowered.startswith(("_", "pg_", "duckdb_")):
+            return _failed(
+                name,
+                f"tenant_id '{app.tenant_id}' is reserved",
+                FailureKind.INVALID,
+                "tenant_id",
+                "is a reserved name (system dataset, SQL keyword or leading underscore)",
+            )
+        return _passed(name, "tenant_id is not a reserved name", "tenant_id")
+
+    async def _company_name_valid(self, app: TenantApplication) -> CheckResult:
+        name = "company_name_valid"
+        company = app.company_name.strip()
+        if not company or len(company) > MAX_COMPANY_NAME:
+            issue = f"must be 1 to {MAX_COMPANY_NAME} characters"
+        elif any(unicodedata.category(ch).startswith("C") for ch in company):
+            issue = "must not contain control or invisible format characters"
+        else:
+            return _passed(name, "company_name is valid", "company_name")
+        return _failed(name, "Invalid company_name", FailureKind.INVALID, "company_name", issue)
+
+    async def _admin_email_valid(self, app: TenantApplication) -> CheckResult:
+        name = "admin_email_valid"
+        try:
+            email_validator.validate_email(app.admin_email.strip(), check_deliverability=False)
+        except email_validator.EmailNotValidError as exc:
+            return _failed(
+                name, "Invalid admin_email", FailureKind.INVALID, "admin_email", str(exc)
+            )
+        return _passed(name, "admin_email is a valid address", "admin_email")
+
+    async def _subscription_plan_known(self, app: TenantApplication) -> CheckResult:
+        name = "subscription_plan_known"
+        if app.subscription_plan in self._plans:
+            return _passed(name, f"plan {app.subscription_plan} exists", "subscription_plan")
+        return _failed(
+            name,
+            "Unknown subscription_plan",
+            FailureKind.INVALID,
+            "subscription_plan",
+            f"must be one of {', '.join(sorted(self._plans))}",
+        )
+
+    async def _plan_limits_configured(self, app: TenantApplication) -> CheckResult:
+        name = "plan_limits_configured"
+        plan = self._plans.get(app.subscription_plan)
+        if plan is None:
+            return CheckResult(
+                name, CheckStatus.WARNING, "not checked: the plan is unknown", "subscription_plan"
+            )
+        return _passed(
+            name,
+            f"{plan.name}: {plan.daily_pipeline_runs} runs/day, "
+            f"{plan.concurrent_pipeline_runs} concurrent, team of {plan.team_size}, "
+            f"{plan.requests_per_minute} requests/min",
+            "subscription_plan",
+        )
+
+    # -- the tenant's state -----------------------------------------------------------------
+
+    async def _tenant_not_onboarded(self, app: TenantApplication) -> CheckResult:
+        name = "tenant_not_onboarded"
+        try:
+            existing = await self._store.get_tenant(app.tenant_id)
+        except Exception as exc:  # noqa: BLE001 - a failing store fails the check
+            return _failed(name, f"cannot look up the tenant: {exc}", FailureKind.UNAVAILABLE)
+        if existing is not None:
+            return _failed(
+                name,
+                f"Tenant '{app.tenant_id}' already exists",
+                FailureKind.CONFLICT,
+                "tenant_id",
+                "is already onboarded",
+            )
+        return _passed(name, "tenant is not onboarded yet", "tenant_id")
+
+    async def _tenant_id_case_unique(self, app: TenantApplication) -> CheckResult:
+        name = "tenant_id_case_unique"
+        try:
+            same = await self._store.tenant_ids_equal_ignoring_case(app.tenant_id)
+        except Exception as exc:  # noqa: BLE001
+            return _failed(name, f"cannot look up tenants: {exc}", FailureKind.UNAVAILABLE)
+        others = [t for t in same if t != app.tenant_id]
+        if others:
+            return _failed(
+                name,
+                f"tenant_id differs only in case from existing tenant '{others[0]}'",
+                FailureKind.CONFLICT,
+                "tenant_id",
+                "differs only in letter case from an existing tenant",
+            )
+        return _passed(name, "no tenant differs from this one only in case", "tenant_id")
+
+    async def _dataset_absent(self, app: TenantApplication) -> CheckResult:
+        name = "dataset_absent"
+        try:
+            exists = await self._store.dataset_exists(app.tenant_id)
+        except Exception as exc:  # noqa: BLE001
+            return _failed(name, f"cannot list datasets: {exc}", FailureKind.UNAVAILABLE)
+        if exists:
+            return _failed(
+                name,
+                f"Dataset '{app.tenant_id}' already exists",
+                FailureKind.CONFLICT,
+                "tenant_id",
+                "names a dataset that already exists",
+            )
+        return _passed(name, f"dataset '{app.tenant_id}' does not exist yet", "tenant_id")
+
+    # -- the service itself -----------------------------------------------------------------
+
+    async def _store_reachable(self, _: TenantApplication) -> CheckResult:
+        name = "store_reachable"
+        try:
+            await self._store.ping()
+        except Exception as exc:  # noqa: BLE001
+            return _failed(
+                name, f"{self._store.kind} store unreachable: {exc}", FailureKind.UNAVAILABLE
+            )
+        return _passed(name, f"{self._store.kind} store answers")
+
+    async def _central_tables_present(self, _: TenantApplication) -> CheckResult:
+        name = "central_tables_present"
+        try:
+            present = await self._store.central_table_columns()
+        except Exception as exc:  # noqa: BLE001
+            return _failed(name, f"cannot list central tables: {exc}", FailureKind.UNAVAILABLE)
+        problems = []
+        for table in CENTRAL_TABLES:
+            missing = table.column_names - present.get(table.name, frozenset())
+            if table.name not in present:
+                problems.append(f"{table.name} is missing")
+            elif missing:
+                problems.append(f"{table.name} lacks {', '.join(sorted(missing))}")
+        if problems:
+            return _failed(name, "; ".join(problems), FailureKind.UNAVAILABLE)
+        return _passed(name, f"{len(CENTRAL_TABLES)} central tables have their columns")
+
+    async def _schema_version_current(self, _: TenantApplication) -> CheckResult:
+        name = "schema_version_current"
+        try:
+            version = await self._store.schema_version()
+        except Exception as exc:  # noqa: BLE001
+            return _failed(name, f"cannot read the schema version: {exc}", FailureKind.UNAVAILABLE)
+        if version != SCHEMA_VERSION:
+            return _failed(
+                name,
+                f"store schema is at version {version}, the server expects {SCHEMA_VERSION}",
+                FailureKind.UNAVAILABLE,
+            )
+        return _passed(name, f"store schema is at version {version}")
+
+    async def _dataset_create_permission(self, _: TenantApplication) -> CheckResult:
+        name = "dataset_create_permission"
+        try:
+            await self._store.probe_dataset_creation()
+        except Exception as exc:  # noqa: BLE001
+            return _failed(name, f"cannot create a dataset: {exc}", FailureKind.UNAVAILABLE)
+        return _passed(name, "a scratch dataset was created and dropped")
+
+    async def _templates_loadable(self, _: TenantApplication) -> CheckResult:
+        name = "templates_loadable"
+        try:
+            templates = load_templates(self._config_dir)
+        except TemplateError as exc:
+            return _failed(name, str(exc), FailureKind.UNAVAILABLE)
+        return _passed(name, f"{len(templates)} pipeline template(s) load")
+
+    async def _key_hashing_configured(self, _: TenantApplication) -> CheckResult:
+        name = "key_hashing_configured"
+        if len(self._pepper) < MIN_PEPPER_BYTES:
+            return _failed(
+                name,
+                f"the key pepper must be at least {MIN_PEPPER_BYTES} bytes",
+                FailureKind.UNAVAILABLE,
+            )
+        return _passed(name, "API keys are hashed with HMAC-SHA256, salted and peppered")

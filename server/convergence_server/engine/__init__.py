@@ -1,0 +1,1 @@
+"""Engine: pipeline templates and their execution."""

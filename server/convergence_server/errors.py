@@ -1,0 +1,70 @@
+"""The one exception tree of the service; every layer raises these.
+
+    ConvergenceError                    500 INTERNAL (never raised bare)
+    ├── InvalidArgument                 400 INVALID_ARGUMENT   "Validation error"
+    ├── Unauthenticated                 401 UNAUTHENTICATED    "Authentication failed"
+    ├── PermissionDenied                403 PERMISSION_DENIED  "Authorization failed"
+    ├── NotFound                        404 NOT_FOUND          "Not found"
+    ├── AlreadyExists                   409 ALREADY_EXISTS     "Conflict"
+    ├── Unavailable                     503 UNAVAILABLE        "Service unavailable"
+    ├── NotImplementedYet               501 UNIMPLEMENTED      "Not implemented"
+    └── domain.onboarding.OnboardingRefused   400 / 409 / 503, carries the dry-run report
+
+`api.errors` turns them into a gRPC status and the documented REST body; nothing else does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class ConvergenceError(Exception):
+    """Base of every error the service raises on purpose."""
+
+    reason = "INTERNAL"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+@dataclass(frozen=True)
+class FieldViolation:
+    """One bad request field: its name and what is wrong with it."""
+
+    field: str
+    issue: str
+
+
+class InvalidArgument(ConvergenceError):
+    """A request field is malformed; `violations` names each bad field."""
+
+    reason = "INVALID_ARGUMENT"
+
+    def __init__(self, message: str, violations: list[FieldViolation] | None = None) -> None:
+        super().__init__(message)
+        self.violations = violations or []
+
+
+class Unauthenticated(ConvergenceError):
+    reason = "API_KEY_INVALID"
+
+
+class PermissionDenied(ConvergenceError):
+    reason = "TENANT_MISMATCH"
+
+
+class NotFound(ConvergenceError):
+    reason = "NOT_FOUND"
+
+
+class AlreadyExists(ConvergenceError):
+    reason = "ALREADY_EXISTS"
+
+
+class Unavailable(ConvergenceError):
+    reason = "UNAVAILABLE"
+
+
+class NotImplementedYet(ConvergenceError):
+    reason = "NOT_IMPLEMENTED"

@@ -1,0 +1,307 @@
+"""The embedded store: one DuckDB file, where a dataset is a schema.
+
+DuckDB calls block, so each runs on a small thread pool, every thread with its own cursor
+on the one database connection. Timestamps are stored as naive UTC.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TypeVar
+
+import duckdb
+
+from convergence_server.errors import AlreadyExists, Unavailable
+from convergence_server.storage import schema
+from convergence_server.storage.identifiers import quote_identifier
+from convergence_server.storage.records import ApiKeyRecord, TenantRecord
+
+T = TypeVar("T")
+
+_TYPES = {
+    "STRING": "VARCHAR",
+    "INT64": "BIGINT",
+    "BOOL": "BOOLEAN",
+    "TIMESTAMP": "TIMESTAMP",
+    "DATE": "DATE",
+    "BYTES": "BLOB",
+    "JSON": "JSON",
+}
+CENTRAL = quote_identifier(schema.CENTRAL_DATASET)
+WORKER_THREADS = 4
+
+
+def _utc_naive(moment: datetime) -> datetime:
+    return moment.astimezone(UTC).replace(tzinfo=None)
+
+
+def _aware(moment: datetime | None) -> datetime | None:
+    return None if moment is None else moment.replace(tzinfo=UTC)
+
+
+def create_table_sql(dataset: str, table: schema.Table) -> str:
+    columns = [
+        f"{quote_identifier(c.name)} {_TYPES[c.type]}{' NOT NULL' if c.required else ''}"
+        for c in table.columns
+    ]
+    if table.primary_key:
+        columns.append(f"PRIMARY KEY ({', '.join(map(quote_identifier, table.primary_key))})")
+    return (
+        f"CREATE TABLE IF NOT EXISTS {quote_identifier(dataset)}.{quote_identifier(table.name)} "
+        f"({', '.join(columns)})"
+    )
+
+
+def comprehensive_view_sql(tenant_id: str) -> str:
+    """Every run of the tenant with its step and data-quality totals.
+
+    The tenant id is embedded as a literal because view definitions cannot take
+    parameters; `quote_identifier` has already restricted it to [A-Za-z0-9_].
+    """
+    quote_identifier(tenant_id)
+    return f"""
+        CREATE VIEW {quote_identifier(tenant_id)}.{schema.COMPREHENSIVE_VIEW} AS
+        SELECT r.*,
+               COALESCE(s.steps_total, 0) AS steps_total,
+               COALESCE(s.steps_failed, 0) AS steps_failed,
+               COALESCE(d.dq_checks_total, 0) AS dq_checks_total,
+               COALESCE(d.dq_checks_failed, 0) AS dq_checks_failed
+        FROM {CENTRAL}.tenant_pipeline_runs AS r
+        LEFT JOIN (
+            SELECT pipeline_logging_id,
+                   COUNT(*) AS steps_total,
+                   COUNT(*) FILTER (WHERE status = 'FAILED') AS steps_failed
+            FROM {CENTRAL}.tenant_step_logs
+            WHERE tenant_id = '{tenant_id}'
+            GROUP BY pipeline_logging_id
+        ) AS s USING (pipeline_logging_id)
+        LEFT JOIN (
+            SELECT pipeline_logging_id,
+                   COUNT(*) AS dq_checks_total,
+                   COUNT(*) FILTER (WHERE status = 'FAILED') AS dq_checks_failed
+            FROM {CENTRAL}.tenant_dq_results
+            WHERE tenant_id = '{tenant_id}'
+            GROUP BY pipeline_logging_id
+        ) AS d USING (pipeline_logging_id)
+        WHERE r.tenant_id = '{tenant_id}'
+    """
+
+
+class DuckDBStore:
+    kind = "embedded"
+
+    def __init__(self, connection: duckdb.DuckDBPyConnection) -> None:
+        self._connection = connection
+        self._local = threading.local()
+        self._executor = ThreadPoolExecutor(WORKER_THREADS, thread_name_prefix="duckdb")
+        # DuckDB's catalog changes (CREATE SCHEMA ...) are serialized here: onboarding is rare.
+        self._ddl_lock = threading.Lock()
+
+    @classmethod
+    def open(cls, path: Path) -> DuckDBStore:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            connection = duckdb.connect(str(path))
+        except duckdb.IOException as exc:
+            raise SystemExit(f"cannot open the embedded store {path}: {exc}") from None
+        store = cls(connection)
+        store._migrate()
+        return store
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    def _cursor(self) -> duckdb.DuckDBPyConnection:
+        cursor: duckdb.DuckDBPyConnection | None = getattr(self._local, "cursor", None)
+        if cursor is None:
+            cursor = self._connection.cursor()
+            self._local.cursor = cursor
+        return cursor
+
+    async def _call(self, fn: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
+        def run() -> T:
+            return fn(self._cursor())
+
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, run)
+        except duckdb.ConnectionException as exc:
+            raise Unavailable(f"embedded store unavailable: {exc}") from exc
+
+    def _migrate(self) -> None:
+        cur = self._connection.cursor()
+        cur.begin()
+        cur.execute(f"CREATE SCHEMA IF NOT EXISTS {CENTRAL}")
+        cur.execute(
+            f"CREATE TABLE IF NOT EXISTS {CENTRAL}.schema_migrations "
+            "(version BIGINT PRIMARY KEY, description VARCHAR NOT NULL, applied_at TIMESTAMP NOT NULL)"
+        )
+        row = cur.execute(f"SELECT max(version) FROM {CENTRAL}.schema_migrations").fetchone()
+        applied = (row[0] if row else None) or 0
+        for migration in schema.MIGRATIONS:
+            if migration.version <= applied:
+                continue
+            for table in migration.creates:
+                cur.execute(create_table_sql(schema.CENTRAL_DATASET, table))
+            cur.execute(
+                f"INSERT INTO {CENTRAL}.schema_migrations VALUES (?, ?, ?)",
+                [migration.version, migration.description, _utc_naive(datetime.now(UTC))],
+            )
+        cur.commit()
+        cur.close()
+
+    # -- Store ------------------------------------------------------------------------------
+
+    async def ping(self) -> None:
+        await self._call(lambda cur: cur.execute("SELECT 1").fetchone())
+
+    async def schema_version(self) -> int:
+        def query(cur: duckdb.DuckDBPyConnection) -> int:
+            row = cur.execute(f"SELECT max(version) FROM {CENTRAL}.schema_migrations").fetchone()
+            return int(row[0]) if row and row[0] is not None else 0
+
+        return await self._call(query)
+
+    async def central_table_columns(self) -> dict[str, frozenset[str]]:
+        def query(cur: duckdb.DuckDBPyConnection) -> dict[str, frozenset[str]]:
+            rows = cur.execute(
+                "SELECT table_name, column_name FROM information_schema.columns "
+                "WHERE table_schema = ?",
+                [schema.CENTRAL_DATASET],
+            ).fetchall()
+            tables: dict[str, set[str]] = {}
+            for table, column in rows:
+                tables.setdefault(table, set()).add(column)
+            return {name: frozenset(columns) for name, columns in tables.items()}
+
+        return await self._call(query)
+
+    async def probe_dataset_creation(self) -> None:
+        scratch = quote_identifier(f"_convergence_probe_{uuid.uuid4().hex}")
+
+        def probe(cur: duckdb.DuckDBPyConnection) -> None:
+            with self._ddl_lock:
+                cur.begin()
+                try:
+                    cur.execute(f"CREATE SCHEMA {scratch}")
+                    cur.execute(f"DROP SCHEMA {scratch}")
+                finally:
+                    cur.rollback()
+
+        await self._call(probe)
+
+    async def dataset_exists(self, dataset_id: str) -> bool:
+        def query(cur: duckdb.DuckDBPyConnection) -> bool:
+            row = cur.execute(
+                "SELECT count(*) FROM information_schema.schemata "
+                "WHERE lower(schema_name) = lower(?)",
+                [dataset_id],
+            ).fetchone()
+            return bool(row and row[0])
+
+        return await self._call(query)
+
+    async def get_tenant(self, tenant_id: str) -> TenantRecord | None:
+        def query(cur: duckdb.DuckDBPyConnection) -> TenantRecord | None:
+            row = cur.execute(
+                "SELECT tenant_id, company_name, admin_email, subscription_plan, created_at, "
+                f"status FROM {CENTRAL}.tenant_profiles WHERE tenant_id = ?",
+                [tenant_id],
+            ).fetchone()
+            if row is None:
+                return None
+            return TenantRecord(row[0], row[1], row[2], row[3], row[4].replace(tzinfo=UTC), row[5])
+
+        return await self._call(query)
+
+    async def tenant_ids_equal_ignoring_case(self, tenant_id: str) -> list[str]:
+        def query(cur: duckdb.DuckDBPyConnection) -> list[str]:
+            rows = cur.execute(
+                f"SELECT tenant_id FROM {CENTRAL}.tenant_profiles WHERE lower(tenant_id) = lower(?)",
+                [tenant_id],
+            ).fetchall()
+            return [row[0] for row in rows]
+
+        return await self._call(query)
+
+    async def create_tenant(self, tenant: TenantRecord, key: ApiKeyRecord) -> tuple[str, ...]:
+        dataset = quote_identifier(tenant.tenant_id)
+        now = _utc_naive(tenant.created_at)
+
+        def create(cur: duckdb.DuckDBPyConnection) -> tuple[str, ...]:
+            with self._ddl_lock:
+                cur.begin()
+                try:
+                    cur.execute(
+                        f"INSERT INTO {CENTRAL}.tenant_profiles VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        [
+                            tenant.tenant_id,
+                            tenant.company_name,
+                            tenant.admin_email,
+                            tenant.subscription_plan,
+                            tenant.status,
+                            now,
+                            now,
+                        ],
+                    )
+                    cur.execute(
+                        f"INSERT INTO {CENTRAL}.tenant_api_keys VALUES (?, ?, ?, ?, ?, NULL)",
+                        [key.key_id, key.tenant_id, key.salt, key.key_hash, now],
+                    )
+                    cur.execute(f"CREATE SCHEMA {dataset}")
+                    cur.execute(
+                        create_table_sql(tenant.tenant_id, schema.ONBOARDING_VALIDATION_TEST)
+                    )
+                    cur.execute(
+                        f"INSERT INTO {dataset}.{schema.ONBOARDING_VALIDATION_TEST.name} "
+                        "VALUES (?, ?, ?, ?)",
+                        [
+                            str(uuid.uuid4()),
+                            tenant.tenant_id,
+                            now,
+                            "Dataset writable: onboarding validation row written.",
+                        ],
+                    )
+                    cur.execute(comprehensive_view_sql(tenant.tenant_id))
+                    cur.commit()
+                except (duckdb.ConstraintException, duckdb.CatalogException) as exc:
+                    cur.rollback()
+                    if "already exists" in str(exc) or "Duplicate key" in str(exc):
+                        raise AlreadyExists(
+                            f"Tenant '{tenant.tenant_id}' or its dataset already exists"
+                        ) from exc
+                    raise
+                except BaseException:
+                    cur.rollback()
+                    raise
+            return schema.TENANT_DATASET_OBJECTS
+
+        return await self._call(create)
+
+    async def get_api_key(self, key_id: str) -> ApiKeyRecord | None:
+        def query(cur: duckdb.DuckDBPyConnection) -> ApiKeyRecord | None:
+            row = cur.execute(
+                "SELECT key_id, tenant_id, salt, key_hash, created_at, revoked_at "
+                f"FROM {CENTRAL}.tenant_api_keys WHERE key_id = ?",
+                [key_id],
+            ).fetchone()
+            if row is None:
+                return None
+            return ApiKeyRecord(
+                row[0],
+                row[1],
+                bytes(row[2]),
+                bytes(row[3]),
+                row[4].replace(tzinfo=UTC),
+                _aware(row[5]),
+            )
+
+        return await self._call(query)
+
+    async def close(self) -> None:
+        self._executor.shutdown(wait=True)
+        self._connection.close()

@@ -1,0 +1,15 @@
+"""The one gate every dataset or table name passes before it is written into SQL."""
+
+from __future__ import annotations
+
+import re
+
+IDENTIFIER_PATTERN = r"^[a-zA-Z0-9_]{3,50}$"
+_IDENTIFIER = re.compile(r"[a-zA-Z0-9_]{1,1024}", re.ASCII)
+
+
+def quote_identifier(name: str) -> str:
+    """Returns `name` double-quoted, refusing anything but ASCII letters, digits and `_`."""
+    if not _IDENTIFIER.fullmatch(name):
+        raise ValueError(f"unsafe SQL identifier: {name!r}")
+    return f'"{name}"'

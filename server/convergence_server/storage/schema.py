@@ -1,0 +1,192 @@
+"""The central dataset's tables and each tenant dataset's objects, independent of the backend.
+
+Column types are BigQuery's names; each adapter maps them to its own. `MIGRATIONS` is the
+versioned history of the central dataset: an adapter applies, in order, every migration
+newer than the version it has recorded, so start-up is idempotent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+CENTRAL_DATASET = "tenants"
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    type: str  # STRING, INT64, BOOL, TIMESTAMP, DATE, BYTES, JSON
+    required: bool = False
+
+
+@dataclass(frozen=True)
+class Table:
+    name: str
+    columns: tuple[Column, ...]
+    primary_key: tuple[str, ...] = ()
+    partition_by: str | None = None
+    cluster_by: tuple[str, ...] = ()
+
+    @property
+    def column_names(self) -> frozenset[str]:
+        return frozenset(column.name for column in self.columns)
+
+
+def _req(name: str, type_: str) -> Column:
+    return Column(name, type_, required=True)
+
+
+TENANT_PROFILES = Table(
+    "tenant_profiles",
+    (
+        _req("tenant_id", "STRING"),
+        _req("company_name", "STRING"),
+        _req("admin_email", "STRING"),
+        _req("subscription_plan", "STRING"),
+        _req("status", "STRING"),
+        _req("created_at", "TIMESTAMP"),
+        _req("updated_at", "TIMESTAMP"),
+    ),
+    primary_key=("tenant_id",),
+)
+
+TENANT_API_KEYS = Table(
+    "tenant_api_keys",
+    (
+        _req("key_id", "STRING"),
+        _req("tenant_id", "STRING"),
+        _req("salt", "BYTES"),
+        _req("key_hash", "BYTES"),
+        _req("created_at", "TIMESTAMP"),
+        Column("revoked_at", "TIMESTAMP"),
+    ),
+    primary_key=("key_id",),
+    cluster_by=("tenant_id",),
+)
+
+TENANT_PIPELINE_RUNS = Table(
+    "tenant_pipeline_runs",
+    (
+        _req("pipeline_logging_id", "STRING"),
+        _req("pipeline_id", "STRING"),
+        _req("tenant_id", "STRING"),
+        _req("status", "STRING"),
+        _req("trigger_type", "STRING"),
+        Column("trigger_by", "STRING"),
+        Column("user_id", "STRING"),
+        Column("parameters", "JSON"),
+        _req("created_at", "TIMESTAMP"),
+        Column("start_time", "TIMESTAMP"),
+        Column("end_time", "TIMESTAMP"),
+        Column("duration_ms", "INT64"),
+        Column("error_message", "STRING"),
+    ),
+    primary_key=("pipeline_logging_id",),
+    partition_by="created_at",
+    cluster_by=("tenant_id", "status"),
+)
+
+TENANT_STEP_LOGS = Table(
+    "tenant_step_logs",
+    (
+        _req("step_logging_id", "STRING"),
+        _req("pipeline_logging_id", "STRING"),
+        _req("pipeline_id", "STRING"),
+        _req("tenant_id", "STRING"),
+        _req("step_name", "STRING"),
+        _req("step_type", "STRING"),
+        _req("step_index", "INT64"),
+        _req("status", "STRING"),
+        Column("rows_processed", "INT64"),
+        Column("step_start_time", "TIMESTAMP"),
+        Column("step_end_time", "TIMESTAMP"),
+        Column("duration_ms", "INT64"),
+        Column("error_message", "STRING"),
+    ),
+    primary_key=("step_logging_id",),
+    partition_by="step_start_time",
+    cluster_by=("tenant_id", "pipeline_logging_id"),
+)
+
+TENANT_DQ_RESULTS = Table(
+    "tenant_dq_results",
+    (
+        _req("dq_result_id", "STRING"),
+        _req("pipeline_logging_id", "STRING"),
+        _req("pipeline_id", "STRING"),
+        _req("tenant_id", "STRING"),
+        _req("step_name", "STRING"),
+        _req("check_name", "STRING"),
+        _req("check_type", "STRING"),
+        _req("severity", "STRING"),
+        _req("status", "STRING"),
+        Column("observed_value", "STRING"),
+        Column("expected_value", "STRING"),
+        Column("message", "STRING"),
+        _req("ingestion_date", "DATE"),
+        _req("created_at", "TIMESTAMP"),
+    ),
+    primary_key=("dq_result_id",),
+    partition_by="ingestion_date",
+    cluster_by=("tenant_id", "pipeline_logging_id"),
+)
+
+TENANT_USAGE_QUOTAS = Table(
+    "tenant_usage_quotas",
+    (
+        _req("tenant_id", "STRING"),
+        _req("usage_date", "DATE"),
+        _req("pipelines_run_today", "INT64"),
+        _req("pipelines_succeeded_today", "INT64"),
+        _req("pipelines_failed_today", "INT64"),
+        _req("concurrent_pipelines_running", "INT64"),
+        _req("max_concurrent_reached", "INT64"),
+        _req("daily_limit", "INT64"),
+        _req("concurrent_limit", "INT64"),
+        _req("updated_at", "TIMESTAMP"),
+    ),
+    primary_key=("tenant_id", "usage_date"),
+    partition_by="usage_date",
+    cluster_by=("tenant_id",),
+)
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    description: str
+    creates: tuple[Table, ...]
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        1,
+        "central tables: tenants, API keys, runs, step logs, DQ results, usage quotas",
+        (
+            TENANT_PROFILES,
+            TENANT_API_KEYS,
+            TENANT_PIPELINE_RUNS,
+            TENANT_STEP_LOGS,
+            TENANT_DQ_RESULTS,
+            TENANT_USAGE_QUOTAS,
+        ),
+    ),
+)
+
+SCHEMA_VERSION = MIGRATIONS[-1].version
+
+CENTRAL_TABLES: tuple[Table, ...] = tuple(t for m in MIGRATIONS for t in m.creates)
+
+# Each tenant's dataset, created at onboarding.
+ONBOARDING_VALIDATION_TEST = Table(
+    "onboarding_validation_test",
+    (
+        _req("validation_id", "STRING"),
+        _req("tenant_id", "STRING"),
+        _req("validated_at", "TIMESTAMP"),
+        _req("message", "STRING"),
+    ),
+)
+COMPREHENSIVE_VIEW = "tenant_comprehensive_view"
+# In the order the onboarding response lists them.
+TENANT_DATASET_OBJECTS: tuple[str, ...] = (COMPREHENSIVE_VIEW, ONBOARDING_VALIDATION_TEST.name)

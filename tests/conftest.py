@@ -1,0 +1,114 @@
+"""Fixtures: real stacks (gRPC server + Envoy) on loopback ports the OS picks."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import duckdb
+import grpc
+import httpx
+import pytest
+
+from convergence_server.stack import Stack, start_stack
+
+GUIDE_TENANT = {
+    "company_name": "Acme Corporation",
+    "admin_email": "admin@acme.com",
+    "subscription_plan": "PROFESSIONAL",
+}
+
+
+def stack_env(data_dir: Path, **extra: str) -> dict[str, str]:
+    return {
+        "CONVERGENCE_DATA_DIR": str(data_dir),
+        "CONVERGENCE_GRPC_PORT": "0",
+        "CONVERGENCE_HTTP_PORT": "0",
+        "CONVERGENCE_ENVOY_ADMIN_PORT": "0",
+        "CONVERGENCE_LOG_LEVEL": "INFO",
+        **extra,
+    }
+
+
+StackFactory = Callable[..., Stack]
+
+
+@pytest.fixture(scope="session")
+def stack_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackFactory]:
+    """Starts stacks on demand; every one still running is stopped at the end."""
+    started: list[Stack] = []
+
+    def make(data_dir: Path | None = None, **extra: str) -> Stack:
+        data_dir = data_dir or tmp_path_factory.mktemp("data")
+        stack = start_stack(stack_env(data_dir, **extra), log_dir=data_dir / "logs")
+        started.append(stack)
+        return stack
+
+    yield make
+    for stack in started:
+        stack.stop()
+
+
+@pytest.fixture(scope="session")
+def stack(stack_factory: StackFactory) -> Stack:
+    """The shared stack most tests use; tests keep to their own tenants."""
+    return stack_factory()
+
+
+@pytest.fixture(scope="session")
+def http(stack: Stack) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=stack.http_url, timeout=10) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def channel(stack: Stack) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(stack.grpc_target) as ch:
+        yield ch
+
+
+def new_tenant_id() -> str:
+    return f"t_{uuid.uuid4().hex[:16]}"
+
+
+def onboard(http: httpx.Client, tenant_id: str | None = None) -> tuple[str, str]:
+    """Onboards a fresh tenant through REST; returns (tenant_id, api_key)."""
+    tenant_id = tenant_id or new_tenant_id()
+    response = http.post("/api/v1/tenants/onboard", json={"tenant_id": tenant_id, **GUIDE_TENANT})
+    assert response.status_code == 200, response.text
+    return tenant_id, response.json()["api_key"]
+
+
+def database_path(stack: Stack) -> Path:
+    return stack.run_dir.parent / "convergence.duckdb"
+
+
+def dump_store(stack: Stack) -> dict[str, list[tuple[object, ...]]]:
+    """Every row of every table, by `schema.table`. The stack must be stopped first."""
+    with duckdb.connect(str(database_path(stack)), read_only=True) as db:
+        tables = db.execute(
+            "SELECT table_schema, table_name FROM information_schema.tables "
+            "WHERE table_type = 'BASE TABLE' ORDER BY 1, 2"
+        ).fetchall()
+        return {
+            f"{s}.{t}": sorted(db.execute(f'SELECT * FROM "{s}"."{t}"').fetchall(), key=repr)
+            for s, t in tables
+        }
+
+
+def schemas(stack: Stack) -> set[str]:
+    with duckdb.connect(str(database_path(stack)), read_only=True) as db:
+        return {
+            row[0]
+            for row in db.execute(
+                "SELECT schema_name FROM information_schema.schemata WHERE catalog_name = current_database()"
+            ).fetchall()
+        }
+
+
+@pytest.fixture(scope="session")
+def stack_grpc_via_envoy(stack: Stack) -> Iterator[grpc.Channel]:
+    """Native gRPC through Envoy's listener (the transcoder passes it through)."""
+    with grpc.insecure_channel(stack.envoy_grpc_target) as ch:
+        yield ch

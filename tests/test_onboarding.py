@@ -1,0 +1,155 @@
+"""The guide's onboarding steps, over REST through Envoy and over gRPC."""
+
+from __future__ import annotations
+
+import re
+
+import grpc
+import httpx
+from google.protobuf import json_format
+
+from convergence.v1 import (
+    health_service_pb2,
+    health_service_pb2_grpc,
+    tenant_service_pb2,
+    tenant_service_pb2_grpc,
+)
+from tests.conftest import GUIDE_TENANT, new_tenant_id, onboard
+
+KEY_PATTERN = r"^{tenant}_api_[A-Za-z0-9]{{52}}$"
+CHECK_NAMES = [
+    "tenant_id_format",
+    "tenant_id_not_reserved",
+    "tenant_not_onboarded",
+    "tenant_id_case_unique",
+    "dataset_absent",
+    "company_name_valid",
+    "admin_email_valid",
+    "subscription_plan_known",
+    "plan_limits_configured",
+    "store_reachable",
+    "central_tables_present",
+    "schema_version_current",
+    "dataset_create_permission",
+    "templates_loadable",
+    "key_hashing_configured",
+]
+
+
+def test_dry_run_returns_the_documented_report(http: httpx.Client) -> None:
+    tenant_id = new_tenant_id()
+    response = http.post("/api/v1/tenants/dryrun", json={"tenant_id": tenant_id, **GUIDE_TENANT})
+
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "application/json"
+    body = response.json()
+    results = body.pop("validation_results")
+    assert body == {
+        "status": "SUCCESS",
+        "ready_for_onboarding": True,
+        "validation_summary": {"total_checks": 15, "passed": 15, "failed": 0, "warnings": 0},
+        "message": "All validations passed. Safe to proceed with onboarding.",
+    }
+    assert [r["check_name"] for r in results] == CHECK_NAMES
+    assert all(r["status"] == "PASSED" and r["message"] for r in results)
+
+
+def test_dry_run_creates_nothing(http: httpx.Client) -> None:
+    tenant_id = new_tenant_id()
+    payload = {"tenant_id": tenant_id, **GUIDE_TENANT}
+    assert http.post("/api/v1/tenants/dryrun", json=payload).status_code == 200
+    # Were anything created, the second dry-run would find the tenant or its dataset.
+    second = http.post("/api/v1/tenants/dryrun", json=payload)
+    assert second.status_code == 200
+    assert second.json()["ready_for_onboarding"] is True
+
+
+def test_onboard_returns_the_documented_response_and_a_working_key(http: httpx.Client) -> None:
+    tenant_id = new_tenant_id()
+    response = http.post("/api/v1/tenants/onboard", json={"tenant_id": tenant_id, **GUIDE_TENANT})
+
+    assert response.status_code == 200
+    body = response.json()
+    api_key = body.pop("api_key")
+    assert re.fullmatch(KEY_PATTERN.format(tenant=tenant_id), api_key)
+    assert body == {
+        "tenant_id": tenant_id,
+        "subscription_plan": "PROFESSIONAL",
+        "dataset_created": True,
+        "tables_created": ["tenant_comprehensive_view", "onboarding_validation_test"],
+        "message": "Tenant Acme Corporation onboarded successfully.",
+    }
+
+    health = http.get("/health", headers={"X-API-Key": api_key})
+    assert health.status_code == 200
+    assert health.json() == {
+        "status": "healthy",
+        "version": "0.1.0",
+        "store": "embedded",
+        "authenticated": True,
+        "tenant_id": tenant_id,
+    }
+
+
+def test_health_without_a_key(http: httpx.Client) -> None:
+    response = http.get("/health")
+    assert response.status_code == 200
+    assert response.json() == {
+        "status": "healthy",
+        "version": "0.1.0",
+        "store": "embedded",
+        "authenticated": False,
+    }
+    assert "grpc-status" not in response.headers
+
+
+def test_every_key_is_distinct(http: httpx.Client) -> None:
+    keys = {onboard(http)[1] for _ in range(3)}
+    assert len(keys) == 3
+
+
+def test_onboarding_over_grpc(channel: grpc.Channel) -> None:
+    tenants = tenant_service_pb2_grpc.TenantServiceStub(channel)
+    tenant_id = new_tenant_id()
+
+    report = tenants.DryRunOnboarding(
+        tenant_service_pb2.DryRunOnboardingRequest(tenant_id=tenant_id, **GUIDE_TENANT)
+    )
+    assert report.status == tenant_service_pb2.DryRunOnboardingResponse.SUCCESS
+    assert report.ready_for_onboarding
+    assert report.validation_summary.total_checks == 15
+    assert report.validation_summary.passed == 15
+
+    onboarded = tenants.OnboardTenant(
+        tenant_service_pb2.OnboardTenantRequest(tenant_id=tenant_id, **GUIDE_TENANT)
+    )
+    assert onboarded.tenant_id == tenant_id
+    assert onboarded.dataset_created
+    assert list(onboarded.tables_created) == [
+        "tenant_comprehensive_view",
+        "onboarding_validation_test",
+    ]
+
+    health = health_service_pb2_grpc.HealthServiceStub(channel).GetHealth(
+        health_service_pb2.GetHealthRequest(), metadata=[("x-api-key", onboarded.api_key)]
+    )
+    assert health.authenticated
+    assert health.tenant_id == tenant_id
+
+
+def test_grpc_and_rest_print_the_same_json(http: httpx.Client, channel: grpc.Channel) -> None:
+    payload = {"tenant_id": new_tenant_id(), **GUIDE_TENANT}
+    rest = http.post("/api/v1/tenants/dryrun", json=payload).json()
+    reply = tenant_service_pb2_grpc.TenantServiceStub(channel).DryRunOnboarding(
+        tenant_service_pb2.DryRunOnboardingRequest(**payload)
+    )
+    assert rest == json_format.MessageToDict(
+        reply, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+
+
+def test_grpc_through_envoy(stack_grpc_via_envoy: grpc.Channel) -> None:
+    health = health_service_pb2_grpc.HealthServiceStub(stack_grpc_via_envoy).GetHealth(
+        health_service_pb2.GetHealthRequest()
+    )
+    assert health.status == "healthy"
