@@ -102,7 +102,8 @@ def schemas(stack: Stack) -> set[str]:
         return {
             row[0]
             for row in db.execute(
-                "SELECT schema_name FROM information_schema.schemata WHERE catalog_name = current_database()"
+                "SELECT schema_name FROM information_schema.schemata "
+                "WHERE catalog_name = current_database()"
             ).fetchall()
         }
 

@@ -1,6 +1,7 @@
 """Structured (JSON) logs on stderr, one object per line, tagged with the request's context.
 
-Cloud Logging parses such lines into `jsonPayload`, so `jsonPayload.tenant_id=acme_corp` filters work.
+Cloud Logging parses such lines into `jsonPayload`, so filters such as
+`jsonPayload.tenant_id=acme_corp` work.
 """
 
 from __future__ import annotations

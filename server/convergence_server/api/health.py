@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from grpc.aio import ServicerContext
 
 from convergence.v1 import health_service_pb2, health_service_pb2_grpc
@@ -14,7 +16,7 @@ class HealthServicer(health_service_pb2_grpc.HealthServiceServicer):
         self._store_kind = store_kind
 
     async def GetHealth(
-        self, request: health_service_pb2.GetHealthRequest, context: ServicerContext
+        self, request: health_service_pb2.GetHealthRequest, context: ServicerContext[Any, Any]
     ) -> health_service_pb2.GetHealthResponse:
         caller = current_caller()
         response = health_service_pb2.GetHealthResponse(

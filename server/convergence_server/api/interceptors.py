@@ -15,7 +15,7 @@ import logging
 import re
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 import grpc
 from grpc.aio import ServerInterceptor, ServicerContext
@@ -27,8 +27,10 @@ from convergence_server.domain.auth import INVALID_KEY_MESSAGE, Authenticator
 
 log = logging.getLogger(__name__)
 
-Behavior = Callable[[Any, ServicerContext], Awaitable[Any]]
-Around = Callable[[Behavior, Any, ServicerContext], Awaitable[Any]]
+Behavior = Callable[[Any, "ServicerContext[Any, Any]"], Awaitable[Any]]
+Continuation = Callable[
+    [grpc.HandlerCallDetails], Awaitable["grpc.RpcMethodHandler[Any, Any] | None"]
+]
 
 SERVICE_PREFIX = "/convergence.v1."
 OPEN_METHODS = frozenset(
@@ -42,31 +44,33 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}", re.ASCII)
 _USER_ID = re.compile(r"[A-Za-z0-9._@+-]{1,128}", re.ASCII)
 
 
-def metadata_value(context: ServicerContext, key: str) -> str | None:
+def metadata_value(context: ServicerContext[Any, Any], key: str) -> str | None:
     for name, value in context.invocation_metadata() or ():
         if name == key:
             return value if isinstance(value, str) else value.decode("ascii", "replace")
     return None
 
 
-class _WrappingInterceptor(ServerInterceptor):
+class _WrappingInterceptor(ServerInterceptor):  # type: ignore[type-arg]
     """Wraps the unary-unary behaviour of this service's methods with `around`."""
 
-    async def around(self, behavior: Behavior, request: Any, context: ServicerContext) -> Any:
+    async def around(
+        self, behavior: Behavior, request: Any, context: ServicerContext[Any, Any]
+    ) -> Any:
         raise NotImplementedError
 
-    async def intercept_service(
+    async def intercept_service(  # type: ignore[override]
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Continuation,
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(handler_call_details)
         method = handler_call_details.method
         if handler is None or handler.unary_unary is None or not method.startswith(SERVICE_PREFIX):
             return handler
-        behavior: Behavior = handler.unary_unary
+        behavior = cast(Behavior, handler.unary_unary)  # coroutines, on an aio server
 
-        async def wrapped(request: Any, context: ServicerContext) -> Any:
+        async def wrapped(request: Any, context: ServicerContext[Any, Any]) -> Any:
             logs.method_var.set(method)
             return await self.around(behavior, request, context)
 
@@ -78,7 +82,9 @@ class _WrappingInterceptor(ServerInterceptor):
 
 
 class ErrorInterceptor(_WrappingInterceptor):
-    async def around(self, behavior: Behavior, request: Any, context: ServicerContext) -> Any:
+    async def around(
+        self, behavior: Behavior, request: Any, context: ServicerContext[Any, Any]
+    ) -> Any:
         try:
             return await behavior(request, context)
         except errors.ConvergenceError as exc:
@@ -103,7 +109,9 @@ def _request_id() -> str:
 
 
 class RequestContextInterceptor(_WrappingInterceptor):
-    async def around(self, behavior: Behavior, request: Any, context: ServicerContext) -> Any:
+    async def around(
+        self, behavior: Behavior, request: Any, context: ServicerContext[Any, Any]
+    ) -> Any:
         incoming = metadata_value(context, "x-request-id")
         if incoming and _REQUEST_ID.fullmatch(incoming):
             logs.request_id_var.set(incoming)
@@ -124,7 +132,9 @@ class AuthInterceptor(_WrappingInterceptor):
     def __init__(self, authenticator: Authenticator) -> None:
         self._authenticator = authenticator
 
-    async def around(self, behavior: Behavior, request: Any, context: ServicerContext) -> Any:
+    async def around(
+        self, behavior: Behavior, request: Any, context: ServicerContext[Any, Any]
+    ) -> Any:
         key = metadata_value(context, "x-api-key")
         if key:
             caller = await self._authenticator.authenticate(key)

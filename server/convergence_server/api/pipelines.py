@@ -6,6 +6,8 @@ The methods authenticate and authorize like the finished ones will (a foreign te
 
 from __future__ import annotations
 
+from typing import Any
+
 from grpc.aio import ServicerContext
 
 from convergence.v1 import pipeline_service_pb2, pipeline_service_pb2_grpc
@@ -16,7 +18,7 @@ from convergence_server.errors import NotImplementedYet
 
 class PipelineServicer(pipeline_service_pb2_grpc.PipelineServiceServicer):
     async def RunPipeline(
-        self, request: pipeline_service_pb2.RunPipelineRequest, context: ServicerContext
+        self, request: pipeline_service_pb2.RunPipelineRequest, context: ServicerContext[Any, Any]
     ) -> pipeline_service_pb2.RunPipelineResponse:
         authorize_tenant(require_caller(), request.tenant_id)
         raise NotImplementedYet("Pipeline execution is not available in this version yet")
@@ -24,7 +26,7 @@ class PipelineServicer(pipeline_service_pb2_grpc.PipelineServiceServicer):
     async def TriggerScheduledPipelines(
         self,
         request: pipeline_service_pb2.TriggerScheduledPipelinesRequest,
-        context: ServicerContext,
+        context: ServicerContext[Any, Any],
     ) -> pipeline_service_pb2.TriggerScheduledPipelinesResponse:
         require_caller()
         raise NotImplementedYet("Scheduled pipelines are not available in this version yet")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from grpc.aio import ServicerContext
 
@@ -18,13 +19,15 @@ class TenantServicer(tenant_service_pb2_grpc.TenantServiceServicer):
         self._onboarding = onboarding
 
     async def DryRunOnboarding(
-        self, request: tenant_service_pb2.DryRunOnboardingRequest, context: ServicerContext
+        self,
+        request: tenant_service_pb2.DryRunOnboardingRequest,
+        context: ServicerContext[Any, Any],
     ) -> tenant_service_pb2.DryRunOnboardingResponse:
         report = await self._onboarding.dry_run(convert.application(request))
         return convert.dry_run_response(report)
 
     async def OnboardTenant(
-        self, request: tenant_service_pb2.OnboardTenantRequest, context: ServicerContext
+        self, request: tenant_service_pb2.OnboardTenantRequest, context: ServicerContext[Any, Any]
     ) -> tenant_service_pb2.OnboardTenantResponse:
         tenant = await self._onboarding.onboard(convert.application(request))
         log.info("tenant onboarded", extra={"fields": {"tenant_id": tenant.tenant_id}})

@@ -34,16 +34,107 @@ _TENANT_ID = re.compile(IDENTIFIER_PATTERN.strip("^$"), re.ASCII)
 # Names a tenant dataset may not take: the service's own datasets, the backends' system
 # schemas, and SQL reserved words (BigQuery's list, which covers DuckDB's at 3+ letters).
 RESERVED_TENANT_IDS = frozenset(
-    """
-    tenants information_schema main temp system pg_catalog sys public default admin root
-    convergence api health null none all and any array asc assert_rows_modified between
-    case cast collate contains create cross cube current define desc distinct else end
-    enum escape except exclude exists extract false fetch following for from full group
-    grouping groups hash having ignore inner intersect interval into join lateral left
-    like limit lookup merge natural new not nulls order outer over partition preceding
-    proto qualify range recursive respect right rollup rows select set some struct
-    tablesample then treat true unbounded union unnest using when where window with within
-    """.split()
+    [
+        "tenants",
+        "information_schema",
+        "main",
+        "temp",
+        "system",
+        "pg_catalog",
+        "sys",
+        "public",
+        "default",
+        "admin",
+        "root",
+        "convergence",
+        "api",
+        "health",
+        "null",
+        "none",
+        "all",
+        "and",
+        "any",
+        "array",
+        "asc",
+        "assert_rows_modified",
+        "between",
+        "case",
+        "cast",
+        "collate",
+        "contains",
+        "create",
+        "cross",
+        "cube",
+        "current",
+        "define",
+        "desc",
+        "distinct",
+        "else",
+        "end",
+        "enum",
+        "escape",
+        "except",
+        "exclude",
+        "exists",
+        "extract",
+        "false",
+        "fetch",
+        "following",
+        "for",
+        "from",
+        "full",
+        "group",
+        "grouping",
+        "groups",
+        "hash",
+        "having",
+        "ignore",
+        "inner",
+        "intersect",
+        "interval",
+        "into",
+        "join",
+        "lateral",
+        "left",
+        "like",
+        "limit",
+        "lookup",
+        "merge",
+        "natural",
+        "new",
+        "not",
+        "nulls",
+        "order",
+        "outer",
+        "over",
+        "partition",
+        "preceding",
+        "proto",
+        "qualify",
+        "range",
+        "recursive",
+        "respect",
+        "right",
+        "rollup",
+        "rows",
+        "select",
+        "set",
+        "some",
+        "struct",
+        "tablesample",
+        "then",
+        "treat",
+        "true",
+        "unbounded",
+        "union",
+        "unnest",
+        "using",
+        "when",
+        "where",
+        "window",
+        "with",
+        "within",
+    ]
 )
 
 
@@ -101,7 +192,10 @@ class DryRunReport:
             )
         warnings = self.count(CheckStatus.WARNING)
         if warnings:
-            return f"All validations passed with {warnings} warning(s). Safe to proceed with onboarding."
+            return (
+                f"All validations passed with {warnings} warning(s). "
+                "Safe to proceed with onboarding."
+            )
         return "All validations passed. Safe to proceed with onboarding."
 
 
@@ -276,7 +370,7 @@ class Onboarding:
         name = "tenant_not_onboarded"
         try:
             existing = await self._store.get_tenant(app.tenant_id)
-        except Exception as exc:  # noqa: BLE001 - a failing store fails the check
+        except Exception as exc:
             return _failed(name, f"cannot look up the tenant: {exc}", FailureKind.UNAVAILABLE)
         if existing is not None:
             return _failed(
@@ -292,7 +386,7 @@ class Onboarding:
         name = "tenant_id_case_unique"
         try:
             same = await self._store.tenant_ids_equal_ignoring_case(app.tenant_id)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             return _failed(name, f"cannot look up tenants: {exc}", FailureKind.UNAVAILABLE)
         others = [t for t in same if t != app.tenant_id]
         if others:
@@ -309,7 +403,7 @@ class Onboarding:
         name = "dataset_absent"
         try:
             exists = await self._store.dataset_exists(app.tenant_id)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             return _failed(name, f"cannot list datasets: {exc}", FailureKind.UNAVAILABLE)
         if exists:
             return _failed(
@@ -327,7 +421,7 @@ class Onboarding:
         name = "store_reachable"
         try:
             await self._store.ping()
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             return _failed(
                 name, f"{self._store.kind} store unreachable: {exc}", FailureKind.UNAVAILABLE
             )
@@ -337,7 +431,7 @@ class Onboarding:
         name = "central_tables_present"
         try:
             present = await self._store.central_table_columns()
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             return _failed(name, f"cannot list central tables: {exc}", FailureKind.UNAVAILABLE)
         problems = []
         for table in CENTRAL_TABLES:
@@ -354,7 +448,7 @@ class Onboarding:
         name = "schema_version_current"
         try:
             version = await self._store.schema_version()
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             return _failed(name, f"cannot read the schema version: {exc}", FailureKind.UNAVAILABLE)
         if version != SCHEMA_VERSION:
             return _failed(
@@ -368,7 +462,7 @@ class Onboarding:
         name = "dataset_create_permission"
         try:
             await self._store.probe_dataset_creation()
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             return _failed(name, f"cannot create a dataset: {exc}", FailureKind.UNAVAILABLE)
         return _passed(name, "a scratch dataset was created and dropped")
 

@@ -138,7 +138,8 @@ class DuckDBStore:
         cur.execute(f"CREATE SCHEMA IF NOT EXISTS {CENTRAL}")
         cur.execute(
             f"CREATE TABLE IF NOT EXISTS {CENTRAL}.schema_migrations "
-            "(version BIGINT PRIMARY KEY, description VARCHAR NOT NULL, applied_at TIMESTAMP NOT NULL)"
+            "(version BIGINT PRIMARY KEY, description VARCHAR NOT NULL, "
+            "applied_at TIMESTAMP NOT NULL)"
         )
         row = cur.execute(f"SELECT max(version) FROM {CENTRAL}.schema_migrations").fetchone()
         applied = (row[0] if row else None) or 0
@@ -221,7 +222,8 @@ class DuckDBStore:
     async def tenant_ids_equal_ignoring_case(self, tenant_id: str) -> list[str]:
         def query(cur: duckdb.DuckDBPyConnection) -> list[str]:
             rows = cur.execute(
-                f"SELECT tenant_id FROM {CENTRAL}.tenant_profiles WHERE lower(tenant_id) = lower(?)",
+                f"SELECT tenant_id FROM {CENTRAL}.tenant_profiles "
+                "WHERE lower(tenant_id) = lower(?)",
                 [tenant_id],
             ).fetchall()
             return [row[0] for row in rows]
