@@ -1,0 +1,175 @@
+"""Bad input gets a clear 4xx with the documented body and leaves the store unchanged.
+
+The module runs its own stack: it records every stored row, sends each bad request, then
+stops the stack and compares (the last test). pytest runs a module's tests in file order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from convergence_server.stack import Stack
+from tests.conftest import GUIDE_TENANT, StackFactory, dump_store, onboard, schemas
+
+PATTERN_BODY = {
+    "error": "Validation error",
+    "message": "Invalid tenant_id format",
+    "details": {"field": "tenant_id", "issue": "must match pattern ^[a-zA-Z0-9_]{3,50}$"},
+}
+BAD_TENANT_IDS = [
+    "../../etc/passwd",
+    "..",
+    "acme'corp",
+    'acme"corp',
+    "acme;DROP SCHEMA tenants CASCADE;--",
+    "acmé_corp",
+    "租户_tenant",
+    "ab",
+    "a" * 51,
+    "",
+    "acme corp",
+    "acme\ncorp",
+    "acme_corp\n",
+]
+ONBOARDING_PATHS = ["/api/v1/tenants/dryrun", "/api/v1/tenants/onboard"]
+
+
+class State:
+    stack: Stack
+    http: httpx.Client
+    key: str
+    tenant_id: str
+    before: dict[str, list[tuple[object, ...]]]
+    schemas: set[str]
+
+
+@pytest.fixture(scope="module")
+def state(stack_factory: StackFactory, tmp_path_factory: pytest.TempPathFactory) -> Iterator[State]:
+    data_dir: Path = tmp_path_factory.mktemp("bad_input")
+    first = stack_factory(data_dir=data_dir)
+    with httpx.Client(base_url=first.http_url, timeout=10) as http:
+        tenant_id, key = onboard(http)
+    first.stop()
+    s = State()
+    s.before, s.schemas = dump_store(first), schemas(first)
+    s.tenant_id, s.key = tenant_id, key
+    s.stack = stack_factory(data_dir=data_dir)
+    with httpx.Client(base_url=s.stack.http_url, timeout=10) as http:
+        s.http = http
+        yield s
+
+
+def assert_envoy_error(response: httpx.Response, status: int, error: str) -> None:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    body = response.json()
+    assert body.keys() == {"error", "message"}
+    assert body["error"] == error
+    assert body["message"]
+
+
+@pytest.mark.parametrize("path", ONBOARDING_PATHS)
+@pytest.mark.parametrize("tenant_id", BAD_TENANT_IDS, ids=repr)
+def test_bad_tenant_id(state: State, path: str, tenant_id: str) -> None:
+    response = state.http.post(path, json={"tenant_id": tenant_id, **GUIDE_TENANT})
+    assert response.status_code == 400
+    body = response.json()
+    assert {k: body[k] for k in ("error", "message", "details")} == PATTERN_BODY
+
+
+@pytest.mark.parametrize("tenant_id", ["tenants", "information_schema", "SELECT", "_hidden"])
+def test_reserved_tenant_id(state: State, tenant_id: str) -> None:
+    response = state.http.post(
+        "/api/v1/tenants/onboard", json={"tenant_id": tenant_id, **GUIDE_TENANT}
+    )
+    assert response.status_code == 400
+    body = response.json()
+    assert body["message"] == f"tenant_id '{tenant_id}' is reserved"
+    assert body["details"]["field"] == "tenant_id"
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("company_name", ""),
+        ("company_name", "Acme\u0000Corp"),
+        ("company_name", "x" * 201),
+        ("admin_email", "admin"),
+        ("admin_email", "admin@@acme.com"),
+        ("subscription_plan", "GOLD"),
+        ("subscription_plan", "professional"),
+    ],
+)
+def test_bad_fields(state: State, field: str, value: str) -> None:
+    payload = {"tenant_id": "valid_but_refused", **GUIDE_TENANT, field: value}
+    response = state.http.post("/api/v1/tenants/onboard", json=payload)
+    assert response.status_code == 400
+    body = response.json()
+    assert body["error"] == "Validation error"
+    assert body["details"]["field"] == field
+    assert body["details"]["issue"]
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b'{"tenant_id": "acme_corp",', b"not json", b'{"tenant_id": {"nested": 1}}', b"[1, 2]"],
+)
+def test_malformed_json(state: State, raw: bytes) -> None:
+    response = state.http.post(
+        "/api/v1/tenants/onboard", content=raw, headers={"content-type": "application/json"}
+    )
+    assert_envoy_error(response, 400, "Validation error")
+
+
+def test_unknown_query_parameter(state: State) -> None:
+    assert_envoy_error(state.http.get("/health?verbose=1"), 400, "Validation error")
+    response = state.http.get("/api/v1/pipelines/runs?limit=10&colour=red")
+    assert_envoy_error(response, 400, "Validation error")
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("DELETE", "/api/v1/tenants/onboard"),
+        ("GET", "/api/v1/tenants/onboard"),
+        ("PUT", "/health"),
+        ("GET", "/api/v1/nothing/here"),
+    ],
+)
+def test_wrong_method_or_path(state: State, method: str, path: str) -> None:
+    assert_envoy_error(state.http.request(method, path), 404, "Not found")
+
+
+def test_oversized_body(state: State) -> None:
+    payload = {"tenant_id": "big_tenant", **GUIDE_TENANT, "company_name": "x" * (2 << 20)}
+    assert_envoy_error(
+        state.http.post("/api/v1/tenants/onboard", json=payload), 413, "Payload too large"
+    )
+
+
+def test_body_field_contradicting_path(state: State) -> None:
+    response = state.http.post(
+        f"/api/v1/pipelines/run/{state.tenant_id}/gcp/cost/cost_billing",
+        headers={"X-API-Key": state.key},
+        json={"tenant_id": "someone_else", "trigger_by": "john@acme.com"},
+    )
+    assert_envoy_error(response, 400, "Validation error")
+    assert "conflicting" in response.json()["message"]
+
+
+def test_bad_user_id_header(state: State) -> None:
+    response = state.http.get(
+        "/health", headers={"X-API-Key": state.key, "X-User-ID": "bob smith;drop"}
+    )
+    assert response.status_code == 400
+    assert response.json()["details"]["field"] == "X-User-ID"
+
+
+def test_store_is_unchanged(state: State) -> None:
+    state.stack.stop()
+    assert dump_store(state.stack) == state.before
+    assert schemas(state.stack) == state.schemas

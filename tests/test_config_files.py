@@ -1,0 +1,75 @@
+"""The shipped configuration: plans, templates and Envoy's bootstrap all validate."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from convergence_server.config import REPO_ROOT, Config
+from convergence_server.domain.plans import PlanCatalogError, load_plans
+from convergence_server.envoy import render_config
+from convergence_server.stack import envoy_binary
+
+
+def test_shipped_plans_have_the_documented_limits() -> None:
+    plans = load_plans(REPO_ROOT / "configs" / "plans.yml")
+    limits = {
+        name: (p.daily_pipeline_runs, p.concurrent_pipeline_runs, p.team_size)
+        for name, p in plans.items()
+    }
+    assert limits == {"STARTER": (6, 1, 2), "PROFESSIONAL": (25, 5, 6), "SCALE": (100, 10, 11)}
+    assert all(p.requests_per_minute > 0 for p in plans.values())
+
+
+@pytest.mark.parametrize(
+    ("text", "complaint"),
+    [
+        ("plans: {}", "'plans' must be a non-empty mapping"),
+        ("plans: {gold: {}}", "plans.gold: plan names are UPPER_CASE"),
+        (
+            "plans: {GOLD: {daily_pipeline_runs: 0, concurrent_pipeline_runs: 1, team_size: 1,"
+            " requests_per_minute: 1}}",
+            "plans.GOLD.daily_pipeline_runs: must be a positive integer",
+        ),
+        (
+            "plans: {GOLD: {daily_pipeline_runs: 1, concurrent_pipeline_runs: 1, team_size: 1,"
+            " requests_per_minute: 1, colour: red}}",
+            "plans.GOLD: unknown field(s) ['colour']",
+        ),
+        ("plans: [", "cannot read"),
+    ],
+)
+def test_bad_plan_files_name_the_file_and_field(tmp_path: Path, text: str, complaint: str) -> None:
+    path = tmp_path / "plans.yml"
+    path.write_text(text)
+    with pytest.raises(PlanCatalogError) as raised:
+        load_plans(path)
+    assert str(raised.value).startswith(str(path))
+    assert complaint in str(raised.value)
+
+
+def test_rendered_envoy_config_validates(tmp_path: Path) -> None:
+    config = Config(http_port=0, envoy_admin_port=0, key_pepper=b"p" * 32)
+    rendered = tmp_path / "envoy.yaml"
+    rendered.write_text(render_config(config, grpc_port=50051))
+    result = subprocess.run(
+        [envoy_binary(), "--mode", "validate", "-c", str(rendered), "--disable-hot-restart"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_a_broken_envoy_config_fails_validation(tmp_path: Path) -> None:
+    rendered = tmp_path / "envoy.yaml"
+    good = render_config(Config(key_pepper=b"p" * 32), grpc_port=50051)
+    rendered.write_text(good.replace("convergence.v1.RunService", "convergence.v1.NoSuchService"))
+    result = subprocess.run(
+        [envoy_binary(), "--mode", "validate", "-c", str(rendered), "--disable-hot-restart"],
+        capture_output=True,
+        timeout=60,
+    )
+    assert result.returncode != 0

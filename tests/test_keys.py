@@ -1,0 +1,65 @@
+"""API keys: high-entropy, shown once, stored only as salted, peppered hashes."""
+
+from __future__ import annotations
+
+import hmac
+
+import httpx
+import pytest
+
+from convergence_server.domain import keys
+from tests.conftest import StackFactory, dump_store, onboard
+
+
+def test_the_store_holds_no_plaintext_key(stack_factory: StackFactory) -> None:
+    stack = stack_factory()
+    with httpx.Client(base_url=stack.http_url, timeout=10) as http:
+        issued = [onboard(http)[1] for _ in range(3)]
+    stack.stop()
+
+    secrets = [key for key in issued] + [key[-keys.SECRET_LENGTH :] for key in issued]
+    for table, rows in dump_store(stack).items():
+        for row in rows:
+            for value in row:
+                text = value.decode("latin-1") if isinstance(value, bytes) else str(value)
+                for secret in secrets:
+                    assert secret not in text, f"a key leaked into {table}"
+
+
+def test_keys_are_long_random_and_parseable() -> None:
+    issued = keys.issue_key("acme_corp", b"p" * 32)
+    tenant_id, key_id = keys.parse_key(issued.key) or ("", "")
+    assert (tenant_id, key_id) == ("acme_corp", issued.key_id)
+    assert len(issued.key) == len("acme_corp_api_") + keys.KEY_ID_LENGTH + keys.SECRET_LENGTH
+    assert keys.key_matches(b"p" * 32, issued.salt, issued.key_hash, issued.key)
+    assert not keys.key_matches(b"q" * 32, issued.salt, issued.key_hash, issued.key)
+    assert issued.key_hash != keys.issue_key("acme_corp", b"p" * 32).key_hash
+
+
+@pytest.mark.parametrize(
+    "candidate",
+    [
+        "",
+        "acme_corp",
+        "acme_corp_api_",
+        "acme_corp_api_short",
+        "_api_" + "a" * 52,
+        "x_api_" + "é" * 52,
+    ],
+)
+def test_malformed_keys_are_refused_before_any_lookup(candidate: str) -> None:
+    assert keys.parse_key(candidate) is None
+
+
+def test_key_comparison_is_constant_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    compared: list[tuple[bytes, bytes]] = []
+    real = hmac.compare_digest
+
+    def recording(a: bytes, b: bytes) -> bool:
+        compared.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr(hmac, "compare_digest", recording)
+    issued = keys.issue_key("acme_corp", b"p" * 32)
+    assert not keys.key_matches(b"p" * 32, issued.salt, issued.key_hash, issued.key + "x")
+    assert compared and compared[0][1] == issued.key_hash
