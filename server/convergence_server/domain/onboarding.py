@@ -8,6 +8,8 @@ a bad request field (400), an existing tenant or dataset (409), a service not re
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import re
 import unicodedata
 from collections.abc import Awaitable, Callable
@@ -26,6 +28,8 @@ from convergence_server.storage import Store
 from convergence_server.storage.identifiers import IDENTIFIER_PATTERN
 from convergence_server.storage.records import ApiKeyRecord, TenantRecord
 from convergence_server.storage.schema import CENTRAL_TABLES, SCHEMA_VERSION
+
+log = logging.getLogger(__name__)
 
 MIN_PEPPER_BYTES = 32
 MAX_COMPANY_NAME = 200
@@ -160,6 +164,9 @@ class CheckResult:
     issue: str = ""
 
 
+Check = Callable[["TenantApplication"], Awaitable[CheckResult]]
+
+
 @dataclass(frozen=True)
 class TenantApplication:
     tenant_id: str
@@ -224,14 +231,12 @@ class OnboardedTenant:
     tables_created: tuple[str, ...]
 
 
-def _passed(name: str, message: str, field: str = "") -> CheckResult:
-    return CheckResult(name, CheckStatus.PASSED, message, field)
+def _passed(message: str, field: str = "") -> CheckResult:
+    return CheckResult("", CheckStatus.PASSED, message, field)
 
 
-def _failed(
-    name: str, message: str, kind: FailureKind, field: str = "", issue: str = ""
-) -> CheckResult:
-    return CheckResult(name, CheckStatus.FAILED, message, field, kind, issue)
+def _failed(message: str, kind: FailureKind, field: str = "", issue: str = "") -> CheckResult:
+    return CheckResult("", CheckStatus.FAILED, message, field, kind, issue)
 
 
 class Onboarding:
@@ -242,13 +247,39 @@ class Onboarding:
         self._plans = plans
         self._config_dir = config_dir
         self._pepper = pepper
+        self._checks: tuple[tuple[str, Check], ...] = (
+            ("tenant_id_format", self._tenant_id_format),
+            ("tenant_id_not_reserved", self._tenant_id_not_reserved),
+            ("tenant_not_onboarded", self._tenant_not_onboarded),
+            ("tenant_id_case_unique", self._tenant_id_case_unique),
+            ("dataset_absent", self._dataset_absent),
+            ("company_name_valid", self._company_name_valid),
+            ("admin_email_valid", self._admin_email_valid),
+            ("subscription_plan_known", self._subscription_plan_known),
+            ("plan_limits_configured", self._plan_limits_configured),
+            ("store_reachable", self._store_reachable),
+            ("central_tables_present", self._central_tables_present),
+            ("schema_version_current", self._schema_version_current),
+            ("dataset_create_permission", self._dataset_create_permission),
+            ("templates_loadable", self._templates_loadable),
+            ("key_hashing_configured", self._key_hashing_configured),
+        )
 
     async def dry_run(self, app: TenantApplication) -> DryRunReport:
         """Runs every check; raises `OnboardingRefused` when any fails."""
-        report = DryRunReport(tuple([await check(app) for check in self._checks()]))
+        report = DryRunReport(tuple([await self._run(n, c, app) for n, c in self._checks]))
         if not report.ready:
             raise OnboardingRefused(report)
         return report
+
+    async def _run(self, name: str, check: Check, app: TenantApplication) -> CheckResult:
+        """One check; a backend that fails while checking fails the check, not the report."""
+        try:
+            result = await check(app)
+        except Exception as exc:
+            log.warning("check %s could not run", name, exc_info=True)
+            result = _failed(f"could not check: {exc}", FailureKind.UNAVAILABLE)
+        return dataclasses.replace(result, check_name=name)
 
     async def onboard(self, app: TenantApplication) -> OnboardedTenant:
         await self.dry_run(app)
@@ -270,33 +301,12 @@ class Onboarding:
             app.tenant_id, tenant.company_name, app.subscription_plan, issued.key, tables
         )
 
-    def _checks(self) -> tuple[Callable[[TenantApplication], Awaitable[CheckResult]], ...]:
-        return (
-            self._tenant_id_format,
-            self._tenant_id_not_reserved,
-            self._tenant_not_onboarded,
-            self._tenant_id_case_unique,
-            self._dataset_absent,
-            self._company_name_valid,
-            self._admin_email_valid,
-            self._subscription_plan_known,
-            self._plan_limits_configured,
-            self._store_reachable,
-            self._central_tables_present,
-            self._schema_version_current,
-            self._dataset_create_permission,
-            self._templates_loadable,
-            self._key_hashing_configured,
-        )
-
     # -- request fields ---------------------------------------------------------------------
 
     async def _tenant_id_format(self, app: TenantApplication) -> CheckResult:
-        name = "tenant_id_format"
         if _TENANT_ID.fullmatch(app.tenant_id):
-            return _passed(name, "tenant_id is well-formed", "tenant_id")
+            return _passed("tenant_id is well-formed", "tenant_id")
         return _failed(
-            name,
             "Invalid tenant_id format",
             FailureKind.INVALID,
             "tenant_id",
@@ -304,45 +314,37 @@ class Onboarding:
         )
 
     async def _tenant_id_not_reserved(self, app: TenantApplication) -> CheckResult:
-        name = "tenant_id_not_reserved"
         lowered = app.tenant_id.lower()
         if lowered in RESERVED_TENANT_IDS or lowered.startswith(("_", "pg_", "duckdb_")):
             return _failed(
-                name,
                 f"tenant_id '{app.tenant_id}' is reserved",
                 FailureKind.INVALID,
                 "tenant_id",
                 "is a reserved name (system dataset, SQL keyword or leading underscore)",
             )
-        return _passed(name, "tenant_id is not a reserved name", "tenant_id")
+        return _passed("tenant_id is not a reserved name", "tenant_id")
 
     async def _company_name_valid(self, app: TenantApplication) -> CheckResult:
-        name = "company_name_valid"
         company = app.company_name.strip()
         if not company or len(company) > MAX_COMPANY_NAME:
             issue = f"must be 1 to {MAX_COMPANY_NAME} characters"
         elif any(unicodedata.category(ch).startswith("C") for ch in company):
             issue = "must not contain control or invisible format characters"
         else:
-            return _passed(name, "company_name is valid", "company_name")
-        return _failed(name, "Invalid company_name", FailureKind.INVALID, "company_name", issue)
+            return _passed("company_name is valid", "company_name")
+        return _failed("Invalid company_name", FailureKind.INVALID, "company_name", issue)
 
     async def _admin_email_valid(self, app: TenantApplication) -> CheckResult:
-        name = "admin_email_valid"
         try:
             email_validator.validate_email(app.admin_email.strip(), check_deliverability=False)
         except email_validator.EmailNotValidError as exc:
-            return _failed(
-                name, "Invalid admin_email", FailureKind.INVALID, "admin_email", str(exc)
-            )
-        return _passed(name, "admin_email is a valid address", "admin_email")
+            return _failed("Invalid admin_email", FailureKind.INVALID, "admin_email", str(exc))
+        return _passed("admin_email is a valid address", "admin_email")
 
     async def _subscription_plan_known(self, app: TenantApplication) -> CheckResult:
-        name = "subscription_plan_known"
         if app.subscription_plan in self._plans:
-            return _passed(name, f"plan {app.subscription_plan} exists", "subscription_plan")
+            return _passed(f"plan {app.subscription_plan} exists", "subscription_plan")
         return _failed(
-            name,
             "Unknown subscription_plan",
             FailureKind.INVALID,
             "subscription_plan",
@@ -350,14 +352,12 @@ class Onboarding:
         )
 
     async def _plan_limits_configured(self, app: TenantApplication) -> CheckResult:
-        name = "plan_limits_configured"
         plan = self._plans.get(app.subscription_plan)
         if plan is None:
             return CheckResult(
-                name, CheckStatus.WARNING, "not checked: the plan is unknown", "subscription_plan"
+                "", CheckStatus.WARNING, "not checked: the plan is unknown", "subscription_plan"
             )
         return _passed(
-            name,
             f"{plan.name}: {plan.daily_pipeline_runs} runs/day, "
             f"{plan.concurrent_pipeline_runs} concurrent, team of {plan.team_size}, "
             f"{plan.requests_per_minute} requests/min",
@@ -367,72 +367,45 @@ class Onboarding:
     # -- the tenant's state -----------------------------------------------------------------
 
     async def _tenant_not_onboarded(self, app: TenantApplication) -> CheckResult:
-        name = "tenant_not_onboarded"
-        try:
-            existing = await self._store.get_tenant(app.tenant_id)
-        except Exception as exc:
-            return _failed(name, f"cannot look up the tenant: {exc}", FailureKind.UNAVAILABLE)
-        if existing is not None:
+        if await self._store.get_tenant(app.tenant_id) is not None:
             return _failed(
-                name,
                 f"Tenant '{app.tenant_id}' already exists",
                 FailureKind.CONFLICT,
                 "tenant_id",
                 "is already onboarded",
             )
-        return _passed(name, "tenant is not onboarded yet", "tenant_id")
+        return _passed("tenant is not onboarded yet", "tenant_id")
 
     async def _tenant_id_case_unique(self, app: TenantApplication) -> CheckResult:
-        name = "tenant_id_case_unique"
-        try:
-            same = await self._store.tenant_ids_equal_ignoring_case(app.tenant_id)
-        except Exception as exc:
-            return _failed(name, f"cannot look up tenants: {exc}", FailureKind.UNAVAILABLE)
+        same = await self._store.tenant_ids_equal_ignoring_case(app.tenant_id)
         others = [t for t in same if t != app.tenant_id]
         if others:
             return _failed(
-                name,
                 f"tenant_id differs only in case from existing tenant '{others[0]}'",
                 FailureKind.CONFLICT,
                 "tenant_id",
                 "differs only in letter case from an existing tenant",
             )
-        return _passed(name, "no tenant differs from this one only in case", "tenant_id")
+        return _passed("no tenant differs from this one only in case", "tenant_id")
 
     async def _dataset_absent(self, app: TenantApplication) -> CheckResult:
-        name = "dataset_absent"
-        try:
-            exists = await self._store.dataset_exists(app.tenant_id)
-        except Exception as exc:
-            return _failed(name, f"cannot list datasets: {exc}", FailureKind.UNAVAILABLE)
-        if exists:
+        if await self._store.dataset_exists(app.tenant_id):
             return _failed(
-                name,
                 f"Dataset '{app.tenant_id}' already exists",
                 FailureKind.CONFLICT,
                 "tenant_id",
                 "names a dataset that already exists",
             )
-        return _passed(name, f"dataset '{app.tenant_id}' does not exist yet", "tenant_id")
+        return _passed(f"dataset '{app.tenant_id}' does not exist yet", "tenant_id")
 
     # -- the service itself -----------------------------------------------------------------
 
     async def _store_reachable(self, _: TenantApplication) -> CheckResult:
-        name = "store_reachable"
-        try:
-            await self._store.ping()
-        except Exception as exc:
-            return _failed(
-                name, f"{self._store.kind} store unreachable: {exc}", FailureKind.UNAVAILABLE
-            )
-        return _passed(name, f"{self._store.kind} store answers")
+        await self._store.ping()
+        return _passed(f"{self._store.kind} store answers")
 
     async def _central_tables_present(self, _: TenantApplication) -> CheckResult:
-        name = "central_tables_present"
-        try:
-            present = await self._store.central_table_columns()
-        except Exception as exc:
-            return _failed(name, f"cannot list central tables: {exc}", FailureKind.UNAVAILABLE)
+        present = await self._store.central_table_columns()
         problems = []
         for table in CENTRAL_TABLES:
             missing = table.column_names - present.get(table.name, frozenset())
@@ -441,45 +414,33 @@ class Onboarding:
             elif missing:
                 problems.append(f"{table.name} lacks {', '.join(sorted(missing))}")
         if problems:
-            return _failed(name, "; ".join(problems), FailureKind.UNAVAILABLE)
-        return _passed(name, f"{len(CENTRAL_TABLES)} central tables have their columns")
+            return _failed("; ".join(problems), FailureKind.UNAVAILABLE)
+        return _passed(f"{len(CENTRAL_TABLES)} central tables have their columns")
 
     async def _schema_version_current(self, _: TenantApplication) -> CheckResult:
-        name = "schema_version_current"
-        try:
-            version = await self._store.schema_version()
-        except Exception as exc:
-            return _failed(name, f"cannot read the schema version: {exc}", FailureKind.UNAVAILABLE)
+        version = await self._store.schema_version()
         if version != SCHEMA_VERSION:
             return _failed(
-                name,
                 f"store schema is at version {version}, the server expects {SCHEMA_VERSION}",
                 FailureKind.UNAVAILABLE,
             )
-        return _passed(name, f"store schema is at version {version}")
+        return _passed(f"store schema is at version {version}")
 
     async def _dataset_create_permission(self, _: TenantApplication) -> CheckResult:
-        name = "dataset_create_permission"
-        try:
-            await self._store.probe_dataset_creation()
-        except Exception as exc:
-            return _failed(name, f"cannot create a dataset: {exc}", FailureKind.UNAVAILABLE)
-        return _passed(name, "a scratch dataset was created and dropped")
+        await self._store.probe_dataset_creation()
+        return _passed("a scratch dataset was created and dropped")
 
     async def _templates_loadable(self, _: TenantApplication) -> CheckResult:
-        name = "templates_loadable"
         try:
             templates = load_templates(self._config_dir)
         except TemplateError as exc:
-            return _failed(name, str(exc), FailureKind.UNAVAILABLE)
-        return _passed(name, f"{len(templates)} pipeline template(s) load")
+            return _failed(str(exc), FailureKind.UNAVAILABLE)
+        return _passed(f"{len(templates)} pipeline template(s) load")
 
     async def _key_hashing_configured(self, _: TenantApplication) -> CheckResult:
-        name = "key_hashing_configured"
         if len(self._pepper) < MIN_PEPPER_BYTES:
             return _failed(
-                name,
                 f"the key pepper must be at least {MIN_PEPPER_BYTES} bytes",
                 FailureKind.UNAVAILABLE,
             )
-        return _passed(name, "API keys are hashed with HMAC-SHA256, salted and peppered")
+        return _passed("API keys are hashed with HMAC-SHA256, salted and peppered")
