@@ -153,3 +153,19 @@ def test_grpc_through_envoy(stack_grpc_via_envoy: grpc.Channel) -> None:
         health_service_pb2.GetHealthRequest()
     )
     assert health.status == "healthy"
+
+
+def test_server_reflection_lists_every_service(channel: grpc.Channel) -> None:
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    request = reflection_pb2.ServerReflectionRequest(list_services="")
+    (reply,) = list(stub.ServerReflectionInfo(iter([request])))
+    names = {s.name for s in reply.list_services_response.service}
+    assert {
+        "convergence.v1.HealthService",
+        "convergence.v1.TenantService",
+        "convergence.v1.PipelineService",
+        "convergence.v1.RunService",
+        "grpc.health.v1.Health",
+    } <= names
