@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import hmac
+from datetime import UTC, datetime
 
 import httpx
 import pytest
 
 from convergence_server.domain import keys
+from convergence_server.domain.auth import KeyRecordCache
+from convergence_server.storage.records import ApiKeyRecord
 from tests.conftest import StackFactory, dump_store, onboard
 
 
@@ -63,3 +66,26 @@ def test_key_comparison_is_constant_time(monkeypatch: pytest.MonkeyPatch) -> Non
     issued = keys.issue_key("acme_corp", b"p" * 32)
     assert not keys.key_matches(b"p" * 32, issued.salt, issued.key_hash, issued.key + "x")
     assert compared and compared[0][1] == issued.key_hash
+
+
+def test_a_cached_key_record_still_needs_the_right_secret(http: httpx.Client) -> None:
+    _, key = onboard(http)
+    assert http.get("/health", headers={"X-API-Key": key}).status_code == 200
+    wrong_secret = key[: -keys.SECRET_LENGTH] + "x" * keys.SECRET_LENGTH
+    assert http.get("/health", headers={"X-API-Key": wrong_secret}).status_code == 401
+    assert http.get("/health", headers={"X-API-Key": key}).status_code == 200
+
+
+def test_key_record_cache_expires_and_stays_bounded() -> None:
+    now = [0.0]
+    cache = KeyRecordCache(ttl=30, size=2, clock=lambda: now[0])
+    records = [ApiKeyRecord(f"id{i}", "acme_corp", b"s", b"h", datetime.now(UTC)) for i in range(3)]
+    for record in records:
+        cache.put(record)
+    assert cache.get("id0") is None  # evicted: the cache holds two
+    assert cache.get("id2") is records[2]
+    now[0] = 30.0
+    assert cache.get("id2") is None  # expired
+    disabled = KeyRecordCache(ttl=0)
+    disabled.put(records[0])
+    assert disabled.get("id0") is None

@@ -30,7 +30,7 @@ from convergence_server.api.pipelines import PipelineServicer
 from convergence_server.api.runs import RunServicer
 from convergence_server.api.tenants import TenantServicer
 from convergence_server.config import Config
-from convergence_server.domain.auth import Authenticator
+from convergence_server.domain.auth import Authenticator, KeyRecordCache
 from convergence_server.domain.onboarding import Onboarding
 from convergence_server.domain.plans import load_plans
 from convergence_server.engine.templates import load_templates
@@ -77,7 +77,9 @@ def create_server(config: Config) -> ConvergenceServer:
     plans = load_plans(config.plans_path)
     load_templates(config.config_dir)
     store = open_store(config.store, config.database_path)
-    authenticator = Authenticator(store, config.key_pepper)
+    authenticator = Authenticator(
+        store, config.key_pepper, KeyRecordCache(config.key_cache_seconds)
+    )
     server = grpc.aio.server(
         interceptors=[
             ErrorInterceptor(),

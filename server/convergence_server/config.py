@@ -26,6 +26,7 @@ class Config:
     config_dir: Path = REPO_ROOT / "configs"
     key_pepper: bytes = field(default=b"", repr=False)
     max_request_bytes: int = 1 << 20
+    key_cache_seconds: int = 30
     log_level: str = "INFO"
 
     @property
@@ -54,6 +55,9 @@ class Config:
             key_pepper=pepper.encode() if pepper else _local_pepper(data_dir),
             max_request_bytes=_int(
                 env, "CONVERGENCE_MAX_REQUEST_BYTES", defaults.max_request_bytes
+            ),
+            key_cache_seconds=_int(
+                env, "CONVERGENCE_KEY_CACHE_SECONDS", defaults.key_cache_seconds
             ),
             log_level=env.get("CONVERGENCE_LOG_LEVEL", defaults.log_level).upper(),
         )

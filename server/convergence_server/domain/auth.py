@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import time
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from convergence_server.domain.keys import key_matches, parse_key
 from convergence_server.errors import PermissionDenied, Unauthenticated
 from convergence_server.storage import Store
+from convergence_server.storage.records import ApiKeyRecord
 
 INVALID_KEY_MESSAGE = "Invalid or missing API key"
 _MAX_ECHO = 64
@@ -18,17 +22,55 @@ class Caller:
     key_id: str
 
 
+class KeyRecordCache:
+    """Recently read key records, so that a busy key costs one store read per `ttl` seconds.
+
+    Only records are cached, never a verdict: every request still hashes the presented key
+    and compares it with the record's hash. The price is that a key revoked on another
+    replica keeps working for up to `ttl` seconds. Unknown key ids are not cached, so
+    random keys cannot grow it; it holds at most `size` records.
+    """
+
+    def __init__(
+        self, ttl: float, size: int = 10_000, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._ttl = ttl
+        self._size = size
+        self._clock = clock
+        self._records: OrderedDict[str, tuple[float, ApiKeyRecord]] = OrderedDict()
+
+    def get(self, key_id: str) -> ApiKeyRecord | None:
+        entry = self._records.get(key_id)
+        if entry is None or entry[0] <= self._clock():
+            return None
+        self._records.move_to_end(key_id)
+        return entry[1]
+
+    def put(self, record: ApiKeyRecord) -> None:
+        if self._ttl <= 0:
+            return
+        self._records[record.key_id] = (self._clock() + self._ttl, record)
+        self._records.move_to_end(record.key_id)
+        while len(self._records) > self._size:
+            self._records.popitem(last=False)
+
+
 class Authenticator:
-    def __init__(self, store: Store, pepper: bytes) -> None:
+    def __init__(self, store: Store, pepper: bytes, cache: KeyRecordCache) -> None:
         self._store = store
         self._pepper = pepper
+        self._cache = cache
 
     async def authenticate(self, api_key: str) -> Caller:
         parsed = parse_key(api_key)
         if parsed is None:
             raise Unauthenticated(INVALID_KEY_MESSAGE)
         tenant_id, key_id = parsed
-        record = await self._store.get_api_key(key_id)
+        record = self._cache.get(key_id)
+        if record is None:
+            record = await self._store.get_api_key(key_id)
+            if record is not None:
+                self._cache.put(record)
         # The hash is compared even when the prefix names another tenant, so that a
         # mismatch costs the same time as a wrong secret.
         if (
