@@ -17,6 +17,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# Request values quoted back in messages are cut to this length, so that a huge input
+# cannot inflate a response (or the trailers that carry an error).
+MAX_ECHO = 64
+
+
+def echo(value: str) -> str:
+    """`value` as it may be quoted back to a caller."""
+    return value if len(value) <= MAX_ECHO else value[:MAX_ECHO] + "..."
+
 
 class ConvergenceError(Exception):
     """Base of every error the service raises on purpose."""

@@ -8,12 +8,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from convergence_server.domain.keys import key_matches, parse_key
-from convergence_server.errors import PermissionDenied, Unauthenticated
+from convergence_server.errors import PermissionDenied, Unauthenticated, echo
 from convergence_server.storage import Store
 from convergence_server.storage.records import ApiKeyRecord
 
 INVALID_KEY_MESSAGE = "Invalid or missing API key"
-_MAX_ECHO = 64
 
 
 @dataclass(frozen=True)
@@ -86,7 +85,7 @@ class Authenticator:
 def authorize_tenant(caller: Caller, tenant_id: str) -> None:
     """Refuses a caller acting on a tenant other than its own."""
     if caller.tenant_id != tenant_id:
-        requested = tenant_id if len(tenant_id) <= _MAX_ECHO else tenant_id[:_MAX_ECHO] + "..."
         raise PermissionDenied(
-            f"Tenant ID mismatch: authenticated as '{caller.tenant_id}' but requested '{requested}'"
+            f"Tenant ID mismatch: authenticated as '{caller.tenant_id}' "
+            f"but requested '{echo(tenant_id)}'"
         )
