@@ -1,7 +1,8 @@
 """Bad input gets a clear 4xx with the documented body and leaves the store unchanged.
 
-The module runs its own stack: it records every stored row, sends each bad request, then
-stops the stack and compares (the last test). pytest runs a module's tests in file order.
+The module runs its own stack whose stored rows are recorded first. Each test checks the
+answers to one kind of bad input; the last one sends every kind again, stops the stack
+and compares the store with the record, so it holds on its own as well.
 """
 
 from __future__ import annotations
@@ -36,6 +37,17 @@ BAD_TENANT_IDS = [
     "acme_corp\n",
 ]
 ONBOARDING_PATHS = ["/api/v1/tenants/dryrun", "/api/v1/tenants/onboard"]
+RESERVED = ["tenants", "information_schema", "SELECT", "table", "_hidden"]
+MALFORMED_JSON = [b'{"tenant_id": "acme_corp",', b"not json", b'{"tenant_id": {"a": 1}}', b"[1]"]
+BAD_FIELDS = [
+    ("company_name", ""),
+    ("company_name", "Acme\u0000Corp"),
+    ("company_name", "x" * 201),
+    ("admin_email", "admin"),
+    ("admin_email", "admin@@acme.com"),
+    ("subscription_plan", "GOLD"),
+    ("subscription_plan", "professional"),
+]
 
 
 class State:
@@ -81,7 +93,7 @@ def test_bad_tenant_id(state: State, path: str, tenant_id: str) -> None:
     assert {k: body[k] for k in ("error", "message", "details")} == PATTERN_BODY
 
 
-@pytest.mark.parametrize("tenant_id", ["tenants", "information_schema", "SELECT", "_hidden"])
+@pytest.mark.parametrize("tenant_id", RESERVED)
 def test_reserved_tenant_id(state: State, tenant_id: str) -> None:
     response = state.http.post(
         "/api/v1/tenants/onboard", json={"tenant_id": tenant_id, **GUIDE_TENANT}
@@ -92,18 +104,7 @@ def test_reserved_tenant_id(state: State, tenant_id: str) -> None:
     assert body["details"]["field"] == "tenant_id"
 
 
-@pytest.mark.parametrize(
-    ("field", "value"),
-    [
-        ("company_name", ""),
-        ("company_name", "Acme\u0000Corp"),
-        ("company_name", "x" * 201),
-        ("admin_email", "admin"),
-        ("admin_email", "admin@@acme.com"),
-        ("subscription_plan", "GOLD"),
-        ("subscription_plan", "professional"),
-    ],
-)
+@pytest.mark.parametrize(("field", "value"), BAD_FIELDS)
 def test_bad_fields(state: State, field: str, value: str) -> None:
     payload = {"tenant_id": "valid_but_refused", **GUIDE_TENANT, field: value}
     response = state.http.post("/api/v1/tenants/onboard", json=payload)
@@ -114,10 +115,7 @@ def test_bad_fields(state: State, field: str, value: str) -> None:
     assert body["details"]["issue"]
 
 
-@pytest.mark.parametrize(
-    "raw",
-    [b'{"tenant_id": "acme_corp",', b"not json", b'{"tenant_id": {"nested": 1}}', b"[1, 2]"],
-)
+@pytest.mark.parametrize("raw", MALFORMED_JSON)
 def test_malformed_json(state: State, raw: bytes) -> None:
     response = state.http.post(
         "/api/v1/tenants/onboard", content=raw, headers={"content-type": "application/json"}
@@ -169,7 +167,30 @@ def test_bad_user_id_header(state: State) -> None:
     assert response.json()["details"]["field"] == "X-User-ID"
 
 
+def every_bad_request(state: State) -> Iterator[httpx.Response]:
+    http = state.http
+    for path in ONBOARDING_PATHS:
+        for tenant_id in [*BAD_TENANT_IDS, *RESERVED, state.tenant_id.upper()]:
+            yield http.post(path, json={"tenant_id": tenant_id, **GUIDE_TENANT})
+        for field, value in BAD_FIELDS:
+            yield http.post(path, json={"tenant_id": "new_tenant", **GUIDE_TENANT, field: value})
+        for raw in MALFORMED_JSON:
+            yield http.post(path, content=raw, headers={"content-type": "application/json"})
+        yield http.post(path, json={"tenant_id": "x" * (2 << 20)})
+        yield http.post(f"{path}?dry=1", json={"tenant_id": "new_tenant", **GUIDE_TENANT})
+        yield http.delete(path)
+    yield http.post("/api/v1/tenants/onboard", json={"tenant_id": state.tenant_id, **GUIDE_TENANT})
+    yield http.post(
+        f"/api/v1/pipelines/run/{state.tenant_id}/gcp/cost/cost_billing",
+        headers={"X-API-Key": state.key},
+        json={"tenant_id": "someone_else"},
+    )
+
+
 def test_store_is_unchanged(state: State) -> None:
+    for response in every_bad_request(state):
+        assert 400 <= response.status_code < 500, (response.request.url, response.text)
+        assert response.json()["error"]
     state.stack.stop()
     assert dump_store(state.stack) == state.before
     assert schemas(state.stack) == state.schemas

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import duckdb
@@ -36,6 +37,7 @@ BAD_TENANT_BODY = {
     "message": "Invalid tenant_id format",
     "details": {"field": "tenant_id", "issue": "must match pattern ^[a-zA-Z0-9_]{3,50}$"},
 }
+REPORT_FIELDS = {"status", "ready_for_onboarding", "validation_summary", "validation_results"}
 UNAUTHENTICATED_BODY = {"error": "Authentication failed", "message": "Invalid or missing API key"}
 
 
@@ -51,8 +53,12 @@ def test_bad_tenant_id_is_400_with_field_and_issue(http: httpx.Client, path: str
     assert response.status_code == 400
     assert response.headers["content-type"] == "application/json"
     body = response.json()
+    # The documented error, and beside it the dry-run report the guide says to review.
     assert error_fields(body) == BAD_TENANT_BODY
+    assert body.keys() == {*BAD_TENANT_BODY, *REPORT_FIELDS}
+    assert body["status"] == "FAILED"
     assert body["ready_for_onboarding"] is False
+    assert body["validation_summary"] == {"total_checks": 15, "passed": 14, "failed": 1}
     failed = [r["check_name"] for r in body["validation_results"] if r["status"] == "FAILED"]
     assert failed == ["tenant_id_format"]
     for leaked in ("grpc-status", "grpc-message", "x-error-body", "x-http-status"):
@@ -152,7 +158,50 @@ def test_unimplemented_rpcs_say_so_honestly(http: httpx.Client) -> None:
     ]
     for response in calls:
         assert response.status_code == 501, response.request.url
-        assert response.json()["error"] == "Not implemented"
+        assert response.json() == {
+            "error": "Not implemented",
+            "message": response.json()["message"],
+        }
+        assert "not available in this version" in response.json()["message"]
+
+
+def test_unimplemented_rpcs_over_grpc(http: httpx.Client, channel: grpc.Channel) -> None:
+    tenant_id, key = onboard(http)
+    auth = [("x-api-key", key)]
+    runs = run_service_pb2_grpc.RunServiceStub(channel)
+    pipelines = pipeline_service_pb2_grpc.PipelineServiceStub(channel)
+    calls = [
+        lambda: runs.GetRun(run_service_pb2.GetRunRequest(pipeline_logging_id="x"), metadata=auth),
+        lambda: runs.ListRuns(run_service_pb2.ListRunsRequest(), metadata=auth),
+        lambda: pipelines.RunPipeline(
+            pipeline_service_pb2.RunPipelineRequest(
+                tenant_id=tenant_id, provider="gcp", domain="cost", template="cost_billing"
+            ),
+            metadata=auth,
+        ),
+        lambda: pipelines.TriggerScheduledPipelines(
+            pipeline_service_pb2.TriggerScheduledPipelinesRequest(), metadata=auth
+        ),
+    ]
+    for call in calls:
+        with pytest.raises(grpc.RpcError) as raised:
+            call()
+        assert raised.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_huge_tenant_id_still_gets_the_documented_400(
+    http: httpx.Client, channel: grpc.Channel
+) -> None:
+    huge = "x" * 100_000
+    response = http.post("/api/v1/tenants/onboard", json={"tenant_id": huge, **GUIDE_TENANT})
+    assert response.status_code == 400
+    assert error_fields(response.json()) == BAD_TENANT_BODY
+    assert len(response.content) < 8_000
+    with pytest.raises(grpc.RpcError) as raised:
+        tenant_service_pb2_grpc.TenantServiceStub(channel).OnboardTenant(
+            tenant_service_pb2.OnboardTenantRequest(tenant_id="y" * 3_000, **GUIDE_TENANT)
+        )
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
 def test_repeat_onboarding_is_409(http: httpx.Client) -> None:
@@ -205,8 +254,11 @@ def test_internal_error_is_500_with_a_logged_request_id(stack_factory: StackFact
 
     assert response.status_code == 500
     body = response.json()
-    assert body.keys() == {"error", "message", "request_id"}
-    assert body["error"] == "Internal server error"
+    assert body == {
+        "error": "Internal server error",
+        "message": "An unexpected error occurred",
+        "request_id": body["request_id"],
+    }
     assert body["message"] == "An unexpected error occurred"
     assert response.headers["x-request-id"] == body["request_id"]
     stack.stop()
@@ -217,7 +269,9 @@ def test_internal_error_is_500_with_a_logged_request_id(stack_factory: StackFact
     )
     # The dry-run reports the damage instead of failing with a 500.
     assert dry_run.status_code == 503
-    assert "tenant_api_keys is missing" in dry_run.json()["message"]
+    assert dry_run.json()["error"] == "Service unavailable"
+    assert dry_run.json()["message"] == "tenant_api_keys is missing"
+    assert dry_run.json()["request_id"]
 
 
 def test_grpc_health_service_is_registered(channel: grpc.Channel) -> None:
@@ -229,3 +283,27 @@ def test_grpc_health_service_is_registered(channel: grpc.Channel) -> None:
         health_service_pb2.GetHealthRequest()
     )
     assert custom.status == "healthy"
+
+
+def test_onboarding_abandoned_by_its_caller_leaves_nothing(
+    http: httpx.Client, channel: grpc.Channel
+) -> None:
+    """A caller that gives up never received the key: no tenant may remain."""
+    tenants = tenant_service_pb2_grpc.TenantServiceStub(channel)
+    abandoned = 0
+    for attempt in range(12):
+        tenant_id = new_tenant_id()
+        request = tenant_service_pb2.OnboardTenantRequest(tenant_id=tenant_id, **GUIDE_TENANT)
+        try:
+            tenants.OnboardTenant(request, timeout=0.002 * (attempt + 1))
+        except grpc.RpcError as error:
+            assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            abandoned += 1
+            payload = {"tenant_id": tenant_id, **GUIDE_TENANT}
+            for _ in range(100):  # the server finishes undoing shortly after the deadline
+                if http.post("/api/v1/tenants/dryrun", json=payload).status_code == 200:
+                    break
+                time.sleep(0.05)
+            else:
+                pytest.fail(f"abandoned onboarding of {tenant_id} left the tenant behind")
+    assert abandoned, "no attempt hit its deadline: shorten the timeouts"

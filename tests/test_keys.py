@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 from datetime import UTC, datetime
+from pathlib import Path
 
 import httpx
 import pytest
 
 from convergence_server.domain import keys
-from convergence_server.domain.auth import KeyRecordCache
-from convergence_server.storage.records import ApiKeyRecord
+from convergence_server.domain.auth import Authenticator, KeyRecordCache
+from convergence_server.errors import Unauthenticated
+from convergence_server.storage.duckdb_store import DuckDBStore
+from convergence_server.storage.records import ApiKeyRecord, TenantRecord
 from tests.conftest import StackFactory, dump_store, onboard
 
 
@@ -54,18 +58,34 @@ def test_malformed_keys_are_refused_before_any_lookup(candidate: str) -> None:
     assert keys.parse_key(candidate) is None
 
 
-def test_key_comparison_is_constant_time(monkeypatch: pytest.MonkeyPatch) -> None:
-    compared: list[tuple[bytes, bytes]] = []
+def test_key_comparison_is_constant_time(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The authenticator compares the stored hash with hmac.compare_digest, never `==`."""
+    compared: list[bytes] = []
     real = hmac.compare_digest
 
     def recording(a: bytes, b: bytes) -> bool:
-        compared.append((a, b))
+        compared.append(b)
         return real(a, b)
 
-    monkeypatch.setattr(hmac, "compare_digest", recording)
-    issued = keys.issue_key("acme_corp", b"p" * 32)
-    assert not keys.key_matches(b"p" * 32, issued.salt, issued.key_hash, issued.key + "x")
-    assert compared and compared[0][1] == issued.key_hash
+    pepper = b"p" * 32
+    issued = keys.issue_key("acme_corp", pepper)
+    now = datetime.now(UTC)
+
+    async def scenario() -> None:
+        store = DuckDBStore.open(tmp_path / "store.duckdb")
+        await store.create_tenant(
+            TenantRecord("acme_corp", "Acme", "admin@acme.com", "STARTER", now),
+            ApiKeyRecord(issued.key_id, "acme_corp", issued.salt, issued.key_hash, now),
+        )
+        authenticator = Authenticator(store, pepper, KeyRecordCache(ttl=0))
+        monkeypatch.setattr(hmac, "compare_digest", recording)
+        assert (await authenticator.authenticate(issued.key)).tenant_id == "acme_corp"
+        with pytest.raises(Unauthenticated):
+            await authenticator.authenticate(issued.key[:-1] + "0")
+        await store.close()
+
+    asyncio.run(scenario())
+    assert compared == [issued.key_hash, issued.key_hash]
 
 
 def test_a_cached_key_record_still_needs_the_right_secret(http: httpx.Client) -> None:

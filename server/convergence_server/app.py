@@ -31,7 +31,7 @@ from convergence_server.api.runs import RunServicer
 from convergence_server.api.tenants import TenantServicer
 from convergence_server.config import Config
 from convergence_server.domain.auth import Authenticator, KeyRecordCache
-from convergence_server.domain.onboarding import Onboarding
+from convergence_server.domain.onboarding import MIN_PEPPER_BYTES, Onboarding
 from convergence_server.domain.plans import load_plans
 from convergence_server.engine.templates import load_templates
 from convergence_server.storage import Store, open_store
@@ -74,6 +74,8 @@ class ConvergenceServer:
 
 def create_server(config: Config) -> ConvergenceServer:
     """Builds the server: validates configuration, opens the store, binds the port."""
+    if len(config.key_pepper) < MIN_PEPPER_BYTES:
+        raise SystemExit(f"CONVERGENCE_KEY_PEPPER must be at least {MIN_PEPPER_BYTES} bytes")
     plans = load_plans(config.plans_path)
     load_templates(config.config_dir)
     store = open_store(config.store, config.database_path)

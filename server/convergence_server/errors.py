@@ -7,6 +7,7 @@
     ├── NotFound                        404 NOT_FOUND          "Not found"
     ├── AlreadyExists                   409 ALREADY_EXISTS     "Conflict"
     ├── Unavailable                     503 UNAVAILABLE        "Service unavailable"
+    ├── DeadlineExceeded                504 DEADLINE_EXCEEDED  "Deadline exceeded"
     ├── NotImplementedYet               501 UNIMPLEMENTED      "Not implemented"
     └── domain.onboarding.OnboardingRefused   400 / 409 / 503, carries the dry-run report
 
@@ -73,6 +74,10 @@ class AlreadyExists(ConvergenceError):
 
 class Unavailable(ConvergenceError):
     reason = "UNAVAILABLE"
+
+
+class DeadlineExceeded(ConvergenceError):
+    reason = "DEADLINE_EXCEEDED"
 
 
 class NotImplementedYet(ConvergenceError):

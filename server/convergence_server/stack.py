@@ -102,7 +102,6 @@ def _read_ready_line(process: subprocess.Popen[bytes], log: Path | None) -> int:
                 return int(json.loads(line)["grpc_port"])
         if process.poll() is not None:
             break
-    _terminate(process, 5)
     raise StackError(f"the gRPC server did not start\n{_tail(log)}")
 
 
@@ -144,51 +143,47 @@ def start_stack(env: dict[str, str], log_dir: Path | None = None) -> Stack:
     Port 0 picks a free port. With `log_dir`, each process logs to a file there
     (server.log, envoy.log); without, both log to this process's stderr.
     """
+    env = {"GRPC_VERBOSITY": "ERROR", **os.environ, **env}
     config = Config.from_env(env)
     run_dir = config.data_dir / "run"
     run_dir.mkdir(parents=True, exist_ok=True)
-    logs: list[IO[bytes]] = []
+    log_files: list[IO[bytes]] = []
     server_log = envoy_log = None
     if log_dir is not None:
         log_dir.mkdir(parents=True, exist_ok=True)
         server_log, envoy_log = log_dir / "server.log", log_dir / "envoy.log"
-    server_err = open(server_log, "ab") if server_log else None  # noqa: SIM115
-    envoy_err = open(envoy_log, "ab") if envoy_log else None  # noqa: SIM115
-    logs += [f for f in (server_err, envoy_err) if f is not None]
+        log_files = [open(server_log, "ab"), open(envoy_log, "ab")]  # noqa: SIM115
+    server_err, envoy_err = log_files or (None, None)
 
-    server = subprocess.Popen(
-        [sys.executable, "-m", "convergence_server", "serve"],
-        env={**os.environ, **env},
-        stdout=subprocess.PIPE,
-        stderr=server_err,
-        stdin=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    grpc_port = _read_ready_line(server, server_log)
-
-    config_path = run_dir / "envoy.yaml"
-    config_path.write_text(render_config(config, grpc_port))
-    admin_path = run_dir / "envoy-admin-address"
-    admin_path.unlink(missing_ok=True)
-    envoy = subprocess.Popen(
-        [
-            envoy_binary(),
-            "-c",
-            str(config_path),
-            "--disable-hot-restart",
-            "--concurrency",
-            "2",
-            "--admin-address-path",
-            str(admin_path),
-            "--log-level",
-            "warn",
-        ],
-        stdout=envoy_err or subprocess.DEVNULL,
-        stderr=envoy_err,
-        stdin=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    processes: list[subprocess.Popen[bytes]] = []
     try:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "convergence_server", "serve"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=server_err,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        processes.append(server)
+        grpc_port = _read_ready_line(server, server_log)
+
+        config_path = run_dir / "envoy.yaml"
+        config_path.write_text(render_config(config, grpc_port))
+        admin_path = run_dir / "envoy-admin-address"
+        admin_path.unlink(missing_ok=True)
+        envoy = subprocess.Popen(
+            [
+                envoy_binary(),
+                *("-c", str(config_path), "--disable-hot-restart", "--concurrency", "2"),
+                *("--admin-address-path", str(admin_path), "--log-level", "warn"),
+            ],
+            stdout=envoy_err or subprocess.DEVNULL,
+            stderr=envoy_err,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        processes.append(envoy)
         admin = _wait_for_file(admin_path, envoy, envoy_log)
         stack = Stack(
             grpc_port=grpc_port,
@@ -197,12 +192,14 @@ def start_stack(env: dict[str, str], log_dir: Path | None = None) -> Stack:
             server=server,
             envoy=envoy,
             run_dir=run_dir,
-            logs=logs,
+            logs=log_files,
         )
-        _wait_healthy(stack.http_url, [server, envoy])
+        _wait_healthy(stack.http_url, processes)
     except BaseException:
-        for process in (envoy, server):
+        for process in reversed(processes):
             _terminate(process, 5)
+        for log in log_files:
+            log.close()
         raise
     return stack
 

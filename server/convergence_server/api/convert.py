@@ -49,7 +49,6 @@ def dry_run_response(report: DryRunReport) -> tenant_service_pb2.DryRunOnboardin
             total_checks=len(report.results),
             passed=report.count(CheckStatus.PASSED),
             failed=report.count(CheckStatus.FAILED),
-            warnings=report.count(CheckStatus.WARNING),
         ),
         message=report.message,
         validation_results=[

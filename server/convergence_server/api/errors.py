@@ -41,6 +41,7 @@ _MAPPINGS: dict[type[errors.ConvergenceError], _Mapping] = {
     errors.NotFound: _Mapping(grpc.StatusCode.NOT_FOUND, 404, "Not found"),
     errors.AlreadyExists: _Mapping(grpc.StatusCode.ALREADY_EXISTS, 409, "Conflict"),
     errors.Unavailable: _Mapping(grpc.StatusCode.UNAVAILABLE, 503, "Service unavailable"),
+    errors.DeadlineExceeded: _Mapping(grpc.StatusCode.DEADLINE_EXCEEDED, 504, "Deadline exceeded"),
     errors.NotImplementedYet: _Mapping(grpc.StatusCode.UNIMPLEMENTED, 501, "Not implemented"),
 }
 _INTERNAL = _Mapping(grpc.StatusCode.INTERNAL, 500, "Internal server error")
@@ -75,10 +76,12 @@ class Abort:
     trailing_metadata: tuple[tuple[str, str | bytes], ...]
 
 
-def to_abort(error: errors.ConvergenceError | None, request_id: str) -> Abort:
+def to_abort(error: errors.ConvergenceError | None, request_id: str, rest: bool) -> Abort:
     """The status (with details and trailing metadata) to abort the call with.
 
-    `None` stands for an unexpected exception: a generic 500 carrying the request id.
+    `None` stands for an unexpected exception: a generic 500 carrying the request id, which
+    503s carry too. `rest` says the call came through Envoy's transcoder, which alone needs
+    the REST status and body in the trailers (gRPC clients have a metadata size limit).
     """
     mapping = _INTERNAL if error is None else _mapping(error)
     message = INTERNAL_MESSAGE if error is None else error.message
@@ -90,7 +93,7 @@ def to_abort(error: errors.ConvergenceError | None, request_id: str) -> Abort:
             metadata={"request_id": request_id},
         )
     ]
-    if error is None:
+    if mapping.http_status in (500, 503):
         body["request_id"] = request_id
     if isinstance(error, errors.InvalidArgument | OnboardingRefused) and error.violations:
         first = error.violations[0]
@@ -115,9 +118,10 @@ def to_abort(error: errors.ConvergenceError | None, request_id: str) -> Abort:
         details=[_pack(d) for d in details],
     )
     status = rpc_status.to_status(proto)
-    trailing = (
-        *status.trailing_metadata,
-        ("x-http-status", str(mapping.http_status)),
-        ("x-error-body", json.dumps(body, ensure_ascii=True)),
-    )
+    trailing = tuple(status.trailing_metadata)
+    if rest:
+        trailing += (
+            ("x-http-status", str(mapping.http_status)),
+            ("x-error-body", json.dumps(body, ensure_ascii=True)),
+        )
     return Abort(status.code, status.details, trailing)

@@ -29,6 +29,8 @@ class TenantServicer(tenant_service_pb2_grpc.TenantServiceServicer):
     async def OnboardTenant(
         self, request: tenant_service_pb2.OnboardTenantRequest, context: ServicerContext[Any, Any]
     ) -> tenant_service_pb2.OnboardTenantResponse:
-        tenant = await self._onboarding.onboard(convert.application(request))
+        tenant = await self._onboarding.onboard(
+            convert.application(request), context.time_remaining()
+        )
         log.info("tenant onboarded", extra={"fields": {"tenant_id": tenant.tenant_id}})
         return convert.onboard_response(tenant)

@@ -57,6 +57,9 @@ RESERVED_TENANT_IDS = frozenset(
 # A successful dataset-creation probe is trusted this long, so that anonymous dry-runs
 # cannot keep the store busy creating and dropping scratch datasets.
 PROBE_TTL_SECONDS = 60.0
+# The least time left before a caller's deadline for onboarding to commit: what remains
+# must carry the response (and its one-time key) back.
+COMMIT_MARGIN_SECONDS = 0.1
 
 
 class CheckStatus(StrEnum):
@@ -210,7 +213,18 @@ class Onboarding:
             )
         return dataclasses.replace(result, check_name=name)
 
-    async def onboard(self, app: TenantApplication) -> OnboardedTenant:
+    async def onboard(
+        self, app: TenantApplication, time_remaining: float | None = None
+    ) -> OnboardedTenant:
+        """Onboards the tenant; `time_remaining` is the caller's deadline, if it has one.
+
+        The key is shown once, so a tenant must not exist unless its key can still reach
+        the caller: the store commits only while at least `COMMIT_MARGIN_SECONDS` of the
+        deadline remain, and undoes the creation when the caller goes away meanwhile.
+        """
+        commit_by = None
+        if time_remaining is not None:
+            commit_by = self._clock() + time_remaining - COMMIT_MARGIN_SECONDS
         await self.dry_run(app)
         issued = issue_key(app.tenant_id, self._pepper)
         now = datetime.now(UTC)
@@ -223,7 +237,7 @@ class Onboarding:
         )
         key = ApiKeyRecord(issued.key_id, app.tenant_id, issued.salt, issued.key_hash, now)
         try:
-            tables = await self._store.create_tenant(tenant, key)
+            tables = await self._store.create_tenant(tenant, key, commit_by)
         except AlreadyExists:
             raise AlreadyExists(f"Tenant '{echo(app.tenant_id)}' already exists") from None
         return OnboardedTenant(

@@ -7,7 +7,10 @@ on the one database connection. Timestamps are stored as naive UTC.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -17,12 +20,13 @@ from typing import TypeVar
 
 import duckdb
 
-from convergence_server.errors import AlreadyExists, Unavailable
+from convergence_server.errors import AlreadyExists, DeadlineExceeded, Unavailable
 from convergence_server.storage import schema
 from convergence_server.storage.identifiers import quote_identifier
 from convergence_server.storage.records import ApiKeyRecord, TenantRecord
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 _TYPES = {
     "STRING": "VARCHAR",
@@ -93,6 +97,10 @@ def comprehensive_view_sql(tenant_id: str) -> str:
     """
 
 
+class _Abandoned(Exception):
+    """The caller of a transaction went away before it committed."""
+
+
 class DuckDBStore:
     kind = "embedded"
 
@@ -123,14 +131,18 @@ class DuckDBStore:
             self._local.cursor = cursor
         return cursor
 
-    async def _call(self, fn: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
+    def _submit(self, fn: Callable[[duckdb.DuckDBPyConnection], T]) -> asyncio.Future[T]:
         def run() -> T:
-            return fn(self._cursor())
+            try:
+                return fn(self._cursor())
+            except duckdb.ConnectionException as exc:
+                log.error("embedded store unavailable: %s", exc)
+                raise Unavailable("the embedded store is unavailable") from exc
 
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, run)
-        except duckdb.ConnectionException as exc:
-            raise Unavailable(f"embedded store unavailable: {exc}") from exc
+        return asyncio.get_running_loop().run_in_executor(self._executor, run)
+
+    async def _call(self, fn: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
+        return await self._submit(fn)
 
     def _migrate(self) -> None:
         cur = self._connection.cursor()
@@ -230,9 +242,14 @@ class DuckDBStore:
 
         return await self._call(query)
 
-    async def create_tenant(self, tenant: TenantRecord, key: ApiKeyRecord) -> tuple[str, ...]:
+    async def create_tenant(
+        self, tenant: TenantRecord, key: ApiKeyRecord, commit_by: float | None = None
+    ) -> tuple[str, ...]:
         dataset = quote_identifier(tenant.tenant_id)
         now = _utc_naive(tenant.created_at)
+        # Set when the caller stops waiting (deadline, disconnect, shutdown): the worker
+        # thread then rolls back instead of committing a tenant whose key nobody received.
+        abandoned = threading.Event()
 
         def create(cur: duckdb.DuckDBPyConnection) -> tuple[str, ...]:
             with self._ddl_lock:
@@ -269,6 +286,10 @@ class DuckDBStore:
                         ],
                     )
                     cur.execute(comprehensive_view_sql(tenant.tenant_id))
+                    if abandoned.is_set():
+                        raise _Abandoned
+                    if commit_by is not None and time.monotonic() > commit_by:
+                        raise DeadlineExceeded("The deadline passed before onboarding finished")
                     cur.commit()
                 except (duckdb.ConstraintException, duckdb.CatalogException) as exc:
                     cur.rollback()
@@ -282,7 +303,25 @@ class DuckDBStore:
                     raise
             return schema.TENANT_DATASET_OBJECTS
 
-        return await self._call(create)
+        future = self._submit(create)
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            abandoned.set()
+            with contextlib.suppress(_Abandoned, AlreadyExists, DeadlineExceeded):
+                await future
+                # It committed before it could see the flag: undo it.
+                await self._call(lambda cur: self._delete_tenant(cur, tenant.tenant_id))
+                log.warning("onboarding of %s abandoned after commit: undone", tenant.tenant_id)
+            raise
+
+    def _delete_tenant(self, cur: duckdb.DuckDBPyConnection, tenant_id: str) -> None:
+        with self._ddl_lock:
+            cur.begin()
+            cur.execute(f"DELETE FROM {CENTRAL}.tenant_api_keys WHERE tenant_id = ?", [tenant_id])
+            cur.execute(f"DELETE FROM {CENTRAL}.tenant_profiles WHERE tenant_id = ?", [tenant_id])
+            cur.execute(f"DROP SCHEMA IF EXISTS {quote_identifier(tenant_id)} CASCADE")
+            cur.commit()
 
     async def get_api_key(self, key_id: str) -> ApiKeyRecord | None:
         def query(cur: duckdb.DuckDBPyConnection) -> ApiKeyRecord | None:

@@ -36,11 +36,15 @@ class Store(Protocol):
     async def tenant_ids_equal_ignoring_case(self, tenant_id: str) -> list[str]:
         """Existing tenant ids equal to `tenant_id` when case is ignored."""
 
-    async def create_tenant(self, tenant: TenantRecord, key: ApiKeyRecord) -> tuple[str, ...]:
+    async def create_tenant(
+        self, tenant: TenantRecord, key: ApiKeyRecord, commit_by: float | None = None
+    ) -> tuple[str, ...]:
         """Atomically stores the tenant and its key and creates its dataset.
 
         Returns the names of the objects created in the dataset. Raises `AlreadyExists`
-        when the tenant or its dataset exists; on any failure nothing is left behind.
+        when the tenant or its dataset exists, and `DeadlineExceeded` when the commit would
+        come after `commit_by` (a `time.monotonic()` value). On any failure, and when the
+        awaiting task is cancelled, nothing is left behind.
         """
 
     async def get_api_key(self, key_id: str) -> ApiKeyRecord | None: ...
