@@ -31,9 +31,11 @@ from convergence_server.api.runs import RunServicer
 from convergence_server.api.tenants import TenantServicer
 from convergence_server.config import Config
 from convergence_server.domain.auth import Authenticator, KeyRecordCache
+from convergence_server.domain.executor import Executor, ExecutorSettings
 from convergence_server.domain.onboarding import MIN_PEPPER_BYTES, Onboarding
 from convergence_server.domain.plans import load_plans
-from convergence_server.engine.templates import load_templates
+from convergence_server.domain.runs import RunEvents, Runs
+from convergence_server.engine.templates import load_catalog
 from convergence_server.storage import Store, open_store
 
 log = logging.getLogger(__name__)
@@ -55,17 +57,21 @@ class ConvergenceServer:
 
     server: grpc.aio.Server
     store: Store
+    executor: Executor
     health: GrpcHealthServicer
     port: int
 
     async def start(self) -> None:
+        await self.executor.start()
         await self.server.start()
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         log.info("serving", extra={"fields": {"grpc_port": self.port}})
 
     async def stop(self, grace: float = 5.0) -> None:
+        """Stops taking calls, hands unfinished runs back to PENDING, closes the store."""
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
+        await self.executor.stop()
         await self.store.close()
 
     async def wait(self) -> None:
@@ -77,8 +83,22 @@ def create_server(config: Config) -> ConvergenceServer:
     if len(config.key_pepper) < MIN_PEPPER_BYTES:
         raise SystemExit(f"CONVERGENCE_KEY_PEPPER must be at least {MIN_PEPPER_BYTES} bytes")
     plans = load_plans(config.plans_path)
-    load_templates(config.config_dir)
+    catalog = load_catalog(config.config_dir)
     store = open_store(config.store, config.database_path)
+    events = RunEvents()
+    executor = Executor(
+        store,
+        catalog,
+        events,
+        ExecutorSettings(
+            workers=config.workers,
+            heartbeat_seconds=config.heartbeat_seconds,
+            lease_seconds=config.lease_seconds,
+            sample_data=config.sample_data_dir,
+            source_roots=(config.sample_data_dir, *config.source_roots),
+        ),
+    )
+    runs = Runs(store, catalog, events, executor.wake)
     authenticator = Authenticator(
         store, config.key_pepper, KeyRecordCache(config.key_cache_seconds)
     )
@@ -96,8 +116,10 @@ def create_server(config: Config) -> ConvergenceServer:
     onboarding = Onboarding(store, plans, config.config_dir, config.key_pepper)
     health_service_pb2_grpc.add_HealthServiceServicer_to_server(HealthServicer(store.kind), server)
     tenant_service_pb2_grpc.add_TenantServiceServicer_to_server(TenantServicer(onboarding), server)
-    pipeline_service_pb2_grpc.add_PipelineServiceServicer_to_server(PipelineServicer(), server)
-    run_service_pb2_grpc.add_RunServiceServicer_to_server(RunServicer(), server)
+    pipeline_service_pb2_grpc.add_PipelineServiceServicer_to_server(
+        PipelineServicer(runs, catalog), server
+    )
+    run_service_pb2_grpc.add_RunServiceServicer_to_server(RunServicer(runs), server)
     health = GrpcHealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
@@ -111,4 +133,4 @@ def create_server(config: Config) -> ConvergenceServer:
     port = server.add_insecure_port(f"{config.grpc_host}:{config.grpc_port}")
     if port == 0:
         raise SystemExit(f"cannot bind the gRPC port {config.grpc_host}:{config.grpc_port}")
-    return ConvergenceServer(server, store, health, port)
+    return ConvergenceServer(server, store, executor, health, port)

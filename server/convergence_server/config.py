@@ -27,6 +27,12 @@ class Config:
     key_pepper: bytes = field(default=b"", repr=False)
     max_request_bytes: int = 1 << 20
     key_cache_seconds: int = 30
+    workers: int = 4
+    sample_data_dir: Path = REPO_ROOT / "configs" / "sample_data"
+    source_roots: tuple[Path, ...] = ()
+    project: str = "your-project"
+    heartbeat_seconds: float = 5.0
+    lease_seconds: float = 30.0
     log_level: str = "INFO"
 
     @property
@@ -59,6 +65,16 @@ class Config:
             key_cache_seconds=_int(
                 env, "CONVERGENCE_KEY_CACHE_SECONDS", defaults.key_cache_seconds
             ),
+            workers=_int(env, "CONVERGENCE_WORKERS", defaults.workers),
+            sample_data_dir=Path(
+                env.get("CONVERGENCE_SAMPLE_DATA_DIR", str(defaults.sample_data_dir))
+            ),
+            source_roots=tuple(
+                Path(p) for p in env.get("CONVERGENCE_SOURCE_ROOTS", "").split(os.pathsep) if p
+            ),
+            project=env.get("CONVERGENCE_PROJECT", defaults.project),
+            heartbeat_seconds=_int(env, "CONVERGENCE_RUN_HEARTBEAT_SECONDS", 5),
+            lease_seconds=_int(env, "CONVERGENCE_RUN_LEASE_SECONDS", 30),
             log_level=env.get("CONVERGENCE_LOG_LEVEL", defaults.log_level).upper(),
         )
 

@@ -6,6 +6,7 @@
     ├── PermissionDenied                403 PERMISSION_DENIED  "Authorization failed"
     ├── NotFound                        404 NOT_FOUND          "Not found"
     ├── AlreadyExists                   409 ALREADY_EXISTS     "Conflict"
+    ├── FailedPrecondition              409 FAILED_PRECONDITION "Conflict"
     ├── Unavailable                     503 UNAVAILABLE        "Service unavailable"
     ├── DeadlineExceeded                504 DEADLINE_EXCEEDED  "Deadline exceeded"
     ├── NotImplementedYet               501 UNIMPLEMENTED      "Not implemented"
@@ -70,6 +71,10 @@ class NotFound(ConvergenceError):
 
 class AlreadyExists(ConvergenceError):
     reason = "ALREADY_EXISTS"
+
+
+class FailedPrecondition(ConvergenceError):
+    reason = "FAILED_PRECONDITION"
 
 
 class Unavailable(ConvergenceError):

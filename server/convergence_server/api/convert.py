@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Any
+from datetime import datetime
+from typing import Any, cast
 
-from google.protobuf import json_format
+from google.protobuf import json_format, timestamp_pb2
 from google.protobuf.message import Message
 
-from convergence.v1 import tenant_pb2, tenant_service_pb2
+from convergence.v1 import pipeline_pb2, run_pb2, tenant_pb2, tenant_service_pb2
 from convergence_server.domain.onboarding import (
     CheckStatus,
     DryRunReport,
     OnboardedTenant,
     TenantApplication,
 )
+from convergence_server.engine.templates import Template
+from convergence_server.storage.records import RunRecord, StepRecord
 
 _CHECK_STATUS = {
     CheckStatus.PASSED: tenant_pb2.ValidationCheck.PASSED,
@@ -71,4 +74,72 @@ def onboard_response(tenant: OnboardedTenant) -> tenant_service_pb2.OnboardTenan
         dataset_created=True,
         tables_created=list(tenant.tables_created),
         message=f"Tenant {tenant.company_name} onboarded successfully.",
+    )
+
+
+def _timestamp(moment: datetime | None) -> timestamp_pb2.Timestamp | None:
+    if moment is None:
+        return None
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(moment)
+    return stamp
+
+
+def _int32(value: int | None) -> int:
+    return max(0, min(value or 0, 2**31 - 1))
+
+
+def run_status(name: str) -> run_pb2.Run.Status:
+    return cast(run_pb2.Run.Status, run_pb2.Run.Status.Value(name))
+
+
+def run(record: RunRecord) -> run_pb2.Run:
+    return run_pb2.Run(
+        pipeline_logging_id=record.pipeline_logging_id,
+        pipeline_id=record.pipeline_id,
+        tenant_id=record.tenant_id,
+        status=run_status(record.status),
+        trigger_type=record.trigger_type,
+        trigger_by=record.trigger_by,
+        user_id=record.user_id,
+        start_time=_timestamp(record.start_time),
+        end_time=_timestamp(record.end_time),
+        duration_ms=_int32(record.duration_ms),
+        error_message=record.error_message,
+        parameters=record.parameters,
+    )
+
+
+def run_step(record: StepRecord) -> run_pb2.RunStep:
+    return run_pb2.RunStep(
+        step_name=record.step_name,
+        step_type=record.step_type,
+        step_index=record.step_index,
+        status=run_status(record.status),
+        rows_processed=_int32(record.rows_processed),
+        step_start_time=_timestamp(record.step_start_time),
+        step_end_time=_timestamp(record.step_end_time),
+        duration_ms=_int32(record.duration_ms),
+        error_message=record.error_message,
+        attempts=record.attempts,
+    )
+
+
+def pipeline_template(template: Template) -> pipeline_pb2.PipelineTemplate:
+    return pipeline_pb2.PipelineTemplate(
+        provider=template.provider,
+        domain=template.domain,
+        template=template.name,
+        description=template.description,
+        schedule=template.schedule,
+        parameters=[
+            pipeline_pb2.TemplateParameter(
+                name=p.name,
+                type=p.type,
+                default="" if p.default is None else str(p.default),
+                description=p.description,
+            )
+            for p in template.parameters.values()
+        ],
+        steps=[s.name for s in template.steps],
     )

@@ -40,6 +40,7 @@ _MAPPINGS: dict[type[errors.ConvergenceError], _Mapping] = {
     ),
     errors.NotFound: _Mapping(grpc.StatusCode.NOT_FOUND, 404, "Not found"),
     errors.AlreadyExists: _Mapping(grpc.StatusCode.ALREADY_EXISTS, 409, "Conflict"),
+    errors.FailedPrecondition: _Mapping(grpc.StatusCode.FAILED_PRECONDITION, 409, "Conflict"),
     errors.Unavailable: _Mapping(grpc.StatusCode.UNAVAILABLE, 503, "Service unavailable"),
     errors.DeadlineExceeded: _Mapping(grpc.StatusCode.DEADLINE_EXCEEDED, 504, "Deadline exceeded"),
     errors.NotImplementedYet: _Mapping(grpc.StatusCode.UNIMPLEMENTED, 501, "Not implemented"),

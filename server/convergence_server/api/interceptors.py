@@ -5,8 +5,9 @@
 3. `AuthInterceptor`: who is calling, from `x-api-key`. What the caller may do is decided by
    the servicers.
 
-Each wraps the method handler's behaviour, so its code runs inside the call's own task and
-the context variables it sets are seen by everything the call runs.
+Each wraps the method handler's behaviour (unary and server-streaming methods; others are
+refused), so its code runs inside the call's own task and the context variables it sets
+are seen by everything the call runs.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import logging
 import re
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, cast
 
 import grpc
@@ -22,12 +23,13 @@ from grpc.aio import ServerInterceptor, ServicerContext
 
 from convergence_server import errors, logs
 from convergence_server.api.context import caller_var
-from convergence_server.api.errors import to_abort
+from convergence_server.api.errors import Abort, to_abort
 from convergence_server.domain.auth import INVALID_KEY_MESSAGE, Authenticator
 
 log = logging.getLogger(__name__)
 
 Behavior = Callable[[Any, "ServicerContext[Any, Any]"], Awaitable[Any]]
+StreamBehavior = Callable[[Any, "ServicerContext[Any, Any]"], AsyncIterator[Any]]
 Continuation = Callable[
     [grpc.HandlerCallDetails], Awaitable["grpc.RpcMethodHandler[Any, Any] | None"]
 ]
@@ -59,35 +61,34 @@ def is_transcoded(context: ServicerContext[Any, Any]) -> bool:
 
 
 async def _refuse(request: Any, context: ServicerContext[Any, Any]) -> Any:
-    await context.abort(grpc.StatusCode.UNIMPLEMENTED, "streaming methods are not served")
+    await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this kind of method is not served")
 
 
-def _refusing(handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
-    """A handler of the same kind that refuses the call.
-
-    The interceptors wrap unary methods only; a streaming method would bypass them (and
-    authentication with them), so until they wrap it, it is refused: fail closed.
-    """
-    kinds = {
-        "unary_stream": grpc.unary_stream_rpc_method_handler,
-        "stream_unary": grpc.stream_unary_rpc_method_handler,
-        "stream_stream": grpc.stream_stream_rpc_method_handler,
-    }
-    kind = next(k for k in kinds if getattr(handler, k) is not None)
-    return kinds[kind](
-        _refuse,
-        request_deserializer=handler.request_deserializer,
-        response_serializer=handler.response_serializer,
-    )
+Call = Callable[[], Awaitable[Any]]
+StreamCall = Callable[[], AsyncIterator[Any]]
 
 
 class _WrappingInterceptor(ServerInterceptor):  # type: ignore[type-arg]
-    """Wraps the unary-unary behaviour of this service's methods with `around`."""
+    """Wraps the behaviour of this service's unary and server-streaming methods.
 
-    async def around(
-        self, behavior: Behavior, request: Any, context: ServicerContext[Any, Any]
-    ) -> Any:
-        raise NotImplementedError
+    Subclasses say what runs before the call (`before`) or around it (`around`,
+    `around_stream`). Client-streaming methods would bypass them, and with them
+    authentication, so they are refused: fail closed.
+    """
+
+    async def before(self, context: ServicerContext[Any, Any]) -> None:
+        pass
+
+    async def around(self, call: Call, context: ServicerContext[Any, Any]) -> Any:
+        await self.before(context)
+        return await call()
+
+    async def around_stream(
+        self, call: StreamCall, context: ServicerContext[Any, Any]
+    ) -> AsyncIterator[Any]:
+        await self.before(context)
+        async for item in call():
+            yield item
 
     async def intercept_service(  # type: ignore[override]
         self,
@@ -98,38 +99,67 @@ class _WrappingInterceptor(ServerInterceptor):  # type: ignore[type-arg]
         method = handler_call_details.method
         if handler is None or not method.startswith(SERVICE_PREFIX):
             return handler
-        if handler.unary_unary is None:
-            return _refusing(handler)
-        behavior = cast(Behavior, handler.unary_unary)  # coroutines, on an aio server
+        codec = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
+        if handler.unary_unary is not None:
+            unary = cast(Behavior, handler.unary_unary)  # coroutines, on an aio server
 
-        async def wrapped(request: Any, context: ServicerContext[Any, Any]) -> Any:
-            logs.method_var.set(method)
-            return await self.around(behavior, request, context)
+            async def wrapped(request: Any, context: ServicerContext[Any, Any]) -> Any:
+                logs.method_var.set(method)
+                return await self.around(lambda: unary(request, context), context)
 
-        return grpc.unary_unary_rpc_method_handler(
-            wrapped,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
+            return grpc.unary_unary_rpc_method_handler(wrapped, **codec)
+        if handler.unary_stream is not None:
+            stream = cast(StreamBehavior, handler.unary_stream)
+
+            async def wrapped_stream(
+                request: Any, context: ServicerContext[Any, Any]
+            ) -> AsyncIterator[Any]:
+                logs.method_var.set(method)
+                async for item in self.around_stream(lambda: stream(request, context), context):
+                    yield item
+
+            return grpc.unary_stream_rpc_method_handler(wrapped_stream, **codec)
+        kind = (
+            grpc.stream_unary_rpc_method_handler
+            if handler.stream_unary is not None
+            else grpc.stream_stream_rpc_method_handler
         )
+        return kind(_refuse, **codec)
 
 
 class ErrorInterceptor(_WrappingInterceptor):
-    async def around(
-        self, behavior: Behavior, request: Any, context: ServicerContext[Any, Any]
-    ) -> Any:
+    async def around(self, call: Call, context: ServicerContext[Any, Any]) -> Any:
         try:
-            return await behavior(request, context)
-        except errors.ConvergenceError as exc:
-            abort = to_abort(exc, _request_id(), is_transcoded(context))
-            if isinstance(exc, errors.Unavailable):
-                log.warning("unavailable: %s", exc.message)
-        except grpc.aio.AbortError:
-            raise
-        except Exception:
-            request_id = _request_id()
-            log.exception("unexpected error (request_id=%s)", request_id)
-            abort = to_abort(None, request_id, is_transcoded(context))
+            return await call()
+        except Exception as exc:
+            abort = _abort_for(exc, context)
         await context.abort(abort.code, abort.details, abort.trailing_metadata)
+
+    async def around_stream(
+        self, call: StreamCall, context: ServicerContext[Any, Any]
+    ) -> AsyncIterator[Any]:
+        try:
+            async for item in call():
+                yield item
+            return
+        except Exception as exc:
+            abort = _abort_for(exc, context)
+        await context.abort(abort.code, abort.details, abort.trailing_metadata)
+
+
+def _abort_for(exc: Exception, context: ServicerContext[Any, Any]) -> Abort:
+    if isinstance(exc, grpc.aio.AbortError):
+        raise exc
+    if isinstance(exc, errors.ConvergenceError):
+        if isinstance(exc, errors.Unavailable):
+            log.warning("unavailable: %s", exc.message)
+        return to_abort(exc, _request_id(), is_transcoded(context))
+    request_id = _request_id()
+    log.error("unexpected error (request_id=%s)", request_id, exc_info=exc)
+    return to_abort(None, request_id, is_transcoded(context))
 
 
 def _request_id() -> str:
@@ -141,9 +171,7 @@ def _request_id() -> str:
 
 
 class RequestContextInterceptor(_WrappingInterceptor):
-    async def around(
-        self, behavior: Behavior, request: Any, context: ServicerContext[Any, Any]
-    ) -> Any:
+    async def before(self, context: ServicerContext[Any, Any]) -> None:
         incoming = metadata_value(context, "x-request-id")
         if incoming and _REQUEST_ID.fullmatch(incoming):
             logs.request_id_var.set(incoming)
@@ -160,16 +188,13 @@ class RequestContextInterceptor(_WrappingInterceptor):
                     [errors.FieldViolation("X-User-ID", f"must match {_USER_ID.pattern}")],
                 )
             logs.user_id_var.set(user_id)
-        return await behavior(request, context)
 
 
 class AuthInterceptor(_WrappingInterceptor):
     def __init__(self, authenticator: Authenticator) -> None:
         self._authenticator = authenticator
 
-    async def around(
-        self, behavior: Behavior, request: Any, context: ServicerContext[Any, Any]
-    ) -> Any:
+    async def before(self, context: ServicerContext[Any, Any]) -> None:
         method = logs.method_var.get()
         key = metadata_value(context, "x-api-key")
         if method in OPEN_METHODS:
@@ -180,4 +205,3 @@ class AuthInterceptor(_WrappingInterceptor):
             logs.tenant_id_var.set(caller.tenant_id)
         elif method not in KEY_OPTIONAL_METHODS:
             raise errors.Unauthenticated(INVALID_KEY_MESSAGE)
-        return await behavior(request, context)

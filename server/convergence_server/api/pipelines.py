@@ -1,8 +1,4 @@
-"""PipelineService: declared in full; runs are not executed by this version yet.
-
-The methods authenticate and authorize like the finished ones will (a foreign tenant gets
-403), then answer UNIMPLEMENTED rather than pretend a run was started.
-"""
+"""PipelineService: list templates, trigger runs."""
 
 from __future__ import annotations
 
@@ -11,17 +7,66 @@ from typing import Any
 from grpc.aio import ServicerContext
 
 from convergence.v1 import pipeline_service_pb2, pipeline_service_pb2_grpc
+from convergence_server import logs
+from convergence_server.api import convert
 from convergence_server.api.context import require_caller
+from convergence_server.api.interceptors import metadata_value
 from convergence_server.domain.auth import authorize_tenant
-from convergence_server.errors import NotImplementedYet
+from convergence_server.domain.runs import Runs, TriggerRequest
+from convergence_server.engine.templates import Catalog
+from convergence_server.errors import FieldViolation, InvalidArgument, NotImplementedYet
 
 
 class PipelineServicer(pipeline_service_pb2_grpc.PipelineServiceServicer):
+    def __init__(self, runs: Runs, catalog: Catalog) -> None:
+        self._runs = runs
+        self._catalog = catalog
+
+    async def ListPipelines(
+        self,
+        request: pipeline_service_pb2.ListPipelinesRequest,
+        context: ServicerContext[Any, Any],
+    ) -> pipeline_service_pb2.ListPipelinesResponse:
+        require_caller()
+        return pipeline_service_pb2.ListPipelinesResponse(
+            pipelines=[
+                convert.pipeline_template(t) for _, t in sorted(self._catalog.templates.items())
+            ]
+        )
+
     async def RunPipeline(
         self, request: pipeline_service_pb2.RunPipelineRequest, context: ServicerContext[Any, Any]
     ) -> pipeline_service_pb2.RunPipelineResponse:
-        authorize_tenant(require_caller(), request.tenant_id)
-        raise NotImplementedYet("Pipeline execution is not available in this version yet")
+        caller = require_caller()
+        authorize_tenant(caller, request.tenant_id)
+        header_key = metadata_value(context, "idempotency-key") or ""
+        if header_key and request.idempotency_key and header_key != request.idempotency_key:
+            raise InvalidArgument(
+                "Conflicting idempotency keys",
+                [FieldViolation("idempotency_key", "differs from the Idempotency-Key header")],
+            )
+        triggered = await self._runs.trigger(
+            caller,
+            TriggerRequest(
+                tenant_id=request.tenant_id,
+                provider=request.provider,
+                domain=request.domain,
+                template=request.template,
+                trigger_by=request.trigger_by,
+                date=request.date,
+                parameters=dict(request.parameters),
+                idempotency_key=request.idempotency_key or header_key,
+                user_id=logs.user_id_var.get(),
+            ),
+        )
+        run = triggered.run
+        return pipeline_service_pb2.RunPipelineResponse(
+            pipeline_logging_id=run.pipeline_logging_id,
+            pipeline_id=run.pipeline_id,
+            tenant_id=run.tenant_id,
+            status=convert.run_status(run.status),
+            message=triggered.message,
+        )
 
     async def TriggerScheduledPipelines(
         self,

@@ -24,7 +24,7 @@ import email_validator
 from convergence_server import logs
 from convergence_server.domain.keys import issue_key
 from convergence_server.domain.plans import Plan
-from convergence_server.engine.templates import TemplateError, load_templates
+from convergence_server.engine.templates import TemplateError, load_catalog
 from convergence_server.errors import AlreadyExists, ConvergenceError, FieldViolation, echo
 from convergence_server.storage import Store
 from convergence_server.storage.identifiers import IDENTIFIER_PATTERN
@@ -379,10 +379,10 @@ class Onboarding:
 
     async def _templates_loadable(self, _: TenantApplication) -> CheckResult:
         try:
-            templates = load_templates(self._config_dir)
+            templates = load_catalog(self._config_dir)
         except TemplateError as exc:
             return _failed(str(exc), FailureKind.UNAVAILABLE)
-        return _passed(f"{len(templates)} pipeline template(s) load")
+        return _passed(f"{len(templates.templates)} pipeline template(s) load")
 
     async def _key_hashing_configured(self, _: TenantApplication) -> CheckResult:
         if len(self._pepper) < MIN_PEPPER_BYTES:

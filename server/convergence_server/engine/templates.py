@@ -1,19 +1,120 @@
-"""Pipeline templates: `configs/{provider}/{domain}/{template}.yml`."""
+"""Pipeline templates: `configs/{provider}/{domain}/{template}.yml`, parsed and validated.
+
+The format (documented in configs/README.md):
+
+    description: str                       required
+    schedule: str                          optional cron hint
+    parameters: {name: {type, default, description}}
+    steps: [ {name, kind: load|query|dq, retry: {attempts, backoff_seconds}, ...} ]
+
+A bad template raises `TemplateError` naming the file, the field and why; the server
+validates every template at start-up, and `convergence-server validate` does the same.
+"""
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from convergence_server.storage.warehouse import SchemaColumn
+
 NAME_PATTERN = re.compile(r"[a-z][a-z0-9_]{0,63}", re.ASCII)
+PARAMETER_TYPES = ("date", "string", "integer", "number", "boolean")
+LOAD_FORMATS = ("csv", "ndjson", "parquet")
+WRITE_MODES = {"load": ("truncate", "append"), "query": ("append", "truncate", "replace_partition")}
+DQ_TYPES = ("not_null", "unique", "row_count", "accepted_values", "expression", "columns_present")
+SEVERITIES = ("error", "warn")
+_PLACEHOLDER = re.compile(r"\{([a-z][a-z0-9_]*)\}")
+_COLUMN = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,299}", re.ASCII)
+MAX_ATTEMPTS = 10
 
 
 class TemplateError(ValueError):
     """A template is malformed; the message names the file, the field and why."""
+
+
+@dataclass(frozen=True)
+class Parameter:
+    name: str
+    type: str
+    default: Any = None
+    description: str = ""
+
+    def resolve(self, raw: str | None, today: date) -> Any:
+        """The typed value of `raw` (the default when None); ValueError says why not."""
+        value = self.default if raw is None else raw
+        if value is None:
+            raise ValueError("is required")
+        if self.type == "date":
+            if value == "today":
+                return today
+            if value == "yesterday":
+                return today - timedelta(days=1)
+            if isinstance(value, date):
+                return value
+            if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", str(value)):
+                raise ValueError("must be a date YYYY-MM-DD")
+            return date.fromisoformat(str(value))
+        if self.type == "integer":
+            if isinstance(value, bool) or not re.fullmatch(r"-?\d{1,18}", str(value)):
+                raise ValueError("must be an integer")
+            return int(value)
+        if self.type == "number":
+            try:
+                return float(value)
+            except ValueError:
+                raise ValueError("must be a number") from None
+        if self.type == "boolean":
+            if str(value).lower() not in ("true", "false"):
+                raise ValueError("must be true or false")
+            return str(value).lower() == "true"
+        return str(value)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    attempts: int = 1
+    backoff_seconds: float = 1.0
+
+
+@dataclass(frozen=True)
+class DqCheck:
+    name: str
+    type: str
+    severity: str
+    column: str = ""
+    columns: tuple[str, ...] = ()
+    values: tuple[str, ...] = ()
+    minimum: int | None = None
+    maximum: int | None = None
+    sql: str = ""
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    kind: str
+    retry: RetryPolicy
+    # load
+    source: str = ""
+    format: str = ""
+    # load and query
+    destination: str = ""
+    write_mode: str = ""
+    # query
+    sql: str = ""
+    partition_column: str = ""
+    schema: str = ""
+    # dq
+    table: str = ""
+    where: str = ""
+    checks: tuple[DqCheck, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -22,22 +123,333 @@ class Template:
     domain: str
     name: str
     path: Path
-    document: dict[str, Any]
+    description: str
+    schedule: str
+    parameters: Mapping[str, Parameter]
+    steps: tuple[Step, ...]
+    outputs: tuple[str, ...] = field(default=())
+    # What recovery does with a run the server was executing when it stopped: run it
+    # again ("retry": safe, since runs publish atomically) or end it FAILED ("fail").
+    on_crash: str = "retry"
+
+    @property
+    def key(self) -> str:
+        return f"{self.provider}/{self.domain}/{self.name}"
+
+    def resolve_parameters(self, given: Mapping[str, str], today: date) -> dict[str, Any]:
+        """Typed values for every parameter; raises `ParameterError` naming the bad one."""
+        unknown = sorted(set(given) - set(self.parameters))
+        if unknown:
+            raise ParameterError(unknown[0], "is not a parameter of this pipeline")
+        values = {}
+        for name, parameter in self.parameters.items():
+            try:
+                values[name] = parameter.resolve(given.get(name), today)
+            except ValueError as exc:
+                raise ParameterError(name, str(exc)) from None
+        return values
 
 
-def load_templates(config_dir: Path) -> list[Template]:
-    """Loads every template under `config_dir`, raising `TemplateError` on the first bad one."""
-    templates = []
+class ParameterError(ValueError):
+    def __init__(self, name: str, issue: str) -> None:
+        super().__init__(f"{name} {issue}")
+        self.name = name
+        self.issue = issue
+
+
+def today_utc() -> date:
+    return datetime.now(UTC).date()
+
+
+class _Reader:
+    """Reads one template document, naming the file and field in every error."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def fail(self, where: str, why: str) -> TemplateError:
+        return TemplateError(f"{self.path}: {where}: {why}")
+
+    def mapping(self, value: Any, where: str) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise self.fail(where, "must be a mapping")
+        return value
+
+    def only(self, value: dict[str, Any], where: str, allowed: set[str]) -> None:
+        unknown = sorted(set(value) - allowed)
+        if unknown:
+            raise self.fail(where, f"unknown field(s) {unknown}")
+
+    def text(self, value: Any, where: str, required: bool = True) -> str:
+        if value is None and not required:
+            return ""
+        if not isinstance(value, str) or not value.strip():
+            raise self.fail(where, "must be a non-empty string")
+        return value
+
+    def name(self, value: Any, where: str) -> str:
+        text = self.text(value, where)
+        if not NAME_PATTERN.fullmatch(text):
+            raise self.fail(where, f"must match {NAME_PATTERN.pattern}")
+        return text
+
+    def choice(self, value: Any, where: str, choices: tuple[str, ...]) -> str:
+        if value not in choices:
+            raise self.fail(where, f"must be one of {', '.join(choices)}")
+        return str(value)
+
+    def column(self, value: Any, where: str) -> str:
+        text = self.text(value, where)
+        if not _COLUMN.fullmatch(text):
+            raise self.fail(where, "must be a column name")
+        return text
+
+
+def _parameters(r: _Reader, document: dict[str, Any]) -> dict[str, Parameter]:
+    raw = r.mapping(document.get("parameters") or {}, "parameters")
+    raw.setdefault("date", {"type": "date", "default": "yesterday"})
+    parameters = {}
+    for name, spec in raw.items():
+        where = f"parameters.{name}"
+        r.name(name, where)
+        spec = r.mapping(spec, where)
+        r.only(spec, where, {"type", "default", "description"})
+        kind = r.choice(spec.get("type"), f"{where}.type", PARAMETER_TYPES)
+        parameter = Parameter(name, kind, spec.get("default"), str(spec.get("description", "")))
+        if parameter.default is not None:
+            try:
+                parameter.resolve(None, today_utc())
+            except ValueError as exc:
+                raise r.fail(f"{where}.default", str(exc)) from None
+        parameters[name] = parameter
+    if parameters["date"].type != "date":
+        raise r.fail("parameters.date.type", "must be date")
+    return parameters
+
+
+def _check(r: _Reader, spec: Any, where: str) -> DqCheck:
+    spec = r.mapping(spec, where)
+    r.only(
+        spec,
+        where,
+        {"name", "type", "severity", "column", "columns", "values", "min", "max", "sql"},
+    )
+    kind = r.choice(spec.get("type"), f"{where}.type", DQ_TYPES)
+    check = DqCheck(
+        name=r.name(spec.get("name"), f"{where}.name"),
+        type=kind,
+        severity=r.choice(spec.get("severity", "error"), f"{where}.severity", SEVERITIES),
+    )
+    if kind in ("not_null", "accepted_values"):
+        check = replace(check, column=r.column(spec.get("column"), f"{where}.column"))
+    if kind in ("unique", "columns_present"):
+        columns = spec.get("columns")
+        if not isinstance(columns, list) or not columns:
+            raise r.fail(f"{where}.columns", "must be a non-empty list of columns")
+        names = tuple(r.column(c, f"{where}.columns") for c in columns)
+        check = replace(check, columns=names)
+    if kind == "accepted_values":
+        values = spec.get("values")
+        if not isinstance(values, list) or not values:
+            raise r.fail(f"{where}.values", "must be a non-empty list")
+        check = replace(check, values=tuple(str(v) for v in values))
+    if kind == "row_count":
+        bounds = {k: spec.get(k) for k in ("min", "max") if spec.get(k) is not None}
+        if not bounds or any(type(v) is not int or v < 0 for v in bounds.values()):
+            raise r.fail(where, "row_count needs min and/or max, whole numbers >= 0")
+        check = replace(check, minimum=bounds.get("min"), maximum=bounds.get("max"))
+    if kind == "expression":
+        check = replace(check, sql=r.text(spec.get("sql"), f"{where}.sql"))
+    return check
+
+
+_STEP_FIELDS = {
+    "load": {"source", "format", "destination", "write_mode"},
+    "query": {"sql", "destination", "write_mode", "partition_column", "schema"},
+    "dq": {"table", "where", "checks"},
+}
+
+
+def _step(r: _Reader, spec: Any, where: str, parameters: Mapping[str, Parameter]) -> Step:
+    spec = r.mapping(spec, where)
+    kind = r.choice(spec.get("kind"), f"{where}.kind", tuple(_STEP_FIELDS))
+    r.only(spec, where, {"name", "kind", "retry"} | _STEP_FIELDS[kind])
+    retry_spec = r.mapping(spec.get("retry") or {}, f"{where}.retry")
+    r.only(retry_spec, f"{where}.retry", {"attempts", "backoff_seconds"})
+    attempts = retry_spec.get("attempts", 1)
+    backoff = retry_spec.get("backoff_seconds", 1.0)
+    if type(attempts) is not int or not 1 <= attempts <= MAX_ATTEMPTS:
+        raise r.fail(f"{where}.retry.attempts", f"must be a whole number from 1 to {MAX_ATTEMPTS}")
+    if not isinstance(backoff, int | float) or not 0 <= backoff <= 60:
+        raise r.fail(f"{where}.retry.backoff_seconds", "must be a number from 0 to 60")
+    step = Step(
+        name=r.name(spec.get("name"), f"{where}.name"),
+        kind=kind,
+        retry=RetryPolicy(attempts, float(backoff)),
+    )
+    if kind == "load":
+        source = r.text(spec.get("source"), f"{where}.source")
+        _placeholders(r, source, f"{where}.source", parameters)
+        step = replace(
+            step,
+            source=source,
+            format=r.choice(spec.get("format"), f"{where}.format", LOAD_FORMATS),
+            destination=r.name(spec.get("destination"), f"{where}.destination"),
+            write_mode=r.choice(spec.get("write_mode"), f"{where}.write_mode", WRITE_MODES[kind]),
+        )
+    elif kind == "query":
+        mode = r.choice(spec.get("write_mode"), f"{where}.write_mode", WRITE_MODES[kind])
+        partition = spec.get("partition_column")
+        if mode == "replace_partition":
+            partition = r.column(partition, f"{where}.partition_column")
+        elif partition is not None:
+            raise r.fail(f"{where}.partition_column", "only goes with replace_partition")
+        step = replace(
+            step,
+            sql=r.text(spec.get("sql"), f"{where}.sql"),
+            destination=r.name(spec.get("destination"), f"{where}.destination"),
+            write_mode=mode,
+            partition_column=partition or "",
+            schema=r.name(spec["schema"], f"{where}.schema") if "schema" in spec else "",
+        )
+    else:
+        checks = spec.get("checks")
+        if not isinstance(checks, list) or not checks:
+            raise r.fail(f"{where}.checks", "must be a non-empty list")
+        parsed = tuple(_check(r, c, f"{where}.checks[{i}]") for i, c in enumerate(checks))
+        names = [c.name for c in parsed]
+        if len(set(names)) != len(names):
+            raise r.fail(f"{where}.checks", "check names must be unique")
+        step = replace(
+            step,
+            table=r.name(spec.get("table"), f"{where}.table"),
+            where=r.text(spec.get("where"), f"{where}.where", required=False),
+            checks=parsed,
+        )
+    return step
+
+
+def _placeholders(r: _Reader, text: str, where: str, parameters: Mapping[str, Parameter]) -> None:
+    for name in _PLACEHOLDER.findall(text):
+        if name != "sample_data" and name not in parameters:
+            raise r.fail(where, f"{{{name}}} is neither a parameter nor {{sample_data}}")
+
+
+def parse_template(path: Path, provider: str, domain: str, name: str) -> Template:
+    r = _Reader(path)
+    try:
+        document = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise TemplateError(f"{path}: cannot read: {exc}") from exc
+    document = r.mapping(document, "the template")
+    r.only(document, "the template", {"description", "schedule", "parameters", "steps", "on_crash"})
+    parameters = _parameters(r, document)
+    raw_steps = document.get("steps")
+    if not isinstance(raw_steps, list) or not raw_steps:
+        raise r.fail("steps", "must be a non-empty list")
+    steps = tuple(_step(r, s, f"steps[{i}]", parameters) for i, s in enumerate(raw_steps))
+    names = [s.name for s in steps]
+    if len(set(names)) != len(names):
+        raise r.fail("steps", "step names must be unique")
+    written = {s.destination for s in steps if s.destination}
+    for i, step in enumerate(steps):
+        if step.kind == "dq" and step.table not in written:
+            raise r.fail(f"steps[{i}].table", f"{step.table} is not written by an earlier step")
+    return Template(
+        provider=provider,
+        domain=domain,
+        name=name,
+        path=path,
+        description=r.text(document.get("description"), "description"),
+        schedule=r.text(document.get("schedule"), "schedule", required=False),
+        parameters=parameters,
+        steps=steps,
+        outputs=tuple(sorted(written)),
+        on_crash=r.choice(document.get("on_crash", "retry"), "on_crash", ("retry", "fail")),
+    )
+
+
+@dataclass(frozen=True)
+class SharedSchema:
+    """An output shape several templates write (configs/schemas/NAME.yml).
+
+    Every table written with it joins `union_view`, a view in the tenant's dataset that
+    unions them all (e.g. `focus_cost` over each provider's FOCUS table).
+    """
+
+    name: str
+    columns: tuple[SchemaColumn, ...]
+    union_view: str
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """Every template, by `provider/domain/template`, and the shared output schemas."""
+
+    templates: Mapping[str, Template]
+    schemas: Mapping[str, SharedSchema]
+
+    def get(self, provider: str, domain: str, name: str) -> Template | None:
+        return self.templates.get(f"{provider}/{domain}/{name}")
+
+    def tables_with_schema(self, schema: str) -> tuple[str, ...]:
+        """The destination tables that templates write with this shared schema."""
+        return tuple(
+            sorted(
+                {
+                    s.destination
+                    for t in self.templates.values()
+                    for s in t.steps
+                    if s.schema == schema
+                }
+            )
+        )
+
+
+def _load_schemas(config_dir: Path) -> dict[str, SharedSchema]:
+    schemas = {}
+    for path in sorted((config_dir / "schemas").glob("*.yml")):
+        r = _Reader(path)
+        try:
+            document = r.mapping(yaml.safe_load(path.read_text()), "the schema")
+        except (OSError, yaml.YAMLError) as exc:
+            raise TemplateError(f"{path}: cannot read: {exc}") from exc
+        r.only(document, "the schema", {"name", "description", "union_view", "columns"})
+        if document.get("name", path.stem) != path.stem:
+            raise r.fail("name", f"must be the file's name, {path.stem}")
+        columns = document.get("columns")
+        if not isinstance(columns, list) or not columns:
+            raise r.fail("columns", "must be a non-empty list")
+        parsed = []
+        for i, column in enumerate(columns):
+            spec = r.mapping(column, f"columns[{i}]")
+            parsed.append(
+                SchemaColumn(
+                    r.column(spec.get("name"), f"columns[{i}].name"),
+                    r.text(spec.get("type"), f"columns[{i}].type"),
+                    str(spec.get("description", "")),
+                )
+            )
+        name = r.name(path.stem, "file name")
+        view = r.name(document.get("union_view", f"{name}_all"), "union_view")
+        schemas[name] = SharedSchema(name, tuple(parsed), view)
+    return schemas
+
+
+def load_catalog(config_dir: Path) -> Catalog:
+    """Every template under `config_dir`, raising `TemplateError` on the first bad one."""
+    schemas = _load_schemas(config_dir)
+    templates = {}
     for path in sorted(config_dir.glob("*/*/*.yml")):
         provider, domain = path.parent.parent.name, path.parent.name
         for part in (provider, domain, path.stem):
             if not NAME_PATTERN.fullmatch(part):
                 raise TemplateError(f"{path}: name {part!r} must match {NAME_PATTERN.pattern}")
-        try:
-            document = yaml.safe_load(path.read_text())
-        except (OSError, yaml.YAMLError) as exc:
-            raise TemplateError(f"{path}: cannot read: {exc}") from exc
-        if not isinstance(document, dict):
-            raise TemplateError(f"{path}: a template is a YAML mapping")
-        templates.append(Template(provider, domain, path.stem, path, document))
-    return templates
+        template = parse_template(path, provider, domain, path.stem)
+        for i, step in enumerate(template.steps):
+            if step.schema and step.schema not in schemas:
+                raise TemplateError(
+                    f"{path}: steps[{i}].schema: no configs/schemas/{step.schema}.yml"
+                )
+        templates[template.key] = template
+    return Catalog(templates, schemas)

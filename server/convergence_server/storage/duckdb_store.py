@@ -21,9 +21,19 @@ from typing import TypeVar
 import duckdb
 
 from convergence_server.errors import AlreadyExists, DeadlineExceeded, Unavailable
+from convergence_server.storage import duckdb_runs as runs
 from convergence_server.storage import schema
+from convergence_server.storage.duckdb_warehouse import DuckDBWarehouse, drop_stage_tables
 from convergence_server.storage.identifiers import quote_identifier
-from convergence_server.storage.records import ApiKeyRecord, TenantRecord
+from convergence_server.storage.records import (
+    ApiKeyRecord,
+    DqRecord,
+    RunCursor,
+    RunFilter,
+    RunRecord,
+    StepRecord,
+    TenantRecord,
+)
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -103,6 +113,7 @@ class _Abandoned(Exception):
 
 class DuckDBStore:
     kind = "embedded"
+    exclusive = True
 
     def __init__(self, connection: duckdb.DuckDBPyConnection) -> None:
         self._connection = connection
@@ -160,6 +171,13 @@ class DuckDBStore:
                 continue
             for table in migration.creates:
                 cur.execute(create_table_sql(schema.CENTRAL_DATASET, table))
+            for table, names in migration.adds:
+                columns = {c.name: c for c in table.columns}
+                for name in names:
+                    cur.execute(
+                        f"ALTER TABLE {CENTRAL}.{quote_identifier(table.name)} ADD COLUMN "
+                        f"IF NOT EXISTS {quote_identifier(name)} {_TYPES[columns[name].type]}"
+                    )
             cur.execute(
                 f"INSERT INTO {CENTRAL}.schema_migrations VALUES (?, ?, ?)",
                 [migration.version, migration.description, _utc_naive(datetime.now(UTC))],
@@ -342,6 +360,72 @@ class DuckDBStore:
             )
 
         return await self._call(query)
+
+    # -- runs ----------------------------------------------------------------------------
+
+    async def create_run(self, run: RunRecord, keys_valid_from: datetime) -> tuple[RunRecord, bool]:
+        def create(cur: duckdb.DuckDBPyConnection) -> tuple[RunRecord, bool]:
+            for attempt in range(5):
+                try:
+                    return runs.create_run(cur, run, keys_valid_from)
+                except (duckdb.ConstraintException, duckdb.TransactionException):
+                    # A concurrent trigger with the same idempotency key won: read its run.
+                    if not run.idempotency_key or attempt == 4:
+                        raise
+                    time.sleep(0.005 * (attempt + 1))
+            raise AssertionError("unreachable")  # pragma: no cover
+
+        return await self._call(create)
+
+    async def get_run(self, tenant_id: str, run_id: str) -> RunRecord | None:
+        return await self._call(lambda cur: runs.get_run(cur, tenant_id, run_id))
+
+    async def list_runs(
+        self, where: RunFilter, after: RunCursor | None, limit: int
+    ) -> list[RunRecord]:
+        return await self._call(lambda cur: runs.list_runs(cur, where, after, limit))
+
+    async def claim_next_run(self, worker_id: str, now: datetime) -> RunRecord | None:
+        return await self._call(lambda cur: runs.claim_next_run(cur, worker_id, now))
+
+    async def finish_run(
+        self, run_id: str, status: str, now: datetime, error_message: str = ""
+    ) -> RunRecord | None:
+        return await self._call(
+            lambda cur: runs.finish_run(cur, run_id, status, now, error_message)
+        )
+
+    async def request_cancel(self, tenant_id: str, run_id: str, now: datetime) -> RunRecord | None:
+        return await self._call(lambda cur: runs.request_cancel(cur, tenant_id, run_id, now))
+
+    async def cancel_requested(self, run_id: str) -> bool:
+        return await self._call(lambda cur: runs.cancel_requested(cur, run_id))
+
+    async def heartbeat(self, run_ids: list[str], now: datetime) -> None:
+        await self._call(lambda cur: runs.heartbeat(cur, run_ids, now))
+
+    async def stale_runs(self, stale_before: datetime) -> list[RunRecord]:
+        return await self._call(lambda cur: runs.stale_runs(cur, stale_before))
+
+    async def requeue_run(self, run_id: str) -> bool:
+        return await self._call(lambda cur: runs.requeue_run(cur, run_id))
+
+    async def save_step(self, step: StepRecord) -> None:
+        await self._call(lambda cur: runs.save_step(cur, step))
+
+    async def list_steps(self, tenant_id: str, run_id: str) -> list[StepRecord]:
+        return await self._call(lambda cur: runs.list_steps(cur, tenant_id, run_id))
+
+    async def add_dq_results(self, results: list[DqRecord]) -> None:
+        await self._call(lambda cur: runs.add_dq_results(cur, results))
+
+    def warehouse(self, dataset: str) -> DuckDBWarehouse:
+        """The tenant dataset as the pipeline engine sees it."""
+        return DuckDBWarehouse(dataset, self._connection.cursor(), self._executor)
+
+    async def drop_stage_tables(self) -> int:
+        """Drops staging tables left by runs that were interrupted (start-up clean-up)."""
+        return await self._call(drop_stage_tables)
 
     async def close(self) -> None:
         self._executor.shutdown(wait=True)

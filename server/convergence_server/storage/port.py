@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Protocol
 
-from convergence_server.storage.records import ApiKeyRecord, TenantRecord
+from convergence_server.storage.records import (
+    ApiKeyRecord,
+    DqRecord,
+    RunCursor,
+    RunFilter,
+    RunRecord,
+    StepRecord,
+    TenantRecord,
+)
+from convergence_server.storage.warehouse import Warehouse
 
 
 class Store(Protocol):
@@ -15,6 +25,9 @@ class Store(Protocol):
     """
 
     kind: str
+    # True when one server process owns the store alone (the embedded file): at start-up,
+    # every RUNNING run was left by a stopped process.
+    exclusive: bool
 
     async def ping(self) -> None:
         """Returns when the backend answers a trivial query."""
@@ -48,5 +61,52 @@ class Store(Protocol):
         """
 
     async def get_api_key(self, key_id: str) -> ApiKeyRecord | None: ...
+
+    # -- runs: every state change is conditional on the current state --------------------
+
+    async def create_run(self, run: RunRecord, keys_valid_from: datetime) -> tuple[RunRecord, bool]:
+        """Stores a PENDING run; with an idempotency key used since `keys_valid_from`,
+        returns that key's run instead (and False)."""
+
+    async def get_run(self, tenant_id: str, run_id: str) -> RunRecord | None: ...
+
+    async def list_runs(
+        self, where: RunFilter, after: RunCursor | None, limit: int
+    ) -> list[RunRecord]:
+        """Newest first (creation time, then id), strictly after `after`."""
+
+    async def claim_next_run(self, worker_id: str, now: datetime) -> RunRecord | None:
+        """Moves the oldest PENDING run to RUNNING for `worker_id`; None when none waits."""
+
+    async def finish_run(
+        self, run_id: str, status: str, now: datetime, error_message: str = ""
+    ) -> RunRecord | None:
+        """Ends a RUNNING run COMPLETE or FAILED; None when it was not RUNNING."""
+
+    async def request_cancel(self, tenant_id: str, run_id: str, now: datetime) -> RunRecord | None:
+        """Ends a PENDING run FAILED, or flags a RUNNING one to stop; returns it."""
+
+    async def cancel_requested(self, run_id: str) -> bool: ...
+
+    async def heartbeat(self, run_ids: list[str], now: datetime) -> None: ...
+
+    async def stale_runs(self, stale_before: datetime) -> list[RunRecord]:
+        """RUNNING runs whose last heartbeat is older than `stale_before`."""
+
+    async def requeue_run(self, run_id: str) -> bool:
+        """Puts a RUNNING run back to PENDING with its attempt count raised."""
+
+    async def save_step(self, step: StepRecord) -> None:
+        """Inserts or replaces a step log row (by its id)."""
+
+    async def list_steps(self, tenant_id: str, run_id: str) -> list[StepRecord]: ...
+
+    async def add_dq_results(self, results: list[DqRecord]) -> None: ...
+
+    def warehouse(self, dataset: str) -> Warehouse:
+        """The tenant's dataset, for one pipeline run (close it after)."""
+
+    async def drop_stage_tables(self) -> int:
+        """Drops staging tables left behind by interrupted runs."""
 
     async def close(self) -> None: ...

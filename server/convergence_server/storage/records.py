@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date, datetime
 
 
 @dataclass(frozen=True)
@@ -26,3 +26,87 @@ class ApiKeyRecord:
     key_hash: bytes
     created_at: datetime
     revoked_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """A row of `tenants.tenant_pipeline_runs`."""
+
+    pipeline_logging_id: str
+    pipeline_id: str
+    tenant_id: str
+    provider: str
+    domain: str
+    template: str
+    status: str
+    trigger_type: str
+    trigger_by: str
+    user_id: str
+    parameters: dict[str, str]
+    created_at: datetime
+    start_time: datetime | None = None
+    end_time: datetime | None = None
+    duration_ms: int | None = None
+    error_message: str = ""
+    idempotency_key: str = ""
+    attempt: int = 1
+    cancel_requested: bool = False
+
+
+@dataclass(frozen=True)
+class RunFilter:
+    """Which of a tenant's runs to list; `created_*` bound the creation time."""
+
+    tenant_id: str
+    status: str = ""
+    pipeline_id: str = ""
+    created_from: datetime | None = None
+    created_before: datetime | None = None
+
+
+@dataclass(frozen=True)
+class RunCursor:
+    """Where a page of runs (newest first) ended: the last run's creation time and id."""
+
+    created_at: datetime
+    pipeline_logging_id: str
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """A row of `tenants.tenant_step_logs`."""
+
+    step_logging_id: str
+    pipeline_logging_id: str
+    pipeline_id: str
+    tenant_id: str
+    step_name: str
+    step_type: str
+    step_index: int
+    status: str
+    step_start_time: datetime
+    rows_processed: int = 0
+    step_end_time: datetime | None = None
+    duration_ms: int | None = None
+    error_message: str = ""
+    attempts: int = 0
+
+
+@dataclass(frozen=True)
+class DqRecord:
+    """A row of `tenants.tenant_dq_results`."""
+
+    dq_result_id: str
+    pipeline_logging_id: str
+    pipeline_id: str
+    tenant_id: str
+    step_name: str
+    check_name: str
+    check_type: str
+    severity: str
+    status: str
+    observed_value: str
+    expected_value: str
+    message: str
+    ingestion_date: date
+    created_at: datetime

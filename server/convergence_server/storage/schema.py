@@ -80,6 +80,15 @@ TENANT_PIPELINE_RUNS = Table(
         Column("end_time", "TIMESTAMP"),
         Column("duration_ms", "INT64"),
         Column("error_message", "STRING"),
+        # Since version 2: what ran, idempotency, execution bookkeeping.
+        Column("provider", "STRING"),
+        Column("domain", "STRING"),
+        Column("template", "STRING"),
+        Column("idempotency_key", "STRING"),
+        Column("attempt", "INT64"),
+        Column("worker_id", "STRING"),
+        Column("heartbeat_at", "TIMESTAMP"),
+        Column("cancel_requested", "BOOL"),
     ),
     primary_key=("pipeline_logging_id",),
     partition_by="created_at",
@@ -102,6 +111,8 @@ TENANT_STEP_LOGS = Table(
         Column("step_end_time", "TIMESTAMP"),
         Column("duration_ms", "INT64"),
         Column("error_message", "STRING"),
+        # Since version 2.
+        Column("attempts", "INT64"),
     ),
     primary_key=("step_logging_id",),
     partition_by="step_start_time",
@@ -151,11 +162,31 @@ TENANT_USAGE_QUOTAS = Table(
 )
 
 
+TENANT_IDEMPOTENCY_KEYS = Table(
+    "tenant_idempotency_keys",
+    (
+        _req("tenant_id", "STRING"),
+        _req("idempotency_key", "STRING"),
+        _req("pipeline_logging_id", "STRING"),
+        _req("created_at", "TIMESTAMP"),
+    ),
+    primary_key=("tenant_id", "idempotency_key"),
+)
+
+
 @dataclass(frozen=True)
 class Migration:
+    """One schema version: tables to create, and columns to add to existing tables.
+
+    Tables are defined at their newest shape, so a fresh store gets every column at once
+    and a later migration's `ADD COLUMN IF NOT EXISTS` does nothing there; an older store
+    gets the missing columns.
+    """
+
     version: int
     description: str
-    creates: tuple[Table, ...]
+    creates: tuple[Table, ...] = ()
+    adds: tuple[tuple[Table, tuple[str, ...]], ...] = ()
 
 
 MIGRATIONS: tuple[Migration, ...] = (
@@ -169,6 +200,27 @@ MIGRATIONS: tuple[Migration, ...] = (
             TENANT_STEP_LOGS,
             TENANT_DQ_RESULTS,
             TENANT_USAGE_QUOTAS,
+        ),
+    ),
+    Migration(
+        2,
+        "pipeline execution: run bookkeeping columns, step attempts, idempotency keys",
+        creates=(TENANT_IDEMPOTENCY_KEYS,),
+        adds=(
+            (
+                TENANT_PIPELINE_RUNS,
+                (
+                    "provider",
+                    "domain",
+                    "template",
+                    "idempotency_key",
+                    "attempt",
+                    "worker_id",
+                    "heartbeat_at",
+                    "cancel_requested",
+                ),
+            ),
+            (TENANT_STEP_LOGS, ("attempts",)),
         ),
     ),
 )

@@ -1,0 +1,254 @@
+"""The executor: a bounded pool of workers in the server process that runs PENDING runs.
+
+Each worker claims the oldest PENDING run (an atomic PENDING -> RUNNING update), runs it
+with the engine and ends it COMPLETE or FAILED. A heartbeat marks the runs this process
+holds; runs found RUNNING without a fresh heartbeat (their server died) are recovered:
+run again when their template allows (`on_crash: retry`, at most `MAX_ATTEMPTS` times),
+else ended FAILED. A store that one process owns alone (the embedded one) recovers every
+RUNNING run at start-up; PENDING runs simply wait for a worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from convergence_server import logs
+from convergence_server.domain.runs import COMPLETE, FAILED, RUNNING, RunEvents
+from convergence_server.engine.runner import (
+    DqResult,
+    PipelineRun,
+    RunCancelled,
+    StepFailed,
+    StepOutcome,
+)
+from convergence_server.engine.templates import Catalog, ParameterError, Step
+from convergence_server.storage import Store
+from convergence_server.storage.records import DqRecord, RunRecord, StepRecord
+
+log = logging.getLogger(__name__)
+
+MAX_ATTEMPTS = 3
+CANCELLED_MESSAGE = "Cancelled by request while running; its changes were rolled back"
+
+
+@dataclass(frozen=True)
+class ExecutorSettings:
+    workers: int = 4
+    heartbeat_seconds: float = 5.0
+    lease_seconds: float = 30.0
+    sample_data: Path = Path("configs/sample_data")
+    source_roots: tuple[Path, ...] = ()
+
+
+class _Observer:
+    """Persists a run's progress as the engine reports it."""
+
+    def __init__(self, store: Store, run: RunRecord, events: RunEvents) -> None:
+        self._store = store
+        self._run = run
+        self._events = events
+        self._step_ids: dict[int, str] = {}
+
+    async def cancel_requested(self) -> bool:
+        return await self._store.cancel_requested(self._run.pipeline_logging_id)
+
+    def _record(self, index: int, step: Step, started: datetime) -> StepRecord:
+        step_id = self._step_ids.setdefault(index, str(uuid.uuid4()))
+        return StepRecord(
+            step_logging_id=step_id,
+            pipeline_logging_id=self._run.pipeline_logging_id,
+            pipeline_id=self._run.pipeline_id,
+            tenant_id=self._run.tenant_id,
+            step_name=step.name,
+            step_type=step.kind,
+            step_index=index,
+            status=RUNNING,
+            step_start_time=started,
+        )
+
+    async def step_started(self, index: int, step: Step, at: datetime) -> None:
+        await self._store.save_step(self._record(index, step, at))
+        self._events.publish(self._run.pipeline_logging_id)
+
+    async def step_finished(
+        self, index: int, step: Step, started: datetime, outcome: StepOutcome
+    ) -> None:
+        ended = datetime.now(UTC)
+        record = replace(
+            self._record(index, step, started),
+            status=FAILED if outcome.error else COMPLETE,
+            rows_processed=outcome.rows,
+            step_end_time=ended,
+            duration_ms=int((ended - started).total_seconds() * 1000),
+            error_message=outcome.error,
+            attempts=outcome.attempts,
+        )
+        await self._store.save_step(record)
+        self._events.publish(self._run.pipeline_logging_id)
+
+    async def dq_checked(self, step: Step, results: list[DqResult]) -> None:
+        now = datetime.now(UTC)
+        day = self._run.parameters.get("date")
+        await self._store.add_dq_results(
+            [
+                DqRecord(
+                    dq_result_id=str(uuid.uuid4()),
+                    pipeline_logging_id=self._run.pipeline_logging_id,
+                    pipeline_id=self._run.pipeline_id,
+                    tenant_id=self._run.tenant_id,
+                    step_name=step.name,
+                    check_name=r.check.name,
+                    check_type=r.check.type,
+                    severity=r.check.severity,
+                    status="PASSED" if r.passed else "FAILED",
+                    observed_value=r.observed,
+                    expected_value=r.expected,
+                    message=r.message,
+                    ingestion_date=datetime.fromisoformat(day).date() if day else now.date(),
+                    created_at=now,
+                )
+                for r in results
+            ]
+        )
+
+
+class Executor:
+    def __init__(
+        self,
+        store: Store,
+        catalog: Catalog,
+        events: RunEvents,
+        settings: ExecutorSettings,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self._store = store
+        self._catalog = catalog
+        self._events = events
+        self._settings = settings
+        self._clock = clock
+        self._worker_id = f"worker-{uuid.uuid4().hex[:12]}"
+        self._wakeup = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._in_flight: set[str] = set()
+
+    def wake(self) -> None:
+        self._wakeup.set()
+
+    async def start(self) -> None:
+        if self._store.exclusive:
+            await self.recover(self._clock())
+            await self._store.drop_stage_tables()
+        self._tasks = [
+            asyncio.create_task(self._work(), name=f"run-worker-{i}")
+            for i in range(self._settings.workers)
+        ]
+        self._tasks.append(asyncio.create_task(self._keep_alive(), name="run-heartbeat"))
+
+    async def stop(self) -> None:
+        """Stops the workers; runs they held return to PENDING for the next start."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def recover(self, stale_before: datetime) -> None:
+        for run in await self._store.stale_runs(stale_before):
+            template = self._catalog.get(run.provider, run.domain, run.template)
+            retry = template is not None and template.on_crash == "retry"
+            if (
+                retry
+                and run.attempt < MAX_ATTEMPTS
+                and await self._store.requeue_run(run.pipeline_logging_id)
+            ):
+                log.warning("run %s requeued after a server stop", run.pipeline_logging_id)
+            else:
+                await self._store.finish_run(
+                    run.pipeline_logging_id,
+                    FAILED,
+                    self._clock(),
+                    f"The server stopped while the run was in progress (attempt {run.attempt})",
+                )
+            self._events.publish(run.pipeline_logging_id)
+
+    async def _keep_alive(self) -> None:
+        lease = timedelta(seconds=self._settings.lease_seconds)
+        while True:
+            await asyncio.sleep(self._settings.heartbeat_seconds)
+            try:
+                await self._store.heartbeat(sorted(self._in_flight), self._clock())
+                await self.recover(self._clock() - lease)
+            except Exception:
+                log.exception("heartbeat failed")
+
+    async def _work(self) -> None:
+        while True:
+            try:
+                run = await self._store.claim_next_run(self._worker_id, self._clock())
+            except Exception:
+                log.exception("cannot claim a run")
+                run = None
+            if run is None:
+                self._wakeup.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wakeup.wait(), 1.0)
+                continue
+            self._wakeup.set()  # there may be more: let another idle worker look
+            await self._execute(run)
+
+    async def _execute(self, run: RunRecord) -> None:
+        run_id = run.pipeline_logging_id
+        self._in_flight.add(run_id)
+        logs.tenant_id_var.set(run.tenant_id)
+        self._events.publish(run_id)
+        status, error = FAILED, ""
+        try:
+            status, error = await self._run_pipeline(run)
+        except asyncio.CancelledError:
+            # The server is stopping: hand the run back so that it is not lost.
+            await asyncio.shield(self._store.requeue_run(run_id))
+            raise
+        finally:
+            self._in_flight.discard(run_id)
+        await self._store.finish_run(run_id, status, self._clock(), error)
+        self._events.publish(run_id)
+        log.info("run %s ended %s", run_id, status, extra={"fields": {"error": error}})
+
+    async def _run_pipeline(self, run: RunRecord) -> tuple[str, str]:
+        template = self._catalog.get(run.provider, run.domain, run.template)
+        if template is None:
+            return (
+                FAILED,
+                f"The template {run.provider}/{run.domain}/{run.template} no longer exists",
+            )
+        try:
+            parameters = template.resolve_parameters(run.parameters, self._clock().date())
+        except ParameterError as exc:
+            return FAILED, f"Invalid parameter: {exc}"
+        warehouse = self._store.warehouse(run.tenant_id)
+        try:
+            await PipelineRun(
+                template=template,
+                catalog=self._catalog,
+                parameters=parameters,
+                warehouse=warehouse,
+                observer=_Observer(self._store, run, self._events),
+                run_id=run.pipeline_logging_id,
+                sample_data=self._settings.sample_data,
+                source_roots=self._settings.source_roots,
+            ).execute()
+        except StepFailed as exc:
+            return FAILED, str(exc)
+        except RunCancelled:
+            return FAILED, CANCELLED_MESSAGE
+        except Exception:
+            log.exception("run %s failed unexpectedly", run.pipeline_logging_id)
+            return FAILED, "Internal error while running the pipeline (see the server log)"
+        finally:
+            await warehouse.close()
+        return COMPLETE, ""

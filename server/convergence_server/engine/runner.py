@@ -1,0 +1,295 @@
+"""Runs one pipeline: its steps in order, then publishes what they wrote, or nothing.
+
+Write-audit-publish: every step writes to a staging table of the run (`_stage_...`), data
+quality checks read the staged data, and only when every step has passed are the staged
+tables moved into their destinations, in one transaction. A failed or cancelled run thus
+leaves the tenant's tables exactly as they were; its step logs and DQ results remain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+import sqlglot
+from sqlglot import exp
+
+from convergence_server.engine.templates import Catalog, DqCheck, Step, Template
+from convergence_server.storage.sql import quote
+from convergence_server.storage.warehouse import (
+    Publication,
+    TransientError,
+    Warehouse,
+    WarehouseError,
+)
+
+STAGE_PREFIX = "_stage_"
+_REMOTE = re.compile(r"(gs|s3)://[^\s'\"]+")
+_PLACEHOLDER = re.compile(r"\{([a-z][a-z0-9_]*)\}")
+
+
+class StepFailed(Exception):
+    """A step failed; the message is what the run's `error_message` says."""
+
+
+class RunCancelled(Exception):
+    """The run was cancelled; it stopped at a step boundary."""
+
+
+@dataclass(frozen=True)
+class DqResult:
+    check: DqCheck
+    passed: bool
+    observed: str
+    expected: str
+    message: str
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    rows: int
+    attempts: int
+    error: str = ""
+
+
+class RunObserver(Protocol):
+    """Where the engine reports progress; the domain persists it."""
+
+    async def cancel_requested(self) -> bool: ...
+
+    async def step_started(self, index: int, step: Step, at: datetime) -> None: ...
+
+    async def step_finished(
+        self, index: int, step: Step, started: datetime, outcome: StepOutcome
+    ) -> None: ...
+
+    async def dq_checked(self, step: Step, results: list[DqResult]) -> None: ...
+
+
+@dataclass
+class PipelineRun:
+    """One execution of a template for a tenant, against its warehouse."""
+
+    template: Template
+    catalog: Catalog
+    parameters: Mapping[str, Any]
+    warehouse: Warehouse
+    observer: RunObserver
+    run_id: str
+    sample_data: Path
+    source_roots: tuple[Path, ...]
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+    staged: dict[str, str] = field(default_factory=dict)
+    publications: list[Publication] = field(default_factory=list)
+
+    async def execute(self) -> None:
+        """Runs every step, then publishes; raises StepFailed or RunCancelled."""
+        try:
+            for index, step in enumerate(self.template.steps):
+                if await self.observer.cancel_requested():
+                    raise RunCancelled
+                started = datetime.now(UTC)
+                await self.observer.step_started(index, step, started)
+                outcome = await self._attempt(step)
+                await self.observer.step_finished(index, step, started, outcome)
+                if outcome.error:
+                    raise StepFailed(f"step {step.name} failed: {outcome.error}")
+            if await self.observer.cancel_requested():
+                raise RunCancelled
+            await self._retrying(lambda: self.warehouse.publish(self.publications), 3)
+        finally:
+            await self.warehouse.drop(list(self.staged.values()))
+
+    async def _attempt(self, step: Step) -> StepOutcome:
+        attempts = 0
+        for attempts in range(1, step.retry.attempts + 1):
+            try:
+                rows = await self._run_step(step)
+                return StepOutcome(rows=rows, attempts=attempts)
+            except TransientError as exc:
+                if attempts == step.retry.attempts:
+                    return StepOutcome(0, attempts, f"{exc} (after {attempts} attempts)")
+                await self.sleep(step.retry.backoff_seconds * 2 ** (attempts - 1))
+            except (StepFailed, WarehouseError) as exc:
+                return StepOutcome(0, attempts, str(exc))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _retrying(self, action: Callable[[], Awaitable[None]], attempts: int) -> None:
+        for attempt in range(1, attempts + 1):
+            try:
+                await action()
+                return
+            except TransientError:
+                if attempt == attempts:
+                    raise
+                await self.sleep(0.1 * 2**attempt)
+
+    async def _run_step(self, step: Step) -> int:
+        if step.kind == "load":
+            return await self._load(step)
+        if step.kind == "query":
+            return await self._query(step)
+        return await self._check(step)
+
+    # -- steps ------------------------------------------------------------------------------
+
+    def _stage(self, table: str) -> str:
+        stage = f"{STAGE_PREFIX}{self.run_id.replace('-', '')[:16]}_{table}"
+        self.staged[table] = stage
+        return stage
+
+    async def _load(self, step: Step) -> int:
+        uri = self._source(step.source)
+        stage = self._stage(step.destination)
+        rows = await self.warehouse.load(stage, uri, step.format)
+        self.publications.append(Publication(stage, step.destination, step.write_mode))
+        return rows
+
+    async def _query(self, step: Step) -> int:
+        stage = self._stage(step.destination)
+        rows = await self.warehouse.create_as(stage, self._sql(step.sql), self.parameters)
+        shared = self.catalog.schemas.get(step.schema) if step.schema else None
+        schema = shared.columns if shared else ()
+        if schema:
+            got, want = await self.warehouse.columns(stage), [c.name for c in schema]
+            if got != want:
+                missing = [c for c in want if c not in got]
+                extra = [c for c in got if c not in want]
+                raise StepFailed(
+                    f"the query's columns must be exactly those of schema {step.schema}, "
+                    f"in order (missing: {missing or 'none'}; unexpected: {extra or 'none'})"
+                )
+        union_view = None
+        if shared:
+            union_view = (shared.union_view, self.catalog.tables_with_schema(shared.name))
+        self.publications.append(
+            Publication(
+                stage,
+                step.destination,
+                step.write_mode,
+                partition_column=step.partition_column,
+                partition_value=self.parameters.get("date"),
+                schema=schema,
+                union_view=union_view,
+            )
+        )
+        return rows
+
+    async def _check(self, step: Step) -> int:
+        table = self.staged.get(step.table, step.table)
+        source = f"{quote(self.warehouse.dataset)}.{quote(table)}"
+        scope = f"({step.where})" if step.where else "TRUE"
+        rows = await self.warehouse.count(
+            f"SELECT COUNT(*) FROM {source} WHERE {scope}", self.parameters
+        )
+        present = await self.warehouse.columns(table)
+        results = [await self._evaluate(c, source, scope, rows, present) for c in step.checks]
+        await self.observer.dq_checked(step, results)
+        failed = [r for r in results if not r.passed and r.check.severity == "error"]
+        if failed:
+            raise StepFailed(
+                "data quality check(s) failed: "
+                + "; ".join(f"{r.check.name} ({r.message})" for r in failed)
+            )
+        return rows
+
+    async def _evaluate(
+        self, check: DqCheck, source: str, scope: str, rows: int, present: list[str]
+    ) -> DqResult:
+        if check.type == "columns_present":
+            missing = [c for c in check.columns if c not in present]
+            return DqResult(
+                check,
+                not missing,
+                f"missing: {', '.join(missing)}" if missing else "all present",
+                ", ".join(check.columns),
+                f"{len(missing)} required column(s) missing: {', '.join(missing)}"
+                if missing
+                else "every required column is present",
+            )
+        if check.type == "row_count":
+            low, high = check.minimum, check.maximum
+            ok = (low is None or rows >= low) and (high is None or rows <= high)
+            expected = f"{'' if low is None else low}..{'' if high is None else high}"
+            return DqResult(check, ok, str(rows), expected, f"{rows} rows (expected {expected})")
+        missing = [c for c in (check.column, *check.columns) if c and c not in present]
+        if missing:
+            return DqResult(
+                check, False, "column missing", "", f"column(s) {', '.join(missing)} missing"
+            )
+        params = dict(self.parameters)
+        if check.type == "not_null":
+            condition = f"{quote(check.column)} IS NULL"
+            what = f"rows with NULL {check.column}"
+        elif check.type == "accepted_values":
+            names = [f"dq_value_{i}" for i in range(len(check.values))]
+            params.update(zip(names, check.values, strict=True))
+            listed = ", ".join(f"@{n}" for n in names)
+            condition = (
+                f"{quote(check.column)} IS NOT NULL "
+                f"AND CAST({quote(check.column)} AS STRING) NOT IN ({listed})"
+            )
+            what = f"rows with {check.column} outside {list(check.values)}"
+        elif check.type == "expression":
+            condition = f"({check.sql}) IS NOT TRUE"
+            what = f"rows where NOT ({check.sql})"
+        else:  # unique
+            columns = ", ".join(quote(c) for c in check.columns)
+            failures = await self.warehouse.count(
+                f"SELECT COUNT(*) FROM (SELECT {columns} FROM {source} WHERE {scope} "
+                f"GROUP BY {columns} HAVING COUNT(*) > 1)",
+                params,
+            )
+            return DqResult(
+                check,
+                failures == 0,
+                str(failures),
+                "0",
+                f"{failures} duplicated value(s) of ({', '.join(check.columns)})",
+            )
+        failures = await self.warehouse.count(
+            f"SELECT COUNT(*) FROM {source} WHERE {scope} AND {condition}", params
+        )
+        return DqResult(check, failures == 0, str(failures), "0", f"{failures} {what}")
+
+    # -- rendering --------------------------------------------------------------------------
+
+    def _source(self, template: str) -> str:
+        values = {"sample_data": str(self.sample_data), **self.parameters}
+        uri = _PLACEHOLDER.sub(lambda m: str(values[m.group(1)]), template)
+        if _REMOTE.fullmatch(uri):
+            return uri
+        if "://" in uri:
+            raise StepFailed(f"unsupported source {uri!r}: use a local path, gs:// or s3://")
+        path = Path(uri).resolve()
+        if not any(path.is_relative_to(root.resolve()) for root in self.source_roots):
+            raise StepFailed(f"source {uri!r} is outside the allowed source folders")
+        if not path.is_file():
+            raise StepFailed(f"source file {uri!r} does not exist")
+        return str(path)
+
+    def _sql(self, text: str) -> str:
+        """The step's SQL with `{dataset}` filled in and this run's staged tables read."""
+        sql = text.replace("{dataset}", quote(self.warehouse.dataset))
+        try:
+            statements = sqlglot.parse(sql, read="bigquery")
+        except sqlglot.errors.ParseError as exc:
+            raise StepFailed(f"cannot parse the step's SQL: {exc}") from None
+
+        def read_staged(node: exp.Expression) -> exp.Expression:
+            if (
+                isinstance(node, exp.Table)
+                and node.db == self.warehouse.dataset
+                and node.name in self.staged
+            ):
+                node.set("this", exp.to_identifier(self.staged[node.name]))
+            return node
+
+        return ";\n".join(
+            s.transform(read_staged).sql(dialect="bigquery") for s in statements if s is not None
+        )

@@ -1,0 +1,340 @@
+"""Run, step and data-quality records in the embedded store (a part of DuckDBStore).
+
+Run state changes are conditional UPDATEs (`... WHERE status = 'RUNNING'`), so a late
+writer can never move a finished run back; on BigQuery the same port is served by
+append-only events instead (see the BigQuery adapter).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import duckdb
+
+from convergence_server.storage.identifiers import quote_identifier
+from convergence_server.storage.records import (
+    DqRecord,
+    RunCursor,
+    RunFilter,
+    RunRecord,
+    StepRecord,
+)
+
+CENTRAL = quote_identifier("tenants")
+RUNS = f"{CENTRAL}.tenant_pipeline_runs"
+STEPS = f"{CENTRAL}.tenant_step_logs"
+KEYS = f"{CENTRAL}.tenant_idempotency_keys"
+RUN_COLUMNS = (
+    "pipeline_logging_id, pipeline_id, tenant_id, provider, domain, template, status, "
+    "trigger_type, trigger_by, user_id, parameters, created_at, start_time, end_time, "
+    "duration_ms, error_message, idempotency_key, attempt, cancel_requested"
+)
+STEP_COLUMNS = (
+    "step_logging_id, pipeline_logging_id, pipeline_id, tenant_id, step_name, step_type, "
+    "step_index, status, step_start_time, rows_processed, step_end_time, duration_ms, "
+    "error_message, attempts"
+)
+
+
+def naive(moment: datetime | None) -> datetime | None:
+    return None if moment is None else moment.astimezone(UTC).replace(tzinfo=None)
+
+
+def aware(moment: datetime | None) -> datetime | None:
+    return None if moment is None else moment.replace(tzinfo=UTC)
+
+
+def run_from_row(row: Sequence[Any]) -> RunRecord:
+    return RunRecord(
+        pipeline_logging_id=row[0],
+        pipeline_id=row[1],
+        tenant_id=row[2],
+        provider=row[3] or "",
+        domain=row[4] or "",
+        template=row[5] or "",
+        status=row[6],
+        trigger_type=row[7],
+        trigger_by=row[8] or "",
+        user_id=row[9] or "",
+        parameters=json.loads(row[10]) if row[10] else {},
+        created_at=aware(row[11]) or datetime.now(UTC),
+        start_time=aware(row[12]),
+        end_time=aware(row[13]),
+        duration_ms=row[14],
+        error_message=row[15] or "",
+        idempotency_key=row[16] or "",
+        attempt=row[17] or 1,
+        cancel_requested=bool(row[18]),
+    )
+
+
+def step_from_row(row: Sequence[Any]) -> StepRecord:
+    return StepRecord(
+        step_logging_id=row[0],
+        pipeline_logging_id=row[1],
+        pipeline_id=row[2],
+        tenant_id=row[3],
+        step_name=row[4],
+        step_type=row[5],
+        step_index=row[6],
+        status=row[7],
+        step_start_time=aware(row[8]) or datetime.now(UTC),
+        rows_processed=row[9] or 0,
+        step_end_time=aware(row[10]),
+        duration_ms=row[11],
+        error_message=row[12] or "",
+        attempts=row[13] or 0,
+    )
+
+
+def insert_run(cur: duckdb.DuckDBPyConnection, run: RunRecord) -> None:
+    cur.execute(
+        f"INSERT INTO {RUNS} ({RUN_COLUMNS}) VALUES "
+        "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [
+            run.pipeline_logging_id,
+            run.pipeline_id,
+            run.tenant_id,
+            run.provider,
+            run.domain,
+            run.template,
+            run.status,
+            run.trigger_type,
+            run.trigger_by,
+            run.user_id or None,
+            json.dumps(run.parameters, sort_keys=True),
+            naive(run.created_at),
+            naive(run.start_time),
+            naive(run.end_time),
+            run.duration_ms,
+            run.error_message or None,
+            run.idempotency_key or None,
+            run.attempt,
+            run.cancel_requested,
+        ],
+    )
+
+
+def create_run(
+    cur: duckdb.DuckDBPyConnection, run: RunRecord, keys_valid_from: datetime
+) -> tuple[RunRecord, bool]:
+    """Inserts the run, or returns the run its idempotency key already started."""
+    cur.begin()
+    try:
+        if run.idempotency_key:
+            row = cur.execute(
+                f"SELECT pipeline_logging_id, created_at FROM {KEYS} "
+                "WHERE tenant_id = ? AND idempotency_key = ?",
+                [run.tenant_id, run.idempotency_key],
+            ).fetchone()
+            if row is not None and aware(row[1]) >= keys_valid_from:  # type: ignore[operator]
+                existing = get_run(cur, run.tenant_id, row[0])
+                cur.rollback()
+                if existing is not None:
+                    return existing, False
+                cur.begin()
+            elif row is not None:
+                cur.execute(
+                    f"DELETE FROM {KEYS} WHERE tenant_id = ? AND idempotency_key = ?",
+                    [run.tenant_id, run.idempotency_key],
+                )
+            cur.execute(
+                f"INSERT INTO {KEYS} VALUES (?, ?, ?, ?)",
+                [
+                    run.tenant_id,
+                    run.idempotency_key,
+                    run.pipeline_logging_id,
+                    naive(run.created_at),
+                ],
+            )
+        insert_run(cur, run)
+        cur.commit()
+    except BaseException:
+        cur.rollback()
+        raise
+    return run, True
+
+
+def get_run(cur: duckdb.DuckDBPyConnection, tenant_id: str, run_id: str) -> RunRecord | None:
+    row = cur.execute(
+        f"SELECT {RUN_COLUMNS} FROM {RUNS} WHERE pipeline_logging_id = ? AND tenant_id = ?",
+        [run_id, tenant_id],
+    ).fetchone()
+    return None if row is None else run_from_row(row)
+
+
+def list_runs(
+    cur: duckdb.DuckDBPyConnection, where: RunFilter, after: RunCursor | None, limit: int
+) -> list[RunRecord]:
+    conditions, values = ["tenant_id = ?"], [where.tenant_id]
+    if where.status:
+        conditions.append("status = ?")
+        values.append(where.status)
+    if where.pipeline_id:
+        conditions.append("pipeline_id = ?")
+        values.append(where.pipeline_id)
+    if where.created_from:
+        conditions.append("created_at >= ?")
+        values.append(naive(where.created_from))  # type: ignore[arg-type]
+    if where.created_before:
+        conditions.append("created_at < ?")
+        values.append(naive(where.created_before))  # type: ignore[arg-type]
+    if after is not None:
+        conditions.append("(created_at, pipeline_logging_id) < (?, ?)")
+        values += [naive(after.created_at), after.pipeline_logging_id]  # type: ignore[list-item]
+    rows = cur.execute(
+        f"SELECT {RUN_COLUMNS} FROM {RUNS} WHERE {' AND '.join(conditions)} "
+        "ORDER BY created_at DESC, pipeline_logging_id DESC LIMIT ?",
+        [*values, limit],
+    ).fetchall()
+    return [run_from_row(row) for row in rows]
+
+
+def claim_next_run(
+    cur: duckdb.DuckDBPyConnection, worker_id: str, now: datetime
+) -> RunRecord | None:
+    """Moves the oldest PENDING run to RUNNING for this worker, atomically."""
+    row = cur.execute(
+        f"UPDATE {RUNS} SET status = 'RUNNING', start_time = ?, worker_id = ?, "
+        "heartbeat_at = ? WHERE pipeline_logging_id = ("
+        f"  SELECT pipeline_logging_id FROM {RUNS} WHERE status = 'PENDING' "
+        "  ORDER BY created_at, pipeline_logging_id LIMIT 1"
+        f") AND status = 'PENDING' RETURNING {RUN_COLUMNS}",
+        [naive(now), worker_id, naive(now)],
+    ).fetchone()
+    return None if row is None else run_from_row(row)
+
+
+def finish_run(
+    cur: duckdb.DuckDBPyConnection,
+    run_id: str,
+    status: str,
+    now: datetime,
+    error_message: str,
+    from_statuses: tuple[str, ...] = ("RUNNING",),
+) -> RunRecord | None:
+    """Ends the run if it is still in one of `from_statuses`; returns it, or None."""
+    marks = ", ".join("?" for _ in from_statuses)
+    row = cur.execute(
+        f"UPDATE {RUNS} SET status = ?, end_time = ?, error_message = ?, "
+        "duration_ms = CASE WHEN start_time IS NULL THEN 0 "
+        "  ELSE CAST(date_diff('millisecond', start_time, ?) AS BIGINT) END "
+        f"WHERE pipeline_logging_id = ? AND status IN ({marks}) RETURNING {RUN_COLUMNS}",
+        [status, naive(now), error_message or None, naive(now), run_id, *from_statuses],
+    ).fetchone()
+    return None if row is None else run_from_row(row)
+
+
+def request_cancel(
+    cur: duckdb.DuckDBPyConnection, tenant_id: str, run_id: str, now: datetime
+) -> RunRecord | None:
+    """A PENDING run ends FAILED now; a RUNNING one is flagged to stop at its next step."""
+    cancelled = finish_run(
+        cur, run_id, "FAILED", now, "Cancelled before it started", from_statuses=("PENDING",)
+    )
+    if cancelled is not None:
+        return cancelled
+    cur.execute(
+        f"UPDATE {RUNS} SET cancel_requested = TRUE "
+        "WHERE pipeline_logging_id = ? AND tenant_id = ? AND status = 'RUNNING'",
+        [run_id, tenant_id],
+    )
+    return get_run(cur, tenant_id, run_id)
+
+
+def cancel_requested(cur: duckdb.DuckDBPyConnection, run_id: str) -> bool:
+    row = cur.execute(
+        f"SELECT cancel_requested FROM {RUNS} WHERE pipeline_logging_id = ?", [run_id]
+    ).fetchone()
+    return bool(row and row[0])
+
+
+def heartbeat(cur: duckdb.DuckDBPyConnection, run_ids: Sequence[str], now: datetime) -> None:
+    if run_ids:
+        marks = ", ".join("?" for _ in run_ids)
+        cur.execute(
+            f"UPDATE {RUNS} SET heartbeat_at = ? "
+            f"WHERE status = 'RUNNING' AND pipeline_logging_id IN ({marks})",
+            [naive(now), *run_ids],
+        )
+
+
+def stale_runs(cur: duckdb.DuckDBPyConnection, stale_before: datetime) -> list[RunRecord]:
+    rows = cur.execute(
+        f"SELECT {RUN_COLUMNS} FROM {RUNS} WHERE status = 'RUNNING' "
+        "AND (heartbeat_at IS NULL OR heartbeat_at < ?) ORDER BY created_at",
+        [naive(stale_before)],
+    ).fetchall()
+    return [run_from_row(row) for row in rows]
+
+
+def requeue_run(cur: duckdb.DuckDBPyConnection, run_id: str) -> bool:
+    """Puts a RUNNING run back to PENDING for another attempt."""
+    row = cur.execute(
+        f"UPDATE {RUNS} SET status = 'PENDING', attempt = attempt + 1, start_time = NULL, "
+        "worker_id = NULL, heartbeat_at = NULL "
+        "WHERE pipeline_logging_id = ? AND status = 'RUNNING' RETURNING pipeline_logging_id",
+        [run_id],
+    ).fetchone()
+    return row is not None
+
+
+def save_step(cur: duckdb.DuckDBPyConnection, step: StepRecord) -> None:
+    cur.execute(
+        f"INSERT OR REPLACE INTO {STEPS} ({STEP_COLUMNS}) VALUES "
+        "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [
+            step.step_logging_id,
+            step.pipeline_logging_id,
+            step.pipeline_id,
+            step.tenant_id,
+            step.step_name,
+            step.step_type,
+            step.step_index,
+            step.status,
+            naive(step.step_start_time),
+            step.rows_processed,
+            naive(step.step_end_time),
+            step.duration_ms,
+            step.error_message or None,
+            step.attempts,
+        ],
+    )
+
+
+def list_steps(cur: duckdb.DuckDBPyConnection, tenant_id: str, run_id: str) -> list[StepRecord]:
+    rows = cur.execute(
+        f"SELECT {STEP_COLUMNS} FROM {STEPS} WHERE tenant_id = ? AND pipeline_logging_id = ? "
+        "ORDER BY step_index, step_start_time",
+        [tenant_id, run_id],
+    ).fetchall()
+    return [step_from_row(row) for row in rows]
+
+
+def add_dq_results(cur: duckdb.DuckDBPyConnection, results: Sequence[DqRecord]) -> None:
+    cur.executemany(
+        f"INSERT INTO {CENTRAL}.tenant_dq_results VALUES "
+        "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [
+            [
+                r.dq_result_id,
+                r.pipeline_logging_id,
+                r.pipeline_id,
+                r.tenant_id,
+                r.step_name,
+                r.check_name,
+                r.check_type,
+                r.severity,
+                r.status,
+                r.observed_value,
+                r.expected_value,
+                r.message,
+                r.ingestion_date,
+                naive(r.created_at),
+            ]
+            for r in results
+        ],
+    )

@@ -1,0 +1,242 @@
+"""A tenant's dataset in the embedded store, as the pipeline engine uses it.
+
+Each run gets its own cursor (its own transactions) and shares the store's thread pool.
+BigQuery SQL is transpiled (`storage.sql.to_duckdb`); parameters are bound by name. CSV
+files load as all-STRING columns and every file's column names are sanitized, as a
+BigQuery load with the same settings would name them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import duckdb
+
+from convergence_server.storage.identifiers import quote_identifier
+from convergence_server.storage.sql import SqlError, to_duckdb
+from convergence_server.storage.warehouse import (
+    Publication,
+    SchemaColumn,
+    TransientError,
+    WarehouseError,
+)
+
+T = TypeVar("T")
+
+STAGE_PREFIX = "_stage_"
+_READERS = {
+    "csv": "read_csv($source, header = true, all_varchar = true)",
+    "ndjson": "read_json($source, format = 'newline_delimited')",
+    "parquet": "read_parquet($source)",
+}
+_TYPES = {
+    "STRING": "VARCHAR",
+    "NUMERIC": "DECIMAL(38, 9)",
+    "BIGNUMERIC": "DECIMAL(38, 18)",
+    "INT64": "BIGINT",
+    "INTEGER": "BIGINT",
+    "FLOAT64": "DOUBLE",
+    "BOOL": "BOOLEAN",
+    "BOOLEAN": "BOOLEAN",
+    "DATE": "DATE",
+    "DATETIME": "TIMESTAMP",
+    "TIMESTAMP": "TIMESTAMPTZ",
+    "JSON": "JSON",
+    "BYTES": "BLOB",
+}
+_PARAMETER = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)")
+
+
+def sanitize(name: str) -> str:
+    cleaned = re.sub(r"[^A-Za-z0-9_]", "_", name)
+    return cleaned if re.match(r"[A-Za-z_]", cleaned) else f"_{cleaned}"
+
+
+def _bind(statement: str, params: Mapping[str, Any]) -> dict[str, Any]:
+    """The parameters a statement uses (DuckDB refuses unused ones)."""
+    used = set(_PARAMETER.findall(statement))
+    missing = used - set(params)
+    if missing:
+        raise WarehouseError(f"the SQL uses undefined parameter(s) {sorted(missing)}")
+    return {name: params[name] for name in used}
+
+
+def drop_stage_tables(cur: duckdb.DuckDBPyConnection) -> int:
+    tables = cur.execute(
+        "SELECT table_schema, table_name FROM information_schema.tables "
+        "WHERE table_name LIKE '\\_stage\\_%' ESCAPE '\\'"
+    ).fetchall()
+    for schema, table in tables:
+        cur.execute(f"DROP TABLE IF EXISTS {quote_identifier(schema)}.{quote_identifier(table)}")
+    return len(tables)
+
+
+class DuckDBWarehouse:
+    def __init__(
+        self, dataset: str, cursor: duckdb.DuckDBPyConnection, executor: ThreadPoolExecutor
+    ) -> None:
+        self.dataset = dataset
+        self._schema = quote_identifier(dataset)
+        self._cursor = cursor
+        self._executor = executor
+        cursor.execute("SET TimeZone = 'UTC'")
+
+    async def _call(self, fn: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
+        def run() -> T:
+            try:
+                return fn(self._cursor)
+            except duckdb.TransactionException as exc:
+                raise TransientError(str(exc)) from exc
+            except (duckdb.Error, SqlError) as exc:
+                raise WarehouseError(_first_line(exc)) from exc
+
+        return await asyncio.get_running_loop().run_in_executor(self._executor, run)
+
+    def _table(self, name: str) -> str:
+        return f"{self._schema}.{quote_identifier(name)}"
+
+    async def load(self, table: str, uri: str, fmt: str) -> int:
+        if "://" in uri:
+            raise WarehouseError(
+                f"{uri.split('://')[0]}:// sources need the BigQuery store; "
+                "the embedded store reads local files"
+            )
+        reader = _READERS[fmt]
+
+        def load(cur: duckdb.DuckDBPyConnection) -> int:
+            names = [
+                d[0]
+                for d in cur.execute(f"SELECT * FROM {reader} LIMIT 0", {"source": uri}).description
+            ]
+            renamed = [sanitize(n) for n in names]
+            if len(set(renamed)) != len(renamed):
+                raise WarehouseError("two columns have the same name once sanitized")
+            select = ", ".join(
+                f"{quote_identifier_any(n)} AS {quote_identifier(r)}"
+                for n, r in zip(names, renamed, strict=True)
+            )
+            cur.execute(
+                f"CREATE OR REPLACE TABLE {self._table(table)} AS SELECT {select} FROM {reader}",
+                {"source": uri},
+            )
+            return _count(cur, self._table(table))
+
+        return await self._call(load)
+
+    async def create_as(self, table: str, sql: str, params: Mapping[str, Any]) -> int:
+        def create(cur: duckdb.DuckDBPyConnection) -> int:
+            statements = to_duckdb(sql)
+            if len(statements) != 1:
+                raise WarehouseError("a query step runs exactly one SELECT statement")
+            (statement,) = statements
+            cur.execute(
+                f"CREATE OR REPLACE TABLE {self._table(table)} AS {statement}",
+                _bind(statement, params),
+            )
+            return _count(cur, self._table(table))
+
+        return await self._call(create)
+
+    async def count(self, sql: str, params: Mapping[str, Any]) -> int:
+        def count(cur: duckdb.DuckDBPyConnection) -> int:
+            (statement,) = to_duckdb(sql)
+            row = cur.execute(statement, _bind(statement, params)).fetchone()
+            return int(row[0]) if row else 0
+
+        return await self._call(count)
+
+    async def columns(self, table: str) -> list[str]:
+        def columns(cur: duckdb.DuckDBPyConnection) -> list[str]:
+            rows = cur.execute(
+                "SELECT column_name FROM information_schema.columns "
+                "WHERE table_schema = ? AND table_name = ? ORDER BY ordinal_position",
+                [self.dataset, table],
+            ).fetchall()
+            return [r[0] for r in rows]
+
+        return await self._call(columns)
+
+    async def publish(self, writes: Sequence[Publication]) -> None:
+        def publish(cur: duckdb.DuckDBPyConnection) -> None:
+            cur.begin()
+            try:
+                for write in writes:
+                    self._publish_one(cur, write)
+                cur.commit()
+            except BaseException:
+                cur.rollback()
+                raise
+
+        await self._call(publish)
+
+    def _publish_one(self, cur: duckdb.DuckDBPyConnection, write: Publication) -> None:
+        destination, stage = self._table(write.destination), self._table(write.stage)
+        if write.write_mode == "truncate" and not write.schema:
+            cur.execute(f"CREATE OR REPLACE TABLE {destination} AS SELECT * FROM {stage}")
+            return
+        if write.schema:
+            cur.execute(f"CREATE TABLE IF NOT EXISTS {destination} ({_columns_sql(write.schema)})")
+        else:
+            cur.execute(f"CREATE TABLE IF NOT EXISTS {destination} AS FROM {stage} LIMIT 0")
+        if write.write_mode == "truncate":
+            cur.execute(f"DELETE FROM {destination}")
+        elif write.write_mode == "replace_partition":
+            cur.execute(
+                f"DELETE FROM {destination} "
+                f"WHERE CAST({quote_identifier_any(write.partition_column)} AS DATE) = $day",
+                {"day": write.partition_value},
+            )
+        cur.execute(f"INSERT INTO {destination} BY NAME SELECT * FROM {stage}")
+        if write.union_view is not None:
+            self._refresh_union_view(cur, *write.union_view, write.schema)
+
+    def _refresh_union_view(
+        self,
+        cur: duckdb.DuckDBPyConnection,
+        view: str,
+        tables: Sequence[str],
+        schema: Sequence[SchemaColumn],
+    ) -> None:
+        existing = {
+            r[0]
+            for r in cur.execute(
+                "SELECT table_name FROM information_schema.tables WHERE table_schema = ?",
+                [self.dataset],
+            ).fetchall()
+        }
+        columns = ", ".join(quote_identifier_any(c.name) for c in schema)
+        selects = [f"SELECT {columns} FROM {self._table(t)}" for t in tables if t in existing]
+        cur.execute(f"CREATE OR REPLACE VIEW {self._table(view)} AS {' UNION ALL '.join(selects)}")
+
+    async def drop(self, tables: Sequence[str]) -> None:
+        def drop(cur: duckdb.DuckDBPyConnection) -> None:
+            for table in tables:
+                cur.execute(f"DROP TABLE IF EXISTS {self._table(table)}")
+
+        await self._call(drop)
+
+    async def close(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._cursor.close)
+
+
+def quote_identifier_any(name: str) -> str:
+    """Quotes a column name from a file or a schema (any characters; quotes doubled)."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _columns_sql(schema: Sequence[SchemaColumn]) -> str:
+    return ", ".join(f"{quote_identifier_any(c.name)} {_TYPES[c.type.upper()]}" for c in schema)
+
+
+def _count(cur: duckdb.DuckDBPyConnection, table: str) -> int:
+    row = cur.execute(f"SELECT COUNT(*) FROM {table}").fetchone()
+    return int(row[0]) if row else 0
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,0 +1,48 @@
+"""BigQuery SQL, the language of templates and of integrators' queries, run on DuckDB.
+
+`to_duckdb` transpiles with sqlglot, mapping BigQuery's bare NUMERIC to DECIMAL(38, 9)
+(its real precision; DuckDB's bare DECIMAL keeps 3 decimals) and dropping the configured
+project from `project.dataset.table` names. Named parameters (`@date`) become DuckDB's
+`$date` and are always bound, never formatted into the text.
+"""
+
+from __future__ import annotations
+
+import sqlglot
+from sqlglot import exp
+
+_BIGQUERY_NUMERIC = exp.DataType.build("DECIMAL(38, 9)", dialect="duckdb")
+
+
+class SqlError(ValueError):
+    """The SQL could not be parsed or transpiled; the message says where."""
+
+
+def _fix(node: exp.Expression, project: str | None) -> exp.Expression:
+    if (
+        isinstance(node, exp.DataType)
+        and node.this == exp.DataType.Type.DECIMAL
+        and not node.expressions
+    ):
+        return _BIGQUERY_NUMERIC.copy()
+    if isinstance(node, exp.Table) and project and node.catalog == project:
+        node.set("catalog", None)
+    return node
+
+
+def to_duckdb(sql: str, project: str | None = None) -> list[str]:
+    """The DuckDB statements for a BigQuery script (one or more statements)."""
+    try:
+        statements = sqlglot.parse(sql, read="bigquery")
+    except sqlglot.errors.ParseError as exc:
+        raise SqlError(f"cannot parse the SQL: {exc}") from None
+    return [
+        statement.transform(_fix, project).sql(dialect="duckdb")
+        for statement in statements
+        if statement is not None
+    ]
+
+
+def quote(name: str) -> str:
+    """A BigQuery identifier; callers pass names already checked against a strict pattern."""
+    return f"`{name}`"

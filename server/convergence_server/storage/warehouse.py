@@ -1,0 +1,69 @@
+"""The warehouse port: what the pipeline engine needs from a tenant's dataset.
+
+SQL given to a warehouse is BigQuery SQL with named parameters; each adapter runs it in its
+own way (DuckDB transpiles it; BigQuery runs it as is). Table names are plain names in the
+tenant's dataset, already checked against the template name pattern.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import date
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True)
+class SchemaColumn:
+    """A column of a shared output schema (configs/schemas/*.yml); `type` is BigQuery's."""
+
+    name: str
+    type: str
+    description: str = ""
+
+
+class TransientError(Exception):
+    """A failure worth retrying (a write conflict, a backend hiccup)."""
+
+
+class WarehouseError(Exception):
+    """A failure that retrying cannot fix (bad SQL, a missing file, wrong types)."""
+
+
+class Warehouse(Protocol):
+    dataset: str
+
+    async def load(self, table: str, uri: str, fmt: str) -> int:
+        """Replaces `table` with the file's rows (CSV: all STRING); returns the row count."""
+
+    async def create_as(self, table: str, sql: str, params: Mapping[str, Any]) -> int:
+        """Replaces `table` with the query's result; returns its row count."""
+
+    async def count(self, sql: str, params: Mapping[str, Any]) -> int:
+        """The single integer a `SELECT COUNT(*) ...` query returns."""
+
+    async def columns(self, table: str) -> list[str]:
+        """The column names of `table`, in order; empty when it does not exist."""
+
+    async def publish(self, writes: Sequence[Publication]) -> None:
+        """Applies every staged write to its destination in one transaction."""
+
+    async def drop(self, tables: Sequence[str]) -> None:
+        """Drops the tables if they exist."""
+
+    async def close(self) -> None:
+        """Releases the connection the run used."""
+
+
+@dataclass(frozen=True)
+class Publication:
+    """A staged table to move into its destination when the whole run has succeeded."""
+
+    stage: str
+    destination: str
+    write_mode: str  # truncate | append | replace_partition
+    partition_column: str = ""
+    partition_value: date | None = None
+    schema: tuple[SchemaColumn, ...] = ()
+    # (view name, every table sharing the schema): the view to refresh after publishing.
+    union_view: tuple[str, tuple[str, ...]] | None = None
