@@ -137,6 +137,7 @@ class Executor:
         self._wakeup = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._in_flight: set[str] = set()
+        self._claiming = asyncio.Lock()
 
     def wake(self) -> None:
         self._wakeup.set()
@@ -189,7 +190,8 @@ class Executor:
     async def _work(self) -> None:
         while True:
             try:
-                run = await self._store.claim_next_run(self._worker_id, self._clock())
+                async with self._claiming:
+                    run = await self._store.claim_next_run(self._worker_id, self._clock())
             except Exception:
                 log.exception("cannot claim a run")
                 run = None

@@ -260,8 +260,11 @@ class PipelineRun:
     # -- rendering --------------------------------------------------------------------------
 
     def _source(self, template: str) -> str:
-        values = {"sample_data": str(self.sample_data), **self.parameters}
-        uri = _PLACEHOLDER.sub(lambda m: str(values[m.group(1)]), template)
+        """The step's source with parameters, then `{sample_data}`, filled in."""
+        uri = _PLACEHOLDER.sub(
+            lambda m: str(self.parameters.get(m.group(1), m.group(0))), template
+        )
+        uri = uri.replace("{sample_data}", str(self.sample_data))
         if _REMOTE.fullmatch(uri):
             return uri
         if "://" in uri:

@@ -49,6 +49,7 @@ _TYPES = {
 }
 CENTRAL = quote_identifier(schema.CENTRAL_DATASET)
 WORKER_THREADS = 4
+CONFLICT_RETRIES = 6
 
 
 def _utc_naive(moment: datetime) -> datetime:
@@ -144,11 +145,19 @@ class DuckDBStore:
 
     def _submit(self, fn: Callable[[duckdb.DuckDBPyConnection], T]) -> asyncio.Future[T]:
         def run() -> T:
-            try:
-                return fn(self._cursor())
-            except duckdb.ConnectionException as exc:
-                log.error("embedded store unavailable: %s", exc)
-                raise Unavailable("the embedded store is unavailable") from exc
+            for attempt in range(CONFLICT_RETRIES):
+                try:
+                    return fn(self._cursor())
+                except duckdb.TransactionException:
+                    # Two writers touched the same row at once; the statement (or the
+                    # transaction `fn` ran) did not apply: run it again.
+                    if attempt == CONFLICT_RETRIES - 1:
+                        raise
+                    time.sleep(0.002 * 2**attempt)
+                except duckdb.ConnectionException as exc:
+                    log.error("embedded store unavailable: %s", exc)
+                    raise Unavailable("the embedded store is unavailable") from exc
+            raise AssertionError("unreachable")  # pragma: no cover
 
         return asyncio.get_running_loop().run_in_executor(self._executor, run)
 
