@@ -27,11 +27,33 @@ async def _serve(config: Config) -> None:
     await server.stop()
 
 
+def _validate(config: Config) -> int:
+    from convergence_server.domain.plans import PlanCatalogError, load_plans
+    from convergence_server.engine.templates import TemplateError, load_catalog
+
+    try:
+        plans = load_plans(config.plans_path)
+        catalog = load_catalog(config.config_dir)
+    except (PlanCatalogError, TemplateError) as exc:
+        print(f"invalid: {exc}", file=sys.stderr)
+        return 1
+    for key in sorted(catalog.templates):
+        print(f"ok  {key}")
+    print(f"{len(catalog.templates)} templates and {len(plans)} plans are valid")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="convergence-server")
     commands = parser.add_subparsers(dest="command")
     commands.add_parser("serve", help="run the gRPC server (default)")
     commands.add_parser("stack", help="run the gRPC server and Envoy (REST) together")
+    commands.add_parser("validate", help="check plans.yml and every pipeline template")
+    sql = commands.add_parser(
+        "sql", help="run BigQuery SQL on the embedded store (stop the server first)"
+    )
+    sql.add_argument("query", help="BigQuery SQL; `your-project` is CONVERGENCE_PROJECT")
+    sql.add_argument("--format", choices=("table", "json"), default="table")
     render = commands.add_parser("envoy-config", help="print the rendered Envoy config")
     render.add_argument("--grpc-port", type=int, help="upstream port (default: configured)")
     args = parser.parse_args(argv)
@@ -39,6 +61,12 @@ def main(argv: list[str] | None = None) -> None:
     logs.configure(config.log_level)
     if args.command in (None, "serve"):
         asyncio.run(_serve(config))
+    elif args.command == "validate":
+        sys.exit(_validate(config))
+    elif args.command == "sql":
+        from convergence_server.storage.console import run_sql
+
+        sys.exit(run_sql(config.database_path, args.query, config.project, args.format))
     elif args.command == "stack":
         from convergence_server.stack import run_stack
 

@@ -261,9 +261,7 @@ class PipelineRun:
 
     def _source(self, template: str) -> str:
         """The step's source with parameters, then `{sample_data}`, filled in."""
-        uri = _PLACEHOLDER.sub(
-            lambda m: str(self.parameters.get(m.group(1), m.group(0))), template
-        )
+        uri = _PLACEHOLDER.sub(lambda m: str(self.parameters.get(m.group(1), m.group(0))), template)
         uri = uri.replace("{sample_data}", str(self.sample_data))
         if _REMOTE.fullmatch(uri):
             return uri
