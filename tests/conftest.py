@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -11,7 +13,11 @@ import grpc
 import httpx
 import pytest
 
+from convergence_server.config import REPO_ROOT
 from convergence_server.stack import Stack, start_stack
+
+FIXTURES = Path(__file__).parent / "fixtures"
+TERMINAL = ("COMPLETE", "FAILED")
 
 GUIDE_TENANT = {
     "company_name": "Acme Corporation",
@@ -113,3 +119,67 @@ def stack_grpc_via_envoy(stack: Stack) -> Iterator[grpc.Channel]:
     """Native gRPC through Envoy's listener (the transcoder passes it through)."""
     with grpc.insecure_channel(stack.envoy_grpc_target) as ch:
         yield ch
+
+
+@pytest.fixture(scope="session")
+def config_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shipped configs plus the test templates test/slow and test/quick."""
+    target = tmp_path_factory.mktemp("configs") / "configs"
+    shutil.copytree(REPO_ROOT / "configs", target)
+    (target / "test" / "runs").mkdir(parents=True)
+    for template in (FIXTURES / "templates").glob("*.yml"):
+        shutil.copy(template, target / "test" / "runs" / template.name)
+    return target
+
+
+@pytest.fixture(scope="session")
+def sources_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder the test stacks accept as a pipeline source (for corrupted files)."""
+    return tmp_path_factory.mktemp("sources")
+
+
+@pytest.fixture(scope="session")
+def pipeline_env(config_dir: Path, sources_dir: Path) -> dict[str, str]:
+    return {"CONVERGENCE_CONFIG_DIR": str(config_dir), "CONVERGENCE_SOURCE_ROOTS": str(sources_dir)}
+
+
+@pytest.fixture(scope="session")
+def pipelines(stack_factory: StackFactory, pipeline_env: dict[str, str]) -> Stack:
+    """A stack that runs pipelines (the shipped templates and the test ones)."""
+    return stack_factory(**pipeline_env)
+
+
+@pytest.fixture(scope="session")
+def api(pipelines: Stack) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=pipelines.http_url, timeout=30) as client:
+        yield client
+
+
+def trigger(
+    http: httpx.Client, key: str, tenant_id: str, template: str, **body: object
+) -> dict[str, object]:
+    """Triggers `provider/domain/template` over REST; returns the response body."""
+    response = http.post(
+        f"/api/v1/pipelines/run/{tenant_id}/{template}", headers={"X-API-Key": key}, json=body
+    )
+    assert response.status_code == 200, response.text
+    body_out: dict[str, object] = response.json()
+    return body_out
+
+
+def wait_for_run(
+    http: httpx.Client,
+    key: str,
+    run_id: object,
+    statuses: tuple[str, ...] = TERMINAL,
+    timeout: float = 120,
+) -> dict[str, object]:
+    """Polls GET /runs/{id} until the run's status is one of `statuses` (bounded wait)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        run: dict[str, object] = http.get(
+            f"/api/v1/pipelines/runs/{run_id}", headers={"X-API-Key": key}
+        ).json()
+        if run.get("status") in statuses or time.monotonic() > deadline:
+            return run
+        time.sleep(0.05)
