@@ -151,6 +151,10 @@ class PipelineRun:
         return rows
 
     async def _query(self, step: Step) -> int:
+        if step.destination in self.staged:
+            # A later step adding to a table this run already writes (always `append`).
+            stage = self.staged[step.destination]
+            return await self.warehouse.insert_into(stage, self._sql(step.sql), self.parameters)
         stage = self._stage(step.destination)
         rows = await self.warehouse.create_as(stage, self._sql(step.sql), self.parameters)
         shared = self.catalog.schemas.get(step.schema) if step.schema else None

@@ -351,7 +351,15 @@ def parse_template(path: Path, provider: str, domain: str, name: str) -> Templat
     names = [s.name for s in steps]
     if len(set(names)) != len(names):
         raise r.fail("steps", "step names must be unique")
-    written = {s.destination for s in steps if s.destination}
+    written: set[str] = set()
+    for i, step in enumerate(steps):
+        if step.destination in written and step.write_mode != "append":
+            raise r.fail(
+                f"steps[{i}].write_mode",
+                f"{step.destination} is written by an earlier step: a later one can only append",
+            )
+        if step.destination:
+            written.add(step.destination)
     for i, step in enumerate(steps):
         if step.kind == "dq" and step.table not in written:
             raise r.fail(f"steps[{i}].table", f"{step.table} is not written by an earlier step")

@@ -129,10 +129,7 @@ class DuckDBWarehouse:
 
     async def create_as(self, table: str, sql: str, params: Mapping[str, Any]) -> int:
         def create(cur: duckdb.DuckDBPyConnection) -> int:
-            statements = to_duckdb(sql)
-            if len(statements) != 1:
-                raise WarehouseError("a query step runs exactly one SELECT statement")
-            (statement,) = statements
+            statement = _one_select(sql)
             cur.execute(
                 f"CREATE OR REPLACE TABLE {self._table(table)} AS {statement}",
                 _bind(statement, params),
@@ -140,6 +137,17 @@ class DuckDBWarehouse:
             return _count(cur, self._table(table))
 
         return await self._call(create)
+
+    async def insert_into(self, table: str, sql: str, params: Mapping[str, Any]) -> int:
+        def insert(cur: duckdb.DuckDBPyConnection) -> int:
+            statement = _one_select(sql)
+            before = _count(cur, self._table(table))
+            cur.execute(
+                f"INSERT INTO {self._table(table)} BY NAME {statement}", _bind(statement, params)
+            )
+            return _count(cur, self._table(table)) - before
+
+        return await self._call(insert)
 
     async def count(self, sql: str, params: Mapping[str, Any]) -> int:
         def count(cur: duckdb.DuckDBPyConnection) -> int:
@@ -230,6 +238,13 @@ def quote_identifier_any(name: str) -> str:
 
 def _columns_sql(schema: Sequence[SchemaColumn]) -> str:
     return ", ".join(f"{quote_identifier_any(c.name)} {_TYPES[c.type.upper()]}" for c in schema)
+
+
+def _one_select(sql: str) -> str:
+    statements = to_duckdb(sql)
+    if len(statements) != 1:
+        raise WarehouseError("a query step runs exactly one SELECT statement")
+    return statements[0]
 
 
 def _count(cur: duckdb.DuckDBPyConnection, table: str) -> int:

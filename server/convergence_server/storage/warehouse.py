@@ -39,6 +39,9 @@ class Warehouse(Protocol):
     async def create_as(self, table: str, sql: str, params: Mapping[str, Any]) -> int:
         """Replaces `table` with the query's result; returns its row count."""
 
+    async def insert_into(self, table: str, sql: str, params: Mapping[str, Any]) -> int:
+        """Appends the query's result to `table` (by column name); returns the rows added."""
+
     async def count(self, sql: str, params: Mapping[str, Any]) -> int:
         """The single integer a `SELECT COUNT(*) ...` query returns."""
 
