@@ -141,9 +141,10 @@ def test_cancel_a_pending_and_a_running_run(api: httpx.Client) -> None:
     # Ended runs cannot be cancelled again.
     again = api.post(f"/api/v1/pipelines/runs/{run_ids[-1]}:cancel", headers=auth, json={})
     assert again.status_code == 409
-    for run_id in run_ids[1:-1]:
-        api.post(f"/api/v1/pipelines/runs/{run_id}:cancel", headers=auth, json={})
-        assert wait_for_run(api, key, run_id)["status"] == "FAILED"
+    for run_id in run_ids[1:-1]:  # the others: cancelled, or ended before the request
+        outcome = api.post(f"/api/v1/pipelines/runs/{run_id}:cancel", headers=auth, json={})
+        assert outcome.status_code in (200, 409)
+        assert wait_for_run(api, key, run_id)["status"] in ("COMPLETE", "FAILED")
 
 
 def test_watch_streams_the_run_to_its_end(api: httpx.Client, pipelines: Stack) -> None:
