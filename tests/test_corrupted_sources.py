@@ -1,0 +1,156 @@
+"""A corrupted source fails its run at the right step, with a clear error and DQ rows,
+and leaves the tenant's tables exactly as the last good run left them."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import duckdb
+import httpx
+import pytest
+
+from convergence_server.config import REPO_ROOT
+from convergence_server.stack import Stack
+from tests.conftest import StackFactory, database_path, onboard, trigger, wait_for_run
+
+AWS = "aws/cost/cost_usage"
+DAY = "2023-11-04"
+SAMPLE = REPO_ROOT / "configs" / "sample_data" / "aws_cur_sample.csv"
+
+
+def sample_rows() -> list[dict[str, str]]:
+    with SAMPLE.open(newline="") as source:
+        return list(csv.DictReader(source))
+
+
+def corrupt(target: Path, *, drop: str = "", bad_cost: bool = False) -> Path:
+    rows = sample_rows()
+    columns = [c for c in rows[0] if c != drop]
+    if bad_cost:
+        first_of_day = next(r for r in rows if r["lineItem/UsageStartDate"].startswith(DAY))
+        first_of_day["lineItem/UnblendedCost"] = "twelve dollars"
+    out = io.StringIO()
+    writer = csv.DictWriter(out, columns, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    target.write_text(out.getvalue())
+    return target
+
+
+class Story:
+    stack: Stack
+    tenant_id: str
+    good: dict[str, object]
+    missing_column: dict[str, object]
+    bad_cost: dict[str, object]
+    steps: dict[str, list[dict[str, object]]]
+
+
+@pytest.fixture(scope="module")
+def story(
+    stack_factory: StackFactory,
+    pipeline_env: dict[str, str],
+    sources_dir: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Story:
+    s = Story()
+    s.stack = stack_factory(data_dir=tmp_path_factory.mktemp("corrupted"), **pipeline_env)
+    missing = corrupt(sources_dir / "cur_missing_cost.csv", drop="lineItem/UnblendedCost")
+    bad = corrupt(sources_dir / "cur_bad_cost.csv", bad_cost=True)
+    with httpx.Client(base_url=s.stack.http_url, timeout=30) as http:
+        s.tenant_id, key = onboard(http)
+
+        def run(**parameters: str) -> dict[str, object]:
+            triggered = trigger(http, key, s.tenant_id, AWS, date=DAY, parameters=parameters)
+            return wait_for_run(http, key, triggered["pipeline_logging_id"])
+
+        s.good = run()
+        s.missing_column = run(source_uri=str(missing))
+        s.bad_cost = run(source_uri=str(bad))
+        s.steps = {
+            name: http.get(
+                f"/api/v1/pipelines/runs/{r['pipeline_logging_id']}/steps",
+                headers={"X-API-Key": key},
+            ).json()["steps"]
+            for name, r in (("missing", s.missing_column), ("bad", s.bad_cost))
+        }
+    s.stack.stop()
+    return s
+
+
+def step_states(steps: list[dict[str, object]]) -> list[tuple[object, object]]:
+    return [(step["step_name"], step["status"]) for step in steps]
+
+
+def test_a_missing_column_fails_right_after_the_load(story: Story) -> None:
+    assert story.good["status"] == "COMPLETE"
+    run = story.missing_column
+    assert run["status"] == "FAILED"
+    message = str(run["error_message"])
+    assert message.startswith("step check_export failed: data quality check(s) failed")
+    assert "export_columns_present" in message and "lineItem_UnblendedCost" in message
+    assert step_states(story.steps["missing"]) == [
+        ("load_export", "COMPLETE"),
+        ("check_export", "FAILED"),
+    ]
+
+
+def test_a_non_numeric_cost_fails_the_quality_step(story: Story) -> None:
+    run = story.bad_cost
+    assert run["status"] == "FAILED"
+    message = str(run["error_message"])
+    assert message.startswith("step quality failed: data quality check(s) failed")
+    assert "billed_cost_present (1 rows with NULL BilledCost)" in message
+    states = step_states(story.steps["bad"])
+    assert states[-1] == ("quality", "FAILED")
+    assert all(status == "COMPLETE" for _, status in states[:-1])
+
+
+def test_failed_checks_are_dq_rows(story: Story) -> None:
+    with duckdb.connect(str(database_path(story.stack)), read_only=True) as db:
+        failed = db.execute(
+            "SELECT pipeline_logging_id, step_name, check_name, severity, observed_value "
+            "FROM tenants.tenant_dq_results WHERE tenant_id = ? AND status = 'FAILED' "
+            "ORDER BY step_name",
+            [story.tenant_id],
+        ).fetchall()
+    assert (
+        story.missing_column["pipeline_logging_id"],
+        "check_export",
+        "export_columns_present",
+        "error",
+        "missing: lineItem_UnblendedCost",
+    ) in failed
+    assert (
+        story.bad_cost["pipeline_logging_id"],
+        "quality",
+        "billed_cost_present",
+        "error",
+        "1",
+    ) in failed
+
+
+def test_nothing_half_written(story: Story) -> None:
+    """The tables hold what the good run published: the failed runs published nothing."""
+    with duckdb.connect(str(database_path(story.stack)), read_only=True) as db:
+        schema = f'"{story.tenant_id}"'
+        (raw,) = db.execute(f"SELECT COUNT(*) FROM {schema}.raw_aws_cur").fetchone() or (0,)
+        (nulls,) = db.execute(
+            f"SELECT COUNT(*) FROM {schema}.focus_aws_cost WHERE BilledCost IS NULL"
+        ).fetchone() or (0,)
+        (day_rows,) = db.execute(f"SELECT COUNT(*) FROM {schema}.focus_aws_cost").fetchone() or (0,)
+        columns = {
+            r[0]
+            for r in db.execute(
+                "SELECT column_name FROM information_schema.columns "
+                "WHERE table_schema = ? AND table_name = 'raw_aws_cur'",
+                [story.tenant_id],
+            ).fetchall()
+        }
+    rows = sample_rows()
+    assert raw == len(rows)
+    assert "lineItem_UnblendedCost" in columns
+    assert nulls == 0
+    assert day_rows == sum(1 for r in rows if r["lineItem/UsageStartDate"].startswith(DAY))
