@@ -14,8 +14,13 @@ from convergence_server.config import Config
 
 async def _serve(config: Config) -> None:
     from convergence_server.app import create_server
+    from convergence_server.domain.plans import PlanCatalogError
+    from convergence_server.engine.templates import TemplateError
 
-    server = create_server(config)
+    try:
+        server = create_server(config)
+    except (PlanCatalogError, TemplateError) as exc:
+        raise SystemExit(f"convergence: cannot start: {exc}") from None
     await server.start()
     # One line on stdout tells a launcher the bound port (the config may ask for port 0).
     print(json.dumps({"event": "serving", "grpc_port": server.port}), flush=True)
