@@ -103,7 +103,9 @@ class PipelineRun:
                 raise RunCancelled
             await self._retrying(lambda: self.warehouse.publish(self.publications), 3)
         finally:
-            await self.warehouse.drop(list(self.staged.values()))
+            # Every stage this run may have created, including one whose step then failed.
+            stages = {self._stage(s.destination) for s in self.template.steps if s.destination}
+            await self.warehouse.drop(sorted(stages))
 
     async def _attempt(self, step: Step) -> StepOutcome:
         attempts = 0
@@ -139,14 +141,13 @@ class PipelineRun:
     # -- steps ------------------------------------------------------------------------------
 
     def _stage(self, table: str) -> str:
-        stage = f"{STAGE_PREFIX}{self.run_id.replace('-', '')[:16]}_{table}"
-        self.staged[table] = stage
-        return stage
+        return f"{STAGE_PREFIX}{self.run_id.replace('-', '')[:16]}_{table}"
 
     async def _load(self, step: Step) -> int:
         uri = self._source(step.source)
         stage = self._stage(step.destination)
         rows = await self.warehouse.load(stage, uri, step.format)
+        self.staged[step.destination] = stage
         self.publications.append(Publication(stage, step.destination, step.write_mode))
         return rows
 
@@ -157,6 +158,7 @@ class PipelineRun:
             return await self.warehouse.insert_into(stage, self._sql(step.sql), self.parameters)
         stage = self._stage(step.destination)
         rows = await self.warehouse.create_as(stage, self._sql(step.sql), self.parameters)
+        self.staged[step.destination] = stage
         shared = self.catalog.schemas.get(step.schema) if step.schema else None
         schema = shared.columns if shared else ()
         if schema:
