@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -20,15 +21,15 @@ from tests.conftest import stack_env
 README = REPO_ROOT / "README.md"
 
 
-def readme_curl_commands() -> list[str]:
-    """The curl commands of the README's onboarding block, in order."""
+def readme_curl_commands(start: str, count: int) -> list[str]:
+    """The curl commands of the README's bash block that starts at `start`, in order."""
     text = README.read_text()
-    block = text[text.index("# 1. Dry-run") :]
+    block = text[text.index(start) :]
     block = block[: block.index("```")]
     # Commands are separated by comment lines and blank lines.
     chunks = re.split(r"\n(?:\s*\n|#[^\n]*\n)+", "\n" + block)
     commands = [chunk.strip() for chunk in chunks if chunk.strip().startswith("curl ")]
-    assert len(commands) == 3, commands
+    assert len(commands) == count, commands
     return commands
 
 
@@ -73,12 +74,22 @@ def test_quick_start_commands_work_and_ctrl_c_stops_both(tmp_path: Path) -> None
         http_port = banner_port(r"REST via Envoy: http://127\.0\.0\.1:(\d+)", banner)
         grpc_port = banner_port(r"gRPC:\s+127\.0\.0\.1:(\d+)", banner)
 
-        dry_run, onboard, verify = readme_curl_commands()
+        dry_run, onboard, verify = readme_curl_commands("# 1. Dry-run", 3)
         assert run_curl(dry_run, http_port, env)["status"] == "SUCCESS"
         key = run_curl(onboard, http_port, env)["api_key"]
         assert isinstance(key, str) and key.startswith("acme_corp_api_")
         health = run_curl(verify, http_port, {**env, "CONVERGENCE_API_KEY": key})
         assert health["authenticated"] is True and health["tenant_id"] == "acme_corp"
+
+        keyed = {**env, "CONVERGENCE_API_KEY": key}
+        run_pipeline, list_complete = readme_curl_commands(
+            "curl -X POST http://127.0.0.1:8080/api/v1/pipelines/run", 2
+        )
+        assert run_curl(run_pipeline, http_port, keyed)["status"] == "PENDING"
+        deadline = time.monotonic() + 60
+        while not run_curl(list_complete, http_port, keyed)["runs"]:
+            assert time.monotonic() < deadline, "the README's pipeline run did not complete"
+            time.sleep(0.2)
 
         stack.send_signal(signal.SIGINT)
         out, _ = stack.communicate(timeout=30)
