@@ -97,6 +97,6 @@ def test_quick_start_commands_work_and_ctrl_c_stops_both(tmp_path: Path) -> None
         assert "Convergence stopped." in out
         assert port_is_closed(http_port) and port_is_closed(grpc_port)
     finally:
-        if stack.poll() is None:
-            stack.kill()
-            stack.wait()
+        if stack.poll() is None:  # the launcher stops both children on SIGTERM
+            stack.terminate()
+            stack.wait(30)

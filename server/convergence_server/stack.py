@@ -1,11 +1,14 @@
 """Starts the gRPC server and Envoy as two processes on loopback, and stops them.
 
 Used by `make run` (`python -m convergence_server stack`), by the tests and by the
-benchmarks, so all three exercise the same processes a deployment runs.
+benchmarks, so all three exercise the same processes a deployment runs. The two children
+run in their own sessions (Ctrl-C reaches only the launcher, which stops them in order)
+and die with the launcher if it is killed.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import select
@@ -24,6 +27,7 @@ from convergence_server.config import Config
 from convergence_server.envoy import render_config
 
 START_TIMEOUT = 30.0
+PR_SET_PDEATHSIG = 1
 
 
 class StackError(RuntimeError):
@@ -75,6 +79,12 @@ def _terminate(process: subprocess.Popen[bytes], timeout: float) -> None:
             process.wait()
     if process.stdout is not None:
         process.stdout.close()
+
+
+def _die_with_parent() -> None:
+    """In the child: receive SIGTERM when the launcher dies, even by SIGKILL (Linux)."""
+    if sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def envoy_binary() -> str:
@@ -164,6 +174,7 @@ def start_stack(env: dict[str, str], log_dir: Path | None = None) -> Stack:
             stderr=server_err,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
         processes.append(server)
         grpc_port = _read_ready_line(server, server_log)
@@ -182,6 +193,7 @@ def start_stack(env: dict[str, str], log_dir: Path | None = None) -> Stack:
             stderr=envoy_err,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
         processes.append(envoy)
         admin = _wait_for_file(admin_path, envoy, envoy_log)
