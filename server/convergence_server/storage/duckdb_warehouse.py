@@ -184,7 +184,9 @@ class DuckDBWarehouse:
     def _publish_one(self, cur: duckdb.DuckDBPyConnection, write: Publication) -> None:
         destination, stage = self._table(write.destination), self._table(write.stage)
         if write.write_mode == "truncate" and not write.schema:
-            cur.execute(f"CREATE OR REPLACE TABLE {destination} AS SELECT * FROM {stage}")
+            # The stage becomes the table: a rename, not a second copy of the rows.
+            cur.execute(f"DROP TABLE IF EXISTS {destination}")
+            cur.execute(f"ALTER TABLE {stage} RENAME TO {quote_identifier(write.destination)}")
             return
         if write.schema:
             cur.execute(f"CREATE TABLE IF NOT EXISTS {destination} ({_columns_sql(write.schema)})")
