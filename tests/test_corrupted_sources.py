@@ -57,10 +57,12 @@ def story(
 ) -> Story:
     s = Story()
     s.stack = stack_factory(data_dir=tmp_path_factory.mktemp("corrupted"), **pipeline_env)
-    missing = corrupt(sources_dir / "cur_missing_cost.csv", drop="lineItem/UnblendedCost")
-    bad = corrupt(sources_dir / "cur_bad_cost.csv", bad_cost=True)
     with httpx.Client(base_url=s.stack.http_url, timeout=30) as http:
         s.tenant_id, key = onboard(http)
+        folder = sources_dir / s.tenant_id  # a tenant reads only its own folder
+        folder.mkdir()
+        missing = corrupt(folder / "cur_missing_cost.csv", drop="lineItem/UnblendedCost")
+        bad = corrupt(folder / "cur_bad_cost.csv", bad_cost=True)
 
         def run(**parameters: str) -> dict[str, object]:
             triggered = trigger(http, key, s.tenant_id, AWS, date=DAY, parameters=parameters)
@@ -154,3 +156,31 @@ def test_nothing_half_written(story: Story) -> None:
     assert "lineItem_UnblendedCost" in columns
     assert nulls == 0
     assert day_rows == sum(1 for r in rows if r["lineItem/UsageStartDate"].startswith(DAY))
+
+
+def test_a_tenant_reads_only_its_own_source_folder(
+    stack_factory: StackFactory, pipeline_env: dict[str, str], sources_dir: Path
+) -> None:
+    stack = stack_factory(**pipeline_env)
+    with httpx.Client(base_url=stack.http_url, timeout=30) as http:
+        tenant_a, _ = onboard(http)
+        tenant_b, key_b = onboard(http)
+        (sources_dir / tenant_a).mkdir()
+        secret = corrupt(sources_dir / tenant_a / "private_cur.csv")
+        (sources_dir / tenant_b).mkdir()
+        link = sources_dir / tenant_b / "link.csv"
+        link.symlink_to(secret)
+        attempts = {
+            "another tenant's file": str(secret),
+            "a symlink out of the folder": str(link),
+            "a path climbing out": f"{sources_dir / tenant_b}/../{tenant_a}/private_cur.csv",
+            "the sample folder, climbing out": "{sample_data}/../../README.md",
+            "a remote URL": "https://example.com/cur.csv",
+        }
+        for what, uri in attempts.items():
+            triggered = trigger(
+                http, key_b, tenant_b, AWS, date=DAY, parameters={"source_uri": uri}
+            )
+            run = wait_for_run(http, key_b, triggered["pipeline_logging_id"])
+            assert run["status"] == "FAILED", what
+            assert "load_export failed" in str(run["error_message"]), what

@@ -102,6 +102,7 @@ def run(
         warehouse=warehouse,
         observer=recorder,
         run_id="00000000-0000-4000-8000-000000000000",
+        attempt=1,
         sample_data=tmp_path,
         source_roots=(tmp_path,),
         sleep=sleep,

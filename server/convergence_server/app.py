@@ -84,7 +84,7 @@ def create_server(config: Config) -> ConvergenceServer:
         raise SystemExit(f"CONVERGENCE_KEY_PEPPER must be at least {MIN_PEPPER_BYTES} bytes")
     plans = load_plans(config.plans_path)
     catalog = load_catalog(config.config_dir)
-    store = open_store(config.store, config.database_path)
+    store = open_store(config.store, config.database_path, config.workers)
     events = RunEvents()
     executor = Executor(
         store,
@@ -95,7 +95,7 @@ def create_server(config: Config) -> ConvergenceServer:
             heartbeat_seconds=config.heartbeat_seconds,
             lease_seconds=config.lease_seconds,
             sample_data=config.sample_data_dir,
-            source_roots=(config.sample_data_dir, *config.source_roots),
+            source_roots=config.source_roots,
         ),
     )
     runs = Runs(store, catalog, events, executor.wake)

@@ -31,6 +31,7 @@ from convergence_server.engine.runner import (
 from convergence_server.engine.templates import Catalog, ParameterError, Step
 from convergence_server.storage import Store
 from convergence_server.storage.records import DqRecord, RunRecord, StepRecord
+from convergence_server.storage.warehouse import TransientError
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,7 @@ class _Observer:
             step_index=index,
             status=RUNNING,
             step_start_time=started,
+            run_attempt=self._run.attempt,
         )
 
     async def step_started(self, index: int, step: Step, at: datetime) -> None:
@@ -113,6 +115,7 @@ class _Observer:
                     message=r.message,
                     ingestion_date=datetime.fromisoformat(day).date() if day else now.date(),
                     created_at=now,
+                    run_attempt=self._run.attempt,
                 )
                 for r in results
             ]
@@ -159,18 +162,20 @@ class Executor:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def recover(self, stale_before: datetime) -> None:
+        """Ends or requeues runs whose execution was lost (never this process's own)."""
         for run in await self._store.stale_runs(stale_before):
+            if run.pipeline_logging_id in self._in_flight:
+                continue
             template = self._catalog.get(run.provider, run.domain, run.template)
             retry = template is not None and template.on_crash == "retry"
-            if (
-                retry
-                and run.attempt < MAX_ATTEMPTS
-                and await self._store.requeue_run(run.pipeline_logging_id)
-            ):
-                log.warning("run %s requeued after a server stop", run.pipeline_logging_id)
+            if run.cancel_requested:
+                await self._store.finish_run(run, FAILED, self._clock(), CANCELLED_MESSAGE)
+            elif retry and run.attempt < MAX_ATTEMPTS:
+                if await self._store.requeue_run(run, self._clock(), count_attempt=True):
+                    log.warning("run %s requeued: its server stopped", run.pipeline_logging_id)
             else:
                 await self._store.finish_run(
-                    run.pipeline_logging_id,
+                    run,
                     FAILED,
                     self._clock(),
                     f"The server stopped while the run was in progress (attempt {run.attempt})",
@@ -182,8 +187,9 @@ class Executor:
         while True:
             await asyncio.sleep(self._settings.heartbeat_seconds)
             try:
-                await self._store.heartbeat(sorted(self._in_flight), self._clock())
-                await self.recover(self._clock() - lease)
+                await self._store.heartbeat(sorted(self._in_flight), self._worker_id)
+                if not self._store.exclusive:  # an exclusive store recovers at start-up
+                    await self.recover(self._clock() - lease)
             except Exception:
                 log.exception("heartbeat failed")
 
@@ -201,25 +207,31 @@ class Executor:
                     await asyncio.wait_for(self._wakeup.wait(), 1.0)
                 continue
             self._wakeup.set()  # there may be more: let another idle worker look
-            await self._execute(run)
+            try:
+                await self._execute(run)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a store failure must not cost the pool a worker
+                log.exception("run %s: the executor failed", run.pipeline_logging_id)
 
     async def _execute(self, run: RunRecord) -> None:
         run_id = run.pipeline_logging_id
         self._in_flight.add(run_id)
         logs.tenant_id_var.set(run.tenant_id)
         self._events.publish(run_id)
-        status, error = FAILED, ""
         try:
             status, error = await self._run_pipeline(run)
         except asyncio.CancelledError:
             # The server is stopping: hand the run back so that it is not lost.
-            await asyncio.shield(self._store.requeue_run(run_id))
+            await asyncio.shield(self._store.requeue_run(run, self._clock(), count_attempt=False))
             raise
         finally:
             self._in_flight.discard(run_id)
-        await self._store.finish_run(run_id, status, self._clock(), error)
+        if await self._store.finish_run(run, status, self._clock(), error) is None:
+            log.warning("run %s was no longer this worker's to end", run_id)
+        else:
+            log.info("run %s ended %s", run_id, status, extra={"fields": {"error": error}})
         self._events.publish(run_id)
-        log.info("run %s ended %s", run_id, status, extra={"fields": {"error": error}})
 
     async def _run_pipeline(self, run: RunRecord) -> tuple[str, str]:
         template = self._catalog.get(run.provider, run.domain, run.template)
@@ -241,13 +253,20 @@ class Executor:
                 warehouse=warehouse,
                 observer=_Observer(self._store, run, self._events),
                 run_id=run.pipeline_logging_id,
+                attempt=run.attempt,
                 sample_data=self._settings.sample_data,
-                source_roots=self._settings.source_roots,
+                # The shared sample data, and in each source root the tenant's own folder.
+                source_roots=(
+                    self._settings.sample_data,
+                    *(root / run.tenant_id for root in self._settings.source_roots),
+                ),
             ).execute()
         except StepFailed as exc:
             return FAILED, str(exc)
         except RunCancelled:
             return FAILED, CANCELLED_MESSAGE
+        except TransientError as exc:
+            return FAILED, f"The warehouse stayed busy ({exc}); trigger the run again"
         except Exception:
             log.exception("run %s failed unexpectedly", run.pipeline_logging_id)
             return FAILED, "Internal error while running the pipeline (see the server log)"

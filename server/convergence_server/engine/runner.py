@@ -9,6 +9,7 @@ leaves the tenant's tables exactly as they were; its step logs and DQ results re
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -29,6 +30,8 @@ from convergence_server.storage.warehouse import (
 )
 
 STAGE_PREFIX = "_stage_"
+MAX_BACKOFF = 60.0
+log = logging.getLogger(__name__)
 _REMOTE = re.compile(r"(gs|s3)://[^\s'\"]+")
 _PLACEHOLDER = re.compile(r"\{([a-z][a-z0-9_]*)\}")
 
@@ -81,6 +84,7 @@ class PipelineRun:
     warehouse: Warehouse
     observer: RunObserver
     run_id: str
+    attempt: int
     sample_data: Path
     source_roots: tuple[Path, ...]
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
@@ -105,7 +109,10 @@ class PipelineRun:
         finally:
             # Every stage this run may have created, including one whose step then failed.
             stages = {self._stage(s.destination) for s in self.template.steps if s.destination}
-            await self.warehouse.drop(sorted(stages))
+            try:
+                await self.warehouse.drop(sorted(stages))
+            except Exception:
+                log.warning("run %s: cannot drop its staging tables", self.run_id, exc_info=True)
 
     async def _attempt(self, step: Step) -> StepOutcome:
         attempts = 0
@@ -116,7 +123,9 @@ class PipelineRun:
             except TransientError as exc:
                 if attempts == step.retry.attempts:
                     return StepOutcome(0, attempts, f"{exc} (after {attempts} attempts)")
-                await self.sleep(step.retry.backoff_seconds * 2 ** (attempts - 1))
+                await self.sleep(min(MAX_BACKOFF, step.retry.backoff_seconds * 2 ** (attempts - 1)))
+                if await self.observer.cancel_requested():
+                    raise RunCancelled from None
             except (StepFailed, WarehouseError) as exc:
                 return StepOutcome(0, attempts, str(exc))
         raise AssertionError("unreachable")  # pragma: no cover
@@ -141,7 +150,8 @@ class PipelineRun:
     # -- steps ------------------------------------------------------------------------------
 
     def _stage(self, table: str) -> str:
-        return f"{STAGE_PREFIX}{self.run_id.replace('-', '')[:16]}_{table}"
+        """This execution's staging table for `table` (an execution is a run's attempt)."""
+        return f"{STAGE_PREFIX}{self.run_id.replace('-', '')[:16]}_{self.attempt}_{table}"
 
     async def _load(self, step: Step) -> int:
         uri = self._source(step.source)
@@ -158,7 +168,6 @@ class PipelineRun:
             return await self.warehouse.insert_into(stage, self._sql(step.sql), self.parameters)
         stage = self._stage(step.destination)
         rows = await self.warehouse.create_as(stage, self._sql(step.sql), self.parameters)
-        self.staged[step.destination] = stage
         shared = self.catalog.schemas.get(step.schema) if step.schema else None
         schema = shared.columns if shared else ()
         if schema:
@@ -170,6 +179,7 @@ class PipelineRun:
                     f"the query's columns must be exactly those of schema {step.schema}, "
                     f"in order (missing: {missing or 'none'}; unexpected: {extra or 'none'})"
                 )
+        self.staged[step.destination] = stage
         union_view = None
         if shared:
             union_view = (shared.union_view, self.catalog.tables_with_schema(shared.name))

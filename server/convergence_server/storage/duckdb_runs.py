@@ -30,12 +30,12 @@ KEYS = f"{CENTRAL}.tenant_idempotency_keys"
 RUN_COLUMNS = (
     "pipeline_logging_id, pipeline_id, tenant_id, provider, domain, template, status, "
     "trigger_type, trigger_by, user_id, parameters, created_at, start_time, end_time, "
-    "duration_ms, error_message, idempotency_key, attempt, cancel_requested"
+    "duration_ms, error_message, idempotency_key, attempt, cancel_requested, worker_id"
 )
 STEP_COLUMNS = (
     "step_logging_id, pipeline_logging_id, pipeline_id, tenant_id, step_name, step_type, "
     "step_index, status, step_start_time, rows_processed, step_end_time, duration_ms, "
-    "error_message, attempts"
+    "error_message, attempts, run_attempt"
 )
 
 
@@ -68,6 +68,7 @@ def run_from_row(row: Sequence[Any]) -> RunRecord:
         idempotency_key=row[16] or "",
         attempt=row[17] or 1,
         cancel_requested=bool(row[18]),
+        worker_id=row[19] or "",
     )
 
 
@@ -87,13 +88,14 @@ def step_from_row(row: Sequence[Any]) -> StepRecord:
         duration_ms=row[11],
         error_message=row[12] or "",
         attempts=row[13] or 0,
+        run_attempt=row[14] or 1,
     )
 
 
 def insert_run(cur: duckdb.DuckDBPyConnection, run: RunRecord) -> None:
     cur.execute(
         f"INSERT INTO {RUNS} ({RUN_COLUMNS}) VALUES "
-        "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         [
             run.pipeline_logging_id,
             run.pipeline_id,
@@ -114,6 +116,7 @@ def insert_run(cur: duckdb.DuckDBPyConnection, run: RunRecord) -> None:
             run.idempotency_key or None,
             run.attempt,
             run.cancel_requested,
+            run.worker_id or None,
         ],
     )
 
@@ -130,13 +133,13 @@ def create_run(
                 "WHERE tenant_id = ? AND idempotency_key = ?",
                 [run.tenant_id, run.idempotency_key],
             ).fetchone()
+            existing = None
             if row is not None and aware(row[1]) >= keys_valid_from:  # type: ignore[operator]
                 existing = get_run(cur, run.tenant_id, row[0])
+            if existing is not None:
                 cur.rollback()
-                if existing is not None:
-                    return existing, False
-                cur.begin()
-            elif row is not None:
+                return existing, False
+            if row is not None:  # expired, or its run is gone: the key is free again
                 cur.execute(
                     f"DELETE FROM {KEYS} WHERE tenant_id = ? AND idempotency_key = ?",
                     [run.tenant_id, run.idempotency_key],
@@ -214,27 +217,46 @@ def finish_run(
     status: str,
     now: datetime,
     error_message: str,
-    from_statuses: tuple[str, ...] = ("RUNNING",),
+    owner: tuple[str, int] | None,
 ) -> RunRecord | None:
-    """Ends the run if it is still in one of `from_statuses`; returns it, or None."""
-    marks = ", ".join("?" for _ in from_statuses)
+    """Ends the run; returns it, or None when it was not in the expected state.
+
+    With `owner` (worker id, attempt) the run must be RUNNING for that worker and attempt,
+    so a worker can only end its own execution; without, it must be PENDING.
+    """
+    if owner is None:
+        guard, values = "status = 'PENDING'", []
+    else:
+        guard, values = "status = 'RUNNING' AND worker_id = ? AND attempt = ?", list(owner)
     row = cur.execute(
         f"UPDATE {RUNS} SET status = ?, end_time = ?, error_message = ?, "
         "duration_ms = CASE WHEN start_time IS NULL THEN 0 "
         "  ELSE CAST(date_diff('millisecond', start_time, ?) AS BIGINT) END "
-        f"WHERE pipeline_logging_id = ? AND status IN ({marks}) RETURNING {RUN_COLUMNS}",
-        [status, naive(now), error_message or None, naive(now), run_id, *from_statuses],
+        f"WHERE pipeline_logging_id = ? AND {guard} RETURNING {RUN_COLUMNS}",
+        [status, naive(now), error_message or None, naive(now), run_id, *values],
     ).fetchone()
+    if row is not None and owner is not None:
+        interrupt_steps(cur, run_id, now)
     return None if row is None else run_from_row(row)
+
+
+def interrupt_steps(cur: duckdb.DuckDBPyConnection, run_id: str, now: datetime) -> None:
+    """Closes step rows left RUNNING by an execution that ended without finishing them."""
+    cur.execute(
+        f"UPDATE {STEPS} SET status = 'FAILED', step_end_time = ?, "
+        "error_message = 'Interrupted: the run stopped while this step was running' "
+        "WHERE pipeline_logging_id = ? AND status = 'RUNNING'",
+        [naive(now), run_id],
+    )
 
 
 def request_cancel(
     cur: duckdb.DuckDBPyConnection, tenant_id: str, run_id: str, now: datetime
 ) -> RunRecord | None:
     """A PENDING run ends FAILED now; a RUNNING one is flagged to stop at its next step."""
-    cancelled = finish_run(
-        cur, run_id, "FAILED", now, "Cancelled before it started", from_statuses=("PENDING",)
-    )
+    if get_run(cur, tenant_id, run_id) is None:
+        return None
+    cancelled = finish_run(cur, run_id, "FAILED", now, "Cancelled before it started", None)
     if cancelled is not None:
         return cancelled
     cur.execute(
@@ -252,13 +274,14 @@ def cancel_requested(cur: duckdb.DuckDBPyConnection, run_id: str) -> bool:
     return bool(row and row[0])
 
 
-def heartbeat(cur: duckdb.DuckDBPyConnection, run_ids: Sequence[str], now: datetime) -> None:
+def heartbeat(cur: duckdb.DuckDBPyConnection, run_ids: Sequence[str], worker_id: str) -> None:
+    """Marks this worker's runs alive, with the time taken when the statement runs."""
     if run_ids:
         marks = ", ".join("?" for _ in run_ids)
         cur.execute(
-            f"UPDATE {RUNS} SET heartbeat_at = ? "
-            f"WHERE status = 'RUNNING' AND pipeline_logging_id IN ({marks})",
-            [naive(now), *run_ids],
+            f"UPDATE {RUNS} SET heartbeat_at = ? WHERE status = 'RUNNING' AND worker_id = ? "
+            f"AND pipeline_logging_id IN ({marks})",
+            [naive(datetime.now(UTC)), worker_id, *run_ids],
         )
 
 
@@ -271,21 +294,33 @@ def stale_runs(cur: duckdb.DuckDBPyConnection, stale_before: datetime) -> list[R
     return [run_from_row(row) for row in rows]
 
 
-def requeue_run(cur: duckdb.DuckDBPyConnection, run_id: str) -> bool:
-    """Puts a RUNNING run back to PENDING for another attempt."""
+def requeue_run(
+    cur: duckdb.DuckDBPyConnection,
+    run: RunRecord,
+    now: datetime,
+    count_attempt: bool,
+) -> bool:
+    """Puts a run that `run.worker_id` holds back to PENDING, for another worker.
+
+    `count_attempt` says the execution was lost (a crash), which uses up an attempt; a
+    clean stop hands the run back without using one.
+    """
     row = cur.execute(
-        f"UPDATE {RUNS} SET status = 'PENDING', attempt = attempt + 1, start_time = NULL, "
-        "worker_id = NULL, heartbeat_at = NULL "
-        "WHERE pipeline_logging_id = ? AND status = 'RUNNING' RETURNING pipeline_logging_id",
-        [run_id],
+        f"UPDATE {RUNS} SET status = 'PENDING', attempt = attempt + ?, start_time = NULL, "
+        "worker_id = NULL, heartbeat_at = NULL WHERE pipeline_logging_id = ? "
+        "AND status = 'RUNNING' AND worker_id IS NOT DISTINCT FROM ? AND attempt = ? "
+        "RETURNING pipeline_logging_id",
+        [int(count_attempt), run.pipeline_logging_id, run.worker_id or None, run.attempt],
     ).fetchone()
+    if row is not None:
+        interrupt_steps(cur, run.pipeline_logging_id, now)
     return row is not None
 
 
 def save_step(cur: duckdb.DuckDBPyConnection, step: StepRecord) -> None:
     cur.execute(
         f"INSERT OR REPLACE INTO {STEPS} ({STEP_COLUMNS}) VALUES "
-        "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         [
             step.step_logging_id,
             step.pipeline_logging_id,
@@ -301,6 +336,7 @@ def save_step(cur: duckdb.DuckDBPyConnection, step: StepRecord) -> None:
             step.duration_ms,
             step.error_message or None,
             step.attempts,
+            step.run_attempt,
         ],
     )
 
@@ -308,8 +344,10 @@ def save_step(cur: duckdb.DuckDBPyConnection, step: StepRecord) -> None:
 def list_steps(cur: duckdb.DuckDBPyConnection, tenant_id: str, run_id: str) -> list[StepRecord]:
     rows = cur.execute(
         f"SELECT {STEP_COLUMNS} FROM {STEPS} WHERE tenant_id = ? AND pipeline_logging_id = ? "
+        "AND run_attempt = (SELECT max(run_attempt) FROM "
+        f"{STEPS} WHERE tenant_id = ? AND pipeline_logging_id = ?) "
         "ORDER BY step_index, step_start_time",
-        [tenant_id, run_id],
+        [tenant_id, run_id, tenant_id, run_id],
     ).fetchall()
     return [step_from_row(row) for row in rows]
 
@@ -317,7 +355,7 @@ def list_steps(cur: duckdb.DuckDBPyConnection, tenant_id: str, run_id: str) -> l
 def add_dq_results(cur: duckdb.DuckDBPyConnection, results: Sequence[DqRecord]) -> None:
     cur.executemany(
         f"INSERT INTO {CENTRAL}.tenant_dq_results VALUES "
-        "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         [
             [
                 r.dq_result_id,
@@ -334,6 +372,7 @@ def add_dq_results(cur: duckdb.DuckDBPyConnection, results: Sequence[DqRecord]) 
                 r.message,
                 r.ingestion_date,
                 naive(r.created_at),
+                r.run_attempt,
             ]
             for r in results
         ],

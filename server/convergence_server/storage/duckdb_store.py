@@ -23,7 +23,11 @@ import duckdb
 from convergence_server.errors import AlreadyExists, DeadlineExceeded, Unavailable
 from convergence_server.storage import duckdb_runs as runs
 from convergence_server.storage import schema
-from convergence_server.storage.duckdb_warehouse import DuckDBWarehouse, drop_stage_tables
+from convergence_server.storage.duckdb_warehouse import (
+    DuckDBWarehouse,
+    PublishLocks,
+    drop_stage_tables,
+)
 from convergence_server.storage.identifiers import quote_identifier
 from convergence_server.storage.records import (
     ApiKeyRecord,
@@ -116,21 +120,25 @@ class DuckDBStore:
     kind = "embedded"
     exclusive = True
 
-    def __init__(self, connection: duckdb.DuckDBPyConnection) -> None:
+    def __init__(self, connection: duckdb.DuckDBPyConnection, warehouse_threads: int) -> None:
         self._connection = connection
         self._local = threading.local()
         self._executor = ThreadPoolExecutor(WORKER_THREADS, thread_name_prefix="duckdb")
+        self._warehouse_executor = ThreadPoolExecutor(
+            warehouse_threads, thread_name_prefix="duckdb-pipelines"
+        )
+        self._publish_locks = PublishLocks()
         # DuckDB's catalog changes (CREATE SCHEMA ...) are serialized here: onboarding is rare.
         self._ddl_lock = threading.Lock()
 
     @classmethod
-    def open(cls, path: Path) -> DuckDBStore:
+    def open(cls, path: Path, warehouse_threads: int = WORKER_THREADS) -> DuckDBStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             connection = duckdb.connect(str(path))
         except duckdb.IOException as exc:
             raise SystemExit(f"cannot open the embedded store {path}: {exc}") from None
-        store = cls(connection)
+        store = cls(connection, max(1, warehouse_threads))
         store._migrate()
         return store
 
@@ -398,10 +406,13 @@ class DuckDBStore:
         return await self._call(lambda cur: runs.claim_next_run(cur, worker_id, now))
 
     async def finish_run(
-        self, run_id: str, status: str, now: datetime, error_message: str = ""
+        self, run: RunRecord, status: str, now: datetime, error_message: str = ""
     ) -> RunRecord | None:
+        owner = (run.worker_id, run.attempt)
         return await self._call(
-            lambda cur: runs.finish_run(cur, run_id, status, now, error_message)
+            lambda cur: runs.finish_run(
+                cur, run.pipeline_logging_id, status, now, error_message, owner
+            )
         )
 
     async def request_cancel(self, tenant_id: str, run_id: str, now: datetime) -> RunRecord | None:
@@ -410,14 +421,14 @@ class DuckDBStore:
     async def cancel_requested(self, run_id: str) -> bool:
         return await self._call(lambda cur: runs.cancel_requested(cur, run_id))
 
-    async def heartbeat(self, run_ids: list[str], now: datetime) -> None:
-        await self._call(lambda cur: runs.heartbeat(cur, run_ids, now))
+    async def heartbeat(self, run_ids: list[str], worker_id: str) -> None:
+        await self._call(lambda cur: runs.heartbeat(cur, run_ids, worker_id))
 
     async def stale_runs(self, stale_before: datetime) -> list[RunRecord]:
         return await self._call(lambda cur: runs.stale_runs(cur, stale_before))
 
-    async def requeue_run(self, run_id: str) -> bool:
-        return await self._call(lambda cur: runs.requeue_run(cur, run_id))
+    async def requeue_run(self, run: RunRecord, now: datetime, count_attempt: bool) -> bool:
+        return await self._call(lambda cur: runs.requeue_run(cur, run, now, count_attempt))
 
     async def save_step(self, step: StepRecord) -> None:
         await self._call(lambda cur: runs.save_step(cur, step))
@@ -429,13 +440,20 @@ class DuckDBStore:
         await self._call(lambda cur: runs.add_dq_results(cur, results))
 
     def warehouse(self, dataset: str) -> DuckDBWarehouse:
-        """The tenant dataset as the pipeline engine sees it."""
-        return DuckDBWarehouse(dataset, self._connection.cursor(), self._executor)
+        """The tenant dataset as the pipeline engine sees it.
+
+        Pipeline SQL runs on its own threads, so that long steps never hold back the API's
+        store calls (auth, triggers, run bookkeeping).
+        """
+        return DuckDBWarehouse(
+            dataset, self._connection.cursor(), self._warehouse_executor, self._publish_locks
+        )
 
     async def drop_stage_tables(self) -> int:
         """Drops staging tables left by runs that were interrupted (start-up clean-up)."""
         return await self._call(drop_stage_tables)
 
     async def close(self) -> None:
+        self._warehouse_executor.shutdown(wait=True)
         self._executor.shutdown(wait=True)
         self._connection.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -75,14 +76,32 @@ def drop_stage_tables(cur: duckdb.DuckDBPyConnection) -> int:
     return len(tables)
 
 
+class PublishLocks:
+    """One lock per tenant dataset: publications into a dataset happen one at a time, so
+    concurrent runs of a pipeline neither conflict nor both insert the same day."""
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._locks: dict[str, threading.Lock] = {}
+
+    def get(self, dataset: str) -> threading.Lock:
+        with self._guard:
+            return self._locks.setdefault(dataset.lower(), threading.Lock())
+
+
 class DuckDBWarehouse:
     def __init__(
-        self, dataset: str, cursor: duckdb.DuckDBPyConnection, executor: ThreadPoolExecutor
+        self,
+        dataset: str,
+        cursor: duckdb.DuckDBPyConnection,
+        executor: ThreadPoolExecutor,
+        publish_locks: PublishLocks,
     ) -> None:
         self.dataset = dataset
         self._schema = quote_identifier(dataset)
         self._cursor = cursor
         self._executor = executor
+        self._publish_lock = publish_locks.get(dataset)
         cursor.execute("SET TimeZone = 'UTC'")
 
     async def _call(self, fn: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
@@ -170,14 +189,15 @@ class DuckDBWarehouse:
 
     async def publish(self, writes: Sequence[Publication]) -> None:
         def publish(cur: duckdb.DuckDBPyConnection) -> None:
-            cur.begin()
-            try:
-                for write in writes:
-                    self._publish_one(cur, write)
-                cur.commit()
-            except BaseException:
-                cur.rollback()
-                raise
+            with self._publish_lock:
+                cur.begin()
+                try:
+                    for write in writes:
+                        self._publish_one(cur, write)
+                    cur.commit()
+                except BaseException:
+                    cur.rollback()
+                    raise
 
         await self._call(publish)
 

@@ -79,22 +79,25 @@ class Store(Protocol):
         """Moves the oldest PENDING run to RUNNING for `worker_id`; None when none waits."""
 
     async def finish_run(
-        self, run_id: str, status: str, now: datetime, error_message: str = ""
+        self, run: RunRecord, status: str, now: datetime, error_message: str = ""
     ) -> RunRecord | None:
-        """Ends a RUNNING run COMPLETE or FAILED; None when it was not RUNNING."""
+        """Ends `run` COMPLETE or FAILED if it is still RUNNING for the same worker and
+        attempt (closing any step left RUNNING); None when it is not."""
 
     async def request_cancel(self, tenant_id: str, run_id: str, now: datetime) -> RunRecord | None:
         """Ends a PENDING run FAILED, or flags a RUNNING one to stop; returns it."""
 
     async def cancel_requested(self, run_id: str) -> bool: ...
 
-    async def heartbeat(self, run_ids: list[str], now: datetime) -> None: ...
+    async def heartbeat(self, run_ids: list[str], worker_id: str) -> None:
+        """Marks the runs `worker_id` executes as alive, with the store's current time."""
 
     async def stale_runs(self, stale_before: datetime) -> list[RunRecord]:
         """RUNNING runs whose last heartbeat is older than `stale_before`."""
 
-    async def requeue_run(self, run_id: str) -> bool:
-        """Puts a RUNNING run back to PENDING with its attempt count raised."""
+    async def requeue_run(self, run: RunRecord, now: datetime, count_attempt: bool) -> bool:
+        """Puts `run` back to PENDING if it is still RUNNING for the same worker and attempt;
+        `count_attempt` uses up an attempt (after a crash, not after a clean stop)."""
 
     async def save_step(self, step: StepRecord) -> None:
         """Inserts or replaces a step log row (by its id)."""

@@ -51,6 +51,7 @@ class RunRecord:
     idempotency_key: str = ""
     attempt: int = 1
     cancel_requested: bool = False
+    worker_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,7 @@ class StepRecord:
     duration_ms: int | None = None
     error_message: str = ""
     attempts: int = 0
+    run_attempt: int = 1
 
 
 @dataclass(frozen=True)
@@ -110,3 +112,4 @@ class DqRecord:
     message: str
     ingestion_date: date
     created_at: datetime
+    run_attempt: int = 1

@@ -113,6 +113,8 @@ TENANT_STEP_LOGS = Table(
         Column("error_message", "STRING"),
         # Since version 2.
         Column("attempts", "INT64"),
+        # Since version 3: which attempt of the run the step belongs to.
+        Column("run_attempt", "INT64"),
     ),
     primary_key=("step_logging_id",),
     partition_by="step_start_time",
@@ -136,6 +138,8 @@ TENANT_DQ_RESULTS = Table(
         Column("message", "STRING"),
         _req("ingestion_date", "DATE"),
         _req("created_at", "TIMESTAMP"),
+        # Since version 3.
+        Column("run_attempt", "INT64"),
     ),
     primary_key=("dq_result_id",),
     partition_by="ingestion_date",
@@ -222,6 +226,11 @@ MIGRATIONS: tuple[Migration, ...] = (
             ),
             (TENANT_STEP_LOGS, ("attempts",)),
         ),
+    ),
+    Migration(
+        3,
+        "step logs and DQ results record the run attempt they belong to",
+        adds=((TENANT_STEP_LOGS, ("run_attempt",)), (TENANT_DQ_RESULTS, ("run_attempt",))),
     ),
 )
 
