@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 
 import grpc
 import httpx
@@ -64,6 +65,8 @@ def test_pages_cover_every_run_once_newest_first(
             break
     ids = [r["pipeline_logging_id"] for r in seen]
     assert len(ids) == len(set(ids)) == RUNS
+    order = [(datetime.fromisoformat(r["created_at"]), r["pipeline_logging_id"]) for r in seen]
+    assert order == sorted(order, reverse=True)
     assert set(ids) == created
     assert pages == RUNS // 100
     assert all(r["status"] == "PENDING" for r in seen)

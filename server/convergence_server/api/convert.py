@@ -107,6 +107,7 @@ def run(record: RunRecord) -> run_pb2.Run:
         duration_ms=_int32(record.duration_ms),
         error_message=record.error_message,
         parameters=record.parameters,
+        created_at=_timestamp(record.created_at),
     )
 
 
