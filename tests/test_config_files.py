@@ -73,3 +73,21 @@ def test_a_broken_envoy_config_fails_validation(tmp_path: Path) -> None:
         timeout=60,
     )
     assert result.returncode != 0
+
+
+def test_focus_schema_matches_the_focus_sample() -> None:
+    """Every FOCUS column of the shared schema is a column of the real FOCUS 1.0 sample
+    (the x_ columns are this service's own, as FOCUS allows)."""
+    import csv
+
+    from convergence_server.engine.templates import load_catalog
+
+    schema = load_catalog(REPO_ROOT / "configs").schemas["focus_1_0"]
+    sample = REPO_ROOT.parent / "shared" / "data" / "real" / "focus_1.0_sample.csv"
+    if not sample.exists():
+        pytest.skip("the shared FOCUS sample is not beside this checkout")
+    with sample.open(newline="") as source:
+        header = set(next(csv.reader(source)))
+    ours = {c.name for c in schema.columns if not c.name.startswith("x_")}
+    assert ours - header == set()
+    assert schema.union_view == "focus_cost"

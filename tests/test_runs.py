@@ -111,9 +111,15 @@ def test_idempotent_triggers_create_exactly_one_run(api: httpx.Client) -> None:
     again = api.post(
         f"/api/v1/pipelines/run/{tenant_id}/{QUICK}",
         headers={"X-API-Key": key},
-        json={"idempotency_key": headers["Idempotency-Key"]},
+        json={"idempotency_key": headers["Idempotency-Key"], "date": "2025-11-18"},
     )
     assert again.json()["pipeline_logging_id"] in ids
+    # The same key for a different request is a conflict, not a silent replay.
+    other = api.post(
+        f"/api/v1/pipelines/run/{tenant_id}/{QUICK}", headers=headers, json={"date": "2025-11-19"}
+    )
+    assert other.status_code == 409
+    assert "was used within 24 hours for another request" in other.json()["message"]
 
 
 def test_cancel_a_pending_and_a_running_run(api: httpx.Client) -> None:
@@ -132,6 +138,8 @@ def test_cancel_a_pending_and_a_running_run(api: httpx.Client) -> None:
     first = wait_for_run(api, key, run_ids[0])
     assert first["status"] == "FAILED"
     assert first["error_message"].startswith("Cancelled")
+    ran = api.get(f"/api/v1/pipelines/runs/{run_ids[0]}/steps", headers=auth).json()["steps"]
+    assert "counted" not in [s["step_name"] for s in ran]  # it stopped at a step boundary
     last = wait_for_run(api, key, run_ids[-1])
     assert last["status"] == "FAILED"
     assert last["error_message"] == "Cancelled before it started"

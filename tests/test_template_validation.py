@@ -35,7 +35,7 @@ def catalog_with(tmp_path: Path, text: str) -> Path:
         ("description: x\nsteps:\n" + GOOD_STEP + "colour: red\n", "unknown field(s) ['colour']"),
         ("description: x\nsteps:\n  - {name: one, kind: shell}\n", "steps[0].kind: must be one of"),
         (
-            "description: x\nsteps:\n  - {name: One, kind: query, sql: x, destination: t,"
+            "description: x\nsteps:\n  - {name: One, kind: query, sql: 'SELECT 1', destination: t,"
             " write_mode: append}\n",
             "steps[0].name: must match",
         ),
@@ -45,7 +45,7 @@ def catalog_with(tmp_path: Path, text: str) -> Path:
             "steps[0].source: {where} is neither a parameter",
         ),
         (
-            "description: x\nsteps:\n  - {name: q, kind: query, sql: x, destination: t,"
+            "description: x\nsteps:\n  - {name: q, kind: query, sql: 'SELECT 1', destination: t,"
             " write_mode: replace_partition}\n",
             "steps[0].partition_column: must be a non-empty string",
         ),
@@ -60,14 +60,29 @@ def catalog_with(tmp_path: Path, text: str) -> Path:
             "parameters.date.default: must be a date YYYY-MM-DD",
         ),
         (
-            "description: x\nsteps:\n  - {name: q, kind: query, sql: x, destination: t,"
+            "description: x\nsteps:\n  - {name: q, kind: query, sql: 'SELECT 1', destination: t,"
             " write_mode: append, retry: {attempts: 99}}\n",
             "steps[0].retry.attempts: must be a whole number from 1 to 10",
         ),
         (
-            "description: x\nsteps:\n" + GOOD_STEP + "  - {name: r, kind: query, sql: x,"
-            " destination: t, write_mode: truncate}\n",
+            "description: x\nsteps:\n" + GOOD_STEP + "  - {name: r, kind: query,"
+            " sql: 'SELECT 2 AS n', destination: t, write_mode: truncate}\n",
             "steps[1].write_mode: t is written by an earlier step",
+        ),
+        (
+            "description: x\nsteps:\n  - {name: q, kind: query, sql: 'SELECT FROM WHERE (((',"
+            " destination: t, write_mode: truncate}\n",
+            "steps[0].sql: is not valid BigQuery SQL",
+        ),
+        (
+            "description: x\nsteps:\n  - {name: q, kind: query, sql: 'SELECT @nope AS n',"
+            " destination: t, write_mode: truncate}\n",
+            "steps[0].sql: @nope is not a parameter of the template",
+        ),
+        (
+            "description: x\nsteps:\n" + GOOD_STEP + "  - {name: q, kind: dq, table: t,"
+            " where: 'n = @size', checks: [{name: c, type: not_null, column: n}]}\n",
+            "steps[1].where: @size is not a parameter",
         ),
     ],
 )

@@ -173,6 +173,11 @@ class Runs:
         stored, created = await self._store.create_run(run, now - IDEMPOTENCY_WINDOW)
         if created:
             self._wake_executor()
+        elif (stored.pipeline_id, stored.parameters) != (run.pipeline_id, run.parameters):
+            raise FailedPrecondition(
+                f"Idempotency key {key!r} was used within 24 hours for another request "
+                f"(run {stored.pipeline_logging_id}); use a new key for a different run"
+            )
         return Triggered(stored, created)
 
     # -- reading ------------------------------------------------------------------------

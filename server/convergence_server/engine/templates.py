@@ -20,7 +20,9 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import sqlglot
 import yaml
+from sqlglot import exp
 
 from convergence_server.storage.warehouse import SchemaColumn
 
@@ -335,6 +337,31 @@ def _placeholders(r: _Reader, text: str, where: str, parameters: Mapping[str, Pa
             raise r.fail(where, f"{{{name}}} is neither a parameter nor {{sample_data}}")
 
 
+def _check_sql(r: _Reader, sql: str, where: str, parameters: Mapping[str, Parameter]) -> None:
+    """The SQL parses as BigQuery SQL and uses only the template's parameters."""
+    try:
+        statements = sqlglot.parse(sql.replace("{dataset}", "`dataset`"), read="bigquery")
+    except sqlglot.errors.ParseError as exc:
+        raise r.fail(where, f"is not valid BigQuery SQL: {str(exc).splitlines()[0]}") from None
+    for statement in statements:
+        for parameter in statement.find_all(exp.Parameter) if statement else ():
+            if parameter.name not in parameters:
+                raise r.fail(where, f"@{parameter.name} is not a parameter of the template")
+
+
+def _check_step_sql(
+    r: _Reader, step: Step, where: str, parameters: Mapping[str, Parameter]
+) -> None:
+    if step.kind == "query":
+        _check_sql(r, step.sql, f"{where}.sql", parameters)
+    if step.where:
+        _check_sql(r, f"SELECT 1 FROM t WHERE {step.where}", f"{where}.where", parameters)
+    for i, check in enumerate(step.checks):
+        if check.sql:
+            condition = f"SELECT 1 FROM t WHERE {check.sql}"
+            _check_sql(r, condition, f"{where}.checks[{i}].sql", parameters)
+
+
 def parse_template(path: Path, provider: str, domain: str, name: str) -> Template:
     r = _Reader(path)
     try:
@@ -348,6 +375,8 @@ def parse_template(path: Path, provider: str, domain: str, name: str) -> Templat
     if not isinstance(raw_steps, list) or not raw_steps:
         raise r.fail("steps", "must be a non-empty list")
     steps = tuple(_step(r, s, f"steps[{i}]", parameters) for i, s in enumerate(raw_steps))
+    for i, step in enumerate(steps):
+        _check_step_sql(r, step, f"steps[{i}]", parameters)
     names = [s.name for s in steps]
     if len(set(names)) != len(names):
         raise r.fail("steps", "step names must be unique")
