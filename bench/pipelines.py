@@ -561,6 +561,10 @@ def measure_cost(args: argparse.Namespace, workspace: Workspace) -> tuple[CostRe
         in_memory = raw_load("raw DuckDB load, in memory", source, ":memory:")
         with contextlib.ExitStack() as resources:
             session = open_session(resources, workspace, "cost", workers=args.workers)
+            # A tenant's runs read only its own folder of a source root.
+            own = workspace.sources / session.tenant.tenant_id / source.name
+            own.parent.mkdir()
+            source = source.rename(own)
             print("running: aws/cost/cost_usage", file=sys.stderr, flush=True)
             run, cpu = cost_run(session, source, args.run_timeout)
             steps = list_steps(session, run.pipeline_logging_id)
