@@ -78,10 +78,13 @@ def new_tenant_id() -> str:
     return f"t_{uuid.uuid4().hex[:16]}"
 
 
-def onboard(http: httpx.Client, tenant_id: str | None = None) -> tuple[str, str]:
+def onboard(
+    http: httpx.Client, tenant_id: str | None = None, plan: str = "PROFESSIONAL"
+) -> tuple[str, str]:
     """Onboards a fresh tenant through REST; returns (tenant_id, api_key)."""
     tenant_id = tenant_id or new_tenant_id()
-    response = http.post("/api/v1/tenants/onboard", json={"tenant_id": tenant_id, **GUIDE_TENANT})
+    payload = {"tenant_id": tenant_id, **GUIDE_TENANT, "subscription_plan": plan}
+    response = http.post("/api/v1/tenants/onboard", json=payload)
     assert response.status_code == 200, response.text
     return tenant_id, response.json()["api_key"]
 
@@ -121,11 +124,21 @@ def stack_grpc_via_envoy(stack: Stack) -> Iterator[grpc.Channel]:
         yield ch
 
 
+# A plan whose limits never bind, for tests about pipelines rather than quotas.
+UNMETERED = "UNMETERED"
+
+
 @pytest.fixture(scope="session")
 def config_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The shipped configs plus the test templates test/slow and test/quick."""
+    """The shipped configs plus the test templates (test/runs/*) and the UNMETERED plan."""
     target = tmp_path_factory.mktemp("configs") / "configs"
     shutil.copytree(REPO_ROOT / "configs", target)
+    with (target / "plans.yml").open("a") as plans:
+        plans.write(
+            f"  {UNMETERED}:\n    daily_pipeline_runs: 1000000\n"
+            "    concurrent_pipeline_runs: 100000\n    team_size: 1000\n"
+            "    requests_per_minute: 10000000\n"
+        )
     (target / "test" / "runs").mkdir(parents=True)
     for template in (FIXTURES / "templates").glob("*.yml"):
         shutil.copy(template, target / "test" / "runs" / template.name)

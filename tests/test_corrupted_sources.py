@@ -13,7 +13,7 @@ import pytest
 
 from convergence_server.config import REPO_ROOT
 from convergence_server.stack import Stack
-from tests.conftest import StackFactory, database_path, onboard, trigger, wait_for_run
+from tests.conftest import UNMETERED, StackFactory, database_path, onboard, trigger, wait_for_run
 
 AWS = "aws/cost/cost_usage"
 DAY = "2023-11-04"
@@ -58,7 +58,7 @@ def story(
     s = Story()
     s.stack = stack_factory(data_dir=tmp_path_factory.mktemp("corrupted"), **pipeline_env)
     with httpx.Client(base_url=s.stack.http_url, timeout=30) as http:
-        s.tenant_id, key = onboard(http)
+        s.tenant_id, key = onboard(http, plan=UNMETERED)
         folder = sources_dir / s.tenant_id  # a tenant reads only its own folder
         folder.mkdir()
         missing = corrupt(folder / "cur_missing_cost.csv", drop="lineItem/UnblendedCost")
@@ -163,8 +163,8 @@ def test_a_tenant_reads_only_its_own_source_folder(
 ) -> None:
     stack = stack_factory(**pipeline_env)
     with httpx.Client(base_url=stack.http_url, timeout=30) as http:
-        tenant_a, _ = onboard(http)
-        tenant_b, key_b = onboard(http)
+        tenant_a, _ = onboard(http, plan=UNMETERED)
+        tenant_b, key_b = onboard(http, plan=UNMETERED)
         (sources_dir / tenant_a).mkdir()
         secret = corrupt(sources_dir / tenant_a / "private_cur.csv")
         (sources_dir / tenant_b).mkdir()

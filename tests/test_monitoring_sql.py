@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import StackFactory, onboard, trigger, wait_for_run
+from tests.conftest import UNMETERED, StackFactory, onboard, trigger, wait_for_run
 
 
 def sql(data_dir: Path, query: str) -> list[dict[str, object]]:
@@ -36,7 +36,7 @@ def history(
     data_dir = tmp_path_factory.mktemp("monitoring")
     stack = stack_factory(data_dir=data_dir, **pipeline_env)
     with httpx.Client(base_url=stack.http_url, timeout=30) as http:
-        tenant_id, key = onboard(http)
+        tenant_id, key = onboard(http, plan=UNMETERED)
         done = trigger(http, key, tenant_id, "test/runs/quick")["pipeline_logging_id"]
         failed = trigger(http, key, tenant_id, "test/runs/slow", parameters={"size": "0"})
         wait_for_run(http, key, done)

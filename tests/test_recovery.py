@@ -8,7 +8,15 @@ import httpx
 import pytest
 
 from convergence_server.stack import Stack
-from tests.conftest import TERMINAL, StackFactory, dump_store, onboard, trigger, wait_for_run
+from tests.conftest import (
+    TERMINAL,
+    UNMETERED,
+    StackFactory,
+    dump_store,
+    onboard,
+    trigger,
+    wait_for_run,
+)
 
 
 def statuses(http: httpx.Client, key: str, run_ids: list[object]) -> list[str]:
@@ -27,7 +35,7 @@ def test_kill_9_with_runs_in_flight_then_restart(
     env = {**pipeline_env, "CONVERGENCE_WORKERS": "2"}
     stack: Stack = stack_factory(data_dir=data_dir, **env)
     with httpx.Client(base_url=stack.http_url, timeout=30) as http:
-        tenant_id, key = onboard(http)
+        tenant_id, key = onboard(http, plan=UNMETERED)
         run_ids = [
             trigger(http, key, tenant_id, "test/runs/slow")["pipeline_logging_id"] for _ in range(5)
         ]

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from convergence.v1 import pipeline_service_pb2, pipeline_service_pb2_grpc
-from tests.conftest import StackFactory, onboard, trigger, wait_for_run
+from tests.conftest import UNMETERED, StackFactory, onboard, trigger, wait_for_run
 
 RUNS = 2_500
 Listing = tuple[httpx.Client, str, str, set[str]]
@@ -28,7 +28,7 @@ def idle(
         data_dir=tmp_path_factory.mktemp("listing"), CONVERGENCE_WORKERS="0", **pipeline_env
     )
     http = httpx.Client(base_url=stack.http_url, timeout=30)
-    tenant_id, key = onboard(http)
+    tenant_id, key = onboard(http, plan=UNMETERED)
     request = pipeline_service_pb2.RunPipelineRequest(
         tenant_id=tenant_id, provider="test", domain="runs", template="quick"
     )
@@ -121,7 +121,7 @@ def test_a_token_only_serves_the_filters_it_was_made_for(
 
 
 def test_status_and_date_filters_over_rest(api: httpx.Client) -> None:
-    tenant_id, key = onboard(api)
+    tenant_id, key = onboard(api, plan=UNMETERED)
     auth = {"X-API-Key": key}
     done = trigger(api, key, tenant_id, "test/runs/quick")["pipeline_logging_id"]
     assert wait_for_run(api, key, done)["status"] == "COMPLETE"

@@ -12,14 +12,14 @@ import pytest
 
 from convergence.v1 import run_pb2, run_service_pb2, run_service_pb2_grpc
 from convergence_server.stack import Stack
-from tests.conftest import onboard, trigger, wait_for_run
+from tests.conftest import UNMETERED, onboard, trigger, wait_for_run
 
 QUICK = "test/runs/quick"
 SLOW = "test/runs/slow"
 
 
 def test_trigger_returns_the_documented_response_and_the_run_completes(api: httpx.Client) -> None:
-    tenant_id, key = onboard(api)
+    tenant_id, key = onboard(api, plan=UNMETERED)
     response = api.post(
         f"/api/v1/pipelines/run/{tenant_id}/{QUICK}",
         headers={"X-API-Key": key, "X-User-ID": "user_123"},
@@ -72,7 +72,7 @@ def test_trigger_returns_the_documented_response_and_the_run_completes(api: http
 def test_bad_triggers_are_refused_and_start_nothing(
     api: httpx.Client, path: str, body: dict[str, object], status: int, field: str | None
 ) -> None:
-    tenant_id, key = onboard(api)
+    tenant_id, key = onboard(api, plan=UNMETERED)
     response = api.post(
         f"/api/v1/pipelines/run/{tenant_id}/{path}", headers={"X-API-Key": key}, json=body
     )
@@ -88,7 +88,7 @@ def test_bad_triggers_are_refused_and_start_nothing(
 
 
 def test_idempotent_triggers_create_exactly_one_run(api: httpx.Client) -> None:
-    tenant_id, key = onboard(api)
+    tenant_id, key = onboard(api, plan=UNMETERED)
     headers = {"X-API-Key": key, "Idempotency-Key": f"nightly-{uuid.uuid4()}"}
 
     def fire(_: int) -> httpx.Response:
@@ -123,7 +123,7 @@ def test_idempotent_triggers_create_exactly_one_run(api: httpx.Client) -> None:
 
 
 def test_cancel_a_pending_and_a_running_run(api: httpx.Client) -> None:
-    tenant_id, key = onboard(api)
+    tenant_id, key = onboard(api, plan=UNMETERED)
     auth = {"X-API-Key": key}
     # Several slow runs: the last ones wait as PENDING behind the busy workers.
     run_ids = [trigger(api, key, tenant_id, SLOW)["pipeline_logging_id"] for _ in range(6)]
@@ -156,7 +156,7 @@ def test_cancel_a_pending_and_a_running_run(api: httpx.Client) -> None:
 
 
 def test_watch_streams_the_run_to_its_end(api: httpx.Client, pipelines: Stack) -> None:
-    tenant_id, key = onboard(api)
+    tenant_id, key = onboard(api, plan=UNMETERED)
     run_id = trigger(api, key, tenant_id, SLOW, parameters={"size": "500000"})[
         "pipeline_logging_id"
     ]
@@ -180,8 +180,8 @@ def test_watch_streams_the_run_to_its_end(api: httpx.Client, pipelines: Stack) -
 
 
 def test_a_tenant_sees_nothing_of_another(api: httpx.Client, pipelines: Stack) -> None:
-    tenant_a, key_a = onboard(api)
-    _, key_b = onboard(api)
+    tenant_a, key_a = onboard(api, plan=UNMETERED)
+    _, key_b = onboard(api, plan=UNMETERED)
     run_id = trigger(api, key_a, tenant_a, QUICK)["pipeline_logging_id"]
     as_b = {"X-API-Key": key_b}
     for response in (
@@ -214,7 +214,7 @@ def test_a_tenant_sees_nothing_of_another(api: httpx.Client, pipelines: Stack) -
 
 
 def test_list_pipelines(api: httpx.Client) -> None:
-    _, key = onboard(api)
+    _, key = onboard(api, plan=UNMETERED)
     pipelines = api.get("/api/v1/pipelines", headers={"X-API-Key": key}).json()["pipelines"]
     keys = {f"{p['provider']}/{p['domain']}/{p['template']}" for p in pipelines}
     assert {

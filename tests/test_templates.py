@@ -20,7 +20,7 @@ import pytest
 
 from convergence_server.config import REPO_ROOT
 from convergence_server.stack import Stack
-from tests.conftest import StackFactory, database_path, onboard, trigger, wait_for_run
+from tests.conftest import UNMETERED, StackFactory, database_path, onboard, trigger, wait_for_run
 
 SAMPLES = REPO_ROOT / "configs" / "sample_data"
 CENT = Decimal("0.01")
@@ -57,7 +57,7 @@ def outcome(
     result = Outcome()
     result.stack, result.runs = stack, defaultdict(list)
     with httpx.Client(base_url=stack.http_url, timeout=30) as http:
-        result.tenant_id, key = onboard(http)
+        result.tenant_id, key = onboard(http, plan=UNMETERED)
         for template, day in [*RUNS, *RUNS[:3]]:  # cost days run twice: no duplicates
             run_id = trigger(http, key, result.tenant_id, template, date=day)["pipeline_logging_id"]
             result.runs[template].append(wait_for_run(http, key, run_id))

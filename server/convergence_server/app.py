@@ -24,16 +24,19 @@ from convergence_server.api.health import HealthServicer
 from convergence_server.api.interceptors import (
     AuthInterceptor,
     ErrorInterceptor,
+    QuotaInterceptor,
     RequestContextInterceptor,
 )
 from convergence_server.api.pipelines import PipelineServicer
 from convergence_server.api.runs import RunServicer
 from convergence_server.api.tenants import TenantServicer
+from convergence_server.clock import make_clock
 from convergence_server.config import Config
 from convergence_server.domain.auth import Authenticator, KeyRecordCache
 from convergence_server.domain.executor import Executor, ExecutorSettings
 from convergence_server.domain.onboarding import MIN_PEPPER_BYTES, Onboarding
 from convergence_server.domain.plans import load_plans
+from convergence_server.domain.quotas import PlanBook, RateLimiter
 from convergence_server.domain.runs import RunEvents, Runs
 from convergence_server.engine.templates import load_catalog
 from convergence_server.storage import Store, open_store
@@ -85,6 +88,7 @@ def create_server(config: Config) -> ConvergenceServer:
     plans = load_plans(config.plans_path)
     catalog = load_catalog(config.config_dir)
     store = open_store(config.store, config.database_path, config.workers)
+    clock = make_clock(config.clock_offset_file)
     events = RunEvents()
     executor = Executor(
         store,
@@ -97,8 +101,10 @@ def create_server(config: Config) -> ConvergenceServer:
             sample_data=config.sample_data_dir,
             source_roots=config.source_roots,
         ),
+        clock=clock,
     )
-    runs = Runs(store, catalog, events, executor.wake)
+    plan_book = PlanBook(store, plans)
+    runs = Runs(store, catalog, plan_book, events, executor.wake, clock=clock)
     authenticator = Authenticator(
         store, config.key_pepper, KeyRecordCache(config.key_cache_seconds)
     )
@@ -107,6 +113,7 @@ def create_server(config: Config) -> ConvergenceServer:
             ErrorInterceptor(),
             RequestContextInterceptor(),
             AuthInterceptor(authenticator),
+            QuotaInterceptor(plan_book, RateLimiter()),
         ],
         options=[
             ("grpc.max_receive_message_length", config.max_request_bytes),

@@ -33,6 +33,7 @@ class Config:
     project: str = "your-project"
     heartbeat_seconds: float = 5.0
     lease_seconds: float = 30.0
+    clock_offset_file: str = ""
     log_level: str = "INFO"
 
     @property
@@ -75,6 +76,7 @@ class Config:
             project=env.get("CONVERGENCE_PROJECT", defaults.project),
             heartbeat_seconds=_int(env, "CONVERGENCE_RUN_HEARTBEAT_SECONDS", 5),
             lease_seconds=_int(env, "CONVERGENCE_RUN_LEASE_SECONDS", 30),
+            clock_offset_file=env.get("CONVERGENCE_CLOCK_OFFSET_FILE", ""),
             log_level=env.get("CONVERGENCE_LOG_LEVEL", defaults.log_level).upper(),
         )
 

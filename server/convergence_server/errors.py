@@ -7,6 +7,7 @@
     ├── NotFound                        404 NOT_FOUND          "Not found"
     ├── AlreadyExists                   409 ALREADY_EXISTS     "Conflict"
     ├── FailedPrecondition              409 FAILED_PRECONDITION "Conflict"
+    ├── QuotaExceeded                   429 RESOURCE_EXHAUSTED "Rate limit exceeded"
     ├── Unavailable                     503 UNAVAILABLE        "Service unavailable"
     ├── DeadlineExceeded                504 DEADLINE_EXCEEDED  "Deadline exceeded"
     ├── NotImplementedYet               501 UNIMPLEMENTED      "Not implemented"
@@ -75,6 +76,17 @@ class AlreadyExists(ConvergenceError):
 
 class FailedPrecondition(ConvergenceError):
     reason = "FAILED_PRECONDITION"
+
+
+class QuotaExceeded(ConvergenceError):
+    """A plan limit refuses the call; `retry_after` is an honest wait in whole seconds."""
+
+    reason = "QUOTA_EXCEEDED"
+
+    def __init__(self, message: str, subject: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.subject = subject
+        self.retry_after = max(1, retry_after)
 
 
 class Unavailable(ConvergenceError):

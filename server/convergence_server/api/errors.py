@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -41,6 +41,7 @@ _MAPPINGS: dict[type[errors.ConvergenceError], _Mapping] = {
     errors.NotFound: _Mapping(grpc.StatusCode.NOT_FOUND, 404, "Not found"),
     errors.AlreadyExists: _Mapping(grpc.StatusCode.ALREADY_EXISTS, 409, "Conflict"),
     errors.FailedPrecondition: _Mapping(grpc.StatusCode.FAILED_PRECONDITION, 409, "Conflict"),
+    errors.QuotaExceeded: _Mapping(grpc.StatusCode.RESOURCE_EXHAUSTED, 429, "Rate limit exceeded"),
     errors.Unavailable: _Mapping(grpc.StatusCode.UNAVAILABLE, 503, "Service unavailable"),
     errors.DeadlineExceeded: _Mapping(grpc.StatusCode.DEADLINE_EXCEEDED, 504, "Deadline exceeded"),
     errors.NotImplementedYet: _Mapping(grpc.StatusCode.UNIMPLEMENTED, 501, "Not implemented"),
@@ -107,6 +108,21 @@ def to_abort(error: errors.ConvergenceError | None, request_id: str, rest: bool)
                 ]
             )
         )
+    retry_after: tuple[tuple[str, str], ...] = ()
+    if isinstance(error, errors.QuotaExceeded):
+        body["retry_after"] = error.retry_after
+        retry_after = (("retry-after", str(error.retry_after)),)
+        details.append(
+            error_details_pb2.QuotaFailure(
+                violations=[
+                    error_details_pb2.QuotaFailure.Violation(
+                        subject=error.subject, description=error.message
+                    )
+                ]
+            )
+        )
+        delay = duration_pb2.Duration(seconds=error.retry_after)
+        details.append(error_details_pb2.RetryInfo(retry_delay=delay))
     if isinstance(error, OnboardingRefused):
         report = convert.dry_run_response(error.report)
         details.append(report)
@@ -119,7 +135,7 @@ def to_abort(error: errors.ConvergenceError | None, request_id: str, rest: bool)
         details=[_pack(d) for d in details],
     )
     status = rpc_status.to_status(proto)
-    trailing = tuple(status.trailing_metadata)
+    trailing = (*status.trailing_metadata, *retry_after)
     if rest:
         trailing += (
             ("x-http-status", str(mapping.http_status)),

@@ -4,6 +4,9 @@
 2. `RequestContextInterceptor`: request id, method and X-User-ID, for logs and servicers.
 3. `AuthInterceptor`: who is calling, from `x-api-key`. What the caller may do is decided by
    the servicers.
+4. `QuotaInterceptor`: the plan's request rate per API key; it also hands the caller's plan
+   to the trigger, which reserves the daily and concurrent run limits atomically with the
+   insert of the run (see `domain.quotas`).
 
 Each wraps the method handler's behaviour (unary and server-streaming methods; others are
 refused), so its code runs inside the call's own task and the context variables it sets
@@ -25,6 +28,7 @@ from convergence_server import errors, logs
 from convergence_server.api.context import caller_var
 from convergence_server.api.errors import Abort, to_abort
 from convergence_server.domain.auth import INVALID_KEY_MESSAGE, Authenticator
+from convergence_server.domain.quotas import PlanBook, RateLimiter
 
 log = logging.getLogger(__name__)
 
@@ -205,3 +209,50 @@ class AuthInterceptor(_WrappingInterceptor):
             logs.tenant_id_var.set(caller.tenant_id)
         elif method not in KEY_OPTIONAL_METHODS:
             raise errors.Unauthenticated(INVALID_KEY_MESSAGE)
+
+
+class QuotaInterceptor(_WrappingInterceptor):
+    """Applies the caller's plan rate (a token bucket per API key) to authenticated calls.
+
+    Successful calls report the bucket in `x-ratelimit-limit` / `x-ratelimit-remaining`:
+    response headers over REST, trailing metadata over gRPC.
+    """
+
+    def __init__(self, plans: PlanBook, limiter: RateLimiter) -> None:
+        self._plans = plans
+        self._limiter = limiter
+
+    async def _take(self) -> tuple[tuple[str, str], ...]:
+        caller = caller_var.get()
+        if caller is None:
+            return ()
+        plan = await self._plans.plan_of(caller.tenant_id)
+        allowed, left, wait = self._limiter.take(caller.key_id, plan.requests_per_minute)
+        if not allowed:
+            raise errors.QuotaExceeded(
+                f"Request rate exceeded: plan {plan.name} allows "
+                f"{plan.requests_per_minute} requests per minute per API key",
+                f"api_key:{caller.key_id}:requests_per_minute",
+                wait,
+            )
+        return (
+            ("x-ratelimit-limit", str(plan.requests_per_minute)),
+            ("x-ratelimit-remaining", str(left)),
+        )
+
+    async def around(self, call: Call, context: ServicerContext[Any, Any]) -> Any:
+        headers = await self._take()
+        result = await call()
+        if headers:
+            if is_transcoded(context):
+                await context.send_initial_metadata(headers)
+            else:
+                context.set_trailing_metadata(headers)
+        return result
+
+    async def around_stream(
+        self, call: StreamCall, context: ServicerContext[Any, Any]
+    ) -> AsyncIterator[Any]:
+        await self._take()
+        async for item in call():
+            yield item

@@ -15,6 +15,12 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 
 from convergence_server.domain.auth import Caller
+from convergence_server.domain.quotas import (
+    PlanBook,
+    concurrency_wait,
+    concurrent_exceeded,
+    daily_exceeded,
+)
 from convergence_server.engine.templates import NAME_PATTERN, Catalog, ParameterError, Template
 from convergence_server.errors import (
     FailedPrecondition,
@@ -24,7 +30,13 @@ from convergence_server.errors import (
     echo,
 )
 from convergence_server.storage import Store
-from convergence_server.storage.records import RunCursor, RunFilter, RunRecord, StepRecord
+from convergence_server.storage.records import (
+    RunCursor,
+    RunFilter,
+    RunLimits,
+    RunRecord,
+    StepRecord,
+)
 
 PENDING, RUNNING, COMPLETE, FAILED = "PENDING", "RUNNING", "COMPLETE", "FAILED"
 TERMINAL = frozenset({COMPLETE, FAILED})
@@ -109,6 +121,7 @@ class Runs:
         self,
         store: Store,
         catalog: Catalog,
+        plans: PlanBook,
         events: RunEvents,
         wake_executor: Callable[[], None],
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
@@ -116,6 +129,7 @@ class Runs:
     ) -> None:
         self._store = store
         self._catalog = catalog
+        self._plans = plans
         self._events = events
         self._wake_executor = wake_executor
         self._clock = clock
@@ -170,7 +184,16 @@ class Runs:
             created_at=now,
             idempotency_key=key,
         )
-        stored, created = await self._store.create_run(run, now - IDEMPOTENCY_WINDOW)
+        plan = await self._plans.plan_of(caller.tenant_id)
+        limits = RunLimits(plan.daily_pipeline_runs, plan.concurrent_pipeline_runs)
+        admission = await self._store.create_run(run, now - IDEMPOTENCY_WINDOW, limits)
+        if admission.refused == "daily":
+            raise daily_exceeded(caller.tenant_id, admission.used, limits.daily, now)
+        if admission.refused == "concurrent":
+            wait = concurrency_wait(await self._store.typical_run_ms(caller.tenant_id))
+            raise concurrent_exceeded(caller.tenant_id, admission.used, limits.concurrent, wait)
+        stored, created = admission.run, admission.created
+        assert stored is not None
         if created:
             self._wake_executor()
         elif (stored.pipeline_id, stored.parameters) != (run.pipeline_id, run.parameters):

@@ -9,24 +9,28 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import duckdb
 
 from convergence_server.storage.identifiers import quote_identifier
 from convergence_server.storage.records import (
+    Admission,
     DqRecord,
     RunCursor,
     RunFilter,
+    RunLimits,
     RunRecord,
     StepRecord,
+    UsageRecord,
 )
 
 CENTRAL = quote_identifier("tenants")
 RUNS = f"{CENTRAL}.tenant_pipeline_runs"
 STEPS = f"{CENTRAL}.tenant_step_logs"
 KEYS = f"{CENTRAL}.tenant_idempotency_keys"
+USAGE = f"{CENTRAL}.tenant_usage_quotas"
 RUN_COLUMNS = (
     "pipeline_logging_id, pipeline_id, tenant_id, provider, domain, template, status, "
     "trigger_type, trigger_by, user_id, parameters, created_at, start_time, end_time, "
@@ -122,9 +126,13 @@ def insert_run(cur: duckdb.DuckDBPyConnection, run: RunRecord) -> None:
 
 
 def create_run(
-    cur: duckdb.DuckDBPyConnection, run: RunRecord, keys_valid_from: datetime
-) -> tuple[RunRecord, bool]:
-    """Inserts the run, or returns the run its idempotency key already started."""
+    cur: duckdb.DuckDBPyConnection,
+    run: RunRecord,
+    keys_valid_from: datetime,
+    limits: RunLimits | None,
+) -> Admission:
+    """Inserts the run, returns the run its idempotency key already started, or refuses
+    it over a limit; the caller holds the tenant's lock, so the counts cannot move."""
     cur.begin()
     try:
         if run.idempotency_key:
@@ -138,12 +146,23 @@ def create_run(
                 existing = get_run(cur, run.tenant_id, row[0])
             if existing is not None:
                 cur.rollback()
-                return existing, False
+                return Admission(existing, created=False)
             if row is not None:  # expired, or its run is gone: the key is free again
                 cur.execute(
                     f"DELETE FROM {KEYS} WHERE tenant_id = ? AND idempotency_key = ?",
                     [run.tenant_id, run.idempotency_key],
                 )
+        active = _active_runs(cur, run.tenant_id)
+        if limits is not None:
+            today = _runs_created_on(cur, run.tenant_id, run.created_at.astimezone(UTC).date())
+            refusal = "daily" if today >= limits.daily else ""
+            if not refusal and active >= limits.concurrent:
+                refusal = "concurrent"
+            if refusal:
+                cur.rollback()
+                used = today if refusal == "daily" else active
+                return Admission(None, created=False, refused=refusal, used=used)
+        if run.idempotency_key:
             cur.execute(
                 f"INSERT INTO {KEYS} VALUES (?, ?, ?, ?)",
                 [
@@ -154,11 +173,120 @@ def create_run(
                 ],
             )
         insert_run(cur, run)
+        _count_usage(cur, run.tenant_id, run.created_at, limits, started=1, active=active + 1)
         cur.commit()
     except BaseException:
         cur.rollback()
         raise
-    return run, True
+    return Admission(run, created=True)
+
+
+def _active_runs(cur: duckdb.DuckDBPyConnection, tenant_id: str) -> int:
+    """The tenant's concurrency slots in use: its PENDING and RUNNING runs."""
+    row = cur.execute(
+        f"SELECT COUNT(*) FROM {RUNS} WHERE tenant_id = ? AND status IN ('PENDING', 'RUNNING')",
+        [tenant_id],
+    ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def _runs_created_on(cur: duckdb.DuckDBPyConnection, tenant_id: str, day: date) -> int:
+    start = datetime.combine(day, datetime.min.time())
+    row = cur.execute(
+        f"SELECT COUNT(*) FROM {RUNS} WHERE tenant_id = ? AND created_at >= ? AND created_at < ?",
+        [tenant_id, start, start + timedelta(days=1)],
+    ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def _count_usage(
+    cur: duckdb.DuckDBPyConnection,
+    tenant_id: str,
+    moment: datetime,
+    limits: RunLimits | None,
+    *,
+    active: int,
+    started: int = 0,
+    succeeded: int = 0,
+    failed: int = 0,
+    day: date | None = None,
+) -> None:
+    """Adds to the tenant's usage row of `day` (default: `moment`'s UTC day) and sets its
+    current concurrency; a new row takes the limits given, else the tenant's last ones."""
+    usage_day = day or moment.astimezone(UTC).date()
+    daily, concurrent = (
+        (limits.daily, limits.concurrent) if limits else _last_limits(cur, tenant_id)
+    )
+    cur.execute(
+        f"INSERT INTO {USAGE} VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+        "ON CONFLICT (tenant_id, usage_date) DO UPDATE SET "
+        "pipelines_run_today = pipelines_run_today + EXCLUDED.pipelines_run_today, "
+        "pipelines_succeeded_today = "
+        "  pipelines_succeeded_today + EXCLUDED.pipelines_succeeded_today, "
+        "pipelines_failed_today = pipelines_failed_today + EXCLUDED.pipelines_failed_today, "
+        "concurrent_pipelines_running = EXCLUDED.concurrent_pipelines_running, "
+        "max_concurrent_reached = "
+        "  greatest(max_concurrent_reached, EXCLUDED.max_concurrent_reached), "
+        f"daily_limit = {'EXCLUDED.daily_limit' if limits else 'daily_limit'}, "
+        f"concurrent_limit = {'EXCLUDED.concurrent_limit' if limits else 'concurrent_limit'}, "
+        "updated_at = EXCLUDED.updated_at",
+        [
+            tenant_id,
+            usage_day,
+            started,
+            succeeded,
+            failed,
+            active,
+            active,
+            daily,
+            concurrent,
+            naive(moment),
+        ],
+    )
+
+
+def _last_limits(cur: duckdb.DuckDBPyConnection, tenant_id: str) -> tuple[int, int]:
+    row = cur.execute(
+        f"SELECT daily_limit, concurrent_limit FROM {USAGE} WHERE tenant_id = ? "
+        "ORDER BY usage_date DESC LIMIT 1",
+        [tenant_id],
+    ).fetchone()
+    return (int(row[0]), int(row[1])) if row else (0, 0)
+
+
+def record_finish(cur: duckdb.DuckDBPyConnection, run: RunRecord, now: datetime) -> None:
+    """Counts an ended run in its creation day's usage; today's row gets the new
+    concurrency (a run may end on a later day than it began)."""
+    created_day = run.created_at.astimezone(UTC).date()
+    today = now.astimezone(UTC).date()
+    active = _active_runs(cur, run.tenant_id)
+    ok, bad = (1, 0) if run.status == "COMPLETE" else (0, 1)
+    _count_usage(
+        cur, run.tenant_id, now, None, active=active, succeeded=ok, failed=bad, day=created_day
+    )
+    if today != created_day:
+        _count_usage(cur, run.tenant_id, now, None, active=active, day=today)
+
+
+def get_usage(cur: duckdb.DuckDBPyConnection, tenant_id: str, day: date) -> UsageRecord | None:
+    row = cur.execute(
+        "SELECT tenant_id, usage_date, pipelines_run_today, pipelines_succeeded_today, "
+        "pipelines_failed_today, concurrent_pipelines_running, max_concurrent_reached, "
+        f"daily_limit, concurrent_limit FROM {USAGE} WHERE tenant_id = ? AND usage_date = ?",
+        [tenant_id, day],
+    ).fetchone()
+    return None if row is None else UsageRecord(*row)
+
+
+def typical_run_ms(cur: duckdb.DuckDBPyConnection, tenant_id: str) -> int | None:
+    """The median duration of the tenant's last 20 ended runs that ran."""
+    row = cur.execute(
+        f"SELECT median(duration_ms) FROM (SELECT duration_ms FROM {RUNS} "
+        "WHERE tenant_id = ? AND status IN ('COMPLETE', 'FAILED') AND start_time IS NOT NULL "
+        "ORDER BY end_time DESC LIMIT 20)",
+        [tenant_id],
+    ).fetchone()
+    return None if row is None or row[0] is None else int(row[0])
 
 
 def get_run(cur: duckdb.DuckDBPyConnection, tenant_id: str, run_id: str) -> RunRecord | None:
@@ -228,15 +356,23 @@ def finish_run(
         guard, values = "status = 'PENDING'", []
     else:
         guard, values = "status = 'RUNNING' AND worker_id = ? AND attempt = ?", list(owner)
-    row = cur.execute(
-        f"UPDATE {RUNS} SET status = ?, end_time = ?, error_message = ?, "
-        "duration_ms = CASE WHEN start_time IS NULL THEN 0 "
-        "  ELSE CAST(date_diff('millisecond', start_time, ?) AS BIGINT) END "
-        f"WHERE pipeline_logging_id = ? AND {guard} RETURNING {RUN_COLUMNS}",
-        [status, naive(now), error_message or None, naive(now), run_id, *values],
-    ).fetchone()
-    if row is not None and owner is not None:
-        interrupt_steps(cur, run_id, now)
+    cur.begin()
+    try:
+        row = cur.execute(
+            f"UPDATE {RUNS} SET status = ?, end_time = ?, error_message = ?, "
+            "duration_ms = CASE WHEN start_time IS NULL THEN 0 "
+            "  ELSE CAST(date_diff('millisecond', start_time, ?) AS BIGINT) END "
+            f"WHERE pipeline_logging_id = ? AND {guard} RETURNING {RUN_COLUMNS}",
+            [status, naive(now), error_message or None, naive(now), run_id, *values],
+        ).fetchone()
+        if row is not None:
+            if owner is not None:
+                interrupt_steps(cur, run_id, now)
+            record_finish(cur, run_from_row(row), now)
+        cur.commit()
+    except BaseException:
+        cur.rollback()
+        raise
     return None if row is None else run_from_row(row)
 
 

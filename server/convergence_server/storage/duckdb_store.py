@@ -14,7 +14,7 @@ import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import TypeVar
 
@@ -23,20 +23,20 @@ import duckdb
 from convergence_server.errors import AlreadyExists, DeadlineExceeded, Unavailable
 from convergence_server.storage import duckdb_runs as runs
 from convergence_server.storage import schema
-from convergence_server.storage.duckdb_warehouse import (
-    DuckDBWarehouse,
-    PublishLocks,
-    drop_stage_tables,
-)
+from convergence_server.storage.duckdb_warehouse import DuckDBWarehouse, drop_stage_tables
 from convergence_server.storage.identifiers import quote_identifier
+from convergence_server.storage.locks import KeyedLocks
 from convergence_server.storage.records import (
+    Admission,
     ApiKeyRecord,
     DqRecord,
     RunCursor,
     RunFilter,
+    RunLimits,
     RunRecord,
     StepRecord,
     TenantRecord,
+    UsageRecord,
 )
 
 T = TypeVar("T")
@@ -127,7 +127,8 @@ class DuckDBStore:
         self._warehouse_executor = ThreadPoolExecutor(
             warehouse_threads, thread_name_prefix="duckdb-pipelines"
         )
-        self._publish_locks = PublishLocks()
+        self._publish_locks = KeyedLocks()
+        self._tenant_locks = KeyedLocks()
         # DuckDB's catalog changes (CREATE SCHEMA ...) are serialized here: onboarding is rare.
         self._ddl_lock = threading.Lock()
 
@@ -380,19 +381,21 @@ class DuckDBStore:
 
     # -- runs ----------------------------------------------------------------------------
 
-    async def create_run(self, run: RunRecord, keys_valid_from: datetime) -> tuple[RunRecord, bool]:
-        def create(cur: duckdb.DuckDBPyConnection) -> tuple[RunRecord, bool]:
-            for attempt in range(5):
-                try:
-                    return runs.create_run(cur, run, keys_valid_from)
-                except (duckdb.ConstraintException, duckdb.TransactionException):
-                    # A concurrent trigger with the same idempotency key won: read its run.
-                    if not run.idempotency_key or attempt == 4:
-                        raise
-                    time.sleep(0.005 * (attempt + 1))
-            raise AssertionError("unreachable")  # pragma: no cover
+    async def create_run(
+        self, run: RunRecord, keys_valid_from: datetime, limits: RunLimits | None = None
+    ) -> Admission:
+        def create(cur: duckdb.DuckDBPyConnection) -> Admission:
+            # One admission at a time per tenant: the counts it checks cannot move under it.
+            with self._tenant_locks.get(run.tenant_id):
+                return runs.create_run(cur, run, keys_valid_from, limits)
 
         return await self._call(create)
+
+    async def get_usage(self, tenant_id: str, day: date) -> UsageRecord | None:
+        return await self._call(lambda cur: runs.get_usage(cur, tenant_id, day))
+
+    async def typical_run_ms(self, tenant_id: str) -> int | None:
+        return await self._call(lambda cur: runs.typical_run_ms(cur, tenant_id))
 
     async def get_run(self, tenant_id: str, run_id: str) -> RunRecord | None:
         return await self._call(lambda cur: runs.get_run(cur, tenant_id, run_id))

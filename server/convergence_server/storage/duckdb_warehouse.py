@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import threading
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -18,6 +17,7 @@ from typing import Any, TypeVar
 import duckdb
 
 from convergence_server.storage.identifiers import quote_identifier
+from convergence_server.storage.locks import KeyedLocks
 from convergence_server.storage.sql import SqlError, to_duckdb
 from convergence_server.storage.warehouse import (
     Publication,
@@ -76,31 +76,20 @@ def drop_stage_tables(cur: duckdb.DuckDBPyConnection) -> int:
     return len(tables)
 
 
-class PublishLocks:
-    """One lock per tenant dataset: publications into a dataset happen one at a time, so
-    concurrent runs of a pipeline neither conflict nor both insert the same day."""
-
-    def __init__(self) -> None:
-        self._guard = threading.Lock()
-        self._locks: dict[str, threading.Lock] = {}
-
-    def get(self, dataset: str) -> threading.Lock:
-        with self._guard:
-            return self._locks.setdefault(dataset.lower(), threading.Lock())
-
-
 class DuckDBWarehouse:
     def __init__(
         self,
         dataset: str,
         cursor: duckdb.DuckDBPyConnection,
         executor: ThreadPoolExecutor,
-        publish_locks: PublishLocks,
+        publish_locks: KeyedLocks,
     ) -> None:
         self.dataset = dataset
         self._schema = quote_identifier(dataset)
         self._cursor = cursor
         self._executor = executor
+        # Publications into one dataset happen one at a time, so that concurrent runs of a
+        # pipeline neither conflict nor both insert the same day.
         self._publish_lock = publish_locks.get(dataset)
         cursor.execute("SET TimeZone = 'UTC'")
 

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import date, datetime
 from typing import Protocol
 
 from convergence_server.storage.records import (
+    Admission,
     ApiKeyRecord,
     DqRecord,
     RunCursor,
     RunFilter,
+    RunLimits,
     RunRecord,
     StepRecord,
     TenantRecord,
+    UsageRecord,
 )
 from convergence_server.storage.warehouse import Warehouse
 
@@ -64,9 +67,19 @@ class Store(Protocol):
 
     # -- runs: every state change is conditional on the current state --------------------
 
-    async def create_run(self, run: RunRecord, keys_valid_from: datetime) -> tuple[RunRecord, bool]:
-        """Stores a PENDING run; with an idempotency key used since `keys_valid_from`,
-        returns that key's run instead (and False)."""
+    async def create_run(
+        self, run: RunRecord, keys_valid_from: datetime, limits: RunLimits | None = None
+    ) -> Admission:
+        """Stores a PENDING run, atomically with its admission against `limits` (runs
+        created on its UTC day, and the tenant's PENDING or RUNNING runs, must stay below
+        them) and with its usage row. With an idempotency key used since
+        `keys_valid_from`, returns that key's run instead, uncounted."""
+
+    async def get_usage(self, tenant_id: str, day: date) -> UsageRecord | None:
+        """The tenant's usage row of a UTC day."""
+
+    async def typical_run_ms(self, tenant_id: str) -> int | None:
+        """The median duration of the tenant's recent ended runs, if it has any."""
 
     async def get_run(self, tenant_id: str, run_id: str) -> RunRecord | None: ...
 

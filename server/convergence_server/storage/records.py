@@ -113,3 +113,37 @@ class DqRecord:
     ingestion_date: date
     created_at: datetime
     run_attempt: int = 1
+
+
+@dataclass(frozen=True)
+class RunLimits:
+    """The daily and concurrent run limits a trigger is admitted against."""
+
+    daily: int
+    concurrent: int
+
+
+@dataclass(frozen=True)
+class Admission:
+    """What `Store.create_run` did: stored the run, found it (idempotent replay), or
+    refused it over a limit (`refused` is "daily" or "concurrent", `used` the count)."""
+
+    run: RunRecord | None
+    created: bool
+    refused: str = ""
+    used: int = 0
+
+
+@dataclass(frozen=True)
+class UsageRecord:
+    """A row of `tenants.tenant_usage_quotas`: one tenant's UTC day."""
+
+    tenant_id: str
+    usage_date: date
+    pipelines_run_today: int
+    pipelines_succeeded_today: int
+    pipelines_failed_today: int
+    concurrent_pipelines_running: int
+    max_concurrent_reached: int
+    daily_limit: int
+    concurrent_limit: int

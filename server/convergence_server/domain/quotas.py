@@ -1,0 +1,119 @@
+"""Plan limits: daily runs, concurrent runs, request rate, team size.
+
+Daily and concurrent limits are reserved by the store atomically with the insert of the
+PENDING run (`Store.create_run` takes the limits); a concurrency slot is a run's own
+PENDING or RUNNING state, so every terminal transition frees it and it cannot leak. The
+request rate is a token bucket per API key.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+
+from convergence_server.domain.plans import Plan
+from convergence_server.errors import FailedPrecondition, NotFound, QuotaExceeded
+from convergence_server.storage import Store
+
+RATE_LIMITED = "Rate limit exceeded"
+
+
+def seconds_until_midnight(now: datetime) -> int:
+    midnight = datetime.combine(
+        now.astimezone(UTC).date() + timedelta(days=1), datetime.min.time(), UTC
+    )
+    return math.ceil((midnight - now).total_seconds())
+
+
+def daily_exceeded(tenant_id: str, used: int, limit: int, now: datetime) -> QuotaExceeded:
+    return QuotaExceeded(
+        f"Daily pipeline quota exceeded. You have run {used} pipelines today (limit: {limit})",
+        f"tenant:{tenant_id}:daily_pipeline_runs",
+        seconds_until_midnight(now),
+    )
+
+
+def concurrent_exceeded(tenant_id: str, active: int, limit: int, wait: int) -> QuotaExceeded:
+    return QuotaExceeded(
+        f"Concurrent pipeline limit reached. You have {active} pipelines pending or running "
+        f"(limit: {limit})",
+        f"tenant:{tenant_id}:concurrent_pipeline_runs",
+        wait,
+    )
+
+
+class RateLimiter:
+    """Token buckets per API key: `rate` requests a minute, bursts up to `rate`.
+
+    In the server's memory: exact for the embedded store, which one process owns alone.
+    """
+
+    def __init__(self, monotonic: Callable[[], float] = time.monotonic) -> None:
+        self._monotonic = monotonic
+        self._lock = threading.Lock()
+        self._buckets: dict[str, tuple[float, float]] = {}
+
+    def take(self, key_id: str, per_minute: int) -> tuple[bool, int, int]:
+        """(allowed, tokens left, seconds until the next token when refused)."""
+        now = self._monotonic()
+        refill = per_minute / 60.0
+        with self._lock:
+            tokens, last = self._buckets.get(key_id, (float(per_minute), now))
+            tokens = min(float(per_minute), tokens + (now - last) * refill)
+            if tokens >= 1:
+                self._buckets[key_id] = (tokens - 1, now)
+                return True, int(tokens - 1), 0
+            self._buckets[key_id] = (tokens, now)
+            return False, 0, math.ceil((1 - tokens) / refill)
+
+
+DEFAULT_RUN_SECONDS = 10
+MAX_RETRY_ESTIMATE = 300
+
+
+def concurrency_wait(typical_run_ms: int | None) -> int:
+    """How long a slot typically takes to free: the tenant's median run, 1 s to 5 min."""
+    if typical_run_ms is None:
+        return DEFAULT_RUN_SECONDS
+    return min(MAX_RETRY_ESTIMATE, max(1, math.ceil(typical_run_ms / 1000)))
+
+
+class PlanBook:
+    """Each tenant's plan, read from the store and kept a few seconds.
+
+    A plan change made through this server takes effect on the next call (`forget`).
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        plans: dict[str, Plan],
+        ttl: float = 5.0,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._store = store
+        self.plans = plans
+        self._ttl = ttl
+        self._monotonic = monotonic
+        self._cache: dict[str, tuple[float, Plan]] = {}
+
+    async def plan_of(self, tenant_id: str) -> Plan:
+        cached = self._cache.get(tenant_id)
+        if cached is not None and cached[0] > self._monotonic():
+            return cached[1]
+        tenant = await self._store.get_tenant(tenant_id)
+        if tenant is None:
+            raise NotFound(f"No tenant {tenant_id}")
+        plan = self.plans.get(tenant.subscription_plan)
+        if plan is None:
+            raise FailedPrecondition(
+                f"The plan {tenant.subscription_plan} is no longer offered; choose another"
+            )
+        self._cache[tenant_id] = (self._monotonic() + self._ttl, plan)
+        return plan
+
+    def forget(self, tenant_id: str) -> None:
+        self._cache.pop(tenant_id, None)
