@@ -1,0 +1,215 @@
+"""Plan quotas: exact daily and concurrent limits under contention, the request rate,
+UTC midnight, and slots freed after a crash."""
+
+from __future__ import annotations
+
+import math
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import grpc
+import httpx
+import pytest
+from google.rpc import error_details_pb2, status_pb2
+
+from convergence.v1 import pipeline_service_pb2, pipeline_service_pb2_grpc
+from convergence_server.stack import Stack
+from tests.conftest import StackFactory, dump_store, onboard, trigger, wait_for_run
+
+QUICK = ("test", "runs", "quick")
+QUICK_PATH = "test/runs/quick"
+CONCURRENT_BODY = {
+    "error": "Rate limit exceeded",
+    "message": "Concurrent pipeline limit reached. You have 5 pipelines pending or running "
+    "(limit: 5)",
+    "retry_after": 10,
+}
+
+
+def seconds_to_midnight(now: datetime) -> int:
+    midnight = datetime.combine(now.date() + timedelta(days=1), datetime.min.time(), UTC)
+    return math.ceil((midnight - now).total_seconds())
+
+
+@pytest.fixture(scope="module")
+def idle(
+    stack_factory: StackFactory,
+    pipeline_env: dict[str, str],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Stack:
+    """No workers: admitted runs stay PENDING and keep their slots."""
+    return stack_factory(
+        data_dir=tmp_path_factory.mktemp("quotas"), CONVERGENCE_WORKERS="0", **pipeline_env
+    )
+
+
+def fire(stack: Stack, key: str, tenant_id: str, count: int) -> list[tuple[int, dict[str, object]]]:
+    """`count` triggers at once, alternately over REST and gRPC: (HTTP-like status, body)."""
+    path = f"/api/v1/pipelines/run/{tenant_id}/{'/'.join(QUICK)}"
+    request = pipeline_service_pb2.RunPipelineRequest(
+        tenant_id=tenant_id, provider=QUICK[0], domain=QUICK[1], template=QUICK[2]
+    )
+    with (
+        httpx.Client(base_url=stack.http_url, timeout=30) as http,
+        grpc.insecure_channel(stack.grpc_target) as channel,
+    ):
+        stub = pipeline_service_pb2_grpc.PipelineServiceStub(channel)
+
+        def one(i: int) -> tuple[int, dict[str, object]]:
+            if i % 2:
+                response = http.post(path, headers={"X-API-Key": key}, json={})
+                body = response.json()
+                if response.status_code == 429:
+                    assert response.headers["retry-after"] == str(body["retry_after"])
+                return response.status_code, body
+            try:
+                reply = stub.RunPipeline(request, metadata=[("x-api-key", key)])
+                return 200, {"pipeline_logging_id": reply.pipeline_logging_id}
+            except grpc.RpcError as error:
+                assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                status = status_pb2.Status.FromString(
+                    dict(error.trailing_metadata())["grpc-status-details-bin"]
+                )
+                retry, failure = error_details_pb2.RetryInfo(), error_details_pb2.QuotaFailure()
+                for detail in status.details:
+                    detail.Unpack(retry) or detail.Unpack(failure)
+                assert failure.violations[0].description == error.details()
+                body = {
+                    "error": "Rate limit exceeded",
+                    "message": error.details(),
+                    "retry_after": retry.retry_delay.seconds,
+                }
+                return 429, body
+
+        with ThreadPoolExecutor(16) as pool:
+            return list(pool.map(one, range(count)))
+
+
+@pytest.mark.parametrize("repetition", range(10))
+def test_exactly_5_concurrent_and_25_a_day(idle: Stack, repetition: int) -> None:
+    with httpx.Client(base_url=idle.http_url, timeout=30) as http:
+        tenant_id, key = onboard(http)  # PROFESSIONAL: 25 a day, 5 at once
+        auth = {"X-API-Key": key}
+        results = fire(idle, key, tenant_id, 200)
+        admitted = [body["pipeline_logging_id"] for status, body in results if status == 200]
+        refused = [body for status, body in results if status != 200]
+        assert len(admitted) == 5
+        assert refused == [CONCURRENT_BODY] * 195
+
+        total = 5
+        while total < 25:  # free the slots (cancel), take them again, up to the day's 25
+            for run_id in admitted:
+                assert (
+                    http.post(f"/api/v1/pipelines/runs/{run_id}:cancel", headers=auth).status_code
+                    == 200
+                )
+            admitted = [
+                body["pipeline_logging_id"]
+                for status, body in fire(idle, key, tenant_id, 5)
+                if status == 200
+            ]
+            assert len(admitted) == 5
+            total += 5
+        for run_id in admitted:
+            http.post(f"/api/v1/pipelines/runs/{run_id}:cancel", headers=auth)
+        over = fire(idle, key, tenant_id, 8)
+        assert {status for status, _ in over} == {429}
+        expected_wait = seconds_to_midnight(datetime.now(UTC))
+        for _, body in over:
+            assert body["message"] == (
+                "Daily pipeline quota exceeded. You have run 25 pipelines today (limit: 25)"
+            )
+            assert abs(int(body["retry_after"]) - expected_wait) <= 5  # type: ignore[call-overload]
+
+        usage = http.get(f"/api/v1/tenants/{tenant_id}/usage", headers=auth)
+        if usage.status_code == 200:  # the usage endpoint, where present
+            assert usage.json()["pipelines_run_today"] == 25
+
+
+def test_the_request_rate_is_per_key(idle: Stack) -> None:
+    with httpx.Client(base_url=idle.http_url, timeout=30) as http:
+        _, key = onboard(http, plan="STARTER")  # 60 requests a minute
+        _, other = onboard(http, plan="STARTER")
+        answers = [http.get("/health", headers={"X-API-Key": key}) for _ in range(75)]
+        ok = [a for a in answers if a.status_code == 200]
+        limited = [a for a in answers if a.status_code == 429]
+        assert len(ok) in range(60, 63)  # the bucket refills a token a second meanwhile
+        assert len(ok) + len(limited) == 75
+        assert ok[0].headers["x-ratelimit-limit"] == "60"
+        assert int(ok[-1].headers["x-ratelimit-remaining"]) <= 1
+        body = limited[0].json()
+        assert body["error"] == "Rate limit exceeded"
+        assert "allows 60 requests per minute" in body["message"]
+        assert body["retry_after"] == 1 and limited[0].headers["retry-after"] == "1"
+        assert http.get("/health", headers={"X-API-Key": other}).status_code == 200
+
+
+def test_the_daily_count_restarts_at_utc_midnight(
+    stack_factory: StackFactory,
+    pipeline_env: dict[str, str],
+    tmp_path: Path,
+) -> None:
+    offset_file = tmp_path / "clock-offset"
+    now = datetime.now(UTC)
+    late = datetime.combine(now.date(), datetime.min.time(), UTC) + timedelta(hours=23, minutes=59)
+    offset_file.write_text(str((late - now).total_seconds()))
+    stack = stack_factory(
+        data_dir=tmp_path / "data",
+        CONVERGENCE_WORKERS="0",
+        CONVERGENCE_CLOCK_OFFSET_FILE=str(offset_file),
+        **pipeline_env,
+    )
+    with httpx.Client(base_url=stack.http_url, timeout=30) as http:
+        tenant_id, key = onboard(http, plan="STARTER")  # 6 a day, 1 at once
+        auth = {"X-API-Key": key}
+        for _ in range(6):
+            run = trigger(http, key, tenant_id, QUICK_PATH)["pipeline_logging_id"]
+            http.post(f"/api/v1/pipelines/runs/{run}:cancel", headers=auth)
+        refused = http.post(
+            f"/api/v1/pipelines/run/{tenant_id}/{'/'.join(QUICK)}", headers=auth, json={}
+        )
+        assert refused.status_code == 429
+        assert 1 <= refused.json()["retry_after"] <= 60
+
+        next_day = late + timedelta(minutes=2)
+        offset_file.write_text(str((next_day - datetime.now(UTC)).total_seconds()))
+        time.sleep(0.05)
+        after = http.post(
+            f"/api/v1/pipelines/run/{tenant_id}/{'/'.join(QUICK)}", headers=auth, json={}
+        )
+        assert after.status_code == 200, after.text
+    stack.stop()
+    rows = {
+        row[1]: row
+        for row in dump_store(stack)["tenants.tenant_usage_quotas"]
+        if row[0] == tenant_id
+    }
+    # tenant_id, usage_date, run, succeeded, failed, concurrent, max concurrent, limits
+    assert rows[late.date()][2:9] == (6, 0, 6, 0, 1, 6, 1)
+    assert rows[next_day.date()][2:9] == (1, 0, 0, 1, 1, 6, 1)
+
+
+def test_a_crash_frees_the_slots_of_the_runs_it_interrupted(
+    stack_factory: StackFactory, pipeline_env: dict[str, str], tmp_path: Path
+) -> None:
+    env = {**pipeline_env, "CONVERGENCE_WORKERS": "1"}
+    stack = stack_factory(data_dir=tmp_path / "data", **env)
+    with httpx.Client(base_url=stack.http_url, timeout=30) as http:
+        tenant_id, key = onboard(http, plan="STARTER")  # 1 at once
+        run_id = trigger(http, key, tenant_id, "test/runs/slow")["pipeline_logging_id"]
+        assert wait_for_run(http, key, run_id, ("RUNNING",))["status"] == "RUNNING"
+        blocked = http.post(
+            f"/api/v1/pipelines/run/{tenant_id}/test/runs/quick",
+            headers={"X-API-Key": key},
+            json={},
+        )
+        assert blocked.status_code == 429
+    stack.kill_server()
+    stack.stop()
+    restarted = stack_factory(data_dir=tmp_path / "data", **env)
+    with httpx.Client(base_url=restarted.http_url, timeout=30) as http:
+        assert wait_for_run(http, key, run_id)["status"] == "COMPLETE"
+        again = trigger(http, key, tenant_id, QUICK_PATH)["pipeline_logging_id"]
+        assert wait_for_run(http, key, again)["status"] == "COMPLETE"
