@@ -123,9 +123,12 @@ def test_exactly_5_concurrent_and_25_a_day(idle: Stack, repetition: int) -> None
             )
             assert abs(int(body["retry_after"]) - expected_wait) <= 5  # type: ignore[call-overload]
 
-        usage = http.get(f"/api/v1/tenants/{tenant_id}/usage", headers=auth)
-        if usage.status_code == 200:  # the usage endpoint, where present
-            assert usage.json()["pipelines_run_today"] == 25
+        usage = http.get(f"/api/v1/tenants/{tenant_id}/usage", headers=auth).json()
+        assert usage["pipelines_run_today"] == 25
+        assert usage["pipelines_failed_today"] == 25  # all cancelled
+        assert usage["max_concurrent_reached"] == 5
+        assert (usage["daily_limit"], usage["remaining_today"]) == (25, 0)
+        assert (usage["concurrent_limit"], usage["remaining_concurrent"]) == (5, 5)
 
 
 def test_the_request_rate_is_per_key(idle: Stack) -> None:
@@ -213,3 +216,76 @@ def test_a_crash_frees_the_slots_of_the_runs_it_interrupted(
         assert wait_for_run(http, key, run_id)["status"] == "COMPLETE"
         again = trigger(http, key, tenant_id, QUICK_PATH)["pipeline_logging_id"]
         assert wait_for_run(http, key, again)["status"] == "COMPLETE"
+
+
+def test_the_7th_team_member_of_a_professional_tenant_is_refused(idle: Stack) -> None:
+    with httpx.Client(base_url=idle.http_url, timeout=30) as http:
+        tenant_id, key = onboard(http)  # PROFESSIONAL: a team of 6
+        for n in range(6):
+            ok = http.get("/health", headers={"X-API-Key": key, "X-User-ID": f"user_{n}"})
+            assert ok.status_code == 200
+        seventh = http.get("/health", headers={"X-API-Key": key, "X-User-ID": "user_6"})
+        assert seventh.status_code == 403
+        assert seventh.json()["error"] == "Authorization failed"
+        assert seventh.json()["message"].startswith(
+            "Team size limit reached: plan PROFESSIONAL allows 6 team members"
+        )
+        auth = {"X-API-Key": key}
+        team = http.get(f"/api/v1/tenants/{tenant_id}/members", headers=auth).json()
+        assert team["team_size"] == 6
+        assert [m["user_id"] for m in team["members"]] == [f"user_{n}" for n in range(6)]
+        # Known members keep working; removing one makes room.
+        assert http.get("/health", headers={**auth, "X-User-ID": "user_0"}).status_code == 200
+        removed = http.delete(f"/api/v1/tenants/{tenant_id}/members/user_0", headers=auth)
+        assert removed.status_code == 200
+        assert http.get("/health", headers={**auth, "X-User-ID": "user_6"}).status_code == 200
+        gone = http.delete(f"/api/v1/tenants/{tenant_id}/members/nobody", headers=auth)
+        assert gone.status_code == 404
+
+
+def test_a_plan_change_applies_on_the_next_call(idle: Stack) -> None:
+    with httpx.Client(base_url=idle.http_url, timeout=30) as http:
+        tenant_id, key = onboard(http, plan="STARTER")  # 1 at once
+        other_id, other_key = onboard(http, plan="STARTER")
+        auth = {"X-API-Key": key}
+        path = f"/api/v1/pipelines/run/{tenant_id}/{QUICK_PATH}"
+        assert http.post(path, headers=auth, json={}).status_code == 200
+        assert http.post(path, headers=auth, json={}).status_code == 429
+        changed = http.put(
+            f"/api/v1/tenants/{tenant_id}/subscription",
+            headers=auth,
+            json={"subscription_plan": "SCALE"},
+        )
+        assert changed.status_code == 200, changed.text
+        assert changed.json()["subscription_plan"] == "SCALE"
+        assert http.post(path, headers=auth, json={}).status_code == 200
+        usage = http.get(f"/api/v1/tenants/{tenant_id}/usage", headers=auth).json()
+        assert (usage["subscription_plan"], usage["daily_limit"], usage["concurrent_limit"]) == (
+            "SCALE",
+            100,
+            10,
+        )
+        assert usage["concurrent_pipelines_running"] == 2
+        bad = http.put(
+            f"/api/v1/tenants/{tenant_id}/subscription",
+            headers=auth,
+            json={"subscription_plan": "GOLD"},
+        )
+        assert bad.status_code == 400
+        assert bad.json()["details"]["field"] == "subscription_plan"
+        for forbidden in (
+            http.get(f"/api/v1/tenants/{other_id}/usage", headers=auth),
+            http.put(
+                f"/api/v1/tenants/{other_id}/subscription",
+                headers=auth,
+                json={"subscription_plan": "SCALE"},
+            ),
+            http.get(f"/api/v1/tenants/{other_id}/members", headers=auth),
+        ):
+            assert forbidden.status_code == 403
+        assert (
+            http.get(f"/api/v1/tenants/{other_id}/usage", headers={"X-API-Key": other_key}).json()[
+                "subscription_plan"
+            ]
+            == "STARTER"
+        )

@@ -32,6 +32,7 @@ from convergence_server.api.runs import RunServicer
 from convergence_server.api.tenants import TenantServicer
 from convergence_server.clock import make_clock
 from convergence_server.config import Config
+from convergence_server.domain.accounts import Accounts
 from convergence_server.domain.auth import Authenticator, KeyRecordCache
 from convergence_server.domain.executor import Executor, ExecutorSettings
 from convergence_server.domain.onboarding import MIN_PEPPER_BYTES, Onboarding
@@ -104,6 +105,7 @@ def create_server(config: Config) -> ConvergenceServer:
         clock=clock,
     )
     plan_book = PlanBook(store, plans)
+    accounts = Accounts(store, plan_book, clock)
     runs = Runs(store, catalog, plan_book, events, executor.wake, clock=clock)
     authenticator = Authenticator(
         store, config.key_pepper, KeyRecordCache(config.key_cache_seconds)
@@ -113,7 +115,7 @@ def create_server(config: Config) -> ConvergenceServer:
             ErrorInterceptor(),
             RequestContextInterceptor(),
             AuthInterceptor(authenticator),
-            QuotaInterceptor(plan_book, RateLimiter()),
+            QuotaInterceptor(plan_book, RateLimiter(), accounts),
         ],
         options=[
             ("grpc.max_receive_message_length", config.max_request_bytes),
@@ -122,7 +124,9 @@ def create_server(config: Config) -> ConvergenceServer:
     )
     onboarding = Onboarding(store, plans, config.config_dir, config.key_pepper)
     health_service_pb2_grpc.add_HealthServiceServicer_to_server(HealthServicer(store.kind), server)
-    tenant_service_pb2_grpc.add_TenantServiceServicer_to_server(TenantServicer(onboarding), server)
+    tenant_service_pb2_grpc.add_TenantServiceServicer_to_server(
+        TenantServicer(onboarding, accounts), server
+    )
     pipeline_service_pb2_grpc.add_PipelineServiceServicer_to_server(
         PipelineServicer(runs, catalog), server
     )

@@ -16,7 +16,7 @@ from convergence_server.domain.onboarding import (
     TenantApplication,
 )
 from convergence_server.engine.templates import Template
-from convergence_server.storage.records import RunRecord, StepRecord
+from convergence_server.storage.records import MemberRecord, RunRecord, StepRecord
 
 _CHECK_STATUS = {
     CheckStatus.PASSED: tenant_pb2.ValidationCheck.PASSED,
@@ -143,4 +143,10 @@ def pipeline_template(template: Template) -> pipeline_pb2.PipelineTemplate:
             for p in template.parameters.values()
         ],
         steps=[s.name for s in template.steps],
+    )
+
+
+def member(record: MemberRecord) -> tenant_pb2.TeamMember:
+    return tenant_pb2.TeamMember(
+        user_id=record.user_id, first_seen_at=_timestamp(record.first_seen_at)
     )

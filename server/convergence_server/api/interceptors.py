@@ -27,6 +27,7 @@ from grpc.aio import ServerInterceptor, ServicerContext
 from convergence_server import errors, logs
 from convergence_server.api.context import caller_var
 from convergence_server.api.errors import Abort, to_abort
+from convergence_server.domain.accounts import Accounts
 from convergence_server.domain.auth import INVALID_KEY_MESSAGE, Authenticator
 from convergence_server.domain.quotas import PlanBook, RateLimiter
 
@@ -212,15 +213,17 @@ class AuthInterceptor(_WrappingInterceptor):
 
 
 class QuotaInterceptor(_WrappingInterceptor):
-    """Applies the caller's plan rate (a token bucket per API key) to authenticated calls.
+    """Applies the caller's plan to authenticated calls: the request rate (a token bucket
+    per API key) and the team size (a new X-User-ID beyond it is refused).
 
     Successful calls report the bucket in `x-ratelimit-limit` / `x-ratelimit-remaining`:
     response headers over REST, trailing metadata over gRPC.
     """
 
-    def __init__(self, plans: PlanBook, limiter: RateLimiter) -> None:
+    def __init__(self, plans: PlanBook, limiter: RateLimiter, accounts: Accounts) -> None:
         self._plans = plans
         self._limiter = limiter
+        self._accounts = accounts
 
     async def _take(self) -> tuple[tuple[str, str], ...]:
         caller = caller_var.get()
@@ -235,6 +238,9 @@ class QuotaInterceptor(_WrappingInterceptor):
                 f"api_key:{caller.key_id}:requests_per_minute",
                 wait,
             )
+        user_id = logs.user_id_var.get()
+        if user_id:
+            await self._accounts.admit_user(caller, user_id)
         return (
             ("x-ratelimit-limit", str(plan.requests_per_minute)),
             ("x-ratelimit-remaining", str(left)),

@@ -9,14 +9,17 @@ from grpc.aio import ServicerContext
 
 from convergence.v1 import tenant_service_pb2, tenant_service_pb2_grpc
 from convergence_server.api import convert
+from convergence_server.api.context import require_caller
+from convergence_server.domain.accounts import Accounts
 from convergence_server.domain.onboarding import Onboarding
 
 log = logging.getLogger(__name__)
 
 
 class TenantServicer(tenant_service_pb2_grpc.TenantServiceServicer):
-    def __init__(self, onboarding: Onboarding) -> None:
+    def __init__(self, onboarding: Onboarding, accounts: Accounts) -> None:
         self._onboarding = onboarding
+        self._accounts = accounts
 
     async def DryRunOnboarding(
         self,
@@ -34,3 +37,53 @@ class TenantServicer(tenant_service_pb2_grpc.TenantServiceServicer):
         )
         log.info("tenant onboarded", extra={"fields": {"tenant_id": tenant.tenant_id}})
         return convert.onboard_response(tenant)
+
+    async def GetUsage(
+        self, request: tenant_service_pb2.GetUsageRequest, context: ServicerContext[Any, Any]
+    ) -> tenant_service_pb2.GetUsageResponse:
+        usage = await self._accounts.usage(require_caller(), request.tenant_id)
+        return tenant_service_pb2.GetUsageResponse(
+            tenant_id=usage.tenant_id,
+            usage_date=usage.usage_date.isoformat(),
+            subscription_plan=usage.plan,
+            pipelines_run_today=usage.run_today,
+            pipelines_succeeded_today=usage.succeeded_today,
+            pipelines_failed_today=usage.failed_today,
+            concurrent_pipelines_running=usage.concurrent_running,
+            max_concurrent_reached=usage.max_concurrent,
+            daily_limit=usage.daily_limit,
+            concurrent_limit=usage.concurrent_limit,
+            remaining_today=usage.remaining_today,
+            remaining_concurrent=usage.remaining_concurrent,
+            requests_per_minute=usage.requests_per_minute,
+            team_size=usage.team_size,
+            team_members=usage.team_members,
+        )
+
+    async def UpdateSubscription(
+        self,
+        request: tenant_service_pb2.UpdateSubscriptionRequest,
+        context: ServicerContext[Any, Any],
+    ) -> tenant_service_pb2.UpdateSubscriptionResponse:
+        plan = await self._accounts.change_plan(
+            require_caller(), request.tenant_id, request.subscription_plan
+        )
+        return tenant_service_pb2.UpdateSubscriptionResponse(
+            tenant_id=request.tenant_id,
+            subscription_plan=plan,
+            message=f"Plan changed to {plan}; its limits apply from the next call.",
+        )
+
+    async def ListMembers(
+        self, request: tenant_service_pb2.ListMembersRequest, context: ServicerContext[Any, Any]
+    ) -> tenant_service_pb2.ListMembersResponse:
+        members, team_size = await self._accounts.members(require_caller(), request.tenant_id)
+        return tenant_service_pb2.ListMembersResponse(
+            members=[convert.member(m) for m in members], team_size=team_size
+        )
+
+    async def RemoveMember(
+        self, request: tenant_service_pb2.RemoveMemberRequest, context: ServicerContext[Any, Any]
+    ) -> tenant_service_pb2.RemoveMemberResponse:
+        await self._accounts.remove_member(require_caller(), request.tenant_id, request.user_id)
+        return tenant_service_pb2.RemoveMemberResponse()

@@ -152,7 +152,7 @@ def create_run(
                     f"DELETE FROM {KEYS} WHERE tenant_id = ? AND idempotency_key = ?",
                     [run.tenant_id, run.idempotency_key],
                 )
-        active = _active_runs(cur, run.tenant_id)
+        active = active_runs(cur, run.tenant_id)
         if limits is not None:
             today = _runs_created_on(cur, run.tenant_id, run.created_at.astimezone(UTC).date())
             refusal = "daily" if today >= limits.daily else ""
@@ -181,7 +181,7 @@ def create_run(
     return Admission(run, created=True)
 
 
-def _active_runs(cur: duckdb.DuckDBPyConnection, tenant_id: str) -> int:
+def active_runs(cur: duckdb.DuckDBPyConnection, tenant_id: str) -> int:
     """The tenant's concurrency slots in use: its PENDING and RUNNING runs."""
     row = cur.execute(
         f"SELECT COUNT(*) FROM {RUNS} WHERE tenant_id = ? AND status IN ('PENDING', 'RUNNING')",
@@ -259,7 +259,7 @@ def record_finish(cur: duckdb.DuckDBPyConnection, run: RunRecord, now: datetime)
     concurrency (a run may end on a later day than it began)."""
     created_day = run.created_at.astimezone(UTC).date()
     today = now.astimezone(UTC).date()
-    active = _active_runs(cur, run.tenant_id)
+    active = active_runs(cur, run.tenant_id)
     ok, bad = (1, 0) if run.status == "COMPLETE" else (0, 1)
     _count_usage(
         cur, run.tenant_id, now, None, active=active, succeeded=ok, failed=bad, day=created_day

@@ -30,6 +30,7 @@ from convergence_server.storage.records import (
     Admission,
     ApiKeyRecord,
     DqRecord,
+    MemberRecord,
     RunCursor,
     RunFilter,
     RunLimits,
@@ -52,6 +53,7 @@ _TYPES = {
     "JSON": "JSON",
 }
 CENTRAL = quote_identifier(schema.CENTRAL_DATASET)
+MEMBERS = f"{CENTRAL}.tenant_members"
 WORKER_THREADS = 4
 CONFLICT_RETRIES = 6
 
@@ -393,6 +395,63 @@ class DuckDBStore:
 
     async def get_usage(self, tenant_id: str, day: date) -> UsageRecord | None:
         return await self._call(lambda cur: runs.get_usage(cur, tenant_id, day))
+
+    async def active_runs(self, tenant_id: str) -> int:
+        return await self._call(lambda cur: runs.active_runs(cur, tenant_id))
+
+    async def update_plan(self, tenant_id: str, plan: str, now: datetime) -> bool:
+        def update(cur: duckdb.DuckDBPyConnection) -> bool:
+            row = cur.execute(
+                f"UPDATE {CENTRAL}.tenant_profiles SET subscription_plan = ?, updated_at = ? "
+                "WHERE tenant_id = ? RETURNING tenant_id",
+                [plan, _utc_naive(now), tenant_id],
+            ).fetchone()
+            return row is not None
+
+        return await self._call(update)
+
+    async def admit_member(
+        self, tenant_id: str, user_id: str, team_size: int, now: datetime
+    ) -> tuple[bool, int]:
+        def admit(cur: duckdb.DuckDBPyConnection) -> tuple[bool, int]:
+            with self._tenant_locks.get(tenant_id):
+                known = cur.execute(
+                    f"SELECT COUNT(*) FILTER (WHERE user_id = ?), COUNT(*) FROM {MEMBERS} "
+                    "WHERE tenant_id = ?",
+                    [user_id, tenant_id],
+                ).fetchone() or (0, 0)
+                if known[0]:
+                    return True, int(known[1])
+                if known[1] >= team_size:
+                    return False, int(known[1])
+                cur.execute(
+                    f"INSERT INTO {MEMBERS} VALUES (?, ?, ?)",
+                    [tenant_id, user_id, _utc_naive(now)],
+                )
+                return True, int(known[1]) + 1
+
+        return await self._call(admit)
+
+    async def list_members(self, tenant_id: str) -> list[MemberRecord]:
+        def members(cur: duckdb.DuckDBPyConnection) -> list[MemberRecord]:
+            rows = cur.execute(
+                f"SELECT tenant_id, user_id, first_seen_at FROM {MEMBERS} WHERE tenant_id = ? "
+                "ORDER BY user_id",
+                [tenant_id],
+            ).fetchall()
+            return [MemberRecord(r[0], r[1], r[2].replace(tzinfo=UTC)) for r in rows]
+
+        return await self._call(members)
+
+    async def remove_member(self, tenant_id: str, user_id: str) -> bool:
+        def remove(cur: duckdb.DuckDBPyConnection) -> bool:
+            row = cur.execute(
+                f"DELETE FROM {MEMBERS} WHERE tenant_id = ? AND user_id = ? RETURNING user_id",
+                [tenant_id, user_id],
+            ).fetchone()
+            return row is not None
+
+        return await self._call(remove)
 
     async def typical_run_ms(self, tenant_id: str) -> int | None:
         return await self._call(lambda cur: runs.typical_run_ms(cur, tenant_id))

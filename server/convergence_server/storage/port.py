@@ -9,6 +9,7 @@ from convergence_server.storage.records import (
     Admission,
     ApiKeyRecord,
     DqRecord,
+    MemberRecord,
     RunCursor,
     RunFilter,
     RunLimits,
@@ -77,6 +78,23 @@ class Store(Protocol):
 
     async def get_usage(self, tenant_id: str, day: date) -> UsageRecord | None:
         """The tenant's usage row of a UTC day."""
+
+    async def active_runs(self, tenant_id: str) -> int:
+        """The tenant's PENDING and RUNNING runs: its concurrency slots in use."""
+
+    async def update_plan(self, tenant_id: str, plan: str, now: datetime) -> bool:
+        """Sets the tenant's plan; False when there is no such tenant."""
+
+    async def admit_member(
+        self, tenant_id: str, user_id: str, team_size: int, now: datetime
+    ) -> tuple[bool, int]:
+        """Adds the user to the tenant's team unless that would exceed `team_size`;
+        returns (member now, team size now). Atomic per tenant."""
+
+    async def list_members(self, tenant_id: str) -> list[MemberRecord]: ...
+
+    async def remove_member(self, tenant_id: str, user_id: str) -> bool:
+        """False when the user was not a member."""
 
     async def typical_run_ms(self, tenant_id: str) -> int | None:
         """The median duration of the tenant's recent ended runs, if it has any."""

@@ -147,3 +147,12 @@ class UsageRecord:
     max_concurrent_reached: int
     daily_limit: int
     concurrent_limit: int
+
+
+@dataclass(frozen=True)
+class MemberRecord:
+    """A row of `tenants.tenant_members`."""
+
+    tenant_id: str
+    user_id: str
+    first_seen_at: datetime

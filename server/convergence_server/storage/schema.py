@@ -178,6 +178,17 @@ TENANT_IDEMPOTENCY_KEYS = Table(
 )
 
 
+TENANT_MEMBERS = Table(
+    "tenant_members",
+    (
+        _req("tenant_id", "STRING"),
+        _req("user_id", "STRING"),
+        _req("first_seen_at", "TIMESTAMP"),
+    ),
+    primary_key=("tenant_id", "user_id"),
+)
+
+
 @dataclass(frozen=True)
 class Migration:
     """One schema version: tables to create, and columns to add to existing tables.
@@ -232,6 +243,7 @@ MIGRATIONS: tuple[Migration, ...] = (
         "step logs and DQ results record the run attempt they belong to",
         adds=((TENANT_STEP_LOGS, ("run_attempt",)), (TENANT_DQ_RESULTS, ("run_attempt",))),
     ),
+    Migration(4, "team members (distinct X-User-ID values) per tenant", (TENANT_MEMBERS,)),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1].version
