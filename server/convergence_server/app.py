@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -82,8 +83,14 @@ class ConvergenceServer:
         await self.server.wait_for_termination()
 
 
-def create_server(config: Config) -> ConvergenceServer:
-    """Builds the server: validates configuration, opens the store, binds the port."""
+def create_server(
+    config: Config, interceptors: Sequence[grpc.aio.ServerInterceptor] | None = None
+) -> ConvergenceServer:
+    """Builds the server: validates configuration, opens the store, binds the port.
+
+    `interceptors` replaces the standard chain (error mapping, request context, auth,
+    quotas); only the benchmarks do that, to measure what the chain costs.
+    """
     if len(config.key_pepper) < MIN_PEPPER_BYTES:
         raise SystemExit(f"CONVERGENCE_KEY_PEPPER must be at least {MIN_PEPPER_BYTES} bytes")
     plans = load_plans(config.plans_path)
@@ -116,7 +123,9 @@ def create_server(config: Config) -> ConvergenceServer:
             RequestContextInterceptor(),
             AuthInterceptor(authenticator),
             QuotaInterceptor(plan_book, RateLimiter(), accounts),
-        ],
+        ]
+        if interceptors is None
+        else list(interceptors),
         options=[
             ("grpc.max_receive_message_length", config.max_request_bytes),
             ("grpc.so_reuseport", 0),
