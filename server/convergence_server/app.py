@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -84,7 +85,7 @@ class ConvergenceServer:
 
 
 def create_server(
-    config: Config, interceptors: Sequence[grpc.aio.ServerInterceptor] | None = None
+    config: Config, interceptors: Sequence[grpc.aio.ServerInterceptor[Any, Any]] | None = None
 ) -> ConvergenceServer:
     """Builds the server: validates configuration, opens the store, binds the port.
 
