@@ -103,7 +103,7 @@ def test_tenant_comprehensive_view_query(history: tuple[Path, str, str, str]) ->
     assert rows[0]["steps_failed"] == 1 and rows[0]["dq_checks_failed"] == 1
 
 
-def test_usage_queries_transpile_and_run(history: tuple[Path, str, str, str]) -> None:
+def test_usage_queries_return_the_right_figures(history: tuple[Path, str, str, str]) -> None:
     data_dir, tenant_id, _, _ = history
     current = sql(
         data_dir,
@@ -132,5 +132,15 @@ def test_usage_queries_transpile_and_run(history: tuple[Path, str, str, str]) ->
             GROUP BY month
             ORDER BY month DESC;""",
     )
-    # Usage rows are written by the quota feature; the queries already run verbatim.
-    assert isinstance(current, list) and isinstance(monthly, list)
+    # Two runs today (one COMPLETE, one FAILED), none running now; the UNMETERED plan.
+    assert len(current) == 1
+    row = current[0]
+    assert (row["pipelines_run_today"], row["daily_limit"], row["concurrent_limit"]) == (
+        2,
+        1_000_000,
+        100_000,
+    )
+    assert row["usage_percent"] == pytest.approx(2 / 1_000_000 * 100)
+    assert row["concurrent_pipelines_running"] == 0
+    assert len(monthly) == 1
+    assert monthly[0]["total_pipelines"] == 2
