@@ -99,34 +99,40 @@ def test_exactly_5_concurrent_and_25_a_day(idle: Stack, repetition: int) -> None
         assert refused == [CONCURRENT_BODY] * 195
 
         total = 5
-        while total < 25:  # free the slots (cancel), take them again, up to the day's 25
+        while total < 22:  # free the slots (cancel), take them again
             for run_id in admitted:
-                assert (
-                    http.post(f"/api/v1/pipelines/runs/{run_id}:cancel", headers=auth).status_code
-                    == 200
-                )
+                cancel = http.post(f"/api/v1/pipelines/runs/{run_id}:cancel", headers=auth)
+                assert cancel.status_code == 200
+            take = min(5, 22 - total)
             admitted = [
                 body["pipeline_logging_id"]
-                for status, body in fire(idle, key, tenant_id, 5)
+                for status, body in fire(idle, key, tenant_id, take)
                 if status == 200
             ]
-            assert len(admitted) == 5
-            total += 5
+            assert len(admitted) == take
+            total += take
         for run_id in admitted:
             http.post(f"/api/v1/pipelines/runs/{run_id}:cancel", headers=auth)
-        over = fire(idle, key, tenant_id, 8)
-        assert {status for status, _ in over} == {429}
+        # 22 used, none active: of 60 at once (the key's rate allows 300 a minute, and the
+        # first burst took 200), exactly the day's last 3 get in.
+        over = fire(idle, key, tenant_id, 60)
+        assert len([1 for status, _ in over if status == 200]) == 3
+        refusals = [body for status, body in over if status != 200]
+        assert len(refusals) == 57
         expected_wait = seconds_to_midnight(datetime.now(UTC))
-        for _, body in over:
+        for body in refusals:
             assert body["message"] == (
                 "Daily pipeline quota exceeded. You have run 25 pipelines today (limit: 25)"
             )
             assert abs(int(body["retry_after"]) - expected_wait) <= 5  # type: ignore[call-overload]
+        for run in http.get("/api/v1/pipelines/runs?status=PENDING", headers=auth).json()["runs"]:
+            http.post(f"/api/v1/pipelines/runs/{run['pipeline_logging_id']}:cancel", headers=auth)
 
         usage = http.get(f"/api/v1/tenants/{tenant_id}/usage", headers=auth).json()
         assert usage["pipelines_run_today"] == 25
         assert usage["pipelines_failed_today"] == 25  # all cancelled
         assert usage["max_concurrent_reached"] == 5
+        assert usage["concurrent_pipelines_running"] == 0
         assert (usage["daily_limit"], usage["remaining_today"]) == (25, 0)
         assert (usage["concurrent_limit"], usage["remaining_concurrent"]) == (5, 5)
 
@@ -167,21 +173,25 @@ def test_the_daily_count_restarts_at_utc_midnight(
     with httpx.Client(base_url=stack.http_url, timeout=30) as http:
         tenant_id, key = onboard(http, plan="STARTER")  # 6 a day, 1 at once
         auth = {"X-API-Key": key}
+        runs = []
         for _ in range(6):
-            run = trigger(http, key, tenant_id, QUICK_PATH)["pipeline_logging_id"]
-            http.post(f"/api/v1/pipelines/runs/{run}:cancel", headers=auth)
-        refused = http.post(
-            f"/api/v1/pipelines/run/{tenant_id}/{'/'.join(QUICK)}", headers=auth, json={}
-        )
+            runs.append(trigger(http, key, tenant_id, QUICK_PATH)["pipeline_logging_id"])
+            if len(runs) < 6:  # the 6th stays PENDING across midnight
+                http.post(f"/api/v1/pipelines/runs/{runs[-1]}:cancel", headers=auth)
+        path = f"/api/v1/pipelines/run/{tenant_id}/{QUICK_PATH}"
+        refused = http.post(path, headers=auth, json={})
         assert refused.status_code == 429
+        assert refused.json()["message"].startswith("Daily pipeline quota exceeded")
         assert 1 <= refused.json()["retry_after"] <= 60
 
         next_day = late + timedelta(minutes=2)
         offset_file.write_text(str((next_day - datetime.now(UTC)).total_seconds()))
         time.sleep(0.05)
-        after = http.post(
-            f"/api/v1/pipelines/run/{tenant_id}/{'/'.join(QUICK)}", headers=auth, json={}
+        # Yesterday's run ends today: it counts as yesterday's failure, today's slot frees.
+        assert (
+            http.post(f"/api/v1/pipelines/runs/{runs[-1]}:cancel", headers=auth).status_code == 200
         )
+        after = http.post(path, headers=auth, json={})
         assert after.status_code == 200, after.text
     stack.stop()
     rows = {
@@ -190,25 +200,26 @@ def test_the_daily_count_restarts_at_utc_midnight(
         if row[0] == tenant_id
     }
     # tenant_id, usage_date, run, succeeded, failed, concurrent, max concurrent, limits
-    assert rows[late.date()][2:9] == (6, 0, 6, 0, 1, 6, 1)
+    # Yesterday's row kept its concurrency; it only gained the late failure.
+    assert rows[late.date()][2:9] == (6, 0, 6, 1, 1, 6, 1)
     assert rows[next_day.date()][2:9] == (1, 0, 0, 1, 1, 6, 1)
 
 
 def test_a_crash_frees_the_slots_of_the_runs_it_interrupted(
     stack_factory: StackFactory, pipeline_env: dict[str, str], tmp_path: Path
 ) -> None:
-    env = {**pipeline_env, "CONVERGENCE_WORKERS": "1"}
+    env = {**pipeline_env, "CONVERGENCE_WORKERS": "2"}
     stack = stack_factory(data_dir=tmp_path / "data", **env)
     with httpx.Client(base_url=stack.http_url, timeout=30) as http:
         tenant_id, key = onboard(http, plan="STARTER")  # 1 at once
         run_id = trigger(http, key, tenant_id, "test/runs/slow")["pipeline_logging_id"]
         assert wait_for_run(http, key, run_id, ("RUNNING",))["status"] == "RUNNING"
-        blocked = http.post(
-            f"/api/v1/pipelines/run/{tenant_id}/test/runs/quick",
-            headers={"X-API-Key": key},
-            json={},
-        )
+        path = f"/api/v1/pipelines/run/{tenant_id}/{QUICK_PATH}"
+        blocked = http.post(path, headers={"X-API-Key": key}, json={})
         assert blocked.status_code == 429
+        fragile_id, fragile_key = onboard(http, plan="STARTER")
+        fragile = trigger(http, fragile_key, fragile_id, "test/runs/fragile")
+        wait_for_run(http, fragile_key, fragile["pipeline_logging_id"], ("RUNNING",))
     stack.kill_server()
     stack.stop()
     restarted = stack_factory(data_dir=tmp_path / "data", **env)
@@ -216,6 +227,11 @@ def test_a_crash_frees_the_slots_of_the_runs_it_interrupted(
         assert wait_for_run(http, key, run_id)["status"] == "COMPLETE"
         again = trigger(http, key, tenant_id, QUICK_PATH)["pipeline_logging_id"]
         assert wait_for_run(http, key, again)["status"] == "COMPLETE"
+        # A run its template does not retry ended FAILED (or completed): its slot is free.
+        ended = wait_for_run(http, fragile_key, fragile["pipeline_logging_id"])
+        assert ended["status"] in ("FAILED", "COMPLETE")
+        admitted = trigger(http, fragile_key, fragile_id, QUICK_PATH)["pipeline_logging_id"]
+        assert wait_for_run(http, fragile_key, admitted)["status"] == "COMPLETE"
 
 
 def test_the_7th_team_member_of_a_professional_tenant_is_refused(idle: Stack) -> None:
@@ -289,3 +305,30 @@ def test_a_plan_change_applies_on_the_next_call(idle: Stack) -> None:
             ]
             == "STARTER"
         )
+
+
+def test_the_request_rate_over_grpc(idle: Stack) -> None:
+    from convergence.v1 import health_service_pb2, health_service_pb2_grpc
+
+    with httpx.Client(base_url=idle.http_url, timeout=30) as http:
+        _, key = onboard(http, plan="STARTER")
+    with grpc.insecure_channel(idle.grpc_target) as channel:
+        stub = health_service_pb2_grpc.HealthServiceStub(channel)
+        _, call = stub.GetHealth.with_call(
+            health_service_pb2.GetHealthRequest(), metadata=[("x-api-key", key)]
+        )
+        assert dict(call.trailing_metadata())["x-ratelimit-limit"] == "60"
+        refused = None
+        for _ in range(80):
+            try:
+                stub.GetHealth(health_service_pb2.GetHealthRequest(), metadata=[("x-api-key", key)])
+            except grpc.RpcError as error:
+                refused = error
+                break
+    assert refused is not None and refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    status = status_pb2.Status.FromString(
+        dict(refused.trailing_metadata())["grpc-status-details-bin"]
+    )
+    retry = error_details_pb2.RetryInfo()
+    assert any(detail.Unpack(retry) for detail in status.details)
+    assert retry.retry_delay.seconds >= 1

@@ -47,6 +47,11 @@ OPEN_METHODS = frozenset(
         "/convergence.v1.TenantService/OnboardTenant",
     }
 )
+# Managing the account itself: a full team must still be able to see and change it.
+ACCOUNT_METHODS = frozenset(
+    f"/convergence.v1.TenantService/{name}"
+    for name in ("GetUsage", "UpdateSubscription", "ListMembers", "RemoveMember")
+)
 # No key needed, but a key that is sent must be valid (the guide's "verify your key" step).
 KEY_OPTIONAL_METHODS = frozenset({"/convergence.v1.HealthService/GetHealth"})
 _REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}", re.ASCII)
@@ -239,7 +244,7 @@ class QuotaInterceptor(_WrappingInterceptor):
                 wait,
             )
         user_id = logs.user_id_var.get()
-        if user_id:
+        if user_id and logs.method_var.get() not in ACCOUNT_METHODS:
             await self._accounts.admit_user(caller, user_id)
         return (
             ("x-ratelimit-limit", str(plan.requests_per_minute)),

@@ -9,6 +9,7 @@ from convergence_server.clock import Clock
 from convergence_server.domain.auth import Caller, authorize_tenant
 from convergence_server.domain.quotas import PlanBook
 from convergence_server.errors import (
+    FailedPrecondition,
     FieldViolation,
     InvalidArgument,
     NotFound,
@@ -103,6 +104,13 @@ class Accounts:
                         f"must be one of {', '.join(sorted(self._plans.plans))}",
                     )
                 ],
+            )
+        team = len(await self._store.list_members(tenant_id))
+        allowed = self._plans.plans[plan_name].team_size
+        if team > allowed:
+            raise FailedPrecondition(
+                f"Your team has {team} members and plan {plan_name} allows {allowed}: "
+                "remove members first"
             )
         if not await self._store.update_plan(tenant_id, plan_name, self._clock()):
             raise NotFound(f"No tenant {tenant_id}")

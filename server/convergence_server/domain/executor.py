@@ -36,6 +36,7 @@ from convergence_server.storage.warehouse import TransientError
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 3
+FINISH_ATTEMPTS = 6
 CANCELLED_MESSAGE = "Cancelled by request while running; its changes were rolled back"
 
 
@@ -227,11 +228,23 @@ class Executor:
             raise
         finally:
             self._in_flight.discard(run_id)
-        if await self._store.finish_run(run, status, self._clock(), error) is None:
+        if await self._finish(run, status, error) is None:
             log.warning("run %s was no longer this worker's to end", run_id)
         else:
             log.info("run %s ended %s", run_id, status, extra={"fields": {"error": error}})
         self._events.publish(run_id)
+
+    async def _finish(self, run: RunRecord, status: str, error: str) -> RunRecord | None:
+        """Ends the run, retrying a failing store: a run left RUNNING would hold its slot."""
+        for attempt in range(FINISH_ATTEMPTS):
+            try:
+                return await self._store.finish_run(run, status, self._clock(), error)
+            except Exception:
+                if attempt == FINISH_ATTEMPTS - 1:
+                    raise
+                log.warning("cannot end run %s yet", run.pipeline_logging_id, exc_info=True)
+                await asyncio.sleep(0.2 * 2**attempt)
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def _run_pipeline(self, run: RunRecord) -> tuple[str, str]:
         template = self._catalog.get(run.provider, run.domain, run.template)

@@ -8,6 +8,7 @@ request rate is a token bucket per API key.
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
@@ -15,10 +16,10 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 from convergence_server.domain.plans import Plan
-from convergence_server.errors import FailedPrecondition, NotFound, QuotaExceeded
+from convergence_server.errors import NotFound, QuotaExceeded
 from convergence_server.storage import Store
 
-RATE_LIMITED = "Rate limit exceeded"
+log = logging.getLogger(__name__)
 
 
 def seconds_until_midnight(now: datetime) -> int:
@@ -99,21 +100,27 @@ class PlanBook:
         self._ttl = ttl
         self._monotonic = monotonic
         self._cache: dict[str, tuple[float, Plan]] = {}
+        self._generations: dict[str, int] = {}
 
     async def plan_of(self, tenant_id: str) -> Plan:
         cached = self._cache.get(tenant_id)
         if cached is not None and cached[0] > self._monotonic():
             return cached[1]
+        generation = self._generations.get(tenant_id, 0)
         tenant = await self._store.get_tenant(tenant_id)
         if tenant is None:
             raise NotFound(f"No tenant {tenant_id}")
         plan = self.plans.get(tenant.subscription_plan)
         if plan is None:
-            raise FailedPrecondition(
-                f"The plan {tenant.subscription_plan} is no longer offered; choose another"
-            )
-        self._cache[tenant_id] = (self._monotonic() + self._ttl, plan)
+            # A plan withdrawn from plans.yml: the most restrictive one applies until the
+            # tenant chooses another (it must still be able to call UpdateSubscription).
+            log.warning("tenant %s has the unknown plan %s", tenant_id, tenant.subscription_plan)
+            plan = min(self.plans.values(), key=lambda p: p.daily_pipeline_runs)
+        if self._generations.get(tenant_id, 0) == generation:  # no change meanwhile
+            self._cache[tenant_id] = (self._monotonic() + self._ttl, plan)
         return plan
 
     def forget(self, tenant_id: str) -> None:
+        """The tenant's plan changed: the next call reads it again."""
+        self._generations[tenant_id] = self._generations.get(tenant_id, 0) + 1
         self._cache.pop(tenant_id, None)

@@ -207,13 +207,10 @@ def _count_usage(
     *,
     active: int,
     started: int = 0,
-    succeeded: int = 0,
-    failed: int = 0,
-    day: date | None = None,
 ) -> None:
-    """Adds to the tenant's usage row of `day` (default: `moment`'s UTC day) and sets its
+    """Adds `started` runs to the tenant's usage row of `moment`'s UTC day and sets its
     current concurrency; a new row takes the limits given, else the tenant's last ones."""
-    usage_day = day or moment.astimezone(UTC).date()
+    usage_day = moment.astimezone(UTC).date()
     daily, concurrent = (
         (limits.daily, limits.concurrent) if limits else _last_limits(cur, tenant_id)
     )
@@ -234,8 +231,8 @@ def _count_usage(
             tenant_id,
             usage_day,
             started,
-            succeeded,
-            failed,
+            0,
+            0,
             active,
             active,
             daily,
@@ -255,17 +252,18 @@ def _last_limits(cur: duckdb.DuckDBPyConnection, tenant_id: str) -> tuple[int, i
 
 
 def record_finish(cur: duckdb.DuckDBPyConnection, run: RunRecord, now: datetime) -> None:
-    """Counts an ended run in its creation day's usage; today's row gets the new
-    concurrency (a run may end on a later day than it began)."""
+    """Counts an ended run as a success or failure of the day it was started, and sets
+    today's concurrency (a run may end on a later day than it began: the earlier day's
+    row keeps the concurrency it had then)."""
     created_day = run.created_at.astimezone(UTC).date()
-    today = now.astimezone(UTC).date()
-    active = active_runs(cur, run.tenant_id)
     ok, bad = (1, 0) if run.status == "COMPLETE" else (0, 1)
-    _count_usage(
-        cur, run.tenant_id, now, None, active=active, succeeded=ok, failed=bad, day=created_day
+    cur.execute(
+        f"UPDATE {USAGE} SET pipelines_succeeded_today = pipelines_succeeded_today + ?, "
+        "pipelines_failed_today = pipelines_failed_today + ?, updated_at = ? "
+        "WHERE tenant_id = ? AND usage_date = ?",
+        [ok, bad, naive(now), run.tenant_id, created_day],
     )
-    if today != created_day:
-        _count_usage(cur, run.tenant_id, now, None, active=active, day=today)
+    _count_usage(cur, run.tenant_id, now, None, active=active_runs(cur, run.tenant_id))
 
 
 def get_usage(cur: duckdb.DuckDBPyConnection, tenant_id: str, day: date) -> UsageRecord | None:

@@ -471,14 +471,22 @@ class DuckDBStore:
         self, run: RunRecord, status: str, now: datetime, error_message: str = ""
     ) -> RunRecord | None:
         owner = (run.worker_id, run.attempt)
-        return await self._call(
-            lambda cur: runs.finish_run(
-                cur, run.pipeline_logging_id, status, now, error_message, owner
-            )
-        )
+
+        def finish(cur: duckdb.DuckDBPyConnection) -> RunRecord | None:
+            # Under the tenant's lock, like admissions: both update its usage row.
+            with self._tenant_locks.get(run.tenant_id):
+                return runs.finish_run(
+                    cur, run.pipeline_logging_id, status, now, error_message, owner
+                )
+
+        return await self._call(finish)
 
     async def request_cancel(self, tenant_id: str, run_id: str, now: datetime) -> RunRecord | None:
-        return await self._call(lambda cur: runs.request_cancel(cur, tenant_id, run_id, now))
+        def cancel(cur: duckdb.DuckDBPyConnection) -> RunRecord | None:
+            with self._tenant_locks.get(tenant_id):
+                return runs.request_cancel(cur, tenant_id, run_id, now)
+
+        return await self._call(cancel)
 
     async def cancel_requested(self, run_id: str) -> bool:
         return await self._call(lambda cur: runs.cancel_requested(cur, run_id))
