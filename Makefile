@@ -60,6 +60,7 @@ run: $(GEN_STAMP) ## Start the gRPC server and Envoy on the embedded store; Ctrl
 bench: $(GEN_STAMP) ## Run the benchmarks and print their results.
 	$(PY) -m bench.api_overhead
 	$(PY) -m bench.pipelines
+	$(PY) -m bench.interceptors
 
 clean: ## Remove the virtualenv, generated code and build output (keeps .data/).
 	rm -rf $(VENV) build $(GEN_DIR)/convergence/v1/*_pb2*.py $(GEN_DIR)/convergence/v1/*_pb2*.pyi

@@ -168,7 +168,7 @@ def test_direct_grpc_calls_get_a_request_id(channel: grpc.Channel) -> None:
     _, call = health_service_pb2_grpc.HealthServiceStub(channel).GetHealth.with_call(
         health_service_pb2.GetHealthRequest()
     )
-    assert dict(call.initial_metadata())["x-request-id"].startswith("req_")
+    assert dict(call.trailing_metadata())["x-request-id"].startswith("req_")
 
 
 def test_envoy_health_checks_the_server(stack: Stack) -> None:

@@ -181,15 +181,17 @@ def _request_id() -> str:
 
 
 class RequestContextInterceptor(_WrappingInterceptor):
+    """Request id, method and X-User-ID for the call's logs and servicers.
+
+    REST clients get the request id from Envoy (`x-request-id` response header); gRPC
+    clients get it in the trailing metadata of a successful call (failed calls carry it in
+    their ErrorInfo). Trailers cost nothing extra, unlike a separate initial-metadata frame.
+    """
+
     async def before(self, context: ServicerContext[Any, Any]) -> None:
         incoming = metadata_value(context, "x-request-id")
         if incoming and _REQUEST_ID.fullmatch(incoming):
             logs.request_id_var.set(incoming)
-        if not is_transcoded(context):
-            # Envoy echoes the id to REST clients; gRPC clients get it as initial
-            # metadata. (A transcoded call must send none: its error body rides on a
-            # trailers-only response.)
-            await context.send_initial_metadata((("x-request-id", _request_id()),))
         user_id = metadata_value(context, "x-user-id")
         if user_id is not None:
             if not _USER_ID.fullmatch(user_id):
@@ -198,6 +200,25 @@ class RequestContextInterceptor(_WrappingInterceptor):
                     [errors.FieldViolation("X-User-ID", f"must match {_USER_ID.pattern}")],
                 )
             logs.user_id_var.set(user_id)
+
+    def _tag(self, context: ServicerContext[Any, Any]) -> None:
+        if not is_transcoded(context):
+            earlier = tuple(context.trailing_metadata() or ())
+            context.set_trailing_metadata((*earlier, ("x-request-id", _request_id())))
+
+    async def around(self, call: Call, context: ServicerContext[Any, Any]) -> Any:
+        await self.before(context)
+        result = await call()
+        self._tag(context)
+        return result
+
+    async def around_stream(
+        self, call: StreamCall, context: ServicerContext[Any, Any]
+    ) -> AsyncIterator[Any]:
+        await self.before(context)
+        async for item in call():
+            yield item
+        self._tag(context)
 
 
 class AuthInterceptor(_WrappingInterceptor):
@@ -258,7 +279,7 @@ class QuotaInterceptor(_WrappingInterceptor):
             if is_transcoded(context):
                 await context.send_initial_metadata(headers)
             else:
-                context.set_trailing_metadata(headers)
+                context.set_trailing_metadata((*tuple(context.trailing_metadata() or ()), *headers))
         return result
 
     async def around_stream(
