@@ -397,11 +397,14 @@ def report_errors(results: Sequence[Result], problems: Sequence[str]) -> bool:
 # --- the command --------------------------------------------------------------------------
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+def parse_args(
+    argv: Sequence[str] | None,
+    prog: str = "python -m bench.api_overhead",
+    description: str | None = __doc__,
+) -> argparse.Namespace:
+    """The options every closed-loop benchmark takes."""
     parser = argparse.ArgumentParser(
-        prog="python -m bench.api_overhead",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--requests", type=int, default=3000, help="timed requests per scenario")
     parser.add_argument("--concurrency", type=int, default=4, help="worker threads")

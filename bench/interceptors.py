@@ -44,6 +44,7 @@ from typing import cast
 import grpc
 import httpx
 
+from bench import api_overhead
 from bench.api_overhead import (
     GRPC_OPTIONS,
     TIMEOUT,
@@ -393,19 +394,7 @@ def build_report(before: Measured, bare: Measured, after: Measured) -> Report:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.interceptors",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--requests", type=int, default=3000, help="timed requests per scenario")
-    parser.add_argument("--concurrency", type=int, default=4, help="worker threads")
-    parser.add_argument("--warmup", type=int, default=200, help="warm-up requests per scenario")
-    parser.add_argument("--output", type=Path, help="also write the markdown table here")
-    args = parser.parse_args(argv)
-    if args.requests < 1 or args.concurrency < 1 or args.warmup < 0:
-        parser.error("--requests and --concurrency must be positive, --warmup not negative")
-    return args
+    return api_overhead.parse_args(argv, prog="python -m bench.interceptors", description=__doc__)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
