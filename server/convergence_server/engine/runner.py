@@ -23,13 +23,13 @@ from sqlglot import exp
 from convergence_server.engine.templates import Catalog, DqCheck, Step, Template
 from convergence_server.storage.sql import quote
 from convergence_server.storage.warehouse import (
+    STAGE_PREFIX,
     Publication,
     TransientError,
     Warehouse,
     WarehouseError,
 )
 
-STAGE_PREFIX = "_stage_"
 MAX_BACKOFF = 60.0
 log = logging.getLogger(__name__)
 _REMOTE = re.compile(r"(gs|s3)://[^\s'\"]+")

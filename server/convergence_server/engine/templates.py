@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -129,7 +129,6 @@ class Template:
     schedule: str
     parameters: Mapping[str, Parameter]
     steps: tuple[Step, ...]
-    outputs: tuple[str, ...] = field(default=())
     # What recovery does with a run the server was executing when it stopped: run it
     # again ("retry": safe, since runs publish atomically) or end it FAILED ("fail").
     on_crash: str = "retry"
@@ -401,7 +400,6 @@ def parse_template(path: Path, provider: str, domain: str, name: str) -> Templat
         schedule=r.text(document.get("schedule"), "schedule", required=False),
         parameters=parameters,
         steps=steps,
-        outputs=tuple(sorted(written)),
         on_crash=r.choice(document.get("on_crash", "retry"), "on_crash", ("retry", "fail")),
     )
 

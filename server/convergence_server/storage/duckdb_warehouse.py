@@ -20,6 +20,7 @@ from convergence_server.storage.identifiers import quote_identifier
 from convergence_server.storage.locks import KeyedLocks
 from convergence_server.storage.sql import SqlError, to_duckdb
 from convergence_server.storage.warehouse import (
+    STAGE_PREFIX,
     Publication,
     SchemaColumn,
     TransientError,
@@ -28,7 +29,6 @@ from convergence_server.storage.warehouse import (
 
 T = TypeVar("T")
 
-STAGE_PREFIX = "_stage_"
 _READERS = {
     "csv": "read_csv($source, header = true, all_varchar = true)",
     "ndjson": "read_json($source, format = 'newline_delimited')",
@@ -69,7 +69,8 @@ def _bind(statement: str, params: Mapping[str, Any]) -> dict[str, Any]:
 def drop_stage_tables(cur: duckdb.DuckDBPyConnection) -> int:
     tables = cur.execute(
         "SELECT table_schema, table_name FROM information_schema.tables "
-        "WHERE table_name LIKE '\\_stage\\_%' ESCAPE '\\'"
+        "WHERE starts_with(table_name, ?)",
+        [STAGE_PREFIX],
     ).fetchall()
     for schema, table in tables:
         cur.execute(f"DROP TABLE IF EXISTS {quote_identifier(schema)}.{quote_identifier(table)}")

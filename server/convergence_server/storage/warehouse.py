@@ -12,6 +12,10 @@ from dataclasses import dataclass
 from datetime import date
 from typing import Any, Protocol
 
+# Every staging table of a run starts with this; tables left by interrupted runs are
+# found by it and dropped at start-up.
+STAGE_PREFIX = "_stage_"
+
 
 @dataclass(frozen=True)
 class SchemaColumn:
