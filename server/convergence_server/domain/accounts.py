@@ -52,11 +52,14 @@ class Accounts:
         self._clock = clock
         # (tenant, user) pairs known to be members: most calls need no store read.
         self._members: set[tuple[str, str]] = set()
+        # Removals per tenant: a member admitted while one was removed is not cached.
+        self._removals: dict[str, int] = {}
 
     async def admit_user(self, caller: Caller, user_id: str) -> None:
         """Counts `user_id` in the caller's team, refusing a new one beyond the plan."""
         if (caller.tenant_id, user_id) in self._members:
             return
+        removals = self._removals.get(caller.tenant_id, 0)
         plan = await self._plans.plan_of(caller.tenant_id)
         admitted, _ = await self._store.admit_member(
             caller.tenant_id, user_id, plan.team_size, self._clock()
@@ -68,7 +71,8 @@ class Accounts:
                 f"Remove a member (DELETE /api/v1/tenants/{caller.tenant_id}/members/USER_ID) "
                 "or change the plan."
             )
-        self._members.add((caller.tenant_id, user_id))
+        if self._removals.get(caller.tenant_id, 0) == removals:  # none removed meanwhile
+            self._members.add((caller.tenant_id, user_id))
 
     async def usage(self, caller: Caller, tenant_id: str) -> Usage:
         authorize_tenant(caller, tenant_id)
@@ -126,4 +130,5 @@ class Accounts:
         authorize_tenant(caller, tenant_id)
         if not await self._store.remove_member(tenant_id, user_id):
             raise NotFound(f"No member {echo(user_id)}")
+        self._removals[tenant_id] = self._removals.get(tenant_id, 0) + 1
         self._members.discard((tenant_id, user_id))
