@@ -33,6 +33,8 @@ def stack_env(data_dir: Path, **extra: str) -> dict[str, str]:
         "CONVERGENCE_HTTP_PORT": "0",
         "CONVERGENCE_ENVOY_ADMIN_PORT": "0",
         "CONVERGENCE_LOG_LEVEL": "INFO",
+        # Tests onboard in bursts; the onboarding limit has a test of its own.
+        "CONVERGENCE_OPEN_REQUESTS_PER_SECOND": "100000",
         **extra,
     }
 

@@ -34,6 +34,7 @@ class Config:
     heartbeat_seconds: float = 5.0
     lease_seconds: float = 30.0
     clock_offset_file: str = ""
+    open_requests_per_second: int = 20
     log_level: str = "INFO"
 
     @property
@@ -77,6 +78,9 @@ class Config:
             heartbeat_seconds=_int(env, "CONVERGENCE_RUN_HEARTBEAT_SECONDS", 5),
             lease_seconds=_int(env, "CONVERGENCE_RUN_LEASE_SECONDS", 30),
             clock_offset_file=env.get("CONVERGENCE_CLOCK_OFFSET_FILE", ""),
+            open_requests_per_second=_int(
+                env, "CONVERGENCE_OPEN_REQUESTS_PER_SECOND", defaults.open_requests_per_second
+            ),
             log_level=env.get("CONVERGENCE_LOG_LEVEL", defaults.log_level).upper(),
         )
 

@@ -10,6 +10,8 @@ ENVOY_DIR = REPO_ROOT / "envoy"
 TEMPLATE = ENVOY_DIR / "envoy.yaml.tmpl"
 LUA_FILTER = ENVOY_DIR / "error_body.lua"
 DESCRIPTOR = REPO_ROOT / "build" / "convergence.pb"
+# The onboarding bucket holds this many seconds' worth of requests.
+OPEN_BURST_SECONDS = 5
 
 
 def render_config(config: Config, grpc_port: int) -> str:
@@ -25,4 +27,6 @@ def render_config(config: Config, grpc_port: int) -> str:
         DESCRIPTOR_PATH=DESCRIPTOR,
         LUA_PATH=LUA_FILTER,
         MAX_REQUEST_BYTES=config.max_request_bytes,
+        OPEN_RATE=config.open_requests_per_second,
+        OPEN_BURST=config.open_requests_per_second * OPEN_BURST_SECONDS,
     )
