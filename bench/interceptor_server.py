@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import signal
 from collections.abc import Sequence
 from typing import Any
 
@@ -43,15 +41,7 @@ class FixedCaller(_WrappingInterceptor):
 
 
 async def serve(config: Config, caller: Caller) -> None:
-    server = create_server(config, interceptors=[FixedCaller(caller)])
-    await server.start()
-    print(json.dumps({"event": "serving", "grpc_port": server.port}), flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await server.stop()
+    await create_server(config, interceptors=[FixedCaller(caller)]).serve_until_signalled()
 
 
 def main(argv: Sequence[str] | None = None) -> None:

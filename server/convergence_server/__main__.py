@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import signal
 import sys
 
 from convergence_server import logs
@@ -21,15 +19,7 @@ async def _serve(config: Config) -> None:
         server = create_server(config)
     except (PlanCatalogError, TemplateError) as exc:
         raise SystemExit(f"convergence: cannot start: {exc}") from None
-    await server.start()
-    # One line on stdout tells a launcher the bound port (the config may ask for port 0).
-    print(json.dumps({"event": "serving", "grpc_port": server.port}), flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await server.stop()
+    await server.serve_until_signalled()
 
 
 def _validate(config: Config) -> int:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
+import signal
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -82,6 +85,20 @@ class ConvergenceServer:
 
     async def wait(self) -> None:
         await self.server.wait_for_termination()
+
+    async def serve_until_signalled(self) -> None:
+        """Starts, reports the bound port, and stops cleanly on SIGINT or SIGTERM.
+
+        The one JSON line on stdout tells a launcher the port (the config may ask for 0).
+        """
+        await self.start()
+        print(json.dumps({"event": "serving", "grpc_port": self.port}), flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await self.stop()
 
 
 def create_server(
