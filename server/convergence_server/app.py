@@ -113,7 +113,7 @@ def create_server(
         raise SystemExit(f"CONVERGENCE_KEY_PEPPER must be at least {MIN_PEPPER_BYTES} bytes")
     plans = load_plans(config.plans_path)
     catalog = load_catalog(config.config_dir)
-    store = open_store(config.store, config.database_path, config.workers)
+    store = open_store(config)
     clock = make_clock(config.clock_offset_file)
     events = RunEvents()
     executor = Executor(

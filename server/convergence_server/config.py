@@ -31,6 +31,9 @@ class Config:
     sample_data_dir: Path = REPO_ROOT / "configs" / "sample_data"
     source_roots: tuple[Path, ...] = ()
     project: str = "your-project"
+    bigquery_location: str = "US"
+    bigquery_dataset_prefix: str = ""
+    bigquery_endpoint: str = ""
     heartbeat_seconds: float = 5.0
     lease_seconds: float = 30.0
     clock_offset_file: str = ""
@@ -75,6 +78,11 @@ class Config:
                 Path(p) for p in env.get("CONVERGENCE_SOURCE_ROOTS", "").split(os.pathsep) if p
             ),
             project=env.get("CONVERGENCE_PROJECT", defaults.project),
+            bigquery_location=env.get("CONVERGENCE_BIGQUERY_LOCATION", defaults.bigquery_location),
+            bigquery_dataset_prefix=env.get(
+                "CONVERGENCE_BIGQUERY_DATASET_PREFIX", defaults.bigquery_dataset_prefix
+            ),
+            bigquery_endpoint=env.get("CONVERGENCE_BIGQUERY_ENDPOINT", defaults.bigquery_endpoint),
             heartbeat_seconds=_int(env, "CONVERGENCE_RUN_HEARTBEAT_SECONDS", 5),
             lease_seconds=_int(env, "CONVERGENCE_RUN_LEASE_SECONDS", 30),
             clock_offset_file=env.get("CONVERGENCE_CLOCK_OFFSET_FILE", ""),

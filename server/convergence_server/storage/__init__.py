@@ -1,18 +1,33 @@
-"""Storage: one port (`Store`), an embedded DuckDB adapter, and the schema both share."""
+"""Storage: one port (`Store`), an embedded DuckDB adapter, a BigQuery adapter, and the
+schema they share."""
 
 from __future__ import annotations
 
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 from convergence_server.storage.port import Store
+
+if TYPE_CHECKING:
+    from convergence_server.config import Config
 
 __all__ = ["Store", "open_store"]
 
 
-def open_store(kind: str, database_path: Path, pipeline_threads: int) -> Store:
+def open_store(config: Config) -> Store:
     """Opens (creating or migrating as needed) the configured store."""
-    if kind == "embedded":
+    if config.store == "embedded":
         from convergence_server.storage.duckdb_store import DuckDBStore
 
-        return DuckDBStore.open(database_path, pipeline_threads)
-    raise SystemExit(f"CONVERGENCE_STORE={kind!r} is not supported (supported: embedded)")
+        return DuckDBStore.open(config.database_path, config.workers)
+    if config.store == "bigquery":
+        from convergence_server.storage.bigquery_store import BigQueryStore
+
+        return BigQueryStore.open(
+            config.project,
+            config.bigquery_location,
+            config.bigquery_dataset_prefix,
+            config.bigquery_endpoint,
+        )
+    raise SystemExit(
+        f"CONVERGENCE_STORE={config.store!r} is not supported (supported: embedded, bigquery)"
+    )

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import duckdb
 
-from convergence_server.storage.identifiers import quote_identifier
+from convergence_server.storage.identifiers import quote_identifier, sanitize
 from convergence_server.storage.locks import KeyedLocks
 from convergence_server.storage.sql import SqlError, to_duckdb
 from convergence_server.storage.warehouse import (
@@ -50,11 +50,6 @@ _TYPES = {
     "BYTES": "BLOB",
 }
 _PARAMETER = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)")
-
-
-def sanitize(name: str) -> str:
-    cleaned = re.sub(r"[^A-Za-z0-9_]", "_", name)
-    return cleaned if re.match(r"[A-Za-z_]", cleaned) else f"_{cleaned}"
 
 
 def _bind(statement: str, params: Mapping[str, Any]) -> dict[str, Any]:

@@ -13,3 +13,9 @@ def quote_identifier(name: str) -> str:
     if not _IDENTIFIER.fullmatch(name):
         raise ValueError(f"unsafe SQL identifier: {name!r}")
     return f'"{name}"'
+
+
+def sanitize(name: str) -> str:
+    """A file's column name as a load job names it: other characters become `_`."""
+    cleaned = re.sub(r"[^A-Za-z0-9_]", "_", name)
+    return cleaned if re.match(r"[A-Za-z_]", cleaned) else f"_{cleaned}"

@@ -1,0 +1,124 @@
+"""The google-cloud-bigquery client as both BigQuery adapters use it.
+
+Blocking client calls run on a thread pool. Query parameters are typed from their Python
+values; errors become the store's (`Unavailable`) or the warehouse's (`TransientError`)
+kinds in one place each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import date, datetime
+from decimal import Decimal
+from typing import Any, TypeVar
+
+import google.auth
+from google.api_core import exceptions as api_exceptions
+from google.api_core.client_options import ClientOptions
+from google.auth.credentials import AnonymousCredentials
+from google.cloud import bigquery
+
+T = TypeVar("T")
+
+# A transaction aborted because another one changed the same table first (BigQuery says
+# "concurrent update"; the emulator's DuckLake catalog "Failed to commit").
+_CONFLICT = re.compile(
+    r"concurrent update|could not serialize|failed to commit|aborted due to concurrent", re.I
+)
+UNAVAILABLE = (
+    api_exceptions.ServerError,
+    api_exceptions.TooManyRequests,
+    api_exceptions.RetryError,
+    ConnectionError,
+    TimeoutError,
+)
+
+
+def make_client(project: str, location: str, endpoint: str) -> bigquery.Client:
+    """A client for `project`; with `endpoint` (an emulator), anonymous credentials."""
+    if endpoint:
+        return bigquery.Client(
+            project=project,
+            location=location,
+            credentials=AnonymousCredentials(),  # type: ignore[no-untyped-call]
+            client_options=ClientOptions(api_endpoint=endpoint),
+        )
+    credentials, _ = google.auth.default(  # type: ignore[no-untyped-call]
+        scopes=["https://www.googleapis.com/auth/bigquery"]
+    )
+    return bigquery.Client(project=project, location=location, credentials=credentials)
+
+
+def is_conflict(exc: BaseException) -> bool:
+    return isinstance(exc, api_exceptions.GoogleAPICallError) and bool(
+        _CONFLICT.search(str(exc))
+    )
+
+
+def message(exc: BaseException) -> str:
+    """BigQuery's own words for a failed call, without the client's job-id trailer."""
+    if isinstance(exc, api_exceptions.GoogleAPICallError):
+        text = exc.message or str(exc)
+    else:
+        text = str(exc)
+    return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+
+
+@dataclass(frozen=True)
+class Null:
+    """A NULL query parameter of a BigQuery type (a bare None is a NULL STRING)."""
+
+    kind: str
+
+
+def parameter(name: str, value: Any) -> bigquery.ScalarQueryParameter:
+    """A named query parameter typed by its value."""
+    if isinstance(value, Null):
+        return bigquery.ScalarQueryParameter(name, value.kind, None)
+    if isinstance(value, bool):
+        kind = "BOOL"
+    elif isinstance(value, int):
+        kind = "INT64"
+    elif isinstance(value, float):
+        kind = "FLOAT64"
+    elif isinstance(value, Decimal):
+        kind = "NUMERIC"
+    elif isinstance(value, datetime):
+        kind = "TIMESTAMP"
+    elif isinstance(value, date):
+        kind = "DATE"
+    elif isinstance(value, bytes):
+        kind = "BYTES"
+    else:
+        kind = "STRING"
+    return bigquery.ScalarQueryParameter(name, kind, value)
+
+
+def job_config(params: Mapping[str, Any], **options: Any) -> bigquery.QueryJobConfig:
+    return bigquery.QueryJobConfig(
+        query_parameters=[parameter(k, v) for k, v in params.items()], **options
+    )
+
+
+class Runner:
+    """Runs blocking client calls off the event loop."""
+
+    def __init__(self, client: bigquery.Client, threads: int) -> None:
+        self.client = client
+        self._executor = ThreadPoolExecutor(threads, thread_name_prefix="bigquery")
+
+    async def call(self, fn: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+
+    def query(self, sql: str, params: Mapping[str, Any] | None = None) -> list[bigquery.Row]:
+        """Runs a query or script and returns the rows of its last statement (blocking)."""
+        job = self.client.query(sql, job_config=job_config(params or {}))
+        return list(job.result())
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+        self.client.close()

@@ -1,0 +1,1032 @@
+"""The BigQuery store: a central dataset and one dataset per tenant, in one project.
+
+Written for BigQuery's strengths and limits rather than as a port of the embedded store:
+
+- **Run state is append-only.** Every change of a run (created, claimed, finished, requeued,
+  cancel requested) is a row of `tenant_run_events` holding the run's whole state after the
+  change; the view `tenant_pipeline_runs` shows each run's newest row. Step logs work the
+  same way (`tenant_step_events`, view `tenant_step_logs`), heartbeats are rows of
+  `tenant_run_heartbeats`. No row is ever updated in place, so nothing waits on the
+  streaming buffer and no table takes an UPDATE per heartbeat.
+- **One transaction per change, serialized per tenant.** Each change is one multi-statement
+  transaction that first updates the tenant's row of `tenant_run_counters` (its event
+  sequence and its PENDING or RUNNING run count). Two transactions of one tenant therefore
+  conflict; BigQuery aborts one, and it is retried here. Admission (daily and concurrent
+  limits, idempotency key, the PENDING row, the usage row) is thus exact across any number
+  of server processes, and a run's events have a total order (`event_seq`).
+- **Bounded DML.** A run costs one transaction to be created, one to be claimed and one to
+  end, plus one INSERT per step boundary and one per heartbeat tick of its server; the
+  mutating statements touch only `tenant_run_counters`, `tenant_usage_quotas` and, rarely,
+  `tenant_idempotency_keys`, `tenant_profiles` and `tenant_members`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import statistics
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from datetime import UTC, date, datetime
+from typing import Any, TypeVar
+
+from google.api_core import exceptions as api_exceptions
+from google.cloud import bigquery
+
+from convergence_server.errors import AlreadyExists, DeadlineExceeded, Unavailable
+from convergence_server.storage import schema
+from convergence_server.storage.bigquery_client import (
+    UNAVAILABLE,
+    Null,
+    Runner,
+    is_conflict,
+    job_config,
+    make_client,
+)
+from convergence_server.storage.bigquery_warehouse import BigQueryWarehouse, create_table_sql
+from convergence_server.storage.identifiers import quote_identifier
+from convergence_server.storage.locks import KeyedLocks
+from convergence_server.storage.records import (
+    Admission,
+    ApiKeyRecord,
+    DqRecord,
+    MemberRecord,
+    RunCursor,
+    RunFilter,
+    RunLimits,
+    RunRecord,
+    StepRecord,
+    TenantRecord,
+    UsageRecord,
+)
+from convergence_server.storage.rows import RUN_COLUMNS, STEP_COLUMNS, run_from_row, step_from_row
+from convergence_server.storage.warehouse import STAGE_PREFIX
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+THREADS = 16
+CONFLICT_RETRIES = 40
+# Each run's state changes, and each step's; the central tables of those names are views.
+EVENT_COLUMNS = (
+    schema.Column("event_seq", "INT64", required=True),
+    schema.Column("event", "STRING", required=True),
+    schema.Column("event_time", "TIMESTAMP", required=True),
+)
+RUN_EVENTS = schema.Table(
+    "tenant_run_events",
+    schema.TENANT_PIPELINE_RUNS.columns + EVENT_COLUMNS,
+    partition_by="created_at",
+    cluster_by=("tenant_id", "pipeline_logging_id"),
+)
+STEP_EVENTS = schema.Table(
+    "tenant_step_events",
+    schema.TENANT_STEP_LOGS.columns + (schema.Column("recorded_at", "TIMESTAMP", required=True),),
+    partition_by="step_start_time",
+    cluster_by=("tenant_id", "pipeline_logging_id"),
+)
+HEARTBEATS = schema.Table(
+    "tenant_run_heartbeats",
+    (
+        schema.Column("pipeline_logging_id", "STRING", required=True),
+        schema.Column("worker_id", "STRING", required=True),
+        schema.Column("beat_at", "TIMESTAMP", required=True),
+    ),
+    partition_by="beat_at",
+    cluster_by=("pipeline_logging_id",),
+)
+COUNTERS = schema.Table(
+    "tenant_run_counters",
+    (
+        schema.Column("tenant_id", "STRING", required=True),
+        schema.Column("seq", "INT64", required=True),
+        schema.Column("active_runs", "INT64", required=True),
+        schema.Column("updated_at", "TIMESTAMP", required=True),
+    ),
+    cluster_by=("tenant_id",),
+)
+# Tables that the embedded store keeps as tables and this one as event tables with a view.
+EVENT_BACKED = {
+    schema.TENANT_PIPELINE_RUNS.name: (RUN_EVENTS, HEARTBEATS, COUNTERS),
+    schema.TENANT_STEP_LOGS.name: (STEP_EVENTS,),
+}
+MIGRATIONS_TABLE = schema.Table(
+    "schema_migrations",
+    (
+        schema.Column("version", "INT64", required=True),
+        schema.Column("description", "STRING", required=True),
+        schema.Column("applied_at", "TIMESTAMP", required=True),
+    ),
+)
+SELECT_RUN = RUN_COLUMNS.replace("parameters", "TO_JSON_STRING(parameters) AS parameters")
+RUN_EVENT_NAMES = [c.name for c in RUN_EVENTS.columns]
+STEP_EVENT_NAMES = [c.name for c in STEP_EVENTS.columns]
+OWNER_GUARD = "status = 'RUNNING' AND IFNULL(worker_id, '') = @worker_id AND attempt = @attempt"
+INTERRUPTED = "Interrupted: the run stopped while this step was running"
+
+
+class BigQueryStore:
+    kind = "bigquery"
+    exclusive = False
+
+    def __init__(self, client: bigquery.Client, prefix: str, threads: int = THREADS) -> None:
+        self._bq = Runner(client, threads)
+        self.project = client.project
+        self._prefix = prefix
+        self.central = f"{prefix}{schema.CENTRAL_DATASET}"
+        self._publish_locks = KeyedLocks()
+
+    @classmethod
+    def open(cls, project: str, location: str, prefix: str, endpoint: str = "") -> BigQueryStore:
+        store = cls(make_client(project, location, endpoint), prefix)
+        try:
+            store._migrate()
+        except UNAVAILABLE as exc:
+            raise SystemExit(f"cannot reach BigQuery for project {project}: {exc}") from None
+        return store
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    def _t(self, table: str) -> str:
+        return f"`{self.central}.{table}`"
+
+    def dataset_of(self, tenant_id: str) -> str:
+        quote_identifier(tenant_id)
+        return f"{self._prefix}{tenant_id}"
+
+    async def _call(self, fn: Callable[[], T]) -> T:
+        def run() -> T:
+            try:
+                return fn()
+            except UNAVAILABLE as exc:
+                log.error("BigQuery unavailable: %s", exc)
+                raise Unavailable("BigQuery is unavailable") from exc
+
+        return await self._bq.call(run)
+
+    def _query(self, sql: str, **params: Any) -> list[bigquery.Row]:
+        return self._bq.query(sql, params)
+
+    def _transaction(self, script: str, params: Mapping[str, Any]) -> list[bigquery.Row]:
+        """Runs a transaction script, again while it conflicts with a concurrent one."""
+        for attempt in range(CONFLICT_RETRIES):
+            try:
+                return self._bq.query(script, params)
+            except api_exceptions.GoogleAPICallError as exc:
+                if not is_conflict(exc) or attempt == CONFLICT_RETRIES - 1:
+                    raise
+                time.sleep(random.uniform(0.01, 0.05) * min(2**attempt, 16))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _migrate(self) -> None:
+        client = self._bq.client
+        client.create_dataset(self.central, exists_ok=True)
+        self._query(create_table_sql(self.central, MIGRATIONS_TABLE))
+        rows = self._query(f"SELECT MAX(version) AS v FROM {self._t('schema_migrations')}")
+        applied = (rows[0]["v"] if rows else None) or 0
+        for migration in schema.MIGRATIONS:
+            if migration.version <= applied:
+                continue
+            for table in migration.creates:
+                for physical in EVENT_BACKED.get(table.name, (table,)):
+                    self._query(create_table_sql(self.central, physical))
+            for table, names in migration.adds:
+                physical = EVENT_BACKED.get(table.name, (table,))[0]
+                types = {c.name: c.type for c in table.columns}
+                for name in names:
+                    self._query(
+                        f"ALTER TABLE {self._t(physical.name)} "
+                        f"ADD COLUMN IF NOT EXISTS {name} {types[name]}"
+                    )
+            self._query(
+                f"INSERT INTO {self._t('schema_migrations')} (version, description, applied_at) "
+                "SELECT @v, @d, CURRENT_TIMESTAMP() FROM UNNEST([1]) "
+                f"WHERE NOT EXISTS (SELECT 1 FROM {self._t('schema_migrations')} "
+                "WHERE version = @v)",
+                v=migration.version,
+                d=migration.description,
+            )
+        self._query(self._runs_view_sql())
+        self._query(self._steps_view_sql())
+
+    def _runs_view_sql(self) -> str:
+        """Each run's newest state, its heartbeat the newest of its current worker's."""
+        columns = [
+            "IF(b.beat_at > e.heartbeat_at OR e.heartbeat_at IS NULL, b.beat_at, e.heartbeat_at)"
+            " AS heartbeat_at"
+            if c.name == "heartbeat_at"
+            else f"e.{c.name}"
+            for c in schema.TENANT_PIPELINE_RUNS.columns
+        ]
+        return (
+            f"CREATE OR REPLACE VIEW {self._t(schema.TENANT_PIPELINE_RUNS.name)} AS "
+            f"SELECT {', '.join(columns)} FROM ({self._latest_events_sql()}) AS e "
+            "LEFT JOIN (SELECT pipeline_logging_id, worker_id, MAX(beat_at) AS beat_at "
+            f"FROM {self._t(HEARTBEATS.name)} GROUP BY pipeline_logging_id, worker_id) AS b "
+            "ON b.pipeline_logging_id = e.pipeline_logging_id AND b.worker_id = e.worker_id"
+        )
+
+    def _latest_events_sql(self, where: str = "TRUE") -> str:
+        return (
+            f"SELECT * FROM {self._t(RUN_EVENTS.name)} WHERE {where} QUALIFY ROW_NUMBER() "
+            "OVER (PARTITION BY pipeline_logging_id ORDER BY event_seq DESC) = 1"
+        )
+
+    def _latest_steps_sql(self, where: str = "TRUE") -> str:
+        """Each step's newest row; an ended step outranks a RUNNING row written after it."""
+        return (
+            f"SELECT * FROM {self._t(STEP_EVENTS.name)} WHERE {where} QUALIFY ROW_NUMBER() "
+            "OVER (PARTITION BY step_logging_id ORDER BY IF(status = 'RUNNING', 0, 1) DESC, "
+            "recorded_at DESC) = 1"
+        )
+
+    def _steps_view_sql(self) -> str:
+        columns = ", ".join(c.name for c in schema.TENANT_STEP_LOGS.columns)
+        return (
+            f"CREATE OR REPLACE VIEW {self._t(schema.TENANT_STEP_LOGS.name)} AS "
+            f"SELECT {columns} FROM ({self._latest_steps_sql()})"
+        )
+
+    # -- Store: catalogue -------------------------------------------------------------------
+
+    async def ping(self) -> None:
+        await self._call(lambda: self._query("SELECT 1"))
+
+    async def schema_version(self) -> int:
+        rows = await self._call(
+            lambda: self._query(f"SELECT MAX(version) AS v FROM {self._t('schema_migrations')}")
+        )
+        return int(rows[0]["v"] or 0) if rows else 0
+
+    async def central_table_columns(self) -> dict[str, frozenset[str]]:
+        rows = await self._call(
+            lambda: self._query(
+                "SELECT table_name, column_name "
+                f"FROM `{self.project}.{self.central}`.INFORMATION_SCHEMA.COLUMNS"
+            )
+        )
+        tables: dict[str, set[str]] = {}
+        for row in rows:
+            tables.setdefault(row["table_name"], set()).add(row["column_name"])
+        return {name: frozenset(columns) for name, columns in tables.items()}
+
+    async def probe_dataset_creation(self) -> None:
+        scratch = f"{self._prefix}_convergence_probe_{uuid.uuid4().hex}"
+
+        def probe() -> None:
+            self._bq.client.create_dataset(scratch)
+            self._bq.client.delete_dataset(scratch, delete_contents=True, not_found_ok=True)
+
+        await self._call(probe)
+
+    async def dataset_exists(self, dataset_id: str) -> bool:
+        def exists() -> bool:
+            try:
+                self._bq.client.get_dataset(self.dataset_of(dataset_id))
+            except api_exceptions.NotFound:
+                return False
+            return True
+
+        return await self._call(exists)
+
+    # -- tenants and keys -------------------------------------------------------------------
+
+    async def get_tenant(self, tenant_id: str) -> TenantRecord | None:
+        rows = await self._call(
+            lambda: self._query(
+                "SELECT tenant_id, company_name, admin_email, subscription_plan, created_at, "
+                f"status FROM {self._t('tenant_profiles')} WHERE tenant_id = @t",
+                t=tenant_id,
+            )
+        )
+        return TenantRecord(*rows[0].values()) if rows else None
+
+    async def tenant_ids_equal_ignoring_case(self, tenant_id: str) -> list[str]:
+        rows = await self._call(
+            lambda: self._query(
+                f"SELECT tenant_id FROM {self._t('tenant_profiles')} "
+                "WHERE LOWER(tenant_id) = LOWER(@t)",
+                t=tenant_id,
+            )
+        )
+        return [row["tenant_id"] for row in rows]
+
+    async def create_tenant(
+        self, tenant: TenantRecord, key: ApiKeyRecord, commit_by: float | None = None
+    ) -> tuple[str, ...]:
+        """Creates the dataset (its name is the tenant's lock: a second creation fails),
+        its objects, then the tenant's rows in one transaction; undone on any failure."""
+        dataset = self.dataset_of(tenant.tenant_id)
+        abandoned = threading.Event()
+
+        def create() -> tuple[str, ...]:
+            client = self._bq.client
+            try:
+                client.create_dataset(dataset)
+            except api_exceptions.Conflict as exc:
+                raise AlreadyExists(
+                    f"Tenant '{tenant.tenant_id}' or its dataset already exists"
+                ) from exc
+            try:
+                self._fill_dataset(dataset, tenant)
+                if abandoned.is_set():
+                    raise asyncio.CancelledError
+                if commit_by is not None and time.monotonic() > commit_by:
+                    raise DeadlineExceeded("The deadline passed before onboarding finished")
+                created = self._transaction(
+                    f"""
+                    BEGIN TRANSACTION;
+                    INSERT INTO {self._t("tenant_profiles")}
+                      (tenant_id, company_name, admin_email, subscription_plan, status,
+                       created_at, updated_at)
+                    SELECT @tenant_id, @company_name, @admin_email, @plan, @status, @now, @now
+                    FROM UNNEST([1])
+                    WHERE NOT EXISTS (SELECT 1 FROM {self._t("tenant_profiles")}
+                                      WHERE tenant_id = @tenant_id);
+                    INSERT INTO {self._t("tenant_api_keys")}
+                      (key_id, tenant_id, salt, key_hash, created_at, revoked_at)
+                    VALUES (@key_id, @tenant_id, @salt, @key_hash, @now, NULL);
+                    INSERT INTO {self._t(COUNTERS.name)} (tenant_id, seq, active_runs, updated_at)
+                    VALUES (@tenant_id, 0, 0, @now);
+                    COMMIT TRANSACTION;
+                    SELECT COUNT(*) AS n FROM {self._t("tenant_profiles")}
+                    WHERE tenant_id = @tenant_id AND created_at = @now;
+                    """,
+                    {
+                        "tenant_id": tenant.tenant_id,
+                        "company_name": tenant.company_name,
+                        "admin_email": tenant.admin_email,
+                        "plan": tenant.subscription_plan,
+                        "status": tenant.status,
+                        "now": tenant.created_at,
+                        "key_id": key.key_id,
+                        "salt": key.salt,
+                        "key_hash": key.key_hash,
+                    },
+                )
+                if created[0]["n"] != 1:
+                    raise AlreadyExists(f"Tenant '{tenant.tenant_id}' already exists")
+            except BaseException:
+                self._delete_tenant(tenant.tenant_id, key.key_id, rows=False)
+                raise
+            return schema.TENANT_DATASET_OBJECTS
+
+        future = self._call(create)
+        task = asyncio.ensure_future(future)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            abandoned.set()
+            with contextlib.suppress(asyncio.CancelledError, AlreadyExists, DeadlineExceeded):
+                await task
+                # It committed before it could see the flag: undo it.
+                await self._call(lambda: self._delete_tenant(tenant.tenant_id, key.key_id))
+                log.warning("onboarding of %s abandoned after commit: undone", tenant.tenant_id)
+            raise
+
+    def _fill_dataset(self, dataset: str, tenant: TenantRecord) -> None:
+        table = schema.ONBOARDING_VALIDATION_TEST
+        self._query(create_table_sql(dataset, table))
+        self._query(
+            f"INSERT INTO `{dataset}.{table.name}` (validation_id, tenant_id, validated_at, "
+            "message) VALUES (@id, @tenant_id, @now, @message)",
+            id=str(uuid.uuid4()),
+            tenant_id=tenant.tenant_id,
+            now=tenant.created_at,
+            message="Dataset writable: onboarding validation row written.",
+        )
+        self._query(self._comprehensive_view_sql(dataset, tenant.tenant_id))
+
+    def _comprehensive_view_sql(self, dataset: str, tenant_id: str) -> str:
+        """Every run of the tenant with its step and data-quality totals (the id is a
+        literal: views take no parameters; `quote_identifier` restricted it already)."""
+        quote_identifier(tenant_id)
+        return f"""
+            CREATE VIEW `{dataset}.{schema.COMPREHENSIVE_VIEW}` AS
+            SELECT r.*,
+                   COALESCE(s.steps_total, 0) AS steps_total,
+                   COALESCE(s.steps_failed, 0) AS steps_failed,
+                   COALESCE(d.dq_checks_total, 0) AS dq_checks_total,
+                   COALESCE(d.dq_checks_failed, 0) AS dq_checks_failed
+            FROM {self._t("tenant_pipeline_runs")} AS r
+            LEFT JOIN (
+                SELECT pipeline_logging_id, COUNT(*) AS steps_total,
+                       COUNTIF(status = 'FAILED') AS steps_failed
+                FROM {self._t("tenant_step_logs")}
+                WHERE tenant_id = '{tenant_id}'
+                GROUP BY pipeline_logging_id
+            ) AS s USING (pipeline_logging_id)
+            LEFT JOIN (
+                SELECT pipeline_logging_id, COUNT(*) AS dq_checks_total,
+                       COUNTIF(status = 'FAILED') AS dq_checks_failed
+                FROM {self._t("tenant_dq_results")}
+                WHERE tenant_id = '{tenant_id}'
+                GROUP BY pipeline_logging_id
+            ) AS d USING (pipeline_logging_id)
+            WHERE r.tenant_id = '{tenant_id}'
+        """
+
+    def _delete_tenant(self, tenant_id: str, key_id: str, rows: bool = True) -> None:
+        if rows:
+            self._transaction(
+                f"""
+                BEGIN TRANSACTION;
+                DELETE FROM {self._t("tenant_api_keys")} WHERE key_id = @key_id;
+                DELETE FROM {self._t("tenant_profiles")} WHERE tenant_id = @tenant_id;
+                DELETE FROM {self._t(COUNTERS.name)} WHERE tenant_id = @tenant_id;
+                COMMIT TRANSACTION;
+                """,
+                {"tenant_id": tenant_id, "key_id": key_id},
+            )
+        self._bq.client.delete_dataset(
+            self.dataset_of(tenant_id), delete_contents=True, not_found_ok=True
+        )
+
+    async def get_api_key(self, key_id: str) -> ApiKeyRecord | None:
+        rows = await self._call(
+            lambda: self._query(
+                "SELECT key_id, tenant_id, salt, key_hash, created_at, revoked_at "
+                f"FROM {self._t('tenant_api_keys')} WHERE key_id = @k",
+                k=key_id,
+            )
+        )
+        return ApiKeyRecord(*rows[0].values()) if rows else None
+
+    async def update_plan(self, tenant_id: str, plan: str, now: datetime) -> bool:
+        def update() -> bool:
+            job = self._bq.client.query(
+                f"UPDATE {self._t('tenant_profiles')} SET subscription_plan = @plan, "
+                "updated_at = @now WHERE tenant_id = @t",
+                job_config=job_config(plan=plan, now=now, t=tenant_id),
+            )
+            job.result()
+            return bool(job.num_dml_affected_rows)
+
+        return await self._call(update)
+
+    # -- team members -----------------------------------------------------------------------
+
+    async def admit_member(
+        self, tenant_id: str, user_id: str, team_size: int, now: datetime
+    ) -> tuple[bool, int]:
+        members = self._t("tenant_members")
+        rows = await self._call(
+            lambda: self._transaction(
+                f"""
+                DECLARE known INT64;
+                DECLARE total INT64;
+                BEGIN TRANSACTION;
+                UPDATE {self._t(COUNTERS.name)} SET seq = seq + 1, updated_at = @now
+                WHERE tenant_id = @tenant_id;
+                SET known = (SELECT COUNT(*) FROM {members}
+                             WHERE tenant_id = @tenant_id AND user_id = @user_id);
+                SET total = (SELECT COUNT(*) FROM {members} WHERE tenant_id = @tenant_id);
+                IF known = 0 AND total < @team_size THEN
+                  INSERT INTO {members} (tenant_id, user_id, first_seen_at)
+                  VALUES (@tenant_id, @user_id, @now);
+                  SET known = 1;
+                  SET total = total + 1;
+                END IF;
+                COMMIT TRANSACTION;
+                SELECT known, total;
+                """,
+                {"tenant_id": tenant_id, "user_id": user_id, "team_size": team_size, "now": now},
+            )
+        )
+        return bool(rows[0]["known"]), int(rows[0]["total"])
+
+    async def list_members(self, tenant_id: str) -> list[MemberRecord]:
+        rows = await self._call(
+            lambda: self._query(
+                "SELECT tenant_id, user_id, first_seen_at "
+                f"FROM {self._t('tenant_members')} WHERE tenant_id = @t ORDER BY user_id",
+                t=tenant_id,
+            )
+        )
+        return [MemberRecord(*row.values()) for row in rows]
+
+    async def remove_member(self, tenant_id: str, user_id: str) -> bool:
+        def remove() -> bool:
+            job = self._bq.client.query(
+                f"DELETE FROM {self._t('tenant_members')} WHERE tenant_id = @t AND user_id = @u",
+                job_config=job_config(t=tenant_id, u=user_id),
+            )
+            job.result()
+            return bool(job.num_dml_affected_rows)
+
+        return await self._call(remove)
+
+    # -- runs: admission --------------------------------------------------------------------
+
+    async def create_run(
+        self, run: RunRecord, keys_valid_from: datetime, limits: RunLimits | None = None
+    ) -> Admission:
+        day = run.created_at.astimezone(UTC).date()
+        values = {c: f"@{c}" for c in RUN_EVENT_NAMES}
+        values.update(event_seq="next_seq", event="'created'", event_time="CURRENT_TIMESTAMP()")
+        values["parameters"] = "PARSE_JSON(@parameters)"
+        script = f"""
+            DECLARE next_seq INT64;
+            DECLARE active_now INT64;
+            DECLARE runs_today INT64;
+            DECLARE existing_run STRING;
+            DECLARE outcome STRING DEFAULT 'created';
+            BEGIN TRANSACTION;
+            {self._next_seq_sql()}
+            SET active_now = (SELECT active_runs FROM {self._t(COUNTERS.name)}
+                          WHERE tenant_id = @tenant_id);
+            SET runs_today = COALESCE((SELECT pipelines_run_today FROM {self._t("tenant_usage_quotas")}
+                                  WHERE tenant_id = @tenant_id AND usage_date = @day), 0);
+            IF @idempotency_key != '' THEN
+              SET existing_run = (
+                SELECT k.pipeline_logging_id FROM {self._t("tenant_idempotency_keys")} AS k
+                WHERE k.tenant_id = @tenant_id AND k.idempotency_key = @idempotency_key
+                  AND k.created_at >= @keys_valid_from
+                  AND EXISTS (SELECT 1 FROM {self._t(RUN_EVENTS.name)} AS e
+                              WHERE e.pipeline_logging_id = k.pipeline_logging_id));
+              IF existing_run IS NULL THEN
+                DELETE FROM {self._t("tenant_idempotency_keys")}
+                WHERE tenant_id = @tenant_id AND idempotency_key = @idempotency_key;
+              END IF;
+            END IF;
+            IF existing_run IS NOT NULL THEN
+              SET outcome = 'existing';
+            ELSEIF @limited AND runs_today >= @daily_limit THEN
+              SET outcome = 'daily';
+            ELSEIF @limited AND active_now >= @concurrent_limit THEN
+              SET outcome = 'concurrent';
+            ELSE
+              IF @idempotency_key != '' THEN
+                INSERT INTO {self._t("tenant_idempotency_keys")}
+                  (tenant_id, idempotency_key, pipeline_logging_id, created_at)
+                VALUES (@tenant_id, @idempotency_key, @pipeline_logging_id, @created_at);
+              END IF;
+              INSERT INTO {self._t(RUN_EVENTS.name)} ({", ".join(RUN_EVENT_NAMES)})
+              VALUES ({", ".join(values.values())});
+              UPDATE {self._t(COUNTERS.name)} SET active_runs = active_runs + 1
+              WHERE tenant_id = @tenant_id;
+              {self._count_usage_sql(started=1)}
+            END IF;
+            COMMIT TRANSACTION;
+            SELECT outcome, existing_run, runs_today, active_now;
+        """
+        params = _run_params(run)
+        params.update(
+            day=day,
+            keys_valid_from=keys_valid_from,
+            limited=limits is not None,
+            daily_limit=limits.daily if limits else 0,
+            concurrent_limit=limits.concurrent if limits else 0,
+            now=run.created_at,
+        )
+        rows = await self._call(lambda: self._transaction(script, params))
+        outcome, existing, today, active = rows[0].values()
+        if outcome == "existing":
+            found = await self.get_run(run.tenant_id, existing)
+            return Admission(found, created=False)
+        if outcome == "daily":
+            return Admission(None, created=False, refused="daily", used=int(today))
+        if outcome == "concurrent":
+            return Admission(None, created=False, refused="concurrent", used=int(active))
+        return Admission(run, created=True)
+
+    def _next_seq_sql(self) -> str:
+        """The statements that take the tenant's next sequence number into `seq`; the UPDATE
+        is what makes two transactions of one tenant conflict."""
+        counters = self._t(COUNTERS.name)
+        return f"""
+            UPDATE {counters} SET seq = seq + 1, updated_at = CURRENT_TIMESTAMP()
+            WHERE tenant_id = @tenant_id;
+            SET next_seq = (SELECT seq FROM {counters} WHERE tenant_id = @tenant_id);
+        """
+
+    def _count_usage_sql(self, started: int) -> str:
+        """Adds `started` runs to today's usage row of the tenant (`@day`) and sets its current
+        concurrency from the counters; a new row takes `@limited` limits, else the last."""
+        usage = self._t("tenant_usage_quotas")
+        active = (
+            f"(SELECT active_runs FROM {self._t(COUNTERS.name)} WHERE tenant_id = @tenant_id)"
+        )
+        last = (
+            f"(SELECT AS STRUCT daily_limit, concurrent_limit FROM {usage} "
+            "WHERE tenant_id = @tenant_id ORDER BY usage_date DESC LIMIT 1)"
+        )
+        source = f"""
+            SELECT @tenant_id AS tenant_id, @day AS usage_date, {active} AS active,
+                   IF(@limited, @daily_limit, IFNULL({last}.daily_limit, 0)) AS daily,
+                   IF(@limited, @concurrent_limit, IFNULL({last}.concurrent_limit, 0))
+                     AS concurrent
+        """
+        # An UPDATE, then an INSERT if the row is new (the tenant's transactions are
+        # serialized, so the two cannot interleave with another's).
+        return f"""
+            UPDATE {usage} AS u SET
+              pipelines_run_today = u.pipelines_run_today + {started},
+              concurrent_pipelines_running = s.active,
+              max_concurrent_reached = GREATEST(u.max_concurrent_reached, s.active),
+              daily_limit = IF(@limited, s.daily, u.daily_limit),
+              concurrent_limit = IF(@limited, s.concurrent, u.concurrent_limit),
+              updated_at = @now
+            FROM ({source}) AS s
+            WHERE u.tenant_id = s.tenant_id AND u.usage_date = s.usage_date;
+            INSERT INTO {usage}
+              (tenant_id, usage_date, pipelines_run_today, pipelines_succeeded_today,
+               pipelines_failed_today, concurrent_pipelines_running, max_concurrent_reached,
+               daily_limit, concurrent_limit, updated_at)
+            SELECT tenant_id, usage_date, {started}, 0, 0, active, active, daily, concurrent, @now
+            FROM ({source}) AS s
+            WHERE NOT EXISTS (SELECT 1 FROM {usage} AS u
+                              WHERE u.tenant_id = s.tenant_id AND u.usage_date = s.usage_date);
+        """
+
+    async def get_usage(self, tenant_id: str, day: date) -> UsageRecord | None:
+        rows = await self._call(
+            lambda: self._query(
+                "SELECT tenant_id, usage_date, pipelines_run_today, pipelines_succeeded_today, "
+                "pipelines_failed_today, concurrent_pipelines_running, max_concurrent_reached, "
+                f"daily_limit, concurrent_limit FROM {self._t('tenant_usage_quotas')} "
+                "WHERE tenant_id = @t AND usage_date = @d",
+                t=tenant_id,
+                d=day,
+            )
+        )
+        return UsageRecord(*rows[0].values()) if rows else None
+
+    async def active_runs(self, tenant_id: str) -> int:
+        rows = await self._call(
+            lambda: self._query(
+                f"SELECT active_runs FROM {self._t(COUNTERS.name)} WHERE tenant_id = @t",
+                t=tenant_id,
+            )
+        )
+        return int(rows[0]["active_runs"]) if rows else 0
+
+    async def typical_run_ms(self, tenant_id: str) -> int | None:
+        rows = await self._call(
+            lambda: self._query(
+                f"SELECT duration_ms FROM {self._t('tenant_pipeline_runs')} "
+                "WHERE tenant_id = @t AND status IN ('COMPLETE', 'FAILED') "
+                "AND start_time IS NOT NULL ORDER BY end_time DESC LIMIT 20",
+                t=tenant_id,
+            )
+        )
+        durations = [row["duration_ms"] for row in rows if row["duration_ms"] is not None]
+        return int(statistics.median(durations)) if durations else None
+
+    # -- runs: reading ----------------------------------------------------------------------
+
+    async def get_run(self, tenant_id: str, run_id: str) -> RunRecord | None:
+        rows = await self._call(
+            lambda: self._query(
+                f"SELECT {SELECT_RUN} FROM {self._t('tenant_pipeline_runs')} "
+                "WHERE pipeline_logging_id = @id AND tenant_id = @t",
+                id=run_id,
+                t=tenant_id,
+            )
+        )
+        return run_from_row(list(rows[0].values())) if rows else None
+
+    async def list_runs(
+        self, where: RunFilter, after: RunCursor | None, limit: int
+    ) -> list[RunRecord]:
+        conditions, params = ["tenant_id = @tenant_id"], {"tenant_id": where.tenant_id}
+        if where.status:
+            conditions.append("status = @status")
+            params["status"] = where.status
+        if where.pipeline_id:
+            conditions.append("pipeline_id = @pipeline_id")
+            params["pipeline_id"] = where.pipeline_id
+        if where.created_from:
+            conditions.append("created_at >= @created_from")
+            params["created_from"] = where.created_from  # type: ignore[assignment]
+        if where.created_before:
+            conditions.append("created_at < @created_before")
+            params["created_before"] = where.created_before  # type: ignore[assignment]
+        if after is not None:
+            conditions.append(
+                "(created_at < @after_at OR (created_at = @after_at AND pipeline_logging_id < "
+                "@after_id))"
+            )
+            params.update(after_at=after.created_at, after_id=after.pipeline_logging_id)  # type: ignore[call-arg]
+        sql = (
+            f"SELECT {SELECT_RUN} FROM {self._t('tenant_pipeline_runs')} "
+            f"WHERE {' AND '.join(conditions)} "
+            f"ORDER BY created_at DESC, pipeline_logging_id DESC LIMIT {int(limit)}"
+        )
+        rows = await self._call(lambda: self._bq.query(sql, params))
+        return [run_from_row(list(row.values())) for row in rows]
+
+    async def cancel_requested(self, run_id: str) -> bool:
+        rows = await self._call(
+            lambda: self._query(
+                f"SELECT cancel_requested FROM ({self._latest_events_sql('pipeline_logging_id = @id')})",
+                id=run_id,
+            )
+        )
+        return bool(rows and rows[0]["cancel_requested"])
+
+    async def stale_runs(self, stale_before: datetime) -> list[RunRecord]:
+        rows = await self._call(
+            lambda: self._query(
+                f"SELECT {SELECT_RUN} FROM {self._t('tenant_pipeline_runs')} "
+                "WHERE status = 'RUNNING' AND (heartbeat_at IS NULL OR heartbeat_at < @before) "
+                "ORDER BY created_at",
+                before=stale_before,
+            )
+        )
+        return [run_from_row(list(row.values())) for row in rows]
+
+    # -- runs: state changes ----------------------------------------------------------------
+
+    def _change(
+        self,
+        run: RunRecord,
+        event: str,
+        guard: str,
+        changes: Mapping[str, str],
+        params: Mapping[str, Any],
+        then: str = "",
+    ) -> RunRecord | None:
+        """Appends the run's next state if its newest one passes `guard`, and runs `then`
+        in the same transaction; returns the new state, or None when the guard failed."""
+        values = [changes.get(c, c) for c in RUN_EVENT_NAMES]
+        values[RUN_EVENT_NAMES.index("event_seq")] = "next_seq"
+        values[RUN_EVENT_NAMES.index("event")] = f"'{event}'"
+        values[RUN_EVENT_NAMES.index("event_time")] = "CURRENT_TIMESTAMP()"
+        latest = self._latest_events_sql("pipeline_logging_id = @run_id AND tenant_id = @tenant_id")
+        then_block = (
+            f"""
+            SET changed = EXISTS (SELECT 1 FROM {self._t(RUN_EVENTS.name)}
+                                  WHERE pipeline_logging_id = @run_id AND event_seq = next_seq);
+            IF changed THEN {then} END IF;"""
+            if then
+            else ""
+        )
+        script = f"""
+            DECLARE next_seq INT64;
+            DECLARE changed BOOL;
+            BEGIN TRANSACTION;
+            {self._next_seq_sql()}
+            INSERT INTO {self._t(RUN_EVENTS.name)} ({", ".join(RUN_EVENT_NAMES)})
+            SELECT {", ".join(values)} FROM ({latest}) WHERE {guard};
+            {then_block}
+            COMMIT TRANSACTION;
+            SELECT {SELECT_RUN} FROM {self._t(RUN_EVENTS.name)}
+            WHERE pipeline_logging_id = @run_id AND event_seq = next_seq;
+        """
+        rows = self._transaction(
+            script,
+            {"run_id": run.pipeline_logging_id, "tenant_id": run.tenant_id, **params},
+        )
+        return run_from_row(list(rows[0].values())) if rows else None
+
+    async def claim_next_run(self, worker_id: str, now: datetime) -> RunRecord | None:
+        def claim() -> RunRecord | None:
+            waiting = self._query(
+                f"SELECT {SELECT_RUN} FROM ({self._latest_events_sql()}) "
+                "WHERE status = 'PENDING' ORDER BY created_at, pipeline_logging_id LIMIT 10"
+            )
+            for row in waiting:
+                claimed = self._change(
+                    run_from_row(list(row.values())),
+                    "claimed",
+                    "status = 'PENDING'",
+                    {
+                        "status": "'RUNNING'",
+                        "start_time": "@now",
+                        "worker_id": "@worker_id",
+                        "heartbeat_at": "@now",
+                    },
+                    {"now": now, "worker_id": worker_id},
+                )
+                if claimed is not None:
+                    return claimed
+            return None
+
+        return await self._call(claim)
+
+    async def finish_run(
+        self, run: RunRecord, status: str, now: datetime, error_message: str = ""
+    ) -> RunRecord | None:
+        return await self._call(lambda: self._finish(run, status, now, error_message, owned=True))
+
+    def _finish(
+        self, run: RunRecord, status: str, now: datetime, error_message: str, owned: bool
+    ) -> RunRecord | None:
+        """Ends the run: RUNNING for the same worker and attempt when `owned`, else PENDING.
+
+        Counts it as a success or failure of the day it was created, and sets today's
+        concurrency (as the embedded store does)."""
+        usage = self._t("tenant_usage_quotas")
+        then = f"""
+            UPDATE {self._t(COUNTERS.name)} SET active_runs = active_runs - 1
+            WHERE tenant_id = @tenant_id;
+            {self._interrupt_steps_sql() if owned else ""}
+            UPDATE {usage} SET pipelines_succeeded_today = pipelines_succeeded_today + @ok,
+              pipelines_failed_today = pipelines_failed_today + @bad, updated_at = @now
+            WHERE tenant_id = @tenant_id AND usage_date = @created_day;
+            {self._count_usage_sql(started=0)}
+        """
+        return self._change(
+            run,
+            "finished",
+            OWNER_GUARD if owned else "status = 'PENDING'",
+            {
+                "status": "@status",
+                "end_time": "@now",
+                "error_message": "NULLIF(@error_message, '')",
+                "duration_ms": "IF(start_time IS NULL, 0, "
+                "TIMESTAMP_DIFF(@now, start_time, MILLISECOND))",
+            },
+            {
+                "status": status,
+                "now": now,
+                "error_message": error_message,
+                "worker_id": run.worker_id,
+                "attempt": run.attempt,
+                "created_day": run.created_at.astimezone(UTC).date(),
+                "day": now.astimezone(UTC).date(),
+                "ok": int(status == "COMPLETE"),
+                "bad": int(status != "COMPLETE"),
+                "limited": False,
+                "daily_limit": 0,
+                "concurrent_limit": 0,
+            },
+            then,
+        )
+
+    def _interrupt_steps_sql(self) -> str:
+        """Closes step rows left RUNNING by an execution that ended without finishing them."""
+        columns = [
+            {
+                "status": "'FAILED'",
+                "step_end_time": "@now",
+                "error_message": f"'{INTERRUPTED}'",
+                "recorded_at": "CURRENT_TIMESTAMP()",
+            }.get(c, c)
+            for c in STEP_EVENT_NAMES
+        ]
+        return f"""
+            INSERT INTO {self._t(STEP_EVENTS.name)} ({", ".join(STEP_EVENT_NAMES)})
+            SELECT {", ".join(columns)}
+            FROM ({self._latest_steps_sql("pipeline_logging_id = @run_id")})
+            WHERE status = 'RUNNING';
+        """
+
+    async def request_cancel(self, tenant_id: str, run_id: str, now: datetime) -> RunRecord | None:
+        run = await self.get_run(tenant_id, run_id)
+        if run is None:
+            return None
+
+        def cancel() -> None:
+            if self._finish(run, "FAILED", now, "Cancelled before it started", owned=False):
+                return
+            self._change(
+                run,
+                "cancel_requested",
+                "status = 'RUNNING'",
+                {"cancel_requested": "TRUE"},
+                {},
+            )
+
+        await self._call(cancel)
+        return await self.get_run(tenant_id, run_id)
+
+    async def heartbeat(self, run_ids: list[str], worker_id: str) -> None:
+        if not run_ids:
+            return
+        await self._call(
+            lambda: self._bq.client.query(
+                f"INSERT INTO {self._t(HEARTBEATS.name)} (pipeline_logging_id, worker_id, beat_at) "
+                "SELECT id, @worker_id, CURRENT_TIMESTAMP() FROM UNNEST(@ids) AS id",
+                job_config=bigquery.QueryJobConfig(
+                    query_parameters=[
+                        bigquery.ScalarQueryParameter("worker_id", "STRING", worker_id),
+                        bigquery.ArrayQueryParameter("ids", "STRING", run_ids),
+                    ]
+                ),
+            ).result()
+        )
+
+    async def requeue_run(self, run: RunRecord, now: datetime, count_attempt: bool) -> bool:
+        requeued = await self._call(
+            lambda: self._change(
+                run,
+                "requeued",
+                OWNER_GUARD,
+                {
+                    "status": "'PENDING'",
+                    "attempt": "attempt + @extra",
+                    "start_time": "CAST(NULL AS TIMESTAMP)",
+                    "worker_id": "CAST(NULL AS STRING)",
+                    "heartbeat_at": "CAST(NULL AS TIMESTAMP)",
+                },
+                {
+                    "worker_id": run.worker_id,
+                    "attempt": run.attempt,
+                    "extra": int(count_attempt),
+                    "now": now,
+                },
+                self._interrupt_steps_sql(),
+            )
+        )
+        return requeued is not None
+
+    # -- steps and data quality -------------------------------------------------------------
+
+    async def save_step(self, step: StepRecord) -> None:
+        names = STEP_COLUMNS.split(", ")
+        await self._call(
+            lambda: self._bq.query(
+                f"INSERT INTO {self._t(STEP_EVENTS.name)} ({STEP_COLUMNS}, recorded_at) "
+                f"VALUES ({', '.join('@' + n for n in names)}, CURRENT_TIMESTAMP())",
+                {
+                    **{n: getattr(step, n) for n in names},
+                    "error_message": step.error_message or None,
+                },
+            )
+        )
+
+    async def list_steps(self, tenant_id: str, run_id: str) -> list[StepRecord]:
+        rows = await self._call(
+            lambda: self._query(
+                f"SELECT {STEP_COLUMNS} FROM {self._t('tenant_step_logs')} "
+                "WHERE tenant_id = @t AND pipeline_logging_id = @id AND run_attempt = ("
+                f"SELECT MAX(run_attempt) FROM {self._t(STEP_EVENTS.name)} "
+                "WHERE tenant_id = @t AND pipeline_logging_id = @id) "
+                "ORDER BY step_index, step_start_time",
+                t=tenant_id,
+                id=run_id,
+            )
+        )
+        return [step_from_row(list(row.values())) for row in rows]
+
+    async def add_dq_results(self, results: list[DqRecord]) -> None:
+        if not results:
+            return
+        names = [c.name for c in schema.TENANT_DQ_RESULTS.columns]
+        params: dict[str, Any] = {}
+        rows = []
+        for i, result in enumerate(results):
+            rows.append("(" + ", ".join(f"@{n}_{i}" for n in names) + ")")
+            params.update({f"{n}_{i}": getattr(result, n) for n in names})
+        sql = (
+            f"INSERT INTO {self._t('tenant_dq_results')} ({', '.join(names)}) "
+            f"VALUES {', '.join(rows)}"
+        )
+        await self._call(lambda: self._bq.query(sql, params))
+
+    # -- pipelines --------------------------------------------------------------------------
+
+    def warehouse(self, dataset: str) -> BigQueryWarehouse:
+        return BigQueryWarehouse(
+            self._bq, self.dataset_of(dataset), self._publish_locks.get(dataset)
+        )
+
+    async def drop_stage_tables(self) -> int:
+        def drop() -> int:
+            client, dropped = self._bq.client, 0
+            for dataset in client.list_datasets():
+                if not dataset.dataset_id.startswith(self._prefix):
+                    continue
+                for table in client.list_tables(dataset.dataset_id):
+                    if table.table_id.startswith(STAGE_PREFIX):
+                        client.delete_table(table, not_found_ok=True)
+                        dropped += 1
+            return dropped
+
+        return await self._call(drop)
+
+    async def close(self) -> None:
+        self._bq.close()
+
+
+def _run_params(run: RunRecord) -> dict[str, Any]:
+    return {
+        "pipeline_logging_id": run.pipeline_logging_id,
+        "pipeline_id": run.pipeline_id,
+        "tenant_id": run.tenant_id,
+        "status": run.status,
+        "trigger_type": run.trigger_type,
+        "trigger_by": run.trigger_by,
+        "user_id": run.user_id or None,
+        "parameters": json.dumps(run.parameters, sort_keys=True),
+        "created_at": run.created_at,
+        "start_time": run.start_time or Null("TIMESTAMP"),
+        "end_time": run.end_time or Null("TIMESTAMP"),
+        "duration_ms": Null("INT64") if run.duration_ms is None else run.duration_ms,
+        "error_message": run.error_message or None,
+        "provider": run.provider,
+        "domain": run.domain,
+        "template": run.template,
+        "idempotency_key": run.idempotency_key,
+        "attempt": run.attempt,
+        "worker_id": run.worker_id or None,
+        "heartbeat_at": Null("TIMESTAMP"),
+        "cancel_requested": run.cancel_requested,
+    }

@@ -1,0 +1,283 @@
+"""A tenant's BigQuery dataset, as the pipeline engine uses it.
+
+Steps run natively: files arrive by load jobs (local files are uploaded, `gs://` URIs read
+by BigQuery itself), query steps are query jobs with named parameters writing a destination
+table, data-quality checks are queries. Publication moves every staged table into its
+destination in one multi-statement transaction (DML only: BigQuery runs no DDL inside a
+transaction); a landing table replaced whole (`truncate`, no shared schema) is copied over
+by a copy job after that transaction, and a shared schema's union view is refreshed last.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+import threading
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from google.api_core import exceptions as api_exceptions
+from google.cloud import bigquery
+
+from convergence_server.storage import schema
+from convergence_server.storage.bigquery_client import (
+    UNAVAILABLE,
+    Runner,
+    is_conflict,
+    job_config,
+    message,
+)
+from convergence_server.storage.identifiers import sanitize
+from convergence_server.storage.warehouse import (
+    Publication,
+    SchemaColumn,
+    TransientError,
+    WarehouseError,
+)
+
+_FORMATS = {
+    "csv": bigquery.SourceFormat.CSV,
+    "ndjson": bigquery.SourceFormat.NEWLINE_DELIMITED_JSON,
+    "parquet": bigquery.SourceFormat.PARQUET,
+}
+_PARAMETER = re.compile(r"@([A-Za-z_][A-Za-z0-9_]*)")
+
+
+def create_table_sql(dataset: str, table: schema.Table) -> str:
+    """`CREATE TABLE IF NOT EXISTS` with the table's partitioning (by day) and clustering."""
+    columns = ", ".join(
+        f"{c.name} {c.type}{' NOT NULL' if c.required else ''}" for c in table.columns
+    )
+    sql = f"CREATE TABLE IF NOT EXISTS `{dataset}.{table.name}` ({columns})"
+    if table.partition_by:
+        kind = {c.name: c.type for c in table.columns}[table.partition_by]
+        sql += f" PARTITION BY {table.partition_by if kind == 'DATE' else f'DATE({table.partition_by})'}"
+    if table.cluster_by:
+        sql += f" CLUSTER BY {', '.join(table.cluster_by)}"
+    return sql
+
+
+def _used(sql: str, params: Mapping[str, Any]) -> dict[str, Any]:
+    """The parameters a statement names (BigQuery itself reports an undefined one)."""
+    return {name: params[name] for name in set(_PARAMETER.findall(sql)) if name in params}
+
+
+class BigQueryWarehouse:
+    def __init__(self, runner: Runner, dataset: str, publish_lock: threading.Lock) -> None:
+        self.dataset = dataset
+        self._bq = runner
+        # Publications into one dataset from this process go one at a time; between
+        # processes, BigQuery's transaction conflicts (retried by the engine) order them.
+        self._publish_lock = publish_lock
+
+    def _ref(self, table: str) -> str:
+        return f"{self._bq.client.project}.{self.dataset}.{table}"
+
+    def _q(self, table: str) -> str:
+        return f"`{self.dataset}.{table}`"
+
+    async def _call(self, fn: Any) -> Any:
+        def run() -> Any:
+            try:
+                return fn()
+            except WarehouseError:
+                raise
+            except UNAVAILABLE as exc:
+                raise TransientError(message(exc)) from exc
+            except api_exceptions.GoogleAPICallError as exc:
+                if is_conflict(exc):
+                    raise TransientError(message(exc)) from exc
+                raise WarehouseError(message(exc)) from exc
+            except (OSError, ValueError) as exc:
+                raise WarehouseError(str(exc)) from exc
+
+        return await self._bq.call(run)
+
+    async def load(self, table: str, uri: str, fmt: str) -> int:
+        if uri.startswith("s3://"):
+            raise WarehouseError("s3:// sources are not read by BigQuery load jobs; use gs://")
+        config = bigquery.LoadJobConfig(
+            source_format=_FORMATS[fmt],
+            write_disposition=bigquery.WriteDisposition.WRITE_TRUNCATE,
+        )
+
+        def load() -> int:
+            remote = uri.startswith("gs://")
+            if fmt == "csv":
+                # Every column a STRING, named by the header as sanitized names.
+                config.skip_leading_rows = 1
+                if remote:
+                    config.autodetect = True
+                else:
+                    config.schema = [
+                        bigquery.SchemaField(name, "STRING") for name in _csv_header(uri)
+                    ]
+            elif fmt == "ndjson":
+                config.autodetect = True
+            if remote:
+                job = self._bq.client.load_table_from_uri(uri, self._ref(table), job_config=config)
+            else:
+                with open(uri, "rb") as source:
+                    job = self._bq.client.load_table_from_file(
+                        source, self._ref(table), job_config=config
+                    )
+            job.result()
+            if remote and fmt == "csv":
+                self._all_strings(table)
+            return self._rows(table)
+
+        return int(await self._call(load))
+
+    def _all_strings(self, table: str) -> None:
+        columns = [f.name for f in self._bq.client.get_table(self._ref(table)).schema]
+        casts = ", ".join(f"CAST(`{c}` AS STRING) AS `{c}`" for c in columns)
+        self._bq.query(f"CREATE OR REPLACE TABLE {self._q(table)} AS SELECT {casts} FROM {self._q(table)}")
+
+    def _rows(self, table: str) -> int:
+        rows = self._bq.query(f"SELECT COUNT(*) AS n FROM {self._q(table)}")
+        return int(rows[0]["n"])
+
+    def _select(self, sql: str, params: Mapping[str, Any], **options: Any) -> bigquery.QueryJob:
+        job = self._bq.client.query(sql, job_config=job_config(_used(sql, params), **options))
+        job.result()
+        return job
+
+    async def create_as(self, table: str, sql: str, params: Mapping[str, Any]) -> int:
+        def create() -> int:
+            self._select(
+                sql,
+                params,
+                destination=self._ref(table),
+                write_disposition=bigquery.WriteDisposition.WRITE_TRUNCATE,
+            )
+            return self._rows(table)
+
+        return int(await self._call(create))
+
+    async def insert_into(self, table: str, sql: str, params: Mapping[str, Any]) -> int:
+        def insert() -> int:
+            # The query's column names (a dry run), so that rows go in by name.
+            dry = self._bq.client.query(
+                sql, job_config=job_config(_used(sql, params), dry_run=True)
+            )
+            names = ", ".join(f"`{f.name}`" for f in dry.schema or [])
+            job = self._select(
+                f"INSERT INTO {self._q(table)} ({names}) SELECT {names} FROM ({sql})", params
+            )
+            return int(job.num_dml_affected_rows or 0)
+
+        return int(await self._call(insert))
+
+    async def count(self, sql: str, params: Mapping[str, Any]) -> int:
+        def count() -> int:
+            rows = list(self._select(sql, params).result())
+            return int(rows[0][0]) if rows else 0
+
+        return int(await self._call(count))
+
+    async def columns(self, table: str) -> list[str]:
+        def columns() -> list[str]:
+            try:
+                return [f.name for f in self._bq.client.get_table(self._ref(table)).schema]
+            except api_exceptions.NotFound:
+                return []
+
+        return list(await self._call(columns))
+
+    async def publish(self, writes: Sequence[Publication]) -> None:
+        def publish() -> None:
+            with self._publish_lock:
+                statements = []
+                for write in writes:
+                    if write.write_mode == "truncate" and not write.schema:
+                        continue
+                    self._ensure_destination(write)
+                    destination, stage = self._q(write.destination), self._q(write.stage)
+                    if write.write_mode == "truncate":
+                        statements.append(f"DELETE FROM {destination} WHERE TRUE;")
+                    elif write.write_mode == "replace_partition":
+                        statements.append(
+                            f"DELETE FROM {destination} "
+                            f"WHERE DATE(`{write.partition_column}`) = @day;"
+                        )
+                    names = ", ".join(f"`{c}`" for c in self._names(write.stage))
+                    statements.append(
+                        f"INSERT INTO {destination} ({names}) SELECT {names} FROM {stage};"
+                    )
+                if statements:
+                    day = next((w.partition_value for w in writes if w.partition_value), None)
+                    self._bq.query(
+                        "BEGIN TRANSACTION;\n" + "\n".join(statements) + "\nCOMMIT TRANSACTION;",
+                        {"day": day} if day else {},
+                    )
+                for write in writes:
+                    if write.write_mode == "truncate" and not write.schema:
+                        self._bq.client.copy_table(
+                            self._ref(write.stage),
+                            self._ref(write.destination),
+                            job_config=bigquery.CopyJobConfig(
+                                write_disposition=bigquery.WriteDisposition.WRITE_TRUNCATE
+                            ),
+                        ).result()
+                for write in writes:
+                    if write.union_view is not None:
+                        self._refresh_union_view(*write.union_view, write.schema)
+
+        await self._call(publish)
+
+    def _names(self, table: str) -> list[str]:
+        return [f.name for f in self._bq.client.get_table(self._ref(table)).schema]
+
+    def _ensure_destination(self, write: Publication) -> None:
+        """Creates the destination (partitioned by the day of its partition column) if new."""
+        destination = self._q(write.destination)
+        if write.schema:
+            body = f"({_columns_sql(write.schema)})"
+            kinds = {c.name: c.type.upper() for c in write.schema}
+        else:
+            stage = self._bq.client.get_table(self._ref(write.stage))
+            body = f"AS SELECT * FROM {self._q(write.stage)} LIMIT 0"
+            kinds = {f.name: f.field_type for f in stage.schema}
+        partition = ""
+        if write.partition_column:
+            kind = kinds.get(write.partition_column, "")
+            column = f"`{write.partition_column}`"
+            if kind == "DATE":
+                partition = f" PARTITION BY {column}"
+            elif kind in ("TIMESTAMP", "DATETIME"):
+                partition = f" PARTITION BY DATE({column})"
+        if write.schema:
+            self._bq.query(f"CREATE TABLE IF NOT EXISTS {destination} {body}{partition}")
+        else:
+            self._bq.query(f"CREATE TABLE IF NOT EXISTS {destination}{partition} {body}")
+
+    def _refresh_union_view(
+        self, view: str, tables: Sequence[str], columns: Sequence[SchemaColumn]
+    ) -> None:
+        existing = {t.table_id for t in self._bq.client.list_tables(self.dataset)}
+        names = ", ".join(f"`{c.name}`" for c in columns)
+        selects = [f"SELECT {names} FROM {self._q(t)}" for t in tables if t in existing]
+        self._bq.query(f"CREATE OR REPLACE VIEW {self._q(view)} AS {' UNION ALL '.join(selects)}")
+
+    async def drop(self, tables: Sequence[str]) -> None:
+        def drop() -> None:
+            for table in tables:
+                self._bq.client.delete_table(self._ref(table), not_found_ok=True)
+
+        await self._call(drop)
+
+    async def close(self) -> None:
+        """Nothing to release: the store's client serves every run."""
+
+
+def _csv_header(path: str) -> list[str]:
+    with open(path, newline="", encoding="utf-8-sig") as source:
+        header = next(csv.reader(source), [])
+    names = [sanitize(name) for name in header]
+    if len(set(names)) != len(names):
+        raise WarehouseError("two columns have the same name once sanitized")
+    return names
+
+
+def _columns_sql(columns: Sequence[SchemaColumn]) -> str:
+    return ", ".join(f"`{c.name}` {c.type.upper()}" for c in columns)
