@@ -10,6 +10,10 @@ PROTOS := $(wildcard protos/convergence/v1/*.proto)
 GEN_DIR := clients/python
 GEN_STAMP := build/.proto-stamp
 DESCRIPTOR := build/convergence.pb
+# The BigQuery emulator the tests start (Python 3.13, its own virtualenv; no network at run time).
+EMULATOR_PYTHON ?= $(shell for p in $$HOME/.pyenv/versions/3.13*/bin/python3.13 $$(command -v python3.13); do $$p -V >/dev/null 2>&1 && { echo $$p; break; }; done)
+EMULATOR_DIR := build/bigquery-emulator
+EMULATOR_REQUIREMENTS := tests/fixtures/bigquery-emulator.txt
 
 .DEFAULT_GOAL := help
 .PHONY: help install proto lint test run bench clean
@@ -22,7 +26,17 @@ $(VENV)/.installed: pyproject.toml clients/python/pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check -e clients/python -e '.[dev]'
 	touch $@
 
-install: $(VENV)/.installed ## Create the virtualenv and install the server, client and dev tools.
+$(EMULATOR_DIR)/.installed: $(EMULATOR_REQUIREMENTS)
+	@test -n "$(EMULATOR_PYTHON)" || { echo "Python 3.13 is needed for the BigQuery emulator (set EMULATOR_PYTHON)"; exit 1; }
+	rm -rf $(EMULATOR_DIR) && mkdir -p $(EMULATOR_DIR)/home
+	$(EMULATOR_PYTHON) -m venv $(EMULATOR_DIR)/venv
+	$(EMULATOR_DIR)/venv/bin/pip install --quiet --disable-pip-version-check -r $(EMULATOR_REQUIREMENTS)
+	# DuckDB reads its extensions from $$HOME/.duckdb: install them there, from the wheels.
+	HOME=$(abspath $(EMULATOR_DIR)/home) $(EMULATOR_DIR)/venv/bin/python -c \
+	  "from duckdb_extensions import import_extension as i; [i(n) for n in ('ducklake', 'icu', 'spatial')]"
+	touch $@
+
+install: $(VENV)/.installed $(EMULATOR_DIR)/.installed ## Create the virtualenvs: server, client, dev tools, BigQuery emulator.
 
 $(GEN_STAMP): $(PROTOS) $(VENV)/.installed
 	@mkdir -p build

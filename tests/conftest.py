@@ -15,6 +15,7 @@ import pytest
 
 from convergence_server.config import REPO_ROOT
 from convergence_server.stack import Stack, start_stack
+from tests.bigquery_emulator import Emulator, start_emulator
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TERMINAL = ("COMPLETE", "FAILED")
@@ -56,6 +57,19 @@ def stack_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackFac
     yield make
     for stack in started:
         stack.stop()
+
+
+@pytest.fixture(scope="session")
+def emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Emulator]:
+    """One local BigQuery emulator for the session; each user takes its own dataset prefix."""
+    started = start_emulator(tmp_path_factory.mktemp("emulator"))
+    yield started
+    started.stop()
+
+
+def new_prefix() -> str:
+    """A dataset prefix no other test uses, for a BigQuery store on the shared emulator."""
+    return f"p{uuid.uuid4().hex[:8]}_"
 
 
 @pytest.fixture(scope="session")

@@ -47,16 +47,12 @@ def make_client(project: str, location: str, endpoint: str) -> bigquery.Client:
             credentials=AnonymousCredentials(),  # type: ignore[no-untyped-call]
             client_options=ClientOptions(api_endpoint=endpoint),
         )
-    credentials, _ = google.auth.default(  # type: ignore[no-untyped-call]
-        scopes=["https://www.googleapis.com/auth/bigquery"]
-    )
+    credentials, _ = google.auth.default(scopes=["https://www.googleapis.com/auth/bigquery"])
     return bigquery.Client(project=project, location=location, credentials=credentials)
 
 
 def is_conflict(exc: BaseException) -> bool:
-    return isinstance(exc, api_exceptions.GoogleAPICallError) and bool(
-        _CONFLICT.search(str(exc))
-    )
+    return isinstance(exc, api_exceptions.GoogleAPICallError) and bool(_CONFLICT.search(str(exc)))
 
 
 def message(exc: BaseException) -> str:
@@ -114,11 +110,11 @@ class Runner:
     async def call(self, fn: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
 
-    def query(self, sql: str, params: Mapping[str, Any] | None = None) -> list[bigquery.Row]:
-        """Runs a query or script and returns the rows of its last statement (blocking)."""
+    def query(self, sql: str, params: Mapping[str, Any] | None = None) -> list[tuple[Any, ...]]:
+        """Runs a query or script; returns the rows of its last statement (blocking)."""
         job = self.client.query(sql, job_config=job_config(params or {}))
-        return list(job.result())
+        return [tuple(row.values()) for row in job.result()]
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
-        self.client.close()
+        self.client.close()  # type: ignore[no-untyped-call]

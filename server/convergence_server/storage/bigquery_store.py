@@ -80,13 +80,13 @@ EVENT_COLUMNS = (
 )
 RUN_EVENTS = schema.Table(
     "tenant_run_events",
-    schema.TENANT_PIPELINE_RUNS.columns + EVENT_COLUMNS,
+    (*schema.TENANT_PIPELINE_RUNS.columns, *EVENT_COLUMNS),
     partition_by="created_at",
     cluster_by=("tenant_id", "pipeline_logging_id"),
 )
 STEP_EVENTS = schema.Table(
     "tenant_step_events",
-    schema.TENANT_STEP_LOGS.columns + (schema.Column("recorded_at", "TIMESTAMP", required=True),),
+    (*schema.TENANT_STEP_LOGS.columns, schema.Column("recorded_at", "TIMESTAMP", required=True)),
     partition_by="step_start_time",
     cluster_by=("tenant_id", "pipeline_logging_id"),
 )
@@ -169,10 +169,10 @@ class BigQueryStore:
 
         return await self._bq.call(run)
 
-    def _query(self, sql: str, **params: Any) -> list[bigquery.Row]:
+    def _query(self, sql: str, **params: Any) -> list[tuple[Any, ...]]:
         return self._bq.query(sql, params)
 
-    def _transaction(self, script: str, params: Mapping[str, Any]) -> list[bigquery.Row]:
+    def _transaction(self, script: str, params: Mapping[str, Any]) -> list[tuple[Any, ...]]:
         """Runs a transaction script, again while it conflicts with a concurrent one."""
         for attempt in range(CONFLICT_RETRIES):
             try:
@@ -188,7 +188,7 @@ class BigQueryStore:
         client.create_dataset(self.central, exists_ok=True)
         self._query(create_table_sql(self.central, MIGRATIONS_TABLE))
         rows = self._query(f"SELECT MAX(version) AS v FROM {self._t('schema_migrations')}")
-        applied = (rows[0]["v"] if rows else None) or 0
+        applied = (rows[0][0] if rows else None) or 0
         for migration in schema.MIGRATIONS:
             if migration.version <= applied:
                 continue
@@ -261,7 +261,7 @@ class BigQueryStore:
         rows = await self._call(
             lambda: self._query(f"SELECT MAX(version) AS v FROM {self._t('schema_migrations')}")
         )
-        return int(rows[0]["v"] or 0) if rows else 0
+        return int(rows[0][0] or 0) if rows else 0
 
     async def central_table_columns(self) -> dict[str, frozenset[str]]:
         rows = await self._call(
@@ -272,7 +272,7 @@ class BigQueryStore:
         )
         tables: dict[str, set[str]] = {}
         for row in rows:
-            tables.setdefault(row["table_name"], set()).add(row["column_name"])
+            tables.setdefault(row[0], set()).add(row[1])
         return {name: frozenset(columns) for name, columns in tables.items()}
 
     async def probe_dataset_creation(self) -> None:
@@ -304,7 +304,7 @@ class BigQueryStore:
                 t=tenant_id,
             )
         )
-        return TenantRecord(*rows[0].values()) if rows else None
+        return TenantRecord(*rows[0]) if rows else None
 
     async def tenant_ids_equal_ignoring_case(self, tenant_id: str) -> list[str]:
         rows = await self._call(
@@ -314,7 +314,7 @@ class BigQueryStore:
                 t=tenant_id,
             )
         )
-        return [row["tenant_id"] for row in rows]
+        return [row[0] for row in rows]
 
     async def create_tenant(
         self, tenant: TenantRecord, key: ApiKeyRecord, commit_by: float | None = None
@@ -369,7 +369,7 @@ class BigQueryStore:
                         "key_hash": key.key_hash,
                     },
                 )
-                if created[0]["n"] != 1:
+                if created[0][0] != 1:
                     raise AlreadyExists(f"Tenant '{tenant.tenant_id}' already exists")
             except BaseException:
                 self._delete_tenant(tenant.tenant_id, key.key_id, rows=False)
@@ -455,14 +455,14 @@ class BigQueryStore:
                 k=key_id,
             )
         )
-        return ApiKeyRecord(*rows[0].values()) if rows else None
+        return ApiKeyRecord(*rows[0]) if rows else None
 
     async def update_plan(self, tenant_id: str, plan: str, now: datetime) -> bool:
         def update() -> bool:
             job = self._bq.client.query(
                 f"UPDATE {self._t('tenant_profiles')} SET subscription_plan = @plan, "
                 "updated_at = @now WHERE tenant_id = @t",
-                job_config=job_config(plan=plan, now=now, t=tenant_id),
+                job_config=job_config({"plan": plan, "now": now, "t": tenant_id}),
             )
             job.result()
             return bool(job.num_dml_affected_rows)
@@ -498,7 +498,7 @@ class BigQueryStore:
                 {"tenant_id": tenant_id, "user_id": user_id, "team_size": team_size, "now": now},
             )
         )
-        return bool(rows[0]["known"]), int(rows[0]["total"])
+        return bool(rows[0][0]), int(rows[0][1])
 
     async def list_members(self, tenant_id: str) -> list[MemberRecord]:
         rows = await self._call(
@@ -508,13 +508,13 @@ class BigQueryStore:
                 t=tenant_id,
             )
         )
-        return [MemberRecord(*row.values()) for row in rows]
+        return [MemberRecord(*row) for row in rows]
 
     async def remove_member(self, tenant_id: str, user_id: str) -> bool:
         def remove() -> bool:
             job = self._bq.client.query(
                 f"DELETE FROM {self._t('tenant_members')} WHERE tenant_id = @t AND user_id = @u",
-                job_config=job_config(t=tenant_id, u=user_id),
+                job_config=job_config({"t": tenant_id, "u": user_id}),
             )
             job.result()
             return bool(job.num_dml_affected_rows)
@@ -539,9 +539,10 @@ class BigQueryStore:
             BEGIN TRANSACTION;
             {self._next_seq_sql()}
             SET active_now = (SELECT active_runs FROM {self._t(COUNTERS.name)}
-                          WHERE tenant_id = @tenant_id);
-            SET runs_today = COALESCE((SELECT pipelines_run_today FROM {self._t("tenant_usage_quotas")}
-                                  WHERE tenant_id = @tenant_id AND usage_date = @day), 0);
+                              WHERE tenant_id = @tenant_id);
+            SET runs_today = COALESCE((
+              SELECT pipelines_run_today FROM {self._t("tenant_usage_quotas")}
+              WHERE tenant_id = @tenant_id AND usage_date = @day), 0);
             IF @idempotency_key != '' THEN
               SET existing_run = (
                 SELECT k.pipeline_logging_id FROM {self._t("tenant_idempotency_keys")} AS k
@@ -585,7 +586,7 @@ class BigQueryStore:
             now=run.created_at,
         )
         rows = await self._call(lambda: self._transaction(script, params))
-        outcome, existing, today, active = rows[0].values()
+        outcome, existing, today, active = rows[0]
         if outcome == "existing":
             found = await self.get_run(run.tenant_id, existing)
             return Admission(found, created=False)
@@ -609,9 +610,7 @@ class BigQueryStore:
         """Adds `started` runs to today's usage row of the tenant (`@day`) and sets its current
         concurrency from the counters; a new row takes `@limited` limits, else the last."""
         usage = self._t("tenant_usage_quotas")
-        active = (
-            f"(SELECT active_runs FROM {self._t(COUNTERS.name)} WHERE tenant_id = @tenant_id)"
-        )
+        active = f"(SELECT active_runs FROM {self._t(COUNTERS.name)} WHERE tenant_id = @tenant_id)"
         last = (
             f"(SELECT AS STRUCT daily_limit, concurrent_limit FROM {usage} "
             "WHERE tenant_id = @tenant_id ORDER BY usage_date DESC LIMIT 1)"
@@ -655,7 +654,7 @@ class BigQueryStore:
                 d=day,
             )
         )
-        return UsageRecord(*rows[0].values()) if rows else None
+        return UsageRecord(*rows[0]) if rows else None
 
     async def active_runs(self, tenant_id: str) -> int:
         rows = await self._call(
@@ -664,7 +663,7 @@ class BigQueryStore:
                 t=tenant_id,
             )
         )
-        return int(rows[0]["active_runs"]) if rows else 0
+        return int(rows[0][0]) if rows else 0
 
     async def typical_run_ms(self, tenant_id: str) -> int | None:
         rows = await self._call(
@@ -675,7 +674,7 @@ class BigQueryStore:
                 t=tenant_id,
             )
         )
-        durations = [row["duration_ms"] for row in rows if row["duration_ms"] is not None]
+        durations = [row[0] for row in rows if row[0] is not None]
         return int(statistics.median(durations)) if durations else None
 
     # -- runs: reading ----------------------------------------------------------------------
@@ -689,12 +688,13 @@ class BigQueryStore:
                 t=tenant_id,
             )
         )
-        return run_from_row(list(rows[0].values())) if rows else None
+        return run_from_row(rows[0]) if rows else None
 
     async def list_runs(
         self, where: RunFilter, after: RunCursor | None, limit: int
     ) -> list[RunRecord]:
-        conditions, params = ["tenant_id = @tenant_id"], {"tenant_id": where.tenant_id}
+        conditions = ["tenant_id = @tenant_id"]
+        params: dict[str, Any] = {"tenant_id": where.tenant_id}
         if where.status:
             conditions.append("status = @status")
             params["status"] = where.status
@@ -703,32 +703,30 @@ class BigQueryStore:
             params["pipeline_id"] = where.pipeline_id
         if where.created_from:
             conditions.append("created_at >= @created_from")
-            params["created_from"] = where.created_from  # type: ignore[assignment]
+            params["created_from"] = where.created_from
         if where.created_before:
             conditions.append("created_at < @created_before")
-            params["created_before"] = where.created_before  # type: ignore[assignment]
+            params["created_before"] = where.created_before
         if after is not None:
             conditions.append(
                 "(created_at < @after_at OR (created_at = @after_at AND pipeline_logging_id < "
                 "@after_id))"
             )
-            params.update(after_at=after.created_at, after_id=after.pipeline_logging_id)  # type: ignore[call-arg]
+            params.update(after_at=after.created_at, after_id=after.pipeline_logging_id)
         sql = (
             f"SELECT {SELECT_RUN} FROM {self._t('tenant_pipeline_runs')} "
             f"WHERE {' AND '.join(conditions)} "
             f"ORDER BY created_at DESC, pipeline_logging_id DESC LIMIT {int(limit)}"
         )
         rows = await self._call(lambda: self._bq.query(sql, params))
-        return [run_from_row(list(row.values())) for row in rows]
+        return [run_from_row(row) for row in rows]
 
     async def cancel_requested(self, run_id: str) -> bool:
+        latest = self._latest_events_sql("pipeline_logging_id = @id")
         rows = await self._call(
-            lambda: self._query(
-                f"SELECT cancel_requested FROM ({self._latest_events_sql('pipeline_logging_id = @id')})",
-                id=run_id,
-            )
+            lambda: self._query(f"SELECT cancel_requested FROM ({latest})", id=run_id)
         )
-        return bool(rows and rows[0]["cancel_requested"])
+        return bool(rows and rows[0][0])
 
     async def stale_runs(self, stale_before: datetime) -> list[RunRecord]:
         rows = await self._call(
@@ -739,7 +737,7 @@ class BigQueryStore:
                 before=stale_before,
             )
         )
-        return [run_from_row(list(row.values())) for row in rows]
+        return [run_from_row(row) for row in rows]
 
     # -- runs: state changes ----------------------------------------------------------------
 
@@ -783,7 +781,7 @@ class BigQueryStore:
             script,
             {"run_id": run.pipeline_logging_id, "tenant_id": run.tenant_id, **params},
         )
-        return run_from_row(list(rows[0].values())) if rows else None
+        return run_from_row(rows[0]) if rows else None
 
     async def claim_next_run(self, worker_id: str, now: datetime) -> RunRecord | None:
         def claim() -> RunRecord | None:
@@ -793,7 +791,7 @@ class BigQueryStore:
             )
             for row in waiting:
                 claimed = self._change(
-                    run_from_row(list(row.values())),
+                    run_from_row(row),
                     "claimed",
                     "status = 'PENDING'",
                     {
@@ -964,7 +962,7 @@ class BigQueryStore:
                 id=run_id,
             )
         )
-        return [step_from_row(list(row.values())) for row in rows]
+        return [step_from_row(row) for row in rows]
 
     async def add_dq_results(self, results: list[DqRecord]) -> None:
         if not results:

@@ -50,8 +50,9 @@ def create_table_sql(dataset: str, table: schema.Table) -> str:
     )
     sql = f"CREATE TABLE IF NOT EXISTS `{dataset}.{table.name}` ({columns})"
     if table.partition_by:
-        kind = {c.name: c.type for c in table.columns}[table.partition_by]
-        sql += f" PARTITION BY {table.partition_by if kind == 'DATE' else f'DATE({table.partition_by})'}"
+        column = table.partition_by
+        kind = {c.name: c.type for c in table.columns}[column]
+        sql += f" PARTITION BY {column if kind == 'DATE' else f'DATE({column})'}"
     if table.cluster_by:
         sql += f" CLUSTER BY {', '.join(table.cluster_by)}"
     return sql
@@ -131,11 +132,13 @@ class BigQueryWarehouse:
     def _all_strings(self, table: str) -> None:
         columns = [f.name for f in self._bq.client.get_table(self._ref(table)).schema]
         casts = ", ".join(f"CAST(`{c}` AS STRING) AS `{c}`" for c in columns)
-        self._bq.query(f"CREATE OR REPLACE TABLE {self._q(table)} AS SELECT {casts} FROM {self._q(table)}")
+        self._bq.query(
+            f"CREATE OR REPLACE TABLE {self._q(table)} AS SELECT {casts} FROM {self._q(table)}"
+        )
 
     def _rows(self, table: str) -> int:
         rows = self._bq.query(f"SELECT COUNT(*) AS n FROM {self._q(table)}")
-        return int(rows[0]["n"])
+        return int(rows[0][0])
 
     def _select(self, sql: str, params: Mapping[str, Any], **options: Any) -> bigquery.QueryJob:
         job = self._bq.client.query(sql, job_config=job_config(_used(sql, params), **options))

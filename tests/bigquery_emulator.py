@@ -1,0 +1,106 @@
+"""A local BigQuery emulator (local-bigquery, installed by `make install`) on loopback.
+
+The tests drive the real google-cloud-bigquery client against it. It runs from its own
+virtualenv, with HOME pointed at the folder where `make install` put DuckDB's extensions,
+so it never reaches the network.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from convergence_server.config import REPO_ROOT
+
+EMULATOR_DIR = REPO_ROOT / "build" / "bigquery-emulator"
+PROJECT = "test-project"
+START_TIMEOUT = 60.0
+
+
+@dataclass
+class Emulator:
+    port: int
+    process: subprocess.Popen[bytes]
+    log: IO[bytes]
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def env(self, prefix: str) -> dict[str, str]:
+        """The server settings for a BigQuery store on this emulator, its datasets named
+        with `prefix` (so that tests sharing the emulator never share datasets)."""
+        return {
+            "CONVERGENCE_STORE": "bigquery",
+            "CONVERGENCE_PROJECT": PROJECT,
+            "CONVERGENCE_BIGQUERY_ENDPOINT": self.endpoint,
+            "CONVERGENCE_BIGQUERY_DATASET_PREFIX": prefix,
+        }
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.log.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def start_emulator(data_dir: Path) -> Emulator:
+    binary = EMULATOR_DIR / "venv" / "bin" / "local-bigquery"
+    if not binary.exists():
+        raise RuntimeError(f"{binary} is missing: run `make install`")
+    port = _free_port()
+    log = (data_dir / "emulator.log").open("wb")
+    process = subprocess.Popen(
+        [
+            str(binary),
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--grpc-port",
+            str(_free_port()),
+            "--project",
+            PROJECT,
+            "--data-dir",
+            str(data_dir / "bigquery"),
+        ],
+        env={**os.environ, "HOME": str(EMULATOR_DIR / "home")},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    emulator = Emulator(port, process, log)
+    # Ready when a real API call answers (it listens before its catalogue is usable).
+    url = f"{emulator.endpoint}/bigquery/v2/projects/{PROJECT}/datasets"
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            break
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return emulator
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(0.2)
+    emulator.stop()
+    tail = (data_dir / "emulator.log").read_text(errors="replace")[-2000:]
+    raise RuntimeError(f"the BigQuery emulator did not start:\n{tail}")

@@ -1,0 +1,412 @@
+"""The storage contract: the same tests, the same answers, on every adapter of the port.
+
+The embedded store runs on a DuckDB file; the BigQuery store runs on the real
+google-cloud-bigquery client against the local emulator. Each test makes its own tenants,
+and leaves no run PENDING or RUNNING (a claim takes the oldest PENDING run of any tenant).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Coroutine, Iterator
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from convergence_server.errors import AlreadyExists
+from convergence_server.storage import Store, schema
+from convergence_server.storage.bigquery_store import BigQueryStore
+from convergence_server.storage.duckdb_store import DuckDBStore
+from convergence_server.storage.records import (
+    ApiKeyRecord,
+    DqRecord,
+    RunCursor,
+    RunFilter,
+    RunLimits,
+    RunRecord,
+    StepRecord,
+    TenantRecord,
+)
+from tests.bigquery_emulator import PROJECT, Emulator
+from tests.conftest import new_prefix
+
+T = TypeVar("T")
+LONG_AGO = datetime(2000, 1, 1, tzinfo=UTC)
+
+
+def run(coroutine: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coroutine)
+
+
+def open_store(kind: str, tmp_path: Path, emulator: Emulator | None, prefix: str) -> Store:
+    if kind == "embedded":
+        return DuckDBStore.open(tmp_path / "store.duckdb")
+    assert emulator is not None
+    return BigQueryStore.open(PROJECT, "US", prefix, emulator.endpoint)
+
+
+@pytest.fixture(scope="module", params=["embedded", "bigquery"])
+def adapter(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[str, Path, str]]:
+    """Which adapter, where its file lives, and its dataset prefix."""
+    kind: str = request.param
+    yield kind, tmp_path_factory.mktemp(kind), new_prefix()
+
+
+@pytest.fixture(scope="module")
+def store(adapter: tuple[str, Path, str], request: pytest.FixtureRequest) -> Iterator[Store]:
+    kind, path, prefix = adapter
+    emulator = request.getfixturevalue("emulator") if kind == "bigquery" else None
+    opened = open_store(kind, path, emulator, prefix)
+    yield opened
+    run(opened.close())
+
+
+def tenant(store: Store, plan: str = "PROFESSIONAL") -> str:
+    tenant_id = f"c_{uuid.uuid4().hex[:12]}"
+    now = datetime.now(UTC)
+    record = TenantRecord(tenant_id, "Contract Co", "ops@contract.example", plan, now)
+    key = ApiKeyRecord(f"k_{uuid.uuid4().hex[:12]}", tenant_id, b"salt", b"hash", now)
+    assert run(store.create_tenant(record, key)) == schema.TENANT_DATASET_OBJECTS
+    return tenant_id
+
+
+def new_run(tenant_id: str, created_at: datetime | None = None, key: str = "") -> RunRecord:
+    return RunRecord(
+        pipeline_logging_id=str(uuid.uuid4()),
+        pipeline_id="test-runs-quick",
+        tenant_id=tenant_id,
+        provider="test",
+        domain="runs",
+        template="quick",
+        status="PENDING",
+        trigger_type="manual",
+        trigger_by="api",
+        user_id="",
+        parameters={"date": "2026-01-02"},
+        created_at=created_at or datetime.now(UTC),
+        idempotency_key=key,
+    )
+
+
+def claim(store: Store, tenant_id: str) -> RunRecord:
+    """Claims runs until one of `tenant_id`'s comes (each test leaves none waiting)."""
+    claimed = run(store.claim_next_run("worker-a", datetime.now(UTC)))
+    assert claimed is not None and claimed.tenant_id == tenant_id
+    return claimed
+
+
+# -- schema -----------------------------------------------------------------------------
+
+
+def test_schema_is_versioned_and_reopening_changes_nothing(
+    store: Store, adapter: tuple[str, Path, str], request: pytest.FixtureRequest
+) -> None:
+    assert run(store.schema_version()) == schema.SCHEMA_VERSION
+    columns = run(store.central_table_columns())
+    for table in schema.CENTRAL_TABLES:
+        assert table.column_names <= columns[table.name], table.name
+    if adapter[0] == "bigquery":  # the embedded file cannot be opened twice at once
+        kind, path, prefix = adapter
+        again = open_store(kind, path, request.getfixturevalue("emulator"), prefix)
+        assert run(again.schema_version()) == schema.SCHEMA_VERSION
+        assert run(again.central_table_columns()) == columns
+        run(again.close())
+
+
+# -- tenants and keys -------------------------------------------------------------------
+
+
+def test_a_tenant_is_stored_with_its_key_and_dataset(store: Store) -> None:
+    tenant_id = tenant(store)
+    stored = run(store.get_tenant(tenant_id))
+    assert stored is not None
+    assert (stored.company_name, stored.subscription_plan, stored.status) == (
+        "Contract Co",
+        "PROFESSIONAL",
+        "ACTIVE",
+    )
+    assert run(store.dataset_exists(tenant_id))
+    assert not run(store.dataset_exists(f"{tenant_id}_other"))
+    assert run(store.tenant_ids_equal_ignoring_case(tenant_id.upper())) == [tenant_id]
+    assert run(store.get_tenant("c_nobody")) is None
+    assert run(store.get_api_key("k_nobody")) is None
+
+
+def test_a_second_tenant_of_the_same_id_is_refused_and_changes_nothing(store: Store) -> None:
+    tenant_id = tenant(store)
+    now = datetime.now(UTC)
+    again = TenantRecord(tenant_id, "Imposter", "x@imposter.example", "SCALE", now)
+    key = ApiKeyRecord("k_imposter_" + uuid.uuid4().hex[:8], tenant_id, b"s", b"h", now)
+    with pytest.raises(AlreadyExists):
+        run(store.create_tenant(again, key))
+    stored = run(store.get_tenant(tenant_id))
+    assert stored is not None and stored.company_name == "Contract Co"
+    assert run(store.get_api_key(key.key_id)) is None
+    assert run(store.dataset_exists(tenant_id))
+
+
+def test_the_api_key_record_round_trips(store: Store) -> None:
+    tenant_id = f"c_{uuid.uuid4().hex[:12]}"
+    now = datetime.now(UTC).replace(microsecond=123456)
+    key = ApiKeyRecord(f"k_{uuid.uuid4().hex[:12]}", tenant_id, b"\x00salt\xff", b"\x01h", now)
+    record = TenantRecord(tenant_id, "Keys Co", "k@keys.example", "STARTER", now)
+    run(store.create_tenant(record, key))
+    assert run(store.get_api_key(key.key_id)) == key
+    assert run(store.get_tenant(tenant_id)) == record
+
+
+def test_a_plan_change_is_stored(store: Store) -> None:
+    tenant_id = tenant(store)
+    assert run(store.update_plan(tenant_id, "SCALE", datetime.now(UTC)))
+    stored = run(store.get_tenant(tenant_id))
+    assert stored is not None and stored.subscription_plan == "SCALE"
+    assert not run(store.update_plan("c_nobody", "SCALE", datetime.now(UTC)))
+
+
+def test_team_members_are_admitted_up_to_the_team_size(store: Store) -> None:
+    tenant_id = tenant(store)
+    now = datetime.now(UTC)
+    assert run(store.admit_member(tenant_id, "ann", 2, now)) == (True, 1)
+    assert run(store.admit_member(tenant_id, "ann", 2, now)) == (True, 1)
+    assert run(store.admit_member(tenant_id, "bob", 2, now)) == (True, 2)
+    assert run(store.admit_member(tenant_id, "cat", 2, now)) == (False, 2)
+    assert [m.user_id for m in run(store.list_members(tenant_id))] == ["ann", "bob"]
+    assert run(store.remove_member(tenant_id, "ann"))
+    assert not run(store.remove_member(tenant_id, "ann"))
+    assert run(store.admit_member(tenant_id, "cat", 2, now)) == (True, 2)
+
+
+# -- admission --------------------------------------------------------------------------
+
+
+def test_admission_refuses_over_the_concurrent_then_the_daily_limit(store: Store) -> None:
+    tenant_id = tenant(store)
+    limits = RunLimits(daily=3, concurrent=2)
+    first, second = new_run(tenant_id), new_run(tenant_id)
+    assert run(store.create_run(first, LONG_AGO, limits)).created
+    assert run(store.create_run(second, LONG_AGO, limits)).created
+    refused = run(store.create_run(new_run(tenant_id), LONG_AGO, limits))
+    assert (refused.created, refused.refused, refused.used, refused.run) == (
+        False,
+        "concurrent",
+        2,
+        None,
+    )
+    assert run(store.active_runs(tenant_id)) == 2
+    cancelled = run(store.request_cancel(tenant_id, first.pipeline_logging_id, datetime.now(UTC)))
+    assert cancelled is not None and cancelled.status == "FAILED"
+    assert cancelled.error_message == "Cancelled before it started"
+    assert run(store.create_run(new_run(tenant_id), LONG_AGO, limits)).created
+    run(store.request_cancel(tenant_id, second.pipeline_logging_id, datetime.now(UTC)))
+    daily = run(store.create_run(new_run(tenant_id), LONG_AGO, limits))
+    assert (daily.refused, daily.used) == ("daily", 3)
+
+    usage = run(store.get_usage(tenant_id, datetime.now(UTC).date()))
+    assert usage is not None
+    assert (usage.pipelines_run_today, usage.pipelines_failed_today) == (3, 2)
+    assert (usage.concurrent_pipelines_running, usage.max_concurrent_reached) == (1, 2)
+    assert (usage.daily_limit, usage.concurrent_limit) == (3, 2)
+    for waiting in run(store.list_runs(RunFilter(tenant_id, status="PENDING"), None, 10)):
+        run(store.request_cancel(tenant_id, waiting.pipeline_logging_id, datetime.now(UTC)))
+    assert run(store.active_runs(tenant_id)) == 0
+
+
+def test_an_idempotency_key_replays_its_run_uncounted_until_it_expires(store: Store) -> None:
+    tenant_id = tenant(store)
+    limits = RunLimits(daily=10, concurrent=10)
+    original = new_run(tenant_id, key="nightly-2026-01-02")
+    assert run(store.create_run(original, LONG_AGO, limits)).created
+    replay = run(store.create_run(new_run(tenant_id, key="nightly-2026-01-02"), LONG_AGO, limits))
+    assert not replay.created and replay.run is not None
+    assert replay.run.pipeline_logging_id == original.pipeline_logging_id
+    # Keys used before `keys_valid_from` have expired: the same key starts a new run.
+    later = datetime.now(UTC) + timedelta(seconds=1)
+    fresh = new_run(tenant_id, key="nightly-2026-01-02")
+    assert run(store.create_run(fresh, later, limits)).created
+    usage = run(store.get_usage(tenant_id, datetime.now(UTC).date()))
+    assert usage is not None and usage.pipelines_run_today == 2
+    for made in (original, fresh):
+        run(store.request_cancel(tenant_id, made.pipeline_logging_id, datetime.now(UTC)))
+
+
+def test_parallel_triggers_admit_exactly_the_concurrent_limit(store: Store) -> None:
+    tenant_id = tenant(store)
+    limits = RunLimits(daily=100, concurrent=3)
+
+    async def burst() -> list[bool]:
+        made = [new_run(tenant_id) for _ in range(8)]
+        results = await asyncio.gather(*(store.create_run(r, LONG_AGO, limits) for r in made))
+        return [a.created for a in results]
+
+    assert sum(run(burst())) == 3
+    assert run(store.active_runs(tenant_id)) == 3
+    usage = run(store.get_usage(tenant_id, datetime.now(UTC).date()))
+    assert usage is not None and usage.pipelines_run_today == 3
+    for waiting in run(store.list_runs(RunFilter(tenant_id), None, 10)):
+        run(store.request_cancel(tenant_id, waiting.pipeline_logging_id, datetime.now(UTC)))
+
+
+# -- execution --------------------------------------------------------------------------
+
+
+def test_a_claimed_run_ends_only_for_its_worker_and_once(store: Store) -> None:
+    tenant_id = tenant(store)
+    made = new_run(tenant_id)
+    run(store.create_run(made, LONG_AGO, RunLimits(10, 10)))
+    claimed = claim(store, tenant_id)
+    assert (claimed.pipeline_logging_id, claimed.status, claimed.worker_id) == (
+        made.pipeline_logging_id,
+        "RUNNING",
+        "worker-a",
+    )
+    assert claimed.start_time is not None
+    assert run(store.claim_next_run("worker-b", datetime.now(UTC))) is None
+    stranger = replace(claimed, worker_id="worker-b")
+    assert run(store.finish_run(stranger, "COMPLETE", datetime.now(UTC))) is None
+    ended_at = claimed.start_time + timedelta(milliseconds=1500)
+    ended = run(store.finish_run(claimed, "COMPLETE", ended_at))
+    assert ended is not None
+    assert (ended.status, ended.duration_ms, ended.end_time) == ("COMPLETE", 1500, ended_at)
+    assert run(store.finish_run(claimed, "FAILED", datetime.now(UTC), "late")) is None
+    stored = run(store.get_run(tenant_id, made.pipeline_logging_id))
+    assert stored == ended
+    assert run(store.get_run("c_someone_else", made.pipeline_logging_id)) is None
+    usage = run(store.get_usage(tenant_id, datetime.now(UTC).date()))
+    assert usage is not None
+    assert (usage.pipelines_succeeded_today, usage.concurrent_pipelines_running) == (1, 0)
+    assert run(store.typical_run_ms(tenant_id)) == 1500
+
+
+def test_a_running_run_is_flagged_for_cancellation(store: Store) -> None:
+    tenant_id = tenant(store)
+    made = new_run(tenant_id)
+    run(store.create_run(made, LONG_AGO, RunLimits(10, 10)))
+    claimed = claim(store, tenant_id)
+    assert not run(store.cancel_requested(made.pipeline_logging_id))
+    flagged = run(store.request_cancel(tenant_id, made.pipeline_logging_id, datetime.now(UTC)))
+    assert flagged is not None and (flagged.status, flagged.cancel_requested) == ("RUNNING", True)
+    assert run(store.cancel_requested(made.pipeline_logging_id))
+    ended = run(store.finish_run(claimed, "FAILED", datetime.now(UTC), "Cancelled"))
+    assert ended is not None and ended.status == "FAILED"
+    assert run(store.request_cancel(tenant_id, "no-such-run", datetime.now(UTC))) is None
+
+
+def test_steps_and_dq_results_are_kept_per_attempt(store: Store) -> None:
+    tenant_id = tenant(store)
+    made = new_run(tenant_id)
+    run(store.create_run(made, LONG_AGO, RunLimits(10, 10)))
+    claimed = claim(store, tenant_id)
+    started = datetime.now(UTC)
+
+    def step(index: int, status: str, attempt: int = 1) -> StepRecord:
+        return StepRecord(
+            step_logging_id=f"{made.pipeline_logging_id}-{attempt}-{index}",
+            pipeline_logging_id=made.pipeline_logging_id,
+            pipeline_id=made.pipeline_id,
+            tenant_id=tenant_id,
+            step_name=f"step_{index}",
+            step_type="query",
+            step_index=index,
+            status=status,
+            step_start_time=started + timedelta(seconds=index),
+            run_attempt=attempt,
+        )
+
+    run(store.save_step(step(0, "RUNNING")))
+    run(store.save_step(replace(step(0, "COMPLETE"), rows_processed=7, attempts=1)))
+    run(store.save_step(step(1, "RUNNING")))
+    # The server crashes mid-step: the run goes back to PENDING, its RUNNING step closes.
+    assert run(store.requeue_run(claimed, datetime.now(UTC), count_attempt=True))
+    steps = run(store.list_steps(tenant_id, made.pipeline_logging_id))
+    assert [(s.step_name, s.status, s.rows_processed) for s in steps] == [
+        ("step_0", "COMPLETE", 7),
+        ("step_1", "FAILED", 0),
+    ]
+    assert steps[1].error_message.startswith("Interrupted")
+    again = claim(store, tenant_id)
+    assert again.attempt == 2
+    run(store.save_step(step(0, "RUNNING", attempt=2)))
+    assert [s.run_attempt for s in run(store.list_steps(tenant_id, made.pipeline_logging_id))] == [
+        2
+    ]
+    dq = DqRecord(
+        dq_result_id=str(uuid.uuid4()),
+        pipeline_logging_id=made.pipeline_logging_id,
+        pipeline_id=made.pipeline_id,
+        tenant_id=tenant_id,
+        step_name="step_0",
+        check_name="has_rows",
+        check_type="row_count",
+        severity="error",
+        status="PASSED",
+        observed_value="7",
+        expected_value="1..",
+        message="7 rows",
+        ingestion_date=started.date(),
+        created_at=started,
+        run_attempt=2,
+    )
+    run(store.add_dq_results([dq, replace(dq, dq_result_id=str(uuid.uuid4()), status="FAILED")]))
+    assert run(store.finish_run(again, "COMPLETE", datetime.now(UTC))) is not None
+    assert [s.status for s in run(store.list_steps(tenant_id, made.pipeline_logging_id))] == [
+        "FAILED"
+    ]
+
+
+def test_a_run_without_heartbeats_goes_stale(store: Store) -> None:
+    tenant_id = tenant(store)
+    made = new_run(tenant_id)
+    run(store.create_run(made, LONG_AGO, RunLimits(10, 10)))
+    claimed = claim(store, tenant_id)
+    soon = datetime.now(UTC) + timedelta(seconds=30)
+    assert made.pipeline_logging_id in {r.pipeline_logging_id for r in run(store.stale_runs(soon))}
+    assert made.pipeline_logging_id not in {
+        r.pipeline_logging_id for r in run(store.stale_runs(claimed.start_time - timedelta(1)))
+    }
+    before_beat = datetime.now(UTC)
+    run(store.heartbeat([made.pipeline_logging_id], "worker-a"))
+    fresh = {r.pipeline_logging_id for r in run(store.stale_runs(before_beat))}
+    assert made.pipeline_logging_id not in fresh
+    assert run(store.requeue_run(claimed, datetime.now(UTC), count_attempt=False))
+    assert not run(store.requeue_run(claimed, datetime.now(UTC), count_attempt=False))
+    requeued = run(store.get_run(tenant_id, made.pipeline_logging_id))
+    assert requeued is not None and (requeued.status, requeued.attempt) == ("PENDING", 1)
+    run(store.request_cancel(tenant_id, made.pipeline_logging_id, datetime.now(UTC)))
+
+
+def test_runs_list_newest_first_in_pages_and_filter(store: Store) -> None:
+    tenant_id = tenant(store)
+    base = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=1)
+    made = [new_run(tenant_id, base + timedelta(minutes=i)) for i in range(5)]
+    for r in made:
+        run(store.create_run(r, LONG_AGO, None))
+    everything = run(store.list_runs(RunFilter(tenant_id), None, 10))
+    assert [r.pipeline_logging_id for r in everything] == [
+        r.pipeline_logging_id for r in reversed(made)
+    ]
+    assert everything[0] == made[-1]
+    first = run(store.list_runs(RunFilter(tenant_id), None, 2))
+    cursor = RunCursor(first[-1].created_at, first[-1].pipeline_logging_id)
+    second = run(store.list_runs(RunFilter(tenant_id), cursor, 2))
+    assert [r.pipeline_logging_id for r in first + second] == [
+        r.pipeline_logging_id for r in everything[:4]
+    ]
+    window = RunFilter(
+        tenant_id, created_from=made[1].created_at, created_before=made[3].created_at
+    )
+    assert [r.pipeline_logging_id for r in run(store.list_runs(window, None, 10))] == [
+        made[2].pipeline_logging_id,
+        made[1].pipeline_logging_id,
+    ]
+    run(store.request_cancel(tenant_id, made[0].pipeline_logging_id, datetime.now(UTC)))
+    failed = run(store.list_runs(RunFilter(tenant_id, status="FAILED"), None, 10))
+    assert [r.pipeline_logging_id for r in failed] == [made[0].pipeline_logging_id]
+    assert run(store.list_runs(RunFilter(tenant_id, pipeline_id="other"), None, 10)) == []
+    for r in made[1:]:
+        run(store.request_cancel(tenant_id, r.pipeline_logging_id, datetime.now(UTC)))
