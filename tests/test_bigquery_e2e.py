@@ -1,0 +1,122 @@
+"""The whole flow with the server on the BigQuery store (the local emulator): onboard,
+trigger every shipped template, watch each to COMPLETE, list runs, quota refusals, and
+the published tables read back with the BigQuery client."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import httpx
+import pytest
+from google.api_core.client_options import ClientOptions
+from google.auth.credentials import AnonymousCredentials
+from google.cloud import bigquery
+
+from convergence_server.stack import Stack
+from tests.bigquery_emulator import PROJECT, Emulator
+from tests.conftest import (
+    UNMETERED,
+    StackFactory,
+    new_prefix,
+    onboard,
+    trigger,
+    wait_for_run,
+)
+from tests.test_templates import RUNS, SAMPLES
+
+
+class BigQueryStack:
+    def __init__(self, stack: Stack, prefix: str, client: bigquery.Client) -> None:
+        self.stack, self.prefix, self.client = stack, prefix, client
+
+    def query(self, sql: str) -> list[dict[str, Any]]:
+        """Runs BigQuery SQL; `{prefix}` is the stack's dataset prefix."""
+        rows = self.client.query(sql.replace("{prefix}", self.prefix)).result()
+        return [dict(row.items()) for row in rows]
+
+
+@pytest.fixture(scope="module")
+def bq(
+    stack_factory: StackFactory,
+    pipeline_env: dict[str, str],
+    emulator: Emulator,
+) -> Iterator[BigQueryStack]:
+    prefix = new_prefix()
+    stack = stack_factory(**pipeline_env, **emulator.env(prefix))
+    client = bigquery.Client(
+        project=PROJECT,
+        credentials=AnonymousCredentials(),  # type: ignore[no-untyped-call]
+        client_options=ClientOptions(api_endpoint=emulator.endpoint),
+    )
+    yield BigQueryStack(stack, prefix, client)
+    client.close()  # type: ignore[no-untyped-call]
+
+
+@pytest.fixture(scope="module")
+def http(bq: BigQueryStack) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=bq.stack.http_url, timeout=60) as client:
+        yield client
+
+
+def test_health_reports_the_bigquery_store(http: httpx.Client) -> None:
+    body = http.get("/health").json()
+    assert body["status"] == "healthy" and body["store"] == "bigquery", body
+
+
+def test_every_template_runs_to_complete(bq: BigQueryStack, http: httpx.Client) -> None:
+    tenant_id, key = onboard(http, plan=UNMETERED)
+    runs = {
+        template: trigger(http, key, tenant_id, template, date=day)["pipeline_logging_id"]
+        for template, day in RUNS
+    }
+    ended = {template: wait_for_run(http, key, run_id, timeout=300) for template, run_id in runs.items()}
+    assert {t: (r["status"], r.get("error_message", "")) for t, r in ended.items()} == {
+        t: ("COMPLETE", "") for t in runs
+    }
+    listed = http.get("/api/v1/pipelines/runs", headers={"X-API-Key": key}).json()
+    assert {r["pipeline_logging_id"] for r in listed["runs"]} == set(runs.values())
+
+    # The AWS day's billed cost, as BigQuery holds it, equals the CSV's own sum.
+    aws_day = dict(RUNS)["aws/cost/cost_usage"]
+    with (SAMPLES / "aws_cur_sample.csv").open(newline="") as source:
+        expected = sum(
+            Decimal(row["lineItem/UnblendedCost"])
+            for row in csv.DictReader(source)
+            if row["lineItem/UsageStartDate"].startswith(aws_day)
+        )
+    (row,) = bq.query(
+        f"SELECT SUM(BilledCost) AS billed, COUNT(*) AS n "
+        f"FROM `{{prefix}}{tenant_id}.focus_cost` WHERE DATE(ChargePeriodStart) = '{aws_day}'"
+    )
+    assert Decimal(row["billed"]).quantize(Decimal("0.000001")) == expected.quantize(
+        Decimal("0.000001")
+    )
+    steps = bq.query(
+        "SELECT step_name, status FROM `{prefix}tenants.tenant_step_logs` "
+        f"WHERE tenant_id = '{tenant_id}' AND pipeline_logging_id = "
+        f"'{runs['aws/cost/cost_usage']}' ORDER BY step_index"
+    )
+    assert [s["status"] for s in steps] == ["COMPLETE"] * 4
+
+
+def test_quota_refusals(http: httpx.Client) -> None:
+    tenant_id, key = onboard(http, plan="STARTER")  # one run at a time
+    first = trigger(http, key, tenant_id, "test/runs/slow", parameters={"size": "400"})
+    refused = http.post(
+        f"/api/v1/pipelines/run/{tenant_id}/test/runs/quick",
+        headers={"X-API-Key": key},
+        json={},
+    )
+    assert refused.status_code == 429, refused.text
+    assert "concurrent" in refused.text.lower()
+    http.post(
+        f"/api/v1/pipelines/runs/{first['pipeline_logging_id']}:cancel",
+        headers={"X-API-Key": key},
+    )
+    assert wait_for_run(http, key, first["pipeline_logging_id"])["status"] == "FAILED"
+    usage = http.get(f"/api/v1/tenants/{tenant_id}/usage", headers={"X-API-Key": key}).json()
+    assert usage, usage
