@@ -8,12 +8,13 @@ so it never reaches the network.
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 import subprocess
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
@@ -29,6 +30,8 @@ class Emulator:
     port: int
     process: subprocess.Popen[bytes]
     log: IO[bytes]
+    # The key pepper every server on this emulator shares (made up per test session).
+    pepper: str = field(default_factory=lambda: secrets.token_hex(32))
 
     @property
     def endpoint(self) -> str:
@@ -42,6 +45,7 @@ class Emulator:
             "CONVERGENCE_PROJECT": PROJECT,
             "CONVERGENCE_BIGQUERY_ENDPOINT": self.endpoint,
             "CONVERGENCE_BIGQUERY_DATASET_PREFIX": prefix,
+            "CONVERGENCE_KEY_PEPPER": self.pepper,
         }
 
     def stop(self) -> None:

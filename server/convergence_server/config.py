@@ -54,13 +54,18 @@ class Config:
         defaults = cls()
         data_dir = Path(env.get("CONVERGENCE_DATA_DIR", str(defaults.data_dir)))
         pepper = env.get("CONVERGENCE_KEY_PEPPER", "")
+        store = env.get("CONVERGENCE_STORE", defaults.store)
+        if store == "bigquery" and not pepper:
+            # The local pepper file is per machine: replicas would not verify each
+            # other's keys.
+            raise SystemExit("CONVERGENCE_STORE=bigquery needs CONVERGENCE_KEY_PEPPER")
         return cls(
             grpc_host=env.get("CONVERGENCE_GRPC_HOST", defaults.grpc_host),
             grpc_port=_int(env, "CONVERGENCE_GRPC_PORT", defaults.grpc_port),
             http_host=env.get("CONVERGENCE_HTTP_HOST", defaults.http_host),
             http_port=_int(env, "CONVERGENCE_HTTP_PORT", defaults.http_port),
             envoy_admin_port=_int(env, "CONVERGENCE_ENVOY_ADMIN_PORT", defaults.envoy_admin_port),
-            store=env.get("CONVERGENCE_STORE", defaults.store),
+            store=store,
             data_dir=data_dir,
             config_dir=Path(env.get("CONVERGENCE_CONFIG_DIR", str(defaults.config_dir))),
             key_pepper=pepper.encode() if pepper else _local_pepper(data_dir),
