@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import csv
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -73,7 +72,9 @@ def test_every_template_runs_to_complete(bq: BigQueryStack, http: httpx.Client) 
         template: trigger(http, key, tenant_id, template, date=day)["pipeline_logging_id"]
         for template, day in RUNS
     }
-    ended = {template: wait_for_run(http, key, run_id, timeout=300) for template, run_id in runs.items()}
+    ended = {
+        template: wait_for_run(http, key, run_id, timeout=300) for template, run_id in runs.items()
+    }
     assert {t: (r["status"], r.get("error_message", "")) for t, r in ended.items()} == {
         t: ("COMPLETE", "") for t in runs
     }

@@ -1,4 +1,9 @@
-"""The guide's monitoring SQL, verbatim, on the embedded store (`convergence-server sql`)."""
+"""The guide's monitoring SQL, verbatim, on both stores (`convergence-server sql`).
+
+`your-project` is the configured project: on the embedded store the name is dropped, on
+BigQuery (the emulator, whose project is `test-project`) the SQL names that project. The
+BigQuery stack uses no dataset prefix, so the central dataset is `tenants`, as in the guide.
+"""
 
 from __future__ import annotations
 
@@ -6,18 +11,28 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.conftest import UNMETERED, StackFactory, onboard, trigger, wait_for_run
 
+History = tuple[dict[str, str], str, str, str]
 
-def sql(data_dir: Path, query: str) -> list[dict[str, object]]:
+
+def sql(env: dict[str, str], query: str) -> list[dict[str, object]]:
+    project = env.get("CONVERGENCE_PROJECT", "your-project")
     result = subprocess.run(
-        [sys.executable, "-m", "convergence_server", "sql", "--format", "json", query],
-        env={**os.environ, "CONVERGENCE_DATA_DIR": str(data_dir)},
+        [
+            sys.executable,
+            "-m",
+            "convergence_server",
+            "sql",
+            "--format",
+            "json",
+            query.replace("your-project", project),
+        ],
+        env={**os.environ, **env},
         capture_output=True,
         text=True,
         timeout=60,
@@ -26,29 +41,35 @@ def sql(data_dir: Path, query: str) -> list[dict[str, object]]:
     return [json.loads(line) for line in result.stdout.splitlines()]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", params=["embedded", "bigquery"])
 def history(
+    request: pytest.FixtureRequest,
     stack_factory: StackFactory,
     pipeline_env: dict[str, str],
     tmp_path_factory: pytest.TempPathFactory,
-) -> tuple[Path, str, str, str]:
-    """A stopped store holding one COMPLETE and one FAILED run of one tenant."""
+) -> History:
+    """A store holding one COMPLETE and one FAILED run of one tenant (the embedded store
+    stopped, as its file allows one process at a time), and the settings that reach it."""
     data_dir = tmp_path_factory.mktemp("monitoring")
-    stack = stack_factory(data_dir=data_dir, **pipeline_env)
+    env = {"CONVERGENCE_DATA_DIR": str(data_dir)}
+    if request.param == "bigquery":
+        env.update(request.getfixturevalue("emulator").env(prefix=""))
+    stack = stack_factory(data_dir=data_dir, **pipeline_env, **env)
     with httpx.Client(base_url=stack.http_url, timeout=30) as http:
         tenant_id, key = onboard(http, plan=UNMETERED)
         done = trigger(http, key, tenant_id, "test/runs/quick")["pipeline_logging_id"]
         failed = trigger(http, key, tenant_id, "test/runs/slow", parameters={"size": "0"})
-        wait_for_run(http, key, done)
-        wait_for_run(http, key, failed["pipeline_logging_id"])
-    stack.stop()
-    return data_dir, tenant_id, str(done), str(failed["pipeline_logging_id"])
+        wait_for_run(http, key, done, timeout=180)
+        wait_for_run(http, key, failed["pipeline_logging_id"], timeout=180)
+    if request.param == "embedded":
+        stack.stop()
+    return env, tenant_id, str(done), str(failed["pipeline_logging_id"])
 
 
-def test_pipeline_runs_query(history: tuple[Path, str, str, str]) -> None:
-    data_dir, tenant_id, done, failed = history
+def test_pipeline_runs_query(history: History) -> None:
+    env, tenant_id, done, failed = history
     rows = sql(
-        data_dir,
+        env,
         f"""SELECT * FROM `your-project.tenants.tenant_pipeline_runs`
             WHERE tenant_id = '{tenant_id}'
             ORDER BY start_time DESC
@@ -60,10 +81,10 @@ def test_pipeline_runs_query(history: tuple[Path, str, str, str]) -> None:
     }
 
 
-def test_step_logs_query(history: tuple[Path, str, str, str]) -> None:
-    data_dir, tenant_id, _, failed = history
+def test_step_logs_query(history: History) -> None:
+    env, tenant_id, _, failed = history
     rows = sql(
-        data_dir,
+        env,
         f"""SELECT * FROM `your-project.tenants.tenant_step_logs`
             WHERE tenant_id = '{tenant_id}'
               AND pipeline_logging_id = '{failed}'
@@ -78,10 +99,10 @@ def test_step_logs_query(history: tuple[Path, str, str, str]) -> None:
     assert "counted_something" in str(rows[-1]["error_message"])
 
 
-def test_dq_results_query(history: tuple[Path, str, str, str]) -> None:
-    data_dir, tenant_id, _, failed = history
+def test_dq_results_query(history: History) -> None:
+    env, tenant_id, _, failed = history
     rows = sql(
-        data_dir,
+        env,
         f"""SELECT * FROM `your-project.tenants.tenant_dq_results`
             WHERE tenant_id = '{tenant_id}'
             ORDER BY ingestion_date DESC;""",
@@ -90,10 +111,10 @@ def test_dq_results_query(history: tuple[Path, str, str, str]) -> None:
     assert checks == {(failed, "three_rows"): "PASSED", (failed, "counted_something"): "FAILED"}
 
 
-def test_tenant_comprehensive_view_query(history: tuple[Path, str, str, str]) -> None:
-    data_dir, tenant_id, _, failed = history
+def test_tenant_comprehensive_view_query(history: History) -> None:
+    env, tenant_id, _, failed = history
     rows = sql(
-        data_dir,
+        env,
         f"""SELECT *
             FROM `your-project.{tenant_id}.tenant_comprehensive_view`
             WHERE status = 'FAILED'
@@ -103,10 +124,10 @@ def test_tenant_comprehensive_view_query(history: tuple[Path, str, str, str]) ->
     assert rows[0]["steps_failed"] == 1 and rows[0]["dq_checks_failed"] == 1
 
 
-def test_usage_queries_return_the_right_figures(history: tuple[Path, str, str, str]) -> None:
-    data_dir, tenant_id, _, _ = history
+def test_usage_queries_return_the_right_figures(history: History) -> None:
+    env, tenant_id, _, _ = history
     current = sql(
-        data_dir,
+        env,
         f"""SELECT
               tenant_id,
               usage_date,
@@ -120,7 +141,7 @@ def test_usage_queries_return_the_right_figures(history: tuple[Path, str, str, s
               AND usage_date = CURRENT_DATE();""",
     )
     monthly = sql(
-        data_dir,
+        env,
         f"""SELECT
               DATE_TRUNC(usage_date, MONTH) as month,
               SUM(pipelines_run_today) as total_pipelines,

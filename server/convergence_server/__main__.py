@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     commands.add_parser("stack", help="run the gRPC server and Envoy (REST) together")
     commands.add_parser("validate", help="check plans.yml and every pipeline template")
     sql = commands.add_parser(
-        "sql", help="run BigQuery SQL on the embedded store (stop the server first)"
+        "sql", help="run BigQuery SQL on the store (embedded: stop the server first)"
     )
     sql.add_argument("query", help="BigQuery SQL; `your-project` is CONVERGENCE_PROJECT")
     sql.add_argument("--format", choices=("table", "json"), default="table")
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "sql":
         from convergence_server.storage.console import run_sql
 
-        sys.exit(run_sql(config.database_path, args.query, config.project, args.format))
+        sys.exit(run_sql(config, args.query, args.format))
     elif args.command == "stack":
         from convergence_server.stack import run_stack
 

@@ -110,7 +110,10 @@ def create_server(
     quotas); only the benchmarks do that, to measure what the chain costs.
     """
     if len(config.key_pepper) < MIN_PEPPER_BYTES:
-        raise SystemExit(f"CONVERGENCE_KEY_PEPPER must be at least {MIN_PEPPER_BYTES} bytes")
+        shared = " (set it, the same on every replica)" if config.store == "bigquery" else ""
+        raise SystemExit(
+            f"CONVERGENCE_KEY_PEPPER must be at least {MIN_PEPPER_BYTES} bytes{shared}"
+        )
     plans = load_plans(config.plans_path)
     catalog = load_catalog(config.config_dir)
     store = open_store(config)

@@ -55,10 +55,6 @@ class Config:
         data_dir = Path(env.get("CONVERGENCE_DATA_DIR", str(defaults.data_dir)))
         pepper = env.get("CONVERGENCE_KEY_PEPPER", "")
         store = env.get("CONVERGENCE_STORE", defaults.store)
-        if store == "bigquery" and not pepper:
-            # The local pepper file is per machine: replicas would not verify each
-            # other's keys.
-            raise SystemExit("CONVERGENCE_STORE=bigquery needs CONVERGENCE_KEY_PEPPER")
         return cls(
             grpc_host=env.get("CONVERGENCE_GRPC_HOST", defaults.grpc_host),
             grpc_port=_int(env, "CONVERGENCE_GRPC_PORT", defaults.grpc_port),
@@ -68,7 +64,11 @@ class Config:
             store=store,
             data_dir=data_dir,
             config_dir=Path(env.get("CONVERGENCE_CONFIG_DIR", str(defaults.config_dir))),
-            key_pepper=pepper.encode() if pepper else _local_pepper(data_dir),
+            # No local pepper for BigQuery: it would differ between replicas, which then
+            # could not verify each other's keys.
+            key_pepper=pepper.encode()
+            if pepper or store == "bigquery"
+            else _local_pepper(data_dir),
             max_request_bytes=_int(
                 env, "CONVERGENCE_MAX_REQUEST_BYTES", defaults.max_request_bytes
             ),
