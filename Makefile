@@ -65,16 +65,17 @@ lint: $(GEN_STAMP) $(BUF) ## Lint the protos (buf), the Python code (ruff) and i
 	$(VENV)/bin/ruff format --check server tests bench
 	$(VENV)/bin/mypy
 
-test: $(GEN_STAMP) ## Run the test suite (starts real servers and Envoy on loopback ports).
+test: $(GEN_STAMP) $(EMULATOR_DIR)/.installed ## Run the test suite (starts real servers and Envoy on loopback ports).
 	$(PY) -m pytest
 
 run: $(GEN_STAMP) ## Start the gRPC server and Envoy on the embedded store; Ctrl-C stops both.
 	$(PY) -m convergence_server stack
 
-bench: $(GEN_STAMP) ## Run the benchmarks and print their results.
+bench: $(GEN_STAMP) $(EMULATOR_DIR)/.installed ## Run the benchmarks and print their results.
 	$(PY) -m bench.api_overhead
 	$(PY) -m bench.pipelines
 	$(PY) -m bench.interceptors
+	$(PY) -m bench.stores
 
 clean: ## Remove the virtualenv, generated code and build output (keeps .data/).
 	rm -rf $(VENV) build $(GEN_DIR)/convergence/v1/*_pb2*.py $(GEN_DIR)/convergence/v1/*_pb2*.pyi

@@ -70,7 +70,7 @@ from convergence.v1 import (
 )
 from convergence_server.config import REPO_ROOT
 from convergence_server.domain.keys import parse_key
-from convergence_server.stack import Stack, _die_with_parent, _read_ready_line, start_stack
+from convergence_server.stack import Stack, _read_ready_line, die_with_parent, start_stack
 
 BARE_SERVER = Path(__file__).with_name("interceptor_server.py")
 QUICK_TEMPLATE = REPO_ROOT / "tests" / "fixtures" / "templates" / "quick.yml"
@@ -149,7 +149,7 @@ def start_bare(
         stderr=log,
         stdin=subprocess.DEVNULL,
         start_new_session=True,
-        preexec_fn=_die_with_parent,
+        preexec_fn=die_with_parent,
     )
     resources.callback(_stop, process)
     port = _read_ready_line(process, log_path)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import IO
 
 from convergence_server.config import REPO_ROOT
+from convergence_server.stack import die_with_parent
 
 EMULATOR_DIR = REPO_ROOT / "build" / "bigquery-emulator"
 PROJECT = "test-project"
@@ -90,6 +91,7 @@ def start_emulator(data_dir: Path) -> Emulator:
         env={**os.environ, "HOME": str(EMULATOR_DIR / "home")},
         stdout=log,
         stderr=subprocess.STDOUT,
+        preexec_fn=die_with_parent,
     )
     emulator = Emulator(port, process, log)
     # Ready when a real API call answers (it listens before its catalogue is usable).

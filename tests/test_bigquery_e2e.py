@@ -53,6 +53,7 @@ def bq(
     )
     yield BigQueryStack(stack, prefix, client)
     client.close()  # type: ignore[no-untyped-call]
+    stack.stop()
 
 
 @pytest.fixture(scope="module")

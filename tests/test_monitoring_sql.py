@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -47,7 +48,7 @@ def history(
     stack_factory: StackFactory,
     pipeline_env: dict[str, str],
     tmp_path_factory: pytest.TempPathFactory,
-) -> History:
+) -> Iterator[History]:
     """A store holding one COMPLETE and one FAILED run of one tenant (the embedded store
     stopped, as its file allows one process at a time), and the settings that reach it."""
     data_dir = tmp_path_factory.mktemp("monitoring")
@@ -63,7 +64,8 @@ def history(
         wait_for_run(http, key, failed["pipeline_logging_id"], timeout=180)
     if request.param == "embedded":
         stack.stop()
-    return env, tenant_id, str(done), str(failed["pipeline_logging_id"])
+    yield env, tenant_id, str(done), str(failed["pipeline_logging_id"])
+    stack.stop()
 
 
 def test_pipeline_runs_query(history: History) -> None:

@@ -81,7 +81,7 @@ def _terminate(process: subprocess.Popen[bytes], timeout: float) -> None:
         process.stdout.close()
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """In the child: receive SIGTERM when the launcher dies, even by SIGKILL (Linux)."""
     if sys.platform == "linux":
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
@@ -174,7 +174,7 @@ def start_stack(env: dict[str, str], log_dir: Path | None = None) -> Stack:
             stderr=server_err,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
         processes.append(server)
         grpc_port = _read_ready_line(server, server_log)
@@ -193,7 +193,7 @@ def start_stack(env: dict[str, str], log_dir: Path | None = None) -> Stack:
             stderr=envoy_err,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
         processes.append(envoy)
         admin = _wait_for_file(admin_path, envoy, envoy_log)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 3
 FINISH_ATTEMPTS = 6
+IDLE_POLL_SECONDS = 1.0
 CANCELLED_MESSAGE = "Cancelled by request while running; its changes were rolled back"
 
 
@@ -142,6 +144,7 @@ class Executor:
         self._tasks: list[asyncio.Task[None]] = []
         self._in_flight: set[str] = set()
         self._claiming = asyncio.Lock()
+        self._next_poll = 0.0
 
     def wake(self) -> None:
         self._wakeup.set()
@@ -198,14 +201,19 @@ class Executor:
         while True:
             try:
                 async with self._claiming:
-                    run = await self._store.claim_next_run(self._worker_id, self._clock())
+                    run = None
+                    # Idle workers take turns: the store sees one poll a second per server
+                    # (on BigQuery each is a billed query), and a wake-up at once.
+                    if self._wakeup.is_set() or time.monotonic() >= self._next_poll:
+                        self._next_poll = time.monotonic() + IDLE_POLL_SECONDS
+                        run = await self._store.claim_next_run(self._worker_id, self._clock())
             except Exception:
                 log.exception("cannot claim a run")
                 run = None
             if run is None:
                 self._wakeup.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wakeup.wait(), 1.0)
+                    await asyncio.wait_for(self._wakeup.wait(), IDLE_POLL_SECONDS)
                 continue
             self._wakeup.set()  # there may be more: let another idle worker look
             try:

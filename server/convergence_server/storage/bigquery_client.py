@@ -29,6 +29,9 @@ T = TypeVar("T")
 _CONFLICT = re.compile(
     r"concurrent update|could not serialize|failed to commit|aborted due to concurrent", re.I
 )
+# API calls are retried (BigQuery's transient errors) for this long, then the store reports
+# itself unavailable instead of holding a request for the client's default ten minutes.
+RETRY = bigquery.DEFAULT_RETRY.with_deadline(30)
 UNAVAILABLE = (
     api_exceptions.ServerError,
     api_exceptions.TooManyRequests,
@@ -112,8 +115,8 @@ class Runner:
 
     def query(self, sql: str, params: Mapping[str, Any] | None = None) -> list[tuple[Any, ...]]:
         """Runs a query or script; returns the rows of its last statement (blocking)."""
-        job = self.client.query(sql, job_config=job_config(params or {}))
-        return [tuple(row.values()) for row in job.result()]
+        job = self.client.query(sql, job_config=job_config(params or {}), retry=RETRY)
+        return [tuple(row.values()) for row in job.result(retry=RETRY)]
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)

@@ -338,24 +338,27 @@ class BigQueryStore:
                     raise asyncio.CancelledError
                 if commit_by is not None and time.monotonic() > commit_by:
                     raise DeadlineExceeded("The deadline passed before onboarding finished")
-                created = self._transaction(
+                taken = self._transaction(
                     f"""
+                    DECLARE taken BOOL;
                     BEGIN TRANSACTION;
-                    INSERT INTO {self._t("tenant_profiles")}
-                      (tenant_id, company_name, admin_email, subscription_plan, status,
-                       created_at, updated_at)
-                    SELECT @tenant_id, @company_name, @admin_email, @plan, @status, @now, @now
-                    FROM UNNEST([1])
-                    WHERE NOT EXISTS (SELECT 1 FROM {self._t("tenant_profiles")}
-                                      WHERE tenant_id = @tenant_id);
-                    INSERT INTO {self._t("tenant_api_keys")}
-                      (key_id, tenant_id, salt, key_hash, created_at, revoked_at)
-                    VALUES (@key_id, @tenant_id, @salt, @key_hash, @now, NULL);
-                    INSERT INTO {self._t(COUNTERS.name)} (tenant_id, seq, active_runs, updated_at)
-                    VALUES (@tenant_id, 0, 0, @now);
+                    SET taken = EXISTS (SELECT 1 FROM {self._t("tenant_profiles")}
+                                        WHERE tenant_id = @tenant_id);
+                    IF NOT taken THEN
+                      INSERT INTO {self._t("tenant_profiles")}
+                        (tenant_id, company_name, admin_email, subscription_plan, status,
+                         created_at, updated_at)
+                      VALUES (@tenant_id, @company_name, @admin_email, @plan, @status,
+                              @now, @now);
+                      INSERT INTO {self._t("tenant_api_keys")}
+                        (key_id, tenant_id, salt, key_hash, created_at, revoked_at)
+                      VALUES (@key_id, @tenant_id, @salt, @key_hash, @now, NULL);
+                      INSERT INTO {self._t(COUNTERS.name)}
+                        (tenant_id, seq, active_runs, updated_at)
+                      VALUES (@tenant_id, 0, 0, @now);
+                    END IF;
                     COMMIT TRANSACTION;
-                    SELECT COUNT(*) AS n FROM {self._t("tenant_profiles")}
-                    WHERE tenant_id = @tenant_id AND created_at = @now;
+                    SELECT taken;
                     """,
                     {
                         "tenant_id": tenant.tenant_id,
@@ -369,7 +372,7 @@ class BigQueryStore:
                         "key_hash": key.key_hash,
                     },
                 )
-                if created[0][0] != 1:
+                if taken[0][0]:
                     raise AlreadyExists(f"Tenant '{tenant.tenant_id}' already exists")
             except BaseException:
                 self._delete_tenant(tenant.tenant_id, key.key_id, rows=False)
@@ -785,8 +788,11 @@ class BigQueryStore:
 
     async def claim_next_run(self, worker_id: str, now: datetime) -> RunRecord | None:
         def claim() -> RunRecord | None:
+            # Only tenants with a PENDING or RUNNING run are read (clustered by tenant).
+            active = f"tenant_id IN (SELECT tenant_id FROM {self._t(COUNTERS.name)} "
+            active += "WHERE active_runs > 0)"
             waiting = self._query(
-                f"SELECT {SELECT_RUN} FROM ({self._latest_events_sql()}) "
+                f"SELECT {SELECT_RUN} FROM ({self._latest_events_sql(active)}) "
                 "WHERE status = 'PENDING' ORDER BY created_at, pipeline_logging_id LIMIT 10"
             )
             for row in waiting:

@@ -14,6 +14,7 @@ import csv
 import re
 import threading
 from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from google.api_core import exceptions as api_exceptions
@@ -29,6 +30,7 @@ from convergence_server.storage.bigquery_client import (
 )
 from convergence_server.storage.identifiers import sanitize
 from convergence_server.storage.warehouse import (
+    STAGE_PREFIX,
     Publication,
     SchemaColumn,
     TransientError,
@@ -40,6 +42,7 @@ _FORMATS = {
     "ndjson": bigquery.SourceFormat.NEWLINE_DELIMITED_JSON,
     "parquet": bigquery.SourceFormat.PARQUET,
 }
+STAGE_LIFETIME = timedelta(days=1)
 _PARAMETER = re.compile(r"@([A-Za-z_][A-Za-z0-9_]*)")
 
 
@@ -137,8 +140,13 @@ class BigQueryWarehouse:
         )
 
     def _rows(self, table: str) -> int:
-        rows = self._bq.query(f"SELECT COUNT(*) AS n FROM {self._q(table)}")
-        return int(rows[0][0])
+        """The table's row count. A staging table is also given a day to live, so that one
+        left by a run that died with its server is dropped by BigQuery itself."""
+        written = self._bq.client.get_table(self._ref(table))
+        if table.startswith(STAGE_PREFIX):
+            written.expires = datetime.now(UTC) + STAGE_LIFETIME
+            written = self._bq.client.update_table(written, ["expires"])
+        return int(written.num_rows or 0)
 
     def _select(self, sql: str, params: Mapping[str, Any], **options: Any) -> bigquery.QueryJob:
         job = self._bq.client.query(sql, job_config=job_config(_used(sql, params), **options))

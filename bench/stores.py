@@ -1,0 +1,123 @@
+"""What each storage adapter's operations cost: trigger (admission), get run, list runs.
+
+`make bench` runs `python -m bench.stores`. Both adapters are driven through the storage
+port, in this process, as the domain calls them: the embedded store on a temporary DuckDB
+file, the BigQuery store with the real google-cloud-bigquery client against the local
+emulator (started here on loopback, stopped on the way out). Per adapter, in order:
+
+0. baseline: `ping` (a trivial `SELECT 1` round trip), the adapter's own floor;
+1. trigger: `create_run` with limits (one admission transaction: counters, limits,
+   idempotency key, PENDING row, usage row);
+2. get run: `get_run` of one of those runs;
+3. list runs: `list_runs`, one page of 20 of the tenant's runs, newest first;
+4. claim + end: `claim_next_run` then `finish_run` (two state changes).
+
+Each operation runs N times one after another (after 3 warm-up calls); the table gives the
+mean and p50 in ms and the ratio of the mean to the same adapter's baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+from convergence_server.storage import Store
+from convergence_server.storage.bigquery_store import BigQueryStore
+from convergence_server.storage.duckdb_store import DuckDBStore
+from convergence_server.storage.records import (
+    ApiKeyRecord,
+    RunFilter,
+    RunLimits,
+    RunRecord,
+    TenantRecord,
+)
+from tests.bigquery_emulator import PROJECT, start_emulator
+from tests.test_store_contract import LONG_AGO, new_run
+
+
+async def _time(n: int, op: Callable[[], Awaitable[object]]) -> list[float]:
+    for _ in range(3):
+        await op()
+    samples = []
+    for _ in range(n):
+        start = time.perf_counter()
+        await op()
+        samples.append((time.perf_counter() - start) * 1000)
+    return samples
+
+
+async def measure(store: Store, n: int) -> dict[str, list[float]]:
+    tenant_id = f"bench_{uuid.uuid4().hex[:8]}"
+    now = datetime.now(UTC)
+    await store.create_tenant(
+        TenantRecord(tenant_id, "Bench", "bench@example.com", "SCALE", now),
+        ApiKeyRecord(uuid.uuid4().hex, tenant_id, b"s", b"h", now),
+    )
+    limits = RunLimits(daily=1_000_000, concurrent=1_000_000)
+    made: list[RunRecord] = []
+
+    async def trigger() -> None:
+        run = new_run(tenant_id, key=uuid.uuid4().hex)
+        made.append(run)
+        await store.create_run(run, LONG_AGO, limits)
+
+    async def claim_and_end() -> None:
+        run = await store.claim_next_run("bench-worker", datetime.now(UTC))
+        assert run is not None
+        await store.finish_run(run, "COMPLETE", datetime.now(UTC))
+
+    results = {"baseline: ping (SELECT 1)": await _time(n, store.ping)}
+    results["trigger (create_run)"] = await _time(n, trigger)
+    last = made[-1].pipeline_logging_id
+    results["get run"] = await _time(n, lambda: store.get_run(tenant_id, last))
+    results["list runs (page of 20)"] = await _time(
+        n, lambda: store.list_runs(RunFilter(tenant_id), None, 20)
+    )
+    results["claim + end (2 state changes)"] = await _time(n, claim_and_end)
+    return results
+
+
+def report(name: str, results: dict[str, list[float]]) -> None:
+    base = statistics.mean(next(iter(results.values())))
+    print(f"\n{name}\n")
+    print("| operation | n | mean ms | p50 ms | ratio to baseline |")
+    print("|---|---:|---:|---:|---:|")
+    for op, samples in results.items():
+        mean = statistics.mean(samples)
+        print(
+            f"| {op} | {len(samples)} | {mean:.2f} | {statistics.median(samples):.2f} "
+            f"| {mean / base:.1f} |"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--embedded", type=int, default=200, help="calls per embedded op")
+    parser.add_argument("--bigquery", type=int, default=15, help="calls per BigQuery op")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="convergence-bench-") as tmp:
+        embedded = DuckDBStore.open(Path(tmp) / "store.duckdb")
+        try:
+            report("embedded (DuckDB file)", asyncio.run(measure(embedded, args.embedded)))
+        finally:
+            asyncio.run(embedded.close())
+        emulator = start_emulator(Path(tmp))
+        try:
+            store = BigQueryStore.open(PROJECT, "US", "bench_", emulator.endpoint)
+            try:
+                report("bigquery (local emulator)", asyncio.run(measure(store, args.bigquery)))
+            finally:
+                asyncio.run(store.close())
+        finally:
+            emulator.stop()
+
+
+if __name__ == "__main__":
+    main()
