@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -91,3 +93,41 @@ def test_focus_schema_matches_the_focus_sample() -> None:
     ours = {c.name for c in schema.columns if not c.name.startswith("x_")}
     assert ours - header == set()
     assert schema.union_view == "focus_cost"
+
+
+@pytest.mark.parametrize(
+    ("settings", "complaint"),
+    [
+        ({"CONVERGENCE_STORE": "postgres"}, "supported: embedded, bigquery"),
+        # Replicas must share the pepper: the BigQuery store never makes a local one.
+        ({"CONVERGENCE_STORE": "bigquery"}, "CONVERGENCE_KEY_PEPPER must be at least 32 bytes"),
+        (
+            {
+                "CONVERGENCE_STORE": "bigquery",
+                "CONVERGENCE_KEY_PEPPER": "p" * 32,
+                "CONVERGENCE_PROJECT": "test-project",
+                # Nothing listens on port 9 (discard) of loopback here.
+                "CONVERGENCE_BIGQUERY_ENDPOINT": "http://127.0.0.1:9",
+            },
+            "cannot reach BigQuery for project test-project",
+        ),
+    ],
+)
+def test_a_bad_store_setting_stops_the_server_with_a_reason(
+    tmp_path: Path, settings: dict[str, str], complaint: str
+) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "convergence_server", "serve"],
+        env={
+            **os.environ,
+            "CONVERGENCE_DATA_DIR": str(tmp_path),
+            "CONVERGENCE_GRPC_PORT": "0",
+            **settings,
+        },
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode != 0
+    assert complaint in result.stderr, result.stderr
+    assert not (tmp_path / "key_pepper").exists() or settings["CONVERGENCE_STORE"] != "bigquery"

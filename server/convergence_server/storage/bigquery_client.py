@@ -17,6 +17,7 @@ from decimal import Decimal
 from typing import Any, TypeVar
 
 import google.auth
+import requests
 from google.api_core import exceptions as api_exceptions
 from google.api_core.client_options import ClientOptions
 from google.auth.credentials import AnonymousCredentials
@@ -32,10 +33,13 @@ _CONFLICT = re.compile(
 # API calls are retried (BigQuery's transient errors) for this long, then the store reports
 # itself unavailable instead of holding a request for the client's default ten minutes.
 RETRY = bigquery.DEFAULT_RETRY.with_deadline(30)
+# At start-up, an unreachable BigQuery stops the server soon, with the reason.
+STARTUP_RETRY = bigquery.DEFAULT_RETRY.with_deadline(5)
 UNAVAILABLE = (
     api_exceptions.ServerError,
     api_exceptions.TooManyRequests,
     api_exceptions.RetryError,
+    requests.exceptions.RequestException,
     ConnectionError,
     TimeoutError,
 )

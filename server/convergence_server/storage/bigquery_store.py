@@ -41,6 +41,7 @@ from google.cloud import bigquery
 from convergence_server.errors import AlreadyExists, DeadlineExceeded, Unavailable
 from convergence_server.storage import schema
 from convergence_server.storage.bigquery_client import (
+    STARTUP_RETRY,
     UNAVAILABLE,
     Null,
     Runner,
@@ -185,7 +186,7 @@ class BigQueryStore:
 
     def _migrate(self) -> None:
         client = self._bq.client
-        client.create_dataset(self.central, exists_ok=True)
+        client.create_dataset(self.central, exists_ok=True, retry=STARTUP_RETRY)
         self._query(create_table_sql(self.central, MIGRATIONS_TABLE))
         rows = self._query(f"SELECT MAX(version) AS v FROM {self._t('schema_migrations')}")
         applied = (rows[0][0] if rows else None) or 0
