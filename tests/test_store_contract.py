@@ -19,6 +19,7 @@ import pytest
 
 from convergence_server.errors import AlreadyExists
 from convergence_server.storage import Store, schema
+from convergence_server.storage.bigquery_client import make_client
 from convergence_server.storage.bigquery_store import BigQueryStore
 from convergence_server.storage.duckdb_store import DuckDBStore
 from convergence_server.storage.records import (
@@ -410,3 +411,25 @@ def test_runs_list_newest_first_in_pages_and_filter(store: Store) -> None:
     assert run(store.list_runs(RunFilter(tenant_id, pipeline_id="other"), None, 10)) == []
     for r in made[1:]:
         run(store.request_cancel(tenant_id, r.pipeline_logging_id, datetime.now(UTC)))
+
+
+def test_bigquery_refuses_a_known_tenant_whose_dataset_is_gone(emulator: Emulator) -> None:
+    """The dataset is the tenant's lock on BigQuery; if it was dropped by hand, the rows
+    still refuse a second tenant of that id, and the new dataset is removed again."""
+    store = BigQueryStore.open(PROJECT, "US", new_prefix(), emulator.endpoint)
+    try:
+        tenant_id = tenant(store)
+        operator = make_client(PROJECT, "US", emulator.endpoint)
+        operator.delete_dataset(store.dataset_of(tenant_id), delete_contents=True)
+        operator.close()  # type: ignore[no-untyped-call]
+        now = datetime.now(UTC)
+        again = TenantRecord(tenant_id, "Imposter", "x@imposter.example", "SCALE", now)
+        key = ApiKeyRecord(f"k_{uuid.uuid4().hex[:12]}", tenant_id, b"s", b"h", now)
+        with pytest.raises(AlreadyExists):
+            run(store.create_tenant(again, key))
+        assert run(store.get_api_key(key.key_id)) is None
+        assert not run(store.dataset_exists(tenant_id))
+        stored = run(store.get_tenant(tenant_id))
+        assert stored is not None and stored.company_name == "Contract Co"
+    finally:
+        run(store.close())
