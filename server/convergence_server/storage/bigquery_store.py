@@ -601,7 +601,7 @@ class BigQueryStore:
         return Admission(run, created=True)
 
     def _next_seq_sql(self) -> str:
-        """The statements that take the tenant's next sequence number into `seq`; the UPDATE
+        """The statements that take the tenant's next sequence number into `next_seq`; the UPDATE
         is what makes two transactions of one tenant conflict."""
         counters = self._t(COUNTERS.name)
         return f"""
