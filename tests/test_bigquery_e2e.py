@@ -1,6 +1,6 @@
 """The whole flow with the server on the BigQuery store (the local emulator): onboard,
-trigger every shipped template, watch each to COMPLETE, list runs, quota refusals, and
-the published tables read back with the BigQuery client."""
+trigger every shipped template, follow each to COMPLETE, list runs, watch a run's stream,
+quota refusals, and the published tables read back with the BigQuery client."""
 
 from __future__ import annotations
 
@@ -9,12 +9,14 @@ from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
 
+import grpc
 import httpx
 import pytest
 from google.api_core.client_options import ClientOptions
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import bigquery
 
+from convergence.v1 import run_pb2, run_service_pb2, run_service_pb2_grpc
 from convergence_server.stack import Stack
 from tests.bigquery_emulator import PROJECT, Emulator
 from tests.conftest import (
@@ -121,4 +123,28 @@ def test_quota_refusals(http: httpx.Client) -> None:
     )
     assert wait_for_run(http, key, first["pipeline_logging_id"])["status"] == "FAILED"
     usage = http.get(f"/api/v1/tenants/{tenant_id}/usage", headers={"X-API-Key": key}).json()
-    assert usage, usage
+    assert (
+        usage["pipelines_run_today"],
+        usage["pipelines_failed_today"],
+        usage["concurrent_pipelines_running"],
+        usage["concurrent_limit"],
+    ) == (1, 1, 0, 1), usage
+
+
+def test_a_run_is_watched_to_complete_over_grpc(bq: BigQueryStack, http: httpx.Client) -> None:
+    tenant_id, key = onboard(http, plan=UNMETERED)
+    run_id = trigger(http, key, tenant_id, "test/runs/slow", parameters={"size": "1000"})
+    with grpc.insecure_channel(bq.stack.grpc_target) as channel:
+        updates = list(
+            run_service_pb2_grpc.RunServiceStub(channel).WatchRun(
+                run_service_pb2.WatchRunRequest(
+                    pipeline_logging_id=str(run_id["pipeline_logging_id"])
+                ),
+                metadata=[("x-api-key", key)],
+                timeout=180,
+            )
+        )
+    assert updates[-1].run.status == run_pb2.Run.COMPLETE
+    assert [s.step_name for s in updates[-1].steps] == ["count_1", "count_2", "count_3", "counted"]
+    statuses = [u.run.status for u in updates]
+    assert statuses == sorted(statuses) and len(updates) >= 3
