@@ -111,6 +111,10 @@ def test_focus_schema_matches_the_focus_sample() -> None:
             },
             "cannot reach BigQuery for project test-project",
         ),
+        (
+            {"CONVERGENCE_GCS_SOURCE_ROOTS": "gs://ok-bucket/exports,s3://elsewhere"},
+            "'s3://elsewhere' is not gs://bucket[/prefix]",
+        ),
     ],
 )
 def test_a_bad_store_setting_stops_the_server_with_a_reason(
@@ -130,4 +134,4 @@ def test_a_bad_store_setting_stops_the_server_with_a_reason(
     )
     assert result.returncode != 0
     assert complaint in result.stderr, result.stderr
-    assert not (tmp_path / "key_pepper").exists() or settings["CONVERGENCE_STORE"] != "bigquery"
+    assert not (tmp_path / "key_pepper").exists() or settings.get("CONVERGENCE_STORE") != "bigquery"

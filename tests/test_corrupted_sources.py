@@ -161,7 +161,8 @@ def test_nothing_half_written(story: Story) -> None:
 def test_a_tenant_reads_only_its_own_source_folder(
     stack_factory: StackFactory, pipeline_env: dict[str, str], sources_dir: Path
 ) -> None:
-    stack = stack_factory(**pipeline_env)
+    bucket = "gs://convergence-test-sources/exports"
+    stack = stack_factory(**pipeline_env, CONVERGENCE_GCS_SOURCE_ROOTS=bucket)
     with httpx.Client(base_url=stack.http_url, timeout=30) as http:
         tenant_a, _ = onboard(http, plan=UNMETERED)
         tenant_b, key_b = onboard(http, plan=UNMETERED)
@@ -176,6 +177,12 @@ def test_a_tenant_reads_only_its_own_source_folder(
             "a path climbing out": f"{sources_dir / tenant_b}/../{tenant_a}/private_cur.csv",
             "the sample folder, climbing out": "{sample_data}/../../README.md",
             "a remote URL": "https://example.com/cur.csv",
+            "an S3 object": "s3://convergence-test-sources/cur.csv",
+            "a bucket not allowed": "gs://someone-elses-bucket/cur.csv",
+            "another tenant's bucket folder": f"{bucket}/{tenant_a}/cur.csv",
+            "a bucket path climbing out": f"{bucket}/{tenant_b}/../{tenant_a}/cur.csv",
+            # Allowed, but only the BigQuery store reads gs:// (its load jobs do).
+            "its own bucket folder, on the embedded store": f"{bucket}/{tenant_b}/cur.csv",
         }
         for what, uri in attempts.items():
             triggered = trigger(
@@ -184,3 +191,8 @@ def test_a_tenant_reads_only_its_own_source_folder(
             run = wait_for_run(http, key_b, triggered["pipeline_logging_id"])
             assert run["status"] == "FAILED", what
             assert "load_export failed" in str(run["error_message"]), what
+            reason = str(run["error_message"])
+            if what.startswith("its own bucket"):
+                assert "gs:// sources need the BigQuery store" in reason, reason
+            elif uri.startswith(("gs://", "/")) or "{sample_data}" in uri:
+                assert "outside the allowed source folders" in reason, (what, reason)

@@ -129,6 +129,7 @@ def create_server(
             lease_seconds=config.lease_seconds,
             sample_data=config.sample_data_dir,
             source_roots=config.source_roots,
+            gcs_source_roots=config.gcs_source_roots,
         ),
         clock=clock,
     )

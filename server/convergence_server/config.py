@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ class Config:
     workers: int = 4
     sample_data_dir: Path = REPO_ROOT / "configs" / "sample_data"
     source_roots: tuple[Path, ...] = ()
+    gcs_source_roots: tuple[str, ...] = ()
     project: str = "your-project"
     bigquery_location: str = "US"
     bigquery_dataset_prefix: str = ""
@@ -82,6 +84,7 @@ class Config:
             source_roots=tuple(
                 Path(p) for p in env.get("CONVERGENCE_SOURCE_ROOTS", "").split(os.pathsep) if p
             ),
+            gcs_source_roots=_gcs_roots(env.get("CONVERGENCE_GCS_SOURCE_ROOTS", "")),
             project=env.get("CONVERGENCE_PROJECT", defaults.project),
             bigquery_location=env.get("CONVERGENCE_BIGQUERY_LOCATION", defaults.bigquery_location),
             bigquery_dataset_prefix=env.get(
@@ -106,6 +109,14 @@ def _int(env: dict[str, str], name: str, default: int) -> int:
         return int(raw)
     except ValueError:
         raise SystemExit(f"{name} must be an integer, got {raw!r}") from None
+
+
+def _gcs_roots(raw: str) -> tuple[str, ...]:
+    roots = tuple(r.strip().rstrip("/") for r in raw.split(",") if r.strip())
+    for root in roots:
+        if not re.fullmatch(r"gs://[a-z0-9][a-z0-9._-]{1,220}(/[^*?\[\]]+)?", root):
+            raise SystemExit(f"CONVERGENCE_GCS_SOURCE_ROOTS: {root!r} is not gs://bucket[/prefix]")
+    return roots
 
 
 def _local_pepper(data_dir: Path) -> bytes:

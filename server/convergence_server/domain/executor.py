@@ -49,6 +49,7 @@ class ExecutorSettings:
     lease_seconds: float = 30.0
     sample_data: Path = Path("configs/sample_data")
     source_roots: tuple[Path, ...] = ()
+    gcs_source_roots: tuple[str, ...] = ()
 
 
 class _Observer:
@@ -280,6 +281,9 @@ class Executor:
                 source_roots=(
                     self._settings.sample_data,
                     *(root / run.tenant_id for root in self._settings.source_roots),
+                ),
+                remote_roots=tuple(
+                    f"{root}/{run.tenant_id}/" for root in self._settings.gcs_source_roots
                 ),
             ).execute()
         except StepFailed as exc:

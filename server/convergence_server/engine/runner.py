@@ -32,7 +32,6 @@ from convergence_server.storage.warehouse import (
 
 MAX_BACKOFF = 60.0
 log = logging.getLogger(__name__)
-_REMOTE = re.compile(r"(gs|s3)://[^\s'\"]+")
 _PLACEHOLDER = re.compile(r"\{([a-z][a-z0-9_]*)\}")
 
 
@@ -87,6 +86,8 @@ class PipelineRun:
     attempt: int
     sample_data: Path
     source_roots: tuple[Path, ...]
+    # gs:// prefixes the run may read (each ends with the tenant's own folder).
+    remote_roots: tuple[str, ...] = ()
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
     staged: dict[str, str] = field(default_factory=dict)
     publications: list[Publication] = field(default_factory=list)
@@ -279,10 +280,13 @@ class PipelineRun:
         """The step's source with parameters, then `{sample_data}`, filled in."""
         uri = _PLACEHOLDER.sub(lambda m: str(self.parameters.get(m.group(1), m.group(0))), template)
         uri = uri.replace("{sample_data}", str(self.sample_data))
-        if _REMOTE.fullmatch(uri):
-            return uri
         if "://" in uri:
-            raise StepFailed(f"unsupported source {uri!r}: use a local path, gs:// or s3://")
+            if not uri.startswith("gs://"):
+                raise StepFailed(f"unsupported source {uri!r}: use a local path or gs://")
+            climbs = any(part in (".", "..") for part in uri[5:].split("/"))
+            if climbs or not any(uri.startswith(root) for root in self.remote_roots):
+                raise StepFailed(f"source {uri!r} is outside the allowed source folders")
+            return uri
         path = Path(uri).resolve()
         if not any(path.is_relative_to(root.resolve()) for root in self.source_roots):
             raise StepFailed(f"source {uri!r} is outside the allowed source folders")

@@ -98,8 +98,6 @@ class BigQueryWarehouse:
         return await self._bq.call(run)
 
     async def load(self, table: str, uri: str, fmt: str) -> int:
-        if uri.startswith("s3://"):
-            raise WarehouseError("s3:// sources are not read by BigQuery load jobs; use gs://")
         config = bigquery.LoadJobConfig(
             source_format=_FORMATS[fmt],
             write_disposition=bigquery.WriteDisposition.WRITE_TRUNCATE,
