@@ -117,6 +117,9 @@ class BigQueryWarehouse:
             elif fmt == "ndjson":
                 config.autodetect = True
             if remote:
+                # Names BigQuery takes from the file: other characters become `_`, as
+                # `sanitize` does for the local files read here.
+                config.column_name_character_map = "V1"
                 job = self._bq.client.load_table_from_uri(uri, self._ref(table), job_config=config)
             else:
                 with open(uri, "rb") as source:
