@@ -8,6 +8,7 @@ kinds in one place each.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import re
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +23,7 @@ from google.api_core import exceptions as api_exceptions
 from google.api_core.client_options import ClientOptions
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import bigquery
+from google.cloud.bigquery.retry import DEFAULT_JOB_RETRY
 
 T = TypeVar("T")
 
@@ -35,6 +37,7 @@ _CONFLICT = re.compile(
 RETRY = bigquery.DEFAULT_RETRY.with_deadline(30)
 # At start-up, an unreachable BigQuery stops the server soon, with the reason.
 STARTUP_RETRY = bigquery.DEFAULT_RETRY.with_deadline(5)
+# Failures worth trying again later: BigQuery or the network is down or busy.
 UNAVAILABLE = (
     api_exceptions.ServerError,
     api_exceptions.TooManyRequests,
@@ -42,7 +45,10 @@ UNAVAILABLE = (
     requests.exceptions.RequestException,
     ConnectionError,
     TimeoutError,
+    concurrent.futures.TimeoutError,
 )
+# How long the store waits for one of its own jobs (a read or a transaction script).
+STORE_JOB_TIMEOUT = 120.0
 
 
 def make_client(project: str, location: str, endpoint: str) -> bigquery.Client:
@@ -62,6 +68,16 @@ def is_conflict(exc: BaseException) -> bool:
     return isinstance(exc, api_exceptions.GoogleAPICallError) and bool(_CONFLICT.search(str(exc)))
 
 
+def is_transient(exc: BaseException) -> bool:
+    """Down, busy or rate-limited (403 rateLimitExceeded: too many DML statements queued),
+    or a transaction that lost a conflict: worth another try."""
+    if isinstance(exc, UNAVAILABLE) or is_conflict(exc):
+        return True
+    return isinstance(exc, api_exceptions.Forbidden) and any(
+        error.get("reason") == "rateLimitExceeded" for error in exc.errors or []
+    )
+
+
 def message(exc: BaseException) -> str:
     """BigQuery's own words for a failed call, without the client's job-id trailer."""
     if isinstance(exc, api_exceptions.GoogleAPICallError):
@@ -78,8 +94,12 @@ class Null:
     kind: str
 
 
-def parameter(name: str, value: Any) -> bigquery.ScalarQueryParameter:
-    """A named query parameter typed by its value."""
+def parameter(
+    name: str, value: Any
+) -> bigquery.ScalarQueryParameter | bigquery.ArrayQueryParameter:
+    """A named query parameter typed by its value (a list is an ARRAY<STRING>)."""
+    if isinstance(value, list):
+        return bigquery.ArrayQueryParameter(name, "STRING", value)
     if isinstance(value, Null):
         return bigquery.ScalarQueryParameter(name, value.kind, None)
     if isinstance(value, bool):
@@ -110,18 +130,40 @@ def job_config(params: Mapping[str, Any], **options: Any) -> bigquery.QueryJobCo
 class Runner:
     """Runs blocking client calls off the event loop."""
 
-    def __init__(self, client: bigquery.Client, threads: int) -> None:
+    def __init__(self, client: bigquery.Client, threads: int, name: str = "bigquery") -> None:
         self.client = client
-        self._executor = ThreadPoolExecutor(threads, thread_name_prefix="bigquery")
+        self._executor = ThreadPoolExecutor(threads, thread_name_prefix=name)
 
     async def call(self, fn: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
 
-    def query(self, sql: str, params: Mapping[str, Any] | None = None) -> list[tuple[Any, ...]]:
+    def job(
+        self,
+        sql: str,
+        params: Mapping[str, Any] | None = None,
+        *,
+        timeout: float | None = STORE_JOB_TIMEOUT,
+        rerun: bool = True,
+        **options: Any,
+    ) -> bigquery.QueryJob:
+        """Runs a query or script to its end (blocking). `rerun=False` never re-submits a
+        failed job (a transaction script could have committed before it failed)."""
+        job = self.client.query(
+            sql,
+            job_config=job_config(params or {}, **options),
+            retry=RETRY,
+            job_retry=DEFAULT_JOB_RETRY if rerun else None,
+        )
+        job.result(retry=RETRY, timeout=timeout)
+        return job
+
+    def query(
+        self, sql: str, params: Mapping[str, Any] | None = None, *, rerun: bool = True
+    ) -> list[tuple[Any, ...]]:
         """Runs a query or script; returns the rows of its last statement (blocking)."""
-        job = self.client.query(sql, job_config=job_config(params or {}), retry=RETRY)
+        job = self.job(sql, params, rerun=rerun)
         return [tuple(row.values()) for row in job.result(retry=RETRY)]
 
     def close(self) -> None:
+        """Stops the threads (the client is closed by its owner)."""
         self._executor.shutdown(wait=True)
-        self.client.close()  # type: ignore[no-untyped-call]

@@ -41,12 +41,13 @@ from google.cloud import bigquery
 from convergence_server.errors import AlreadyExists, DeadlineExceeded, Unavailable
 from convergence_server.storage import schema
 from convergence_server.storage.bigquery_client import (
+    RETRY,
     STARTUP_RETRY,
     UNAVAILABLE,
     Null,
     Runner,
     is_conflict,
-    job_config,
+    is_transient,
     make_client,
 )
 from convergence_server.storage.bigquery_warehouse import BigQueryWarehouse, create_table_sql
@@ -100,6 +101,8 @@ HEARTBEATS = schema.Table(
     ),
     partition_by="beat_at",
     cluster_by=("pipeline_logging_id",),
+    # Only the newest beats matter (a lease is seconds): a week of them is plenty.
+    partition_expiration_days=7,
 )
 COUNTERS = schema.Table(
     "tenant_run_counters",
@@ -135,16 +138,22 @@ class BigQueryStore:
     kind = "bigquery"
     exclusive = False
 
-    def __init__(self, client: bigquery.Client, prefix: str, threads: int = THREADS) -> None:
-        self._bq = Runner(client, threads)
+    def __init__(self, client: bigquery.Client, prefix: str, pipeline_threads: int = 4) -> None:
+        self._client = client
+        self._bq = Runner(client, THREADS)
+        # Pipeline jobs wait on their own threads, so that long steps never hold back the
+        # API's calls (auth, triggers, run bookkeeping) or the heartbeats.
+        self._pipelines = Runner(client, max(1, pipeline_threads), "bigquery-pipelines")
         self.project = client.project
         self._prefix = prefix
         self.central = f"{prefix}{schema.CENTRAL_DATASET}"
         self._publish_locks = KeyedLocks()
 
     @classmethod
-    def open(cls, project: str, location: str, prefix: str, endpoint: str = "") -> BigQueryStore:
-        store = cls(make_client(project, location, endpoint), prefix)
+    def open(
+        cls, project: str, location: str, prefix: str, endpoint: str = "", pipeline_threads: int = 4
+    ) -> BigQueryStore:
+        store = cls(make_client(project, location, endpoint), prefix, pipeline_threads)
         try:
             store._migrate()
         except UNAVAILABLE as exc:
@@ -164,9 +173,11 @@ class BigQueryStore:
         def run() -> T:
             try:
                 return fn()
-            except UNAVAILABLE as exc:
-                log.error("BigQuery unavailable: %s", exc)
-                raise Unavailable("BigQuery is unavailable") from exc
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                log.error("BigQuery unavailable or busy: %s", exc)
+                raise Unavailable("BigQuery is unavailable or busy; try again") from exc
 
         return await self._bq.call(run)
 
@@ -177,7 +188,7 @@ class BigQueryStore:
         """Runs a transaction script, again while it conflicts with a concurrent one."""
         for attempt in range(CONFLICT_RETRIES):
             try:
-                return self._bq.query(script, params)
+                return self._bq.query(script, params, rerun=False)
             except api_exceptions.GoogleAPICallError as exc:
                 if not is_conflict(exc) or attempt == CONFLICT_RETRIES - 1:
                     raise
@@ -235,14 +246,16 @@ class BigQueryStore:
     def _latest_events_sql(self, where: str = "TRUE") -> str:
         return (
             f"SELECT * FROM {self._t(RUN_EVENTS.name)} WHERE {where} QUALIFY ROW_NUMBER() "
-            "OVER (PARTITION BY pipeline_logging_id ORDER BY event_seq DESC) = 1"
+            # tenant_id leads the window, so that a filter on it reaches the clustered table.
+            "OVER (PARTITION BY tenant_id, pipeline_logging_id ORDER BY event_seq DESC) = 1"
         )
 
     def _latest_steps_sql(self, where: str = "TRUE") -> str:
         """Each step's newest row; an ended step outranks a RUNNING row written after it."""
         return (
             f"SELECT * FROM {self._t(STEP_EVENTS.name)} WHERE {where} QUALIFY ROW_NUMBER() "
-            "OVER (PARTITION BY step_logging_id ORDER BY IF(status = 'RUNNING', 0, 1) DESC, "
+            "OVER (PARTITION BY tenant_id, pipeline_logging_id, step_logging_id "
+            "ORDER BY IF(status = 'RUNNING', 0, 1) DESC, "
             "recorded_at DESC) = 1"
         )
 
@@ -288,8 +301,8 @@ class BigQueryStore:
     async def dataset_exists(self, dataset_id: str) -> bool:
         def exists() -> bool:
             try:
-                self._bq.client.get_dataset(self.dataset_of(dataset_id))
-            except api_exceptions.NotFound:
+                self._bq.client.get_dataset(self.dataset_of(dataset_id), retry=RETRY)
+            except (api_exceptions.NotFound, ValueError):  # ValueError: not a valid name
                 return False
             return True
 
@@ -339,49 +352,20 @@ class BigQueryStore:
                     raise asyncio.CancelledError
                 if commit_by is not None and time.monotonic() > commit_by:
                     raise DeadlineExceeded("The deadline passed before onboarding finished")
-                taken = self._transaction(
-                    f"""
-                    DECLARE taken BOOL;
-                    BEGIN TRANSACTION;
-                    SET taken = EXISTS (SELECT 1 FROM {self._t("tenant_profiles")}
-                                        WHERE tenant_id = @tenant_id);
-                    IF NOT taken THEN
-                      INSERT INTO {self._t("tenant_profiles")}
-                        (tenant_id, company_name, admin_email, subscription_plan, status,
-                         created_at, updated_at)
-                      VALUES (@tenant_id, @company_name, @admin_email, @plan, @status,
-                              @now, @now);
-                      INSERT INTO {self._t("tenant_api_keys")}
-                        (key_id, tenant_id, salt, key_hash, created_at, revoked_at)
-                      VALUES (@key_id, @tenant_id, @salt, @key_hash, @now, NULL);
-                      INSERT INTO {self._t(COUNTERS.name)}
-                        (tenant_id, seq, active_runs, updated_at)
-                      VALUES (@tenant_id, 0, 0, @now);
-                    END IF;
-                    COMMIT TRANSACTION;
-                    SELECT taken;
-                    """,
-                    {
-                        "tenant_id": tenant.tenant_id,
-                        "company_name": tenant.company_name,
-                        "admin_email": tenant.admin_email,
-                        "plan": tenant.subscription_plan,
-                        "status": tenant.status,
-                        "now": tenant.created_at,
-                        "key_id": key.key_id,
-                        "salt": key.salt,
-                        "key_hash": key.key_hash,
-                    },
-                )
-                if taken[0][0]:
+                try:
+                    taken = self._tenant_rows(tenant, key)
+                except BaseException:
+                    # It may have committed before the failure reached us.
+                    self._delete_tenant(tenant, key)
+                    raise
+                if taken:
                     raise AlreadyExists(f"Tenant '{tenant.tenant_id}' already exists")
             except BaseException:
-                self._delete_tenant(tenant.tenant_id, key.key_id, rows=False)
+                self._delete_tenant(tenant, key, rows=False)
                 raise
             return schema.TENANT_DATASET_OBJECTS
 
-        future = self._call(create)
-        task = asyncio.ensure_future(future)
+        task = asyncio.ensure_future(self._call(create))
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
@@ -389,9 +373,48 @@ class BigQueryStore:
             with contextlib.suppress(asyncio.CancelledError, AlreadyExists, DeadlineExceeded):
                 await task
                 # It committed before it could see the flag: undo it.
-                await self._call(lambda: self._delete_tenant(tenant.tenant_id, key.key_id))
+                await self._call(lambda: self._delete_tenant(tenant, key))
                 log.warning("onboarding of %s abandoned after commit: undone", tenant.tenant_id)
             raise
+
+    def _tenant_rows(self, tenant: TenantRecord, key: ApiKeyRecord) -> bool:
+        """Stores the tenant's profile, key and counters in one transaction, unless the
+        tenant id is taken; returns whether it was."""
+        rows = self._transaction(
+            f"""
+            DECLARE taken BOOL;
+            BEGIN TRANSACTION;
+            SET taken = EXISTS (SELECT 1 FROM {self._t("tenant_profiles")}
+                                WHERE tenant_id = @tenant_id);
+            IF NOT taken THEN
+              INSERT INTO {self._t("tenant_profiles")}
+                (tenant_id, company_name, admin_email, subscription_plan, status,
+                 created_at, updated_at)
+              VALUES (@tenant_id, @company_name, @admin_email, @plan, @status,
+                      @now, @now);
+              INSERT INTO {self._t("tenant_api_keys")}
+                (key_id, tenant_id, salt, key_hash, created_at, revoked_at)
+              VALUES (@key_id, @tenant_id, @salt, @key_hash, @now, NULL);
+              INSERT INTO {self._t(COUNTERS.name)}
+                (tenant_id, seq, active_runs, updated_at)
+              VALUES (@tenant_id, 0, 0, @now);
+            END IF;
+            COMMIT TRANSACTION;
+            SELECT taken;
+            """,
+            {
+                "tenant_id": tenant.tenant_id,
+                "company_name": tenant.company_name,
+                "admin_email": tenant.admin_email,
+                "plan": tenant.subscription_plan,
+                "status": tenant.status,
+                "now": tenant.created_at,
+                "key_id": key.key_id,
+                "salt": key.salt,
+                "key_hash": key.key_hash,
+            },
+        )
+        return bool(rows[0][0])
 
     def _fill_dataset(self, dataset: str, tenant: TenantRecord) -> None:
         table = schema.ONBOARDING_VALIDATION_TEST
@@ -435,20 +458,24 @@ class BigQueryStore:
             WHERE r.tenant_id = '{tenant_id}'
         """
 
-    def _delete_tenant(self, tenant_id: str, key_id: str, rows: bool = True) -> None:
+    def _delete_tenant(self, tenant: TenantRecord, key: ApiKeyRecord, rows: bool = True) -> None:
+        """Removes what this onboarding created: its rows (told apart by the key and the
+        creation time) and, unless only the rows, the dataset."""
         if rows:
             self._transaction(
                 f"""
                 BEGIN TRANSACTION;
                 DELETE FROM {self._t("tenant_api_keys")} WHERE key_id = @key_id;
-                DELETE FROM {self._t("tenant_profiles")} WHERE tenant_id = @tenant_id;
-                DELETE FROM {self._t(COUNTERS.name)} WHERE tenant_id = @tenant_id;
+                DELETE FROM {self._t("tenant_profiles")}
+                WHERE tenant_id = @tenant_id AND created_at = @now;
+                DELETE FROM {self._t(COUNTERS.name)}
+                WHERE tenant_id = @tenant_id AND updated_at = @now AND seq = 0;
                 COMMIT TRANSACTION;
                 """,
-                {"tenant_id": tenant_id, "key_id": key_id},
+                {"tenant_id": tenant.tenant_id, "key_id": key.key_id, "now": tenant.created_at},
             )
         self._bq.client.delete_dataset(
-            self.dataset_of(tenant_id), delete_contents=True, not_found_ok=True
+            self.dataset_of(tenant.tenant_id), delete_contents=True, not_found_ok=True, retry=RETRY
         )
 
     async def get_api_key(self, key_id: str) -> ApiKeyRecord | None:
@@ -463,12 +490,11 @@ class BigQueryStore:
 
     async def update_plan(self, tenant_id: str, plan: str, now: datetime) -> bool:
         def update() -> bool:
-            job = self._bq.client.query(
+            job = self._bq.job(
                 f"UPDATE {self._t('tenant_profiles')} SET subscription_plan = @plan, "
                 "updated_at = @now WHERE tenant_id = @t",
-                job_config=job_config({"plan": plan, "now": now, "t": tenant_id}),
+                {"plan": plan, "now": now, "t": tenant_id},
             )
-            job.result()
             return bool(job.num_dml_affected_rows)
 
         return await self._call(update)
@@ -516,11 +542,10 @@ class BigQueryStore:
 
     async def remove_member(self, tenant_id: str, user_id: str) -> bool:
         def remove() -> bool:
-            job = self._bq.client.query(
+            job = self._bq.job(
                 f"DELETE FROM {self._t('tenant_members')} WHERE tenant_id = @t AND user_id = @u",
-                job_config=job_config({"t": tenant_id, "u": user_id}),
+                {"t": tenant_id, "u": user_id},
             )
-            job.result()
             return bool(job.num_dml_affected_rows)
 
         return await self._call(remove)
@@ -805,7 +830,9 @@ class BigQueryStore:
                         "status": "'RUNNING'",
                         "start_time": "@now",
                         "worker_id": "@worker_id",
-                        "heartbeat_at": "@now",
+                        # BigQuery's clock, as for the heartbeats that follow: a claim
+                        # that waited on conflicts does not start out stale.
+                        "heartbeat_at": "CURRENT_TIMESTAMP()",
                     },
                     {"now": now, "worker_id": worker_id},
                 )
@@ -906,16 +933,11 @@ class BigQueryStore:
         if not run_ids:
             return
         await self._call(
-            lambda: self._bq.client.query(
+            lambda: self._bq.job(
                 f"INSERT INTO {self._t(HEARTBEATS.name)} (pipeline_logging_id, worker_id, beat_at) "
                 "SELECT id, @worker_id, CURRENT_TIMESTAMP() FROM UNNEST(@ids) AS id",
-                job_config=bigquery.QueryJobConfig(
-                    query_parameters=[
-                        bigquery.ScalarQueryParameter("worker_id", "STRING", worker_id),
-                        bigquery.ArrayQueryParameter("ids", "STRING", run_ids),
-                    ]
-                ),
-            ).result()
+                {"worker_id": worker_id, "ids": list(run_ids)},
+            )
         )
 
     async def requeue_run(self, run: RunRecord, now: datetime, count_attempt: bool) -> bool:
@@ -950,10 +972,13 @@ class BigQueryStore:
             lambda: self._bq.query(
                 f"INSERT INTO {self._t(STEP_EVENTS.name)} ({STEP_COLUMNS}, recorded_at) "
                 f"VALUES ({', '.join('@' + n for n in names)}, CURRENT_TIMESTAMP())",
-                {
-                    **{n: getattr(step, n) for n in names},
-                    "error_message": step.error_message or None,
-                },
+                _typed(
+                    schema.TENANT_STEP_LOGS,
+                    {
+                        **{n: getattr(step, n) for n in names},
+                        "error_message": step.error_message or None,
+                    },
+                ),
             )
         )
 
@@ -979,7 +1004,8 @@ class BigQueryStore:
         rows = []
         for i, result in enumerate(results):
             rows.append("(" + ", ".join(f"@{n}_{i}" for n in names) + ")")
-            params.update({f"{n}_{i}": getattr(result, n) for n in names})
+            values = _typed(schema.TENANT_DQ_RESULTS, {n: getattr(result, n) for n in names})
+            params.update({f"{n}_{i}": v for n, v in values.items()})
         sql = (
             f"INSERT INTO {self._t('tenant_dq_results')} ({', '.join(names)}) "
             f"VALUES {', '.join(rows)}"
@@ -990,7 +1016,7 @@ class BigQueryStore:
 
     def warehouse(self, dataset: str) -> BigQueryWarehouse:
         return BigQueryWarehouse(
-            self._bq, self.dataset_of(dataset), self._publish_locks.get(dataset)
+            self._pipelines, self.dataset_of(dataset), self._publish_locks.get(dataset)
         )
 
     async def drop_stage_tables(self) -> int:
@@ -1008,30 +1034,42 @@ class BigQueryStore:
         return await self._call(drop)
 
     async def close(self) -> None:
+        self._pipelines.close()
         self._bq.close()
+        self._client.close()  # type: ignore[no-untyped-call]
+
+
+def _typed(table: schema.Table, values: Mapping[str, Any]) -> dict[str, Any]:
+    """`values` as query parameters, a None being a NULL of its column's type (BigQuery
+    does not put a NULL STRING into an INT64 or TIMESTAMP column)."""
+    types = {c.name: c.type for c in table.columns}
+    return {k: Null(types.get(k, "STRING")) if v is None else v for k, v in values.items()}
 
 
 def _run_params(run: RunRecord) -> dict[str, Any]:
-    return {
-        "pipeline_logging_id": run.pipeline_logging_id,
-        "pipeline_id": run.pipeline_id,
-        "tenant_id": run.tenant_id,
-        "status": run.status,
-        "trigger_type": run.trigger_type,
-        "trigger_by": run.trigger_by,
-        "user_id": run.user_id or None,
-        "parameters": json.dumps(run.parameters, sort_keys=True),
-        "created_at": run.created_at,
-        "start_time": run.start_time or Null("TIMESTAMP"),
-        "end_time": run.end_time or Null("TIMESTAMP"),
-        "duration_ms": Null("INT64") if run.duration_ms is None else run.duration_ms,
-        "error_message": run.error_message or None,
-        "provider": run.provider,
-        "domain": run.domain,
-        "template": run.template,
-        "idempotency_key": run.idempotency_key,
-        "attempt": run.attempt,
-        "worker_id": run.worker_id or None,
-        "heartbeat_at": Null("TIMESTAMP"),
-        "cancel_requested": run.cancel_requested,
-    }
+    return _typed(
+        schema.TENANT_PIPELINE_RUNS,
+        {
+            "pipeline_logging_id": run.pipeline_logging_id,
+            "pipeline_id": run.pipeline_id,
+            "tenant_id": run.tenant_id,
+            "status": run.status,
+            "trigger_type": run.trigger_type,
+            "trigger_by": run.trigger_by,
+            "user_id": run.user_id or None,
+            "parameters": json.dumps(run.parameters, sort_keys=True),
+            "created_at": run.created_at,
+            "start_time": run.start_time,
+            "end_time": run.end_time,
+            "duration_ms": run.duration_ms,
+            "error_message": run.error_message or None,
+            "provider": run.provider,
+            "domain": run.domain,
+            "template": run.template,
+            "idempotency_key": run.idempotency_key,
+            "attempt": run.attempt,
+            "worker_id": run.worker_id or None,
+            "heartbeat_at": None,
+            "cancel_requested": run.cancel_requested,
+        },
+    )

@@ -22,9 +22,9 @@ from google.cloud import bigquery
 
 from convergence_server.storage import schema
 from convergence_server.storage.bigquery_client import (
-    UNAVAILABLE,
+    RETRY,
     Runner,
-    is_conflict,
+    is_transient,
     job_config,
     message,
 )
@@ -58,6 +58,8 @@ def create_table_sql(dataset: str, table: schema.Table) -> str:
         sql += f" PARTITION BY {column if kind == 'DATE' else f'DATE({column})'}"
     if table.cluster_by:
         sql += f" CLUSTER BY {', '.join(table.cluster_by)}"
+    if table.partition_expiration_days:
+        sql += f" OPTIONS (partition_expiration_days = {int(table.partition_expiration_days)})"
     return sql
 
 
@@ -73,6 +75,9 @@ class BigQueryWarehouse:
         # Publications into one dataset from this process go one at a time; between
         # processes, BigQuery's transaction conflicts (retried by the engine) order them.
         self._publish_lock = publish_lock
+        # Set once this run's publishing transaction has committed: a retry of `publish`
+        # (after a later step of it failed) must not append the same rows again.
+        self._committed = False
 
     def _ref(self, table: str) -> str:
         return f"{self._bq.client.project}.{self.dataset}.{table}"
@@ -86,13 +91,13 @@ class BigQueryWarehouse:
                 return fn()
             except WarehouseError:
                 raise
-            except UNAVAILABLE as exc:
-                raise TransientError(message(exc)) from exc
-            except api_exceptions.GoogleAPICallError as exc:
-                if is_conflict(exc):
+            except Exception as exc:
+                if is_transient(exc):
                     raise TransientError(message(exc)) from exc
-                raise WarehouseError(message(exc)) from exc
-            except (OSError, ValueError) as exc:
+                if isinstance(exc, api_exceptions.GoogleAPICallError):
+                    raise WarehouseError(message(exc)) from exc
+                if not isinstance(exc, (OSError, ValueError)):
+                    raise
                 raise WarehouseError(str(exc)) from exc
 
         return await self._bq.call(run)
@@ -120,13 +125,15 @@ class BigQueryWarehouse:
                 # Names BigQuery takes from the file: other characters become `_`, as
                 # `sanitize` does for the local files read here.
                 config.column_name_character_map = "V1"
-                job = self._bq.client.load_table_from_uri(uri, self._ref(table), job_config=config)
+                job = self._bq.client.load_table_from_uri(
+                    uri, self._ref(table), job_config=config, retry=RETRY
+                )
             else:
                 with open(uri, "rb") as source:
                     job = self._bq.client.load_table_from_file(
                         source, self._ref(table), job_config=config
                     )
-            job.result()
+            job.result(retry=RETRY)
             if remote and fmt == "csv":
                 self._all_strings(table)
             return self._rows(table)
@@ -136,8 +143,9 @@ class BigQueryWarehouse:
     def _all_strings(self, table: str) -> None:
         columns = [f.name for f in self._bq.client.get_table(self._ref(table)).schema]
         casts = ", ".join(f"CAST(`{c}` AS STRING) AS `{c}`" for c in columns)
-        self._bq.query(
-            f"CREATE OR REPLACE TABLE {self._q(table)} AS SELECT {casts} FROM {self._q(table)}"
+        self._bq.job(
+            f"CREATE OR REPLACE TABLE {self._q(table)} AS SELECT {casts} FROM {self._q(table)}",
+            timeout=None,
         )
 
     def _rows(self, table: str) -> int:
@@ -150,9 +158,8 @@ class BigQueryWarehouse:
         return int(written.num_rows or 0)
 
     def _select(self, sql: str, params: Mapping[str, Any], **options: Any) -> bigquery.QueryJob:
-        job = self._bq.client.query(sql, job_config=job_config(_used(sql, params), **options))
-        job.result()
-        return job
+        """Runs a pipeline query to its end, however long it takes."""
+        return self._bq.job(sql, _used(sql, params), timeout=None, **options)
 
     async def create_as(self, table: str, sql: str, params: Mapping[str, Any]) -> int:
         def create() -> int:
@@ -170,7 +177,7 @@ class BigQueryWarehouse:
         def insert() -> int:
             # The query's column names (a dry run), so that rows go in by name.
             dry = self._bq.client.query(
-                sql, job_config=job_config(_used(sql, params), dry_run=True)
+                sql, job_config=job_config(_used(sql, params), dry_run=True), retry=RETRY
             )
             names = ", ".join(f"`{f.name}`" for f in dry.schema or [])
             job = self._select(
@@ -182,7 +189,7 @@ class BigQueryWarehouse:
 
     async def count(self, sql: str, params: Mapping[str, Any]) -> int:
         def count() -> int:
-            rows = list(self._select(sql, params).result())
+            rows = list(self._select(sql, params).result(retry=RETRY))
             return int(rows[0][0]) if rows else 0
 
         return int(await self._call(count))
@@ -210,32 +217,45 @@ class BigQueryWarehouse:
                     elif write.write_mode == "replace_partition":
                         statements.append(
                             f"DELETE FROM {destination} "
-                            f"WHERE DATE(`{write.partition_column}`) = @day;"
+                            f"WHERE CAST(`{write.partition_column}` AS DATE) = @day;"
                         )
                     names = ", ".join(f"`{c}`" for c in self._names(write.stage))
                     statements.append(
                         f"INSERT INTO {destination} ({names}) SELECT {names} FROM {stage};"
                     )
-                if statements:
+                if statements and not self._committed:
                     day = next((w.partition_value for w in writes if w.partition_value), None)
-                    self._bq.query(
+                    self._bq.job(
                         "BEGIN TRANSACTION;\n" + "\n".join(statements) + "\nCOMMIT TRANSACTION;",
                         {"day": day} if day else {},
+                        timeout=None,
+                        rerun=False,
                     )
+                self._committed = True
                 for write in writes:
                     if write.write_mode == "truncate" and not write.schema:
-                        self._bq.client.copy_table(
-                            self._ref(write.stage),
-                            self._ref(write.destination),
-                            job_config=bigquery.CopyJobConfig(
-                                write_disposition=bigquery.WriteDisposition.WRITE_TRUNCATE
-                            ),
-                        ).result()
+                        self._replace_with(write.stage, write.destination)
                 for write in writes:
                     if write.union_view is not None:
                         self._refresh_union_view(*write.union_view, write.schema)
 
         await self._call(publish)
+
+    def _replace_with(self, stage: str, destination: str) -> None:
+        """Replaces `destination` with a copy of `stage` (a copy job: atomic, no bytes
+        scanned), without the stage's expiry."""
+        self._bq.client.copy_table(
+            self._ref(stage),
+            self._ref(destination),
+            job_config=bigquery.CopyJobConfig(
+                write_disposition=bigquery.WriteDisposition.WRITE_TRUNCATE
+            ),
+            retry=RETRY,
+        ).result(retry=RETRY)
+        copied = self._bq.client.get_table(self._ref(destination), retry=RETRY)
+        if copied.expires is not None:
+            copied.expires = None
+            self._bq.client.update_table(copied, ["expires"], retry=RETRY)
 
     def _names(self, table: str) -> list[str]:
         return [f.name for f in self._bq.client.get_table(self._ref(table)).schema]
@@ -259,9 +279,9 @@ class BigQueryWarehouse:
             elif kind in ("TIMESTAMP", "DATETIME"):
                 partition = f" PARTITION BY DATE({column})"
         if write.schema:
-            self._bq.query(f"CREATE TABLE IF NOT EXISTS {destination} {body}{partition}")
+            self._bq.job(f"CREATE TABLE IF NOT EXISTS {destination} {body}{partition}")
         else:
-            self._bq.query(f"CREATE TABLE IF NOT EXISTS {destination}{partition} {body}")
+            self._bq.job(f"CREATE TABLE IF NOT EXISTS {destination}{partition} {body}")
 
     def _refresh_union_view(
         self, view: str, tables: Sequence[str], columns: Sequence[SchemaColumn]
@@ -269,7 +289,7 @@ class BigQueryWarehouse:
         existing = {t.table_id for t in self._bq.client.list_tables(self.dataset)}
         names = ", ".join(f"`{c.name}`" for c in columns)
         selects = [f"SELECT {names} FROM {self._q(t)}" for t in tables if t in existing]
-        self._bq.query(f"CREATE OR REPLACE VIEW {self._q(view)} AS {' UNION ALL '.join(selects)}")
+        self._bq.job(f"CREATE OR REPLACE VIEW {self._q(view)} AS {' UNION ALL '.join(selects)}")
 
     async def drop(self, tables: Sequence[str]) -> None:
         def drop() -> None:

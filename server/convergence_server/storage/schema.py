@@ -26,6 +26,8 @@ class Table:
     primary_key: tuple[str, ...] = ()
     partition_by: str | None = None
     cluster_by: tuple[str, ...] = ()
+    # BigQuery drops a day's partition this many days after it (None: kept).
+    partition_expiration_days: int | None = None
 
     @property
     def column_names(self) -> frozenset[str]:
