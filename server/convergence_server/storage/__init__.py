@@ -27,6 +27,7 @@ def open_store(config: Config) -> Store:
             config.bigquery_location,
             config.bigquery_dataset_prefix,
             config.bigquery_endpoint,
+            config.workers,
         )
     raise SystemExit(
         f"CONVERGENCE_STORE={config.store!r} is not supported (supported: embedded, bigquery)"

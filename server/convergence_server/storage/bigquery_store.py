@@ -13,7 +13,9 @@ Written for BigQuery's strengths and limits rather than as a port of the embedde
   sequence and its PENDING or RUNNING run count). Two transactions of one tenant therefore
   conflict; BigQuery aborts one, and it is retried here. Admission (daily and concurrent
   limits, idempotency key, the PENDING row, the usage row) is thus exact across any number
-  of server processes, and a run's events have a total order (`event_seq`).
+  of server processes, and a run's events have a total order (`event_seq`). BigQuery
+  detects conflicts per table, so in fact all tenants' changes take turns: the store's
+  throughput ceiling (bench/RESULTS.md).
 - **Bounded DML.** A run costs one transaction to be created, one to be claimed and one to
   end, plus one INSERT per step boundary and one per heartbeat tick of its server; the
   mutating statements touch only `tenant_run_counters`, `tenant_usage_quotas` and, rarely,
