@@ -1,8 +1,7 @@
-"""Several server processes on one BigQuery store admit exactly a tenant's limits.
+"""Several server processes on one BigQuery store: exact admission, and crash takeover.
 
-Two stacks (server + Envoy each) share the emulator and the dataset prefix, as replicas
-behind a load balancer would. Their workers are off, so admitted runs stay PENDING and
-keep their concurrency slots for the whole burst.
+Stacks (server + Envoy each) share the emulator and the dataset prefix, as replicas behind
+a load balancer would.
 """
 
 from __future__ import annotations
@@ -11,8 +10,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
-from tests.bigquery_emulator import Emulator
-from tests.conftest import StackFactory, new_prefix, onboard
+from convergence_server.storage.bigquery_client import make_client
+from tests.bigquery_emulator import PROJECT, Emulator
+from tests.conftest import UNMETERED, StackFactory, new_prefix, onboard, trigger, wait_for_run
 
 BURST = 12
 PROFESSIONAL_CONCURRENT = 5
@@ -21,6 +21,7 @@ PROFESSIONAL_CONCURRENT = 5
 def test_two_replicas_admit_exactly_the_concurrent_limit(
     stack_factory: StackFactory, pipeline_env: dict[str, str], emulator: Emulator
 ) -> None:
+    """Workers are off, so admitted runs stay PENDING and keep their slots all along."""
     env = {**pipeline_env, **emulator.env(new_prefix()), "CONVERGENCE_WORKERS": "0"}
     replicas = [stack_factory(**env), stack_factory(**env)]
     clients = [httpx.Client(base_url=s.http_url, timeout=120) for s in replicas]
@@ -59,3 +60,61 @@ def test_two_replicas_admit_exactly_the_concurrent_limit(
             client.close()
         for replica in replicas:
             replica.stop()
+
+
+def test_a_killed_replicas_run_is_taken_over_by_another(
+    stack_factory: StackFactory, pipeline_env: dict[str, str], emulator: Emulator
+) -> None:
+    """Replica A dies (kill -9) mid-run; replica B sees the run's heartbeats stop, puts it
+    back to PENDING after the lease, runs it again and publishes it once."""
+    prefix = new_prefix()
+    env = {
+        **pipeline_env,
+        **emulator.env(prefix),
+        "CONVERGENCE_WORKERS": "1",
+        "CONVERGENCE_RUN_HEARTBEAT_SECONDS": "1",
+        "CONVERGENCE_RUN_LEASE_SECONDS": "4",
+    }
+    first = stack_factory(**env)
+    with httpx.Client(base_url=first.http_url, timeout=120) as http:
+        tenant_id, key = onboard(http, plan=UNMETERED)
+        run_id = trigger(http, key, tenant_id, "test/runs/slow", parameters={"size": "1000"})[
+            "pipeline_logging_id"
+        ]
+        assert wait_for_run(http, key, run_id, ("RUNNING",), timeout=60)["status"] == "RUNNING"
+    first.kill_server()  # mid-run: its heartbeats stop, the run stays RUNNING
+    first.stop()
+    second = stack_factory(**env)
+    try:
+        with httpx.Client(base_url=second.http_url, timeout=120) as http:
+            ended = wait_for_run(http, key, run_id, timeout=240)
+            steps = http.get(
+                f"/api/v1/pipelines/runs/{run_id}/steps", headers={"X-API-Key": key}
+            ).json()["steps"]
+        assert ended["status"] == "COMPLETE", ended
+        assert [s["status"] for s in steps] == ["COMPLETE"] * 4
+        rows = sql(emulator, f"SELECT COUNT(*) AS n FROM `{prefix}{tenant_id}.slow_counts`")
+        assert rows == [(3,)]  # three counting steps, published once
+        history = sql(
+            emulator,
+            f"SELECT event, attempt, worker_id FROM `{prefix}tenants.tenant_run_events` "
+            f"WHERE pipeline_logging_id = '{run_id}' ORDER BY event_seq",
+        )
+        assert [(event, attempt) for event, attempt, _ in history] == [
+            ("created", 1),
+            ("claimed", 1),
+            ("requeued", 2),
+            ("claimed", 2),
+            ("finished", 2),
+        ]
+        assert history[1][2] != history[3][2]  # claimed by A, then by B
+    finally:
+        second.stop()
+
+
+def sql(emulator: Emulator, query: str) -> list[tuple[object, ...]]:
+    client = make_client(PROJECT, "US", emulator.endpoint)
+    try:
+        return [tuple(row.values()) for row in client.query(query).result()]
+    finally:
+        client.close()  # type: ignore[no-untyped-call]
