@@ -8,18 +8,22 @@ Written for BigQuery's strengths and limits rather than as a port of the embedde
   same way (`tenant_step_events`, view `tenant_step_logs`), heartbeats are rows of
   `tenant_run_heartbeats`. No row is ever updated in place, so nothing waits on the
   streaming buffer and no table takes an UPDATE per heartbeat.
-- **One transaction per change, serialized per tenant.** Each change is one multi-statement
-  transaction that first updates the tenant's row of `tenant_run_counters` (its event
-  sequence and its PENDING or RUNNING run count). Two transactions of one tenant therefore
-  conflict; BigQuery aborts one, and it is retried here. Admission (daily and concurrent
-  limits, idempotency key, the PENDING row, the usage row) is thus exact across any number
-  of server processes, and a run's events have a total order (`event_seq`). BigQuery
-  detects conflicts per table, so in fact all tenants' changes take turns: the store's
-  throughput ceiling (bench/RESULTS.md).
+- **One transaction per change, serialized per tenant only.** Each change is one
+  multi-statement transaction that first updates the tenant's own one-row table
+  `tenant_run_counters_{tenant_id}` (its event sequence, its PENDING or RUNNING runs, its
+  runs today). Two transactions of one tenant therefore conflict; BigQuery aborts one, and
+  it is retried here. BigQuery detects conflicts per table, and no transaction updates or
+  deletes rows of any other table (the rest is appends), so different tenants never wait
+  on each other. Admission (daily and concurrent limits, idempotency key, the PENDING row)
+  is thus exact across any number of server processes, and a run's events have a total
+  order (`event_seq`).
+- **Usage is derived.** `tenant_usage_quotas` is a view over the `created` and `finished`
+  events, which carry the tenant's concurrency after them and the admission's limits.
+  Idempotency keys are appended; a key's newest row is its state.
 - **Bounded DML.** A run costs one transaction to be created, one to be claimed and one to
-  end, plus one INSERT per step boundary and one per heartbeat tick of its server; the
-  mutating statements touch only `tenant_run_counters`, `tenant_usage_quotas` and, rarely,
-  `tenant_idempotency_keys`, `tenant_profiles` and `tenant_members`.
+  end, plus one INSERT per step boundary and one per heartbeat tick of its server. The only
+  UPDATEs in transactions hit the tenant's counters row; outside them, plan changes update
+  `tenant_profiles` and member removals delete from `tenant_members`.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from datetime import UTC, date, datetime
 from typing import Any, TypeVar
 
@@ -81,7 +86,15 @@ EVENT_COLUMNS = (
     schema.Column("event_seq", "INT64", required=True),
     schema.Column("event", "STRING", required=True),
     schema.Column("event_time", "TIMESTAMP", required=True),
+    # On `created` and `finished` events, what the usage view derives the tenant's daily
+    # row from: the day it counts on, the tenant's PENDING or RUNNING runs after the
+    # change, and (on `created`, when admitted against them) the limits.
+    schema.Column("usage_day", "DATE"),
+    schema.Column("active_after", "INT64"),
+    schema.Column("daily_limit", "INT64"),
+    schema.Column("concurrent_limit", "INT64"),
 )
+USAGE_COLUMNS = {c.name: c.type for c in EVENT_COLUMNS[3:]}
 RUN_EVENTS = schema.Table(
     "tenant_run_events",
     (*schema.TENANT_PIPELINE_RUNS.columns, *EVENT_COLUMNS),
@@ -106,20 +119,25 @@ HEARTBEATS = schema.Table(
     # Only the newest beats matter (a lease is seconds): a week of them is plenty.
     partition_expiration_days=7,
 )
+# One per tenant (`tenant_run_counters_{tenant_id}`, one row): BigQuery detects transaction
+# conflicts per table, so only one tenant's changes ever take turns.
 COUNTERS = schema.Table(
     "tenant_run_counters",
     (
         schema.Column("tenant_id", "STRING", required=True),
         schema.Column("seq", "INT64", required=True),
         schema.Column("active_runs", "INT64", required=True),
+        schema.Column("runs_day", "DATE"),
+        schema.Column("runs_today", "INT64", required=True),
         schema.Column("updated_at", "TIMESTAMP", required=True),
     ),
-    cluster_by=("tenant_id",),
 )
-# Tables that the embedded store keeps as tables and this one as event tables with a view.
+# Tables that the embedded store keeps as tables and this one derives, as views, from
+# append-only tables (created in their place).
 EVENT_BACKED = {
-    schema.TENANT_PIPELINE_RUNS.name: (RUN_EVENTS, HEARTBEATS, COUNTERS),
+    schema.TENANT_PIPELINE_RUNS.name: (RUN_EVENTS, HEARTBEATS),
     schema.TENANT_STEP_LOGS.name: (STEP_EVENTS,),
+    schema.TENANT_USAGE_QUOTAS.name: (),
 }
 MIGRATIONS_TABLE = schema.Table(
     "schema_migrations",
@@ -227,6 +245,7 @@ class BigQueryStore:
             )
         self._query(self._runs_view_sql())
         self._query(self._steps_view_sql())
+        self._query(self._usage_view_sql())
 
     def _runs_view_sql(self) -> str:
         """Each run's newest state, its heartbeat the newest of its current worker's."""
@@ -397,9 +416,9 @@ class BigQueryStore:
               INSERT INTO {self._t("tenant_api_keys")}
                 (key_id, tenant_id, salt, key_hash, created_at, revoked_at)
               VALUES (@key_id, @tenant_id, @salt, @key_hash, @now, NULL);
-              INSERT INTO {self._t(COUNTERS.name)}
-                (tenant_id, seq, active_runs, updated_at)
-              VALUES (@tenant_id, 0, 0, @now);
+              INSERT INTO {self._counters(tenant.tenant_id)}
+                (tenant_id, seq, active_runs, runs_day, runs_today, updated_at)
+              VALUES (@tenant_id, 0, 0, NULL, 0, @now);
             END IF;
             COMMIT TRANSACTION;
             SELECT taken;
@@ -419,6 +438,8 @@ class BigQueryStore:
         return bool(rows[0][0])
 
     def _fill_dataset(self, dataset: str, tenant: TenantRecord) -> None:
+        counters = replace(COUNTERS, name=f"{COUNTERS.name}_{tenant.tenant_id}")
+        self._query(create_table_sql(self.central, counters))
         table = schema.ONBOARDING_VALIDATION_TEST
         self._query(create_table_sql(dataset, table))
         self._query(
@@ -470,12 +491,13 @@ class BigQueryStore:
                 DELETE FROM {self._t("tenant_api_keys")} WHERE key_id = @key_id;
                 DELETE FROM {self._t("tenant_profiles")}
                 WHERE tenant_id = @tenant_id AND created_at = @now;
-                DELETE FROM {self._t(COUNTERS.name)}
-                WHERE tenant_id = @tenant_id AND updated_at = @now AND seq = 0;
                 COMMIT TRANSACTION;
                 """,
                 {"tenant_id": tenant.tenant_id, "key_id": key.key_id, "now": tenant.created_at},
             )
+        self._bq.client.delete_table(
+            self._counters(tenant.tenant_id).strip("`"), not_found_ok=True, retry=RETRY
+        )
         self._bq.client.delete_dataset(
             self.dataset_of(tenant.tenant_id), delete_contents=True, not_found_ok=True, retry=RETRY
         )
@@ -513,8 +535,8 @@ class BigQueryStore:
                 DECLARE known INT64;
                 DECLARE total INT64;
                 BEGIN TRANSACTION;
-                UPDATE {self._t(COUNTERS.name)} SET seq = seq + 1, updated_at = @now
-                WHERE tenant_id = @tenant_id;
+                UPDATE {self._counters(tenant_id)} SET seq = seq + 1, updated_at = @now
+                WHERE TRUE;
                 SET known = (SELECT COUNT(*) FROM {members}
                              WHERE tenant_id = @tenant_id AND user_id = @user_id);
                 SET total = (SELECT COUNT(*) FROM {members} WHERE tenant_id = @tenant_id);
@@ -558,54 +580,59 @@ class BigQueryStore:
         self, run: RunRecord, keys_valid_from: datetime, limits: RunLimits | None = None
     ) -> Admission:
         day = run.created_at.astimezone(UTC).date()
+        counters, keys = self._counters(run.tenant_id), self._t("tenant_idempotency_keys")
         values = {c: f"@{c}" for c in RUN_EVENT_NAMES}
-        values.update(event_seq="next_seq", event="'created'", event_time="CURRENT_TIMESTAMP()")
-        values["parameters"] = "PARSE_JSON(@parameters)"
+        values.update(
+            event_seq="next_seq",
+            event="'created'",
+            event_time="CURRENT_TIMESTAMP()",
+            parameters="PARSE_JSON(@parameters)",
+            usage_day="@day",
+            active_after="active_now + 1",
+            daily_limit="IF(@limited, @daily_limit, NULL)",
+            concurrent_limit="IF(@limited, @concurrent_limit, NULL)",
+        )
+        # Idempotency keys are only appended: the newest row of a key is its state.
         script = f"""
             DECLARE next_seq INT64;
             DECLARE active_now INT64;
-            DECLARE runs_today INT64;
+            DECLARE created_today INT64;
             DECLARE existing_run STRING;
             DECLARE outcome STRING DEFAULT 'created';
             BEGIN TRANSACTION;
-            {self._next_seq_sql()}
-            SET active_now = (SELECT active_runs FROM {self._t(COUNTERS.name)}
-                              WHERE tenant_id = @tenant_id);
-            SET runs_today = COALESCE((
-              SELECT pipelines_run_today FROM {self._t("tenant_usage_quotas")}
-              WHERE tenant_id = @tenant_id AND usage_date = @day), 0);
+            {self._next_seq_sql(run.tenant_id)}
+            SET active_now = (SELECT active_runs FROM {counters});
+            SET created_today = (SELECT IF(runs_day = @day, runs_today, 0) FROM {counters});
             IF @idempotency_key != '' THEN
               SET existing_run = (
-                SELECT k.pipeline_logging_id FROM {self._t("tenant_idempotency_keys")} AS k
-                WHERE k.tenant_id = @tenant_id AND k.idempotency_key = @idempotency_key
-                  AND k.created_at >= @keys_valid_from
+                SELECT k.pipeline_logging_id FROM (
+                  SELECT * FROM {keys}
+                  WHERE tenant_id = @tenant_id AND idempotency_key = @idempotency_key
+                  ORDER BY created_at DESC LIMIT 1) AS k
+                WHERE k.created_at >= @keys_valid_from
                   AND EXISTS (SELECT 1 FROM {self._t(RUN_EVENTS.name)} AS e
-                              WHERE e.pipeline_logging_id = k.pipeline_logging_id));
-              IF existing_run IS NULL THEN
-                DELETE FROM {self._t("tenant_idempotency_keys")}
-                WHERE tenant_id = @tenant_id AND idempotency_key = @idempotency_key;
-              END IF;
+                              WHERE e.tenant_id = @tenant_id
+                                AND e.pipeline_logging_id = k.pipeline_logging_id));
             END IF;
             IF existing_run IS NOT NULL THEN
               SET outcome = 'existing';
-            ELSEIF @limited AND runs_today >= @daily_limit THEN
+            ELSEIF @limited AND created_today >= @daily_limit THEN
               SET outcome = 'daily';
             ELSEIF @limited AND active_now >= @concurrent_limit THEN
               SET outcome = 'concurrent';
             ELSE
               IF @idempotency_key != '' THEN
-                INSERT INTO {self._t("tenant_idempotency_keys")}
-                  (tenant_id, idempotency_key, pipeline_logging_id, created_at)
+                INSERT INTO {keys} (tenant_id, idempotency_key, pipeline_logging_id, created_at)
                 VALUES (@tenant_id, @idempotency_key, @pipeline_logging_id, @created_at);
               END IF;
               INSERT INTO {self._t(RUN_EVENTS.name)} ({", ".join(RUN_EVENT_NAMES)})
               VALUES ({", ".join(values.values())});
-              UPDATE {self._t(COUNTERS.name)} SET active_runs = active_runs + 1
-              WHERE tenant_id = @tenant_id;
-              {self._count_usage_sql(started=1)}
+              UPDATE {counters} SET active_runs = active_runs + 1,
+                runs_today = IF(runs_day = @day, runs_today + 1, 1), runs_day = @day
+              WHERE TRUE;
             END IF;
             COMMIT TRANSACTION;
-            SELECT outcome, existing_run, runs_today, active_now;
+            SELECT outcome, existing_run, created_today, active_now;
         """
         params = _run_params(run)
         params.update(
@@ -627,51 +654,66 @@ class BigQueryStore:
             return Admission(None, created=False, refused="concurrent", used=int(active))
         return Admission(run, created=True)
 
-    def _next_seq_sql(self) -> str:
-        """The statements that take the tenant's next sequence number into `next_seq`; the UPDATE
-        is what makes two transactions of one tenant conflict."""
-        counters = self._t(COUNTERS.name)
+    def _counters(self, tenant_id: str) -> str:
+        """The tenant's own counters table (one row)."""
+        quote_identifier(tenant_id)
+        return self._t(f"{COUNTERS.name}_{tenant_id}")
+
+    def _next_seq_sql(self, tenant_id: str) -> str:
+        """The statements that take the tenant's next sequence number into `next_seq`; the
+        UPDATE is what makes two transactions of one tenant conflict (and only those: the
+        table is the tenant's own)."""
+        counters = self._counters(tenant_id)
         return f"""
-            UPDATE {counters} SET seq = seq + 1, updated_at = CURRENT_TIMESTAMP()
-            WHERE tenant_id = @tenant_id;
-            SET next_seq = (SELECT seq FROM {counters} WHERE tenant_id = @tenant_id);
+            UPDATE {counters} SET seq = seq + 1, updated_at = CURRENT_TIMESTAMP() WHERE TRUE;
+            SET next_seq = (SELECT seq FROM {counters});
         """
 
-    def _count_usage_sql(self, started: int) -> str:
-        """Adds `started` runs to today's usage row of the tenant (`@day`) and sets its current
-        concurrency from the counters; a new row takes `@limited` limits, else the last."""
-        usage = self._t("tenant_usage_quotas")
-        active = f"(SELECT active_runs FROM {self._t(COUNTERS.name)} WHERE tenant_id = @tenant_id)"
-        last = (
-            f"(SELECT AS STRUCT daily_limit, concurrent_limit FROM {usage} "
-            "WHERE tenant_id = @tenant_id ORDER BY usage_date DESC LIMIT 1)"
-        )
-        source = f"""
-            SELECT @tenant_id AS tenant_id, @day AS usage_date, {active} AS active,
-                   IF(@limited, @daily_limit, IFNULL({last}.daily_limit, 0)) AS daily,
-                   IF(@limited, @concurrent_limit, IFNULL({last}.concurrent_limit, 0))
-                     AS concurrent
-        """
-        # An UPDATE, then an INSERT if the row is new (the tenant's transactions are
-        # serialized, so the two cannot interleave with another's).
+    def _usage_view_sql(self) -> str:
+        """`tenant_usage_quotas` from the `created` and `finished` events, row for row what
+        the embedded store keeps in a table: a day's row counts the runs created that day
+        and how those ended; its concurrency is the tenant's after the day's last change,
+        its peak the highest after any; its limits those of the last admission so far."""
+        events = self._t(RUN_EVENTS.name)
         return f"""
-            UPDATE {usage} AS u SET
-              pipelines_run_today = u.pipelines_run_today + {started},
-              concurrent_pipelines_running = s.active,
-              max_concurrent_reached = GREATEST(u.max_concurrent_reached, s.active),
-              daily_limit = IF(@limited, s.daily, u.daily_limit),
-              concurrent_limit = IF(@limited, s.concurrent, u.concurrent_limit),
-              updated_at = @now
-            FROM ({source}) AS s
-            WHERE u.tenant_id = s.tenant_id AND u.usage_date = s.usage_date;
-            INSERT INTO {usage}
-              (tenant_id, usage_date, pipelines_run_today, pipelines_succeeded_today,
-               pipelines_failed_today, concurrent_pipelines_running, max_concurrent_reached,
-               daily_limit, concurrent_limit, updated_at)
-            SELECT tenant_id, usage_date, {started}, 0, 0, active, active, daily, concurrent, @now
-            FROM ({source}) AS s
-            WHERE NOT EXISTS (SELECT 1 FROM {usage} AS u
-                              WHERE u.tenant_id = s.tenant_id AND u.usage_date = s.usage_date);
+            CREATE OR REPLACE VIEW {self._t(schema.TENANT_USAGE_QUOTAS.name)} AS
+            WITH touches AS (
+              SELECT tenant_id, usage_day, event, event_seq, event_time, active_after,
+                LAST_VALUE(daily_limit IGNORE NULLS) OVER so_far AS daily_limit,
+                LAST_VALUE(concurrent_limit IGNORE NULLS) OVER so_far AS concurrent_limit
+              FROM {events}
+              WHERE event IN ('created', 'finished')
+              WINDOW so_far AS (PARTITION BY tenant_id ORDER BY event_seq
+                                ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW)
+            ),
+            last_touch AS (
+              SELECT * FROM touches WHERE TRUE
+              QUALIFY ROW_NUMBER() OVER (
+                PARTITION BY tenant_id, usage_day ORDER BY event_seq DESC) = 1
+            ),
+            days AS (
+              SELECT tenant_id, usage_day, COUNTIF(event = 'created') AS runs,
+                     MAX(active_after) AS peak, MAX(event_time) AS updated_at
+              FROM touches GROUP BY tenant_id, usage_day
+            ),
+            ends AS (
+              SELECT tenant_id, DATE(created_at) AS created_day,
+                     COUNTIF(status = 'COMPLETE') AS ok, COUNTIF(status != 'COMPLETE') AS bad
+              FROM {events} WHERE event = 'finished'
+              GROUP BY tenant_id, created_day
+            )
+            SELECT d.tenant_id, d.usage_day AS usage_date,
+                   d.runs AS pipelines_run_today,
+                   IFNULL(e.ok, 0) AS pipelines_succeeded_today,
+                   IFNULL(e.bad, 0) AS pipelines_failed_today,
+                   l.active_after AS concurrent_pipelines_running,
+                   d.peak AS max_concurrent_reached,
+                   IFNULL(l.daily_limit, 0) AS daily_limit,
+                   IFNULL(l.concurrent_limit, 0) AS concurrent_limit,
+                   d.updated_at
+            FROM days AS d
+            JOIN last_touch AS l ON l.tenant_id = d.tenant_id AND l.usage_day = d.usage_day
+            LEFT JOIN ends AS e ON e.tenant_id = d.tenant_id AND e.created_day = d.usage_day
         """
 
     async def get_usage(self, tenant_id: str, day: date) -> UsageRecord | None:
@@ -688,13 +730,14 @@ class BigQueryStore:
         return UsageRecord(*rows[0]) if rows else None
 
     async def active_runs(self, tenant_id: str) -> int:
-        rows = await self._call(
-            lambda: self._query(
-                f"SELECT active_runs FROM {self._t(COUNTERS.name)} WHERE tenant_id = @t",
-                t=tenant_id,
-            )
-        )
-        return int(rows[0][0]) if rows else 0
+        def active() -> int:
+            try:
+                rows = self._query(f"SELECT active_runs FROM {self._counters(tenant_id)}")
+            except api_exceptions.NotFound:  # no such tenant
+                return 0
+            return int(rows[0][0]) if rows else 0
+
+        return await self._call(active)
 
     async def typical_run_ms(self, tenant_id: str) -> int | None:
         rows = await self._call(
@@ -783,7 +826,9 @@ class BigQueryStore:
     ) -> RunRecord | None:
         """Appends the run's next state if its newest one passes `guard`, and runs `then`
         in the same transaction; returns the new state, or None when the guard failed."""
-        values = [changes.get(c, c) for c in RUN_EVENT_NAMES]
+        # The usage columns are set only by the changes the usage view counts.
+        unset = {c: f"CAST(NULL AS {t})" for c, t in USAGE_COLUMNS.items()}
+        values = [{**unset, **changes}.get(c, c) for c in RUN_EVENT_NAMES]
         values[RUN_EVENT_NAMES.index("event_seq")] = "next_seq"
         values[RUN_EVENT_NAMES.index("event")] = f"'{event}'"
         values[RUN_EVENT_NAMES.index("event_time")] = "CURRENT_TIMESTAMP()"
@@ -800,7 +845,7 @@ class BigQueryStore:
             DECLARE next_seq INT64;
             DECLARE changed BOOL;
             BEGIN TRANSACTION;
-            {self._next_seq_sql()}
+            {self._next_seq_sql(run.tenant_id)}
             INSERT INTO {self._t(RUN_EVENTS.name)} ({", ".join(RUN_EVENT_NAMES)})
             SELECT {", ".join(values)} FROM ({latest}) WHERE {guard};
             {then_block}
@@ -816,11 +861,8 @@ class BigQueryStore:
 
     async def claim_next_run(self, worker_id: str, now: datetime) -> RunRecord | None:
         def claim() -> RunRecord | None:
-            # Only tenants with a PENDING or RUNNING run are read (clustered by tenant).
-            active = f"tenant_id IN (SELECT tenant_id FROM {self._t(COUNTERS.name)} "
-            active += "WHERE active_runs > 0)"
             waiting = self._query(
-                f"SELECT {SELECT_RUN} FROM ({self._latest_events_sql(active)}) "
+                f"SELECT {SELECT_RUN} FROM ({self._latest_events_sql()}) "
                 "WHERE status = 'PENDING' ORDER BY created_at, pipeline_logging_id LIMIT 10"
             )
             for row in waiting:
@@ -854,17 +896,12 @@ class BigQueryStore:
     ) -> RunRecord | None:
         """Ends the run: RUNNING for the same worker and attempt when `owned`, else PENDING.
 
-        Counts it as a success or failure of the day it was created, and sets today's
-        concurrency (as the embedded store does)."""
-        usage = self._t("tenant_usage_quotas")
+        The `finished` event counts (in the usage view) as a success or failure of the day
+        the run was created, and sets today's concurrency, as the embedded store does."""
+        counters = self._counters(run.tenant_id)
         then = f"""
-            UPDATE {self._t(COUNTERS.name)} SET active_runs = active_runs - 1
-            WHERE tenant_id = @tenant_id;
+            UPDATE {counters} SET active_runs = active_runs - 1 WHERE TRUE;
             {self._interrupt_steps_sql() if owned else ""}
-            UPDATE {usage} SET pipelines_succeeded_today = pipelines_succeeded_today + @ok,
-              pipelines_failed_today = pipelines_failed_today + @bad, updated_at = @now
-            WHERE tenant_id = @tenant_id AND usage_date = @created_day;
-            {self._count_usage_sql(started=0)}
         """
         return self._change(
             run,
@@ -876,6 +913,8 @@ class BigQueryStore:
                 "error_message": "NULLIF(@error_message, '')",
                 "duration_ms": "IF(start_time IS NULL, 0, "
                 "TIMESTAMP_DIFF(@now, start_time, MILLISECOND))",
+                "usage_day": "@day",
+                "active_after": f"(SELECT active_runs - 1 FROM {counters})",
             },
             {
                 "status": status,
@@ -883,13 +922,7 @@ class BigQueryStore:
                 "error_message": error_message,
                 "worker_id": run.worker_id,
                 "attempt": run.attempt,
-                "created_day": run.created_at.astimezone(UTC).date(),
                 "day": now.astimezone(UTC).date(),
-                "ok": int(status == "COMPLETE"),
-                "bad": int(status != "COMPLETE"),
-                "limited": False,
-                "daily_limit": 0,
-                "concurrent_limit": 0,
             },
             then,
         )
