@@ -12,13 +12,10 @@ from typing import Any
 import grpc
 import httpx
 import pytest
-from google.api_core.client_options import ClientOptions
-from google.auth.credentials import AnonymousCredentials
-from google.cloud import bigquery
 
 from convergence.v1 import run_pb2, run_service_pb2, run_service_pb2_grpc
 from convergence_server.stack import Stack
-from tests.bigquery_emulator import PROJECT, Emulator
+from tests.bigquery_emulator import Emulator
 from tests.conftest import (
     UNMETERED,
     StackFactory,
@@ -31,13 +28,12 @@ from tests.test_templates import RUNS, SAMPLES
 
 
 class BigQueryStack:
-    def __init__(self, stack: Stack, prefix: str, client: bigquery.Client) -> None:
-        self.stack, self.prefix, self.client = stack, prefix, client
+    def __init__(self, stack: Stack, prefix: str, emulator: Emulator) -> None:
+        self.stack, self.prefix, self.emulator = stack, prefix, emulator
 
     def query(self, sql: str) -> list[dict[str, Any]]:
         """Runs BigQuery SQL; `{prefix}` is the stack's dataset prefix."""
-        rows = self.client.query(sql.replace("{prefix}", self.prefix)).result()
-        return [dict(row.items()) for row in rows]
+        return self.emulator.query(sql.replace("{prefix}", self.prefix))
 
 
 @pytest.fixture(scope="module")
@@ -48,13 +44,7 @@ def bq(
 ) -> Iterator[BigQueryStack]:
     prefix = new_prefix()
     stack = stack_factory(**pipeline_env, **emulator.env(prefix))
-    client = bigquery.Client(
-        project=PROJECT,
-        credentials=AnonymousCredentials(),  # type: ignore[no-untyped-call]
-        client_options=ClientOptions(api_endpoint=emulator.endpoint),
-    )
-    yield BigQueryStack(stack, prefix, client)
-    client.close()  # type: ignore[no-untyped-call]
+    yield BigQueryStack(stack, prefix, emulator)
     stack.stop()
 
 
@@ -129,6 +119,19 @@ def test_quota_refusals(http: httpx.Client) -> None:
         usage["concurrent_pipelines_running"],
         usage["concurrent_limit"],
     ) == (1, 1, 0, 1), usage
+
+    # STARTER allows 6 runs a day: 5 more (each cancelled, to free the one slot) use them up.
+    for _ in range(5):
+        made = trigger(http, key, tenant_id, "test/runs/quick")["pipeline_logging_id"]
+        http.post(f"/api/v1/pipelines/runs/{made}:cancel", headers={"X-API-Key": key})
+        assert wait_for_run(http, key, made)["status"] in ("COMPLETE", "FAILED")
+    over = http.post(
+        f"/api/v1/pipelines/run/{tenant_id}/test/runs/quick", headers={"X-API-Key": key}, json={}
+    )
+    assert over.status_code == 429, over.text
+    assert "daily" in over.text.lower()
+    usage = http.get(f"/api/v1/tenants/{tenant_id}/usage", headers={"X-API-Key": key}).json()
+    assert (usage["pipelines_run_today"], usage["remaining_today"]) == (6, 0), usage
 
 
 def test_a_run_is_watched_to_complete_over_grpc(bq: BigQueryStack, http: httpx.Client) -> None:
