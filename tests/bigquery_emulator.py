@@ -16,10 +16,13 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
+
+from google.cloud import bigquery
 
 from convergence_server.config import REPO_ROOT
 from convergence_server.stack import die_with_parent
+from convergence_server.storage.bigquery_client import make_client
 
 EMULATOR_DIR = REPO_ROOT / "build" / "bigquery-emulator"
 PROJECT = "test-project"
@@ -48,6 +51,18 @@ class Emulator:
             "CONVERGENCE_BIGQUERY_DATASET_PREFIX": prefix,
             "CONVERGENCE_KEY_PEPPER": self.pepper,
         }
+
+    def client(self) -> bigquery.Client:
+        """A client on this emulator, as an operator outside the server would use."""
+        return make_client(PROJECT, "US", self.endpoint)
+
+    def query(self, sql: str) -> list[dict[str, Any]]:
+        """Runs BigQuery SQL on the emulator; rows as dicts."""
+        client = self.client()
+        try:
+            return [dict(row.items()) for row in client.query(sql).result()]
+        finally:
+            client.close()  # type: ignore[no-untyped-call]
 
     def stop(self) -> None:
         if self.process.poll() is None:

@@ -10,8 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
-from convergence_server.storage.bigquery_client import make_client
-from tests.bigquery_emulator import PROJECT, Emulator
+from tests.bigquery_emulator import Emulator
 from tests.conftest import UNMETERED, StackFactory, new_prefix, onboard, trigger, wait_for_run
 
 BURST = 12
@@ -93,28 +92,19 @@ def test_a_killed_replicas_run_is_taken_over_by_another(
             ).json()["steps"]
         assert ended["status"] == "COMPLETE", ended
         assert [s["status"] for s in steps] == ["COMPLETE"] * 4
-        rows = sql(emulator, f"SELECT COUNT(*) AS n FROM `{prefix}{tenant_id}.slow_counts`")
-        assert rows == [(3,)]  # three counting steps, published once
-        history = sql(
-            emulator,
+        rows = emulator.query(f"SELECT COUNT(*) AS n FROM `{prefix}{tenant_id}.slow_counts`")
+        assert rows == [{"n": 3}]  # three counting steps, published once
+        history = emulator.query(
             f"SELECT event, attempt, worker_id FROM `{prefix}tenants.tenant_run_events` "
             f"WHERE pipeline_logging_id = '{run_id}' ORDER BY event_seq",
         )
-        assert [(event, attempt) for event, attempt, _ in history] == [
+        assert [(h["event"], h["attempt"]) for h in history] == [
             ("created", 1),
             ("claimed", 1),
             ("requeued", 2),
             ("claimed", 2),
             ("finished", 2),
         ]
-        assert history[1][2] != history[3][2]  # claimed by A, then by B
+        assert history[1]["worker_id"] != history[3]["worker_id"]  # claimed by A, then B
     finally:
         second.stop()
-
-
-def sql(emulator: Emulator, query: str) -> list[tuple[object, ...]]:
-    client = make_client(PROJECT, "US", emulator.endpoint)
-    try:
-        return [tuple(row.values()) for row in client.query(query).result()]
-    finally:
-        client.close()  # type: ignore[no-untyped-call]

@@ -19,7 +19,6 @@ import pytest
 
 from convergence_server.errors import AlreadyExists
 from convergence_server.storage import Store, schema
-from convergence_server.storage.bigquery_client import make_client
 from convergence_server.storage.bigquery_store import BigQueryStore
 from convergence_server.storage.duckdb_store import DuckDBStore
 from convergence_server.storage.records import (
@@ -75,6 +74,13 @@ def tenant(store: Store, plan: str = "PROFESSIONAL") -> str:
     key = ApiKeyRecord(f"k_{uuid.uuid4().hex[:12]}", tenant_id, b"salt", b"hash", now)
     assert run(store.create_tenant(record, key)) == schema.TENANT_DATASET_OBJECTS
     return tenant_id
+
+
+def imposter(tenant_id: str) -> tuple[TenantRecord, ApiKeyRecord]:
+    """Another onboarding of an id already taken, with a key of its own."""
+    now = datetime.now(UTC)
+    again = TenantRecord(tenant_id, "Imposter", "x@imposter.example", "SCALE", now)
+    return again, ApiKeyRecord(f"k_imposter_{uuid.uuid4().hex[:8]}", tenant_id, b"s", b"h", now)
 
 
 def new_run(tenant_id: str, created_at: datetime | None = None, key: str = "") -> RunRecord:
@@ -141,9 +147,7 @@ def test_a_tenant_is_stored_with_its_key_and_dataset(store: Store) -> None:
 
 def test_a_second_tenant_of_the_same_id_is_refused_and_changes_nothing(store: Store) -> None:
     tenant_id = tenant(store)
-    now = datetime.now(UTC)
-    again = TenantRecord(tenant_id, "Imposter", "x@imposter.example", "SCALE", now)
-    key = ApiKeyRecord("k_imposter_" + uuid.uuid4().hex[:8], tenant_id, b"s", b"h", now)
+    again, key = imposter(tenant_id)
     with pytest.raises(AlreadyExists):
         run(store.create_tenant(again, key))
     stored = run(store.get_tenant(tenant_id))
@@ -419,12 +423,10 @@ def test_bigquery_refuses_a_known_tenant_whose_dataset_is_gone(emulator: Emulato
     store = BigQueryStore.open(PROJECT, "US", new_prefix(), emulator.endpoint)
     try:
         tenant_id = tenant(store)
-        operator = make_client(PROJECT, "US", emulator.endpoint)
+        operator = emulator.client()
         operator.delete_dataset(store.dataset_of(tenant_id), delete_contents=True)
         operator.close()  # type: ignore[no-untyped-call]
-        now = datetime.now(UTC)
-        again = TenantRecord(tenant_id, "Imposter", "x@imposter.example", "SCALE", now)
-        key = ApiKeyRecord(f"k_{uuid.uuid4().hex[:12]}", tenant_id, b"s", b"h", now)
+        again, key = imposter(tenant_id)
         with pytest.raises(AlreadyExists):
             run(store.create_tenant(again, key))
         assert run(store.get_api_key(key.key_id)) is None
