@@ -450,36 +450,8 @@ class BigQueryStore:
             now=tenant.created_at,
             message="Dataset writable: onboarding validation row written.",
         )
-        self._query(self._comprehensive_view_sql(dataset, tenant.tenant_id))
-
-    def _comprehensive_view_sql(self, dataset: str, tenant_id: str) -> str:
-        """Every run of the tenant with its step and data-quality totals (the id is a
-        literal: views take no parameters; `quote_identifier` restricted it already)."""
-        quote_identifier(tenant_id)
-        return f"""
-            CREATE VIEW `{dataset}.{schema.COMPREHENSIVE_VIEW}` AS
-            SELECT r.*,
-                   COALESCE(s.steps_total, 0) AS steps_total,
-                   COALESCE(s.steps_failed, 0) AS steps_failed,
-                   COALESCE(d.dq_checks_total, 0) AS dq_checks_total,
-                   COALESCE(d.dq_checks_failed, 0) AS dq_checks_failed
-            FROM {self._t("tenant_pipeline_runs")} AS r
-            LEFT JOIN (
-                SELECT pipeline_logging_id, COUNT(*) AS steps_total,
-                       COUNTIF(status = 'FAILED') AS steps_failed
-                FROM {self._t("tenant_step_logs")}
-                WHERE tenant_id = '{tenant_id}'
-                GROUP BY pipeline_logging_id
-            ) AS s USING (pipeline_logging_id)
-            LEFT JOIN (
-                SELECT pipeline_logging_id, COUNT(*) AS dq_checks_total,
-                       COUNTIF(status = 'FAILED') AS dq_checks_failed
-                FROM {self._t("tenant_dq_results")}
-                WHERE tenant_id = '{tenant_id}'
-                GROUP BY pipeline_logging_id
-            ) AS d USING (pipeline_logging_id)
-            WHERE r.tenant_id = '{tenant_id}'
-        """
+        quote_identifier(tenant.tenant_id)
+        self._query(schema.comprehensive_view_sql(dataset, self.central, tenant.tenant_id))
 
     def _delete_tenant(self, tenant: TenantRecord, key: ApiKeyRecord, rows: bool = True) -> None:
         """Removes what this onboarding created: its rows (told apart by the key and the

@@ -39,6 +39,7 @@ from convergence_server.storage.records import (
     TenantRecord,
     UsageRecord,
 )
+from convergence_server.storage.sql import to_duckdb
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -80,38 +81,12 @@ def create_table_sql(dataset: str, table: schema.Table) -> str:
 
 
 def comprehensive_view_sql(tenant_id: str) -> str:
-    """Every run of the tenant with its step and data-quality totals.
-
-    The tenant id is embedded as a literal because view definitions cannot take
-    parameters; `quote_identifier` has already restricted it to [A-Za-z0-9_].
-    """
+    """The tenant's comprehensive view (`schema.comprehensive_view_sql`), in DuckDB SQL."""
     quote_identifier(tenant_id)
-    return f"""
-        CREATE VIEW {quote_identifier(tenant_id)}.{schema.COMPREHENSIVE_VIEW} AS
-        SELECT r.*,
-               COALESCE(s.steps_total, 0) AS steps_total,
-               COALESCE(s.steps_failed, 0) AS steps_failed,
-               COALESCE(d.dq_checks_total, 0) AS dq_checks_total,
-               COALESCE(d.dq_checks_failed, 0) AS dq_checks_failed
-        FROM {CENTRAL}.tenant_pipeline_runs AS r
-        LEFT JOIN (
-            SELECT pipeline_logging_id,
-                   COUNT(*) AS steps_total,
-                   COUNT(*) FILTER (WHERE status = 'FAILED') AS steps_failed
-            FROM {CENTRAL}.tenant_step_logs
-            WHERE tenant_id = '{tenant_id}'
-            GROUP BY pipeline_logging_id
-        ) AS s USING (pipeline_logging_id)
-        LEFT JOIN (
-            SELECT pipeline_logging_id,
-                   COUNT(*) AS dq_checks_total,
-                   COUNT(*) FILTER (WHERE status = 'FAILED') AS dq_checks_failed
-            FROM {CENTRAL}.tenant_dq_results
-            WHERE tenant_id = '{tenant_id}'
-            GROUP BY pipeline_logging_id
-        ) AS d USING (pipeline_logging_id)
-        WHERE r.tenant_id = '{tenant_id}'
-    """
+    (statement,) = to_duckdb(
+        schema.comprehensive_view_sql(tenant_id, schema.CENTRAL_DATASET, tenant_id)
+    )
+    return statement
 
 
 class _Abandoned(Exception):

@@ -265,3 +265,37 @@ ONBOARDING_VALIDATION_TEST = Table(
 COMPREHENSIVE_VIEW = "tenant_comprehensive_view"
 # In the order the onboarding response lists them.
 TENANT_DATASET_OBJECTS: tuple[str, ...] = (COMPREHENSIVE_VIEW, ONBOARDING_VALIDATION_TEST.name)
+
+
+def comprehensive_view_sql(dataset: str, central: str, tenant_id: str) -> str:
+    """BigQuery SQL creating the tenant's `tenant_comprehensive_view` in `dataset`: every
+    run of the tenant with its step and data-quality totals, read from `central`.
+
+    The tenant id is embedded as a literal because view definitions cannot take
+    parameters; callers pass ids already restricted to [A-Za-z0-9_]
+    (`identifiers.quote_identifier`). The embedded store transpiles it like any BigQuery SQL.
+    """
+    return f"""
+        CREATE VIEW `{dataset}.{COMPREHENSIVE_VIEW}` AS
+        SELECT r.*,
+               COALESCE(s.steps_total, 0) AS steps_total,
+               COALESCE(s.steps_failed, 0) AS steps_failed,
+               COALESCE(d.dq_checks_total, 0) AS dq_checks_total,
+               COALESCE(d.dq_checks_failed, 0) AS dq_checks_failed
+        FROM `{central}.tenant_pipeline_runs` AS r
+        LEFT JOIN (
+            SELECT pipeline_logging_id, COUNT(*) AS steps_total,
+                   COUNTIF(status = 'FAILED') AS steps_failed
+            FROM `{central}.tenant_step_logs`
+            WHERE tenant_id = '{tenant_id}'
+            GROUP BY pipeline_logging_id
+        ) AS s USING (pipeline_logging_id)
+        LEFT JOIN (
+            SELECT pipeline_logging_id, COUNT(*) AS dq_checks_total,
+                   COUNTIF(status = 'FAILED') AS dq_checks_failed
+            FROM `{central}.tenant_dq_results`
+            WHERE tenant_id = '{tenant_id}'
+            GROUP BY pipeline_logging_id
+        ) AS d USING (pipeline_logging_id)
+        WHERE r.tenant_id = '{tenant_id}'
+    """
