@@ -43,7 +43,7 @@ class ScriptedWarehouse:
             raise self.failures.pop(0)
         return 1
 
-    async def publish(self, writes: Sequence[Publication]) -> None:
+    async def publish_all(self, writes: Sequence[Publication]) -> None:
         self.published += writes
 
     async def drop(self, tables: Sequence[str]) -> None:
@@ -70,6 +70,9 @@ class Recorder:
         self.outcomes: list[StepOutcome] = []
 
     async def cancel_requested(self) -> bool:
+        return False
+
+    def stopping(self) -> bool:
         return False
 
     async def step_started(self, index: int, step: Step, at: datetime) -> None:
@@ -105,6 +108,7 @@ def run(
         attempt=1,
         sample_data=tmp_path,
         source_roots=(tmp_path,),
+        publish=warehouse.publish_all,
         sleep=sleep,
     )
     with contextlib.suppress(StepFailed):

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import os
 import signal
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +28,7 @@ from convergence.v1 import (
     tenant_service_pb2,
     tenant_service_pb2_grpc,
 )
+from convergence_server import faults
 from convergence_server.api.health import HealthServicer
 from convergence_server.api.interceptors import (
     AuthInterceptor,
@@ -49,6 +53,9 @@ from convergence_server.storage import Store, open_store
 
 log = logging.getLogger(__name__)
 
+# How often the standard gRPC health status is brought up to date with the store's.
+HEALTH_CHECK_SECONDS = 1.0
+
 SERVICE_NAMES = tuple(
     module.DESCRIPTOR.services_by_name[name].full_name
     for module, name in (
@@ -69,27 +76,54 @@ class ConvergenceServer:
     executor: Executor
     health: GrpcHealthServicer
     port: int
+    shutdown_seconds: float = 8.0
+    _monitor: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         await self.executor.start()
         await self.server.start()
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        self._monitor = asyncio.create_task(self._watch_store(), name="store-health")
         log.info("serving", extra={"fields": {"grpc_port": self.port}})
 
-    async def stop(self, grace: float = 5.0) -> None:
-        """Stops taking calls, hands unfinished runs back to PENDING, closes the store."""
+    async def _watch_store(self) -> None:
+        """NOT_SERVING while the store refuses writes (a full disk), SERVING again after."""
+        serving = True
+        while True:
+            await asyncio.sleep(HEALTH_CHECK_SECONDS)
+            try:
+                failure = await self.store.write_failure()
+            except Exception as exc:
+                failure = str(exc) or type(exc).__name__
+            if (failure is None) != serving:
+                serving = failure is None
+                status = health_pb2.HealthCheckResponse
+                await self.health.set("", status.SERVING if serving else status.NOT_SERVING)
+                log.warning("health: %s", "SERVING" if serving else f"NOT_SERVING ({failure})")
+
+    async def stop(self) -> None:
+        """Stops within `shutdown_seconds`: refuses new calls, lets calls in progress end,
+        interrupts running steps and hands their runs back PENDING, closes the store."""
+        deadline = time.monotonic() + self.shutdown_seconds
+        if self._monitor is not None:
+            self._monitor.cancel()
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace)
-        await self.executor.stop()
-        await self.store.close()
+        await asyncio.gather(
+            self.server.stop(self.shutdown_seconds * 0.4),
+            # Leave a fifth of the time to close the store.
+            self.executor.stop(self.shutdown_seconds * 0.8),
+        )
+        await asyncio.wait_for(self.store.close(), max(0.1, deadline - time.monotonic()))
 
     async def wait(self) -> None:
         await self.server.wait_for_termination()
 
     async def serve_until_signalled(self) -> None:
-        """Starts, reports the bound port, and stops cleanly on SIGINT or SIGTERM.
+        """Starts, reports the bound port, and stops on SIGINT or SIGTERM within the bound.
 
         The one JSON line on stdout tells a launcher the port (the config may ask for 0).
+        A stop that overruns its bound (a thread stuck in a store call) ends the process
+        anyway: whatever it held is recovered as after a crash.
         """
         await self.start()
         print(json.dumps({"event": "serving", "grpc_port": self.port}), flush=True)
@@ -98,7 +132,15 @@ class ConvergenceServer:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
-        await self.stop()
+        log.info("stopping", extra={"fields": {"within_seconds": self.shutdown_seconds}})
+        try:
+            await asyncio.wait_for(self.stop(), self.shutdown_seconds + 1)
+        except Exception:
+            log.exception("could not stop cleanly within %.0f s: exiting", self.shutdown_seconds)
+            with contextlib.suppress(Exception):
+                logging.shutdown()
+            os._exit(1)
+        log.info("stopped")
 
 
 def create_server(
@@ -114,6 +156,7 @@ def create_server(
         raise SystemExit(
             f"CONVERGENCE_KEY_PEPPER must be at least {MIN_PEPPER_BYTES} bytes{shared}"
         )
+    faults.arm(config.fault_points)
     plans = load_plans(config.plans_path)
     catalog = load_catalog(config.config_dir)
     store = open_store(config)
@@ -154,7 +197,7 @@ def create_server(
         ],
     )
     onboarding = Onboarding(store, plans, config.config_dir, config.key_pepper)
-    health_service_pb2_grpc.add_HealthServiceServicer_to_server(HealthServicer(store.kind), server)
+    health_service_pb2_grpc.add_HealthServiceServicer_to_server(HealthServicer(store), server)
     tenant_service_pb2_grpc.add_TenantServiceServicer_to_server(
         TenantServicer(onboarding, accounts), server
     )
@@ -175,4 +218,4 @@ def create_server(
     port = server.add_insecure_port(f"{config.grpc_host}:{config.grpc_port}")
     if port == 0:
         raise SystemExit(f"cannot bind the gRPC port {config.grpc_host}:{config.grpc_port}")
-    return ConvergenceServer(server, store, executor, health, port)
+    return ConvergenceServer(server, store, executor, health, port, config.shutdown_seconds)

@@ -41,6 +41,11 @@ class Config:
     clock_offset_file: str = ""
     open_requests_per_second: int = 20
     log_level: str = "INFO"
+    # A stop (SIGTERM) ends within this; Cloud Run allows 10 s before SIGKILL.
+    shutdown_seconds: float = 8.0
+    duckdb_memory_limit: str = "1GB"
+    # Testing only: `name` or `name,name` of fault points that kill the server (faults.py).
+    fault_points: tuple[str, ...] = ()
 
     @property
     def database_path(self) -> Path:
@@ -98,6 +103,15 @@ class Config:
                 env, "CONVERGENCE_OPEN_REQUESTS_PER_SECOND", defaults.open_requests_per_second
             ),
             log_level=env.get("CONVERGENCE_LOG_LEVEL", defaults.log_level).upper(),
+            shutdown_seconds=_seconds(
+                env, "CONVERGENCE_SHUTDOWN_SECONDS", defaults.shutdown_seconds
+            ),
+            duckdb_memory_limit=env.get(
+                "CONVERGENCE_DUCKDB_MEMORY_LIMIT", defaults.duckdb_memory_limit
+            ),
+            fault_points=tuple(
+                p.strip() for p in env.get("CONVERGENCE_FAULT_POINTS", "").split(",") if p.strip()
+            ),
         )
 
 
@@ -109,6 +123,19 @@ def _int(env: dict[str, str], name: str, default: int) -> int:
         return int(raw)
     except ValueError:
         raise SystemExit(f"{name} must be an integer, got {raw!r}") from None
+
+
+def _seconds(env: dict[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 3600:
+        raise SystemExit(f"{name} must be a number of seconds in (0, 3600], got {raw!r}")
+    return value
 
 
 def _gcs_roots(raw: str) -> tuple[str, ...]:

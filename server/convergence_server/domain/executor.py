@@ -1,11 +1,19 @@
 """The executor: a bounded pool of workers in the server process that runs PENDING runs.
 
 Each worker claims the oldest PENDING run (an atomic PENDING -> RUNNING update), runs it
-with the engine and ends it COMPLETE or FAILED. A heartbeat marks the runs this process
-holds; runs found RUNNING without a fresh heartbeat (their server died) are recovered:
-run again when their template allows (`on_crash: retry`, at most `MAX_ATTEMPTS` times),
-else ended FAILED. A store that one process owns alone (the embedded one) recovers every
-RUNNING run at start-up; PENDING runs simply wait for a worker.
+with the engine and ends it COMPLETE or FAILED. The run's writes are published in one
+transaction that also records the publication (`Warehouse.publish`), and its end is written
+after: a run found RUNNING whose publication is recorded is ended COMPLETE, never run again.
+
+Runs found RUNNING that no worker holds are recovered: run again when their template allows
+(`on_crash: retry`, at most `MAX_ATTEMPTS` times), else ended FAILED. On a store that one
+process owns alone (the embedded one) that is every RUNNING run at start-up, and later any
+that no worker of this process holds (a sweep every `heartbeat_seconds`); on a shared store,
+runs whose heartbeat is older than the lease.
+
+Stopping is bounded: no run is claimed once it begins, running statements are interrupted,
+and each interrupted run is handed back PENDING without using an attempt. A run's end that
+the store refuses (a full disk) is retried with backoff until the store accepts it.
 """
 
 from __future__ import annotations
@@ -15,12 +23,13 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TypeVar
 
-from convergence_server import logs
+from convergence_server import faults, logs
 from convergence_server.domain.runs import COMPLETE, FAILED, RUNNING, RunEvents
 from convergence_server.engine.runner import (
     DqResult,
@@ -30,15 +39,26 @@ from convergence_server.engine.runner import (
     StepOutcome,
 )
 from convergence_server.engine.templates import Catalog, ParameterError, Step
+from convergence_server.errors import Unavailable
 from convergence_server.storage import Store
 from convergence_server.storage.records import DqRecord, RunRecord, StepRecord
-from convergence_server.storage.warehouse import TransientError
+from convergence_server.storage.warehouse import (
+    Interrupted,
+    Publication,
+    TransientError,
+    Warehouse,
+)
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 MAX_ATTEMPTS = 3
-FINISH_ATTEMPTS = 6
 IDLE_POLL_SECONDS = 1.0
+# A run's end or hand-back that the store refuses is tried again after 0.2 s, doubling to this.
+MAX_PERSIST_BACKOFF = 10.0
+# While stopping, running statements are interrupted again this often (an interrupt that
+# falls between two statements has no effect).
+INTERRUPT_EVERY_SECONDS = 0.1
 CANCELLED_MESSAGE = "Cancelled by request while running; its changes were rolled back"
 
 
@@ -55,14 +75,20 @@ class ExecutorSettings:
 class _Observer:
     """Persists a run's progress as the engine reports it."""
 
-    def __init__(self, store: Store, run: RunRecord, events: RunEvents) -> None:
+    def __init__(
+        self, store: Store, run: RunRecord, events: RunEvents, stopping: asyncio.Event
+    ) -> None:
         self._store = store
         self._run = run
         self._events = events
+        self._stopping = stopping
         self._step_ids: dict[int, str] = {}
 
     async def cancel_requested(self) -> bool:
         return await self._store.cancel_requested(self._run.pipeline_logging_id)
+
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
 
     def _record(self, index: int, step: Step, started: datetime) -> StepRecord:
         step_id = self._step_ids.setdefault(index, str(uuid.uuid4()))
@@ -126,6 +152,15 @@ class _Observer:
         )
 
 
+class _Lost(Exception):
+    """The run is no longer this worker's (another execution took it): nothing published."""
+
+
+# What became of an execution that does not end the run (in place of COMPLETE or FAILED).
+_HANDED_BACK = "handed back"
+_LOST = "lost"
+
+
 class Executor:
     def __init__(
         self,
@@ -142,8 +177,12 @@ class Executor:
         self._clock = clock
         self._worker_id = f"worker-{uuid.uuid4().hex[:12]}"
         self._wakeup = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
-        self._in_flight: set[str] = set()
+        self._stopping = asyncio.Event()
+        self._workers: list[asyncio.Task[None]] = []
+        self._keeper: asyncio.Task[None] | None = None
+        # The runs this process holds, from their claim until their end is written, with
+        # the warehouse of the one executing now (to interrupt it).
+        self._in_flight: dict[str, Warehouse | None] = {}
         self._claiming = asyncio.Lock()
         self._next_poll = 0.0
 
@@ -154,30 +193,60 @@ class Executor:
         if self._store.exclusive:
             await self.recover(self._clock())
             await self._store.drop_stage_tables()
-        self._tasks = [
+        self._workers = [
             asyncio.create_task(self._work(), name=f"run-worker-{i}")
             for i in range(self._settings.workers)
         ]
-        self._tasks.append(asyncio.create_task(self._keep_alive(), name="run-heartbeat"))
+        self._keeper = asyncio.create_task(self._keep_alive(), name="run-heartbeat")
 
-    async def stop(self) -> None:
-        """Stops the workers; runs they held return to PENDING for the next start."""
-        for task in self._tasks:
+    async def stop(self, seconds: float) -> None:
+        """Stops within `seconds`: claims nothing more, interrupts running statements and
+        hands their runs back PENDING (no attempt used). What has not finished by then is
+        abandoned: its run stays RUNNING and is recovered (the lease, or the next start)."""
+        self._stopping.set()
+        self._wakeup.set()
+        if self._keeper is not None:
+            self._keeper.cancel()
+        deadline = time.monotonic() + seconds
+        pending = {task for task in self._workers if not task.done()}
+        while pending and time.monotonic() < deadline:
+            for warehouse in list(self._in_flight.values()):
+                if warehouse is not None:
+                    warehouse.interrupt()
+            _, pending = await asyncio.wait(
+                pending, timeout=min(INTERRUPT_EVERY_SECONDS, max(0.0, deadline - time.monotonic()))
+            )
+        for task in pending:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if pending:
+            log.error(
+                "stopped with %d run(s) still held after %.0f s; they will be recovered",
+                len(self._in_flight),
+                seconds,
+                extra={"fields": {"runs": sorted(self._in_flight)}},
+            )
+        await asyncio.gather(*self._workers, return_exceptions=True)
 
     async def recover(self, stale_before: datetime) -> None:
-        """Ends or requeues runs whose execution was lost (never this process's own)."""
-        for run in await self._store.stale_runs(stale_before):
-            if run.pipeline_logging_id in self._in_flight:
-                continue
+        """Ends or requeues RUNNING runs whose execution was lost (never this process's own):
+        COMPLETE when their publication is recorded, else run again or FAILED."""
+        async with self._claiming:  # a run claimed now is in `_in_flight` before we look
+            stale = [
+                run
+                for run in await self._store.stale_runs(stale_before)
+                if run.pipeline_logging_id not in self._in_flight
+            ]
+        for run in stale:
             template = self._catalog.get(run.provider, run.domain, run.template)
             retry = template is not None and template.on_crash == "retry"
-            if run.cancel_requested:
+            if await self._store.published(run.pipeline_logging_id):
+                if await self._store.finish_run(run, COMPLETE, self._clock()):
+                    log.warning("run %s ended COMPLETE: it was published", run.pipeline_logging_id)
+            elif run.cancel_requested:
                 await self._store.finish_run(run, FAILED, self._clock(), CANCELLED_MESSAGE)
             elif retry and run.attempt < MAX_ATTEMPTS:
                 if await self._store.requeue_run(run, self._clock(), count_attempt=True):
-                    log.warning("run %s requeued: its server stopped", run.pipeline_logging_id)
+                    log.warning("run %s requeued: its execution was lost", run.pipeline_logging_id)
             else:
                 await self._store.finish_run(
                     run,
@@ -192,70 +261,99 @@ class Executor:
         while True:
             await asyncio.sleep(self._settings.heartbeat_seconds)
             try:
-                await self._store.heartbeat(sorted(self._in_flight), self._worker_id)
-                if not self._store.exclusive:  # an exclusive store recovers at start-up
+                if self._store.exclusive:
+                    # No other process can hold a run: any RUNNING run no worker here holds
+                    # is orphaned (its end could not be written, or its worker failed).
+                    await self.recover(datetime.max.replace(tzinfo=UTC))
+                else:
+                    await self._store.heartbeat(sorted(self._in_flight), self._worker_id)
                     await self.recover(self._clock() - lease)
             except Exception:
-                log.exception("heartbeat failed")
+                log.exception("heartbeat or recovery failed")
 
     async def _work(self) -> None:
-        while True:
-            try:
-                async with self._claiming:
-                    run = None
-                    # Idle workers take turns: the store sees one poll a second per server
-                    # (on BigQuery each is a billed query), and a wake-up at once.
-                    if self._wakeup.is_set() or time.monotonic() >= self._next_poll:
-                        self._next_poll = time.monotonic() + IDLE_POLL_SECONDS
-                        run = await self._store.claim_next_run(self._worker_id, self._clock())
-            except Exception:
-                log.exception("cannot claim a run")
-                run = None
+        while not self._stopping.is_set():
+            run = await self._claim()
             if run is None:
                 self._wakeup.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wakeup.wait(), IDLE_POLL_SECONDS)
                 continue
             self._wakeup.set()  # there may be more: let another idle worker look
+            await self._execute(run)
+
+    async def _claim(self) -> RunRecord | None:
+        async with self._claiming:
+            # Idle workers take turns: the store sees one poll a second per server (on
+            # BigQuery each is a billed query), and a wake-up at once.
+            if self._stopping.is_set() or (
+                not self._wakeup.is_set() and time.monotonic() < self._next_poll
+            ):
+                return None
+            self._next_poll = time.monotonic() + IDLE_POLL_SECONDS
             try:
-                await self._execute(run)
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # a store failure must not cost the pool a worker
-                log.exception("run %s: the executor failed", run.pipeline_logging_id)
+                run = await self._store.claim_next_run(self._worker_id, self._clock())
+            except Exception as exc:
+                log.warning("cannot claim a run: %s", exc)
+                return None
+            if run is not None:
+                self._in_flight[run.pipeline_logging_id] = None
+            return run
 
     async def _execute(self, run: RunRecord) -> None:
+        """Runs, then ends or hands back, the claimed run; never raises but CancelledError."""
         run_id = run.pipeline_logging_id
-        self._in_flight.add(run_id)
         logs.tenant_id_var.set(run.tenant_id)
         self._events.publish(run_id)
         try:
             status, error = await self._run_pipeline(run)
-        except asyncio.CancelledError:
-            # The server is stopping: hand the run back so that it is not lost.
-            await asyncio.shield(self._store.requeue_run(run, self._clock(), count_attempt=False))
-            raise
+            if status == _HANDED_BACK:
+                await self._persist(
+                    lambda: self._store.requeue_run(run, self._clock(), count_attempt=False),
+                    f"hand back run {run_id}",
+                )
+                log.info("run %s handed back: the server is stopping", run_id)
+            elif status == _LOST:
+                log.warning("run %s was no longer this worker's to publish", run_id)
+            elif await self._persist(
+                lambda: self._store.finish_run(run, status, self._clock(), error),
+                f"end run {run_id}",
+            ):
+                log.info("run %s ended %s", run_id, status, extra={"fields": {"error": error}})
+            else:
+                log.warning("run %s was no longer this worker's to end", run_id)
+        except Exception:  # the sweep (or the next start) recovers the run
+            log.exception("run %s: the executor failed", run_id)
         finally:
-            self._in_flight.discard(run_id)
-        if await self._finish(run, status, error) is None:
-            log.warning("run %s was no longer this worker's to end", run_id)
-        else:
-            log.info("run %s ended %s", run_id, status, extra={"fields": {"error": error}})
+            self._in_flight.pop(run_id, None)
         self._events.publish(run_id)
 
-    async def _finish(self, run: RunRecord, status: str, error: str) -> RunRecord | None:
-        """Ends the run, retrying a failing store: a run left RUNNING would hold its slot."""
-        for attempt in range(FINISH_ATTEMPTS):
+    async def _persist(self, write: Callable[[], Awaitable[T]], what: str) -> T:
+        """Retries a store write until the store takes it: a run left RUNNING would hold
+        its tenant's concurrency slot. Stopping ends the retries at its deadline."""
+        delay = 0.2
+        while True:
             try:
-                return await self._store.finish_run(run, status, self._clock(), error)
-            except Exception:
-                if attempt == FINISH_ATTEMPTS - 1:
-                    raise
-                log.warning("cannot end run %s yet", run.pipeline_logging_id, exc_info=True)
-                await asyncio.sleep(0.2 * 2**attempt)
-        raise AssertionError("unreachable")  # pragma: no cover
+                return await write()
+            except Exception as exc:
+                log.warning("cannot %s yet (retrying in %.1f s): %s", what, delay, exc)
+            await asyncio.sleep(delay)
+            delay = min(MAX_PERSIST_BACKOFF, delay * 2)
+
+    async def _publish(
+        self, run: RunRecord, warehouse: Warehouse, writes: Sequence[Publication]
+    ) -> None:
+        if not await warehouse.publish(writes, run):
+            raise _Lost
+        faults.reached(faults.AFTER_PUBLISH)
+
+    async def _sleep(self, seconds: float) -> None:
+        """A retry backoff that a stop cuts short."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
 
     async def _run_pipeline(self, run: RunRecord) -> tuple[str, str]:
+        """(status, error) to end the run with, or (_HANDED_BACK or _LOST, "")."""
         template = self._catalog.get(run.provider, run.domain, run.template)
         if template is None:
             return (
@@ -267,13 +365,14 @@ class Executor:
         except ParameterError as exc:
             return FAILED, f"Invalid parameter: {exc}"
         warehouse = self._store.warehouse(run.tenant_id)
+        self._in_flight[run.pipeline_logging_id] = warehouse
         try:
             await PipelineRun(
                 template=template,
                 catalog=self._catalog,
                 parameters=parameters,
                 warehouse=warehouse,
-                observer=_Observer(self._store, run, self._events),
+                observer=_Observer(self._store, run, self._events, self._stopping),
                 run_id=run.pipeline_logging_id,
                 attempt=run.attempt,
                 sample_data=self._settings.sample_data,
@@ -282,19 +381,34 @@ class Executor:
                     self._settings.sample_data,
                     *(root / run.tenant_id for root in self._settings.source_roots),
                 ),
+                publish=lambda writes: self._publish(run, warehouse, writes),
                 remote_roots=tuple(
                     f"{root}/{run.tenant_id}/" for root in self._settings.gcs_source_roots
                 ),
+                sleep=self._sleep,
             ).execute()
         except StepFailed as exc:
             return FAILED, str(exc)
         except RunCancelled:
             return FAILED, CANCELLED_MESSAGE
+        except _Lost:
+            return _LOST, ""
+        except Interrupted:
+            if self._stopping.is_set():
+                return _HANDED_BACK, ""
+            return FAILED, "The run was interrupted"
         except TransientError as exc:
             return FAILED, f"The warehouse stayed busy ({exc}); trigger the run again"
+        except Unavailable as exc:  # its progress could not be recorded
+            if self._stopping.is_set():
+                return _HANDED_BACK, ""
+            return FAILED, f"{exc.message}; trigger the run again"
         except Exception:
+            if self._stopping.is_set():
+                return _HANDED_BACK, ""  # e.g. a statement that failed as it was interrupted
             log.exception("run %s failed unexpectedly", run.pipeline_logging_id)
             return FAILED, "Internal error while running the pipeline (see the server log)"
         finally:
+            self._in_flight[run.pipeline_logging_id] = None
             await warehouse.close()
         return COMPLETE, ""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,6 +24,7 @@ from convergence_server.engine.templates import Catalog, DqCheck, Step, Template
 from convergence_server.storage.sql import quote
 from convergence_server.storage.warehouse import (
     STAGE_PREFIX,
+    Interrupted,
     Publication,
     TransientError,
     Warehouse,
@@ -64,6 +65,9 @@ class RunObserver(Protocol):
 
     async def cancel_requested(self) -> bool: ...
 
+    def stopping(self) -> bool:
+        """True once the server is stopping: the run stops at its next step boundary."""
+
     async def step_started(self, index: int, step: Step, at: datetime) -> None: ...
 
     async def step_finished(
@@ -86,6 +90,9 @@ class PipelineRun:
     attempt: int
     sample_data: Path
     source_roots: tuple[Path, ...]
+    # Applies the staged writes once every step has passed; the domain makes it exactly
+    # once (see `Warehouse.publish`).
+    publish: Callable[[Sequence[Publication]], Awaitable[None]]
     # gs:// prefixes the run may read (each ends with the tenant's own folder).
     remote_roots: tuple[str, ...] = ()
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
@@ -93,20 +100,19 @@ class PipelineRun:
     publications: list[Publication] = field(default_factory=list)
 
     async def execute(self) -> None:
-        """Runs every step, then publishes; raises StepFailed or RunCancelled."""
+        """Runs every step, then publishes; raises StepFailed, RunCancelled or Interrupted
+        (the server is stopping: nothing was published)."""
         try:
             for index, step in enumerate(self.template.steps):
-                if await self.observer.cancel_requested():
-                    raise RunCancelled
+                await self._between_steps()
                 started = datetime.now(UTC)
                 await self.observer.step_started(index, step, started)
                 outcome = await self._attempt(step)
                 await self.observer.step_finished(index, step, started, outcome)
                 if outcome.error:
                     raise StepFailed(f"step {step.name} failed: {outcome.error}")
-            if await self.observer.cancel_requested():
-                raise RunCancelled
-            await self._retrying(lambda: self.warehouse.publish(self.publications), 3)
+            await self._between_steps()
+            await self._retrying(lambda: self.publish(self.publications), 3)
         finally:
             # Every stage this run may have created, including one whose step then failed.
             stages = {self._stage(s.destination) for s in self.template.steps if s.destination}
@@ -114,6 +120,12 @@ class PipelineRun:
                 await self.warehouse.drop(sorted(stages))
             except Exception:
                 log.warning("run %s: cannot drop its staging tables", self.run_id, exc_info=True)
+
+    async def _between_steps(self) -> None:
+        if self.observer.stopping():
+            raise Interrupted("the server is stopping")
+        if await self.observer.cancel_requested():
+            raise RunCancelled
 
     async def _attempt(self, step: Step) -> StepOutcome:
         attempts = 0
@@ -125,8 +137,7 @@ class PipelineRun:
                 if attempts == step.retry.attempts:
                     return StepOutcome(0, attempts, f"{exc} (after {attempts} attempts)")
                 await self.sleep(min(MAX_BACKOFF, step.retry.backoff_seconds * 2 ** (attempts - 1)))
-                if await self.observer.cancel_requested():
-                    raise RunCancelled from None
+                await self._between_steps()
             except (StepFailed, WarehouseError) as exc:
                 return StepOutcome(0, attempts, str(exc))
         raise AssertionError("unreachable")  # pragma: no cover

@@ -18,7 +18,7 @@ def open_store(config: Config) -> Store:
     if config.store == "embedded":
         from convergence_server.storage.duckdb_store import DuckDBStore
 
-        return DuckDBStore.open(config.database_path, config.workers)
+        return DuckDBStore.open(config.database_path, config.workers, config.duckdb_memory_limit)
     if config.store == "bigquery":
         from convergence_server.storage.bigquery_store import BigQueryStore
 

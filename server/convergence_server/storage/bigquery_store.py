@@ -204,11 +204,13 @@ class BigQueryStore:
     def _query(self, sql: str, **params: Any) -> list[tuple[Any, ...]]:
         return self._bq.query(sql, params)
 
-    def _transaction(self, script: str, params: Mapping[str, Any]) -> list[tuple[Any, ...]]:
+    def _transaction(
+        self, script: str, params: Mapping[str, Any], runner: Runner | None = None
+    ) -> list[tuple[Any, ...]]:
         """Runs a transaction script, again while it conflicts with a concurrent one."""
         for attempt in range(CONFLICT_RETRIES):
             try:
-                return self._bq.query(script, params, rerun=False)
+                return (runner or self._bq).query(script, params, rerun=False)
             except api_exceptions.GoogleAPICallError as exc:
                 if not is_conflict(exc) or attempt == CONFLICT_RETRIES - 1:
                     raise
@@ -971,6 +973,59 @@ class BigQueryStore:
         )
         return requeued is not None
 
+    async def published(self, run_id: str) -> bool:
+        rows = await self._call(
+            lambda: self._query(
+                f"SELECT COUNT(*) FROM {self._t(schema.TENANT_RUN_PUBLICATIONS.name)} "
+                "WHERE pipeline_logging_id = @id",
+                id=run_id,
+            )
+        )
+        return bool(rows and rows[0][0])
+
+    async def write_failure(self) -> str | None:
+        return None  # BigQuery's failures surface per call, as Unavailable
+
+    def _publish(self, run: RunRecord, statements: list[str], params: Mapping[str, Any]) -> bool:
+        """The publishing transaction (see `Warehouse.publish`), blocking: the staged
+        writes and the publication record commit together, only while the run is RUNNING
+        for this worker and attempt. It takes the tenant's sequence like every run change,
+        so it conflicts with (and is ordered against) a concurrent claim or requeue: a
+        replica whose lease ran out cannot publish next to the one that took the run over."""
+        publications = self._t(schema.TENANT_RUN_PUBLICATIONS.name)
+        latest = self._latest_events_sql("pipeline_logging_id = @run_id AND tenant_id = @tenant_id")
+        body = "\n".join(statements)
+        script = f"""
+            DECLARE next_seq INT64;
+            DECLARE owned BOOL;
+            BEGIN TRANSACTION;
+            {self._next_seq_sql(run.tenant_id)}
+            SET owned = EXISTS (SELECT 1 FROM ({latest}) WHERE {OWNER_GUARD})
+              AND NOT EXISTS (SELECT 1 FROM {publications} WHERE pipeline_logging_id = @run_id);
+            IF owned THEN
+              INSERT INTO {publications}
+                (pipeline_logging_id, tenant_id, run_attempt, worker_id, published_at)
+              VALUES (@run_id, @tenant_id, @attempt, @worker_id, CURRENT_TIMESTAMP());
+              {body}
+            END IF;
+            COMMIT TRANSACTION;
+            SELECT owned OR EXISTS (
+              SELECT 1 FROM {publications} WHERE pipeline_logging_id = @run_id
+                AND run_attempt = @attempt AND worker_id = @worker_id);
+        """
+        rows = self._transaction(
+            script,
+            {
+                **params,
+                "run_id": run.pipeline_logging_id,
+                "tenant_id": run.tenant_id,
+                "worker_id": run.worker_id,
+                "attempt": run.attempt,
+            },
+            self._pipelines,
+        )
+        return bool(rows and rows[0][0])
+
     # -- steps and data quality -------------------------------------------------------------
 
     async def save_step(self, step: StepRecord) -> None:
@@ -1023,7 +1078,10 @@ class BigQueryStore:
 
     def warehouse(self, dataset: str) -> BigQueryWarehouse:
         return BigQueryWarehouse(
-            self._pipelines, self.dataset_of(dataset), self._publish_locks.get(dataset)
+            self._pipelines,
+            self.dataset_of(dataset),
+            self._publish_locks.get(dataset),
+            self._publish,
         )
 
     async def drop_stage_tables(self) -> int:

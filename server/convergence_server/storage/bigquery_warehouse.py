@@ -3,9 +3,10 @@
 Steps run natively: files arrive by load jobs (local files are uploaded, `gs://` URIs read
 by BigQuery itself), query steps are query jobs with named parameters writing a destination
 table, data-quality checks are queries. Publication moves every staged table into its
-destination in one multi-statement transaction (DML only: BigQuery runs no DDL inside a
-transaction); a landing table replaced whole (`truncate`, no shared schema) is copied over
-by a copy job after that transaction, and a shared schema's union view is refreshed last.
+destination in one multi-statement transaction with the run's publication record (DML
+only: BigQuery runs no DDL inside a transaction); what must be DDL and is idempotent comes
+before it: destinations are created, a shared schema's union view refreshed, and a landing
+table replaced whole (`truncate`, no shared schema) is copied over by a copy job.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import csv
 import re
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -29,8 +30,10 @@ from convergence_server.storage.bigquery_client import (
     message,
 )
 from convergence_server.storage.identifiers import sanitize
+from convergence_server.storage.records import RunRecord
 from convergence_server.storage.warehouse import (
     STAGE_PREFIX,
+    Interrupted,
     Publication,
     SchemaColumn,
     TransientError,
@@ -69,15 +72,22 @@ def _used(sql: str, params: Mapping[str, Any]) -> dict[str, Any]:
 
 
 class BigQueryWarehouse:
-    def __init__(self, runner: Runner, dataset: str, publish_lock: threading.Lock) -> None:
+    def __init__(
+        self,
+        runner: Runner,
+        dataset: str,
+        publish_lock: threading.Lock,
+        transaction: Callable[[RunRecord, list[str], Mapping[str, Any]], bool],
+    ) -> None:
         self.dataset = dataset
         self._bq = runner
         # Publications into one dataset from this process go one at a time; between
-        # processes, BigQuery's transaction conflicts (retried by the engine) order them.
+        # processes, BigQuery's transaction conflicts (retried by the store) order them.
         self._publish_lock = publish_lock
-        # Set once this run's publishing transaction has committed: a retry of `publish`
-        # (after a later step of it failed) must not append the same rows again.
-        self._committed = False
+        # The store's publishing transaction: the row writes given, with the run's
+        # publication record, if the run is still this execution's.
+        self._transaction = transaction
+        self._interrupted = threading.Event()
 
     def _ref(self, table: str) -> str:
         return f"{self._bq.client.project}.{self.dataset}.{table}"
@@ -87,6 +97,8 @@ class BigQueryWarehouse:
 
     async def _call(self, fn: Any) -> Any:
         def run() -> Any:
+            if self._interrupted.is_set():
+                raise Interrupted("the server is stopping")
             try:
                 return fn()
             except WarehouseError:
@@ -203,8 +215,13 @@ class BigQueryWarehouse:
 
         return list(await self._call(columns))
 
-    async def publish(self, writes: Sequence[Publication]) -> None:
-        def publish() -> None:
+    async def publish(self, writes: Sequence[Publication], run: RunRecord) -> bool:
+        """DDL cannot run inside a BigQuery transaction, so what is idempotent goes first:
+        destinations are created, union views refreshed and truncated tables replaced by
+        copy jobs (a run that is then run again replaces them again with the same data).
+        The row writes and the publication record are one DML transaction."""
+
+        def publish() -> bool:
             with self._publish_lock:
                 statements = []
                 for write in writes:
@@ -217,29 +234,22 @@ class BigQueryWarehouse:
                     elif write.write_mode == "replace_partition":
                         statements.append(
                             f"DELETE FROM {destination} "
-                            f"WHERE CAST(`{write.partition_column}` AS DATE) = @day;"
+                            f"WHERE CAST(`{write.partition_column}` AS DATE) = @partition_day;"
                         )
                     names = ", ".join(f"`{c}`" for c in self._names(write.stage))
                     statements.append(
                         f"INSERT INTO {destination} ({names}) SELECT {names} FROM {stage};"
                     )
-                if statements and not self._committed:
-                    day = next((w.partition_value for w in writes if w.partition_value), None)
-                    self._bq.job(
-                        "BEGIN TRANSACTION;\n" + "\n".join(statements) + "\nCOMMIT TRANSACTION;",
-                        {"day": day} if day else {},
-                        timeout=None,
-                        rerun=False,
-                    )
-                self._committed = True
-                for write in writes:
-                    if write.write_mode == "truncate" and not write.schema:
-                        self._replace_with(write.stage, write.destination)
                 for write in writes:
                     if write.union_view is not None:
                         self._refresh_union_view(*write.union_view, write.schema)
+                for write in writes:
+                    if write.write_mode == "truncate" and not write.schema:
+                        self._replace_with(write.stage, write.destination)
+                day = next((w.partition_value for w in writes if w.partition_value), None)
+                return self._transaction(run, statements, {"partition_day": day} if day else {})
 
-        await self._call(publish)
+        return bool(await self._call(publish))
 
     def _replace_with(self, stage: str, destination: str) -> None:
         """Replaces `destination` with a copy of `stage` (a copy job: atomic, no bytes
@@ -297,6 +307,11 @@ class BigQueryWarehouse:
                 self._bq.client.delete_table(self._ref(table), not_found_ok=True)
 
         await self._call(drop)
+
+    def interrupt(self) -> None:
+        """Stops the run at its next BigQuery call (a job already submitted finishes: the
+        run's writes stay in its stage tables, which the next start drops)."""
+        self._interrupted.set()
 
     async def close(self) -> None:
         """Nothing to release: the store's client serves every run."""

@@ -7,6 +7,7 @@ append-only events instead (see the BigQuery adapter).
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Sequence
 from datetime import UTC, date, datetime, timedelta
@@ -38,6 +39,14 @@ RUNS = f"{CENTRAL}.tenant_pipeline_runs"
 STEPS = f"{CENTRAL}.tenant_step_logs"
 KEYS = f"{CENTRAL}.tenant_idempotency_keys"
 USAGE = f"{CENTRAL}.tenant_usage_quotas"
+PUBLICATIONS = f"{CENTRAL}.tenant_run_publications"
+
+
+def rollback(cur: duckdb.DuckDBPyConnection) -> None:
+    """Rolls back the open transaction, if any: a commit that failed (a full disk) has
+    already ended it, and that failure, not this one, is what the caller must see."""
+    with contextlib.suppress(duckdb.TransactionException):
+        cur.rollback()
 
 
 def insert_run(cur: duckdb.DuckDBPyConnection, run: RunRecord) -> None:
@@ -120,7 +129,7 @@ def create_run(
         _count_usage(cur, run.tenant_id, run.created_at, limits, started=1, active=active + 1)
         cur.commit()
     except BaseException:
-        cur.rollback()
+        rollback(cur)
         raise
     return Admission(run, created=True)
 
@@ -313,9 +322,30 @@ def finish_run(
             record_finish(cur, run_from_row(row), now)
         cur.commit()
     except BaseException:
-        cur.rollback()
+        rollback(cur)
         raise
     return None if row is None else run_from_row(row)
+
+
+def record_publication(cur: duckdb.DuckDBPyConnection, run: RunRecord, now: datetime) -> bool:
+    """Inside the publishing transaction: records that this execution of `run` publishes;
+    False when the run is no longer RUNNING for this worker and attempt."""
+    inserted = cur.execute(
+        f"INSERT INTO {PUBLICATIONS} SELECT pipeline_logging_id, tenant_id, attempt, worker_id, ? "
+        f"FROM {RUNS} WHERE pipeline_logging_id = ? AND status = 'RUNNING' AND worker_id = ? "
+        "AND attempt = ? RETURNING pipeline_logging_id",
+        [naive(now), run.pipeline_logging_id, run.worker_id, run.attempt],
+    ).fetchone()
+    return inserted is not None
+
+
+def published_by(cur: duckdb.DuckDBPyConnection, run_id: str) -> tuple[int, str] | None:
+    """The (attempt, worker) whose publication of the run is recorded, if any."""
+    row = cur.execute(
+        f"SELECT run_attempt, worker_id FROM {PUBLICATIONS} WHERE pipeline_logging_id = ?",
+        [run_id],
+    ).fetchone()
+    return None if row is None else (int(row[0]), str(row[1]))
 
 
 def interrupt_steps(cur: duckdb.DuckDBPyConnection, run_id: str, now: datetime) -> None:

@@ -2,6 +2,12 @@
 
 DuckDB calls block, so each runs on a small thread pool, every thread with its own cursor
 on the one database connection. Timestamps are stored as naive UTC.
+
+Storage faults: a write the file system refuses (disk full, read-only, permissions) raises
+`Unavailable` with the reason, and the store reports itself not writable
+(`write_failure`) until a probe write succeeds again. A failed checkpoint makes DuckDB
+invalidate the open database; the store then reopens the file (committed data is in it and
+its write-ahead log), so a live server recovers once space returns, without a restart.
 """
 
 from __future__ import annotations
@@ -57,6 +63,32 @@ CENTRAL = quote_identifier(schema.CENTRAL_DATASET)
 MEMBERS = f"{CENTRAL}.tenant_members"
 WORKER_THREADS = 4
 CONFLICT_RETRIES = 6
+PROBE = f"{CENTRAL}.store_write_probe"
+# How the file system says no: these are faults of the machine, not of the request.
+_WRITE_FAULTS = (
+    "could not write",
+    "no space left",
+    "read-only file system",
+    "permission denied",
+    "disk quota exceeded",
+    "could not fsync",
+    "could not truncate",
+)
+
+
+def _write_fault(exc: BaseException) -> str | None:
+    """The file system's reason when `exc` is a refused write, else None."""
+    text = str(exc)
+    if isinstance(exc, duckdb.IOException) or any(f in text.lower() for f in _WRITE_FAULTS):
+        for line in text.splitlines():
+            if ":" in line:
+                return line.rsplit(":", 1)[-1].strip() or line.strip()
+        return text.strip()
+    return None
+
+
+def _invalidated(exc: BaseException) -> bool:
+    return isinstance(exc, duckdb.FatalException) or "database has been invalidated" in str(exc)
 
 
 def _utc_naive(moment: datetime) -> datetime:
@@ -97,8 +129,19 @@ class DuckDBStore:
     kind = "embedded"
     exclusive = True
 
-    def __init__(self, connection: duckdb.DuckDBPyConnection, warehouse_threads: int) -> None:
+    def __init__(
+        self,
+        connection: duckdb.DuckDBPyConnection,
+        warehouse_threads: int,
+        reopen: Callable[[], duckdb.DuckDBPyConnection] | None = None,
+    ) -> None:
         self._connection = connection
+        self._reopen_connection = reopen
+        # Bumped when the database is reopened: each thread's cursor of an older one is
+        # replaced on its next call.
+        self._generation = 0
+        self._reopen_lock = threading.Lock()
+        self._write_failure: str | None = None
         self._local = threading.local()
         self._executor = ThreadPoolExecutor(WORKER_THREADS, thread_name_prefix="duckdb")
         self._warehouse_executor = ThreadPoolExecutor(
@@ -110,42 +153,112 @@ class DuckDBStore:
         self._ddl_lock = threading.Lock()
 
     @classmethod
-    def open(cls, path: Path, warehouse_threads: int = WORKER_THREADS) -> DuckDBStore:
+    def open(
+        cls, path: Path, warehouse_threads: int = WORKER_THREADS, memory_limit: str = ""
+    ) -> DuckDBStore:
         path.parent.mkdir(parents=True, exist_ok=True)
+        # DuckDB's buffer pool would otherwise grow to 80% of the machine's memory.
+        settings: dict[str, str | bool | int | float | list[str]] = (
+            {"memory_limit": memory_limit} if memory_limit else {}
+        )
+
+        def connect() -> duckdb.DuckDBPyConnection:
+            return duckdb.connect(str(path), config=settings)
+
         try:
-            connection = duckdb.connect(str(path))
+            connection = connect()
         except duckdb.IOException as exc:
             raise SystemExit(f"cannot open the embedded store {path}: {exc}") from None
-        store = cls(connection, max(1, warehouse_threads))
+        except duckdb.Error as exc:  # e.g. a memory_limit DuckDB cannot parse
+            raise SystemExit(f"cannot open the embedded store {path}: {exc}") from None
+        store = cls(connection, max(1, warehouse_threads), connect)
         store._migrate()
         return store
 
     # -- plumbing ---------------------------------------------------------------------------
 
     def _cursor(self) -> duckdb.DuckDBPyConnection:
-        cursor: duckdb.DuckDBPyConnection | None = getattr(self._local, "cursor", None)
-        if cursor is None:
-            cursor = self._connection.cursor()
-            self._local.cursor = cursor
+        held: tuple[int, duckdb.DuckDBPyConnection] | None = getattr(self._local, "cursor", None)
+        if held is not None and held[0] == self._generation:
+            return held[1]
+        if held is not None:
+            with contextlib.suppress(duckdb.Error):
+                held[1].close()
+        cursor = self._connection.cursor()
+        self._local.cursor = (self._generation, cursor)
         return cursor
+
+    def _fault(self, exc: BaseException, generation: int) -> Unavailable | None:
+        """The `Unavailable` a storage fault becomes (reopening an invalidated database),
+        or None when `exc` is no fault of the machine."""
+        if _invalidated(exc):
+            log.error("embedded store invalidated by a failed write, reopening it: %s", exc)
+            self._write_failure = _write_fault(exc) or "the database had to be reopened"
+            self._reopen(generation)
+            return Unavailable(f"The store cannot write: {self._write_failure}; try again")
+        reason = _write_fault(exc)
+        if reason is not None:
+            if self._write_failure is None:
+                log.error("embedded store cannot write: %s", reason)
+            self._write_failure = reason
+            return Unavailable(f"The store cannot write: {reason}; try again")
+        if isinstance(exc, duckdb.ConnectionException):
+            log.error("embedded store unavailable: %s", exc)
+            return Unavailable("the embedded store is unavailable")
+        return None
+
+    def _reopen(self, generation: int) -> None:
+        with self._reopen_lock:
+            if generation != self._generation or self._reopen_connection is None:
+                return  # another thread reopened it already
+            try:
+                connection = self._reopen_connection()
+            except duckdb.Error as exc:
+                log.error("cannot reopen the embedded store yet: %s", exc)
+                return
+            old, self._connection = self._connection, connection
+            self._generation += 1
+            with contextlib.suppress(duckdb.Error):
+                old.close()
 
     def _submit(self, fn: Callable[[duckdb.DuckDBPyConnection], T]) -> asyncio.Future[T]:
         def run() -> T:
+            generation = self._generation
             for attempt in range(CONFLICT_RETRIES):
                 try:
                     return fn(self._cursor())
-                except duckdb.TransactionException:
+                except duckdb.Error as exc:
+                    fault = self._fault(exc, generation)
+                    if fault is not None:
+                        raise fault from exc
+                    if not isinstance(exc, duckdb.TransactionException):
+                        raise
                     # Two writers touched the same row at once; the statement (or the
                     # transaction `fn` ran) did not apply: run it again.
                     if attempt == CONFLICT_RETRIES - 1:
                         raise
                     time.sleep(0.002 * 2**attempt)
-                except duckdb.ConnectionException as exc:
-                    log.error("embedded store unavailable: %s", exc)
-                    raise Unavailable("the embedded store is unavailable") from exc
             raise AssertionError("unreachable")  # pragma: no cover
 
         return asyncio.get_running_loop().run_in_executor(self._executor, run)
+
+    async def write_failure(self) -> str | None:
+        """Why the store cannot write now, or None. After a failure, each call probes with
+        a real write (a few kilobytes committed, then deleted) until one succeeds."""
+        if self._write_failure is None:
+            return None
+
+        def probe(cur: duckdb.DuckDBPyConnection) -> None:
+            cur.execute(f"INSERT INTO {PROBE} VALUES (?, ?)", [uuid.uuid4().hex, "x" * 16384])
+            cur.execute(f"DELETE FROM {PROBE}")
+
+        try:
+            await self._call(probe)
+        except Unavailable:
+            return self._write_failure
+        log.warning("embedded store writes again")
+        self._write_failure = None
+        return None
 
     async def _call(self, fn: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
         return await self._submit(fn)
@@ -177,6 +290,7 @@ class DuckDBStore:
                 f"INSERT INTO {CENTRAL}.schema_migrations VALUES (?, ?, ?)",
                 [migration.version, migration.description, _utc_naive(datetime.now(UTC))],
             )
+        cur.execute(f"CREATE TABLE IF NOT EXISTS {PROBE} (probe_id VARCHAR, payload VARCHAR)")
         cur.commit()
         cur.close()
 
@@ -305,14 +419,14 @@ class DuckDBStore:
                         raise DeadlineExceeded("The deadline passed before onboarding finished")
                     cur.commit()
                 except (duckdb.ConstraintException, duckdb.CatalogException) as exc:
-                    cur.rollback()
+                    runs.rollback(cur)
                     if "already exists" in str(exc) or "Duplicate key" in str(exc):
                         raise AlreadyExists(
                             f"Tenant '{tenant.tenant_id}' or its dataset already exists"
                         ) from exc
                     raise
                 except BaseException:
-                    cur.rollback()
+                    runs.rollback(cur)
                     raise
             return schema.TENANT_DATASET_OBJECTS
 
@@ -475,6 +589,9 @@ class DuckDBStore:
     async def requeue_run(self, run: RunRecord, now: datetime, count_attempt: bool) -> bool:
         return await self._call(lambda cur: runs.requeue_run(cur, run, now, count_attempt))
 
+    async def published(self, run_id: str) -> bool:
+        return await self._call(lambda cur: runs.published_by(cur, run_id)) is not None
+
     async def save_step(self, step: StepRecord) -> None:
         await self._call(lambda cur: runs.save_step(cur, step))
 
@@ -490,8 +607,13 @@ class DuckDBStore:
         Pipeline SQL runs on its own threads, so that long steps never hold back the API's
         store calls (auth, triggers, run bookkeeping).
         """
+        generation = self._generation
         return DuckDBWarehouse(
-            dataset, self._connection.cursor(), self._warehouse_executor, self._publish_locks
+            dataset,
+            self._connection.cursor(),
+            self._warehouse_executor,
+            self._publish_locks,
+            lambda exc: self._fault(exc, generation),
         )
 
     async def drop_stage_tables(self) -> int:
@@ -499,6 +621,10 @@ class DuckDBStore:
         return await self._call(drop_stage_tables)
 
     async def close(self) -> None:
-        self._warehouse_executor.shutdown(wait=True)
-        self._executor.shutdown(wait=True)
-        self._connection.close()
+        def close() -> None:
+            self._warehouse_executor.shutdown(wait=True, cancel_futures=True)
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._connection.close()
+
+        # Off the event loop: a thread still busy must not stall the server's bounded stop.
+        await asyncio.to_thread(close)

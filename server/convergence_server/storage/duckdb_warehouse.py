@@ -12,15 +12,19 @@ import asyncio
 import re
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import duckdb
 
+from convergence_server.storage import duckdb_runs as runs
 from convergence_server.storage.identifiers import quote_identifier, sanitize
 from convergence_server.storage.locks import KeyedLocks
+from convergence_server.storage.records import RunRecord
 from convergence_server.storage.sql import SqlError, to_duckdb
 from convergence_server.storage.warehouse import (
     STAGE_PREFIX,
+    Interrupted,
     Publication,
     SchemaColumn,
     TransientError,
@@ -79,26 +83,39 @@ class DuckDBWarehouse:
         cursor: duckdb.DuckDBPyConnection,
         executor: ThreadPoolExecutor,
         publish_locks: KeyedLocks,
+        on_fault: Callable[[BaseException], Exception | None] = lambda exc: None,
     ) -> None:
         self.dataset = dataset
+        # The store's judgement of an error: a storage fault (disk full...) comes back as the
+        # exception to report, after the store has noted it.
+        self._on_fault = on_fault
         self._schema = quote_identifier(dataset)
         self._cursor = cursor
         self._executor = executor
         # Publications into one dataset happen one at a time, so that concurrent runs of a
         # pipeline neither conflict nor both insert the same day.
         self._publish_lock = publish_locks.get(dataset)
+        # The statement running on a pool thread now, if any: the cursor must not be
+        # closed under it (its caller may have been cancelled while it runs).
+        self._running: asyncio.Future[Any] | None = None
         cursor.execute("SET TimeZone = 'UTC'")
 
     async def _call(self, fn: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
         def run() -> T:
             try:
                 return fn(self._cursor)
-            except duckdb.TransactionException as exc:
-                raise TransientError(str(exc)) from exc
-            except (duckdb.Error, SqlError) as exc:
+            except duckdb.InterruptException as exc:
+                raise Interrupted(_first_line(exc)) from exc
+            except duckdb.Error as exc:
+                fault = self._on_fault(exc)
+                if fault is not None or isinstance(exc, duckdb.TransactionException):
+                    raise TransientError(str(fault or exc)) from exc
+                raise WarehouseError(_first_line(exc)) from exc
+            except SqlError as exc:
                 raise WarehouseError(_first_line(exc)) from exc
 
-        return await asyncio.get_running_loop().run_in_executor(self._executor, run)
+        self._running = asyncio.get_running_loop().run_in_executor(self._executor, run)
+        return await self._running  # type: ignore[no-any-return]
 
     def _table(self, name: str) -> str:
         return f"{self._schema}.{quote_identifier(name)}"
@@ -172,19 +189,26 @@ class DuckDBWarehouse:
 
         return await self._call(columns)
 
-    async def publish(self, writes: Sequence[Publication]) -> None:
-        def publish(cur: duckdb.DuckDBPyConnection) -> None:
+    async def publish(self, writes: Sequence[Publication], run: RunRecord) -> bool:
+        # The runs table lives in the same database: the publication record and the writes
+        # commit together, and recovery reads the record (`Store.published`).
+        def publish(cur: duckdb.DuckDBPyConnection) -> bool:
             with self._publish_lock:
                 cur.begin()
                 try:
+                    done = runs.published_by(cur, run.pipeline_logging_id)
+                    if done is not None or not runs.record_publication(cur, run, datetime.now(UTC)):
+                        cur.rollback()
+                        return done == (run.attempt, run.worker_id)
                     for write in writes:
                         self._publish_one(cur, write)
                     cur.commit()
                 except BaseException:
-                    cur.rollback()
+                    runs.rollback(cur)
                     raise
+            return True
 
-        await self._call(publish)
+        return await self._call(publish)
 
     def _publish_one(self, cur: duckdb.DuckDBPyConnection, write: Publication) -> None:
         destination, stage = self._table(write.destination), self._table(write.stage)
@@ -234,7 +258,12 @@ class DuckDBWarehouse:
 
         await self._call(drop)
 
+    def interrupt(self) -> None:
+        self._cursor.interrupt()
+
     async def close(self) -> None:
+        if self._running is not None and not self._running.done():
+            return  # abandoned mid-statement (the server is stopping): the store closes it
         await asyncio.get_running_loop().run_in_executor(self._executor, self._cursor.close)
 
 

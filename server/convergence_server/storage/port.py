@@ -130,6 +130,13 @@ class Store(Protocol):
         """Puts `run` back to PENDING if it is still RUNNING for the same worker and attempt;
         `count_attempt` uses up an attempt (after a crash, not after a clean stop)."""
 
+    async def published(self, run_id: str) -> bool:
+        """Whether an execution of the run published its writes (`Warehouse.publish`
+        records that in its transaction): such a run must end COMPLETE, never run again."""
+
+    async def write_failure(self) -> str | None:
+        """Why the store cannot write now (a full disk...), or None when it can."""
+
     async def save_step(self, step: StepRecord) -> None:
         """Inserts or replaces a step log row (by its id)."""
 

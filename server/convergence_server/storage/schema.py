@@ -191,6 +191,22 @@ TENANT_MEMBERS = Table(
 )
 
 
+# One row per run whose staged writes were published, written in the publishing transaction
+# itself: a run found RUNNING with a row here (its server died after publishing, before the
+# run's end was written) is ended COMPLETE by recovery, never run and published again.
+TENANT_RUN_PUBLICATIONS = Table(
+    "tenant_run_publications",
+    (
+        _req("pipeline_logging_id", "STRING"),
+        _req("tenant_id", "STRING"),
+        _req("run_attempt", "INT64"),
+        _req("worker_id", "STRING"),
+        _req("published_at", "TIMESTAMP"),
+    ),
+    primary_key=("pipeline_logging_id",),
+)
+
+
 @dataclass(frozen=True)
 class Migration:
     """One schema version: tables to create, and columns to add to existing tables.
@@ -246,6 +262,7 @@ MIGRATIONS: tuple[Migration, ...] = (
         adds=((TENANT_STEP_LOGS, ("run_attempt",)), (TENANT_DQ_RESULTS, ("run_attempt",))),
     ),
     Migration(4, "team members (distinct X-User-ID values) per tenant", (TENANT_MEMBERS,)),
+    Migration(5, "run publications: a run's writes are published once", (TENANT_RUN_PUBLICATIONS,)),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1].version

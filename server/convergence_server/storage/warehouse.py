@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from datetime import date
 from typing import Any, Protocol
 
+from convergence_server.storage.records import RunRecord
+
 # Every staging table of a run starts with this; tables left by interrupted runs are
 # found by it and dropped at start-up.
 STAGE_PREFIX = "_stage_"
@@ -34,6 +36,10 @@ class WarehouseError(Exception):
     """A failure that retrying cannot fix (bad SQL, a missing file, wrong types)."""
 
 
+class Interrupted(Exception):
+    """The statement was stopped by `Warehouse.interrupt` (the server is stopping)."""
+
+
 class Warehouse(Protocol):
     dataset: str
 
@@ -52,14 +58,25 @@ class Warehouse(Protocol):
     async def columns(self, table: str) -> list[str]:
         """The column names of `table`, in order; empty when it does not exist."""
 
-    async def publish(self, writes: Sequence[Publication]) -> None:
-        """Applies every staged write to its destination in one transaction."""
+    async def publish(self, writes: Sequence[Publication], run: RunRecord) -> bool:
+        """Applies every staged write to its destination and records that this execution
+        of `run` (its worker and attempt) published them, in one transaction.
+
+        Only while the run is RUNNING for that worker and attempt and nothing was published
+        for it yet; otherwise applies nothing and returns False. Returns True without
+        applying anything again when this execution's publication is already recorded (a
+        retry after an ambiguous failure), so a run's writes land exactly once.
+        """
 
     async def drop(self, tables: Sequence[str]) -> None:
         """Drops the tables if they exist."""
 
+    def interrupt(self) -> None:
+        """Stops the statement running now, if any: it raises `Interrupted` (thread-safe;
+        a call between statements has no effect)."""
+
     async def close(self) -> None:
-        """Releases the connection the run used."""
+        """Releases the connection the run used (after its last statement returned)."""
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,337 @@
+"""Crash and stop safety: a run is published exactly once, a SIGTERM stops the server within
+its bound and hands running runs back, and a full disk strands no run in a live server.
+
+Crash windows are widened deterministically: the fault point `after_publish` makes the
+server kill itself (SIGKILL) right after a run's publication committed and before its end
+is written, which is where a crash used to publish a run twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import duckdb
+import grpc
+import httpx
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from convergence_server.stack import Stack, start_stack
+from tests.bigquery_emulator import Emulator
+from tests.conftest import (
+    TERMINAL,
+    UNMETERED,
+    StackFactory,
+    database_path,
+    new_prefix,
+    onboard,
+    stack_env,
+    trigger,
+    wait_for_run,
+)
+
+CRASH = {"CONVERGENCE_FAULT_POINTS": "after_publish"}
+# (template, its parameters, destination table, rows one run publishes)
+DESTINATIONS = [
+    pytest.param("test/runs/quick", {}, "quick_rows", 1, id="replace_partition"),
+    pytest.param("test/runs/slow", {"size": "1000"}, "slow_counts", 3, id="append"),
+]
+LONG_TEMPLATE = """
+description: One step that counts a cross join; `size` sets how long it takes.
+parameters:
+  size: {{type: integer, default: {size}, description: Each side of the cross join.}}
+steps:
+  - name: long_count
+    kind: query
+    sql: >-
+      SELECT COUNT(*) AS n FROM UNNEST(GENERATE_ARRAY(1, @size)) AS a
+      CROSS JOIN UNNEST(GENERATE_ARRAY(1, @size)) AS b
+    destination: long_counts
+    write_mode: append
+"""
+
+
+def wait_for_exit(process: subprocess.Popen[bytes], timeout: float = 120) -> int:
+    """The process's exit code; fails the test if it is still alive after `timeout`."""
+    try:
+        return process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"process {process.pid} did not exit within {timeout} s")
+
+
+def stored_run(stack: Stack, run_id: object) -> dict[str, object]:
+    """The run's row, read from the store file (the server must be stopped)."""
+    with duckdb.connect(str(database_path(stack)), read_only=True) as db:
+        cursor = db.execute(
+            "SELECT * FROM tenants.tenant_pipeline_runs WHERE pipeline_logging_id = ?", [run_id]
+        )
+        names = [d[0] for d in cursor.description]
+        row = cursor.fetchone()
+    assert row is not None
+    return dict(zip(names, row, strict=True))
+
+
+def stored_count(stack: Stack, sql: str, *params: object) -> int:
+    with duckdb.connect(str(database_path(stack)), read_only=True) as db:
+        row = db.execute(sql, list(params)).fetchone()
+    return int(row[0]) if row else 0
+
+
+def table_exists(stack: Stack, dataset: str, table: str) -> bool:
+    return bool(
+        stored_count(
+            stack,
+            "SELECT COUNT(*) FROM information_schema.tables "
+            "WHERE table_schema = ? AND table_name = ?",
+            dataset,
+            table,
+        )
+    )
+
+
+@pytest.mark.parametrize(("template", "parameters", "table", "rows"), DESTINATIONS)
+def test_a_crash_after_publication_never_publishes_the_run_again(
+    stack_factory: StackFactory,
+    pipeline_env: dict[str, str],
+    tmp_path_factory: pytest.TempPathFactory,
+    template: str,
+    parameters: dict[str, str],
+    table: str,
+    rows: int,
+) -> None:
+    data_dir = tmp_path_factory.mktemp("crash")
+    crashing = stack_factory(data_dir=data_dir, **pipeline_env, **CRASH)
+    with httpx.Client(base_url=crashing.http_url, timeout=30) as http:
+        tenant_id, key = onboard(http, plan=UNMETERED)
+        run_id = trigger(http, key, tenant_id, template, parameters=parameters)[
+            "pipeline_logging_id"
+        ]
+    wait_for_exit(crashing.server)  # killed by the fault point, between publication and end
+    crashing.stop()
+    assert stored_run(crashing, run_id)["status"] == "RUNNING"
+    assert stored_count(crashing, f'SELECT COUNT(*) FROM "{tenant_id}"."{table}"') == rows
+
+    restarted = stack_factory(data_dir=data_dir, **pipeline_env)
+    with httpx.Client(base_url=restarted.http_url, timeout=30) as http:
+        final = wait_for_run(http, key, run_id, timeout=120)
+    restarted.stop()
+    assert final["status"] == "COMPLETE", final
+    # Its rows exactly once, and no attempt was spent running it again.
+    assert stored_count(restarted, f'SELECT COUNT(*) FROM "{tenant_id}"."{table}"') == rows
+    assert stored_run(restarted, run_id)["attempt"] == 1
+    assert (
+        stored_count(
+            restarted,
+            "SELECT COUNT(*) FROM tenants.tenant_usage_quotas "
+            "WHERE tenant_id = ? AND pipelines_succeeded_today = 1 "
+            "AND concurrent_pipelines_running = 0",
+            tenant_id,
+        )
+        == 1
+    )
+
+
+def test_a_crash_after_publication_on_bigquery_never_publishes_the_run_again(
+    stack_factory: StackFactory, pipeline_env: dict[str, str], emulator: Emulator
+) -> None:
+    prefix = new_prefix()
+    env = {
+        **pipeline_env,
+        **emulator.env(prefix),
+        "CONVERGENCE_WORKERS": "1",
+        "CONVERGENCE_RUN_HEARTBEAT_SECONDS": "1",
+        "CONVERGENCE_RUN_LEASE_SECONDS": "4",
+    }
+    crashing = stack_factory(**env, **CRASH)
+    with httpx.Client(base_url=crashing.http_url, timeout=120) as http:
+        tenant_id, key = onboard(http, plan=UNMETERED)
+        run_id = trigger(http, key, tenant_id, "test/runs/slow", parameters={"size": "1000"})[
+            "pipeline_logging_id"
+        ]
+    wait_for_exit(crashing.server)
+    crashing.stop()
+    counts = f"SELECT COUNT(*) AS n FROM `{prefix}{tenant_id}.slow_counts`"
+    assert emulator.query(counts) == [{"n": 3}]
+
+    other = stack_factory(**env)  # a replica: it recovers the run once its lease has run out
+    try:
+        with httpx.Client(base_url=other.http_url, timeout=120) as http:
+            final = wait_for_run(http, key, run_id, timeout=240)
+    finally:
+        other.stop()
+    assert final["status"] == "COMPLETE", final
+    assert emulator.query(counts) == [{"n": 3}]
+    history = emulator.query(
+        f"SELECT event, attempt FROM `{prefix}tenants.tenant_run_events` "
+        f"WHERE pipeline_logging_id = '{run_id}' ORDER BY event_seq",
+    )
+    assert [(h["event"], h["attempt"]) for h in history] == [
+        ("created", 1),
+        ("claimed", 1),
+        ("finished", 1),
+    ]
+
+
+def test_sigterm_interrupts_a_long_step_and_hands_its_run_back(
+    stack_factory: StackFactory,
+    config_dir: Path,
+    sources_dir: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """The step would count for minutes; the server stops within its bound instead, and the
+    run waits PENDING, its attempt unused and nothing published, for the next start."""
+    own_configs = tmp_path_factory.mktemp("long") / "configs"
+    shutil.copytree(config_dir, own_configs)
+    long_template = own_configs / "test" / "runs" / "long.yml"
+    long_template.write_text(LONG_TEMPLATE.format(size=400_000))
+    data_dir = tmp_path_factory.mktemp("sigterm")
+    env = {
+        "CONVERGENCE_CONFIG_DIR": str(own_configs),
+        "CONVERGENCE_SOURCE_ROOTS": str(sources_dir),
+        "CONVERGENCE_SHUTDOWN_SECONDS": "5",
+    }
+    stack = stack_factory(data_dir=data_dir, **env)
+    with httpx.Client(base_url=stack.http_url, timeout=30) as http:
+        tenant_id, key = onboard(http, plan=UNMETERED)
+        run_id = trigger(http, key, tenant_id, "test/runs/long")["pipeline_logging_id"]
+        deadline = time.monotonic() + 60
+        steps: list[dict[str, object]] = []
+        while not steps and time.monotonic() < deadline:
+            steps = http.get(
+                f"/api/v1/pipelines/runs/{run_id}/steps", headers={"X-API-Key": key}
+            ).json()["steps"]
+    assert steps and steps[0]["status"] == "RUNNING", steps
+
+    stack.server.send_signal(signal.SIGTERM)
+    assert wait_for_exit(stack.server, timeout=60) == 0
+    stack.stop()
+    run = stored_run(stack, run_id)
+    assert (run["status"], run["attempt"], run["worker_id"]) == ("PENDING", 1, None)
+    assert not table_exists(stack, tenant_id, "long_counts")
+    log = (data_dir / "logs" / "server.log").read_text()
+    assert f"run {run_id} handed back" in log
+
+    long_template.write_text(LONG_TEMPLATE.format(size=10))  # quick from now on
+    restarted = stack_factory(data_dir=data_dir, **env)
+    with httpx.Client(base_url=restarted.http_url, timeout=30) as http:
+        final = wait_for_run(http, key, run_id, timeout=120)
+    restarted.stop()
+    assert final["status"] == "COMPLETE", final
+    assert stored_count(restarted, f'SELECT COUNT(*) FROM "{tenant_id}".long_counts') == 1
+    assert stored_run(restarted, run_id)["attempt"] == 1
+
+
+@contextlib.contextmanager
+def small_disk(path: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of `size` mounted at `path` (root only), unmounted after."""
+    path.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+        capture_output=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def fill(directory: Path) -> Path:
+    """Writes a file until the file system is full; returns it."""
+    filler = directory / "filler"
+    with filler.open("wb", buffering=0) as out, contextlib.suppress(OSError):
+        while True:
+            out.write(b"\0" * 65536)
+    with filler.open("ab", buffering=0) as out, contextlib.suppress(OSError):
+        while True:
+            out.write(b"\0" * 512)
+    return filler
+
+
+def grpc_health(stack: Stack) -> int:
+    with grpc.insecure_channel(stack.grpc_target) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(), timeout=10
+        )
+    return int(reply.status)
+
+
+def eventually(check: object, timeout: float = 60) -> None:
+    """Waits until `check()` is true (bounded); fails the test otherwise."""
+    assert callable(check)
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"condition not met within {timeout} s: {check}")
+        time.sleep(0.1)
+
+
+def test_a_full_disk_strands_no_run_and_answers_503(
+    pipeline_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    base = tmp_path_factory.mktemp("full")
+    with small_disk(base / "disk", "64m") as disk:
+        env = stack_env(disk, **pipeline_env, CONVERGENCE_WORKERS="2")
+        stack = start_stack(env, log_dir=base / "logs")
+        try:
+            run_while_the_disk_fills(stack, disk, base / "logs" / "server.log")
+        finally:
+            stack.stop()
+
+
+def run_while_the_disk_fills(stack: Stack, disk: Path, server_log: Path) -> None:
+    server_pid = stack.server.pid
+    with httpx.Client(base_url=stack.http_url, timeout=60) as http:
+        tenant_id, key = onboard(http, plan=UNMETERED)
+        headers = {"X-API-Key": key}
+        running = [
+            trigger(http, key, tenant_id, "test/runs/slow")["pipeline_logging_id"] for _ in range(2)
+        ]
+        wait_for_run(http, key, running[0], ("RUNNING",), timeout=60)
+        filler = fill(disk)
+
+        # Triggers are refused with the documented 503, never a 500, until space returns.
+        refused: list[httpx.Response] = []
+
+        def refuses_a_trigger() -> bool:
+            response = http.post(
+                f"/api/v1/pipelines/run/{tenant_id}/test/runs/quick", headers=headers, json={}
+            )
+            assert response.status_code in (200, 503), response.text
+            if response.status_code == 503:
+                refused.append(response)
+            return bool(refused)
+
+        eventually(refuses_a_trigger)
+        body = refused[0].json()
+        assert body["error"] == "Service unavailable"
+        assert "No space left on device" in body["message"], body
+        assert body["request_id"]
+        eventually(lambda: http.get("/health").status_code == 503)
+        eventually(lambda: grpc_health(stack) == health_pb2.HealthCheckResponse.NOT_SERVING)
+        # A run cannot end while no write goes through: it waits, holding its slot.
+        eventually(lambda: "cannot end run" in server_log.read_text())
+        assert "RUNNING" in [
+            http.get(f"/api/v1/pipelines/runs/{r}", headers=headers).json()["status"]
+            for r in running
+        ]
+
+        os.remove(filler)
+        eventually(lambda: http.get("/health").status_code == 200)
+        eventually(lambda: grpc_health(stack) == health_pb2.HealthCheckResponse.SERVING)
+        for run_id in running:  # ended by the same live server, and their slots freed
+            assert wait_for_run(http, key, run_id, timeout=120)["status"] in TERMINAL
+        usage = http.get(f"/api/v1/tenants/{tenant_id}/usage", headers=headers).json()
+        assert usage["concurrent_pipelines_running"] == 0, usage
+        after = trigger(http, key, tenant_id, "test/runs/quick")["pipeline_logging_id"]
+        assert wait_for_run(http, key, after, timeout=120)["status"] == "COMPLETE"
+    assert stack.server.poll() is None and stack.server.pid == server_pid
