@@ -8,13 +8,11 @@ is written, which is where a crash used to publish a run twice.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import duckdb
@@ -30,8 +28,10 @@ from tests.conftest import (
     UNMETERED,
     StackFactory,
     database_path,
+    fill,
     new_prefix,
     onboard,
+    small_disk,
     stack_env,
     trigger,
     wait_for_run,
@@ -226,35 +226,6 @@ def test_sigterm_interrupts_a_long_step_and_hands_its_run_back(
     assert final["status"] == "COMPLETE", final
     assert stored_count(restarted, f'SELECT COUNT(*) FROM "{tenant_id}".long_counts') == 1
     assert stored_run(restarted, run_id)["attempt"] == 1
-
-
-@contextlib.contextmanager
-def small_disk(path: Path, size: str) -> Iterator[Path]:
-    """A tmpfs of `size` mounted at `path` (root only), unmounted after."""
-    path.mkdir(parents=True, exist_ok=True)
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-        capture_output=True,
-        check=False,
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
-
-
-def fill(directory: Path) -> Path:
-    """Writes a file until the file system is full; returns it."""
-    filler = directory / "filler"
-    with filler.open("wb", buffering=0) as out, contextlib.suppress(OSError):
-        while True:
-            out.write(b"\0" * 65536)
-    with filler.open("ab", buffering=0) as out, contextlib.suppress(OSError):
-        while True:
-            out.write(b"\0" * 512)
-    return filler
 
 
 def grpc_health(stack: Stack) -> int:

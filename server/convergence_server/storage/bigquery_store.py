@@ -20,8 +20,9 @@ Written for BigQuery's strengths and limits rather than as a port of the embedde
 - **Usage is derived.** `tenant_usage_quotas` is a view over the `created` and `finished`
   events, which carry the tenant's concurrency after them and the admission's limits.
   Idempotency keys are appended; a key's newest row is its state.
-- **Bounded DML.** A run costs one transaction to be created, one to be claimed and one to
-  end, plus one INSERT per step boundary and one per heartbeat tick of its server. The only
+- **Bounded DML.** A run costs one transaction to be created, one to be claimed, one to
+  publish its writes (with its publication record) and one to end, plus one INSERT per
+  step boundary and one per heartbeat tick of its server. The only
   UPDATEs in transactions hit the tenant's counters row; outside them, plan changes update
   `tenant_profiles` and member removals delete from `tenant_members`.
 """

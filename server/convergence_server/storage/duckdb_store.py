@@ -77,13 +77,14 @@ _WRITE_FAULTS = (
 
 
 def _write_fault(exc: BaseException) -> str | None:
-    """The file system's reason when `exc` is a refused write, else None."""
-    text = str(exc)
-    if isinstance(exc, duckdb.IOException) or any(f in text.lower() for f in _WRITE_FAULTS):
-        for line in text.splitlines():
-            if ":" in line:
-                return line.rsplit(":", 1)[-1].strip() or line.strip()
-        return text.strip()
+    """The file system's reason when `exc` is a refused write (e.g. "No space left on
+    device"), else None."""
+    lines = str(exc).strip().splitlines()
+    for line in lines:
+        if any(fault in line.lower() for fault in _WRITE_FAULTS):
+            return line.rsplit(":", 1)[-1].strip(' "') or line.strip()
+    if isinstance(exc, duckdb.IOException):
+        return lines[0] if lines else type(exc).__name__
     return None
 
 
@@ -191,8 +192,8 @@ class DuckDBStore:
     def _fault(self, exc: BaseException, generation: int) -> Unavailable | None:
         """The `Unavailable` a storage fault becomes (reopening an invalidated database),
         or None when `exc` is no fault of the machine."""
-        if _invalidated(exc):
-            log.error("embedded store invalidated by a failed write, reopening it: %s", exc)
+        if _invalidated(exc) or isinstance(exc, duckdb.ConnectionException):
+            log.error("embedded store invalidated, reopening it: %s", exc)
             self._write_failure = _write_fault(exc) or "the database had to be reopened"
             self._reopen(generation)
             return Unavailable(f"The store cannot write: {self._write_failure}; try again")
@@ -202,24 +203,21 @@ class DuckDBStore:
                 log.error("embedded store cannot write: %s", reason)
             self._write_failure = reason
             return Unavailable(f"The store cannot write: {reason}; try again")
-        if isinstance(exc, duckdb.ConnectionException):
-            log.error("embedded store unavailable: %s", exc)
-            return Unavailable("the embedded store is unavailable")
         return None
 
     def _reopen(self, generation: int) -> None:
         with self._reopen_lock:
             if generation != self._generation or self._reopen_connection is None:
                 return  # another thread reopened it already
+            # Closed first: while it is open, connecting to the file returns it again.
+            with contextlib.suppress(duckdb.Error):
+                self._connection.close()
             try:
-                connection = self._reopen_connection()
-            except duckdb.Error as exc:
+                self._connection = self._reopen_connection()
+            except duckdb.Error as exc:  # the next call finds it closed and tries again
                 log.error("cannot reopen the embedded store yet: %s", exc)
                 return
-            old, self._connection = self._connection, connection
             self._generation += 1
-            with contextlib.suppress(duckdb.Error):
-                old.close()
 
     def _submit(self, fn: Callable[[duckdb.DuckDBPyConnection], T]) -> asyncio.Future[T]:
         def run() -> T:
