@@ -275,6 +275,8 @@ class Executor:
         while not self._stopping.is_set():
             run = await self._claim()
             if run is None:
+                if self._stopping.is_set():
+                    return
                 self._wakeup.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wakeup.wait(), IDLE_POLL_SECONDS)
@@ -402,7 +404,7 @@ class Executor:
         except Unavailable as exc:  # its progress could not be recorded
             if self._stopping.is_set():
                 return _HANDED_BACK, ""
-            return FAILED, f"{exc.message}; trigger the run again"
+            return FAILED, f"The store failed during the run: {exc.message}"
         except Exception:
             if self._stopping.is_set():
                 return _HANDED_BACK, ""  # e.g. a statement that failed as it was interrupted

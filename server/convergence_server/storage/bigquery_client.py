@@ -49,6 +49,8 @@ UNAVAILABLE = (
 )
 # How long the store waits for one of its own jobs (a read or a transaction script).
 STORE_JOB_TIMEOUT = 120.0
+# How long a run's publishing transaction may take (it copies every staged row).
+PUBLISH_TIMEOUT = 1800.0
 
 
 def make_client(project: str, location: str, endpoint: str) -> bigquery.Client:
@@ -158,10 +160,15 @@ class Runner:
         return job
 
     def query(
-        self, sql: str, params: Mapping[str, Any] | None = None, *, rerun: bool = True
+        self,
+        sql: str,
+        params: Mapping[str, Any] | None = None,
+        *,
+        rerun: bool = True,
+        timeout: float = STORE_JOB_TIMEOUT,
     ) -> list[tuple[Any, ...]]:
         """Runs a query or script; returns the rows of its last statement (blocking)."""
-        job = self.job(sql, params, rerun=rerun)
+        job = self.job(sql, params, rerun=rerun, timeout=timeout)
         return [tuple(row.values()) for row in job.result(retry=RETRY)]
 
     def close(self) -> None:

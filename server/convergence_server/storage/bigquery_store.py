@@ -49,8 +49,10 @@ from google.cloud import bigquery
 from convergence_server.errors import AlreadyExists, DeadlineExceeded, Unavailable
 from convergence_server.storage import schema
 from convergence_server.storage.bigquery_client import (
+    PUBLISH_TIMEOUT,
     RETRY,
     STARTUP_RETRY,
+    STORE_JOB_TIMEOUT,
     UNAVAILABLE,
     Null,
     Runner,
@@ -206,12 +208,16 @@ class BigQueryStore:
         return self._bq.query(sql, params)
 
     def _transaction(
-        self, script: str, params: Mapping[str, Any], runner: Runner | None = None
+        self,
+        script: str,
+        params: Mapping[str, Any],
+        runner: Runner | None = None,
+        timeout: float = STORE_JOB_TIMEOUT,
     ) -> list[tuple[Any, ...]]:
         """Runs a transaction script, again while it conflicts with a concurrent one."""
         for attempt in range(CONFLICT_RETRIES):
             try:
-                return (runner or self._bq).query(script, params, rerun=False)
+                return (runner or self._bq).query(script, params, rerun=False, timeout=timeout)
             except api_exceptions.GoogleAPICallError as exc:
                 if not is_conflict(exc) or attempt == CONFLICT_RETRIES - 1:
                     raise
@@ -1024,6 +1030,7 @@ class BigQueryStore:
                 "attempt": run.attempt,
             },
             self._pipelines,
+            PUBLISH_TIMEOUT,
         )
         return bool(rows and rows[0][0])
 
