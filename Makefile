@@ -16,7 +16,7 @@ EMULATOR_DIR := build/bigquery-emulator
 EMULATOR_REQUIREMENTS := tests/fixtures/bigquery-emulator.txt
 
 .DEFAULT_GOAL := help
-.PHONY: help install proto lint test run bench clean
+.PHONY: help install proto lint test run bench soak clean
 
 help: ## Show this help.
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -76,6 +76,9 @@ bench: $(GEN_STAMP) $(EMULATOR_DIR)/.installed ## Run the benchmarks and print t
 	$(PY) -m bench.pipelines
 	$(PY) -m bench.interceptors
 	$(PY) -m bench.stores
+
+soak: $(GEN_STAMP) ## Run the 30-minute memory soak (steady mixed load; server and Envoy RSS).
+	$(PY) -m bench.soak --minutes 30
 
 clean: ## Remove the virtualenv, generated code and build output (keeps .data/).
 	rm -rf $(VENV) build $(GEN_DIR)/convergence/v1/*_pb2*.py $(GEN_DIR)/convergence/v1/*_pb2*.pyi

@@ -264,8 +264,11 @@ def run_while_the_disk_fills(stack: Stack, disk: Path, server_log: Path) -> None
     with httpx.Client(base_url=stack.http_url, timeout=60) as http:
         tenant_id, key = onboard(http, plan=UNMETERED)
         headers = {"X-API-Key": key}
+        # Steps of a few seconds each: the runs are still going when the disk fills.
+        slow = {"parameters": {"size": "8000000"}}
         running = [
-            trigger(http, key, tenant_id, "test/runs/slow")["pipeline_logging_id"] for _ in range(2)
+            trigger(http, key, tenant_id, "test/runs/slow", **slow)["pipeline_logging_id"]
+            for _ in range(2)
         ]
         wait_for_run(http, key, running[0], ("RUNNING",), timeout=60)
         filler = fill(disk)
