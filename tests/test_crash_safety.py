@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import duckdb
@@ -236,9 +237,8 @@ def grpc_health(stack: Stack) -> int:
     return int(reply.status)
 
 
-def eventually(check: object, timeout: float = 60) -> None:
+def eventually(check: Callable[[], bool], timeout: float = 60) -> None:
     """Waits until `check()` is true (bounded); fails the test otherwise."""
-    assert callable(check)
     deadline = time.monotonic() + timeout
     while not check():
         if time.monotonic() > deadline:
@@ -283,6 +283,8 @@ def run_while_the_disk_fills(stack: Stack, disk: Path, server_log: Path) -> None
             assert response.status_code in (200, 503), response.text
             if response.status_code == 503:
                 refused.append(response)
+            else:  # accepted before the store's first refused write: it must end too
+                running.append(response.json()["pipeline_logging_id"])
             return bool(refused)
 
         eventually(refuses_a_trigger)
