@@ -278,15 +278,21 @@ def epoch(moment: timestamp_pb2.Timestamp) -> float:
     return moment.ToNanoseconds() / 1e9
 
 
-def peak_rss_mib(pid: int) -> float:
-    """The process's peak resident set size so far (VmHWM), from Linux's /proc."""
+def memory_mib(pid: int, field: str) -> float:
+    """A memory figure of the process (`VmRSS`, `VmHWM`...) from Linux's /proc, in MiB;
+    NaN once the process is gone."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
     return math.nan
+
+
+def peak_rss_mib(pid: int) -> float:
+    """The process's peak resident set size so far (VmHWM)."""
+    return memory_mib(pid, "VmHWM")
 
 
 # --- 1: triggers ----------------------------------------------------------------------------

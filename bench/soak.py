@@ -53,6 +53,7 @@ from bench.pipelines import (
     QUICK,
     Tenant,
     make_workspace,
+    memory_mib,
     onboard_tenant,
     peak_rss_mib,
     run_request,
@@ -242,14 +243,8 @@ def watch_loop(
 
 
 def rss_mib(pid: int) -> float:
-    """The process's resident set size now (VmRSS), from Linux's /proc; NaN once it is gone."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return math.nan
+    """The process's resident set size now (VmRSS)."""
+    return memory_mib(pid, "VmRSS")
 
 
 @dataclass(frozen=True)
