@@ -7,8 +7,11 @@
 --     x-http-status, body = x-error-body verbatim, content-type JSON.
 --     If the server sent response headers before failing, x-error-body comes
 --     in the trailers and there is no body to fill: only the status is set.
---   * REST call, other non-zero grpc-status: generic
---     {"error": <reason>, "message": <grpc-message>} body.
+--   * REST call, other non-zero grpc-status (an error the server did not
+--     shape, e.g. gRPC's own limits, or Envoy's upstream failures, which reach
+--     here as gRPC statuses): generic {"error": <reason>, "message":
+--     <grpc-message>, "request_id": <x-request-id>} body; a 429 also gets
+--     "retry_after": 1 and Retry-After: 1, as the contract promises.
 --   * REST success: strip grpc-* headers that would leak.
 -- Envoy's Lua has no JSON library: escaping is done by hand below.
 
@@ -27,15 +30,20 @@ local REASONS = {
   [403] = "Authorization failed",
   [404] = "Not found",
   [405] = "Method not allowed",
+  [408] = "Request timeout",
   [409] = "Conflict",
   [413] = "Payload too large",
-  [429] = "Too many requests",
+  [429] = "Rate limit exceeded",
   [499] = "Client closed request",
   [500] = "Internal server error",
   [501] = "Not implemented",
+  [502] = "Bad gateway",
   [503] = "Service unavailable",
-  [504] = "Gateway timeout",
+  [504] = "Deadline exceeded",
 }
+
+-- Seconds a client is asked to wait after a 429 that carries no wait of its own.
+local DEFAULT_RETRY_AFTER = 1
 
 -- gRPC code -> HTTP status, as Envoy maps them; used only when the
 -- transcoder left a non-error :status behind.
@@ -109,12 +117,16 @@ local function error_status(headers, wanted)
   return status
 end
 
-local function generic_body(status, grpc_message)
-  return '{"error":' .. json_string(reason(status))
-    .. ',"message":' .. json_string(percent_decode(grpc_message or "")) .. '}'
+local function generic_body(status, grpc_message, request_id)
+  local body = '{"error":' .. json_string(reason(status))
+    .. ',"message":' .. json_string(percent_decode(grpc_message or ""))
+  if status == 429 then
+    body = body .. ',"retry_after":' .. DEFAULT_RETRY_AFTER
+  end
+  return body .. ',"request_id":' .. json_string(request_id or "") .. '}'
 end
 
-local function shape_response(handle)
+local function shape_response(handle, request_id)
   local headers = handle:headers()
   local grpc_status = tonumber(headers:get("grpc-status") or "0") or 2
 
@@ -147,9 +159,12 @@ local function shape_response(handle)
       for _, name in ipairs(STRIP) do trailers:remove(name) end
     end
   end
-  local body = error_body or generic_body(status, message)
+  local body = error_body or generic_body(status, message, request_id)
 
   set_error_headers(headers, status)
+  if error_body == nil and status == 429 and headers:get("retry-after") == nil then
+    headers:add("retry-after", tostring(DEFAULT_RETRY_AFTER))
+  end
   if buffer == nil then
     -- Headers, then trailers, no data: Envoy's Lua cannot add a body here.
     -- The status is right, the body stays empty.
@@ -163,10 +178,16 @@ local function shape_response(handle)
 end
 
 function envoy_on_request(request_handle)
-  local ct = request_handle:headers():get("content-type")
+  local headers = request_handle:headers()
+  local metadata = request_handle:streamInfo():dynamicMetadata()
+  local ct = headers:get("content-type")
   if ct ~= nil and ct:lower():sub(1, 16) == "application/grpc" then
-    request_handle:streamInfo():dynamicMetadata():set(META_NS, "native_grpc", true)
+    metadata:set(META_NS, "native_grpc", true)
+    return
   end
+  -- The id Envoy generated (the response's x-request-id is only added after
+  -- this filter has run on the response).
+  metadata:set(META_NS, "request_id", headers:get("x-request-id") or "")
 end
 
 function envoy_on_response(response_handle)
@@ -174,8 +195,9 @@ function envoy_on_response(response_handle)
   if meta ~= nil and meta["native_grpc"] then
     return
   end
+  local request_id = meta and meta["request_id"]
   -- A script error must never leave the response hanging: contain it.
-  local ok, err = pcall(shape_response, response_handle)
+  local ok, err = pcall(shape_response, response_handle, request_id)
   if not ok then
     response_handle:logErr("error_body.lua: " .. tostring(err))
   end

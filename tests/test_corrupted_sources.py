@@ -185,14 +185,24 @@ def test_a_tenant_reads_only_its_own_source_folder(
             "its own bucket folder, on the embedded store": f"{bucket}/{tenant_b}/cur.csv",
         }
         for what, uri in attempts.items():
-            triggered = trigger(
-                http, key_b, tenant_b, AWS, date=DAY, parameters={"source_uri": uri}
+            # Refused at the door: no run is created, no daily run is spent.
+            response = http.post(
+                f"/api/v1/pipelines/run/{tenant_b}/{AWS}",
+                headers={"X-API-Key": key_b},
+                json={"date": DAY, "parameters": {"source_uri": uri}},
             )
-            run = wait_for_run(http, key_b, triggered["pipeline_logging_id"])
-            assert run["status"] == "FAILED", what
-            assert "load_export failed" in str(run["error_message"]), what
-            reason = str(run["error_message"])
-            if what.startswith("its own bucket"):
-                assert "gs:// sources need the BigQuery store" in reason, reason
-            elif uri.startswith(("gs://", "/")) or "{sample_data}" in uri:
-                assert "outside the allowed source folders" in reason, (what, reason)
+            assert response.status_code == 400, (what, response.text)
+            details = response.json()["details"]
+            assert details["field"] == "parameters.source_uri", what
+            if ".." in uri:
+                assert details["issue"] == "must not climb out of its folder with '..'", what
+            elif uri.startswith(("https://", "s3://")):
+                assert details["issue"] == "must be a local path or a gs:// URI", what
+            elif what.startswith("its own bucket"):
+                assert (
+                    details["issue"] == "needs the BigQuery store (only its load jobs read gs://)"
+                )
+            else:
+                assert details["issue"] == "is outside the allowed source folders", what
+        runs = http.get("/api/v1/pipelines/runs", headers={"X-API-Key": key_b}).json()["runs"]
+        assert runs == []

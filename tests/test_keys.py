@@ -104,11 +104,14 @@ def test_key_record_cache_expires_and_stays_bounded() -> None:
     cache = KeyRecordCache(ttl=30, size=2, clock=lambda: now[0])
     records = [ApiKeyRecord(f"id{i}", "acme_corp", b"s", b"h", datetime.now(UTC)) for i in range(3)]
     for record in records:
-        cache.put(record)
-    assert cache.get("id0") is None  # evicted: the cache holds two
-    assert cache.get("id2") is records[2]
+        cache.put(record.key_id, record)
+    assert cache.get("id0") == (False, None)  # evicted: the cache holds two
+    assert cache.get("id2") == (True, records[2])
+    cache.put("unknown", None)  # a key id the store does not have
+    assert cache.get("unknown") == (True, None)
     now[0] = 30.0
-    assert cache.get("id2") is None  # expired
+    assert cache.get("id2") == (False, None)  # expired
+    assert cache.get("unknown") == (False, None)
     disabled = KeyRecordCache(ttl=0)
-    disabled.put(records[0])
-    assert disabled.get("id0") is None
+    disabled.put("id0", records[0])
+    assert disabled.get("id0") == (False, None)

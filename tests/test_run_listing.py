@@ -90,7 +90,9 @@ def test_default_and_maximum_limits(idle: Listing) -> None:
     ("query", "field"),
     [
         ("page_token=garbage", "page_token"),
+        (f"page_token={'W1tb' * 1250}", "page_token"),  # base64 of 3,750 "["
         ("start_date=2025-13-01", "start_date"),
+        ("end_date=9999-12-31", "end_date"),
         ("end_date=yesterday", "end_date"),
         ("status=DONE", None),
     ],

@@ -43,11 +43,13 @@ from convergence_server.clock import make_clock
 from convergence_server.config import Config
 from convergence_server.domain.accounts import Accounts
 from convergence_server.domain.auth import Authenticator, KeyRecordCache
+from convergence_server.domain.clients import ClientLimits, ClientLimitSettings
 from convergence_server.domain.executor import Executor, ExecutorSettings
 from convergence_server.domain.onboarding import MIN_PEPPER_BYTES, Onboarding
 from convergence_server.domain.plans import load_plans
 from convergence_server.domain.quotas import PlanBook, RateLimiter
-from convergence_server.domain.runs import RunEvents, Runs
+from convergence_server.domain.runs import RunEvents, Runs, page_token_key
+from convergence_server.engine.runner import SourcePolicy
 from convergence_server.engine.templates import load_catalog
 from convergence_server.storage import Store, open_store
 
@@ -55,6 +57,7 @@ log = logging.getLogger(__name__)
 
 # How often the standard gRPC health status is brought up to date with the store's.
 HEALTH_CHECK_SECONDS = 1.0
+MAX_METADATA_BYTES = 64 * 1024
 
 SERVICE_NAMES = tuple(
     module.DESCRIPTOR.services_by_name[name].full_name
@@ -156,7 +159,7 @@ def create_server(
         raise SystemExit(
             f"CONVERGENCE_KEY_PEPPER must be at least {MIN_PEPPER_BYTES} bytes{shared}"
         )
-    faults.arm(config.fault_points)
+    faults.arm(config.fault_points, config.data_dir)
     plans = load_plans(config.plans_path)
     catalog = load_catalog(config.config_dir)
     store = open_store(config)
@@ -178,7 +181,21 @@ def create_server(
     )
     plan_book = PlanBook(store, plans)
     accounts = Accounts(store, plan_book, clock)
-    runs = Runs(store, catalog, plan_book, events, executor.wake, clock=clock)
+    runs = Runs(
+        store,
+        catalog,
+        plan_book,
+        events,
+        executor.wake,
+        sources=SourcePolicy(
+            sample_data=config.sample_data_dir,
+            source_roots=config.source_roots,
+            gcs_source_roots=config.gcs_source_roots,
+            reads_gcs=config.store == "bigquery",
+        ),
+        page_token_key=page_token_key(config.key_pepper),
+        clock=clock,
+    )
     authenticator = Authenticator(
         store, config.key_pepper, KeyRecordCache(config.key_cache_seconds)
     )
@@ -186,13 +203,33 @@ def create_server(
         interceptors=[
             ErrorInterceptor(),
             RequestContextInterceptor(),
-            AuthInterceptor(authenticator),
-            QuotaInterceptor(plan_book, RateLimiter(), accounts),
+            AuthInterceptor(
+                authenticator,
+                ClientLimits(
+                    ClientLimitSettings(
+                        open_per_client=config.open_requests_per_minute_per_client,
+                        open_total=config.open_requests_per_minute,
+                        auth_failures=config.auth_failures_per_minute,
+                    ),
+                    RateLimiter(),
+                ),
+                frozenset(config.trusted_proxies),
+            ),
+            QuotaInterceptor(
+                plan_book,
+                RateLimiter(),
+                accounts,
+                stream_max_seconds=config.stream_max_seconds,
+            ),
         ]
         if interceptors is None
         else list(interceptors),
         options=[
             ("grpc.max_receive_message_length", config.max_request_bytes),
+            # Above what Envoy lets through (envoy.yaml.tmpl), so an oversized header is
+            # refused there with the documented body, not here with a bare status.
+            ("grpc.max_metadata_size", MAX_METADATA_BYTES),
+            ("grpc.absolute_max_metadata_size", MAX_METADATA_BYTES),
             ("grpc.so_reuseport", 0),
         ],
     )

@@ -39,7 +39,18 @@ class Config:
     heartbeat_seconds: float = 5.0
     lease_seconds: float = 30.0
     clock_offset_file: str = ""
-    open_requests_per_second: int = 20
+    # Dry-run and onboard (no key): per client address, and all clients together.
+    open_requests_per_minute_per_client: int = 10
+    open_requests_per_minute: int = 300
+    # Failed authentications per minute per client address and per key id before 429.
+    auth_failures_per_minute: int = 20
+    # Peers whose `x-envoy-external-address` header names the real client (Envoy's).
+    trusted_proxies: tuple[str, ...] = ("127.0.0.1", "::1")
+    # Proxies in front of Envoy that append to X-Forwarded-For (Cloud Run: 1; behind an
+    # external Application Load Balancer: 2).
+    xff_trusted_hops: int = 0
+    # A WatchRun stream ends after this long; the client may watch again.
+    stream_max_seconds: float = 3600.0
     log_level: str = "INFO"
     # A stop (SIGTERM) ends within this; Cloud Run allows 10 s before SIGKILL.
     shutdown_seconds: float = 8.0
@@ -99,8 +110,27 @@ class Config:
             heartbeat_seconds=_int(env, "CONVERGENCE_RUN_HEARTBEAT_SECONDS", 5),
             lease_seconds=_int(env, "CONVERGENCE_RUN_LEASE_SECONDS", 30),
             clock_offset_file=env.get("CONVERGENCE_CLOCK_OFFSET_FILE", ""),
-            open_requests_per_second=_int(
-                env, "CONVERGENCE_OPEN_REQUESTS_PER_SECOND", defaults.open_requests_per_second
+            open_requests_per_minute_per_client=_int(
+                env,
+                "CONVERGENCE_OPEN_REQUESTS_PER_MINUTE_PER_CLIENT",
+                defaults.open_requests_per_minute_per_client,
+            ),
+            open_requests_per_minute=_int(
+                env, "CONVERGENCE_OPEN_REQUESTS_PER_MINUTE", defaults.open_requests_per_minute
+            ),
+            auth_failures_per_minute=_int(
+                env, "CONVERGENCE_AUTH_FAILURES_PER_MINUTE", defaults.auth_failures_per_minute
+            ),
+            trusted_proxies=tuple(
+                p.strip()
+                for p in env.get(
+                    "CONVERGENCE_TRUSTED_PROXIES", ",".join(defaults.trusted_proxies)
+                ).split(",")
+                if p.strip()
+            ),
+            xff_trusted_hops=_int(env, "CONVERGENCE_XFF_TRUSTED_HOPS", defaults.xff_trusted_hops),
+            stream_max_seconds=_seconds(
+                env, "CONVERGENCE_STREAM_MAX_SECONDS", defaults.stream_max_seconds
             ),
             log_level=env.get("CONVERGENCE_LOG_LEVEL", defaults.log_level).upper(),
             shutdown_seconds=_seconds(

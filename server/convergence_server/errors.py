@@ -21,7 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 # Request values quoted back in messages are cut to this length, so that a huge input
-# cannot inflate a response (or the trailers that carry an error).
+# cannot inflate a response (or the trailers that carry an error). A field name carries a
+# request value only when that value matches a bounded pattern (`parameters.NAME`).
 MAX_ECHO = 64
 
 

@@ -1,32 +1,43 @@
-"""Fault points: named places where the server can be made to die as a crash would.
+"""Fault points: named places where the server can be made to die, or wait, on purpose.
 
-Tests set `CONVERGENCE_FAULT_POINTS` (e.g. `after_publish`) to widen a crash window
-deterministically: the server kills itself with SIGKILL when it reaches the point, leaving
-the store exactly as a power cut there would. Unset in production, where reaching a point
-costs one set lookup.
+Tests set `CONVERGENCE_FAULT_POINTS` (e.g. `after_publish`) to widen a crash or race
+window deterministically:
+- `reached(point)`: the server kills itself with SIGKILL, leaving the store exactly as a
+  power cut there would;
+- `await held(point)`: the call waits while the file `<data dir>/hold/<point>` exists
+  (at most `HOLD_SECONDS`), so a test can keep calls in progress as long as it needs.
+Unset in production, where reaching a point costs one set lookup.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
+import time
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 # After a run's writes and their publication record commit, before the run's end is written.
 AFTER_PUBLISH = "after_publish"
-KNOWN = frozenset({AFTER_PUBLISH})
+# Inside an authenticated call, counted as in progress, before the servicer runs.
+HOLD_CALLS = "hold_calls"
+KNOWN = frozenset({AFTER_PUBLISH, HOLD_CALLS})
+HOLD_SECONDS = 120.0
 
 _armed: frozenset[str] = frozenset()
+_hold_dir = Path()
 
 
-def arm(points: tuple[str, ...]) -> None:
+def arm(points: tuple[str, ...], data_dir: Path = Path()) -> None:
     unknown = set(points) - KNOWN
     if unknown:
         raise SystemExit(f"CONVERGENCE_FAULT_POINTS: unknown point(s) {sorted(unknown)}")
-    global _armed
+    global _armed, _hold_dir
     _armed = frozenset(points)
+    _hold_dir = data_dir / "hold"
     if _armed:
         log.warning("fault points armed (testing only): %s", ", ".join(sorted(_armed)))
 
@@ -37,3 +48,11 @@ def reached(point: str) -> None:
         for handler in logging.getLogger().handlers:
             handler.flush()
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+async def held(point: str) -> None:
+    if point not in _armed:
+        return
+    deadline = time.monotonic() + HOLD_SECONDS
+    while (_hold_dir / point).exists() and time.monotonic() < deadline:  # noqa: ASYNC110 - a file, polled
+        await asyncio.sleep(0.02)

@@ -2,19 +2,23 @@
 
 1. `ErrorInterceptor`: turns every exception into a status (via `api.errors`, the one place).
 2. `RequestContextInterceptor`: request id, method and X-User-ID, for logs and servicers.
-3. `AuthInterceptor`: who is calling, from `x-api-key`. What the caller may do is decided by
-   the servicers.
-4. `QuotaInterceptor`: the plan's request rate per API key; it also hands the caller's plan
-   to the trigger, which reserves the daily and concurrent run limits atomically with the
-   insert of the run (see `domain.quotas`).
+3. `AuthInterceptor`: who is calling, from `x-api-key`; what a caller without a valid key
+   may cost (the open endpoints and failed authentications, per client address: see
+   `domain.clients`). What the caller may do is decided by the servicers.
+4. `QuotaInterceptor`: the plan's request rate per API key, and the tenant's calls in
+   progress and open streams; the trigger reserves the daily and concurrent run limits
+   atomically with the insert of the run (see `domain.quotas`).
 
 Each wraps the method handler's behaviour (unary and server-streaming methods; others are
 refused), so its code runs inside the call's own task and the context variables it sets
-are seen by everything the call runs.
+are seen by everything the call runs. A request that does not parse as its protobuf
+message reaches no servicer: it is refused with INVALID_ARGUMENT (400).
 """
 
 from __future__ import annotations
 
+import asyncio
+import ipaddress
 import logging
 import re
 import uuid
@@ -24,12 +28,14 @@ from typing import Any, cast
 import grpc
 from grpc.aio import ServerInterceptor, ServicerContext
 
-from convergence_server import errors, logs
+from convergence_server import errors, faults, logs
 from convergence_server.api.context import caller_var
 from convergence_server.api.errors import Abort, to_abort
 from convergence_server.domain.accounts import Accounts
 from convergence_server.domain.auth import INVALID_KEY_MESSAGE, Authenticator
-from convergence_server.domain.quotas import PlanBook, RateLimiter
+from convergence_server.domain.clients import ClientLimits
+from convergence_server.domain.keys import parse_key
+from convergence_server.domain.quotas import PlanBook, RateLimiter, TenantLoad
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +76,55 @@ def is_transcoded(context: ServicerContext[Any, Any]) -> bool:
     return metadata_value(context, "x-envoy-original-path") is not None
 
 
+def client_address(context: ServicerContext[Any, Any], trusted_proxies: frozenset[str]) -> str:
+    """The caller's IP address: the TCP peer's, or, when the peer is a trusted proxy
+    (Envoy), the address Envoy determined (`x-envoy-external-address`)."""
+    peer = context.peer() or ""
+    kind, _, rest = peer.partition(":")
+    host = rest.rsplit(":", 1)[0].strip("[]") if kind in ("ipv4", "ipv6") else peer
+    if host in trusted_proxies:
+        forwarded = metadata_value(context, "x-envoy-external-address")
+        if forwarded:
+            try:
+                return str(ipaddress.ip_address(forwarded.strip()))
+            except ValueError:
+                pass
+    return host
+
+
 async def _refuse(request: Any, context: ServicerContext[Any, Any]) -> Any:
     await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this kind of method is not served")
+
+
+class _Undecodable:
+    """Stands for a request whose bytes are not its protobuf message."""
+
+
+UNDECODABLE = _Undecodable()
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """The deserializer, returning `UNDECODABLE` instead of raising (gRPC would answer
+    UNKNOWN and log the traceback at ERROR, once per bad request)."""
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception:
+            return UNDECODABLE
+
+    return deserialize
+
+
+def _decoded(request: Any) -> Any:
+    if request is UNDECODABLE:
+        raise errors.InvalidArgument(
+            "The request is not a valid protobuf message for this method",
+            [errors.FieldViolation("body", "does not parse as the method's request message")],
+        )
+    return request
 
 
 Call = Callable[[], Awaitable[Any]]
@@ -110,7 +163,7 @@ class _WrappingInterceptor(ServerInterceptor):  # type: ignore[type-arg]
         if handler is None or not method.startswith(SERVICE_PREFIX):
             return handler
         codec = {
-            "request_deserializer": handler.request_deserializer,
+            "request_deserializer": _tolerant(handler.request_deserializer),
             "response_serializer": handler.response_serializer,
         }
         if handler.unary_unary is not None:
@@ -118,7 +171,7 @@ class _WrappingInterceptor(ServerInterceptor):  # type: ignore[type-arg]
 
             async def wrapped(request: Any, context: ServicerContext[Any, Any]) -> Any:
                 logs.method_var.set(method)
-                return await self.around(lambda: unary(request, context), context)
+                return await self.around(lambda: unary(_decoded(request), context), context)
 
             return grpc.unary_unary_rpc_method_handler(wrapped, **codec)
         if handler.unary_stream is not None:
@@ -128,7 +181,8 @@ class _WrappingInterceptor(ServerInterceptor):  # type: ignore[type-arg]
                 request: Any, context: ServicerContext[Any, Any]
             ) -> AsyncIterator[Any]:
                 logs.method_var.set(method)
-                async for item in self.around_stream(lambda: stream(request, context), context):
+                call = lambda: stream(_decoded(request), context)  # noqa: E731
+                async for item in self.around_stream(call, context):
                     yield item
 
             return grpc.unary_stream_rpc_method_handler(wrapped_stream, **codec)
@@ -190,7 +244,8 @@ class RequestContextInterceptor(_WrappingInterceptor):
 
     async def before(self, context: ServicerContext[Any, Any]) -> None:
         incoming = metadata_value(context, "x-request-id")
-        if incoming and _REQUEST_ID.fullmatch(incoming):
+        # An id that may carry a key is not taken: it would be logged and echoed.
+        if incoming and _REQUEST_ID.fullmatch(incoming) and logs.redact(incoming) == incoming:
             logs.request_id_var.set(incoming)
         user_id = metadata_value(context, "x-user-id")
         if user_id is not None:
@@ -222,34 +277,62 @@ class RequestContextInterceptor(_WrappingInterceptor):
 
 
 class AuthInterceptor(_WrappingInterceptor):
-    def __init__(self, authenticator: Authenticator) -> None:
+    def __init__(
+        self,
+        authenticator: Authenticator,
+        clients: ClientLimits,
+        trusted_proxies: frozenset[str] = frozenset({"127.0.0.1", "::1"}),
+    ) -> None:
         self._authenticator = authenticator
+        self._clients = clients
+        self._trusted_proxies = trusted_proxies
 
     async def before(self, context: ServicerContext[Any, Any]) -> None:
         method = logs.method_var.get()
-        key = metadata_value(context, "x-api-key")
         if method in OPEN_METHODS:
-            pass
-        elif key:
+            self._clients.admit_open(client_address(context, self._trusted_proxies))
+            return
+        key = metadata_value(context, "x-api-key")
+        if not key:
+            if method not in KEY_OPTIONAL_METHODS:
+                raise errors.Unauthenticated(INVALID_KEY_MESSAGE)
+            return
+        address = client_address(context, self._trusted_proxies)
+        parsed = parse_key(key)
+        key_id = parsed[1] if parsed else None
+        self._clients.check_failures(address, key_id)
+        try:
             caller = await self._authenticator.authenticate(key)
-            caller_var.set(caller)
-            logs.tenant_id_var.set(caller.tenant_id)
-        elif method not in KEY_OPTIONAL_METHODS:
-            raise errors.Unauthenticated(INVALID_KEY_MESSAGE)
+        except errors.Unauthenticated:
+            self._clients.failed(address, key_id)
+            raise
+        caller_var.set(caller)
+        logs.tenant_id_var.set(caller.tenant_id)
 
 
 class QuotaInterceptor(_WrappingInterceptor):
     """Applies the caller's plan to authenticated calls: the request rate (a token bucket
-    per API key) and the team size (a new X-User-ID beyond it is refused).
+    per API key), the team size (a new X-User-ID beyond it is refused), the calls in
+    progress and the open streams (per tenant). A stream also ends, with UNAVAILABLE,
+    after `stream_max_seconds`: the client watches again.
 
     Successful calls report the bucket in `x-ratelimit-limit` / `x-ratelimit-remaining`:
     response headers over REST, trailing metadata over gRPC.
     """
 
-    def __init__(self, plans: PlanBook, limiter: RateLimiter, accounts: Accounts) -> None:
+    def __init__(
+        self,
+        plans: PlanBook,
+        limiter: RateLimiter,
+        accounts: Accounts,
+        load: TenantLoad | None = None,
+        stream_max_seconds: float = 3600.0,
+    ) -> None:
         self._plans = plans
         self._limiter = limiter
         self._accounts = accounts
+        self._load = load or TenantLoad()
+        self._stream_max_seconds = stream_max_seconds
 
     async def _take(self) -> tuple[tuple[str, str], ...]:
         caller = caller_var.get()
@@ -272,9 +355,24 @@ class QuotaInterceptor(_WrappingInterceptor):
             ("x-ratelimit-remaining", str(left)),
         )
 
+    async def _enter(self, kind: str) -> str | None:
+        """Takes the caller's tenant a place of `kind`; the tenant id, to `leave` after."""
+        caller = caller_var.get()
+        if caller is None:
+            return None
+        plan = await self._plans.plan_of(caller.tenant_id)
+        self._load.enter(caller.tenant_id, kind, getattr(plan, kind), plan.name)
+        return caller.tenant_id
+
     async def around(self, call: Call, context: ServicerContext[Any, Any]) -> Any:
         headers = await self._take()
-        result = await call()
+        tenant_id = await self._enter("requests_in_flight")
+        try:
+            await faults.held(faults.HOLD_CALLS)
+            result = await call()
+        finally:
+            if tenant_id is not None:
+                self._load.leave(tenant_id, "requests_in_flight")
         if headers:
             if is_transcoded(context):
                 await context.send_initial_metadata(headers)
@@ -286,5 +384,25 @@ class QuotaInterceptor(_WrappingInterceptor):
         self, call: StreamCall, context: ServicerContext[Any, Any]
     ) -> AsyncIterator[Any]:
         await self._take()
-        async for item in call():
-            yield item
+        tenant_id = await self._enter("open_streams")
+        deadline = asyncio.get_running_loop().time() + self._stream_max_seconds
+        items = call().__aiter__()
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        item = await anext(items)
+                except StopAsyncIteration:
+                    return
+                except TimeoutError:
+                    raise errors.Unavailable(
+                        f"The stream reached its longest life ({self._stream_max_seconds:.0f} s);"
+                        " open it again to go on"
+                    ) from None
+                yield item
+        finally:
+            if tenant_id is not None:
+                self._load.leave(tenant_id, "open_streams")
+            close = getattr(items, "aclose", None)
+            if close is not None:
+                await close()

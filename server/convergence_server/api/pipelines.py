@@ -11,10 +11,9 @@ from convergence_server import logs
 from convergence_server.api import convert
 from convergence_server.api.context import require_caller
 from convergence_server.api.interceptors import metadata_value
-from convergence_server.domain.auth import authorize_tenant
 from convergence_server.domain.runs import Runs, TriggerRequest
 from convergence_server.engine.templates import Catalog
-from convergence_server.errors import FieldViolation, InvalidArgument, NotImplementedYet
+from convergence_server.errors import NotImplementedYet
 
 
 class PipelineServicer(pipeline_service_pb2_grpc.PipelineServiceServicer):
@@ -37,16 +36,8 @@ class PipelineServicer(pipeline_service_pb2_grpc.PipelineServiceServicer):
     async def RunPipeline(
         self, request: pipeline_service_pb2.RunPipelineRequest, context: ServicerContext[Any, Any]
     ) -> pipeline_service_pb2.RunPipelineResponse:
-        caller = require_caller()
-        authorize_tenant(caller, request.tenant_id)
-        header_key = metadata_value(context, "idempotency-key") or ""
-        if header_key and request.idempotency_key and header_key != request.idempotency_key:
-            raise InvalidArgument(
-                "Conflicting idempotency keys",
-                [FieldViolation("idempotency_key", "differs from the Idempotency-Key header")],
-            )
         triggered = await self._runs.trigger(
-            caller,
+            require_caller(),
             TriggerRequest(
                 tenant_id=request.tenant_id,
                 provider=request.provider,
@@ -55,8 +46,9 @@ class PipelineServicer(pipeline_service_pb2_grpc.PipelineServiceServicer):
                 trigger_by=request.trigger_by,
                 date=request.date,
                 parameters=dict(request.parameters),
-                idempotency_key=request.idempotency_key or header_key,
+                idempotency_key=request.idempotency_key,
                 user_id=logs.user_id_var.get(),
+                idempotency_header=metadata_value(context, "idempotency-key") or "",
             ),
         )
         run = triggered.run

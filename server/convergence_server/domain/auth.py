@@ -26,8 +26,10 @@ class KeyRecordCache:
 
     Only records are cached, never a verdict: every request still hashes the presented key
     and compares it with the record's hash. The price is that a key revoked on another
-    replica keeps working for up to `ttl` seconds. Unknown key ids are not cached, so
-    random keys cannot grow it; it holds at most `size` records.
+    replica keeps working for up to `ttl` seconds. A key id the store does not know is
+    remembered as unknown for as long (a negative entry), so repeating it costs no read;
+    key ids are random, so one issued later never meets its own negative entry. It holds
+    at most `size` entries, the least recently used going first.
     """
 
     def __init__(
@@ -36,20 +38,22 @@ class KeyRecordCache:
         self._ttl = ttl
         self._size = size
         self._clock = clock
-        self._records: OrderedDict[str, tuple[float, ApiKeyRecord]] = OrderedDict()
+        self._records: OrderedDict[str, tuple[float, ApiKeyRecord | None]] = OrderedDict()
 
-    def get(self, key_id: str) -> ApiKeyRecord | None:
+    def get(self, key_id: str) -> tuple[bool, ApiKeyRecord | None]:
+        """(known, record): `known` False when the store must be asked; a known None is a
+        key id the store did not have."""
         entry = self._records.get(key_id)
         if entry is None or entry[0] <= self._clock():
-            return None
+            return False, None
         self._records.move_to_end(key_id)
-        return entry[1]
+        return True, entry[1]
 
-    def put(self, record: ApiKeyRecord) -> None:
+    def put(self, key_id: str, record: ApiKeyRecord | None) -> None:
         if self._ttl <= 0:
             return
-        self._records[record.key_id] = (self._clock() + self._ttl, record)
-        self._records.move_to_end(record.key_id)
+        self._records[key_id] = (self._clock() + self._ttl, record)
+        self._records.move_to_end(key_id)
         while len(self._records) > self._size:
             self._records.popitem(last=False)
 
@@ -65,11 +69,10 @@ class Authenticator:
         if parsed is None:
             raise Unauthenticated(INVALID_KEY_MESSAGE)
         tenant_id, key_id = parsed
-        record = self._cache.get(key_id)
-        if record is None:
+        known, record = self._cache.get(key_id)
+        if not known:
             record = await self._store.get_api_key(key_id)
-            if record is not None:
-                self._cache.put(record)
+            self._cache.put(key_id, record)
         # The hash is compared even when the prefix names another tenant, so that a
         # mismatch costs the same time as a wrong secret.
         if (

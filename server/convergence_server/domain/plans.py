@@ -15,6 +15,8 @@ class Plan:
     concurrent_pipeline_runs: int
     team_size: int
     requests_per_minute: int
+    open_streams: int
+    requests_in_flight: int
 
 
 class PlanCatalogError(ValueError):

@@ -3,7 +3,8 @@
 Daily and concurrent limits are reserved by the store atomically with the insert of the
 PENDING run (`Store.create_run` takes the limits); a concurrency slot is a run's own
 PENDING or RUNNING state, so every terminal transition frees it and it cannot leak. The
-request rate is a token bucket per API key.
+request rate is a token bucket per API key; calls in progress and open streams are
+counted per tenant in the server's memory (`TenantLoad`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import logging
 import math
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
@@ -47,28 +49,81 @@ def concurrent_exceeded(tenant_id: str, active: int, limit: int, wait: int) -> Q
 
 
 class RateLimiter:
-    """Token buckets per API key: `rate` requests a minute, bursts up to `rate`.
+    """Token buckets by name: `rate` requests a minute, bursts up to `rate`.
 
     In the server's memory: exact for the embedded store, which one process owns alone.
+    It holds at most `size` buckets; the least recently used goes first (a bucket unused
+    for a minute is full again anyway, so forgetting it changes nothing).
     """
 
-    def __init__(self, monotonic: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, monotonic: Callable[[], float] = time.monotonic, size: int = 100_000
+    ) -> None:
         self._monotonic = monotonic
+        self._size = size
         self._lock = threading.Lock()
-        self._buckets: dict[str, tuple[float, float]] = {}
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
 
-    def take(self, key_id: str, per_minute: int) -> tuple[bool, int, int]:
+    def _tokens(self, name: str, per_minute: int, now: float) -> float:
+        tokens, last = self._buckets.get(name, (float(per_minute), now))
+        return min(float(per_minute), tokens + (now - last) * per_minute / 60.0)
+
+    def _keep(self, name: str, tokens: float, now: float) -> None:
+        self._buckets[name] = (tokens, now)
+        self._buckets.move_to_end(name)
+        if len(self._buckets) > self._size:
+            self._buckets.popitem(last=False)
+
+    def take(self, name: str, per_minute: int) -> tuple[bool, int, int]:
         """(allowed, tokens left, seconds until the next token when refused)."""
         now = self._monotonic()
-        refill = per_minute / 60.0
         with self._lock:
-            tokens, last = self._buckets.get(key_id, (float(per_minute), now))
-            tokens = min(float(per_minute), tokens + (now - last) * refill)
+            tokens = self._tokens(name, per_minute, now)
             if tokens >= 1:
-                self._buckets[key_id] = (tokens - 1, now)
+                self._keep(name, tokens - 1, now)
                 return True, int(tokens - 1), 0
-            self._buckets[key_id] = (tokens, now)
-            return False, 0, math.ceil((1 - tokens) / refill)
+            self._keep(name, tokens, now)
+            return False, 0, math.ceil((1 - tokens) * 60.0 / per_minute)
+
+    def wait(self, name: str, per_minute: int) -> int:
+        """Seconds until `name` has a token again; 0 when it has one now (nothing taken)."""
+        now = self._monotonic()
+        with self._lock:
+            if name not in self._buckets:
+                return 0
+            tokens = self._tokens(name, per_minute, now)
+        return 0 if tokens >= 1 else math.ceil((1 - tokens) * 60.0 / per_minute)
+
+
+class TenantLoad:
+    """Each tenant's calls in progress and open streams, against its plan's caps.
+
+    `enter` admits a call or refuses it with `QuotaExceeded`; `leave` (in a `finally`)
+    frees its place, so a call that fails or a client that goes away frees it too.
+    """
+
+    def __init__(self) -> None:
+        self._counts: dict[tuple[str, str], int] = {}
+
+    def enter(self, tenant_id: str, kind: str, limit: int, plan: str) -> None:
+        key = (tenant_id, kind)
+        count = self._counts.get(key, 0)
+        if count >= limit:
+            what = "streams open" if kind == "open_streams" else "calls in progress"
+            raise QuotaExceeded(
+                f"Too many {what}: plan {plan} allows {limit} at once per tenant",
+                f"tenant:{tenant_id}:{kind}",
+                1,
+            )
+        self._counts[key] = count + 1
+
+    def leave(self, tenant_id: str, kind: str) -> None:
+        key = (tenant_id, kind)
+        count = self._counts.get(key, 0) - 1
+        if count > 0:
+            self._counts[key] = count
+        else:
+            self._counts.pop(key, None)
 
 
 DEFAULT_RUN_SECONDS = 10

@@ -7,21 +7,33 @@ import base64
 import binascii
 import contextlib
 import hashlib
+import hmac
 import json
 import re
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
+from typing import Any
 
-from convergence_server.domain.auth import Caller
+from convergence_server.domain.auth import Caller, authorize_tenant
 from convergence_server.domain.quotas import (
     PlanBook,
     concurrency_wait,
     concurrent_exceeded,
     daily_exceeded,
 )
-from convergence_server.engine.templates import NAME_PATTERN, Catalog, ParameterError, Template
+from convergence_server.engine.runner import SourcePolicy, SourceRefused, resolve_source
+from convergence_server.engine.templates import (
+    HIDDEN_ISSUE,
+    NAME_PATTERN,
+    PLACEHOLDER,
+    Catalog,
+    ParameterError,
+    Template,
+    has_hidden_characters,
+    parse_date,
+)
 from convergence_server.errors import (
     FailedPrecondition,
     FieldViolation,
@@ -30,6 +42,7 @@ from convergence_server.errors import (
     echo,
 )
 from convergence_server.storage import Store
+from convergence_server.storage.identifiers import IDENTIFIER_PATTERN
 from convergence_server.storage.records import (
     RunCursor,
     RunFilter,
@@ -46,9 +59,23 @@ IDEMPOTENCY_WINDOW = timedelta(hours=24)
 TRIGGERED_MESSAGE = "Pipeline triggered successfully (async mode)"
 REPLAYED_MESSAGE = "Pipeline already triggered with this idempotency key (original run returned)"
 _IDEMPOTENCY_KEY = re.compile(r"[A-Za-z0-9._:-]{1,128}", re.ASCII)
-_DAY = re.compile(r"\d{4}-\d{2}-\d{2}", re.ASCII)
 _RUN_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.ASCII)
+_TENANT_ID = re.compile(IDENTIFIER_PATTERN.strip("^$"), re.ASCII)
 MAX_TRIGGER_BY = 256
+# A pipeline id is TENANT-PROVIDER-DOMAIN-TEMPLATE: at most 50 + 3 * 64 + 3 characters.
+MAX_PIPELINE_ID = 256
+# Page tokens: the cursor (JSON) and its HMAC-SHA256 under a key of the server's, both
+# base64url, joined by a dot. A token is read only once its MAC has been checked.
+PAGE_TOKEN_LABEL = b"convergence page token"
+MAX_PAGE_TOKEN = 512
+_PAGE_TOKEN = re.compile(r"([A-Za-z0-9_-]{1,400})\.([A-Za-z0-9_-]{43})", re.ASCII)
+FOREIGN_TOKEN_ISSUE = "is not a token this server issued"
+
+
+def page_token_key(pepper: bytes) -> bytes:
+    """The key that signs page tokens, derived from the key pepper: the same on every
+    replica, and of no use for the API key hashes the pepper also protects."""
+    return hmac.new(pepper, PAGE_TOKEN_LABEL, hashlib.sha256).digest()
 
 
 @dataclass(frozen=True)
@@ -62,6 +89,8 @@ class TriggerRequest:
     parameters: dict[str, str]
     idempotency_key: str
     user_id: str
+    # The Idempotency-Key header, which must agree with the field when both are given.
+    idempotency_header: str = ""
 
 
 @dataclass(frozen=True)
@@ -124,6 +153,9 @@ class Runs:
         plans: PlanBook,
         events: RunEvents,
         wake_executor: Callable[[], None],
+        *,
+        sources: SourcePolicy,
+        page_token_key: bytes,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         watch_poll_seconds: float = 1.0,
     ) -> None:
@@ -132,6 +164,8 @@ class Runs:
         self._plans = plans
         self._events = events
         self._wake_executor = wake_executor
+        self._sources = sources
+        self._page_tokens = _PageTokens(page_token_key)
         self._clock = clock
         self._watch_poll_seconds = watch_poll_seconds
 
@@ -150,6 +184,11 @@ class Runs:
         return template
 
     async def trigger(self, caller: Caller, request: TriggerRequest) -> Triggered:
+        """Checks the whole request (template, parameters, sources, labels) before the run
+        is created: a refused trigger creates nothing and spends no quota."""
+        if not _TENANT_ID.fullmatch(request.tenant_id):
+            raise _invalid("tenant_id", f"must match pattern {IDENTIFIER_PATTERN}")
+        authorize_tenant(caller, request.tenant_id)
         template = self.template(request)
         given = dict(request.parameters)
         if request.date:
@@ -159,11 +198,19 @@ class Runs:
         try:
             values = template.resolve_parameters(given, self._clock().date())
         except ParameterError as exc:
-            field = exc.name if exc.name == "date" else f"parameters.{exc.name}"
-            raise _invalid(field, exc.issue, f"Invalid parameter {echo(exc.name)}") from None
+            raise _parameter_invalid(exc.name, exc.issue) from None
+        self._check_sources(caller, template, given, values)
         if len(request.trigger_by) > MAX_TRIGGER_BY:
             raise _invalid("trigger_by", f"must be at most {MAX_TRIGGER_BY} characters")
-        key = request.idempotency_key
+        if has_hidden_characters(request.trigger_by):
+            raise _invalid("trigger_by", HIDDEN_ISSUE)
+        header, key = request.idempotency_header, request.idempotency_key
+        if header and key and header != key:
+            raise InvalidArgument(
+                "Conflicting idempotency keys",
+                [FieldViolation("idempotency_key", "differs from the Idempotency-Key header")],
+            )
+        key = key or header
         if key and not _IDEMPOTENCY_KEY.fullmatch(key):
             raise _invalid("idempotency_key", f"must match {_IDEMPOTENCY_KEY.pattern}")
         now = self._clock()
@@ -198,31 +245,53 @@ class Runs:
             self._wake_executor()
         elif (stored.pipeline_id, stored.parameters) != (run.pipeline_id, run.parameters):
             raise FailedPrecondition(
-                f"Idempotency key {key!r} was used within 24 hours for another request "
+                f"Idempotency key {echo(key)!r} was used within 24 hours for another request "
                 f"(run {stored.pipeline_logging_id}); use a new key for a different run"
             )
         return Triggered(stored, created)
 
+    def _check_sources(
+        self, caller: Caller, template: Template, given: dict[str, str], values: dict[str, Any]
+    ) -> None:
+        """Every load step's source, as the run will resolve it, is one the tenant may read."""
+        folders = self._sources.for_tenant(caller.tenant_id)
+        for step in template.steps:
+            if step.kind != "load":
+                continue
+            try:
+                resolve_source(step.source, values, folders)
+            except SourceRefused as exc:
+                used = [n for n in PLACEHOLDER.findall(step.source) if n in template.parameters]
+                if not used:
+                    raise FailedPrecondition(
+                        f"The source of step {step.name} is not available: it {exc.issue}"
+                    ) from None
+                # The caller's own values first: one of them is the likelier culprit.
+                name = next((n for n in used if n in given), used[0])
+                raise _parameter_invalid(name, exc.issue) from None
+
     # -- reading ------------------------------------------------------------------------
 
     async def get(self, caller: Caller, run_id: str) -> RunRecord:
-        run = (
-            await self._store.get_run(caller.tenant_id, run_id)
-            if _RUN_ID.fullmatch(run_id)
-            else None
-        )
+        if not _RUN_ID.fullmatch(run_id.lower()):
+            raise _invalid(
+                "pipeline_logging_id", "must be a run id (a UUID, as the trigger returns it)"
+            )
+        run = await self._store.get_run(caller.tenant_id, run_id.lower())
         if run is None:
-            raise NotFound(f"No run {echo(run_id)}")
+            raise NotFound(f"No run {run_id}")
         return run
 
     async def steps(self, caller: Caller, run_id: str) -> list[StepRecord]:
-        await self.get(caller, run_id)
-        return await self._store.list_steps(caller.tenant_id, run_id)
+        run = await self.get(caller, run_id)
+        return await self._store.list_steps(caller.tenant_id, run.pipeline_logging_id)
 
     async def list_runs(self, caller: Caller, query: RunQuery) -> RunPage:
         limit = query.limit or DEFAULT_LIMIT
         if not 1 <= limit <= MAX_LIMIT:
             raise _invalid("limit", f"must be from 1 to {MAX_LIMIT}")
+        if len(query.pipeline_id) > MAX_PIPELINE_ID:
+            raise _invalid("pipeline_id", f"must be at most {MAX_PIPELINE_ID} characters")
         where = RunFilter(
             tenant_id=caller.tenant_id,
             status=query.status,
@@ -230,17 +299,18 @@ class Runs:
             created_from=_day_start(query.start_date, "start_date"),
             created_before=_day_end(query.end_date, "end_date"),
         )
-        after = _decode_token(query.page_token, where) if query.page_token else None
+        after = self._page_tokens.read(query.page_token, where) if query.page_token else None
         runs = await self._store.list_runs(where, after, limit + 1)
         more = len(runs) > limit
         runs = runs[:limit]
-        token = _encode_token(runs[-1], where) if more else ""
+        token = self._page_tokens.issue(runs[-1], where) if more else ""
         return RunPage(runs, token)
 
     # -- cancelling and watching ----------------------------------------------------------
 
     async def cancel(self, caller: Caller, run_id: str) -> RunRecord:
         run = await self.get(caller, run_id)
+        run_id = run.pipeline_logging_id
         if run.status in TERMINAL:
             raise FailedPrecondition(f"Run {run_id} has already ended ({run.status})")
         updated = await self._store.request_cancel(caller.tenant_id, run_id, self._clock())
@@ -252,6 +322,7 @@ class Runs:
     ) -> AsyncIterator[tuple[RunRecord, list[StepRecord]]]:
         """The run and its steps now, then at every change, until it has ended."""
         run = await self.get(caller, run_id)
+        run_id = run.pipeline_logging_id
         queue = self._events.subscribe(run_id)
         try:
             last: tuple[RunRecord, list[StepRecord]] | None = None
@@ -269,23 +340,27 @@ class Runs:
             self._events.unsubscribe(run_id, queue)
 
 
-def _text(value: object) -> str:
-    return value.isoformat() if isinstance(value, date) else str(value)
-
-
-def _parse_day(value: str, field: str) -> date:
-    try:
-        if not _DAY.fullmatch(value):
-            raise ValueError
-        return date.fromisoformat(value)
-    except ValueError:
-        raise _invalid(field, "must be a date YYYY-MM-DD") from None
+def _parameter_invalid(name: str, issue: str) -> InvalidArgument:
+    """A bad parameter, named boundedly: `date` is a request field of its own, a name that
+    cannot be a parameter's is not repeated in the field."""
+    if not name:
+        return _invalid("parameters", issue, "Invalid parameters")
+    if not NAME_PATTERN.fullmatch(name):
+        return _invalid(
+            "parameters", f"{echo(name)!r} {issue}", f"Invalid parameter {echo(name)!r}"
+        )
+    field = name if name == "date" else f"parameters.{name}"
+    return _invalid(field, issue, f"Invalid parameter {name}")
 
 
 def _day_start(value: str, field: str) -> datetime | None:
     if not value:
         return None
-    return datetime.combine(_parse_day(value, field), datetime.min.time(), UTC)
+    try:
+        day = parse_date(value)
+    except ValueError as exc:
+        raise _invalid(field, str(exc)) from None
+    return datetime.combine(day, datetime.min.time(), UTC)
 
 
 def _day_end(value: str, field: str) -> datetime | None:
@@ -295,28 +370,69 @@ def _day_end(value: str, field: str) -> datetime | None:
 
 def _filter_digest(where: RunFilter) -> str:
     text = json.dumps(
-        [where.status, where.pipeline_id, str(where.created_from), str(where.created_before)]
+        [
+            where.tenant_id,
+            where.status,
+            where.pipeline_id,
+            str(where.created_from),
+            str(where.created_before),
+        ]
     )
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _encode_token(last: RunRecord, where: RunFilter) -> str:
-    payload = {
-        "c": last.created_at.isoformat(),
-        "i": last.pipeline_logging_id,
-        "f": _filter_digest(where),
-    }
-    return base64.urlsafe_b64encode(json.dumps(payload).encode()).decode().rstrip("=")
+def _b64encode(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode().rstrip("=")
 
 
-def _decode_token(token: str, where: RunFilter) -> RunCursor:
-    try:
-        padded = token + "=" * (-len(token) % 4)
-        payload = json.loads(base64.urlsafe_b64decode(padded.encode()))
-        cursor = RunCursor(datetime.fromisoformat(payload["c"]), str(payload["i"]))
-        digest = payload["f"]
-    except (binascii.Error, ValueError, KeyError, TypeError, UnicodeDecodeError):
-        raise _invalid("page_token", "is not a token this server issued") from None
-    if digest != _filter_digest(where):
-        raise _invalid("page_token", "was issued for other filters; keep the filters unchanged")
-    return cursor
+def _b64decode(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+class _PageTokens:
+    """Issues and reads page tokens: a cursor (the last run of a page) that only this
+    service can have made, and only for the same tenant and filters."""
+
+    def __init__(self, key: bytes) -> None:
+        self._key = key
+
+    def _mac(self, payload: bytes) -> bytes:
+        return hmac.new(self._key, payload, hashlib.sha256).digest()
+
+    def issue(self, last: RunRecord, where: RunFilter) -> str:
+        created = last.created_at
+        if created.tzinfo is None:  # the stores keep UTC
+            created = created.replace(tzinfo=UTC)
+        payload = json.dumps(
+            {
+                "c": created.isoformat(),
+                "i": last.pipeline_logging_id,
+                "f": _filter_digest(where),
+            },
+            separators=(",", ":"),
+        ).encode()
+        return f"{_b64encode(payload)}.{_b64encode(self._mac(payload))}"
+
+    def read(self, token: str, where: RunFilter) -> RunCursor:
+        foreign = _invalid("page_token", FOREIGN_TOKEN_ISSUE)
+        matched = _PAGE_TOKEN.fullmatch(token) if len(token) <= MAX_PAGE_TOKEN else None
+        if matched is None:
+            raise foreign
+        try:
+            payload, mac = _b64decode(matched[1]), _b64decode(matched[2])
+        except (binascii.Error, ValueError):
+            raise foreign from None
+        if not hmac.compare_digest(mac, self._mac(payload)):
+            raise foreign
+        try:  # signed by this service: still read defensively
+            fields = json.loads(payload)
+            created = datetime.fromisoformat(fields["c"])
+            cursor = RunCursor(created, fields["i"])
+            digest = fields["f"]
+            if created.tzinfo is None or not _RUN_ID.fullmatch(cursor.pipeline_logging_id):
+                raise ValueError
+        except (ValueError, KeyError, TypeError, RecursionError):
+            raise foreign from None
+        if digest != _filter_digest(where):
+            raise _invalid("page_token", "was issued for other filters; keep the filters unchanged")
+        return cursor

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -20,7 +19,16 @@ from typing import Any, Protocol
 import sqlglot
 from sqlglot import exp
 
-from convergence_server.engine.templates import Catalog, DqCheck, Step, Template
+from convergence_server.engine.templates import (
+    HIDDEN_ISSUE,
+    PLACEHOLDER,
+    Catalog,
+    DqCheck,
+    Step,
+    Template,
+    has_hidden_characters,
+)
+from convergence_server.errors import echo
 from convergence_server.storage.sql import quote
 from convergence_server.storage.warehouse import (
     STAGE_PREFIX,
@@ -33,7 +41,7 @@ from convergence_server.storage.warehouse import (
 
 MAX_BACKOFF = 60.0
 log = logging.getLogger(__name__)
-_PLACEHOLDER = re.compile(r"\{([a-z][a-z0-9_]*)\}")
+OUTSIDE_ISSUE = "is outside the allowed source folders"
 
 
 class StepFailed(Exception):
@@ -42,6 +50,91 @@ class StepFailed(Exception):
 
 class RunCancelled(Exception):
     """The run was cancelled; it stopped at a step boundary."""
+
+
+class SourceRefused(ValueError):
+    """A load step's source is not one the run may read: `source` as filled in, `issue`
+    why not (a phrase that follows the source's name)."""
+
+    def __init__(self, source: str, issue: str) -> None:
+        super().__init__(f"source {echo(source)!r} {issue}")
+        self.source = source
+        self.issue = issue
+
+
+@dataclass(frozen=True)
+class SourceFolders:
+    """Where one tenant's load steps may read."""
+
+    sample_data: Path
+    # Local folders: the shared sample data and the tenant's own folder of each root.
+    local_roots: tuple[Path, ...]
+    # gs:// prefixes, each ending with the tenant's own folder.
+    remote_roots: tuple[str, ...] = ()
+    # Whether the warehouse loads gs:// objects itself (BigQuery's load jobs do).
+    reads_remote: bool = True
+
+
+@dataclass(frozen=True)
+class SourcePolicy:
+    """The configured source folders, for every tenant (`for_tenant` gives one's own)."""
+
+    sample_data: Path
+    source_roots: tuple[Path, ...] = ()
+    gcs_source_roots: tuple[str, ...] = ()
+    reads_gcs: bool = False
+
+    def for_tenant(self, tenant_id: str) -> SourceFolders:
+        return SourceFolders(
+            sample_data=self.sample_data,
+            local_roots=(self.sample_data, *(root / tenant_id for root in self.source_roots)),
+            remote_roots=tuple(f"{root}/{tenant_id}/" for root in self.gcs_source_roots),
+            reads_remote=self.reads_gcs,
+        )
+
+
+def resolve_source(template: str, parameters: Mapping[str, Any], folders: SourceFolders) -> str:
+    """A load step's source with parameters, then `{sample_data}`, filled in: a file path
+    (resolved) or a gs:// URI the tenant may read. Raises `SourceRefused` otherwise.
+
+    The trigger checks a run's sources with this before the run is created, and the run
+    checks them again when its load step starts.
+    """
+    filled = PLACEHOLDER.sub(lambda m: str(parameters.get(m.group(1), m.group(0))), template)
+    if not filled.strip():
+        raise SourceRefused(filled, "is empty")
+    if has_hidden_characters(filled):
+        raise SourceRefused(filled, HIDDEN_ISSUE)
+    if ".." in filled.split("/"):
+        raise SourceRefused(filled, "must not climb out of its folder with '..'")
+    uri = filled.replace("{sample_data}", str(folders.sample_data))
+    if "://" in uri:
+        return _remote_source(uri, folders)
+    try:
+        path = Path(uri).resolve()
+    except (OSError, RuntimeError, ValueError):  # e.g. a symlink loop
+        raise SourceRefused(uri, "cannot be resolved to a file") from None
+    if not any(path.is_relative_to(root.resolve()) for root in folders.local_roots):
+        raise SourceRefused(uri, OUTSIDE_ISSUE)
+    try:
+        exists = path.is_file()
+    except OSError:  # e.g. a name too long for the file system
+        exists = False
+    if not exists:
+        raise SourceRefused(uri, "names a file that does not exist")
+    return str(path)
+
+
+def _remote_source(uri: str, folders: SourceFolders) -> str:
+    if not uri.startswith("gs://"):
+        raise SourceRefused(uri, "must be a local path or a gs:// URI")
+    if any(part in (".", "..") for part in uri[5:].split("/")) or not any(
+        uri.startswith(root) for root in folders.remote_roots
+    ):
+        raise SourceRefused(uri, OUTSIDE_ISSUE)
+    if not folders.reads_remote:
+        raise SourceRefused(uri, "needs the BigQuery store (only its load jobs read gs://)")
+    return uri
 
 
 @dataclass(frozen=True)
@@ -288,22 +381,12 @@ class PipelineRun:
     # -- rendering --------------------------------------------------------------------------
 
     def _source(self, template: str) -> str:
-        """The step's source with parameters, then `{sample_data}`, filled in."""
-        uri = _PLACEHOLDER.sub(lambda m: str(self.parameters.get(m.group(1), m.group(0))), template)
-        uri = uri.replace("{sample_data}", str(self.sample_data))
-        if "://" in uri:
-            if not uri.startswith("gs://"):
-                raise StepFailed(f"unsupported source {uri!r}: use a local path or gs://")
-            climbs = any(part in (".", "..") for part in uri[5:].split("/"))
-            if climbs or not any(uri.startswith(root) for root in self.remote_roots):
-                raise StepFailed(f"source {uri!r} is outside the allowed source folders")
-            return uri
-        path = Path(uri).resolve()
-        if not any(path.is_relative_to(root.resolve()) for root in self.source_roots):
-            raise StepFailed(f"source {uri!r} is outside the allowed source folders")
-        if not path.is_file():
-            raise StepFailed(f"source file {uri!r} does not exist")
-        return str(path)
+        """The step's source with parameters, then `{sample_data}`, filled in and checked."""
+        folders = SourceFolders(self.sample_data, self.source_roots, self.remote_roots)
+        try:
+            return resolve_source(template, self.parameters, folders)
+        except SourceRefused as exc:
+            raise StepFailed(str(exc)) from None
 
     def _sql(self, text: str) -> str:
         """The step's SQL with `{dataset}` filled in and this run's staged tables read."""

@@ -13,7 +13,9 @@ validates every template at start-up, and `convergence-server validate` does the
 
 from __future__ import annotations
 
+import math
 import re
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, timedelta
@@ -32,9 +34,47 @@ LOAD_FORMATS = ("csv", "ndjson", "parquet")
 WRITE_MODES = {"load": ("truncate", "append"), "query": ("append", "truncate", "replace_partition")}
 DQ_TYPES = ("not_null", "unique", "row_count", "accepted_values", "expression", "columns_present")
 SEVERITIES = ("error", "warn")
-_PLACEHOLDER = re.compile(r"\{([a-z][a-z0-9_]*)\}")
+PLACEHOLDER = re.compile(r"\{([a-z][a-z0-9_]*)\}")
 _COLUMN = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,299}", re.ASCII)
 MAX_ATTEMPTS = 10
+# Dates a run or a listing accepts. Every real usage day fits (cloud billing exports start
+# in the 2000s), every date and the day after it fit in each backend with room to spare
+# (BigQuery partitions span 1960 to 2159), and a typo such as 0202 or 9999 is refused.
+MIN_DATE = date(2000, 1, 1)
+MAX_DATE = date(2099, 12, 31)
+DATE_ISSUE = f"must be a date YYYY-MM-DD from {MIN_DATE} to {MAX_DATE}"
+# What a trigger may pass: at most this many parameters, each value at most this long
+# (names are bounded by NAME_PATTERN).
+MAX_PARAMETERS = 50
+MAX_PARAMETER_VALUE = 2048
+_DAY = re.compile(r"\d{4}-\d{2}-\d{2}", re.ASCII)
+_INTEGER = re.compile(r"-?\d{1,18}", re.ASCII)
+_NUMBER = re.compile(r"[+-]?(\d{1,300}(\.\d{0,300})?|\.\d{1,300})([eE][+-]?\d{1,3})?", re.ASCII)
+# Control, invisible format, surrogate and private-use characters.
+_HIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co"})
+HIDDEN_ISSUE = "must not contain control or invisible format characters"
+
+
+def has_hidden_characters(text: str) -> bool:
+    """Whether `text` holds a character a reader cannot see (NUL, newline, RTL override...)."""
+    return any(unicodedata.category(ch) in _HIDDEN_CATEGORIES for ch in text)
+
+
+def parse_date(value: str) -> date:
+    """`YYYY-MM-DD` within MIN_DATE..MAX_DATE; ValueError(DATE_ISSUE) otherwise."""
+    try:
+        if not _DAY.fullmatch(value):
+            raise ValueError
+        day = date.fromisoformat(value)
+    except ValueError:
+        raise ValueError(DATE_ISSUE) from None
+    return in_date_range(day)
+
+
+def in_date_range(day: date) -> date:
+    if not MIN_DATE <= day <= MAX_DATE:
+        raise ValueError(DATE_ISSUE)
+    return day
 
 
 class TemplateError(ValueError):
@@ -55,23 +95,21 @@ class Parameter:
             raise ValueError("is required")
         if self.type == "date":
             if value == "today":
-                return today
+                return in_date_range(today)
             if value == "yesterday":
-                return today - timedelta(days=1)
+                return in_date_range(today - timedelta(days=1))
             if isinstance(value, date):
-                return value
-            if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", str(value)):
-                raise ValueError("must be a date YYYY-MM-DD")
-            return date.fromisoformat(str(value))
+                return in_date_range(value)
+            return parse_date(str(value))
         if self.type == "integer":
-            if isinstance(value, bool) or not re.fullmatch(r"-?\d{1,18}", str(value)):
+            if isinstance(value, bool) or not _INTEGER.fullmatch(str(value)):
                 raise ValueError("must be an integer")
             return int(value)
         if self.type == "number":
-            try:
-                return float(value)
-            except ValueError:
-                raise ValueError("must be a number") from None
+            number = float(value) if _NUMBER.fullmatch(str(value)) else math.nan
+            if not math.isfinite(number):
+                raise ValueError("must be a number")
+            return number
         if self.type == "boolean":
             if str(value).lower() not in ("true", "false"):
                 raise ValueError("must be true or false")
@@ -139,9 +177,15 @@ class Template:
 
     def resolve_parameters(self, given: Mapping[str, str], today: date) -> dict[str, Any]:
         """Typed values for every parameter; raises `ParameterError` naming the bad one."""
-        unknown = sorted(set(given) - set(self.parameters))
-        if unknown:
-            raise ParameterError(unknown[0], "is not a parameter of this pipeline")
+        if len(given) > MAX_PARAMETERS:
+            raise ParameterError("", f"must hold at most {MAX_PARAMETERS} parameters")
+        for name in sorted(given):
+            if name not in self.parameters:
+                raise ParameterError(name, "is not a parameter of this pipeline")
+            if len(given[name]) > MAX_PARAMETER_VALUE:
+                raise ParameterError(name, f"must be at most {MAX_PARAMETER_VALUE} characters")
+            if has_hidden_characters(given[name]):
+                raise ParameterError(name, HIDDEN_ISSUE)
         values = {}
         for name, parameter in self.parameters.items():
             try:
@@ -152,8 +196,13 @@ class Template:
 
 
 class ParameterError(ValueError):
+    """A bad parameter: `name` (empty for the parameters as a whole) and what is wrong.
+
+    `name` may be any string a caller sent: quote it bounded (`errors.echo`).
+    """
+
     def __init__(self, name: str, issue: str) -> None:
-        super().__init__(f"{name} {issue}")
+        super().__init__(f"{name or 'parameters'} {issue}")
         self.name = name
         self.issue = issue
 
@@ -331,7 +380,7 @@ def _step(r: _Reader, spec: Any, where: str, parameters: Mapping[str, Parameter]
 
 
 def _placeholders(r: _Reader, text: str, where: str, parameters: Mapping[str, Parameter]) -> None:
-    for name in _PLACEHOLDER.findall(text):
+    for name in PLACEHOLDER.findall(text):
         if name != "sample_data" and name not in parameters:
             raise r.fail(where, f"{{{name}}} is neither a parameter nor {{sample_data}}")
 

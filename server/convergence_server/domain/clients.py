@@ -1,0 +1,75 @@
+"""What a caller without a valid key may cost, counted by client address.
+
+- The open endpoints (dry-run and onboard need no key) take a token from the client's
+  bucket and from one bucket shared by all clients, on every protocol: a flood from one
+  address is refused early, a flood from many addresses is capped in total.
+- Failed authentications take a token from the client address's bucket and from the key
+  id's bucket; while either is empty, that address (or that key id) is refused with 429
+  before its key is even looked up, so a key cannot be guessed and a stream of unknown key
+  ids cannot turn into a stream of store reads.
+
+The price of the key id's bucket: someone who knows a key id (the 12 characters after
+`_api_`, not secret) and fails on purpose can hold that key off for about a minute. The
+key id alone grants nothing, and it is not shown to anyone but the key's holder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from convergence_server.domain.quotas import RateLimiter
+from convergence_server.errors import QuotaExceeded
+
+
+@dataclass(frozen=True)
+class ClientLimitSettings:
+    """Per minute: open calls per client address, open calls in total, failed
+    authentications per client address and per key id."""
+
+    open_per_client: int = 10
+    open_total: int = 300
+    auth_failures: int = 20
+
+
+class ClientLimits:
+    def __init__(self, settings: ClientLimitSettings, limiter: RateLimiter) -> None:
+        self._settings = settings
+        self._limiter = limiter
+
+    def admit_open(self, address: str) -> None:
+        """Admits one dry-run or onboard call from `address`, or raises `QuotaExceeded`."""
+        buckets = (
+            (f"open:{address}", self._settings.open_per_client, f"from your address {address}"),
+            ("open:*", self._settings.open_total, "from all clients together"),
+        )
+        for name, per_minute, whom in buckets:
+            allowed, _, wait = self._limiter.take(name, per_minute)
+            if not allowed:
+                raise QuotaExceeded(
+                    f"Too many onboarding requests {whom} (limit: {per_minute} per minute); "
+                    "retry later",
+                    f"{name}:requests_per_minute",
+                    wait,
+                )
+
+    def _buckets(self, address: str, key_id: str | None) -> list[str]:
+        names = [f"auth:{address}"]
+        if key_id:
+            names.append(f"key:{key_id}")
+        return names
+
+    def check_failures(self, address: str, key_id: str | None) -> None:
+        """Refuses an address or key id that failed authentication too often lately."""
+        for name in self._buckets(address, key_id):
+            wait = self._limiter.wait(name, self._settings.auth_failures)
+            if wait:
+                raise QuotaExceeded(
+                    "Too many failed authentications; retry later",
+                    f"{name}:failed_authentications",
+                    wait,
+                )
+
+    def failed(self, address: str, key_id: str | None) -> None:
+        """Counts one failed authentication against the address and the key id."""
+        for name in self._buckets(address, key_id):
+            self._limiter.take(name, self._settings.auth_failures)
