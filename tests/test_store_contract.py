@@ -2,7 +2,7 @@
 
 The embedded store runs on a DuckDB file; the BigQuery store runs on the real
 google-cloud-bigquery client against the local emulator. Each test makes its own tenants,
-and leaves no run PENDING or RUNNING (a claim takes the oldest PENDING run of any tenant).
+and leaves no run PENDING or RUNNING (a claim may take any tenant's PENDING run).
 """
 
 from __future__ import annotations
@@ -383,6 +383,62 @@ def test_a_run_without_heartbeats_goes_stale(store: Store) -> None:
     requeued = run(store.get_run(tenant_id, made.pipeline_logging_id))
     assert requeued is not None and (requeued.status, requeued.attempt) == ("PENDING", 1)
     run(store.request_cancel(tenant_id, made.pipeline_logging_id, datetime.now(UTC)))
+
+
+# -- the fair queue ------------------------------------------------------------------------
+
+
+def queue(store: Store, tenant_id: str, count: int, first_at: datetime) -> list[RunRecord]:
+    """`count` PENDING runs of the tenant, created a second apart from `first_at`."""
+    made = [new_run(tenant_id, first_at + timedelta(seconds=i)) for i in range(count)]
+    for r in made:
+        assert run(store.create_run(r, LONG_AGO, None)).created
+    return made
+
+
+def claim_next(store: Store) -> RunRecord:
+    claimed = run(store.claim_next_run("worker-a", datetime.now(UTC)))
+    assert claimed is not None
+    return claimed
+
+
+def ids(runs: list[RunRecord]) -> list[str]:
+    return [r.pipeline_logging_id for r in runs]
+
+
+def test_the_queue_serves_tenants_in_turn_not_first_come_first_served(store: Store) -> None:
+    """The next run is the oldest PENDING run of the tenant with the fewest RUNNING runs;
+    among equals, of the tenant waiting longest: since its oldest PENDING run was queued,
+    or since its last run ended if that is later."""
+    base = datetime.now(UTC) - timedelta(hours=1)
+    a, b, c = (tenant(store) for _ in range(3))
+    # Each queues three runs at once, a first: FIFO would start all of a's, then b's...
+    queued = {t: queue(store, t, 3, base + timedelta(minutes=i)) for i, t in enumerate((a, b, c))}
+    first_turns = [claim_next(store) for _ in range(3)]
+    assert ids(first_turns) == ids([queued[t][0] for t in (a, b, c)])
+    assert {r.status for r in first_turns} == {"RUNNING"}
+
+    # A fourth tenant queues one run, after all of theirs: it has nothing RUNNING, they
+    # have a run each, so it goes before their backlogs.
+    newcomer = tenant(store)
+    (late,) = queue(store, newcomer, 1, base + timedelta(minutes=30))
+    newcomers_turn = claim_next(store)
+    assert newcomers_turn.pipeline_logging_id == late.pipeline_logging_id
+    # Equals take turns, in the order they have waited.
+    second_turns = [claim_next(store) for _ in range(3)]
+    assert ids(second_turns) == ids([queued[t][1] for t in (a, b, c)])
+
+    # c's first run ends, then a's: both have one run RUNNING again, and b two. c has been
+    # waiting longer than a (since its run ended), though a's last run was queued first.
+    ended_at = datetime.now(UTC) - timedelta(minutes=2)
+    assert run(store.finish_run(first_turns[2], "COMPLETE", ended_at)) is not None
+    later = ended_at + timedelta(minutes=1)
+    assert run(store.finish_run(first_turns[0], "COMPLETE", later)) is not None
+    last_turns = [claim_next(store) for _ in range(3)]
+    assert ids(last_turns) == ids([queued[t][2] for t in (c, a, b)])
+    assert run(store.claim_next_run("worker-a", datetime.now(UTC))) is None
+    for r in [first_turns[1], newcomers_turn, *second_turns, *last_turns]:
+        assert run(store.finish_run(r, "COMPLETE", datetime.now(UTC))) is not None
 
 
 def test_runs_list_newest_first_in_pages_and_filter(store: Store) -> None:

@@ -76,7 +76,13 @@ from convergence_server.storage.records import (
     TenantRecord,
     UsageRecord,
 )
-from convergence_server.storage.rows import RUN_COLUMNS, STEP_COLUMNS, run_from_row, step_from_row
+from convergence_server.storage.rows import (
+    FAIR_QUEUE,
+    RUN_COLUMNS,
+    STEP_COLUMNS,
+    run_from_row,
+    step_from_row,
+)
 from convergence_server.storage.warehouse import STAGE_PREFIX
 
 T = TypeVar("T")
@@ -842,9 +848,11 @@ class BigQueryStore:
 
     async def claim_next_run(self, worker_id: str, now: datetime) -> RunRecord | None:
         def claim() -> RunRecord | None:
+            # The head of the fair queue, then the runs the queue would give after it: a
+            # run another replica claims first fails the guard below, and the next is tried.
             waiting = self._query(
-                f"SELECT {SELECT_RUN} FROM ({self._latest_events_sql()}) "
-                "WHERE status = 'PENDING' ORDER BY created_at, pipeline_logging_id LIMIT 10"
+                FAIR_QUEUE.format(columns=SELECT_RUN, runs=f"({self._latest_events_sql()})")
+                + " LIMIT 10"
             )
             for row in waiting:
                 claimed = self._change(

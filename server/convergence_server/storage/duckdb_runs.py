@@ -26,6 +26,7 @@ from convergence_server.storage.records import (
     UsageRecord,
 )
 from convergence_server.storage.rows import (
+    FAIR_QUEUE,
     RUN_COLUMNS,
     STEP_COLUMNS,
     aware,
@@ -275,16 +276,28 @@ def list_runs(
     return [run_from_row(row) for row in rows]
 
 
+# The rows that can move a run in the queue: the runs not ended (row-group statistics on
+# `status` skip the ended history), and those that ended since the oldest PENDING run was
+# queued (an earlier end is older than every tenant's `queued_at`, so it changes nothing).
+_QUEUE_ROWS = f"""(
+    SELECT tenant_id, pipeline_logging_id, status, created_at, start_time, end_time
+    FROM {RUNS} WHERE status IN ('PENDING', 'RUNNING')
+    UNION ALL
+    SELECT tenant_id, pipeline_logging_id, status, created_at, start_time, end_time
+    FROM {RUNS} WHERE end_time >= (SELECT MIN(created_at) FROM {RUNS} WHERE status = 'PENDING')
+)"""
+_NEXT_RUN = FAIR_QUEUE.format(columns="pipeline_logging_id", runs=_QUEUE_ROWS) + " LIMIT 1"
+
+
 def claim_next_run(
     cur: duckdb.DuckDBPyConnection, worker_id: str, now: datetime
 ) -> RunRecord | None:
-    """Moves the oldest PENDING run to RUNNING for this worker, atomically."""
+    """Moves the first PENDING run of the fair queue (`FAIR_QUEUE`) to RUNNING for this
+    worker, in one statement: a concurrent claim of the same run conflicts, and is retried."""
     row = cur.execute(
         f"UPDATE {RUNS} SET status = 'RUNNING', start_time = ?, worker_id = ?, "
-        "heartbeat_at = ? WHERE pipeline_logging_id = ("
-        f"  SELECT pipeline_logging_id FROM {RUNS} WHERE status = 'PENDING' "
-        "  ORDER BY created_at, pipeline_logging_id LIMIT 1"
-        f") AND status = 'PENDING' RETURNING {RUN_COLUMNS}",
+        f"heartbeat_at = ? WHERE pipeline_logging_id = ({_NEXT_RUN}) AND status = 'PENDING' "
+        f"RETURNING {RUN_COLUMNS}",
         [naive(now), worker_id, naive(now)],
     ).fetchone()
     return None if row is None else run_from_row(row)

@@ -107,7 +107,8 @@ class Store(Protocol):
         """Newest first (creation time, then id), strictly after `after`."""
 
     async def claim_next_run(self, worker_id: str, now: datetime) -> RunRecord | None:
-        """Moves the oldest PENDING run to RUNNING for `worker_id`; None when none waits."""
+        """Moves the first PENDING run of the fair queue (`rows.FAIR_QUEUE`: tenants in turn)
+        to RUNNING for `worker_id`; None when none waits."""
 
     async def finish_run(
         self, run: RunRecord, status: str, now: datetime, error_message: str = ""

@@ -72,3 +72,28 @@ def step_from_row(row: Sequence[Any]) -> StepRecord:
         attempts=row[13] or 0,
         run_attempt=row[14] or 1,
     )
+
+
+# The fair queue, both stores' claim: PENDING runs in the order workers take them, over
+# `{runs}` (the embedded store's live rows; BigQuery's latest state of each run). A run's
+# turn is its tenant's RUNNING runs plus the tenant's PENDING runs ahead of it, so the next
+# run is the oldest PENDING run of the tenant with the fewest RUNNING; equal turns go to
+# the tenant waiting longest, since its oldest PENDING run was queued or, if later, since
+# its last run that started ended (a tenant whose run just ended goes to the back).
+FAIR_QUEUE = """
+    SELECT {columns} FROM (
+      SELECT *,
+        COUNTIF(status = 'RUNNING') OVER (PARTITION BY tenant_id)
+          + ROW_NUMBER() OVER (
+              PARTITION BY tenant_id, status ORDER BY created_at, pipeline_logging_id)
+          - 1 AS turn,
+        MIN(IF(status = 'PENDING', created_at, NULL)) OVER (PARTITION BY tenant_id)
+          AS queued_at,
+        MAX(IF(start_time IS NULL, NULL, end_time)) OVER (PARTITION BY tenant_id)
+          AS released_at
+      FROM {runs}
+    ) AS ranked
+    WHERE status = 'PENDING'
+    ORDER BY turn, GREATEST(queued_at, IFNULL(released_at, queued_at)), created_at,
+      pipeline_logging_id
+"""
