@@ -62,6 +62,8 @@ _IDEMPOTENCY_KEY = re.compile(r"[A-Za-z0-9._:-]{1,128}", re.ASCII)
 _RUN_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.ASCII)
 _TENANT_ID = re.compile(IDENTIFIER_PATTERN.strip("^$"), re.ASCII)
 MAX_TRIGGER_BY = 256
+SHARED_WATCH_POLL_SECONDS = 1.0
+EXCLUSIVE_WATCH_POLL_SECONDS = 15.0
 # A pipeline id is TENANT-PROVIDER-DOMAIN-TEMPLATE: at most 50 + 3 * 64 + 3 characters.
 MAX_PIPELINE_ID = 256
 # Page tokens: the cursor (JSON) and its HMAC-SHA256 under a key of the server's, both
@@ -157,7 +159,7 @@ class Runs:
         sources: SourcePolicy,
         page_token_key: bytes,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
-        watch_poll_seconds: float = 1.0,
+        watch_poll_seconds: float | None = None,
     ) -> None:
         self._store = store
         self._catalog = catalog
@@ -167,7 +169,12 @@ class Runs:
         self._sources = sources
         self._page_tokens = _PageTokens(page_token_key)
         self._clock = clock
-        self._watch_poll_seconds = watch_poll_seconds
+        # A watcher wakes at every change this process makes (`RunEvents`) and polls the
+        # store besides: often when other replicas share it, rarely when it is this
+        # process's alone (a poll per watcher per second is what 50 watchers cost most).
+        self._watch_poll_seconds = watch_poll_seconds or (
+            EXCLUSIVE_WATCH_POLL_SECONDS if store.exclusive else SHARED_WATCH_POLL_SECONDS
+        )
 
     # -- triggering ---------------------------------------------------------------------
 

@@ -31,7 +31,7 @@ from convergence_server.storage import duckdb_runs as runs
 from convergence_server.storage import schema
 from convergence_server.storage.duckdb_warehouse import DuckDBWarehouse, drop_stage_tables
 from convergence_server.storage.identifiers import quote_identifier
-from convergence_server.storage.locks import KeyedLocks
+from convergence_server.storage.locks import KeyedLocks, KeyedTurns
 from convergence_server.storage.records import (
     Admission,
     ApiKeyRecord,
@@ -149,7 +149,7 @@ class DuckDBStore:
             warehouse_threads, thread_name_prefix="duckdb-pipelines"
         )
         self._publish_locks = KeyedLocks()
-        self._tenant_locks = KeyedLocks()
+        self._tenant_turns = KeyedTurns()
         # DuckDB's catalog changes (CREATE SCHEMA ...) are serialized here: onboarding is rare.
         self._ddl_lock = threading.Lock()
 
@@ -473,12 +473,9 @@ class DuckDBStore:
     async def create_run(
         self, run: RunRecord, keys_valid_from: datetime, limits: RunLimits | None = None
     ) -> Admission:
-        def create(cur: duckdb.DuckDBPyConnection) -> Admission:
-            # One admission at a time per tenant: the counts it checks cannot move under it.
-            with self._tenant_locks.get(run.tenant_id):
-                return runs.create_run(cur, run, keys_valid_from, limits)
-
-        return await self._call(create)
+        # One admission at a time per tenant: the counts it checks cannot move under it.
+        async with self._tenant_turns.get(run.tenant_id):
+            return await self._call(lambda cur: runs.create_run(cur, run, keys_valid_from, limits))
 
     async def get_usage(self, tenant_id: str, day: date) -> UsageRecord | None:
         return await self._call(lambda cur: runs.get_usage(cur, tenant_id, day))
@@ -501,23 +498,23 @@ class DuckDBStore:
         self, tenant_id: str, user_id: str, team_size: int, now: datetime
     ) -> tuple[bool, int]:
         def admit(cur: duckdb.DuckDBPyConnection) -> tuple[bool, int]:
-            with self._tenant_locks.get(tenant_id):
-                known = cur.execute(
-                    f"SELECT COUNT(*) FILTER (WHERE user_id = ?), COUNT(*) FROM {MEMBERS} "
-                    "WHERE tenant_id = ?",
-                    [user_id, tenant_id],
-                ).fetchone() or (0, 0)
-                if known[0]:
-                    return True, int(known[1])
-                if known[1] >= team_size:
-                    return False, int(known[1])
-                cur.execute(
-                    f"INSERT INTO {MEMBERS} VALUES (?, ?, ?)",
-                    [tenant_id, user_id, _utc_naive(now)],
-                )
-                return True, int(known[1]) + 1
+            known = cur.execute(
+                f"SELECT COUNT(*) FILTER (WHERE user_id = ?), COUNT(*) FROM {MEMBERS} "
+                "WHERE tenant_id = ?",
+                [user_id, tenant_id],
+            ).fetchone() or (0, 0)
+            if known[0]:
+                return True, int(known[1])
+            if known[1] >= team_size:
+                return False, int(known[1])
+            cur.execute(
+                f"INSERT INTO {MEMBERS} VALUES (?, ?, ?)",
+                [tenant_id, user_id, _utc_naive(now)],
+            )
+            return True, int(known[1]) + 1
 
-        return await self._call(admit)
+        async with self._tenant_turns.get(tenant_id):
+            return await self._call(admit)
 
     async def list_members(self, tenant_id: str) -> list[MemberRecord]:
         def members(cur: duckdb.DuckDBPyConnection) -> list[MemberRecord]:
@@ -559,21 +556,17 @@ class DuckDBStore:
     ) -> RunRecord | None:
         owner = (run.worker_id, run.attempt)
 
-        def finish(cur: duckdb.DuckDBPyConnection) -> RunRecord | None:
-            # Under the tenant's lock, like admissions: both update its usage row.
-            with self._tenant_locks.get(run.tenant_id):
-                return runs.finish_run(
+        # In the tenant's turn, like admissions: both update its usage row.
+        async with self._tenant_turns.get(run.tenant_id):
+            return await self._call(
+                lambda cur: runs.finish_run(
                     cur, run.pipeline_logging_id, status, now, error_message, owner
                 )
-
-        return await self._call(finish)
+            )
 
     async def request_cancel(self, tenant_id: str, run_id: str, now: datetime) -> RunRecord | None:
-        def cancel(cur: duckdb.DuckDBPyConnection) -> RunRecord | None:
-            with self._tenant_locks.get(tenant_id):
-                return runs.request_cancel(cur, tenant_id, run_id, now)
-
-        return await self._call(cancel)
+        async with self._tenant_turns.get(tenant_id):
+            return await self._call(lambda cur: runs.request_cancel(cur, tenant_id, run_id, now))
 
     async def cancel_requested(self, run_id: str) -> bool:
         return await self._call(lambda cur: runs.cancel_requested(cur, run_id))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 
 
@@ -13,3 +14,15 @@ class KeyedLocks:
     def get(self, key: str) -> threading.Lock:
         with self._guard:
             return self._locks.setdefault(key.lower(), threading.Lock())
+
+
+class KeyedTurns:
+    """Named asyncio locks, taken on the event loop before a store call enters its thread
+    pool: a caller waiting for its turn holds no thread, so a tenant with many calls queued
+    on its own lock cannot fill the pool that every other tenant's calls share."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def get(self, key: str) -> asyncio.Lock:
+        return self._locks.setdefault(key.lower(), asyncio.Lock())
