@@ -94,6 +94,8 @@ BENCH_PLAN = """
     concurrent_pipeline_runs: 1000000
     team_size: 1000
     requests_per_minute: 100000000
+    open_streams: 100000
+    requests_in_flight: 100000
 """
 TERMINAL = (run_pb2.Run.COMPLETE, run_pb2.Run.FAILED)
 FIRST_DAY = date(2024, 1, 1)  # quick runs get one day each from here
