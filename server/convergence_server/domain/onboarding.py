@@ -57,6 +57,10 @@ RESERVED_TENANT_IDS = frozenset(
 # A successful dataset-creation probe is trusted this long, so that anonymous dry-runs
 # cannot keep the store busy creating and dropping scratch datasets.
 PROBE_TTL_SECONDS = 60.0
+# The checks of the service itself give every caller the same answer: a pass is kept this
+# long, so that anonymous dry-runs cost the store only their own tenant's reads.
+SERVICE_CHECKS = frozenset({"store_reachable", "central_tables_present", "schema_version_current"})
+SERVICE_CHECK_TTL_SECONDS = 10.0
 # The least time left before a caller's deadline for onboarding to commit: what remains
 # must carry the response (and its one-time key) back.
 COMMIT_MARGIN_SECONDS = 0.1
@@ -203,6 +207,7 @@ class Onboarding:
         self._pepper = pepper
         self._clock = clock
         self._probe_valid_until = 0.0
+        self._passed_until: dict[str, tuple[float, CheckResult]] = {}
         self._templates = _TemplateFiles(config_dir)
         self._checks: tuple[tuple[str, Check], ...] = (
             ("tenant_id_format", self._tenant_id_format),
@@ -231,8 +236,14 @@ class Onboarding:
 
     async def _run(self, name: str, check: Check, app: TenantApplication) -> CheckResult:
         """One check; a backend that fails while checking fails the check, not the report."""
+        kept = self._passed_until.get(name)
+        if kept is not None and self._clock() < kept[0]:
+            return kept[1]
         try:
             result = await check(app)
+            if name in SERVICE_CHECKS and result.status is CheckStatus.PASSED:
+                kept_result = dataclasses.replace(result, check_name=name)
+                self._passed_until[name] = (self._clock() + SERVICE_CHECK_TTL_SECONDS, kept_result)
         except Exception:
             request_id = logs.request_id_var.get()
             log.exception("check %s could not run (request_id=%s)", name, request_id)
