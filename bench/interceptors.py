@@ -70,7 +70,7 @@ from convergence.v1 import (
 )
 from convergence_server.config import REPO_ROOT
 from convergence_server.domain.keys import parse_key
-from convergence_server.stack import Stack, _read_ready_line, die_with_parent, start_stack
+from convergence_server.stack import Stack, _read_ready_line, spawn, start_stack
 
 BARE_SERVER = Path(__file__).with_name("interceptor_server.py")
 QUICK_TEMPLATE = REPO_ROOT / "tests" / "fixtures" / "templates" / "quick.yml"
@@ -143,14 +143,11 @@ def start_bare(
     workspace.bare_log_dir.mkdir(parents=True, exist_ok=True)
     log_path = workspace.bare_log_dir / "server.log"
     log = resources.enter_context(log_path.open("ab"))
-    process = subprocess.Popen(
+    process = spawn(
         [sys.executable, str(BARE_SERVER), tenant.tenant_id, tenant.key_id],
         env={"GRPC_VERBOSITY": "ERROR", **os.environ, **workspace.env()},
         stdout=subprocess.PIPE,
         stderr=log,
-        stdin=subprocess.DEVNULL,
-        start_new_session=True,
-        preexec_fn=die_with_parent,
     )
     resources.callback(_stop, process)
     port = _read_ready_line(process, log_path)

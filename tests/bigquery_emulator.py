@@ -21,12 +21,13 @@ from typing import IO, Any
 from google.cloud import bigquery
 
 from convergence_server.config import REPO_ROOT
-from convergence_server.stack import die_with_parent
+from convergence_server.stack import tied_to_this_process
 from convergence_server.storage.bigquery_client import make_client
 
 EMULATOR_DIR = REPO_ROOT / "build" / "bigquery-emulator"
 PROJECT = "test-project"
-START_TIMEOUT = 60.0
+# Its start on a loaded machine can take many times the usual few seconds.
+START_TIMEOUT = 180.0
 
 
 @dataclass
@@ -89,24 +90,26 @@ def start_emulator(data_dir: Path) -> Emulator:
     port = _free_port()
     log = (data_dir / "emulator.log").open("wb")
     process = subprocess.Popen(
-        [
-            str(binary),
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--grpc-port",
-            str(_free_port()),
-            "--project",
-            PROJECT,
-            "--data-dir",
-            str(data_dir / "bigquery"),
-        ],
+        tied_to_this_process(
+            [
+                str(binary),
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--grpc-port",
+                str(_free_port()),
+                "--project",
+                PROJECT,
+                "--data-dir",
+                str(data_dir / "bigquery"),
+            ]
+        ),
         env={**os.environ, "HOME": str(EMULATOR_DIR / "home")},
         stdout=log,
         stderr=subprocess.STDOUT,
-        preexec_fn=die_with_parent,
+        stdin=subprocess.DEVNULL,
     )
     emulator = Emulator(port, process, log)
     # Ready when a real API call answers (it listens before its catalogue is usable).
@@ -116,7 +119,7 @@ def start_emulator(data_dir: Path) -> Emulator:
         if process.poll() is not None:
             break
         try:
-            with urllib.request.urlopen(url, timeout=2) as response:
+            with urllib.request.urlopen(url, timeout=10) as response:
                 if response.status == 200:
                     return emulator
         except (urllib.error.URLError, ConnectionError, TimeoutError):

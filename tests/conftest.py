@@ -84,7 +84,7 @@ def stack(stack_factory: StackFactory) -> Stack:
 
 @pytest.fixture(scope="session")
 def http(stack: Stack) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=stack.http_url, timeout=10) as client:
+    with httpx.Client(base_url=stack.http_url, timeout=30) as client:
         yield client
 
 
@@ -220,7 +220,7 @@ def wait_for_run(
         run: dict[str, object] = response.json()
         if run.get("status") in statuses or time.monotonic() > deadline:
             return run
-        wait = float(run.get("retry_after", pause)) if response.status_code == 429 else pause
+        wait = float(str(run.get("retry_after", pause))) if response.status_code == 429 else pause
         time.sleep(min(wait, max(0.0, deadline - time.monotonic())))
         pause = min(1.0, pause * 1.5)
 

@@ -42,7 +42,7 @@ from convergence_server.envoy import (
     REQUEST_HEADERS_TIMEOUT_SECONDS,
     render_config,
 )
-from convergence_server.stack import Stack, die_with_parent, envoy_binary
+from convergence_server.stack import Stack, envoy_binary, spawn
 from tests.conftest import onboard
 
 DEADLINE = 30.0
@@ -176,7 +176,7 @@ def start_envoy(
     bootstrap, admin_path = run_dir / "envoy.yaml", run_dir / "admin-address"
     bootstrap.write_text(render_config(config, grpc_port, **limits))
     with (run_dir / "envoy.log").open("wb") as log:
-        process = subprocess.Popen(
+        process = spawn(
             [
                 envoy_binary(),
                 *("-c", str(bootstrap), "--disable-hot-restart", "--concurrency", "1"),
@@ -184,8 +184,6 @@ def start_envoy(
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            preexec_fn=die_with_parent,
         )
     envoy = Envoy(process, 0)
     try:

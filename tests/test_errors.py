@@ -211,7 +211,7 @@ def test_parallel_onboarding_creates_exactly_one_tenant(stack_factory: StackFact
 
 def test_internal_error_is_500_with_a_logged_request_id(stack_factory: StackFactory) -> None:
     stack = stack_factory()
-    with httpx.Client(base_url=stack.http_url, timeout=10) as http:
+    with httpx.Client(base_url=stack.http_url, timeout=30) as http:
         _, key = onboard(http)
     stack.stop()
     # Damage the store behind the server's back: the key table disappears.
@@ -219,7 +219,7 @@ def test_internal_error_is_500_with_a_logged_request_id(stack_factory: StackFact
         db.execute("DROP TABLE tenants.tenant_api_keys")
     stack = stack_factory(data_dir=stack.run_dir.parent)
 
-    with httpx.Client(base_url=stack.http_url, timeout=10) as http:
+    with httpx.Client(base_url=stack.http_url, timeout=30) as http:
         response = http.get("/health", headers={"X-API-Key": key})
         dry_run = http.post(
             "/api/v1/tenants/dryrun", json={"tenant_id": new_tenant_id(), **GUIDE_TENANT}

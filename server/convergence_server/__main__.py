@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import signal
 import sys
 
 from convergence_server import logs
@@ -38,7 +39,17 @@ def _validate(config: Config) -> int:
     return 0
 
 
+def _receive_stop_signals() -> None:
+    """Lets SIGTERM and SIGINT reach this process whatever its parent left it: a blocked
+    signal stays blocked through exec, and so does an ignored SIGTERM (a server that cannot
+    get SIGTERM outlives its launcher). An ignored SIGINT is kept: it is how a shell keeps
+    Ctrl-C from its background jobs."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
+
+
 def main(argv: list[str] | None = None) -> None:
+    _receive_stop_signals()
     parser = argparse.ArgumentParser(prog="convergence-server")
     commands = parser.add_subparsers(dest="command")
     commands.add_parser("serve", help="run the gRPC server (default)")

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import signal
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -132,8 +133,30 @@ class ConvergenceServer:
         print(json.dumps({"event": "serving", "grpc_port": self.port}), flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+        bound = self.shutdown_seconds + 2
+
+        def overdue() -> None:
+            # Logged from a thread of its own: the log may be what is stuck (a full pipe).
+            message = ("still running %.0f s after the signal: exiting", bound)
+            note = threading.Thread(target=log.error, args=message, daemon=True)
+            note.start()
+            note.join(1)
+            os._exit(1)
+
+        # A thread, not the loop, holds the bound: it fires even when the loop is blocked,
+        # or the process hangs in its exit (joining a thread a library never ended).
+        watchdog = threading.Timer(bound, overdue)
+        watchdog.daemon = True
+
+        def on_signal(*_: object) -> None:
+            # A Python handler rather than the loop's: it runs even while the loop is blocked
+            # in a system call, and arms the bound from the signal itself.
+            if watchdog.ident is None:
+                watchdog.start()
+            loop.call_soon_threadsafe(stop.set)
+
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+            signal.signal(sig, on_signal)
         await stop.wait()
         log.info("stopping", extra={"fields": {"within_seconds": self.shutdown_seconds}})
         try:

@@ -3,7 +3,10 @@
 Used by `make run` (`python -m convergence_server stack`), by the tests and by the
 benchmarks, so all three exercise the same processes a deployment runs. The two children
 run in their own sessions (Ctrl-C reaches only the launcher, which stops them in order)
-and die with the launcher if it is killed.
+and stop with the launcher however it ends, killed included (`tied_to_this_process`).
+
+Every wait is a condition with a deadline (`START_TIMEOUT`), generous enough for a loaded
+machine: a start that takes long is not a failure, one that cannot succeed is reported.
 """
 
 from __future__ import annotations
@@ -21,13 +24,38 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from convergence_server.config import Config
 from convergence_server.envoy import render_config
 
-START_TIMEOUT = 30.0
+# How long a process of the stack may take to start (a loaded machine takes many times the
+# usual second or two; the wait ends early when the process exits).
+START_TIMEOUT = 120.0
+# How long a stopped child has beyond the server's own bound before it is killed.
+STOP_MARGIN_SECONDS = 5.0
 PR_SET_PDEATHSIG = 1
+# The program every child starts as: it asks the kernel for SIGTERM when the launcher dies,
+# however it dies (PR_SET_PDEATHSIG, kept across exec), makes sure that SIGTERM can arrive,
+# checks that the launcher did not die before it asked (it would never hear of it), and
+# then becomes the child's own program. This runs after exec, in a fresh interpreter,
+# rather than in the forked launcher (a `preexec_fn`): a `preexec_fn` makes subprocess
+# fork instead of vfork, and the fork of a launcher that uses gRPC (the tests, the
+# benchmarks) restarts gRPC's poller thread in the child, which aborts the child ("epoll_wait
+# error: Bad file descriptor") when the child closes its inherited descriptors before exec
+# and the poller wakes up first, as it does on a loaded machine (grpc/grpc#43055).
+_TIE_TO_LAUNCHER = f"""\
+import ctypes, os, signal, sys
+launcher, argv = int(sys.argv[1]), sys.argv[2:]
+for sig in (signal.SIGTERM, signal.SIGPIPE, signal.SIGXFSZ):  # as exec'd by subprocess
+    signal.signal(sig, signal.SIG_DFL)
+signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGTERM])
+if ctypes.CDLL(None, use_errno=True).prctl({PR_SET_PDEATHSIG}, signal.SIGTERM) != 0:
+    sys.exit(argv[0] + ": prctl: " + os.strerror(ctypes.get_errno()))
+if os.getppid() != launcher:
+    sys.exit(argv[0] + ": not started: its launcher has exited")
+os.execvp(argv[0], argv)
+"""
 
 
 class StackError(RuntimeError):
@@ -43,6 +71,8 @@ class Stack:
     envoy: subprocess.Popen[bytes]
     run_dir: Path
     logs: list[IO[bytes]] = field(default_factory=list)
+    # How long `stop` waits for each process before it kills it.
+    stop_timeout: float = 10.0
 
     @property
     def http_url(self) -> str:
@@ -56,10 +86,11 @@ class Stack:
     def envoy_grpc_target(self) -> str:
         return f"127.0.0.1:{self.http_port}"
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stops Envoy, then the server (SIGTERM, then SIGKILL after `timeout`)."""
+    def stop(self, timeout: float | None = None) -> None:
+        """Stops Envoy, then the server (SIGTERM, then SIGKILL after `timeout`, by default
+        the server's shutdown bound and a margin)."""
         for process in (self.envoy, self.server):
-            _terminate(process, timeout)
+            _terminate(process, self.stop_timeout if timeout is None else timeout)
         for log in self.logs:
             log.close()
 
@@ -81,8 +112,26 @@ def _terminate(process: subprocess.Popen[bytes], timeout: float) -> None:
         process.stdout.close()
 
 
+def tied_to_this_process(argv: list[str]) -> list[str]:
+    """The command that runs `argv` as a child that gets SIGTERM when this process ends,
+    even killed, or when the thread that starts it ends (Linux; elsewhere `argv` itself).
+    The child must be started by a thread that lasts as long as it should."""
+    if sys.platform != "linux":
+        return argv
+    return [sys.executable, "-I", "-S", "-c", _TIE_TO_LAUNCHER, str(os.getpid()), *argv]
+
+
+def spawn(argv: list[str], **options: Any) -> subprocess.Popen[bytes]:
+    """Starts a child of the stack: in its own session, tied to this process, with
+    `subprocess.Popen`'s `options` (env, stdout, stderr)."""
+    return subprocess.Popen(
+        tied_to_this_process(argv), stdin=subprocess.DEVNULL, start_new_session=True, **options
+    )
+
+
 def die_with_parent() -> None:
-    """In the child: receive SIGTERM when the launcher dies, even by SIGKILL (Linux)."""
+    """In a forked child: receive SIGTERM when the launcher dies (Linux). Prefer `spawn`: a
+    `preexec_fn` forks the launcher, which a launcher that uses gRPC cannot afford."""
     if sys.platform == "linux":
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
@@ -126,10 +175,20 @@ def _wait_for_file(path: Path, process: subprocess.Popen[bytes], log: Path | Non
     raise StackError(f"envoy did not start\n{_tail(log)}")
 
 
-def _listener_port(admin: str) -> int:
-    with urllib.request.urlopen(f"http://{admin}/listeners?format=json", timeout=5) as response:
-        listeners = json.load(response)["listener_statuses"]
-    return int(listeners[0]["local_address"]["socket_address"]["port_value"])
+def _listener_port(admin: str, envoy: subprocess.Popen[bytes], log: Path | None) -> int:
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline and envoy.poll() is None:
+        try:
+            url = f"http://{admin}/listeners?format=json"
+            with urllib.request.urlopen(url, timeout=5) as response:
+                listeners = json.load(response)["listener_statuses"]
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            time.sleep(0.05)
+            continue
+        if listeners:
+            return int(listeners[0]["local_address"]["socket_address"]["port_value"])
+        time.sleep(0.05)
+    raise StackError(f"envoy did not report its listener\n{_tail(log)}")
 
 
 def _wait_healthy(url: str, processes: list[subprocess.Popen[bytes]]) -> None:
@@ -138,10 +197,10 @@ def _wait_healthy(url: str, processes: list[subprocess.Popen[bytes]]) -> None:
         if any(p.poll() is not None for p in processes):
             break
         try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+            with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
                 if response.status == 200:
                     return
-        except (urllib.error.URLError, ConnectionError):
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
             pass
         time.sleep(0.05)
     raise StackError("the stack did not become healthy through Envoy")
@@ -151,7 +210,8 @@ def start_stack(env: dict[str, str], log_dir: Path | None = None) -> Stack:
     """Starts server and Envoy configured by `env` (CONVERGENCE_* variables).
 
     Port 0 picks a free port. With `log_dir`, each process logs to a file there
-    (server.log, envoy.log); without, both log to this process's stderr.
+    (server.log, envoy.log); without, both log to this process's stderr. Both stop when
+    this process ends, or the thread that calls this (`tied_to_this_process`).
     """
     env = {"GRPC_VERBOSITY": "ERROR", **os.environ, **env}
     config = Config.from_env(env)
@@ -167,14 +227,11 @@ def start_stack(env: dict[str, str], log_dir: Path | None = None) -> Stack:
 
     processes: list[subprocess.Popen[bytes]] = []
     try:
-        server = subprocess.Popen(
+        server = spawn(
             [sys.executable, "-m", "convergence_server", "serve"],
             env=env,
             stdout=subprocess.PIPE,
             stderr=server_err,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-            preexec_fn=die_with_parent,
         )
         processes.append(server)
         grpc_port = _read_ready_line(server, server_log)
@@ -183,7 +240,7 @@ def start_stack(env: dict[str, str], log_dir: Path | None = None) -> Stack:
         config_path.write_text(render_config(config, grpc_port))
         admin_path = run_dir / "envoy-admin-address"
         admin_path.unlink(missing_ok=True)
-        envoy = subprocess.Popen(
+        envoy = spawn(
             [
                 envoy_binary(),
                 *("-c", str(config_path), "--disable-hot-restart", "--concurrency", "2"),
@@ -191,20 +248,18 @@ def start_stack(env: dict[str, str], log_dir: Path | None = None) -> Stack:
             ],
             stdout=envoy_err or subprocess.DEVNULL,
             stderr=envoy_err,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-            preexec_fn=die_with_parent,
         )
         processes.append(envoy)
         admin = _wait_for_file(admin_path, envoy, envoy_log)
         stack = Stack(
             grpc_port=grpc_port,
-            http_port=_listener_port(admin),
+            http_port=_listener_port(admin, envoy, envoy_log),
             admin_port=int(admin.rsplit(":", 1)[1]),
             server=server,
             envoy=envoy,
             run_dir=run_dir,
             logs=log_files,
+            stop_timeout=config.shutdown_seconds + STOP_MARGIN_SECONDS,
         )
         _wait_healthy(stack.http_url, processes)
     except BaseException:
@@ -216,14 +271,40 @@ def start_stack(env: dict[str, str], log_dir: Path | None = None) -> Stack:
     return stack
 
 
+class _StopRequested(Exception):
+    """SIGINT or SIGTERM while the stack was starting."""
+
+
 def run_stack(config: Config) -> int:
-    """`make run`: start both, print where they listen, stop both on Ctrl-C."""
-    env = dict(os.environ)
+    """`make run`: start both, print where they listen, stop both on Ctrl-C or SIGTERM.
+
+    The signals are handled from the first moment: one that arrives while the stack starts
+    stops what has started. A launcher killed outright (SIGKILL), at any moment, leaves
+    nothing either: the kernel sends its children SIGTERM (`tied_to_this_process`).
+    """
+    starting, stopping = True, False
+
+    def request_stop(*_: object) -> None:
+        nonlocal starting, stopping
+        stopping = True
+        if starting:
+            starting = False  # raised once: the clean-up it starts runs to its end
+            raise _StopRequested
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    stack: Stack | None = None
     try:
-        stack = start_stack(env)
+        stack = start_stack(dict(os.environ))
+        starting = False
     except StackError as exc:
         print(f"convergence: {exc}", file=sys.stderr)
         return 1
+    except _StopRequested:
+        if stack is not None:
+            stack.stop()
+        print("Convergence stopped while starting.", flush=True)
+        return 0
     print(
         f"Convergence is up (store: {config.store}, data: {config.data_dir})\n"
         f"  REST via Envoy: {stack.http_url}   e.g. curl {stack.http_url}/health\n"
@@ -231,14 +312,6 @@ def run_stack(config: Config) -> int:
         "Press Ctrl-C to stop.",
         flush=True,
     )
-    stopping = False
-
-    def request_stop(*_: object) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
     while not stopping and stack.server.poll() is None and stack.envoy.poll() is None:
         time.sleep(0.2)
     crashed = not stopping

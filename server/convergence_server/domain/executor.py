@@ -11,9 +11,12 @@ process owns alone (the embedded one) that is every RUNNING run at start-up, and
 that no worker of this process holds (a sweep every `heartbeat_seconds`); on a shared store,
 runs whose heartbeat is older than the lease.
 
-Stopping is bounded: no run is claimed once it begins, running statements are interrupted,
-and each interrupted run is handed back PENDING without using an attempt. A run's end that
-the store refuses (a full disk) is retried with backoff until the store accepts it.
+Stopping is bounded: no run is claimed once it begins (a worker waiting for its turn to
+claim leaves at once; a claim already sent is awaited until the stop's deadline, as it may
+return a run to hand back), running statements are interrupted, and each interrupted run is
+handed back PENDING without using an attempt. What is still in a store call at the deadline
+is abandoned. A run's end that the store refuses (a full disk) is retried with backoff until
+the store accepts it.
 """
 
 from __future__ import annotations
@@ -184,6 +187,8 @@ class Executor:
         # the warehouse of the one executing now (to interrupt it).
         self._in_flight: dict[str, Warehouse | None] = {}
         self._claiming = asyncio.Lock()
+        # Workers waiting for their turn to claim: they have no store call to wait for.
+        self._queued: set[asyncio.Task[None]] = set()
         self._next_poll = 0.0
 
     def wake(self) -> None:
@@ -207,6 +212,8 @@ class Executor:
         self._wakeup.set()
         if self._keeper is not None:
             self._keeper.cancel()
+        for task in self._queued:
+            task.cancel()
         deadline = time.monotonic() + seconds
         pending = {task for task in self._workers if not task.done()}
         while pending and time.monotonic() < deadline:
@@ -220,9 +227,11 @@ class Executor:
             task.cancel()
         if pending:
             log.error(
-                "stopped with %d run(s) still held after %.0f s; they will be recovered",
-                len(self._in_flight),
+                "stopped with %d worker(s) still in a store call after %.0f s, holding %d "
+                "run(s); they will be recovered",
+                len(pending),
                 seconds,
+                len(self._in_flight),
                 extra={"fields": {"runs": sorted(self._in_flight)}},
             )
         await asyncio.gather(*self._workers, return_exceptions=True)
@@ -285,7 +294,16 @@ class Executor:
             await self._execute(run)
 
     async def _claim(self) -> RunRecord | None:
-        async with self._claiming:
+        if self._stopping.is_set():
+            return None
+        worker = asyncio.current_task()
+        assert worker is not None
+        self._queued.add(worker)
+        try:
+            await self._claiming.acquire()
+        finally:
+            self._queued.discard(worker)
+        try:
             # Idle workers take turns: the store sees one poll a second per server (on
             # BigQuery each is a billed query), and a wake-up at once.
             if self._stopping.is_set() or (
@@ -301,6 +319,8 @@ class Executor:
             if run is not None:
                 self._in_flight[run.pipeline_logging_id] = None
             return run
+        finally:
+            self._claiming.release()
 
     async def _execute(self, run: RunRecord) -> None:
         """Runs, then ends or hands back, the claimed run; never raises but CancelledError."""

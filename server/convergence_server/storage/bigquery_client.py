@@ -3,15 +3,22 @@
 Blocking client calls run on a thread pool. Query parameters are typed from their Python
 values; errors become the store's (`Unavailable`) or the warehouse's (`TransientError`)
 kinds in one place each.
+
+Every wait is bounded, so that a BigQuery that stops answering (a connection that hangs
+rather than fails) holds no thread for ever: each HTTP request has a timeout (the client's
+own default is none), retries of API calls and re-runs of failed jobs have deadlines (the
+library's are 10 and 40 minutes), and a job's wait has its own timeout. A stopping server
+does not wait for its threads either: they are daemons that nothing joins (`Runner.close`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import queue
 import re
+import threading
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import date, datetime
 from decimal import Decimal
@@ -21,7 +28,8 @@ import google.auth
 import requests
 from google.api_core import exceptions as api_exceptions
 from google.api_core.client_options import ClientOptions
-from google.auth.credentials import AnonymousCredentials
+from google.auth.credentials import AnonymousCredentials, Credentials
+from google.auth.transport.requests import AuthorizedSession
 from google.cloud import bigquery
 from google.cloud.bigquery.retry import DEFAULT_JOB_RETRY
 
@@ -32,6 +40,10 @@ T = TypeVar("T")
 _CONFLICT = re.compile(
     r"concurrent update|could not serialize|failed to commit|aborted due to concurrent", re.I
 )
+# One HTTP request to BigQuery: to connect, and then between two reads of its answer. A
+# request the caller gives no timeout gets this one (the client's default is to wait for
+# ever on a connection that hangs). The long polls of a job's end last 10 s on the server.
+REQUEST_TIMEOUT = 20.0
 # API calls are retried (BigQuery's transient errors) for this long, then the store reports
 # itself unavailable instead of holding a request for the client's default ten minutes.
 RETRY = bigquery.DEFAULT_RETRY.with_deadline(30)
@@ -49,21 +61,50 @@ UNAVAILABLE = (
 )
 # How long the store waits for one of its own jobs (a read or a transaction script).
 STORE_JOB_TIMEOUT = 120.0
+# A job that failed for a reason worth another try (rate limits, BigQuery's own errors, a
+# network fault while waiting for it) is run again for this long; the library's default,
+# forty minutes, once kept a server from stopping for as long.
+JOB_RETRY = DEFAULT_JOB_RETRY.with_deadline(STORE_JOB_TIMEOUT)
 # How long a run's publishing transaction may take (it copies every staged row).
 PUBLISH_TIMEOUT = 1800.0
 
 
+class _BoundedAdapter(requests.adapters.HTTPAdapter):
+    """Sends the client's requests: one without a timeout gets `REQUEST_TIMEOUT`."""
+
+    def send(
+        self,
+        request: requests.PreparedRequest,
+        stream: bool = False,
+        timeout: Any = None,
+        verify: Any = True,
+        cert: Any = None,
+        proxies: Any = None,
+    ) -> requests.Response:
+        bounded = REQUEST_TIMEOUT if timeout is None else timeout
+        return super().send(request, stream, bounded, verify, cert, proxies)
+
+
 def make_client(project: str, location: str, endpoint: str) -> bigquery.Client:
     """A client for `project`; with `endpoint` (an emulator), anonymous credentials."""
+    credentials: Credentials
     if endpoint:
-        return bigquery.Client(
-            project=project,
-            location=location,
-            credentials=AnonymousCredentials(),  # type: ignore[no-untyped-call]
-            client_options=ClientOptions(api_endpoint=endpoint),
-        )
-    credentials, _ = google.auth.default(scopes=["https://www.googleapis.com/auth/bigquery"])
-    return bigquery.Client(project=project, location=location, credentials=credentials)
+        credentials = AnonymousCredentials()  # type: ignore[no-untyped-call]
+        options = ClientOptions(api_endpoint=endpoint)
+    else:
+        scopes = ["https://www.googleapis.com/auth/bigquery"]
+        credentials, _ = google.auth.default(scopes=scopes)
+        options = ClientOptions()
+    session = AuthorizedSession(credentials, refresh_timeout=REQUEST_TIMEOUT)  # type: ignore[no-untyped-call]
+    for scheme in ("https://", "http://"):
+        session.mount(scheme, _BoundedAdapter())
+    return bigquery.Client(
+        project=project,
+        location=location,
+        credentials=credentials,
+        client_options=options,
+        _http=session,
+    )
 
 
 def is_conflict(exc: BaseException) -> bool:
@@ -129,12 +170,66 @@ def job_config(params: Mapping[str, Any], **options: Any) -> bigquery.QueryJobCo
     )
 
 
+_Work = tuple[Callable[[], Any], "concurrent.futures.Future[Any]"]
+
+
+class _DaemonPool(concurrent.futures.Executor):
+    """A fixed pool of daemon threads. Unlike `ThreadPoolExecutor`'s, nothing joins them:
+    neither `shutdown` nor the interpreter's exit (which joins every executor's threads,
+    and every thread that is not a daemon) waits for a call stuck in the network."""
+
+    def __init__(self, threads: int, name: str) -> None:
+        self._work: queue.SimpleQueue[_Work | None] = queue.SimpleQueue()
+        self._threads = threads
+        self._closed = False
+        self._lock = threading.Lock()
+        for i in range(threads):
+            threading.Thread(target=self._serve, name=f"{name}_{i}", daemon=True).start()
+
+    def submit(  # type: ignore[override]
+        self, fn: Callable[[], T], /
+    ) -> concurrent.futures.Future[T]:
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the BigQuery client is closed")
+            self._work.put((fn, future))
+        return future
+
+    def _serve(self) -> None:
+        while (work := self._work.get()) is not None:
+            fn, future = work
+            if not future.set_running_or_notify_cancel():
+                continue  # its caller went away before it started
+            try:
+                result = fn()
+            except BaseException as exc:
+                future.set_exception(exc)
+            else:
+                future.set_result(result)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Takes no more work and cancels what has not started. Never waits for a thread
+        in a call, whatever `wait` says: it ends with its call's deadline, or the process."""
+        with self._lock:
+            self._closed = True
+            while True:
+                try:
+                    work = self._work.get_nowait()
+                except queue.Empty:
+                    break
+                if work is not None:
+                    work[1].cancel()
+            for _ in range(self._threads):
+                self._work.put(None)
+
+
 class Runner:
     """Runs blocking client calls off the event loop."""
 
     def __init__(self, client: bigquery.Client, threads: int, name: str = "bigquery") -> None:
         self.client = client
-        self._executor = ThreadPoolExecutor(threads, thread_name_prefix=name)
+        self._executor = _DaemonPool(threads, name)
 
     async def call(self, fn: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
@@ -149,14 +244,18 @@ class Runner:
         **options: Any,
     ) -> bigquery.QueryJob:
         """Runs a query or script to its end (blocking). `rerun=False` never re-submits a
-        failed job (a transaction script could have committed before it failed)."""
+        failed job (a transaction script could have committed before it failed).
+        `timeout=None` waits for a job however long it runs, while BigQuery answers."""
         job = self.client.query(
             sql,
             job_config=job_config(params or {}, **options),
             retry=RETRY,
-            job_retry=DEFAULT_JOB_RETRY if rerun else None,
+            timeout=REQUEST_TIMEOUT,
+            # Re-runs are left to `result` below, under a deadline: here they would be
+            # retried for the library's ten minutes whenever BigQuery is unreachable.
+            job_retry=None,
         )
-        job.result(retry=RETRY, timeout=timeout)
+        job.result(retry=RETRY, timeout=timeout, job_retry=JOB_RETRY if rerun else None)
         return job
 
     def query(
@@ -169,8 +268,10 @@ class Runner:
     ) -> list[tuple[Any, ...]]:
         """Runs a query or script; returns the rows of its last statement (blocking)."""
         job = self.job(sql, params, rerun=rerun, timeout=timeout)
-        return [tuple(row.values()) for row in job.result(retry=RETRY)]
+        rows = job.result(retry=RETRY, timeout=timeout, job_retry=None)
+        return [tuple(row.values()) for row in rows]
 
     def close(self) -> None:
-        """Stops the threads (the client is closed by its owner)."""
-        self._executor.shutdown(wait=True)
+        """Stops the threads without waiting for one stuck in a call (the client is closed
+        by its owner): a stop must not outlast its bound because BigQuery hangs."""
+        self._executor.shutdown(wait=False, cancel_futures=True)

@@ -329,8 +329,10 @@ class BigQueryStore:
         scratch = f"{self._prefix}_convergence_probe_{uuid.uuid4().hex}"
 
         def probe() -> None:
-            self._bq.client.create_dataset(scratch)
-            self._bq.client.delete_dataset(scratch, delete_contents=True, not_found_ok=True)
+            self._bq.client.create_dataset(scratch, retry=RETRY)
+            self._bq.client.delete_dataset(
+                scratch, delete_contents=True, not_found_ok=True, retry=RETRY
+            )
 
         await self._call(probe)
 
@@ -377,7 +379,7 @@ class BigQueryStore:
         def create() -> tuple[str, ...]:
             client = self._bq.client
             try:
-                client.create_dataset(dataset)
+                client.create_dataset(dataset, retry=RETRY)
             except api_exceptions.Conflict as exc:
                 raise AlreadyExists(
                     f"Tenant '{tenant.tenant_id}' or its dataset already exists"
@@ -1103,12 +1105,12 @@ class BigQueryStore:
     async def drop_stage_tables(self) -> int:
         def drop() -> int:
             client, dropped = self._bq.client, 0
-            for dataset in client.list_datasets():
+            for dataset in client.list_datasets(retry=RETRY):
                 if not dataset.dataset_id.startswith(self._prefix):
                     continue
-                for table in client.list_tables(dataset.dataset_id):
+                for table in client.list_tables(dataset.dataset_id, retry=RETRY):
                     if table.table_id.startswith(STAGE_PREFIX):
-                        client.delete_table(table, not_found_ok=True)
+                        client.delete_table(table, not_found_ok=True, retry=RETRY)
                         dropped += 1
             return dropped
 
