@@ -21,7 +21,7 @@ from typing import IO, Any
 from google.cloud import bigquery
 
 from convergence_server.config import REPO_ROOT
-from convergence_server.stack import tied_to_this_process
+from convergence_server.stack import terminate, tied_to_this_process
 from convergence_server.storage.bigquery_client import make_client
 
 EMULATOR_DIR = REPO_ROOT / "build" / "bigquery-emulator"
@@ -66,13 +66,7 @@ class Emulator:
             client.close()  # type: ignore[no-untyped-call]
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        terminate(self.process, 10)
         self.log.close()
 
 

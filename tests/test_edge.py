@@ -42,7 +42,7 @@ from convergence_server.envoy import (
     REQUEST_HEADERS_TIMEOUT_SECONDS,
     render_config,
 )
-from convergence_server.stack import Stack, envoy_binary, spawn
+from convergence_server.stack import Stack, envoy_binary, spawn, terminate
 from tests.conftest import onboard
 
 DEADLINE = 30.0
@@ -141,12 +141,7 @@ class Envoy:
         return f"127.0.0.1:{self.port}"
 
     def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        terminate(self.process, 10)
 
 
 def _until(check: Callable[[], Any], process: subprocess.Popen[bytes], what: str) -> Any:

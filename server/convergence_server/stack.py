@@ -90,17 +90,18 @@ class Stack:
         """Stops Envoy, then the server (SIGTERM, then SIGKILL after `timeout`, by default
         the server's shutdown bound and a margin)."""
         for process in (self.envoy, self.server):
-            _terminate(process, self.stop_timeout if timeout is None else timeout)
+            terminate(process, self.stop_timeout if timeout is None else timeout)
         for log in self.logs:
             log.close()
 
     def kill_server(self) -> None:
         """Kills the server without a chance to clean up, as a crash would."""
         self.server.kill()
-        _terminate(self.server, 0)
+        terminate(self.server, 0)
 
 
-def _terminate(process: subprocess.Popen[bytes], timeout: float) -> None:
+def terminate(process: subprocess.Popen[bytes], timeout: float) -> None:
+    """SIGTERM, then SIGKILL after `timeout` seconds; waits for the end either way."""
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
         try:
@@ -264,7 +265,7 @@ def start_stack(env: dict[str, str], log_dir: Path | None = None) -> Stack:
         _wait_healthy(stack.http_url, processes)
     except BaseException:
         for process in reversed(processes):
-            _terminate(process, 5)
+            terminate(process, 5)
         for log in log_files:
             log.close()
         raise

@@ -1,9 +1,10 @@
 """The executor: a bounded pool of workers in the server process that runs PENDING runs.
 
-Each worker claims the oldest PENDING run (an atomic PENDING -> RUNNING update), runs it
-with the engine and ends it COMPLETE or FAILED. The run's writes are published in one
-transaction that also records the publication (`Warehouse.publish`), and its end is written
-after: a run found RUNNING whose publication is recorded is ended COMPLETE, never run again.
+Each worker claims the next run of the fair queue (tenants in turn, `rows.FAIR_QUEUE`; an
+atomic PENDING -> RUNNING update), runs it with the engine and ends it COMPLETE or FAILED.
+The run's writes are published in one transaction that also records the publication
+(`Warehouse.publish`), and its end is written after: a run found RUNNING whose publication
+is recorded is ended COMPLETE, never run again.
 
 Runs found RUNNING that no worker holds are recovered: run again when their template allows
 (`on_crash: retry`, at most `MAX_ATTEMPTS` times), else ended FAILED. On a store that one
