@@ -12,6 +12,7 @@ import base64
 import json
 import random
 import shutil
+import string
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -213,11 +214,15 @@ def test_page_tokens_are_signed_and_bounded(api: httpx.Client, grpc_channel: grp
     rewound = b64(json.dumps({**cursor, "c": "0001-01-01T00:00:00"}).encode())
     forged_mac = b64(bytes(32))
     flipped = mac[:-1] + ("A" if mac[-1] != "A" else "B")
+    # The same MAC bytes spelled differently: the last character's spare low bits.
+    alphabet = string.ascii_uppercase + string.ascii_lowercase + string.digits + "-_"
+    respelled = mac[:-1] + alphabet[alphabet.index(mac[-1]) ^ 1]
     for bad in (
         b64(b"[" * 5000),  # once sent the JSON parser into a RecursionError
         f"{b64(json.dumps({**cursor, 'c': '0001-01-01T00:00:00'}).encode())}.{forged_mac}",
         f"{rewound}.{mac}",  # the MAC of another payload
         f"{payload}.{flipped}",
+        f"{payload}.{respelled}",
         token[:-4],
         f"{token}=",
         f"{token}.{mac}",
