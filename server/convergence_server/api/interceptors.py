@@ -334,10 +334,12 @@ class QuotaInterceptor(_WrappingInterceptor):
         self._load = load or TenantLoad()
         self._stream_max_seconds = stream_max_seconds
 
-    async def _take(self) -> tuple[tuple[str, str], ...]:
+    async def _admit(self, kind: str) -> tuple[str | None, tuple[tuple[str, str], ...]]:
+        """Applies the caller's plan and takes its tenant a place of `kind` (calls in
+        progress or open streams): the tenant id, to `leave` after, and the rate headers."""
         caller = caller_var.get()
         if caller is None:
-            return ()
+            return None, ()
         plan = await self._plans.plan_of(caller.tenant_id)
         allowed, left, wait = self._limiter.take(caller.key_id, plan.requests_per_minute)
         if not allowed:
@@ -350,23 +352,14 @@ class QuotaInterceptor(_WrappingInterceptor):
         user_id = logs.user_id_var.get()
         if user_id and logs.method_var.get() not in ACCOUNT_METHODS:
             await self._accounts.admit_user(caller, user_id)
-        return (
+        self._load.enter(caller.tenant_id, kind, getattr(plan, kind), plan.name)
+        return caller.tenant_id, (
             ("x-ratelimit-limit", str(plan.requests_per_minute)),
             ("x-ratelimit-remaining", str(left)),
         )
 
-    async def _enter(self, kind: str) -> str | None:
-        """Takes the caller's tenant a place of `kind`; the tenant id, to `leave` after."""
-        caller = caller_var.get()
-        if caller is None:
-            return None
-        plan = await self._plans.plan_of(caller.tenant_id)
-        self._load.enter(caller.tenant_id, kind, getattr(plan, kind), plan.name)
-        return caller.tenant_id
-
     async def around(self, call: Call, context: ServicerContext[Any, Any]) -> Any:
-        headers = await self._take()
-        tenant_id = await self._enter("requests_in_flight")
+        tenant_id, headers = await self._admit("requests_in_flight")
         try:
             await faults.held(faults.HOLD_CALLS)
             result = await call()
@@ -383,8 +376,7 @@ class QuotaInterceptor(_WrappingInterceptor):
     async def around_stream(
         self, call: StreamCall, context: ServicerContext[Any, Any]
     ) -> AsyncIterator[Any]:
-        await self._take()
-        tenant_id = await self._enter("open_streams")
+        tenant_id, _ = await self._admit("open_streams")
         deadline = asyncio.get_running_loop().time() + self._stream_max_seconds
         items = call().__aiter__()
         try:
