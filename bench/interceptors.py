@@ -80,7 +80,7 @@ UNMETERED_PLAN = (
     f"  {UNMETERED}:\n    daily_pipeline_runs: 1000000\n"
     "    concurrent_pipeline_runs: 100000\n    team_size: 1000\n"
     "    requests_per_minute: 10000000\n    open_streams: 1000\n"
-    "    requests_in_flight: 1000\n"
+    "    requests_in_flight: 1000\n    max_schedules: 1000\n"
 )
 USER_ID = "bench-user@example.com"
 GOAL = 0.8

@@ -96,6 +96,7 @@ BENCH_PLAN = """
     requests_per_minute: 100000000
     open_streams: 100000
     requests_in_flight: 100000
+    max_schedules: 100000
 """
 TERMINAL = (run_pb2.Run.COMPLETE, run_pb2.Run.FAILED)
 FIRST_DAY = date(2024, 1, 1)  # quick runs get one day each from here

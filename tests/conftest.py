@@ -40,6 +40,8 @@ def stack_env(data_dir: Path, **extra: str) -> dict[str, str]:
         "CONVERGENCE_OPEN_REQUESTS_PER_MINUTE_PER_CLIENT": "1000000",
         "CONVERGENCE_OPEN_REQUESTS_PER_MINUTE": "1000000",
         "CONVERGENCE_AUTH_FAILURES_PER_MINUTE": "1000000",
+        # Schedules start only when a test triggers them, unless it turns the ticker on.
+        "CONVERGENCE_SCHEDULER_TICK_SECONDS": "0",
         **extra,
     }
 
@@ -158,7 +160,7 @@ def config_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
             f"  {UNMETERED}:\n    daily_pipeline_runs: 1000000\n"
             "    concurrent_pipeline_runs: 100000\n    team_size: 1000\n"
             "    requests_per_minute: 10000000\n    open_streams: 1000\n"
-            "    requests_in_flight: 1000\n"
+            "    requests_in_flight: 1000\n    max_schedules: 1000\n"
         )
     (target / "test" / "runs").mkdir(parents=True)
     for template in (FIXTURES / "templates").glob("*.yml"):

@@ -26,6 +26,8 @@ from convergence.v1 import (
     pipeline_service_pb2_grpc,
     run_service_pb2,
     run_service_pb2_grpc,
+    schedule_service_pb2,
+    schedule_service_pb2_grpc,
     tenant_service_pb2,
     tenant_service_pb2_grpc,
 )
@@ -39,6 +41,7 @@ from convergence_server.api.interceptors import (
 )
 from convergence_server.api.pipelines import PipelineServicer
 from convergence_server.api.runs import RunServicer
+from convergence_server.api.schedules import ScheduleServicer
 from convergence_server.api.tenants import TenantServicer
 from convergence_server.clock import make_clock
 from convergence_server.config import Config
@@ -49,7 +52,8 @@ from convergence_server.domain.executor import Executor, ExecutorSettings
 from convergence_server.domain.onboarding import MIN_PEPPER_BYTES, Onboarding
 from convergence_server.domain.plans import load_plans
 from convergence_server.domain.quotas import PlanBook, RateLimiter
-from convergence_server.domain.runs import RunEvents, Runs, page_token_key
+from convergence_server.domain.runs import PageTokens, RunEvents, Runs, page_token_key
+from convergence_server.domain.schedules import Schedules, Ticker
 from convergence_server.engine.runner import SourcePolicy
 from convergence_server.engine.templates import load_catalog
 from convergence_server.storage import Store, open_store
@@ -67,6 +71,7 @@ SERVICE_NAMES = tuple(
         (tenant_service_pb2, "TenantService"),
         (pipeline_service_pb2, "PipelineService"),
         (run_service_pb2, "RunService"),
+        (schedule_service_pb2, "ScheduleService"),
     )
 )
 
@@ -80,12 +85,14 @@ class ConvergenceServer:
     executor: Executor
     health: GrpcHealthServicer
     port: int
+    ticker: Ticker
     shutdown_seconds: float = 8.0
     _monitor: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         await self.executor.start()
         await self.server.start()
+        self.ticker.start()
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         self._monitor = asyncio.create_task(self._watch_store(), name="store-health")
         log.info("serving", extra={"fields": {"grpc_port": self.port}})
@@ -111,6 +118,7 @@ class ConvergenceServer:
         deadline = time.monotonic() + self.shutdown_seconds
         if self._monitor is not None:
             self._monitor.cancel()
+        await self.ticker.stop()
         await self.health.enter_graceful_shutdown()
         await asyncio.gather(
             self.server.stop(self.shutdown_seconds * 0.4),
@@ -203,6 +211,7 @@ def create_server(
         clock=clock,
     )
     plan_book = PlanBook(store, plans)
+    page_tokens = PageTokens(page_token_key(config.key_pepper))
     accounts = Accounts(store, plan_book, clock)
     runs = Runs(
         store,
@@ -216,9 +225,10 @@ def create_server(
             gcs_source_roots=config.gcs_source_roots,
             reads_gcs=config.store == "bigquery",
         ),
-        page_token_key=page_token_key(config.key_pepper),
+        page_tokens=page_tokens,
         clock=clock,
     )
+    schedules = Schedules(store, catalog, plan_book, runs, page_tokens, clock)
     authenticator = Authenticator(
         store, config.key_pepper, KeyRecordCache(config.key_cache_seconds)
     )
@@ -237,6 +247,7 @@ def create_server(
                     RateLimiter(),
                 ),
                 frozenset(config.trusted_proxies),
+                config.scheduler_token,
             ),
             QuotaInterceptor(
                 plan_book,
@@ -262,7 +273,10 @@ def create_server(
         TenantServicer(onboarding, accounts), server
     )
     pipeline_service_pb2_grpc.add_PipelineServiceServicer_to_server(
-        PipelineServicer(runs, catalog), server
+        PipelineServicer(runs, catalog, schedules), server
+    )
+    schedule_service_pb2_grpc.add_ScheduleServiceServicer_to_server(
+        ScheduleServicer(schedules), server
     )
     run_service_pb2_grpc.add_RunServiceServicer_to_server(RunServicer(runs), server)
     health = GrpcHealthServicer()
@@ -278,4 +292,12 @@ def create_server(
     port = server.add_insecure_port(f"{config.grpc_host}:{config.grpc_port}")
     if port == 0:
         raise SystemExit(f"cannot bind the gRPC port {config.grpc_host}:{config.grpc_port}")
-    return ConvergenceServer(server, store, executor, health, port, config.shutdown_seconds)
+    return ConvergenceServer(
+        server,
+        store,
+        executor,
+        health,
+        port,
+        Ticker(schedules, config.tick_seconds),
+        config.shutdown_seconds,
+    )

@@ -1,8 +1,10 @@
 """The service's notion of "now", injectable so that tests can cross a UTC midnight.
 
-`CONVERGENCE_CLOCK_OFFSET_FILE` (testing only) names a file holding a number of seconds
-to add to the system clock; it is re-read when it changes, so a running server can be
-moved across midnight. Time keeps flowing normally from the shifted point.
+`CONVERGENCE_CLOCK_OFFSET_FILE` (testing only) names a file holding either a number of
+seconds to add to the system clock, or an ISO-8601 instant with its offset (e.g.
+`2026-03-08T06:59:30+00:00`) that the clock reads at the moment the file was written. It is
+re-read when it changes, so a running server can be moved across midnight or to a
+schedule's slot. Time keeps flowing normally from the shifted point.
 """
 
 from __future__ import annotations
@@ -29,11 +31,21 @@ class OffsetFileClock:
         try:
             stamp = os.stat(self._path).st_mtime
             if stamp != self._stamp:
-                self._offset = timedelta(seconds=float(self._path.read_text().strip() or 0))
+                self._offset = _offset(self._path.read_text().strip(), stamp)
                 self._stamp = stamp
         except (OSError, ValueError):
             self._offset = timedelta()
         return datetime.now(UTC) + self._offset
+
+
+def _offset(text: str, written: float) -> timedelta:
+    try:
+        return timedelta(seconds=float(text or 0))
+    except ValueError:
+        instant = datetime.fromisoformat(text)
+        if instant.tzinfo is None:
+            raise ValueError("the instant needs its UTC offset") from None
+        return instant - datetime.fromtimestamp(written, UTC)
 
 
 def make_clock(offset_file: str) -> Clock:

@@ -11,6 +11,8 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 LOCAL_PEPPER_BYTES = 32
+MIN_SCHEDULER_TOKEN = 32
+DEFAULT_TICK_SECONDS = 30.0
 
 
 @dataclass(frozen=True)
@@ -55,8 +57,20 @@ class Config:
     # A stop (SIGTERM) ends within this; Cloud Run allows 10 s before SIGKILL.
     shutdown_seconds: float = 8.0
     duckdb_memory_limit: str = "1GB"
+    # The operator token of the all-tenant scheduler trigger (`x-scheduler-token`); empty:
+    # only tenants' keys trigger, each its own schedules.
+    scheduler_token: str = field(default="", repr=False)
+    # How often the server's own ticker starts due slots; 0 turns it off. None: every
+    # 30 s on the embedded store, off on BigQuery (Cloud Scheduler calls the trigger).
+    scheduler_tick_seconds: float | None = None
     # Testing only: `name` or `name,name` of fault points that kill the server (faults.py).
     fault_points: tuple[str, ...] = ()
+
+    @property
+    def tick_seconds(self) -> float:
+        if self.scheduler_tick_seconds is not None:
+            return self.scheduler_tick_seconds
+        return DEFAULT_TICK_SECONDS if self.store == "embedded" else 0.0
 
     @property
     def database_path(self) -> Path:
@@ -139,6 +153,8 @@ class Config:
             duckdb_memory_limit=env.get(
                 "CONVERGENCE_DUCKDB_MEMORY_LIMIT", defaults.duckdb_memory_limit
             ),
+            scheduler_token=_scheduler_token(env.get("CONVERGENCE_SCHEDULER_TOKEN", "")),
+            scheduler_tick_seconds=_tick(env.get("CONVERGENCE_SCHEDULER_TICK_SECONDS", "")),
             fault_points=tuple(
                 p.strip() for p in env.get("CONVERGENCE_FAULT_POINTS", "").split(",") if p.strip()
             ),
@@ -165,6 +181,30 @@ def _seconds(env: dict[str, str], name: str, default: float) -> float:
         value = -1.0
     if not 0 < value <= 3600:
         raise SystemExit(f"{name} must be a number of seconds in (0, 3600], got {raw!r}")
+    return value
+
+
+def _scheduler_token(raw: str) -> str:
+    token = raw.strip()
+    if token and (len(token) < MIN_SCHEDULER_TOKEN or not re.fullmatch(r"[\x21-\x7e]+", token)):
+        raise SystemExit(
+            f"CONVERGENCE_SCHEDULER_TOKEN must be at least {MIN_SCHEDULER_TOKEN} printable "
+            "characters without spaces (e.g. `openssl rand -hex 32`)"
+        )
+    return token
+
+
+def _tick(raw: str) -> float | None:
+    if not raw:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 3600:
+        raise SystemExit(
+            f"CONVERGENCE_SCHEDULER_TICK_SECONDS must be seconds in [0, 3600] (0: off), got {raw!r}"
+        )
     return value
 
 

@@ -84,10 +84,11 @@ class QuotaExceeded(ConvergenceError):
 
     reason = "QUOTA_EXCEEDED"
 
-    def __init__(self, message: str, subject: str, retry_after: int) -> None:
+    def __init__(self, message: str, subject: str, retry_after: int | None) -> None:
         super().__init__(message)
         self.subject = subject
-        self.retry_after = max(1, retry_after)
+        # None: waiting does not lift the limit (a count of things kept, not a rate).
+        self.retry_after = None if retry_after is None else max(1, retry_after)
 
 
 class Unavailable(ConvergenceError):

@@ -22,9 +22,11 @@ log = logging.getLogger(__name__)
 
 # After a run's writes and their publication record commit, before the run's end is written.
 AFTER_PUBLISH = "after_publish"
+# After a schedule's slot run is stored, before the schedule records the slot as done.
+AFTER_SLOT_RUN = "after_slot_run"
 # Inside an authenticated call, counted as in progress, before the servicer runs.
 HOLD_CALLS = "hold_calls"
-KNOWN = frozenset({AFTER_PUBLISH, HOLD_CALLS})
+KNOWN = frozenset({AFTER_PUBLISH, AFTER_SLOT_RUN, HOLD_CALLS})
 HOLD_SECONDS = 120.0
 
 _armed: frozenset[str] = frozenset()

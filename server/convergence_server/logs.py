@@ -36,10 +36,11 @@ MAX_MESSAGE = 4096
 REDACTED = "<redacted>"
 # A key's id and secret follow `_api_` (domain.keys): eight or more of their characters
 # are taken for a key, or a piece of one (`tenant_api_keys` is not).
-# Header-like `x-api-key: value`, `authorization: value` are redacted whatever the value.
+# Header-like `x-api-key: value`, `x-scheduler-token: value`, `authorization: value` are
+# redacted whatever the value.
 _SECRETS = re.compile(
     r"(?<=_api_)[A-Za-z0-9]{8,}"
-    r"|(?i:(?<=x-api-key)|(?<=authorization))(['\"]?\s*[:=,]\s*['\"]?|\s+)(?i:bearer\s+|basic\s+)?[^\s'\",)]+"
+    r"|(?i:(?<=x-api-key)|(?<=x-scheduler-token)|(?<=authorization))(['\"]?\s*[:=,]\s*['\"]?|\s+)(?i:bearer\s+|basic\s+)?[^\s'\",)]+"
 )
 
 

@@ -8,6 +8,8 @@ from convergence_server.domain.auth import Caller
 from convergence_server.errors import Unauthenticated
 
 caller_var: contextvars.ContextVar[Caller | None] = contextvars.ContextVar("caller", default=None)
+# True when the call carries the operator's scheduler token (it acts for every tenant).
+operator_var: contextvars.ContextVar[bool] = contextvars.ContextVar("operator", default=False)
 
 
 def current_caller() -> Caller | None:

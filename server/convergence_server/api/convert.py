@@ -8,15 +8,16 @@ from typing import Any, cast
 from google.protobuf import json_format, timestamp_pb2
 from google.protobuf.message import Message
 
-from convergence.v1 import pipeline_pb2, run_pb2, tenant_pb2, tenant_service_pb2
+from convergence.v1 import pipeline_pb2, run_pb2, schedule_pb2, tenant_pb2, tenant_service_pb2
 from convergence_server.domain.onboarding import (
     CheckStatus,
     DryRunReport,
     OnboardedTenant,
     TenantApplication,
 )
+from convergence_server.domain.schedules import SlotOutcome, slot_of
 from convergence_server.engine.templates import Template
-from convergence_server.storage.records import MemberRecord, RunRecord, StepRecord
+from convergence_server.storage.records import MemberRecord, RunRecord, ScheduleRecord, StepRecord
 
 _CHECK_STATUS = {
     CheckStatus.PASSED: tenant_pb2.ValidationCheck.PASSED,
@@ -94,6 +95,7 @@ def run_status(name: str) -> run_pb2.Run.Status:
 
 
 def run(record: RunRecord) -> run_pb2.Run:
+    slot = slot_of(record)
     return run_pb2.Run(
         pipeline_logging_id=record.pipeline_logging_id,
         pipeline_id=record.pipeline_id,
@@ -108,6 +110,48 @@ def run(record: RunRecord) -> run_pb2.Run:
         error_message=record.error_message,
         parameters=record.parameters,
         created_at=_timestamp(record.created_at),
+        schedule_id=slot[0] if slot else "",
+        slot_time=_timestamp(slot[1]) if slot else None,
+    )
+
+
+def schedule(record: ScheduleRecord) -> schedule_pb2.Schedule:
+    return schedule_pb2.Schedule(
+        schedule_id=record.schedule_id,
+        tenant_id=record.tenant_id,
+        provider=record.provider,
+        domain=record.domain,
+        template=record.template,
+        cron=record.cron,
+        time_zone=record.time_zone,
+        parameters=record.parameters,
+        catch_up=record.catch_up,
+        catch_up_max=record.catch_up_max,
+        paused=record.paused,
+        created_by=record.created_by,
+        created_at=_timestamp(record.created_at),
+        updated_at=_timestamp(record.updated_at),
+        next_slot_time=_timestamp(record.next_slot),
+        last_slot_time=_timestamp(record.last_slot),
+        skipped_slots=_int32(record.skipped_slots),
+        last_skip_reason=record.last_skip_reason,
+        backfill_slots_left=_int32(record.backfill_left),
+    )
+
+
+def slot_result(outcome: SlotOutcome) -> schedule_pb2.SlotResult:
+    return schedule_pb2.SlotResult(
+        schedule_id=outcome.schedule_id,
+        tenant_id=outcome.tenant_id,
+        slot_time=_timestamp(outcome.slot),
+        outcome=cast(
+            schedule_pb2.SlotResult.Outcome,
+            schedule_pb2.SlotResult.Outcome.Value(outcome.outcome),
+        ),
+        run=run(outcome.run) if outcome.run else None,
+        reason=outcome.reason,
+        retry_after_seconds=_int32(outcome.retry_after),
+        skipped_count=_int32(outcome.skipped_count),
     )
 
 

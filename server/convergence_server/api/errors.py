@@ -110,8 +110,6 @@ def to_abort(error: errors.ConvergenceError | None, request_id: str, rest: bool)
         )
     retry_after: tuple[tuple[str, str], ...] = ()
     if isinstance(error, errors.QuotaExceeded):
-        body["retry_after"] = error.retry_after
-        retry_after = (("retry-after", str(error.retry_after)),)
         details.append(
             error_details_pb2.QuotaFailure(
                 violations=[
@@ -121,8 +119,12 @@ def to_abort(error: errors.ConvergenceError | None, request_id: str, rest: bool)
                 ]
             )
         )
-        delay = duration_pb2.Duration(seconds=error.retry_after)
-        details.append(error_details_pb2.RetryInfo(retry_delay=delay))
+        # A limit that waiting does not lift (a count of things kept) says no retry time.
+        if error.retry_after is not None:
+            body["retry_after"] = error.retry_after
+            retry_after = (("retry-after", str(error.retry_after)),)
+            delay = duration_pb2.Duration(seconds=error.retry_after)
+            details.append(error_details_pb2.RetryInfo(retry_delay=delay))
     if isinstance(error, OnboardingRefused):
         report = convert.dry_run_response(error.report)
         details.append(report)

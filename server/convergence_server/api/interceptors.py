@@ -18,6 +18,7 @@ message reaches no servicer: it is refused with INVALID_ARGUMENT (400).
 from __future__ import annotations
 
 import asyncio
+import hmac
 import ipaddress
 import logging
 import re
@@ -29,7 +30,7 @@ import grpc
 from grpc.aio import ServerInterceptor, ServicerContext
 
 from convergence_server import errors, faults, logs
-from convergence_server.api.context import caller_var
+from convergence_server.api.context import caller_var, operator_var
 from convergence_server.api.errors import Abort, to_abort
 from convergence_server.domain.accounts import Accounts
 from convergence_server.domain.auth import INVALID_KEY_MESSAGE, Authenticator
@@ -58,6 +59,9 @@ ACCOUNT_METHODS = frozenset(
     f"/convergence.v1.TenantService/{name}"
     for name in ("GetUsage", "UpdateSubscription", "ListMembers", "RemoveMember")
 )
+# A tenant's key, or the operator's token (`x-scheduler-token`) for every tenant.
+OPERATOR_METHODS = frozenset({"/convergence.v1.PipelineService/TriggerScheduledPipelines"})
+OPERATOR_TOKEN_HEADER = "x-scheduler-token"
 # No key needed, but a key that is sent must be valid (the guide's "verify your key" step).
 KEY_OPTIONAL_METHODS = frozenset({"/convergence.v1.HealthService/GetHealth"})
 _REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}", re.ASCII)
@@ -282,10 +286,12 @@ class AuthInterceptor(_WrappingInterceptor):
         authenticator: Authenticator,
         clients: ClientLimits,
         trusted_proxies: frozenset[str] = frozenset({"127.0.0.1", "::1"}),
+        scheduler_token: str = "",
     ) -> None:
         self._authenticator = authenticator
         self._clients = clients
         self._trusted_proxies = trusted_proxies
+        self._scheduler_token = scheduler_token.encode()
 
     async def before(self, context: ServicerContext[Any, Any]) -> None:
         method = logs.method_var.get()
@@ -293,6 +299,10 @@ class AuthInterceptor(_WrappingInterceptor):
             self._clients.admit_open(client_address(context, self._trusted_proxies))
             return
         key = metadata_value(context, "x-api-key")
+        token = metadata_value(context, OPERATOR_TOKEN_HEADER)
+        if token is not None and not key and method in OPERATOR_METHODS:
+            self._operator(token, client_address(context, self._trusted_proxies))
+            return
         if not key:
             if method not in KEY_OPTIONAL_METHODS:
                 raise errors.Unauthenticated(INVALID_KEY_MESSAGE)
@@ -308,6 +318,20 @@ class AuthInterceptor(_WrappingInterceptor):
             raise
         caller_var.set(caller)
         logs.tenant_id_var.set(caller.tenant_id)
+
+    def _operator(self, token: str, address: str) -> None:
+        """The operator's token, compared in constant time; refused like a bad key."""
+        self._clients.check_failures(address, None)
+        given = token.encode("utf-8", "replace")
+        if not self._scheduler_token or not hmac.compare_digest(given, self._scheduler_token):
+            self._clients.failed(address, None)
+            raise errors.Unauthenticated(
+                "Invalid scheduler token"
+                if self._scheduler_token
+                else "No scheduler token is configured (CONVERGENCE_SCHEDULER_TOKEN); "
+                "use a tenant's API key"
+            )
+        operator_var.set(True)
 
 
 class QuotaInterceptor(_WrappingInterceptor):

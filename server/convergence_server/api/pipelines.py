@@ -9,17 +9,18 @@ from grpc.aio import ServicerContext
 from convergence.v1 import pipeline_service_pb2, pipeline_service_pb2_grpc
 from convergence_server import logs
 from convergence_server.api import convert
-from convergence_server.api.context import require_caller
+from convergence_server.api.context import operator_var, require_caller
 from convergence_server.api.interceptors import metadata_value
 from convergence_server.domain.runs import Runs, TriggerRequest
+from convergence_server.domain.schedules import STARTED, Schedules
 from convergence_server.engine.templates import Catalog
-from convergence_server.errors import NotImplementedYet
 
 
 class PipelineServicer(pipeline_service_pb2_grpc.PipelineServiceServicer):
-    def __init__(self, runs: Runs, catalog: Catalog) -> None:
+    def __init__(self, runs: Runs, catalog: Catalog, schedules: Schedules) -> None:
         self._runs = runs
         self._catalog = catalog
+        self._schedules = schedules
 
     async def ListPipelines(
         self,
@@ -65,5 +66,11 @@ class PipelineServicer(pipeline_service_pb2_grpc.PipelineServiceServicer):
         request: pipeline_service_pb2.TriggerScheduledPipelinesRequest,
         context: ServicerContext[Any, Any],
     ) -> pipeline_service_pb2.TriggerScheduledPipelinesResponse:
-        require_caller()
-        raise NotImplementedYet("Scheduled pipelines are not available in this version yet")
+        tenant_id = None if operator_var.get() else require_caller().tenant_id
+        outcomes = await self._schedules.trigger(tenant_id)
+        started = [o.run for o in outcomes if o.outcome == STARTED and o.run is not None]
+        return pipeline_service_pb2.TriggerScheduledPipelinesResponse(
+            runs=[convert.run(r) for r in started],
+            message=f"{len(started)} run(s) started for {len(outcomes)} due slot result(s)",
+            slots=[convert.slot_result(o) for o in outcomes],
+        )

@@ -17,6 +17,7 @@ class Plan:
     requests_per_minute: int
     open_streams: int
     requests_in_flight: int
+    max_schedules: int
 
 
 class PlanCatalogError(ValueError):

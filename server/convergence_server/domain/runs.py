@@ -39,11 +39,13 @@ from convergence_server.errors import (
     FieldViolation,
     InvalidArgument,
     NotFound,
+    QuotaExceeded,
     echo,
 )
 from convergence_server.storage import Store
 from convergence_server.storage.identifiers import IDENTIFIER_PATTERN
 from convergence_server.storage.records import (
+    Admission,
     RunCursor,
     RunFilter,
     RunLimits,
@@ -157,7 +159,7 @@ class Runs:
         wake_executor: Callable[[], None],
         *,
         sources: SourcePolicy,
-        page_token_key: bytes,
+        page_tokens: PageTokens,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         watch_poll_seconds: float | None = None,
     ) -> None:
@@ -167,7 +169,7 @@ class Runs:
         self._events = events
         self._wake_executor = wake_executor
         self._sources = sources
-        self._page_tokens = _PageTokens(page_token_key)
+        self._page_tokens = page_tokens
         self._clock = clock
         # A watcher wakes at every change this process makes (`RunEvents`) and polls the
         # store besides: often when other replicas share it, rarely when it is this
@@ -202,11 +204,7 @@ class Runs:
             if "date" in given and given["date"] != request.date:
                 raise _invalid("date", "is given twice with different values")
             given["date"] = request.date
-        try:
-            values = template.resolve_parameters(given, self._clock().date())
-        except ParameterError as exc:
-            raise _parameter_invalid(exc.name, exc.issue) from None
-        self._check_sources(caller, template, given, values)
+        values = self.check_parameters(caller.tenant_id, template, given, self._clock().date())
         if len(request.trigger_by) > MAX_TRIGGER_BY:
             raise _invalid("trigger_by", f"must be at most {MAX_TRIGGER_BY} characters")
         if has_hidden_characters(request.trigger_by):
@@ -221,47 +219,59 @@ class Runs:
         if key and not _IDEMPOTENCY_KEY.fullmatch(key):
             raise _invalid("idempotency_key", f"must match {_IDEMPOTENCY_KEY.pattern}")
         now = self._clock()
-        run = RunRecord(
-            pipeline_logging_id=str(uuid.uuid4()),
-            pipeline_id=f"{caller.tenant_id}-{template.provider}-{template.domain}-{template.name}",
-            tenant_id=caller.tenant_id,
-            provider=template.provider,
-            domain=template.domain,
-            template=template.name,
-            status=PENDING,
-            trigger_type="api",
-            trigger_by=request.trigger_by,
-            user_id=request.user_id,
-            parameters={
-                k: v.isoformat() if isinstance(v, date) else str(v) for k, v in values.items()
-            },
-            created_at=now,
-            idempotency_key=key,
+        run = new_run(
+            caller.tenant_id, template, values, "api", request.trigger_by, request.user_id, key, now
         )
-        plan = await self._plans.plan_of(caller.tenant_id)
-        limits = RunLimits(plan.daily_pipeline_runs, plan.concurrent_pipeline_runs)
-        admission = await self._store.create_run(run, now - IDEMPOTENCY_WINDOW, limits)
-        if admission.refused == "daily":
-            raise daily_exceeded(caller.tenant_id, admission.used, limits.daily, now)
-        if admission.refused == "concurrent":
-            wait = concurrency_wait(await self._store.typical_run_ms(caller.tenant_id))
-            raise concurrent_exceeded(caller.tenant_id, admission.used, limits.concurrent, wait)
-        stored, created = admission.run, admission.created
+        admission = await self.admit(run, now - IDEMPOTENCY_WINDOW)
+        if admission.refused:
+            raise await self.refusal(run.tenant_id, admission, now)
+        stored = admission.run
         assert stored is not None
-        if created:
-            self._wake_executor()
-        elif (stored.pipeline_id, stored.parameters) != (run.pipeline_id, run.parameters):
+        if not admission.created and (stored.pipeline_id, stored.parameters) != (
+            run.pipeline_id,
+            run.parameters,
+        ):
             raise FailedPrecondition(
                 f"Idempotency key {echo(key)!r} was used within 24 hours for another request "
                 f"(run {stored.pipeline_logging_id}); use a new key for a different run"
             )
-        return Triggered(stored, created)
+        return Triggered(stored, admission.created)
+
+    def check_parameters(
+        self, tenant_id: str, template: Template, given: dict[str, str], today: date
+    ) -> dict[str, Any]:
+        """The run's typed parameter values, checked as a trigger checks them (every value,
+        and every load step's source): raises `InvalidArgument` naming the bad one."""
+        try:
+            values = template.resolve_parameters(given, today)
+        except ParameterError as exc:
+            raise _parameter_invalid(exc.name, exc.issue) from None
+        self._check_sources(tenant_id, template, given, values)
+        return values
+
+    async def admit(self, run: RunRecord, keys_valid_from: datetime) -> Admission:
+        """Stores the PENDING run within its tenant's plan limits (or finds the run its
+        idempotency key started since `keys_valid_from`) and wakes the executor."""
+        plan = await self._plans.plan_of(run.tenant_id)
+        limits = RunLimits(plan.daily_pipeline_runs, plan.concurrent_pipeline_runs)
+        admission = await self._store.create_run(run, keys_valid_from, limits)
+        if admission.created:
+            self._wake_executor()
+        return admission
+
+    async def refusal(self, tenant_id: str, admission: Admission, now: datetime) -> QuotaExceeded:
+        """The error a refused admission answers with (its limit, when to try again)."""
+        plan = await self._plans.plan_of(tenant_id)
+        if admission.refused == "daily":
+            return daily_exceeded(tenant_id, admission.used, plan.daily_pipeline_runs, now)
+        wait = concurrency_wait(await self._store.typical_run_ms(tenant_id))
+        return concurrent_exceeded(tenant_id, admission.used, plan.concurrent_pipeline_runs, wait)
 
     def _check_sources(
-        self, caller: Caller, template: Template, given: dict[str, str], values: dict[str, Any]
+        self, tenant_id: str, template: Template, given: dict[str, str], values: dict[str, Any]
     ) -> None:
         """Every load step's source, as the run will resolve it, is one the tenant may read."""
-        folders = self._sources.for_tenant(caller.tenant_id)
+        folders = self._sources.for_tenant(tenant_id)
         for step in template.steps:
             if step.kind != "load":
                 continue
@@ -306,11 +316,18 @@ class Runs:
             created_from=_day_start(query.start_date, "start_date"),
             created_before=_day_end(query.end_date, "end_date"),
         )
-        after = self._page_tokens.read(query.page_token, where) if query.page_token else None
+        after = None
+        if query.page_token:
+            after = RunCursor(*self._page_tokens.read(query.page_token, _scope(where)))
         runs = await self._store.list_runs(where, after, limit + 1)
         more = len(runs) > limit
         runs = runs[:limit]
-        token = self._page_tokens.issue(runs[-1], where) if more else ""
+        token = ""
+        if more:
+            last = runs[-1]
+            token = self._page_tokens.issue(
+                last.created_at, last.pipeline_logging_id, _scope(where)
+            )
         return RunPage(runs, token)
 
     # -- cancelling and watching ----------------------------------------------------------
@@ -347,6 +364,34 @@ class Runs:
             self._events.unsubscribe(run_id, queue)
 
 
+def new_run(
+    tenant_id: str,
+    template: Template,
+    values: dict[str, Any],
+    trigger_type: str,
+    trigger_by: str,
+    user_id: str,
+    idempotency_key: str,
+    now: datetime,
+) -> RunRecord:
+    """A PENDING run of `template` with the resolved parameter `values`."""
+    return RunRecord(
+        pipeline_logging_id=str(uuid.uuid4()),
+        pipeline_id=f"{tenant_id}-{template.provider}-{template.domain}-{template.name}",
+        tenant_id=tenant_id,
+        provider=template.provider,
+        domain=template.domain,
+        template=template.name,
+        status=PENDING,
+        trigger_type=trigger_type,
+        trigger_by=trigger_by,
+        user_id=user_id,
+        parameters={k: v.isoformat() if isinstance(v, date) else str(v) for k, v in values.items()},
+        created_at=now,
+        idempotency_key=idempotency_key,
+    )
+
+
 def _parameter_invalid(name: str, issue: str) -> InvalidArgument:
     """A bad parameter, named boundedly: `date` is a request field of its own, a name that
     cannot be a parameter's is not repeated in the field."""
@@ -375,8 +420,8 @@ def _day_end(value: str, field: str) -> datetime | None:
     return None if start is None else start + timedelta(days=1)
 
 
-def _filter_digest(where: RunFilter) -> str:
-    text = json.dumps(
+def _scope(where: RunFilter) -> str:
+    return json.dumps(
         [
             where.tenant_id,
             where.status,
@@ -385,7 +430,10 @@ def _filter_digest(where: RunFilter) -> str:
             str(where.created_before),
         ]
     )
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _digest(scope: str) -> str:
+    return hashlib.sha256(scope.encode()).hexdigest()[:16]
 
 
 def _b64encode(data: bytes) -> str:
@@ -396,9 +444,10 @@ def _b64decode(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
-class _PageTokens:
-    """Issues and reads page tokens: a cursor (the last run of a page) that only this
-    service can have made, and only for the same tenant and filters."""
+class PageTokens:
+    """Issues and reads page tokens: a position in a listing (the creation time and id of
+    a page's last item) that only this service can have made, and only for the same
+    `scope` (the tenant, the listing and its filters)."""
 
     def __init__(self, key: bytes) -> None:
         self._key = key
@@ -406,21 +455,16 @@ class _PageTokens:
     def _mac(self, payload: bytes) -> bytes:
         return hmac.new(self._key, payload, hashlib.sha256).digest()
 
-    def issue(self, last: RunRecord, where: RunFilter) -> str:
-        created = last.created_at
+    def issue(self, created: datetime, item_id: str, scope: str) -> str:
         if created.tzinfo is None:  # the stores keep UTC
             created = created.replace(tzinfo=UTC)
         payload = json.dumps(
-            {
-                "c": created.isoformat(),
-                "i": last.pipeline_logging_id,
-                "f": _filter_digest(where),
-            },
+            {"c": created.isoformat(), "i": item_id, "f": _digest(scope)},
             separators=(",", ":"),
         ).encode()
         return f"{_b64encode(payload)}.{_b64encode(self._mac(payload))}"
 
-    def read(self, token: str, where: RunFilter) -> RunCursor:
+    def read(self, token: str, scope: str) -> tuple[datetime, str]:
         foreign = _invalid("page_token", FOREIGN_TOKEN_ISSUE)
         matched = _PAGE_TOKEN.fullmatch(token) if len(token) <= MAX_PAGE_TOKEN else None
         if matched is None:
@@ -436,13 +480,11 @@ class _PageTokens:
             raise foreign
         try:  # signed by this service: still read defensively
             fields = json.loads(payload)
-            created = datetime.fromisoformat(fields["c"])
-            cursor = RunCursor(created, fields["i"])
-            digest = fields["f"]
-            if created.tzinfo is None or not _RUN_ID.fullmatch(cursor.pipeline_logging_id):
+            created, item_id, digest = datetime.fromisoformat(fields["c"]), fields["i"], fields["f"]
+            if created.tzinfo is None or not _RUN_ID.fullmatch(item_id):
                 raise ValueError
         except (ValueError, KeyError, TypeError, RecursionError):
             raise foreign from None
-        if digest != _filter_digest(where):
+        if digest != _digest(scope):
             raise _invalid("page_token", "was issued for other filters; keep the filters unchanged")
-        return cursor
+        return created, item_id

@@ -28,6 +28,7 @@ import duckdb
 
 from convergence_server.errors import AlreadyExists, DeadlineExceeded, Unavailable
 from convergence_server.storage import duckdb_runs as runs
+from convergence_server.storage import duckdb_schedules as schedules
 from convergence_server.storage import schema
 from convergence_server.storage.duckdb_warehouse import DuckDBWarehouse, drop_stage_tables
 from convergence_server.storage.identifiers import quote_identifier
@@ -41,6 +42,8 @@ from convergence_server.storage.records import (
     RunFilter,
     RunLimits,
     RunRecord,
+    ScheduleRecord,
+    SkipRecord,
     StepRecord,
     TenantRecord,
     UsageRecord,
@@ -536,6 +539,31 @@ class DuckDBStore:
             return row is not None
 
         return await self._call(remove)
+
+    # -- schedules --------------------------------------------------------------------------
+
+    async def create_schedule(self, schedule: ScheduleRecord, max_schedules: int) -> int:
+        async with self._tenant_turns.get(schedule.tenant_id):
+            return await self._call(
+                lambda cur: schedules.create_schedule(cur, schedule, max_schedules)
+            )
+
+    async def get_schedule(self, tenant_id: str, schedule_id: str) -> ScheduleRecord | None:
+        return await self._call(lambda cur: schedules.get_schedule(cur, tenant_id, schedule_id))
+
+    async def list_schedules(
+        self, tenant_id: str, after: tuple[datetime, str] | None, limit: int
+    ) -> list[ScheduleRecord]:
+        return await self._call(lambda cur: schedules.list_schedules(cur, tenant_id, after, limit))
+
+    async def save_schedule(self, schedule: ScheduleRecord, skip: SkipRecord | None = None) -> bool:
+        async with self._tenant_turns.get(schedule.tenant_id):
+            return await self._call(lambda cur: schedules.save_schedule(cur, schedule, skip))
+
+    async def due_schedules(
+        self, tenant_id: str | None, now: datetime, limit: int
+    ) -> list[ScheduleRecord]:
+        return await self._call(lambda cur: schedules.due_schedules(cur, tenant_id, now, limit))
 
     async def typical_run_ms(self, tenant_id: str) -> int | None:
         return await self._call(lambda cur: runs.typical_run_ms(cur, tenant_id))

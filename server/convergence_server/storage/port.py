@@ -14,6 +14,8 @@ from convergence_server.storage.records import (
     RunFilter,
     RunLimits,
     RunRecord,
+    ScheduleRecord,
+    SkipRecord,
     StepRecord,
     TenantRecord,
     UsageRecord,
@@ -95,6 +97,33 @@ class Store(Protocol):
 
     async def remove_member(self, tenant_id: str, user_id: str) -> bool:
         """False when the user was not a member."""
+
+    # -- schedules: a change is written only over the version it was made from ------------
+
+    async def create_schedule(self, schedule: ScheduleRecord, max_schedules: int) -> int:
+        """Stores the schedule unless its tenant already has `max_schedules` (deleted ones
+        do not count), atomically per tenant; returns how many the tenant had before."""
+
+    async def get_schedule(self, tenant_id: str, schedule_id: str) -> ScheduleRecord | None:
+        """The tenant's schedule, unless there is none or it was deleted."""
+
+    async def list_schedules(
+        self, tenant_id: str, after: tuple[datetime, str] | None, limit: int
+    ) -> list[ScheduleRecord]:
+        """The tenant's schedules (not deleted), oldest first (creation time, then id),
+        strictly after `after` (a creation time and id)."""
+
+    async def save_schedule(self, schedule: ScheduleRecord, skip: SkipRecord | None = None) -> bool:
+        """Writes `schedule` over the stored version `schedule.version - 1`, and appends
+        `skip` in the same transaction; False, writing nothing, when the stored version is
+        another one (a concurrent change came first)."""
+
+    async def due_schedules(
+        self, tenant_id: str | None, now: datetime, limit: int
+    ) -> list[ScheduleRecord]:
+        """Schedules (not deleted; paused ones too) with a slot due at `now` (`next_slot`
+        not after it) or a backfill in progress, of one tenant or of all; ordered by
+        tenant, then creation."""
 
     async def typical_run_ms(self, tenant_id: str) -> int | None:
         """The median duration of the tenant's recent ended runs, if it has any."""

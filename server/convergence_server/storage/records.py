@@ -156,3 +156,54 @@ class MemberRecord:
     tenant_id: str
     user_id: str
     first_seen_at: datetime
+
+
+@dataclass(frozen=True)
+class ScheduleRecord:
+    """A row of `tenants.tenant_schedules`: a schedule and how far it has got.
+
+    `last_slot` is the newest slot processed (its run started, or skipped); the slots after
+    it are due once past. `next_slot` is the first of them, kept so that due schedules are
+    found by one indexed comparison. A backfill is the slots after `backfill_after` up to
+    `backfill_until` (inclusive); both are None when no backfill is in progress.
+    `version` grows by one at every change: a change is written only over the version it
+    was made from.
+    """
+
+    schedule_id: str
+    tenant_id: str
+    provider: str
+    domain: str
+    template: str
+    cron: str
+    time_zone: str
+    parameters: dict[str, str]
+    catch_up: str
+    catch_up_max: int
+    paused: bool
+    created_by: str
+    created_at: datetime
+    updated_at: datetime
+    last_slot: datetime | None
+    next_slot: datetime | None
+    version: int = 1
+    deleted: bool = False
+    skipped_slots: int = 0
+    last_skip_reason: str = ""
+    backfill_after: datetime | None = None
+    backfill_until: datetime | None = None
+    backfill_left: int = 0
+
+
+@dataclass(frozen=True)
+class SkipRecord:
+    """A row of `tenants.tenant_schedule_skips`: consecutive slots of a schedule that will
+    never run, and why."""
+
+    schedule_id: str
+    tenant_id: str
+    first_slot: datetime
+    last_slot: datetime
+    slot_count: int
+    reason: str
+    recorded_at: datetime

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from convergence_server.storage.records import RunRecord, StepRecord
+from convergence_server.storage.records import RunRecord, ScheduleRecord, StepRecord
 
 RUN_COLUMNS = (
     "pipeline_logging_id, pipeline_id, tenant_id, provider, domain, template, status, "
@@ -18,6 +18,13 @@ STEP_COLUMNS = (
     "step_logging_id, pipeline_logging_id, pipeline_id, tenant_id, step_name, step_type, "
     "step_index, status, step_start_time, rows_processed, step_end_time, duration_ms, "
     "error_message, attempts, run_attempt"
+)
+
+SCHEDULE_COLUMNS = (
+    "schedule_id, tenant_id, provider, domain, template, cron, time_zone, parameters, "
+    "catch_up, catch_up_max, paused, created_by, created_at, updated_at, last_slot, "
+    "next_slot, version, deleted, skipped_slots, last_skip_reason, backfill_after, "
+    "backfill_until, backfill_left"
 )
 
 
@@ -51,6 +58,67 @@ def run_from_row(row: Sequence[Any]) -> RunRecord:
         attempt=row[17] or 1,
         cancel_requested=bool(row[18]),
         worker_id=row[19] or "",
+    )
+
+
+def schedule_values(schedule: ScheduleRecord) -> list[Any]:
+    """The schedule's values in `SCHEDULE_COLUMNS` order (parameters as JSON text)."""
+    return [
+        schedule.schedule_id,
+        schedule.tenant_id,
+        schedule.provider,
+        schedule.domain,
+        schedule.template,
+        schedule.cron,
+        schedule.time_zone,
+        json.dumps(schedule.parameters, sort_keys=True),
+        schedule.catch_up,
+        schedule.catch_up_max,
+        schedule.paused,
+        schedule.created_by,
+        schedule.created_at,
+        schedule.updated_at,
+        schedule.last_slot,
+        schedule.next_slot,
+        schedule.version,
+        schedule.deleted,
+        schedule.skipped_slots,
+        schedule.last_skip_reason,
+        schedule.backfill_after,
+        schedule.backfill_until,
+        schedule.backfill_left,
+    ]
+
+
+def schedule_from_row(row: Sequence[Any]) -> ScheduleRecord:
+    """A schedule from a row of `SCHEDULE_COLUMNS` (timestamps aware, parameters JSON)."""
+    parameters = row[7]
+    if isinstance(parameters, str):
+        parameters = json.loads(parameters) if parameters else {}
+    return ScheduleRecord(
+        schedule_id=row[0],
+        tenant_id=row[1],
+        provider=row[2],
+        domain=row[3],
+        template=row[4],
+        cron=row[5],
+        time_zone=row[6],
+        parameters=dict(parameters or {}),
+        catch_up=row[8],
+        catch_up_max=int(row[9]),
+        paused=bool(row[10]),
+        created_by=row[11] or "",
+        created_at=row[12],
+        updated_at=row[13],
+        last_slot=row[14],
+        next_slot=row[15],
+        version=int(row[16]),
+        deleted=bool(row[17]),
+        skipped_slots=int(row[18]),
+        last_skip_reason=row[19] or "",
+        backfill_after=row[20],
+        backfill_until=row[21],
+        backfill_left=int(row[22]),
     )
 
 

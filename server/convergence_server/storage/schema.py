@@ -207,6 +207,56 @@ TENANT_RUN_PUBLICATIONS = Table(
 )
 
 
+# Schedules (one row per schedule; see `records.ScheduleRecord`), and the slots they
+# skipped (outside their catch-up policy), one row per run of consecutive slots.
+TENANT_SCHEDULES = Table(
+    "tenant_schedules",
+    (
+        _req("schedule_id", "STRING"),
+        _req("tenant_id", "STRING"),
+        _req("provider", "STRING"),
+        _req("domain", "STRING"),
+        _req("template", "STRING"),
+        _req("cron", "STRING"),
+        _req("time_zone", "STRING"),
+        Column("parameters", "JSON"),
+        _req("catch_up", "STRING"),
+        _req("catch_up_max", "INT64"),
+        _req("paused", "BOOL"),
+        Column("created_by", "STRING"),
+        _req("created_at", "TIMESTAMP"),
+        _req("updated_at", "TIMESTAMP"),
+        Column("last_slot", "TIMESTAMP"),
+        Column("next_slot", "TIMESTAMP"),
+        _req("version", "INT64"),
+        _req("deleted", "BOOL"),
+        _req("skipped_slots", "INT64"),
+        Column("last_skip_reason", "STRING"),
+        Column("backfill_after", "TIMESTAMP"),
+        Column("backfill_until", "TIMESTAMP"),
+        _req("backfill_left", "INT64"),
+    ),
+    primary_key=("schedule_id",),
+    cluster_by=("tenant_id",),
+)
+
+TENANT_SCHEDULE_SKIPS = Table(
+    "tenant_schedule_skips",
+    (
+        _req("schedule_id", "STRING"),
+        _req("tenant_id", "STRING"),
+        _req("first_slot", "TIMESTAMP"),
+        _req("last_slot", "TIMESTAMP"),
+        _req("slot_count", "INT64"),
+        _req("reason", "STRING"),
+        _req("recorded_at", "TIMESTAMP"),
+    ),
+    primary_key=("schedule_id", "first_slot"),
+    partition_by="recorded_at",
+    cluster_by=("tenant_id", "schedule_id"),
+)
+
+
 @dataclass(frozen=True)
 class Migration:
     """One schema version: tables to create, and columns to add to existing tables.
@@ -263,6 +313,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     ),
     Migration(4, "team members (distinct X-User-ID values) per tenant", (TENANT_MEMBERS,)),
     Migration(5, "run publications: a run's writes are published once", (TENANT_RUN_PUBLICATIONS,)),
+    Migration(6, "schedules and the slots they skipped", (TENANT_SCHEDULES, TENANT_SCHEDULE_SKIPS)),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1].version

@@ -1,0 +1,613 @@
+"""Schedules: pipelines that run themselves, each slot at most once.
+
+A slot is an instant of the schedule's cron expression in its time zone (`domain.cron`).
+A trigger (Cloud Scheduler's call, the operator's, or the server's own ticker, all the same
+code) starts every due slot: past, after the schedule's `last_slot`, and kept by its
+catch-up policy. Exactly once rests on one thing: a slot's run is created with the
+idempotency key `schedule/{schedule_id}/{slot}` inside the store's admission transaction,
+so the same slot started by two calls, two replicas, or again after a crash between the
+run and the schedule's progress, finds the run already there. The schedule's progress
+(`last_slot`, the backfill's place, the skipped slots) is then written over the version it
+was read at; a writer that loses that race changes nothing, and the next trigger goes on
+from whatever won.
+
+Nothing is lost: a slot refused by a plan limit is not passed, so it stays due and starts
+at a later trigger, until the catch-up policy no longer keeps it; then it is recorded as
+skipped, with the reason, in the schedule and in `tenants.tenant_schedule_skips`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from convergence_server import faults
+from convergence_server.domain.auth import Caller
+from convergence_server.domain.cron import Cron, CronError
+from convergence_server.domain.quotas import PlanBook
+from convergence_server.domain.runs import PageTokens, Runs, new_run
+from convergence_server.engine.templates import (
+    HIDDEN_ISSUE,
+    NAME_PATTERN,
+    Catalog,
+    Template,
+    has_hidden_characters,
+    parse_date,
+)
+from convergence_server.errors import (
+    ConvergenceError,
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+    QuotaExceeded,
+)
+from convergence_server.storage import Store
+from convergence_server.storage.records import RunRecord, ScheduleRecord, SkipRecord
+
+CATCH_UP = ("none", "latest", "all")
+DEFAULT_CATCH_UP = "latest"
+DEFAULT_CATCH_UP_MAX = 24
+MAX_CATCH_UP = 1000
+# With `catch_up: none`, how late a trigger may come for a slot to still run.
+ON_TIME = timedelta(minutes=10)
+MAX_BACKFILL_SLOTS = 1000
+# Slots of one schedule a trigger starts at most (the plan's limits usually stop it first).
+MAX_SLOTS_PER_TRIGGER = 100
+# Due schedules one trigger processes at most; the rest wait for the next trigger.
+MAX_DUE_PER_TRIGGER = 10_000
+# Tenants processed at once by an operator-wide trigger.
+TENANTS_AT_ONCE = 32
+# Skipped slots are counted up to this many (an every-minute schedule down for weeks).
+MAX_SKIP_COUNT = 10_000
+DEFAULT_LIMIT = 50
+MAX_LIMIT = 1000
+MAX_CREATED_BY = 256
+KEY_PREFIX = "schedule/"
+_SCHEDULE_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.ASCII)
+_BINDING = re.compile(r"\{slot_date(?:([+-])(\d{1,3}))?\}", re.ASCII)
+_SLOT_KEY = re.compile(
+    rf"{KEY_PREFIX}({_SCHEDULE_ID.pattern})/(\d{{4}}-\d\d-\d\dT\d\d:\d\d:\d\dZ)", re.ASCII
+)
+log = logging.getLogger(__name__)
+UPDATABLE = ("cron", "time_zone", "parameters", "catch_up", "catch_up_max")
+
+STARTED, ALREADY_STARTED, QUOTA_EXCEEDED, PAUSED, SKIPPED, FAILED = (
+    "STARTED",
+    "ALREADY_STARTED",
+    "QUOTA_EXCEEDED",
+    "PAUSED",
+    "SKIPPED",
+    "FAILED",
+)
+
+
+def slot_key(schedule_id: str, slot: datetime) -> str:
+    """The idempotency key of a slot's run: no API caller can send it (`/` is refused)."""
+    return f"{KEY_PREFIX}{schedule_id}/{slot.astimezone(UTC):%Y-%m-%dT%H:%M:%SZ}"
+
+
+def slot_of(run: RunRecord) -> tuple[str, datetime] | None:
+    """The schedule id and slot of a run a schedule started, else None."""
+    matched = _SLOT_KEY.fullmatch(run.idempotency_key)
+    if matched is None:
+        return None
+    return matched[1], datetime.strptime(matched[2], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class ScheduleSpec:
+    """A new schedule as the caller asks for it (empty values take the defaults)."""
+
+    provider: str
+    domain: str
+    template: str
+    cron: str
+    time_zone: str
+    parameters: dict[str, str]
+    catch_up: str
+    catch_up_max: int
+    created_by: str
+    paused: bool
+
+
+@dataclass(frozen=True)
+class SlotOutcome:
+    """What a trigger did with one due slot (or one run of skipped slots)."""
+
+    schedule_id: str
+    tenant_id: str
+    slot: datetime
+    outcome: str
+    run: RunRecord | None = None
+    reason: str = ""
+    retry_after: int = 0
+    skipped_count: int = 0
+
+
+@dataclass(frozen=True)
+class SchedulePage:
+    schedules: list[ScheduleRecord]
+    next_page_token: str
+
+
+def _invalid(field: str, issue: str, message: str | None = None) -> InvalidArgument:
+    return InvalidArgument(message or f"Invalid {field}", [FieldViolation(field, issue)])
+
+
+def bind(parameters: dict[str, str], day: date) -> dict[str, str]:
+    """The parameters with `{slot_date}` / `{slot_date-N}` / `{slot_date+N}` replaced."""
+
+    def value(matched: re.Match[str]) -> str:
+        shift = int(matched[2] or 0) * (-1 if matched[1] == "-" else 1)
+        return (day + timedelta(days=shift)).isoformat()
+
+    return {name: _BINDING.sub(value, text) for name, text in parameters.items()}
+
+
+class Schedules:
+    def __init__(
+        self,
+        store: Store,
+        catalog: Catalog,
+        plans: PlanBook,
+        runs: Runs,
+        page_tokens: PageTokens,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self._store = store
+        self._catalog = catalog
+        self._plans = plans
+        self._runs = runs
+        self._page_tokens = page_tokens
+        self._clock = clock
+        # One trigger at a time per tenant in this process (the ticker and calls), so they
+        # do not redo each other's work; other processes are kept apart by the store.
+        self._turns: dict[str, asyncio.Lock] = {}
+
+    # -- managing ---------------------------------------------------------------------------
+
+    async def create(self, caller: Caller, spec: ScheduleSpec, user_id: str) -> ScheduleRecord:
+        template = self._template(spec.provider, spec.domain, spec.template)
+        cron_text = spec.cron or template.schedule
+        if not cron_text:
+            raise _invalid("cron", "is required: the template suggests no schedule")
+        created_by = spec.created_by or user_id
+        if len(created_by) > MAX_CREATED_BY:
+            raise _invalid("created_by", f"must be at most {MAX_CREATED_BY} characters")
+        if has_hidden_characters(created_by):
+            raise _invalid("created_by", HIDDEN_ISSUE)
+        now = self._clock()
+        draft = ScheduleRecord(
+            schedule_id=str(uuid.uuid4()),
+            tenant_id=caller.tenant_id,
+            provider=template.provider,
+            domain=template.domain,
+            template=template.name,
+            cron=cron_text,
+            time_zone=spec.time_zone or "UTC",
+            parameters=dict(spec.parameters),
+            catch_up=spec.catch_up or DEFAULT_CATCH_UP,
+            catch_up_max=spec.catch_up_max or DEFAULT_CATCH_UP_MAX,
+            paused=spec.paused,
+            created_by=created_by,
+            created_at=now,
+            updated_at=now,
+            last_slot=now,
+            next_slot=None,
+        )
+        schedule = self._checked(draft, template)
+        plan = await self._plans.plan_of(caller.tenant_id)
+        had = await self._store.create_schedule(schedule, plan.max_schedules)
+        if had >= plan.max_schedules:
+            raise QuotaExceeded(
+                f"Schedule limit reached: plan {plan.name} allows {plan.max_schedules} "
+                f"schedules and the tenant has {had}. Delete one "
+                "(DELETE /api/v1/schedules/SCHEDULE_ID) or change the plan.",
+                f"tenant:{caller.tenant_id}:max_schedules",
+                None,
+            )
+        return schedule
+
+    async def get(self, caller: Caller, schedule_id: str) -> ScheduleRecord:
+        if not _SCHEDULE_ID.fullmatch(schedule_id.lower()):
+            raise _invalid("schedule_id", "must be a schedule id (a UUID, as create returns it)")
+        schedule = await self._store.get_schedule(caller.tenant_id, schedule_id.lower())
+        if schedule is None:
+            raise NotFound(f"No schedule {schedule_id}")
+        return schedule
+
+    async def page(self, caller: Caller, limit: int, page_token: str) -> SchedulePage:
+        limit = limit or DEFAULT_LIMIT
+        if not 1 <= limit <= MAX_LIMIT:
+            raise _invalid("limit", f"must be from 1 to {MAX_LIMIT}")
+        scope = f"schedules:{caller.tenant_id}"
+        after = self._page_tokens.read(page_token, scope) if page_token else None
+        found = await self._store.list_schedules(caller.tenant_id, after, limit + 1)
+        page = found[:limit]
+        token = ""
+        if len(found) > limit:
+            token = self._page_tokens.issue(page[-1].created_at, page[-1].schedule_id, scope)
+        return SchedulePage(page, token)
+
+    async def update(
+        self, caller: Caller, schedule_id: str, changes: dict[str, Any]
+    ) -> ScheduleRecord:
+        """Applies `changes` (field name to value; the fields of `UPDATABLE`)."""
+        for field in changes:
+            if field not in UPDATABLE:
+                raise _invalid(
+                    field,
+                    f"cannot be changed (only {', '.join(UPDATABLE)}); "
+                    "create another schedule instead",
+                )
+        return await self._change(caller, schedule_id, lambda s: self._updated(s, changes))
+
+    async def delete(self, caller: Caller, schedule_id: str) -> ScheduleRecord:
+        return await self._change(caller, schedule_id, lambda s: replace(s, deleted=True))
+
+    async def pause(self, caller: Caller, schedule_id: str) -> ScheduleRecord:
+        return await self._change(caller, schedule_id, lambda s: replace(s, paused=True))
+
+    async def resume(self, caller: Caller, schedule_id: str) -> ScheduleRecord:
+        """Unpauses. Only `catch_up: all` replays the paused period (up to its maximum):
+        with `none` and `latest` the slots that came due while paused are skipped."""
+
+        def resumed(s: ScheduleRecord) -> ScheduleRecord:
+            return replace(s, paused=False) if s.paused else s
+
+        return await self._change(caller, schedule_id, resumed, skip_paused=True)
+
+    async def backfill(
+        self, caller: Caller, schedule_id: str, start_date: str, end_date: str
+    ) -> tuple[ScheduleRecord, int]:
+        days = []
+        for field, text in (("start_date", start_date), ("end_date", end_date)):
+            if not text:
+                raise _invalid(field, "is required (YYYY-MM-DD)")
+            try:
+                days.append(parse_date(text))
+            except ValueError as exc:
+                raise _invalid(field, str(exc)) from None
+        first, last = days
+        if last < first:
+            raise _invalid("end_date", "must not be before start_date")
+        counted = 0
+
+        def backfilled(s: ScheduleRecord) -> ScheduleRecord:
+            nonlocal counted
+            if s.backfill_left:
+                raise FailedPrecondition(
+                    f"A backfill of schedule {s.schedule_id} is in progress "
+                    f"({s.backfill_left} slots left); start another when it has run"
+                )
+            zone, now = ZoneInfo(s.time_zone), self._clock()
+            if last > now.astimezone(zone).date():
+                raise _invalid("end_date", "must not be after today in the schedule's time zone")
+            start = datetime.combine(first, datetime.min.time(), zone).astimezone(UTC)
+            end = datetime.combine(last + timedelta(days=1), datetime.min.time(), zone)
+            after = start - timedelta(seconds=1)
+            until = min(end.astimezone(UTC) - timedelta(seconds=1), now)
+            slots = Cron.parse(s.cron, s.time_zone).slots(after, until, MAX_BACKFILL_SLOTS + 1)
+            if len(slots) > MAX_BACKFILL_SLOTS:
+                raise _invalid(
+                    "end_date",
+                    f"the range holds more than {MAX_BACKFILL_SLOTS} slots; backfill less",
+                )
+            if not slots:
+                raise _invalid("start_date", "the range holds no slot of the schedule")
+            counted = len(slots)
+            return replace(
+                s, backfill_after=after, backfill_until=slots[-1], backfill_left=len(slots)
+            )
+
+        schedule = await self._change(caller, schedule_id, backfilled)
+        return schedule, counted
+
+    async def _change(
+        self,
+        caller: Caller,
+        schedule_id: str,
+        change: Callable[[ScheduleRecord], ScheduleRecord],
+        skip_paused: bool = False,
+    ) -> ScheduleRecord:
+        """Applies `change` to the stored schedule, again if a concurrent change (a trigger
+        recording progress) came first."""
+        for _ in range(20):
+            current = await self.get(caller, schedule_id)
+            changed = change(current)
+            if changed == current:
+                return current
+            now = self._clock()
+            skip = None
+            if skip_paused and current.paused and changed.catch_up != "all":
+                changed, skip = self._skip_until(changed, now, "the schedule was paused")
+            changed = replace(changed, version=current.version + 1, updated_at=now)
+            if await self._store.save_schedule(changed, skip):
+                return changed
+        raise FailedPrecondition(f"Schedule {schedule_id} kept changing concurrently; try again")
+
+    def _updated(self, schedule: ScheduleRecord, changes: dict[str, Any]) -> ScheduleRecord:
+        changed = replace(schedule, **changes)
+        if not changed.catch_up:
+            changed = replace(changed, catch_up=DEFAULT_CATCH_UP)
+        if not changed.catch_up_max:
+            changed = replace(changed, catch_up_max=DEFAULT_CATCH_UP_MAX)
+        if not changed.time_zone:
+            changed = replace(changed, time_zone="UTC")
+        template = self._template(schedule.provider, schedule.domain, schedule.template)
+        if not changed.cron:
+            changed = replace(changed, cron=template.schedule)
+        if (changed.cron, changed.time_zone) != (schedule.cron, schedule.time_zone):
+            # A new cron counts from now: the old one's missed slots are not replayed.
+            now = self._clock()
+            changed = replace(changed, last_slot=max(schedule.last_slot or now, now))
+        return self._checked(changed, template)
+
+    def _template(self, provider: str, domain: str, name: str) -> Template:
+        for field, value in (("provider", provider), ("domain", domain), ("template", name)):
+            if not NAME_PATTERN.fullmatch(value):
+                raise _invalid(field, f"must match {NAME_PATTERN.pattern}")
+        template = self._catalog.get(provider, domain, name)
+        if template is None:
+            raise _invalid(
+                "template",
+                f"{provider}/{domain}/{name} is not a pipeline template "
+                "(GET /api/v1/pipelines lists them)",
+            )
+        return template
+
+    def _checked(self, schedule: ScheduleRecord, template: Template) -> ScheduleRecord:
+        """The schedule with its next slot, once every field is valid."""
+        if schedule.catch_up not in CATCH_UP:
+            raise _invalid("catch_up", f"must be one of {', '.join(CATCH_UP)}")
+        if not 1 <= schedule.catch_up_max <= MAX_CATCH_UP:
+            raise _invalid("catch_up_max", f"must be from 1 to {MAX_CATCH_UP}")
+        try:
+            cron = Cron.parse(schedule.cron, schedule.time_zone)
+        except CronError as exc:
+            raise _invalid(exc.field, exc.issue) from None
+        for name, text in schedule.parameters.items():
+            if "{slot_date" in text and not _BINDING.fullmatch(text):
+                raise _invalid(
+                    f"parameters.{name}" if NAME_PATTERN.fullmatch(name) else "parameters",
+                    "binds the slot as {slot_date}, {slot_date-N} or {slot_date+N} (N <= 999)",
+                )
+        last = schedule.last_slot or schedule.created_at
+        upcoming = cron.next_after(last)
+        day = (upcoming or last).astimezone(ZoneInfo(schedule.time_zone)).date()
+        try:
+            self._runs.check_parameters(
+                schedule.tenant_id, template, bind(schedule.parameters, day), day
+            )
+        except InvalidArgument as exc:
+            # A schedule has no `date` field of its own: name the parameter as sent.
+            raise InvalidArgument(
+                exc.message,
+                [
+                    FieldViolation("parameters.date" if v.field == "date" else v.field, v.issue)
+                    for v in exc.violations
+                ],
+            ) from None
+        return replace(schedule, cron=cron.expression, time_zone=cron.time_zone, next_slot=upcoming)
+
+    # -- triggering -------------------------------------------------------------------------
+
+    async def trigger(self, tenant_id: str | None) -> list[SlotOutcome]:
+        """Starts the due slots of the tenant's schedules, or of every tenant's."""
+        now = self._clock()
+        due = await self._store.due_schedules(tenant_id, now, MAX_DUE_PER_TRIGGER)
+        tenants = list(dict.fromkeys(s.tenant_id for s in due))
+        gate = asyncio.Semaphore(TENANTS_AT_ONCE)
+
+        async def one(tenant: str) -> list[SlotOutcome]:
+            async with gate:
+                return await self._trigger_tenant(tenant)
+
+        results = await asyncio.gather(*(one(t) for t in tenants))
+        return [outcome for outcomes in results for outcome in outcomes]
+
+    async def _trigger_tenant(self, tenant_id: str) -> list[SlotOutcome]:
+        async with self._turns.setdefault(tenant_id, asyncio.Lock()):
+            # Read again in the turn: a trigger that held it may have moved them on.
+            now = self._clock()
+            due = await self._store.due_schedules(tenant_id, now, MAX_DUE_PER_TRIGGER)
+            outcomes: list[SlotOutcome] = []
+            for schedule in due:
+                processed = await self._process(schedule, now)
+                outcomes.extend(processed)
+                if any(o.outcome == QUOTA_EXCEEDED for o in processed):
+                    break  # the tenant's limit: its other schedules wait too
+        return outcomes
+
+    async def _process(self, schedule: ScheduleRecord, now: datetime) -> list[SlotOutcome]:
+        if schedule.paused:
+            due = schedule.next_slot if schedule.next_slot and schedule.next_slot <= now else None
+            slot = due or now
+            return [
+                SlotOutcome(
+                    schedule.schedule_id,
+                    schedule.tenant_id,
+                    slot,
+                    PAUSED,
+                    reason="the schedule is paused",
+                )
+            ]
+        try:
+            cron = Cron.parse(schedule.cron, schedule.time_zone)
+            template = self._template(schedule.provider, schedule.domain, schedule.template)
+        except (CronError, ConvergenceError) as exc:
+            reason = exc.issue if isinstance(exc, CronError) else exc.message
+            slot = schedule.next_slot or now
+            return [
+                SlotOutcome(schedule.schedule_id, schedule.tenant_id, slot, FAILED, reason=reason)
+            ]
+        outcomes: list[SlotOutcome] = []
+        progress, skip = self._skip_missed(schedule, cron, now)
+        if skip is not None:
+            outcomes.append(self._skipped(skip))
+        regular = cron.slots(progress.last_slot or now, now, MAX_SLOTS_PER_TRIGGER)
+        backfill: list[datetime] = []
+        if progress.backfill_left and progress.backfill_after and progress.backfill_until:
+            backfill = cron.slots(
+                progress.backfill_after, min(progress.backfill_until, now), MAX_SLOTS_PER_TRIGGER
+            )
+        queue = [(slot, False) for slot in regular] + [(slot, True) for slot in backfill]
+        for slot, from_backfill in queue:
+            outcome = await self._start(progress, template, slot)
+            outcomes.append(outcome)
+            if outcome.outcome not in (STARTED, ALREADY_STARTED):
+                break  # the slot stays due; so do the ones after it
+            if from_backfill:
+                left = progress.backfill_left - 1
+                progress = replace(
+                    progress,
+                    backfill_after=slot if left else None,
+                    backfill_until=progress.backfill_until if left else None,
+                    backfill_left=left,
+                )
+            else:
+                progress = replace(progress, last_slot=slot)
+        ended = progress.backfill_until is not None and progress.backfill_until <= now
+        if progress.backfill_left and not backfill and ended:
+            # Nothing left in the range (its slots changed with the cron): it is done.
+            progress = replace(progress, backfill_after=None, backfill_until=None, backfill_left=0)
+        progress = replace(progress, next_slot=cron.next_after(progress.last_slot or now))
+        if progress != schedule:
+            # Lost to a concurrent writer: it recorded the same slots (their runs exist
+            # once, by their keys), or the tenant changed the schedule; either way, fine.
+            await self._store.save_schedule(replace(progress, version=schedule.version + 1), skip)
+        return outcomes
+
+    def _skip_missed(
+        self, schedule: ScheduleRecord, cron: Cron, now: datetime
+    ) -> tuple[ScheduleRecord, SkipRecord | None]:
+        """The schedule past the due slots its catch-up policy no longer keeps."""
+        after = schedule.last_slot or schedule.created_at
+        keep = schedule.catch_up_max if schedule.catch_up == "all" else 1
+        newest = cron.newest(after, now, keep + 1)
+        kept = newest[-keep:]
+        if schedule.catch_up == "none":
+            kept = [s for s in kept if now - s <= ON_TIME]
+        if len(kept) == len(newest):
+            return schedule, None
+        last_skipped = newest[len(newest) - len(kept) - 1]
+        if schedule.catch_up == "none":
+            reason = "missed: catch_up none runs a slot only within 10 minutes of its time"
+        else:
+            reason = (
+                f"missed: catch_up {schedule.catch_up} runs only the newest "
+                f"{keep} missed slot{'s' if keep > 1 else ''}"
+            )
+        return self._skip_until(schedule, last_skipped, reason, cron)
+
+    def _skip_until(
+        self, schedule: ScheduleRecord, until: datetime, reason: str, cron: Cron | None = None
+    ) -> tuple[ScheduleRecord, SkipRecord | None]:
+        """The schedule past its slots up to `until`, and the record of those it skipped
+        (counted up to `MAX_SKIP_COUNT`)."""
+        cron = cron or Cron.parse(schedule.cron, schedule.time_zone)
+        after = schedule.last_slot or schedule.created_at
+        last = max(after, until)
+        passed = replace(schedule, last_slot=last, next_slot=cron.next_after(last))
+        newest = cron.newest(after, until, 1)
+        first = cron.next_after(after)
+        if not newest or first is None:
+            return passed, None
+        count = len(cron.slots(after, until, MAX_SKIP_COUNT))
+        record = SkipRecord(
+            schedule_id=schedule.schedule_id,
+            tenant_id=schedule.tenant_id,
+            first_slot=first,
+            last_slot=newest[0],
+            slot_count=count,
+            reason=reason,
+            recorded_at=self._clock(),
+        )
+        passed = replace(
+            passed, skipped_slots=schedule.skipped_slots + count, last_skip_reason=reason
+        )
+        return passed, record
+
+    def _skipped(self, skip: SkipRecord) -> SlotOutcome:
+        return SlotOutcome(
+            skip.schedule_id,
+            skip.tenant_id,
+            skip.last_slot,
+            SKIPPED,
+            reason=skip.reason,
+            skipped_count=skip.slot_count,
+        )
+
+    async def _start(
+        self, schedule: ScheduleRecord, template: Template, slot: datetime
+    ) -> SlotOutcome:
+        """Starts the slot's run, once: its key finds a run an earlier trigger started."""
+
+        def result(outcome: str, **more: Any) -> SlotOutcome:
+            return SlotOutcome(schedule.schedule_id, schedule.tenant_id, slot, outcome, **more)
+
+        day = slot.astimezone(ZoneInfo(schedule.time_zone)).date()
+        try:
+            given = bind(schedule.parameters, day)
+            values = self._runs.check_parameters(schedule.tenant_id, template, given, day)
+        except ConvergenceError as exc:
+            return result(FAILED, reason=exc.message)
+        now = self._clock()
+        run = new_run(
+            schedule.tenant_id,
+            template,
+            values,
+            "scheduler",
+            schedule.created_by,
+            "",
+            slot_key(schedule.schedule_id, slot),
+            now,
+        )
+        admission = await self._runs.admit(run, slot - timedelta(days=1))
+        if admission.refused:
+            refusal = await self._runs.refusal(schedule.tenant_id, admission, now)
+            return result(QUOTA_EXCEEDED, reason=refusal.message, retry_after=refusal.retry_after)
+        faults.reached(faults.AFTER_SLOT_RUN)
+        return result(STARTED if admission.created else ALREADY_STARTED, run=admission.run)
+
+
+class Ticker:
+    """The server's own scheduler: every `seconds`, the operator-wide trigger. Calls from
+    Cloud Scheduler may come as well; each slot still starts once."""
+
+    def __init__(self, schedules: Schedules, seconds: float) -> None:
+        self._schedules = schedules
+        self._seconds = seconds
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self._seconds > 0:
+            self._task = asyncio.create_task(self._tick(), name="scheduler-ticker")
+
+    async def _tick(self) -> None:
+        while True:
+            try:
+                # Bounded: a store that hangs delays the next tick, never stops the ticker.
+                async with asyncio.timeout(max(60.0, 4 * self._seconds)):
+                    outcomes = await self._schedules.trigger(None)
+                started = sum(1 for o in outcomes if o.outcome == STARTED)
+                if started:
+                    log.info("scheduler tick", extra={"fields": {"runs_started": started}})
+            except Exception:
+                log.exception("scheduler tick failed; trying again at the next tick")
+            await asyncio.sleep(self._seconds)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
