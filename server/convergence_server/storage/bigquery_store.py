@@ -25,6 +25,11 @@ Written for BigQuery's strengths and limits rather than as a port of the embedde
   step boundary and one per heartbeat tick of its server. The only
   UPDATEs in transactions hit the tenant's counters row; outside them, plan changes update
   `tenant_profiles` and member removals delete from `tenant_members`.
+- **Schedules are versioned rows.** Every change of a schedule appends its whole state,
+  one `version` higher, to `tenant_schedule_events`; the view `tenant_schedules` shows each
+  schedule's newest version. A change is appended, in the tenant's transaction, only when
+  the newest stored version is the one it was made from, so of two replicas recording the
+  same progress exactly one writes it (and its skipped slots, `tenant_schedule_skips`).
 """
 
 from __future__ import annotations
@@ -72,6 +77,8 @@ from convergence_server.storage.records import (
     RunFilter,
     RunLimits,
     RunRecord,
+    ScheduleRecord,
+    SkipRecord,
     StepRecord,
     TenantRecord,
     UsageRecord,
@@ -79,8 +86,11 @@ from convergence_server.storage.records import (
 from convergence_server.storage.rows import (
     FAIR_QUEUE,
     RUN_COLUMNS,
+    SCHEDULE_COLUMNS,
     STEP_COLUMNS,
     run_from_row,
+    schedule_from_row,
+    schedule_values,
     step_from_row,
 )
 from convergence_server.storage.warehouse import STAGE_PREFIX
@@ -128,6 +138,13 @@ HEARTBEATS = schema.Table(
     # Only the newest beats matter (a lease is seconds): a week of them is plenty.
     partition_expiration_days=7,
 )
+# Each schedule's versions, a row per change; the central table of that name is a view of
+# each schedule's newest.
+SCHEDULE_EVENTS = schema.Table(
+    "tenant_schedule_events",
+    (*schema.TENANT_SCHEDULES.columns, schema.Column("recorded_at", "TIMESTAMP", required=True)),
+    cluster_by=("tenant_id", "schedule_id"),
+)
 # One per tenant (`tenant_run_counters_{tenant_id}`, one row): BigQuery detects transaction
 # conflicts per table, so only one tenant's changes ever take turns.
 COUNTERS = schema.Table(
@@ -147,6 +164,7 @@ EVENT_BACKED = {
     schema.TENANT_PIPELINE_RUNS.name: (RUN_EVENTS, HEARTBEATS),
     schema.TENANT_STEP_LOGS.name: (STEP_EVENTS,),
     schema.TENANT_USAGE_QUOTAS.name: (),
+    schema.TENANT_SCHEDULES.name: (SCHEDULE_EVENTS,),
 }
 MIGRATIONS_TABLE = schema.Table(
     "schema_migrations",
@@ -159,6 +177,8 @@ MIGRATIONS_TABLE = schema.Table(
 SELECT_RUN = RUN_COLUMNS.replace("parameters", "TO_JSON_STRING(parameters) AS parameters")
 RUN_EVENT_NAMES = [c.name for c in RUN_EVENTS.columns]
 STEP_EVENT_NAMES = [c.name for c in STEP_EVENTS.columns]
+SELECT_SCHEDULE = SCHEDULE_COLUMNS.replace("parameters", "TO_JSON_STRING(parameters) AS parameters")
+SCHEDULE_NAMES = SCHEDULE_COLUMNS.split(", ")
 OWNER_GUARD = "status = 'RUNNING' AND IFNULL(worker_id, '') = @worker_id AND attempt = @attempt"
 INTERRUPTED = "Interrupted: the run stopped while this step was running"
 
@@ -261,6 +281,7 @@ class BigQueryStore:
         self._query(self._runs_view_sql())
         self._query(self._steps_view_sql())
         self._query(self._usage_view_sql())
+        self._query(self._schedules_view_sql())
 
     def _runs_view_sql(self) -> str:
         """Each run's newest state, its heartbeat the newest of its current worker's."""
@@ -300,6 +321,22 @@ class BigQueryStore:
         return (
             f"CREATE OR REPLACE VIEW {self._t(schema.TENANT_STEP_LOGS.name)} AS "
             f"SELECT {columns} FROM ({self._latest_steps_sql()})"
+        )
+
+    def _latest_schedules_sql(self, where: str = "TRUE") -> str:
+        """Each schedule's newest version among the rows passing `where` (which must keep or
+        drop a schedule's rows together: filter on its tenant or id here, on the rest after)."""
+        return (
+            f"SELECT * FROM {self._t(SCHEDULE_EVENTS.name)} WHERE {where} QUALIFY ROW_NUMBER() "
+            # tenant_id leads the window, so that a filter on it reaches the clustered table.
+            "OVER (PARTITION BY tenant_id, schedule_id ORDER BY version DESC) = 1"
+        )
+
+    def _schedules_view_sql(self) -> str:
+        columns = ", ".join(c.name for c in schema.TENANT_SCHEDULES.columns)
+        return (
+            f"CREATE OR REPLACE VIEW {self._t(schema.TENANT_SCHEDULES.name)} AS "
+            f"SELECT {columns} FROM ({self._latest_schedules_sql()})"
         )
 
     # -- Store: catalogue -------------------------------------------------------------------
@@ -562,6 +599,136 @@ class BigQueryStore:
             return bool(job.num_dml_affected_rows)
 
         return await self._call(remove)
+
+    # -- schedules --------------------------------------------------------------------------
+
+    def _insert_schedule_sql(self) -> str:
+        """Appends the schedule of the `_schedule_params` as its newest version."""
+        values = [
+            "PARSE_JSON(@parameters)" if name == "parameters" else f"@{name}"
+            for name in SCHEDULE_NAMES
+        ]
+        return (
+            f"INSERT INTO {self._t(SCHEDULE_EVENTS.name)} ({SCHEDULE_COLUMNS}, recorded_at) "
+            f"VALUES ({', '.join(values)}, CURRENT_TIMESTAMP());"
+        )
+
+    async def create_schedule(self, schedule: ScheduleRecord, max_schedules: int) -> int:
+        latest = self._latest_schedules_sql("tenant_id = @tenant_id")
+        script = f"""
+            DECLARE next_seq INT64;
+            DECLARE schedules INT64;
+            BEGIN TRANSACTION;
+            {self._next_seq_sql(schedule.tenant_id)}
+            SET schedules = (SELECT COUNT(*) FROM ({latest}) WHERE NOT deleted);
+            IF schedules < @max_schedules THEN
+              {self._insert_schedule_sql()}
+            END IF;
+            COMMIT TRANSACTION;
+            SELECT schedules;
+        """
+        params = {**_schedule_params(schedule), "max_schedules": max_schedules}
+        rows = await self._call(lambda: self._transaction(script, params))
+        return int(rows[0][0])
+
+    async def get_schedule(self, tenant_id: str, schedule_id: str) -> ScheduleRecord | None:
+        found = await self._schedules(
+            "tenant_id = @tenant_id AND schedule_id = @schedule_id",
+            {"tenant_id": tenant_id, "schedule_id": schedule_id},
+        )
+        return found[0] if found else None
+
+    async def list_schedules(
+        self, tenant_id: str, after: tuple[datetime, str] | None, limit: int
+    ) -> list[ScheduleRecord]:
+        params: dict[str, Any] = {"tenant_id": tenant_id}
+        then = "TRUE"
+        if after is not None:
+            then = (
+                "(created_at > @after_at OR (created_at = @after_at AND schedule_id > @after_id))"
+            )
+            params.update(after_at=after[0], after_id=after[1])
+        return await self._schedules(
+            "tenant_id = @tenant_id", params, then, "created_at, schedule_id", limit
+        )
+
+    async def save_schedule(self, schedule: ScheduleRecord, skip: SkipRecord | None = None) -> bool:
+        skip_sql = (
+            f"""
+              INSERT INTO {self._t(schema.TENANT_SCHEDULE_SKIPS.name)}
+                (schedule_id, tenant_id, first_slot, last_slot, slot_count, reason, recorded_at)
+              VALUES (@skip_schedule_id, @skip_tenant_id, @skip_first_slot, @skip_last_slot,
+                      @skip_slot_count, @skip_reason, @skip_recorded_at);"""
+            if skip is not None
+            else ""
+        )
+        # The newest version is read in the transaction that takes the tenant's sequence:
+        # a concurrent change of the tenant commits before it (and is seen) or conflicts.
+        script = f"""
+            DECLARE next_seq INT64;
+            DECLARE from_newest BOOL;
+            BEGIN TRANSACTION;
+            {self._next_seq_sql(schedule.tenant_id)}
+            SET from_newest = IFNULL((
+              SELECT MAX(version) FROM {self._t(SCHEDULE_EVENTS.name)}
+              WHERE tenant_id = @tenant_id AND schedule_id = @schedule_id) = @version - 1, FALSE);
+            IF from_newest THEN
+              {self._insert_schedule_sql()}
+              {skip_sql}
+            END IF;
+            COMMIT TRANSACTION;
+            SELECT from_newest;
+        """
+        params = _schedule_params(schedule)
+        if skip is not None:
+            params.update(
+                skip_schedule_id=skip.schedule_id,
+                skip_tenant_id=skip.tenant_id,
+                skip_first_slot=skip.first_slot,
+                skip_last_slot=skip.last_slot,
+                skip_slot_count=skip.slot_count,
+                skip_reason=skip.reason,
+                skip_recorded_at=skip.recorded_at,
+            )
+        rows = await self._call(lambda: self._transaction(script, params))
+        return bool(rows[0][0])
+
+    async def due_schedules(
+        self, tenant_id: str | None, now: datetime, limit: int
+    ) -> list[ScheduleRecord]:
+        params: dict[str, Any] = {"now": now}
+        within = "TRUE"
+        if tenant_id is not None:
+            within = "tenant_id = @tenant_id"
+            params["tenant_id"] = tenant_id
+        return await self._schedules(
+            within,
+            params,
+            "(next_slot <= @now OR backfill_left > 0)",
+            "tenant_id, created_at, schedule_id",
+            limit,
+        )
+
+    async def _schedules(
+        self,
+        within: str,
+        params: Mapping[str, Any],
+        then: str = "TRUE",
+        order: str = "",
+        limit: int | None = None,
+    ) -> list[ScheduleRecord]:
+        """The newest versions of the schedules `within` selects (by tenant or id) that are
+        not deleted and pass `then`."""
+        sql = (
+            f"SELECT {SELECT_SCHEDULE} FROM ({self._latest_schedules_sql(within)}) "
+            f"WHERE NOT deleted AND {then}"
+        )
+        if order:
+            sql += f" ORDER BY {order}"
+        if limit is not None:
+            sql += f" LIMIT {int(limit)}"
+        rows = await self._call(lambda: self._bq.query(sql, params))
+        return [schedule_from_row(row) for row in rows]
 
     # -- runs: admission --------------------------------------------------------------------
 
@@ -1127,6 +1294,12 @@ def _typed(table: schema.Table, values: Mapping[str, Any]) -> dict[str, Any]:
     does not put a NULL STRING into an INT64 or TIMESTAMP column)."""
     types = {c.name: c.type for c in table.columns}
     return {k: Null(types.get(k, "STRING")) if v is None else v for k, v in values.items()}
+
+
+def _schedule_params(schedule: ScheduleRecord) -> dict[str, Any]:
+    """The schedule's columns as query parameters of their names (parameters as JSON text)."""
+    values = dict(zip(SCHEDULE_NAMES, schedule_values(schedule), strict=True))
+    return _typed(schema.TENANT_SCHEDULES, values)
 
 
 def _run_params(run: RunRecord) -> dict[str, Any]:
