@@ -145,21 +145,22 @@ def test_tenant_mismatch_is_403(http: httpx.Client, channel: grpc.Channel) -> No
     assert raised.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
-def test_the_scheduler_trigger_says_it_is_not_implemented(
+def test_the_scheduler_trigger_without_schedules_starts_nothing(
     http: httpx.Client, channel: grpc.Channel
 ) -> None:
+    """The guide's Cloud Scheduler call, for a tenant with no schedule: 200, nothing due."""
     _, key = onboard(http)
     response = http.post("/api/v1/scheduler/trigger", headers={"X-API-Key": key}, json={})
-    assert response.status_code == 501
+    assert response.status_code == 200, response.text
     assert response.json() == {
-        "error": "Not implemented",
-        "message": "Scheduled pipelines are not available in this version yet",
+        "runs": [],
+        "message": "No schedule had a due slot",
+        "slots": [],
     }
-    with pytest.raises(grpc.RpcError) as raised:
-        pipeline_service_pb2_grpc.PipelineServiceStub(channel).TriggerScheduledPipelines(
-            pipeline_service_pb2.TriggerScheduledPipelinesRequest(), metadata=[("x-api-key", key)]
-        )
-    assert raised.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    answer = pipeline_service_pb2_grpc.PipelineServiceStub(channel).TriggerScheduledPipelines(
+        pipeline_service_pb2.TriggerScheduledPipelinesRequest(), metadata=[("x-api-key", key)]
+    )
+    assert list(answer.slots) == [] and list(answer.runs) == []
 
 
 def test_huge_tenant_id_still_gets_the_documented_400(

@@ -17,7 +17,15 @@ import httpx
 import pytest
 
 from convergence_server.stack import Stack
-from tests.conftest import UNMETERED, StackFactory, dump_store, onboard, wait_for_run
+from tests.bigquery_emulator import Emulator
+from tests.conftest import (
+    UNMETERED,
+    StackFactory,
+    dump_store,
+    new_prefix,
+    onboard,
+    wait_for_run,
+)
 
 QUICK = {"provider": "test", "domain": "runs", "template": "quick"}
 TOKEN = "s" * 40
@@ -517,3 +525,41 @@ def test_a_crash_between_the_run_and_the_slot_record_starts_the_slot_once(
         assert slot_times(http, key) == ["2026-06-01T11:00:00Z"]
         settle(http, key)
     restarted.stop()
+
+
+def test_two_replicas_on_bigquery_with_their_tickers_start_each_slot_once(
+    stack_factory: StackFactory,
+    pipeline_env: dict[str, str],
+    emulator: Emulator,
+    tmp_path: Path,
+) -> None:
+    """Both replicas tick (and are triggered) on one BigQuery store; each slot runs once."""
+    clock = Clock(tmp_path / "clock")
+    clock.set(BASE)
+    env = {
+        **pipeline_env,
+        **emulator.env(new_prefix()),
+        "CONVERGENCE_CLOCK_OFFSET_FILE": str(clock.path),
+        "CONVERGENCE_SCHEDULER_TICK_SECONDS": "0.2",
+        "CONVERGENCE_WORKERS": "0",  # admission is the subject; runs stay PENDING
+    }
+    replicas = [stack_factory(**env), stack_factory(**env)]
+    clients = [httpx.Client(base_url=s.http_url, timeout=120) for s in replicas]
+    try:
+        _, key = onboard(clients[0], plan=UNMETERED)
+        create(clients[0], key, cron="* * * * *", catch_up="all", catch_up_max=100)
+        clock.set(BASE + timedelta(minutes=3))
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(lambda i: fire(clients[i % 2], key), range(4)))
+        deadline = time.monotonic() + 120
+        while len(slot_times(clients[1], key)) < 3 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        time.sleep(2)  # more ticks of both replicas: none may add a run
+        expected = [z(BASE.replace(second=0) + timedelta(minutes=m)) for m in range(1, 4)]
+        for client in clients:
+            assert slot_times(client, key) == expected
+    finally:
+        for client in clients:
+            client.close()
+        for replica in replicas:
+            replica.stop()

@@ -71,6 +71,10 @@ class PipelineServicer(pipeline_service_pb2_grpc.PipelineServiceServicer):
         started = [o.run for o in outcomes if o.outcome == STARTED and o.run is not None]
         return pipeline_service_pb2.TriggerScheduledPipelinesResponse(
             runs=[convert.run(r) for r in started],
-            message=f"{len(started)} run(s) started for {len(outcomes)} due slot result(s)",
+            message=(
+                f"Started {len(started)} run(s); `slots` says what became of each due slot"
+                if outcomes
+                else "No schedule had a due slot"
+            ),
             slots=[convert.slot_result(o) for o in outcomes],
         )
