@@ -257,3 +257,71 @@ def test_the_trigger_needs_a_valid_key_or_token_over_grpc(pipelines: Stack) -> N
             with pytest.raises(grpc.RpcError) as raised:
                 trigger.TriggerScheduledPipelines(request, metadata=metadata)
             assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED  # type: ignore[attr-defined]
+
+
+def test_bad_changes_and_backfills_are_refused_over_grpc_too(
+    api: httpx.Client,
+    stub: schedule_service_pb2_grpc.ScheduleServiceStub,
+    tenant: tuple[str, str],
+) -> None:
+    _, key = tenant
+    metadata = (("x-api-key", key),)
+    created = stub.CreateSchedule(
+        schedule_service_pb2.CreateScheduleRequest(
+            provider="test", domain="runs", template="quick", cron="0 6 * * *"
+        ),
+        metadata=metadata,
+    )
+    sid = created.schedule_id
+    calls = [
+        (
+            stub.UpdateSchedule,
+            schedule_service_pb2.UpdateScheduleRequest(
+                schedule_id=sid, schedule=schedule_pb2.Schedule(cron="0 6 * *")
+            ),
+            "cron",
+        ),
+        (
+            stub.UpdateSchedule,
+            schedule_service_pb2.UpdateScheduleRequest(
+                schedule_id=sid,
+                schedule=schedule_pb2.Schedule(template="other"),
+                update_mask=field_mask_pb2.FieldMask(paths=["template"]),
+            ),
+            "update_mask",
+        ),
+        (
+            stub.BackfillSchedule,
+            schedule_service_pb2.BackfillScheduleRequest(
+                schedule_id=sid, start_date="2026-1-1", end_date="2026-01-02"
+            ),
+            "start_date",
+        ),
+        (
+            stub.GetSchedule,
+            schedule_service_pb2.GetScheduleRequest(schedule_id="../x"),
+            "schedule_id",
+        ),
+        (
+            stub.ListSchedules,
+            schedule_service_pb2.ListSchedulesRequest(page_token="forged.token"),
+            "page_token",
+        ),
+    ]
+    for method, request, field in calls:
+        with pytest.raises(grpc.RpcError) as raised:
+            method(request, metadata=metadata)
+        assert grpc_refusal(raised.value)[0][0] == field
+    after = stub.GetSchedule(
+        schedule_service_pb2.GetScheduleRequest(schedule_id=sid), metadata=metadata
+    )
+    assert after == created
+    with pytest.raises(grpc.RpcError) as raised:
+        stub.DeleteSchedule(
+            schedule_service_pb2.DeleteScheduleRequest(schedule_id=str(uuid.uuid4())),
+            metadata=metadata,
+        )
+    assert raised.value.code() == grpc.StatusCode.NOT_FOUND  # type: ignore[attr-defined]
+    stub.DeleteSchedule(
+        schedule_service_pb2.DeleteScheduleRequest(schedule_id=sid), metadata=metadata
+    )
