@@ -16,13 +16,10 @@ from typing import Any, TypeVar
 from convergence_server.storage import Store, schema
 from convergence_server.storage.bigquery_store import BigQueryStore
 from convergence_server.storage.duckdb_store import DuckDBStore
-from convergence_server.storage.records import (
-    ScheduleRecord,
-    SkipRecord,
-)
+from convergence_server.storage.records import RunLimits, ScheduleRecord, SkipRecord
 from convergence_server.storage.rows import aware
 from tests import test_store_contract as contract
-from tests.test_store_contract import run, tenant
+from tests.test_store_contract import LONG_AGO, run, tenant
 
 # The contract's fixtures: the same two adapters, opened the same way.
 adapter, store = contract.adapter, contract.store
@@ -324,3 +321,35 @@ def test_due_schedules_have_a_slot_past_or_a_backfill_in_progress(store: Store) 
     assert ids(run(store.due_schedules(tenant_id, now, 100))) == ids(
         [exactly_now, paused, backfilling_unscheduled]
     )
+
+
+def test_a_slot_run_and_its_schedule_progress_are_written_together(store: Store) -> None:
+    """`create_run` with a schedule's progress: written with an admitted or found run, over
+    the version it was made from only; never with a refused run."""
+    tenant_id = tenant(store)
+    original = new_schedule(tenant_id)
+    create(store, original)
+    key = f"schedule/{original.schedule_id}/2026-03-02T05:00:00Z"
+    first = next_version(original, last_slot=BASE + timedelta(days=1))
+    admitted = run(store.create_run(contract.new_run(tenant_id, key=key), LONG_AGO, None, first))
+    assert (admitted.created, admitted.progressed) == (True, True)
+    assert run(store.get_schedule(tenant_id, original.schedule_id)) == first
+
+    # The same slot again (a stale trigger): its run is found, the stale progress refused.
+    again = run(store.create_run(contract.new_run(tenant_id, key=key), LONG_AGO, None, first))
+    assert (again.created, again.progressed) == (False, False)
+    assert again.run is not None and admitted.run is not None
+    assert again.run.pipeline_logging_id == admitted.run.pipeline_logging_id
+    # Found, with progress from the stored version: written.
+    second = next_version(first, skipped_slots=7)
+    found = run(store.create_run(contract.new_run(tenant_id, key=key), LONG_AGO, None, second))
+    assert (found.created, found.progressed) == (False, True)
+    assert run(store.get_schedule(tenant_id, original.schedule_id)) == second
+
+    # Refused by a limit: nothing written, neither run nor progress.
+    full = RunLimits(daily=1000, concurrent=1)
+    third = next_version(second, last_slot=BASE + timedelta(days=2))
+    other = contract.new_run(tenant_id, key=f"schedule/{original.schedule_id}/2026-03-03T05:00:00Z")
+    refused = run(store.create_run(other, LONG_AGO, full, third))
+    assert (refused.refused, refused.progressed) == ("concurrent", False)
+    assert run(store.get_schedule(tenant_id, original.schedule_id)) == second

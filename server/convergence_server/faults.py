@@ -22,7 +22,8 @@ log = logging.getLogger(__name__)
 
 # After a run's writes and their publication record commit, before the run's end is written.
 AFTER_PUBLISH = "after_publish"
-# After a schedule's slot run is stored, before the schedule records the slot as done.
+# Embedded store: in the transaction admitting a schedule's slot run, after the run's
+# insert, before the schedule's record of the slot (the crash must leave neither).
 AFTER_SLOT_RUN = "after_slot_run"
 # Inside an authenticated call, counted as in progress, before the servicer runs.
 HOLD_CALLS = "hold_calls"

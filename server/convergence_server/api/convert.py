@@ -148,7 +148,7 @@ def slot_result(outcome: SlotOutcome) -> schedule_pb2.SlotResult:
             schedule_pb2.SlotResult.Outcome,
             schedule_pb2.SlotResult.Outcome.Value(outcome.outcome),
         ),
-        run=run(outcome.run) if outcome.run else None,
+        pipeline_logging_id=outcome.run.pipeline_logging_id if outcome.run else "",
         reason=outcome.reason,
         retry_after_seconds=_int32(outcome.retry_after),
         skipped_count=_int32(outcome.skipped_count),

@@ -50,6 +50,7 @@ from convergence_server.storage.records import (
     RunFilter,
     RunLimits,
     RunRecord,
+    ScheduleRecord,
     StepRecord,
 )
 
@@ -249,12 +250,15 @@ class Runs:
         self._check_sources(tenant_id, template, given, values)
         return values
 
-    async def admit(self, run: RunRecord, keys_valid_from: datetime) -> Admission:
+    async def admit(
+        self, run: RunRecord, keys_valid_from: datetime, progress: ScheduleRecord | None = None
+    ) -> Admission:
         """Stores the PENDING run within its tenant's plan limits (or finds the run its
-        idempotency key started since `keys_valid_from`) and wakes the executor."""
+        idempotency key started since `keys_valid_from`), with a schedule's `progress` in
+        the same transaction (see `Store.create_run`), and wakes the executor."""
         plan = await self._plans.plan_of(run.tenant_id)
         limits = RunLimits(plan.daily_pipeline_runs, plan.concurrent_pipeline_runs)
-        admission = await self._store.create_run(run, keys_valid_from, limits)
+        admission = await self._store.create_run(run, keys_valid_from, limits, progress)
         if admission.created:
             self._wake_executor()
         return admission

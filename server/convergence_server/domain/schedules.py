@@ -29,7 +29,6 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from convergence_server import faults
 from convergence_server.domain.auth import Caller
 from convergence_server.domain.cron import Cron, CronError
 from convergence_server.domain.quotas import PlanBook
@@ -62,8 +61,9 @@ ON_TIME = timedelta(minutes=10)
 MAX_BACKFILL_SLOTS = 1000
 # Slots of one schedule a trigger starts at most (the plan's limits usually stop it first).
 MAX_SLOTS_PER_TRIGGER = 100
-# Due schedules one trigger processes at most; the rest wait for the next trigger.
-MAX_DUE_PER_TRIGGER = 10_000
+# Due schedules one trigger processes at most (its answer stays well under a megabyte); the
+# rest wait for the next trigger.
+MAX_DUE_PER_TRIGGER = 2_000
 # Tenants processed at once by an operator-wide trigger.
 TENANTS_AT_ONCE = 32
 # Skipped slots are counted up to this many (an every-minute schedule down for weeks).
@@ -172,6 +172,7 @@ class Schedules:
         # One trigger at a time per tenant in this process (the ticker and calls), so they
         # do not redo each other's work; other processes are kept apart by the store.
         self._turns: dict[str, asyncio.Lock] = {}
+        self._turns_ended: dict[str, int] = {}
 
     # -- managing ---------------------------------------------------------------------------
 
@@ -403,29 +404,38 @@ class Schedules:
 
     async def trigger(self, tenant_id: str | None) -> list[SlotOutcome]:
         """Starts the due slots of the tenant's schedules, or of every tenant's."""
+        # Which tenants' turns ended so far: a tenant whose turn ends after this point may
+        # have moved its schedules on, and they are read again in the next turn.
+        turns_seen = dict(self._turns_ended)
         now = self._clock()
         due = await self._store.due_schedules(tenant_id, now, MAX_DUE_PER_TRIGGER)
-        tenants = list(dict.fromkeys(s.tenant_id for s in due))
+        by_tenant: dict[str, list[ScheduleRecord]] = {}
+        for schedule in due:
+            by_tenant.setdefault(schedule.tenant_id, []).append(schedule)
         gate = asyncio.Semaphore(TENANTS_AT_ONCE)
 
-        async def one(tenant: str) -> list[SlotOutcome]:
-            async with gate:
-                return await self._trigger_tenant(tenant)
+        async def one(tenant: str, read: list[ScheduleRecord]) -> list[SlotOutcome]:
+            async with gate, self._turns.setdefault(tenant, asyncio.Lock()):
+                try:
+                    at = now
+                    if self._turns_ended.get(tenant, 0) != turns_seen.get(tenant, 0):
+                        at = self._clock()
+                        read = await self._store.due_schedules(tenant, at, MAX_DUE_PER_TRIGGER)
+                    return await self._trigger_tenant(read, at)
+                finally:
+                    self._turns_ended[tenant] = self._turns_ended.get(tenant, 0) + 1
 
-        results = await asyncio.gather(*(one(t) for t in tenants))
+        results = await asyncio.gather(*(one(t, read) for t, read in by_tenant.items()))
         return [outcome for outcomes in results for outcome in outcomes]
 
-    async def _trigger_tenant(self, tenant_id: str) -> list[SlotOutcome]:
-        async with self._turns.setdefault(tenant_id, asyncio.Lock()):
-            # Read again in the turn: a trigger that held it may have moved them on.
-            now = self._clock()
-            due = await self._store.due_schedules(tenant_id, now, MAX_DUE_PER_TRIGGER)
-            outcomes: list[SlotOutcome] = []
-            for schedule in due:
-                processed = await self._process(schedule, now)
-                outcomes.extend(processed)
-                if any(o.outcome == QUOTA_EXCEEDED for o in processed):
-                    break  # the tenant's limit: its other schedules wait too
+    async def _trigger_tenant(self, due: list[ScheduleRecord], now: datetime) -> list[SlotOutcome]:
+        """One tenant's due schedules, in its turn."""
+        outcomes: list[SlotOutcome] = []
+        for schedule in due:
+            processed = await self._process(schedule, now)
+            outcomes.extend(processed)
+            if any(o.outcome == QUOTA_EXCEEDED for o in processed):
+                break  # the tenant's limit: its other schedules wait too
         return outcomes
 
     async def _process(self, schedule: ScheduleRecord, now: datetime) -> list[SlotOutcome]:
@@ -452,39 +462,47 @@ class Schedules:
             ]
         outcomes: list[SlotOutcome] = []
         progress, skip = self._skip_missed(schedule, cron, now)
-        if skip is not None:
-            outcomes.append(self._skipped(skip))
-        regular = cron.slots(progress.last_slot or now, now, MAX_SLOTS_PER_TRIGGER)
+        ended = progress.backfill_until is not None and progress.backfill_until <= now
         backfill: list[datetime] = []
         if progress.backfill_left and progress.backfill_after and progress.backfill_until:
             backfill = cron.slots(
                 progress.backfill_after, min(progress.backfill_until, now), MAX_SLOTS_PER_TRIGGER
             )
+            if not backfill and ended:
+                # Nothing left in the range (its slots changed with the cron): it is done.
+                progress = replace(
+                    progress, backfill_after=None, backfill_until=None, backfill_left=0
+                )
+        if progress != schedule:
+            # Written first, on its own: a concurrent writer that came first (the same
+            # skip recorded by another trigger, or the tenant's change) goes on from there.
+            progress = replace(progress, version=schedule.version + 1)
+            if not await self._store.save_schedule(progress, skip):
+                return []
+            if skip is not None:
+                outcomes.append(self._skipped(skip))
+        regular = cron.slots(progress.last_slot or now, now, MAX_SLOTS_PER_TRIGGER)
         queue = [(slot, False) for slot in regular] + [(slot, True) for slot in backfill]
         for slot, from_backfill in queue:
-            outcome = await self._start(progress, template, slot)
-            outcomes.append(outcome)
-            if outcome.outcome not in (STARTED, ALREADY_STARTED):
-                break  # the slot stays due; so do the ones after it
             if from_backfill:
                 left = progress.backfill_left - 1
-                progress = replace(
+                done = replace(
                     progress,
                     backfill_after=slot if left else None,
                     backfill_until=progress.backfill_until if left else None,
                     backfill_left=left,
                 )
             else:
-                progress = replace(progress, last_slot=slot)
-        ended = progress.backfill_until is not None and progress.backfill_until <= now
-        if progress.backfill_left and not backfill and ended:
-            # Nothing left in the range (its slots changed with the cron): it is done.
-            progress = replace(progress, backfill_after=None, backfill_until=None, backfill_left=0)
-        progress = replace(progress, next_slot=cron.next_after(progress.last_slot or now))
-        if progress != schedule:
-            # Lost to a concurrent writer: it recorded the same slots (their runs exist
-            # once, by their keys), or the tenant changed the schedule; either way, fine.
-            await self._store.save_schedule(replace(progress, version=schedule.version + 1), skip)
+                done = replace(progress, last_slot=slot, next_slot=cron.next_after(slot))
+            done = replace(done, version=progress.version + 1)
+            outcome, recorded = await self._start(done, template, slot)
+            outcomes.append(outcome)
+            if outcome.outcome not in (STARTED, ALREADY_STARTED) or not recorded:
+                # Refused: the slot stays due, and so do the ones after it. Not recorded:
+                # another writer moved the schedule on first; the next trigger goes on
+                # from there (the slot's run exists once, by its key).
+                break
+            progress = done
         return outcomes
 
     def _skip_missed(
@@ -548,36 +566,42 @@ class Schedules:
         )
 
     async def _start(
-        self, schedule: ScheduleRecord, template: Template, slot: datetime
-    ) -> SlotOutcome:
-        """Starts the slot's run, once: its key finds a run an earlier trigger started."""
+        self, done: ScheduleRecord, template: Template, slot: datetime
+    ) -> tuple[SlotOutcome, bool]:
+        """Starts the slot's run, once (its key finds a run an earlier trigger started),
+        and records the schedule as `done` with it, in one transaction; says whether the
+        record was written."""
 
-        def result(outcome: str, **more: Any) -> SlotOutcome:
-            return SlotOutcome(schedule.schedule_id, schedule.tenant_id, slot, outcome, **more)
+        def result(outcome: str, **more: Any) -> tuple[SlotOutcome, bool]:
+            return SlotOutcome(done.schedule_id, done.tenant_id, slot, outcome, **more), False
 
-        day = slot.astimezone(ZoneInfo(schedule.time_zone)).date()
+        day = slot.astimezone(ZoneInfo(done.time_zone)).date()
         try:
-            given = bind(schedule.parameters, day)
-            values = self._runs.check_parameters(schedule.tenant_id, template, given, day)
+            given = bind(done.parameters, day)
+            values = self._runs.check_parameters(done.tenant_id, template, given, day)
         except ConvergenceError as exc:
             return result(FAILED, reason=exc.message)
         now = self._clock()
         run = new_run(
-            schedule.tenant_id,
+            done.tenant_id,
             template,
             values,
             "scheduler",
-            schedule.created_by,
+            done.created_by,
             "",
-            slot_key(schedule.schedule_id, slot),
+            slot_key(done.schedule_id, slot),
             now,
         )
-        admission = await self._runs.admit(run, slot - timedelta(days=1))
+        admission = await self._runs.admit(run, slot - timedelta(days=1), done)
         if admission.refused:
-            refusal = await self._runs.refusal(schedule.tenant_id, admission, now)
-            return result(QUOTA_EXCEEDED, reason=refusal.message, retry_after=refusal.retry_after)
-        faults.reached(faults.AFTER_SLOT_RUN)
-        return result(STARTED if admission.created else ALREADY_STARTED, run=admission.run)
+            refusal = await self._runs.refusal(done.tenant_id, admission, now)
+            return result(
+                QUOTA_EXCEEDED, reason=refusal.message, retry_after=refusal.retry_after or 0
+            )
+        outcome = STARTED if admission.created else ALREADY_STARTED
+        return SlotOutcome(
+            done.schedule_id, done.tenant_id, slot, outcome, run=admission.run
+        ), admission.progressed
 
 
 class Ticker:

@@ -602,10 +602,11 @@ class BigQueryStore:
 
     # -- schedules --------------------------------------------------------------------------
 
-    def _insert_schedule_sql(self) -> str:
-        """Appends the schedule of the `_schedule_params` as its newest version."""
+    def _insert_schedule_sql(self, prefix: str = "") -> str:
+        """Appends the schedule of the `_schedule_params` (named with `prefix`) as its
+        newest version."""
         values = [
-            "PARSE_JSON(@parameters)" if name == "parameters" else f"@{name}"
+            f"PARSE_JSON(@{prefix}parameters)" if name == "parameters" else f"@{prefix}{name}"
             for name in SCHEDULE_NAMES
         ]
         return (
@@ -733,7 +734,11 @@ class BigQueryStore:
     # -- runs: admission --------------------------------------------------------------------
 
     async def create_run(
-        self, run: RunRecord, keys_valid_from: datetime, limits: RunLimits | None = None
+        self,
+        run: RunRecord,
+        keys_valid_from: datetime,
+        limits: RunLimits | None = None,
+        progress: ScheduleRecord | None = None,
     ) -> Admission:
         day = run.created_at.astimezone(UTC).date()
         counters, keys = self._counters(run.tenant_id), self._t("tenant_idempotency_keys")
@@ -755,6 +760,7 @@ class BigQueryStore:
             DECLARE created_today INT64;
             DECLARE existing_run STRING;
             DECLARE outcome STRING DEFAULT 'created';
+            DECLARE progressed BOOL DEFAULT FALSE;
             BEGIN TRANSACTION;
             {self._next_seq_sql(run.tenant_id)}
             SET active_now = (SELECT active_runs FROM {counters});
@@ -787,8 +793,9 @@ class BigQueryStore:
                 runs_today = IF(runs_day = @day, runs_today + 1, 1), runs_day = @day
               WHERE TRUE;
             END IF;
+            {self._progress_sql() if progress is not None else ""}
             COMMIT TRANSACTION;
-            SELECT outcome, existing_run, created_today, active_now;
+            SELECT outcome, existing_run, created_today, active_now, progressed;
         """
         params = _run_params(run)
         params.update(
@@ -799,16 +806,33 @@ class BigQueryStore:
             concurrent_limit=limits.concurrent if limits else 0,
             now=run.created_at,
         )
+        if progress is not None:
+            params.update({f"s_{k}": v for k, v in _schedule_params(progress).items()})
         rows = await self._call(lambda: self._transaction(script, params))
-        outcome, existing, today, active = rows[0]
+        outcome, existing, today, active, progressed = rows[0]
         if outcome == "existing":
             found = await self.get_run(run.tenant_id, existing)
-            return Admission(found, created=False)
+            return Admission(found, created=False, progressed=bool(progressed))
         if outcome == "daily":
             return Admission(None, created=False, refused="daily", used=int(today))
         if outcome == "concurrent":
             return Admission(None, created=False, refused="concurrent", used=int(active))
-        return Admission(run, created=True)
+        return Admission(run, created=True, progressed=bool(progressed))
+
+    def _progress_sql(self) -> str:
+        """In an admission's transaction: the schedule of the `s_` parameters, written as
+        `save_schedule` writes it, unless the run was refused."""
+        return f"""
+            IF outcome IN ('created', 'existing') THEN
+              SET progressed = IFNULL((
+                SELECT MAX(version) FROM {self._t(SCHEDULE_EVENTS.name)}
+                WHERE tenant_id = @s_tenant_id AND schedule_id = @s_schedule_id)
+                = @s_version - 1, FALSE);
+              IF progressed THEN
+                {self._insert_schedule_sql("s_")}
+              END IF;
+            END IF;
+        """
 
     def _counters(self, tenant_id: str) -> str:
         """The tenant's own counters table (one row)."""

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, date, datetime, timedelta
 
 import duckdb
 
+from convergence_server import faults
 from convergence_server.storage.identifiers import quote_identifier
 from convergence_server.storage.records import (
     Admission,
@@ -84,9 +85,11 @@ def create_run(
     run: RunRecord,
     keys_valid_from: datetime,
     limits: RunLimits | None,
+    also: Callable[[duckdb.DuckDBPyConnection], bool] | None = None,
 ) -> Admission:
     """Inserts the run, returns the run its idempotency key already started, or refuses
-    it over a limit; the caller holds the tenant's lock, so the counts cannot move."""
+    it over a limit; the caller holds the tenant's lock, so the counts cannot move. Unless
+    refused, `also` runs in the same transaction (`Admission.progressed` is its answer)."""
     cur.begin()
     try:
         if run.idempotency_key:
@@ -99,8 +102,9 @@ def create_run(
             if row is not None and aware(row[1]) >= keys_valid_from:  # type: ignore[operator]
                 existing = get_run(cur, run.tenant_id, row[0])
             if existing is not None:
-                cur.rollback()
-                return Admission(existing, created=False)
+                progressed = also(cur) if also is not None else False
+                cur.commit()
+                return Admission(existing, created=False, progressed=progressed)
             if row is not None:  # expired, or its run is gone: the key is free again
                 cur.execute(
                     f"DELETE FROM {KEYS} WHERE tenant_id = ? AND idempotency_key = ?",
@@ -128,11 +132,15 @@ def create_run(
             )
         insert_run(cur, run)
         _count_usage(cur, run.tenant_id, run.created_at, limits, started=1, active=active + 1)
+        progressed = False
+        if also is not None:
+            faults.reached(faults.AFTER_SLOT_RUN)
+            progressed = also(cur)
         cur.commit()
     except BaseException:
         rollback(cur)
         raise
-    return Admission(run, created=True)
+    return Admission(run, created=True, progressed=progressed)
 
 
 def active_runs(cur: duckdb.DuckDBPyConnection, tenant_id: str) -> int:

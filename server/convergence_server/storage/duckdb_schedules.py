@@ -26,6 +26,7 @@ from convergence_server.storage.rows import (
 SCHEDULES = f"{CENTRAL}.tenant_schedules"
 SKIPS = f"{CENTRAL}.tenant_schedule_skips"
 _PLACEHOLDERS = ", ".join("?" * len(SCHEDULE_COLUMNS.split(", ")))
+_KEY = ("schedule_id", "tenant_id")
 _SELECT = f"SELECT {SCHEDULE_COLUMNS.replace('parameters', 'CAST(parameters AS VARCHAR)')}"
 
 
@@ -87,40 +88,43 @@ def list_schedules(
 def save_schedule(
     cur: duckdb.DuckDBPyConnection, schedule: ScheduleRecord, skip: SkipRecord | None
 ) -> bool:
-    columns = SCHEDULE_COLUMNS.split(", ")
-    assignments = ", ".join(f"{c} = ?" for c in columns if c not in ("schedule_id", "tenant_id"))
-    values = [
-        v
-        for c, v in zip(columns, _values(schedule), strict=True)
-        if c not in ("schedule_id", "tenant_id")
-    ]
     cur.begin()
     try:
-        row = cur.execute(
-            f"UPDATE {SCHEDULES} SET {assignments} "
-            "WHERE tenant_id = ? AND schedule_id = ? AND version = ? RETURNING schedule_id",
-            [*values, schedule.tenant_id, schedule.schedule_id, schedule.version - 1],
-        ).fetchone()
-        if row is None:
-            cur.rollback()
-            return False
-        if skip is not None:
-            cur.execute(
-                f"INSERT INTO {SKIPS} VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [
-                    skip.schedule_id,
-                    skip.tenant_id,
-                    naive(skip.first_slot),
-                    naive(skip.last_slot),
-                    skip.slot_count,
-                    skip.reason,
-                    naive(skip.recorded_at),
-                ],
-            )
+        written = write_schedule(cur, schedule, skip)
         cur.commit()
     except BaseException:
         rollback(cur)
         raise
+    return written
+
+
+def write_schedule(
+    cur: duckdb.DuckDBPyConnection, schedule: ScheduleRecord, skip: SkipRecord | None = None
+) -> bool:
+    """Writes the schedule over its stored version `schedule.version - 1`, and the skip,
+    in the caller's transaction; False, writing nothing, when the version is another."""
+    columns = SCHEDULE_COLUMNS.split(", ")
+    kept = [(c, v) for c, v in zip(columns, _values(schedule), strict=True) if c not in _KEY]
+    row = cur.execute(
+        f"UPDATE {SCHEDULES} SET {', '.join(f'{c} = ?' for c, _ in kept)} "
+        "WHERE tenant_id = ? AND schedule_id = ? AND version = ? RETURNING schedule_id",
+        [*(v for _, v in kept), schedule.tenant_id, schedule.schedule_id, schedule.version - 1],
+    ).fetchone()
+    if row is None:
+        return False
+    if skip is not None:
+        cur.execute(
+            f"INSERT INTO {SKIPS} VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [
+                skip.schedule_id,
+                skip.tenant_id,
+                naive(skip.first_slot),
+                naive(skip.last_slot),
+                skip.slot_count,
+                skip.reason,
+                naive(skip.recorded_at),
+            ],
+        )
     return True
 
 

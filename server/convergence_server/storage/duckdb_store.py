@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import threading
 import time
@@ -474,11 +475,20 @@ class DuckDBStore:
     # -- runs ----------------------------------------------------------------------------
 
     async def create_run(
-        self, run: RunRecord, keys_valid_from: datetime, limits: RunLimits | None = None
+        self,
+        run: RunRecord,
+        keys_valid_from: datetime,
+        limits: RunLimits | None = None,
+        progress: ScheduleRecord | None = None,
     ) -> Admission:
+        also = None
+        if progress is not None:
+            also = functools.partial(schedules.write_schedule, schedule=progress)
         # One admission at a time per tenant: the counts it checks cannot move under it.
         async with self._tenant_turns.get(run.tenant_id):
-            return await self._call(lambda cur: runs.create_run(cur, run, keys_valid_from, limits))
+            return await self._call(
+                lambda cur: runs.create_run(cur, run, keys_valid_from, limits, also)
+            )
 
     async def get_usage(self, tenant_id: str, day: date) -> UsageRecord | None:
         return await self._call(lambda cur: runs.get_usage(cur, tenant_id, day))

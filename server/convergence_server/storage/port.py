@@ -71,12 +71,20 @@ class Store(Protocol):
     # -- runs: every state change is conditional on the current state --------------------
 
     async def create_run(
-        self, run: RunRecord, keys_valid_from: datetime, limits: RunLimits | None = None
+        self,
+        run: RunRecord,
+        keys_valid_from: datetime,
+        limits: RunLimits | None = None,
+        progress: ScheduleRecord | None = None,
     ) -> Admission:
         """Stores a PENDING run, atomically with its admission against `limits` (runs
         created on its UTC day, and the tenant's PENDING or RUNNING runs, must stay below
         them) and with its usage row. With an idempotency key used since
-        `keys_valid_from`, returns that key's run instead, uncounted."""
+        `keys_valid_from`, returns that key's run instead, uncounted.
+
+        `progress` is a schedule once the run's slot is done: unless the run is refused, it
+        is written in the same transaction, as `save_schedule` writes it (only over the
+        stored version `progress.version - 1`; `Admission.progressed` says if it was)."""
 
     async def get_usage(self, tenant_id: str, day: date) -> UsageRecord | None:
         """The tenant's usage row of a UTC day."""

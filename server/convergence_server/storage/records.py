@@ -126,12 +126,14 @@ class RunLimits:
 @dataclass(frozen=True)
 class Admission:
     """What `Store.create_run` did: stored the run, found it (idempotent replay), or
-    refused it over a limit (`refused` is "daily" or "concurrent", `used` the count)."""
+    refused it over a limit (`refused` is "daily" or "concurrent", `used` the count);
+    `progressed`: it also wrote the schedule progress it was given."""
 
     run: RunRecord | None
     created: bool
     refused: str = ""
     used: int = 0
+    progressed: bool = False
 
 
 @dataclass(frozen=True)
