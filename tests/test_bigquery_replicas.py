@@ -1,4 +1,5 @@
-"""Several server processes on one BigQuery store: exact admission, and crash takeover.
+"""Several server processes on one BigQuery store: exact admission, each schedule slot
+started once, and crash takeover.
 
 Stacks (server + Envoy each) share the emulator and the dataset prefix, as replicas behind
 a load balancer would.
@@ -6,59 +7,99 @@ a load balancer would.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timedelta
 
 import httpx
+import pytest
 
 from tests.bigquery_emulator import Emulator
 from tests.conftest import UNMETERED, StackFactory, new_prefix, onboard, trigger, wait_for_run
+from tests.test_schedules import BASE, Clock, create, fire, slot_times, z
 
 BURST = 12
 PROFESSIONAL_CONCURRENT = 5
 
 
-def test_two_replicas_admit_exactly_the_concurrent_limit(
-    stack_factory: StackFactory, pipeline_env: dict[str, str], emulator: Emulator
-) -> None:
-    """Workers are off, so admitted runs stay PENDING and keep their slots all along."""
-    env = {**pipeline_env, **emulator.env(new_prefix()), "CONVERGENCE_WORKERS": "0"}
+@pytest.fixture(scope="module")
+def clock(tmp_path_factory: pytest.TempPathFactory) -> Clock:
+    clock = Clock(tmp_path_factory.mktemp("replicas") / "clock")
+    clock.path.write_text("0")  # the real time, until a test moves it
+    return clock
+
+
+@pytest.fixture(scope="module")
+def clients(
+    stack_factory: StackFactory, pipeline_env: dict[str, str], emulator: Emulator, clock: Clock
+) -> Iterator[list[httpx.Client]]:
+    """Two replicas on one BigQuery store, their schedule tickers on. Workers are off, so
+    admitted runs stay PENDING and keep their slots all along."""
+    env = {
+        **pipeline_env,
+        **emulator.env(new_prefix()),
+        "CONVERGENCE_WORKERS": "0",
+        "CONVERGENCE_CLOCK_OFFSET_FILE": str(clock.path),
+        "CONVERGENCE_SCHEDULER_TICK_SECONDS": "0.2",
+    }
     replicas = [stack_factory(**env), stack_factory(**env)]
-    clients = [httpx.Client(base_url=s.http_url, timeout=120) for s in replicas]
-    try:
-        tenant_id, key = onboard(clients[0], plan="PROFESSIONAL")
+    opened = [httpx.Client(base_url=s.http_url, timeout=120) for s in replicas]
+    yield opened
+    for client in opened:
+        client.close()
+    for replica in replicas:
+        replica.stop()
 
-        def fire(i: int) -> httpx.Response:
-            return clients[i % 2].post(
-                f"/api/v1/pipelines/run/{tenant_id}/test/runs/quick",
-                headers={"X-API-Key": key},
-                json={},
-            )
 
-        with ThreadPoolExecutor(BURST) as pool:
-            responses = list(pool.map(fire, range(BURST)))
-        codes = sorted(r.status_code for r in responses)
-        assert codes == [200] * PROFESSIONAL_CONCURRENT + [429] * (
-            BURST - PROFESSIONAL_CONCURRENT
-        ), [r.text for r in responses]
-        # Both replicas took part, and both see the same runs and the same usage.
-        admitted_by = {i % 2 for i, r in enumerate(responses) if r.status_code == 200}
-        refused_by = {i % 2 for i, r in enumerate(responses) if r.status_code == 429}
-        assert admitted_by | refused_by == {0, 1}
-        for client in clients:
-            runs = client.get(
-                "/api/v1/pipelines/runs", headers={"X-API-Key": key}, params={"limit": 50}
-            ).json()["runs"]
-            assert len(runs) == PROFESSIONAL_CONCURRENT
-            assert {r["status"] for r in runs} == {"PENDING"}
-            usage = client.get(
-                f"/api/v1/tenants/{tenant_id}/usage", headers={"X-API-Key": key}
-            ).json()
-            assert usage["pipelines_run_today"] == PROFESSIONAL_CONCURRENT, usage
-    finally:
-        for client in clients:
-            client.close()
-        for replica in replicas:
-            replica.stop()
+def test_two_replicas_admit_exactly_the_concurrent_limit(clients: list[httpx.Client]) -> None:
+    tenant_id, key = onboard(clients[0], plan="PROFESSIONAL")
+
+    def fire(i: int) -> httpx.Response:
+        return clients[i % 2].post(
+            f"/api/v1/pipelines/run/{tenant_id}/test/runs/quick",
+            headers={"X-API-Key": key},
+            json={},
+        )
+
+    with ThreadPoolExecutor(BURST) as pool:
+        responses = list(pool.map(fire, range(BURST)))
+    codes = sorted(r.status_code for r in responses)
+    assert codes == [200] * PROFESSIONAL_CONCURRENT + [429] * (BURST - PROFESSIONAL_CONCURRENT), [
+        r.text for r in responses
+    ]
+    # Both replicas took part, and both see the same runs and the same usage.
+    admitted_by = {i % 2 for i, r in enumerate(responses) if r.status_code == 200}
+    refused_by = {i % 2 for i, r in enumerate(responses) if r.status_code == 429}
+    assert admitted_by | refused_by == {0, 1}
+    for client in clients:
+        runs = client.get(
+            "/api/v1/pipelines/runs", headers={"X-API-Key": key}, params={"limit": 50}
+        ).json()["runs"]
+        assert len(runs) == PROFESSIONAL_CONCURRENT
+        assert {r["status"] for r in runs} == {"PENDING"}
+        usage = client.get(f"/api/v1/tenants/{tenant_id}/usage", headers={"X-API-Key": key}).json()
+        assert usage["pipelines_run_today"] == PROFESSIONAL_CONCURRENT, usage
+
+
+def test_two_replicas_with_their_tickers_start_each_slot_once(
+    clients: list[httpx.Client], clock: Clock
+) -> None:
+    """Both replicas tick, and are triggered, on one store: each slot runs once."""
+    _, key = onboard(clients[0], plan=UNMETERED)
+    clock.set(BASE)
+    schedule = create(clients[0], key, cron="* * * * *", catch_up="all", catch_up_max=100)
+    first = datetime.fromisoformat(str(schedule["next_slot_time"]))
+    clock.set(first + timedelta(minutes=2, seconds=30))
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda i: fire(clients[i % 2], key), range(4)))
+    expected = [z(first + timedelta(minutes=m)) for m in range(3)]
+    deadline = time.monotonic() + 120
+    while slot_times(clients[1], key) != expected and time.monotonic() < deadline:
+        time.sleep(0.5)
+    time.sleep(2)  # more ticks of both replicas: none may add a run
+    for client in clients:
+        assert slot_times(client, key) == expected
 
 
 def test_a_killed_replicas_run_is_taken_over_by_another(

@@ -17,19 +17,18 @@ import httpx
 import pytest
 
 from convergence_server.stack import Stack
-from tests.bigquery_emulator import Emulator
 from tests.conftest import (
     UNMETERED,
     StackFactory,
     dump_store,
-    new_prefix,
     onboard,
     wait_for_run,
 )
 
 QUICK = {"provider": "test", "domain": "runs", "template": "quick"}
 TOKEN = "s" * 40
-BASE = datetime(2026, 6, 1, 10, 0, 30, tzinfo=UTC)
+# Set just before a schedule is created: its first slot, 10:01, is 55 s away.
+BASE = datetime(2026, 6, 1, 10, 0, 5, tzinfo=UTC)
 
 
 class Clock:
@@ -117,8 +116,8 @@ def z(instant: datetime) -> str:
 def test_an_every_minute_schedule_starts_one_run_per_simulated_minute(
     http: httpx.Client, clock: Clock
 ) -> None:
-    clock.set(BASE)
     _, key = onboard(http, plan=UNMETERED)
+    clock.set(BASE)
     schedule = create(http, key, cron="* * * * *", created_by="ops@acme.com")
     assert schedule["next_slot_time"] == "2026-06-01T10:01:00Z"
     assert fire(http, key)["slots"] == []  # nothing due yet
@@ -138,8 +137,8 @@ def test_an_every_minute_schedule_starts_one_run_per_simulated_minute(
 
 
 def test_twenty_concurrent_triggers_start_each_slot_once(http: httpx.Client, clock: Clock) -> None:
-    clock.set(BASE)
     _, key = onboard(http, plan=UNMETERED)
+    clock.set(BASE)
     create(http, key, cron="*/5 * * * *", catch_up="all", catch_up_max=10)
     create(http, key, cron="* * * * *", catch_up="all", catch_up_max=10)
     clock.set(
@@ -158,8 +157,8 @@ def test_twenty_concurrent_triggers_start_each_slot_once(http: httpx.Client, clo
 def test_the_operator_token_triggers_every_tenant_and_bad_tokens_are_refused(
     http: httpx.Client, clock: Clock
 ) -> None:
-    clock.set(BASE)
     keys = [onboard(http, plan=UNMETERED)[1] for _ in range(3)]
+    clock.set(BASE)
     for key in keys:
         create(http, key, cron="0 11 * * *")
     clock.set(BASE + timedelta(hours=1))
@@ -183,8 +182,8 @@ def test_the_operator_token_triggers_every_tenant_and_bad_tokens_are_refused(
 def test_paused_and_deleted_schedules_never_fire_and_resume_does_not_replay(
     http: httpx.Client, clock: Clock
 ) -> None:
-    clock.set(BASE)
     _, key = onboard(http, plan=UNMETERED)
+    clock.set(BASE)
     auth = {"X-API-Key": key}
     latest = create(http, key, cron="*/10 * * * *")
     replay = create(http, key, cron="*/10 * * * *", catch_up="all")
@@ -237,6 +236,7 @@ def test_missed_slots_follow_the_catch_up_policy_and_are_recorded(
     stack = stack_factory(**pipeline_env, CONVERGENCE_CLOCK_OFFSET_FILE=str(clock.path))
     with httpx.Client(base_url=stack.http_url, timeout=60) as http:
         _, key = onboard(http, plan=UNMETERED)
+        clock.set(BASE)
         auth = {"X-API-Key": key}
         none = create(http, key, cron="0 * * * *", catch_up="none")
         latest = create(http, key, cron="0 * * * *", catch_up="latest")
@@ -281,8 +281,8 @@ def test_a_slot_refused_by_the_daily_quota_runs_the_next_utc_day_once(
     http: httpx.Client, clock: Clock
 ) -> None:
     day = datetime(2026, 6, 10, 5, 0, tzinfo=UTC)
-    clock.set(day)
     tenant_id, key = onboard(http, plan="STARTER")  # 6 runs a day, 1 at once
+    clock.set(day)
     for _ in range(6):  # the day's quota, used by hand
         response = http.post(
             f"/api/v1/pipelines/run/{tenant_id}/test/runs/quick",
@@ -314,8 +314,8 @@ def test_a_backfill_of_30_days_runs_each_slot_once_within_the_daily_quota(
     http: httpx.Client, clock: Clock
 ) -> None:
     start = datetime(2026, 7, 1, 12, 0, tzinfo=UTC)
-    clock.set(start)
     _, key = onboard(http, plan="STARTER")  # 6 runs a day, 1 at once
+    clock.set(start)
     auth = {"X-API-Key": key}
     # Daily in June only: no slot of its own comes due in July, while the backfill runs.
     schedule = create(http, key, cron="0 3 * 6 *", parameters={"date": "{slot_date-1}"})
@@ -445,8 +445,8 @@ def test_time_zones_and_dst_give_the_exact_slots(
 ) -> None:
     """The clock walks from `start` to `end` in half-hours, triggering at each step."""
     moment, last = datetime.fromisoformat(start), datetime.fromisoformat(end)
-    clock.set(moment)
     _, key = onboard(http, plan=UNMETERED)
+    clock.set(moment)
     create(http, key, cron=cron, time_zone=zone, catch_up="all")
     while moment < last:
         moment += timedelta(minutes=30)
@@ -468,6 +468,7 @@ def test_the_ticker_and_triggers_together_start_each_slot_once(
     )
     with httpx.Client(base_url=stack.http_url, timeout=60) as http:
         _, key = onboard(http, plan=UNMETERED)
+        clock.set(BASE)
         create(http, key, cron="* * * * *", catch_up="all", catch_up_max=100)
         for minute in range(1, 6):
             clock.set(BASE + timedelta(minutes=minute))
@@ -524,41 +525,3 @@ def test_a_crash_between_the_run_and_the_slot_record_starts_the_slot_once(
         assert slot_times(http, key) == ["2026-06-01T11:00:00Z"]
         settle(http, key)
     restarted.stop()
-
-
-def test_two_replicas_on_bigquery_with_their_tickers_start_each_slot_once(
-    stack_factory: StackFactory,
-    pipeline_env: dict[str, str],
-    emulator: Emulator,
-    tmp_path: Path,
-) -> None:
-    """Both replicas tick (and are triggered) on one BigQuery store; each slot runs once."""
-    clock = Clock(tmp_path / "clock")
-    clock.set(BASE)
-    env = {
-        **pipeline_env,
-        **emulator.env(new_prefix()),
-        "CONVERGENCE_CLOCK_OFFSET_FILE": str(clock.path),
-        "CONVERGENCE_SCHEDULER_TICK_SECONDS": "0.2",
-        "CONVERGENCE_WORKERS": "0",  # admission is the subject; runs stay PENDING
-    }
-    replicas = [stack_factory(**env), stack_factory(**env)]
-    clients = [httpx.Client(base_url=s.http_url, timeout=120) for s in replicas]
-    try:
-        _, key = onboard(clients[0], plan=UNMETERED)
-        create(clients[0], key, cron="* * * * *", catch_up="all", catch_up_max=100)
-        clock.set(BASE + timedelta(minutes=3))
-        with ThreadPoolExecutor(4) as pool:
-            list(pool.map(lambda i: fire(clients[i % 2], key), range(4)))
-        deadline = time.monotonic() + 120
-        while len(slot_times(clients[1], key)) < 3 and time.monotonic() < deadline:
-            time.sleep(0.5)
-        time.sleep(2)  # more ticks of both replicas: none may add a run
-        expected = [z(BASE.replace(second=0) + timedelta(minutes=m)) for m in range(1, 4)]
-        for client in clients:
-            assert slot_times(client, key) == expected
-    finally:
-        for client in clients:
-            client.close()
-        for replica in replicas:
-            replica.stop()

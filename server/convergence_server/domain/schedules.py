@@ -3,13 +3,13 @@
 A slot is an instant of the schedule's cron expression in its time zone (`domain.cron`).
 A trigger (Cloud Scheduler's call, the operator's, or the server's own ticker, all the same
 code) starts every due slot: past, after the schedule's `last_slot`, and kept by its
-catch-up policy. Exactly once rests on one thing: a slot's run is created with the
-idempotency key `schedule/{schedule_id}/{slot}` inside the store's admission transaction,
-so the same slot started by two calls, two replicas, or again after a crash between the
-run and the schedule's progress, finds the run already there. The schedule's progress
-(`last_slot`, the backfill's place, the skipped slots) is then written over the version it
-was read at; a writer that loses that race changes nothing, and the next trigger goes on
-from whatever won.
+catch-up policy. Exactly once rests on two things, both in the store's admission
+transaction: a slot's run is created with the idempotency key `schedule/{schedule_id}/{slot}`,
+and the schedule's record of the slot (its new `last_slot`, or the backfill's place) is
+written with it, over the version it was read at. A crash leaves both or neither; a
+second trigger, replica or retry that read the schedule before the record finds the run
+already there (ALREADY_STARTED) and its stale record refused, and stops: the next trigger
+goes on from whatever won.
 
 Nothing is lost: a slot refused by a plan limit is not passed, so it stays due and starts
 at a later trigger, until the catch-up policy no longer keeps it; then it is recorded as
