@@ -288,8 +288,10 @@ def operator_trigger(
         )
     if expected:
         wanted = {t.tenant_id for t in tenants}
-        got = Counter(str(s.get("run", {}).get("tenant_id")) for s in started)
-        if set(got) != wanted or max(got.values(), default=0) != 1:
+        got = Counter(str(s.get("tenant_id")) for s in started)
+        run_ids = {str(s.get("pipeline_logging_id")) for s in started}
+        listed = {str(r.get("pipeline_logging_id")) for r in body.get("runs", [])}
+        if set(got) != wanted or max(got.values(), default=0) != 1 or run_ids != listed:
             problems.append(f"{name}: not exactly one started run per tenant")
         if {s.get("slot_time") for s in started} != {_z(due)}:
             problems.append(f"{name}: a started slot is not the one at {_z(due)}")
