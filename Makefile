@@ -66,7 +66,7 @@ lint: $(GEN_STAMP) $(BUF) ## Lint the protos (buf), the Python code (ruff) and i
 	$(VENV)/bin/mypy
 
 test: $(GEN_STAMP) $(EMULATOR_DIR)/.installed ## Run the test suite (starts real servers and Envoy on loopback ports).
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadfile
 
 run: $(GEN_STAMP) ## Start the gRPC server and Envoy on the embedded store; Ctrl-C stops both.
 	$(PY) -m convergence_server stack

@@ -54,7 +54,6 @@ import os
 import platform
 import secrets
 import signal
-import statistics
 import sys
 import threading
 import time
@@ -71,6 +70,7 @@ from unittest import mock
 import httpx
 
 from bench.api_overhead import START_TIMEOUT, TIMEOUT, _cpu_seconds, log_problems, log_sizes
+from bench.noisy import loadavg, percentile_ms
 from bench.pipelines import QUICK, Tenant, make_workspace, start_pipeline_stack
 from convergence_server.stack import Stack
 
@@ -414,9 +414,7 @@ def run_all(args: argparse.Namespace) -> Report:
 
 
 def _percentile_ms(latencies: Sequence[float], q: int) -> str:
-    if len(latencies) < 2:
-        return "—"
-    return f"{1000 * statistics.quantiles(latencies, n=100, method='inclusive')[q - 1]:.1f}"
+    return f"{percentile_ms(latencies, q):.1f}" if len(latencies) >= 2 else "—"
 
 
 def _by_name(measured: Sequence[Measured], name: str) -> Measured:
@@ -459,13 +457,6 @@ def summary(report: Report) -> str:
         b, keyed = (_by_name(measured, n).seconds for n in (MANUAL, MANUAL_KEYED))
         parts.append(f"round {number}: B/A {b / a:.2f}, B'/A {keyed / a:.2f}")
     return "Time of the manual triggers / time of the operator-wide trigger: " + "; ".join(parts)
-
-
-def loadavg() -> str:
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "n/a"
 
 
 def describe(report: Report, load_before: str) -> str:

@@ -17,7 +17,7 @@ import pytest
 
 from tests.bigquery_emulator import Emulator
 from tests.conftest import UNMETERED, StackFactory, new_prefix, onboard, trigger, wait_for_run
-from tests.test_schedules import BASE, Clock, create, fire, slot_times, z
+from tests.test_schedules import BASE, Clock, assert_each_slot_once, create, fire, slot_times
 
 BURST = 12
 PROFESSIONAL_CONCURRENT = 5
@@ -90,16 +90,15 @@ def test_two_replicas_with_their_tickers_start_each_slot_once(
     clock.set(BASE)
     schedule = create(clients[0], key, cron="* * * * *", catch_up="all", catch_up_max=100)
     first = datetime.fromisoformat(str(schedule["next_slot_time"]))
-    clock.set(first + timedelta(minutes=2, seconds=30))
+    clock.set(first + timedelta(minutes=2, seconds=1))  # 3 slots due; the 4th in 59 s
     with ThreadPoolExecutor(4) as pool:
         list(pool.map(lambda i: fire(clients[i % 2], key), range(4)))
-    expected = [z(first + timedelta(minutes=m)) for m in range(3)]
     deadline = time.monotonic() + 120
-    while slot_times(clients[1], key) != expected and time.monotonic() < deadline:
+    while len(slot_times(clients[1], key)) < 3 and time.monotonic() < deadline:
         time.sleep(0.5)
     time.sleep(2)  # more ticks of both replicas: none may add a run
     for client in clients:
-        assert slot_times(client, key) == expected
+        assert_each_slot_once(slot_times(client, key), first, at_least=3)
 
 
 def test_a_killed_replicas_run_is_taken_over_by_another(

@@ -2,8 +2,9 @@
 
 1. `ErrorInterceptor`: turns every exception into a status (via `api.errors`, the one place).
 2. `RequestContextInterceptor`: request id, method and X-User-ID, for logs and servicers.
-3. `AuthInterceptor`: who is calling, from `x-api-key`; what a caller without a valid key
-   may cost (the open endpoints and failed authentications, per client address: see
+3. `AuthInterceptor`: who is calling, from `x-api-key` (or, for the scheduler trigger
+   alone, the operator's `x-scheduler-token`); what a caller without a valid key may cost
+   (the open endpoints and failed authentications, per client address: see
    `domain.clients`). What the caller may do is decided by the servicers.
 4. `QuotaInterceptor`: the plan's request rate per API key, and the tenant's calls in
    progress and open streams; the trigger reserves the daily and concurrent run limits
