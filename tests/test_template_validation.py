@@ -131,3 +131,28 @@ def test_the_server_refuses_to_start_with_a_bad_template(tmp_path: Path) -> None
     )
     assert result.returncode != 0
     assert "template.yml: steps: must be a non-empty list" in result.stderr
+
+
+def test_a_templates_schedule_must_be_a_valid_cron(tmp_path: Path) -> None:
+    """A template's `schedule:` is the default cron of its schedules: `validate` and the
+    server's start check it like any field."""
+    config = catalog_with(
+        tmp_path,
+        'description: x\nschedule: "0 4 * *"\nsteps:\n'
+        "  - {name: s, kind: query, sql: SELECT 1 AS n, destination: t, write_mode: append}\n",
+    )
+    for command in ("validate", "serve"):
+        result = subprocess.run(
+            [sys.executable, "-m", "convergence_server", command],
+            env={
+                **os.environ,
+                "CONVERGENCE_CONFIG_DIR": str(config),
+                "CONVERGENCE_DATA_DIR": str(tmp_path / "data"),
+                "CONVERGENCE_GRPC_PORT": "0",
+            },
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode != 0
+        assert "template.yml: schedule: must have 5 fields" in result.stderr, result.stderr

@@ -25,11 +25,13 @@ async def _serve(config: Config) -> None:
 
 def _validate(config: Config) -> int:
     from convergence_server.domain.plans import PlanCatalogError, load_plans
+    from convergence_server.domain.schedules import check_schedule_hints
     from convergence_server.engine.templates import TemplateError, load_catalog
 
     try:
         plans = load_plans(config.plans_path)
         catalog = load_catalog(config.config_dir)
+        check_schedule_hints(catalog)
     except (PlanCatalogError, TemplateError) as exc:
         print(f"invalid: {exc}", file=sys.stderr)
         return 1

@@ -53,7 +53,7 @@ from convergence_server.domain.onboarding import MIN_PEPPER_BYTES, Onboarding
 from convergence_server.domain.plans import load_plans
 from convergence_server.domain.quotas import PlanBook, RateLimiter
 from convergence_server.domain.runs import PageTokens, RunEvents, Runs, page_token_key
-from convergence_server.domain.schedules import Schedules, Ticker
+from convergence_server.domain.schedules import Schedules, Ticker, check_schedule_hints
 from convergence_server.engine.runner import SourcePolicy
 from convergence_server.engine.templates import load_catalog
 from convergence_server.storage import Store, open_store
@@ -193,6 +193,7 @@ def create_server(
     faults.arm(config.fault_points, config.data_dir)
     plans = load_plans(config.plans_path)
     catalog = load_catalog(config.config_dir)
+    check_schedule_hints(catalog)
     store = open_store(config)
     clock = make_clock(config.clock_offset_file)
     events = RunEvents()

@@ -38,6 +38,7 @@ from convergence_server.engine.templates import (
     NAME_PATTERN,
     Catalog,
     Template,
+    TemplateError,
     has_hidden_characters,
     parse_date,
 )
@@ -151,6 +152,17 @@ def bind(parameters: dict[str, str], day: date) -> dict[str, str]:
         return (day + timedelta(days=shift)).isoformat()
 
     return {name: _BINDING.sub(value, text) for name, text in parameters.items()}
+
+
+def check_schedule_hints(catalog: Catalog) -> None:
+    """Raises `TemplateError` naming the first template whose `schedule:` (the default cron
+    of its schedules) is not a valid 5-field cron expression."""
+    for template in sorted(catalog.templates.values(), key=lambda t: t.key):
+        if template.schedule:
+            try:
+                Cron.parse(template.schedule)
+            except CronError as exc:
+                raise TemplateError(f"{template.path}: schedule: {exc.issue}") from None
 
 
 class Schedules:
