@@ -337,6 +337,7 @@ def test_parse_keeps_expression_and_zone() -> None:
         ("R * * * *", "UTC", "cron", "H and R"),
         ("5-5 * * * *", "UTC", "cron", "ambiguous"),
         ("0 9 * * mon-mon", "UTC", "cron", "ambiguous"),
+        ("0 0 * * 7-0", "UTC", "cron", "ambiguous"),
         ("0 0 1 * 1#2", "UTC", "cron", "cannot combine"),
         ("0 0 15W * 1", "UTC", "cron", "cannot combine"),
         ("0 0 30 2 *", "UTC", "cron", "matches no date"),

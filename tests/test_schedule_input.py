@@ -208,6 +208,11 @@ def test_bad_backfills_are_refused_and_change_nothing(
     june = api.post(
         "/api/v1/schedules", headers=auth(key), json={**QUICK, "cron": "0 6 * 6 *"}
     ).json()["schedule_id"]
+    bound = api.post(
+        "/api/v1/schedules",
+        headers=auth(key),
+        json={**QUICK, "cron": "0 6 * * *", "parameters": {"date": "{slot_date-1}"}},
+    ).json()["schedule_id"]
     cases = [
         (sid, {"start_date": "2026-02-30", "end_date": "2026-03-01"}, "start_date"),
         (sid, {"end_date": "2026-03-01"}, "start_date"),
@@ -216,6 +221,8 @@ def test_bad_backfills_are_refused_and_change_nothing(
         (sid, {"start_date": "1999-12-31", "end_date": "2026-01-01"}, "start_date"),
         (every_minute, {"start_date": "2026-03-01", "end_date": "2026-03-02"}, "end_date"),
         (june, {"start_date": "2026-01-01", "end_date": "2026-01-31"}, "start_date"),
+        # `{slot_date-1}` of 2000-01-01 is before the first date a run accepts.
+        (bound, {"start_date": "2000-01-01", "end_date": "2000-01-02"}, "parameters.date"),
     ]
     for schedule_id, body, field in cases:
         before = api.get(f"/api/v1/schedules/{schedule_id}", headers=auth(key)).json()
@@ -224,7 +231,7 @@ def test_bad_backfills_are_refused_and_change_nothing(
         )
         assert_refused(response, field)
         assert api.get(f"/api/v1/schedules/{schedule_id}", headers=auth(key)).json() == before
-    for schedule_id in (sid, every_minute, june):
+    for schedule_id in (sid, every_minute, june, bound):
         api.delete(f"/api/v1/schedules/{schedule_id}", headers=auth(key))
 
 

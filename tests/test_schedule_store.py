@@ -314,6 +314,12 @@ def test_due_schedules_have_a_slot_past_or_a_backfill_in_progress(store: Store) 
     everyone = [s for s in run(store.due_schedules(None, now, 10_000)) if s.tenant_id in ours]
     by_tenant = {tenant_id: due, other: [elsewhere]}
     assert everyone == [s for t in sorted(ours) for s in by_tenant[t]]
+    # Pages: strictly after a (tenant, creation, id) cursor; paused ones can be left out.
+    first = due[0]
+    cursor = (first.tenant_id, first.created_at, first.schedule_id)
+    assert run(store.due_schedules(tenant_id, now, 100, cursor)) == due[1:]
+    unpaused = [s for s in due if not s.paused]
+    assert run(store.due_schedules(tenant_id, now, 100, paused=False)) == unpaused
 
     # Progress recorded (the slot ran, the backfill ended): no longer due.
     assert run(store.save_schedule(next_version(past, next_slot=now + timedelta(days=1))))

@@ -206,6 +206,12 @@ def test_paused_and_deleted_schedules_never_fire_and_resume_does_not_replay(
     clock.set(BASE + timedelta(minutes=35))  # 10:10, 10:20, 10:30 due
     outcomes = sorted(s["outcome"] for s in fire(http, key)["slots"])
     assert outcomes == ["PAUSED", "PAUSED"]
+    # The operator-wide trigger leaves paused schedules out (they would fill its pages).
+    everyone = http.post(
+        "/api/v1/scheduler/trigger", headers={"X-Scheduler-Token": TOKEN}, json={}
+    ).json()
+    mine = {latest["schedule_id"], replay["schedule_id"], gone["schedule_id"]}
+    assert [s for s in everyone["slots"] if s["schedule_id"] in mine] == []
     assert slot_times(http, key) == []
     assert http.get(f"/api/v1/schedules/{gone['schedule_id']}", headers=auth).status_code == 404
 
@@ -309,6 +315,19 @@ def test_a_slot_refused_by_the_daily_quota_runs_the_next_utc_day_once(
     assert 0 < refused["retry_after_seconds"] <= 18 * 3600
     assert "Daily pipeline quota exceeded" in refused["reason"]
     assert fire(http, key)["slots"][0]["outcome"] == "QUOTA_EXCEEDED"  # still due, still refused
+    # A second schedule, refused too, then given another cron: its due slot is recorded as
+    # skipped, never silently dropped.
+    moved = create(http, key, cron="3 6 * * *")
+    clock.set(day + timedelta(hours=1, minutes=4))
+    assert fire(http, key)["slots"][-1]["outcome"] == "QUOTA_EXCEEDED"
+    changed = send(
+        http, "PATCH", f"/api/v1/schedules/{moved['schedule_id']}", key, json={"cron": "0 9 * * *"}
+    ).json()
+    assert (changed["skipped_slots"], changed["last_skip_reason"]) == (
+        1,
+        "the cron or time zone changed",
+    )
+    send(http, "DELETE", f"/api/v1/schedules/{moved['schedule_id']}", key)
     clock.set(datetime(2026, 6, 11, 0, 0, 30, tzinfo=UTC))
     (started,) = fire(http, key)["slots"]
     assert (started["outcome"], started["slot_time"]) == ("STARTED", "2026-06-10T06:00:00Z")

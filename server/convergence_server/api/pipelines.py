@@ -12,7 +12,7 @@ from convergence_server.api import convert
 from convergence_server.api.context import operator_var, require_caller
 from convergence_server.api.interceptors import metadata_value
 from convergence_server.domain.runs import Runs, TriggerRequest
-from convergence_server.domain.schedules import STARTED, Schedules
+from convergence_server.domain.schedules import MAX_REPORTED_SLOTS, STARTED, Schedules
 from convergence_server.engine.templates import Catalog
 
 
@@ -69,12 +69,13 @@ class PipelineServicer(pipeline_service_pb2_grpc.PipelineServiceServicer):
         tenant_id = None if operator_var.get() else require_caller().tenant_id
         outcomes = await self._schedules.trigger(tenant_id)
         started = [o.run for o in outcomes if o.outcome == STARTED and o.run is not None]
+        message = "No schedule had a due slot"
+        if outcomes:
+            message = f"Started {len(started)} run(s); `slots` says what became of each due slot"
+        if len(outcomes) > MAX_REPORTED_SLOTS:
+            message += f" (the first {MAX_REPORTED_SLOTS} of {len(outcomes)} are listed)"
         return pipeline_service_pb2.TriggerScheduledPipelinesResponse(
-            runs=[convert.run(r) for r in started],
-            message=(
-                f"Started {len(started)} run(s); `slots` says what became of each due slot"
-                if outcomes
-                else "No schedule had a due slot"
-            ),
-            slots=[convert.slot_result(o) for o in outcomes],
+            runs=[convert.run(r) for r in started[:MAX_REPORTED_SLOTS]],
+            message=message,
+            slots=[convert.slot_result(o) for o in outcomes[:MAX_REPORTED_SLOTS]],
         )

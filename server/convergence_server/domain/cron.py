@@ -277,7 +277,10 @@ def _check_expression(expression: str) -> list[str]:
         for part in text.lower().split(","):
             bounds = _RANGE.fullmatch(part)
             low = None if bounds is None else _value(index, bounds[1])
-            if low is not None and bounds is not None and low == _value(index, bounds[2]):
+            high = None if bounds is None else _value(index, bounds[2])
+            # Both ends the same day ("7-0": Sunday to Sunday) is read as the whole cycle too.
+            same = low == high or (index == 4 and (low, high) == (7, 0))
+            if low is not None and same:
                 raise CronError(
                     "cron",
                     f"{_FIELD_NAMES[index]} field: range {echo(part)!r} is ambiguous; "

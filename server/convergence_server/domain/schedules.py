@@ -62,9 +62,11 @@ ON_TIME = timedelta(minutes=10)
 MAX_BACKFILL_SLOTS = 1000
 # Slots of one schedule a trigger starts at most (the plan's limits usually stop it first).
 MAX_SLOTS_PER_TRIGGER = 100
-# Due schedules one trigger processes at most (its answer stays well under a megabyte); the
-# rest wait for the next trigger.
-MAX_DUE_PER_TRIGGER = 2_000
+# Due schedules read at once; a trigger reads page after page until none is left.
+DUE_PAGE = 2_000
+# Slot results a trigger's answer lists at most (so that it stays well under a megabyte);
+# its message counts them all.
+MAX_REPORTED_SLOTS = 2_000
 # Tenants processed at once by an operator-wide trigger.
 TENANTS_AT_ONCE = 32
 # Skipped slots are counted up to this many (an every-minute schedule down for weeks).
@@ -317,6 +319,9 @@ class Schedules:
                 )
             if not slots:
                 raise _invalid("start_date", "the range holds no slot of the schedule")
+            template = self._template(s.provider, s.domain, s.template)
+            for slot in (slots[0], slots[-1]):  # e.g. `{slot_date-1}` before 2000-01-01
+                self._check_parameters(s, template, slot)
             counted = len(slots)
             return replace(
                 s, backfill_after=after, backfill_until=slots[-1], backfill_left=len(slots)
@@ -332,21 +337,36 @@ class Schedules:
         change: Callable[[ScheduleRecord], ScheduleRecord],
         skip_paused: bool = False,
     ) -> ScheduleRecord:
-        """Applies `change` to the stored schedule, again if a concurrent change (a trigger
-        recording progress) came first."""
-        for _ in range(20):
-            current = await self.get(caller, schedule_id)
-            changed = change(current)
-            if changed == current:
-                return current
-            now = self._clock()
-            skip = None
-            if skip_paused and current.paused and changed.catch_up != "all":
-                changed, skip = self._skip_until(changed, now, "the schedule was paused")
-            changed = replace(changed, version=current.version + 1, updated_at=now)
-            if await self._store.save_schedule(changed, skip):
-                return changed
-        raise FailedPrecondition(f"Schedule {schedule_id} kept changing concurrently; try again")
+        """Applies `change` to the stored schedule, in its tenant's turn (so it waits for a
+        trigger of this process to finish with the tenant rather than racing it), again if
+        another process's trigger recorded progress first."""
+        async with self._turns.setdefault(caller.tenant_id, asyncio.Lock()):
+            for _ in range(20):
+                current = await self.get(caller, schedule_id)
+                changed = change(current)
+                if changed == current:
+                    return current
+                now = self._clock()
+                skip = None
+                if skip_paused and current.paused and changed.catch_up != "all":
+                    changed, skip = self._skip_until(changed, now, "the schedule was paused")
+                elif (changed.cron, changed.time_zone) != (current.cron, current.time_zone):
+                    # The old cron's slots still due are not replayed: they are skipped.
+                    passed, skip = self._skip_until(current, now, "the cron or time zone changed")
+                    changed = replace(
+                        changed,
+                        skipped_slots=passed.skipped_slots,
+                        last_skip_reason=passed.last_skip_reason,
+                    )
+                changed = replace(changed, version=current.version + 1, updated_at=now)
+                if await self._store.save_schedule(changed, skip):
+                    self._turns_ended[caller.tenant_id] = (
+                        self._turns_ended.get(caller.tenant_id, 0) + 1
+                    )
+                    return changed
+            raise FailedPrecondition(
+                f"Schedule {schedule_id} kept changing concurrently; try again"
+            )
 
     def _updated(self, schedule: ScheduleRecord, changes: dict[str, Any]) -> ScheduleRecord:
         changed = replace(schedule, **changes)
@@ -396,7 +416,14 @@ class Schedules:
                 )
         last = schedule.last_slot or schedule.created_at
         upcoming = cron.next_after(last)
-        day = (upcoming or last).astimezone(ZoneInfo(schedule.time_zone)).date()
+        self._check_parameters(schedule, template, upcoming or last)
+        return replace(schedule, cron=cron.expression, time_zone=cron.time_zone, next_slot=upcoming)
+
+    def _check_parameters(
+        self, schedule: ScheduleRecord, template: Template, slot: datetime
+    ) -> None:
+        """The schedule's parameters, bound to `slot`, are what a trigger accepts."""
+        day = slot.astimezone(ZoneInfo(schedule.time_zone)).date()
         try:
             self._runs.check_parameters(
                 schedule.tenant_id, template, bind(schedule.parameters, day), day
@@ -410,17 +437,31 @@ class Schedules:
                     for v in exc.violations
                 ],
             ) from None
-        return replace(schedule, cron=cron.expression, time_zone=cron.time_zone, next_slot=upcoming)
 
     # -- triggering -------------------------------------------------------------------------
 
     async def trigger(self, tenant_id: str | None) -> list[SlotOutcome]:
-        """Starts the due slots of the tenant's schedules, or of every tenant's."""
-        # Which tenants' turns ended so far: a tenant whose turn ends after this point may
-        # have moved its schedules on, and they are read again in the next turn.
-        turns_seen = dict(self._turns_ended)
-        now = self._clock()
-        due = await self._store.due_schedules(tenant_id, now, MAX_DUE_PER_TRIGGER)
+        """Starts the due slots of the tenant's schedules (reporting paused ones), or of
+        every tenant's (paused ones left out), a page of due schedules at a time."""
+        outcomes: list[SlotOutcome] = []
+        after: tuple[str, datetime, str] | None = None
+        while True:
+            # Which tenants' turns ended so far: a tenant whose turn ends after this point
+            # may have moved its schedules on, and they are read again in its turn.
+            turns_seen = dict(self._turns_ended)
+            now = self._clock()
+            due = await self._store.due_schedules(
+                tenant_id, now, DUE_PAGE, after, paused=tenant_id is not None
+            )
+            outcomes += await self._trigger_page(due, turns_seen, now)
+            if len(due) < DUE_PAGE:
+                return outcomes
+            last = due[-1]
+            after = (last.tenant_id, last.created_at, last.schedule_id)
+
+    async def _trigger_page(
+        self, due: list[ScheduleRecord], turns_seen: dict[str, int], now: datetime
+    ) -> list[SlotOutcome]:
         by_tenant: dict[str, list[ScheduleRecord]] = {}
         for schedule in due:
             by_tenant.setdefault(schedule.tenant_id, []).append(schedule)
@@ -432,7 +473,7 @@ class Schedules:
                     at = now
                     if self._turns_ended.get(tenant, 0) != turns_seen.get(tenant, 0):
                         at = self._clock()
-                        read = await self._store.due_schedules(tenant, at, MAX_DUE_PER_TRIGGER)
+                        read = await self._store.due_schedules(tenant, at, DUE_PAGE)
                     return await self._trigger_tenant(read, at)
                 finally:
                     self._turns_ended[tenant] = self._turns_ended.get(tenant, 0) + 1

@@ -695,19 +695,30 @@ class BigQueryStore:
         return bool(rows[0][0])
 
     async def due_schedules(
-        self, tenant_id: str | None, now: datetime, limit: int
+        self,
+        tenant_id: str | None,
+        now: datetime,
+        limit: int,
+        after: tuple[str, datetime, str] | None = None,
+        paused: bool = True,
     ) -> list[ScheduleRecord]:
         params: dict[str, Any] = {"now": now}
         within = "TRUE"
         if tenant_id is not None:
             within = "tenant_id = @tenant_id"
             params["tenant_id"] = tenant_id
+        then = "(next_slot <= @now OR backfill_left > 0)"
+        if not paused:
+            then += " AND NOT paused"
+        if after is not None:
+            then += (
+                " AND (tenant_id > @after_tenant OR (tenant_id = @after_tenant AND"
+                " (created_at > @after_at OR"
+                " (created_at = @after_at AND schedule_id > @after_id))))"
+            )
+            params.update(after_tenant=after[0], after_at=after[1], after_id=after[2])
         return await self._schedules(
-            within,
-            params,
-            "(next_slot <= @now OR backfill_left > 0)",
-            "tenant_id, created_at, schedule_id",
-            limit,
+            within, params, then, "tenant_id, created_at, schedule_id", limit
         )
 
     async def _schedules(

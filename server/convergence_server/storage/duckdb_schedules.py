@@ -129,13 +129,23 @@ def write_schedule(
 
 
 def due_schedules(
-    cur: duckdb.DuckDBPyConnection, tenant_id: str | None, now: datetime, limit: int
+    cur: duckdb.DuckDBPyConnection,
+    tenant_id: str | None,
+    now: datetime,
+    limit: int,
+    after: tuple[str, datetime, str] | None = None,
+    paused: bool = True,
 ) -> list[ScheduleRecord]:
     where = "NOT deleted AND (next_slot <= ? OR backfill_left > 0)"
     params: list[Any] = [naive(now)]
     if tenant_id is not None:
         where += " AND tenant_id = ?"
         params.append(tenant_id)
+    if not paused:
+        where += " AND NOT paused"
+    if after is not None:
+        where += " AND (tenant_id, created_at, schedule_id) > (?, ?, ?)"
+        params += [after[0], naive(after[1]), after[2]]
     rows = cur.execute(
         f"{_SELECT} FROM {SCHEDULES} WHERE {where} ORDER BY tenant_id, created_at, schedule_id "
         "LIMIT ?",

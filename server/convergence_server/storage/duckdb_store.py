@@ -571,9 +571,16 @@ class DuckDBStore:
             return await self._call(lambda cur: schedules.save_schedule(cur, schedule, skip))
 
     async def due_schedules(
-        self, tenant_id: str | None, now: datetime, limit: int
+        self,
+        tenant_id: str | None,
+        now: datetime,
+        limit: int,
+        after: tuple[str, datetime, str] | None = None,
+        paused: bool = True,
     ) -> list[ScheduleRecord]:
-        return await self._call(lambda cur: schedules.due_schedules(cur, tenant_id, now, limit))
+        return await self._call(
+            lambda cur: schedules.due_schedules(cur, tenant_id, now, limit, after, paused)
+        )
 
     async def typical_run_ms(self, tenant_id: str) -> int | None:
         return await self._call(lambda cur: runs.typical_run_ms(cur, tenant_id))

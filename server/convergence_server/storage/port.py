@@ -127,11 +127,16 @@ class Store(Protocol):
         another one (a concurrent change came first)."""
 
     async def due_schedules(
-        self, tenant_id: str | None, now: datetime, limit: int
+        self,
+        tenant_id: str | None,
+        now: datetime,
+        limit: int,
+        after: tuple[str, datetime, str] | None = None,
+        paused: bool = True,
     ) -> list[ScheduleRecord]:
-        """Schedules (not deleted; paused ones too) with a slot due at `now` (`next_slot`
-        not after it) or a backfill in progress, of one tenant or of all; ordered by
-        tenant, then creation."""
+        """Schedules (not deleted; paused ones too unless `paused` is False) with a slot due
+        at `now` (`next_slot` not after it) or a backfill in progress, of one tenant or of
+        all; ordered by tenant, creation and id, strictly after `after` (those three)."""
 
     async def typical_run_ms(self, tenant_id: str) -> int | None:
         """The median duration of the tenant's recent ended runs, if it has any."""
