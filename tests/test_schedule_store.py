@@ -331,7 +331,8 @@ def test_due_schedules_have_a_slot_past_or_a_backfill_in_progress(store: Store) 
 
 def test_a_slot_run_and_its_schedule_progress_are_written_together(store: Store) -> None:
     """`create_run` with a schedule's progress: written with an admitted or found run, over
-    the version it was made from only; never with a refused run."""
+    the version it was made from only; never with a refused run; and no new run is
+    admitted from a stale reading."""
     tenant_id = tenant(store)
     original = new_schedule(tenant_id)
     create(store, original)
@@ -350,6 +351,15 @@ def test_a_slot_run_and_its_schedule_progress_are_written_together(store: Store)
     second = next_version(first, skipped_slots=7)
     found = run(store.create_run(contract.new_run(tenant_id, key=key), LONG_AGO, None, second))
     assert (found.created, found.progressed) == (False, True)
+    assert run(store.get_schedule(tenant_id, original.schedule_id)) == second
+
+    # A new slot's run from a stale reading (the schedule changed since: paused, deleted,
+    # moved on by another trigger): refused, nothing written.
+    stale_key = f"schedule/{original.schedule_id}/2026-03-04T05:00:00Z"
+    stale = contract.new_run(tenant_id, key=stale_key)
+    late = run(store.create_run(stale, LONG_AGO, None, next_version(first)))
+    assert (late.refused, late.created, late.progressed, late.run) == ("stale", False, False, None)
+    assert run(store.get_run(tenant_id, stale.pipeline_logging_id)) is None
     assert run(store.get_schedule(tenant_id, original.schedule_id)) == second
 
     # Refused by a limit: nothing written, neither run nor progress.

@@ -8,8 +8,9 @@ transaction: a slot's run is created with the idempotency key `schedule/{schedul
 and the schedule's record of the slot (its new `last_slot`, or the backfill's place) is
 written with it, over the version it was read at. A crash leaves both or neither; a
 second trigger, replica or retry that read the schedule before the record finds the run
-already there (ALREADY_STARTED) and its stale record refused, and stops: the next trigger
-goes on from whatever won.
+already there (ALREADY_STARTED) and its stale record refused, and stops; and no new run is
+admitted from a reading older than the schedule (a pause, a change or a deletion since,
+on any replica). The next trigger goes on from whatever won.
 
 Nothing is lost: a slot refused by a plan limit is not passed, so it stays due and starts
 at a later trigger, until the catch-up policy no longer keeps it; then it is recorded as
@@ -548,7 +549,10 @@ class Schedules:
             else:
                 done = replace(progress, last_slot=slot, next_slot=cron.next_after(slot))
             done = replace(done, version=progress.version + 1)
-            outcome, recorded = await self._start(done, template, slot)
+            started = await self._start(done, template, slot)
+            if started is None:
+                break  # the schedule changed since it was read: whoever changed it goes on
+            outcome, recorded = started
             outcomes.append(outcome)
             if outcome.outcome not in (STARTED, ALREADY_STARTED) or not recorded:
                 # Refused: the slot stays due, and so do the ones after it. Not recorded:
@@ -620,10 +624,11 @@ class Schedules:
 
     async def _start(
         self, done: ScheduleRecord, template: Template, slot: datetime
-    ) -> tuple[SlotOutcome, bool]:
+    ) -> tuple[SlotOutcome, bool] | None:
         """Starts the slot's run, once (its key finds a run an earlier trigger started),
         and records the schedule as `done` with it, in one transaction; says whether the
-        record was written."""
+        record was written. None: no run, as the schedule changed since it was read (a
+        pause, a change, a deletion, another trigger's progress)."""
 
         def result(outcome: str, **more: Any) -> tuple[SlotOutcome, bool]:
             return SlotOutcome(done.schedule_id, done.tenant_id, slot, outcome, **more), False
@@ -646,6 +651,8 @@ class Schedules:
             now,
         )
         admission = await self._runs.admit(run, slot - timedelta(days=1), done)
+        if admission.refused == "stale":
+            return None
         if admission.refused:
             refusal = await self._runs.refusal(done.tenant_id, admission, now)
             return result(

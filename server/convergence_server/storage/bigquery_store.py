@@ -772,8 +772,10 @@ class BigQueryStore:
             DECLARE existing_run STRING;
             DECLARE outcome STRING DEFAULT 'created';
             DECLARE progressed BOOL DEFAULT FALSE;
+            DECLARE fresh BOOL DEFAULT TRUE;
             BEGIN TRANSACTION;
             {self._next_seq_sql(run.tenant_id)}
+            {self._fresh_sql() if progress is not None else ""}
             SET active_now = (SELECT active_runs FROM {counters});
             SET created_today = (SELECT IF(runs_day = @day, runs_today, 0) FROM {counters});
             IF @idempotency_key != '' THEN
@@ -793,6 +795,8 @@ class BigQueryStore:
               SET outcome = 'daily';
             ELSEIF @limited AND active_now >= @concurrent_limit THEN
               SET outcome = 'concurrent';
+            ELSEIF NOT fresh THEN
+              SET outcome = 'stale';
             ELSE
               IF @idempotency_key != '' THEN
                 INSERT INTO {keys} (tenant_id, idempotency_key, pipeline_logging_id, created_at)
@@ -826,22 +830,27 @@ class BigQueryStore:
             return Admission(found, created=False, progressed=bool(progressed))
         if outcome == "daily":
             return Admission(None, created=False, refused="daily", used=int(today))
-        if outcome == "concurrent":
-            return Admission(None, created=False, refused="concurrent", used=int(active))
+        if outcome in ("concurrent", "stale"):
+            return Admission(None, created=False, refused=outcome, used=int(active))
         return Admission(run, created=True, progressed=bool(progressed))
+
+    def _fresh_sql(self) -> str:
+        """In an admission's transaction: whether the schedule of the `s_` parameters was
+        made from the stored version (a new run is admitted only from a fresh reading)."""
+        return f"""
+            SET fresh = IFNULL((
+              SELECT MAX(version) FROM {self._t(SCHEDULE_EVENTS.name)}
+              WHERE tenant_id = @s_tenant_id AND schedule_id = @s_schedule_id)
+              = @s_version - 1, FALSE);
+        """
 
     def _progress_sql(self) -> str:
         """In an admission's transaction: the schedule of the `s_` parameters, written as
-        `save_schedule` writes it, unless the run was refused."""
+        `save_schedule` writes it, unless the run was refused or the reading was stale."""
         return f"""
-            IF outcome IN ('created', 'existing') THEN
-              SET progressed = IFNULL((
-                SELECT MAX(version) FROM {self._t(SCHEDULE_EVENTS.name)}
-                WHERE tenant_id = @s_tenant_id AND schedule_id = @s_schedule_id)
-                = @s_version - 1, FALSE);
-              IF progressed THEN
-                {self._insert_schedule_sql("s_")}
-              END IF;
+            IF outcome IN ('created', 'existing') AND fresh THEN
+              {self._insert_schedule_sql("s_")}
+              SET progressed = TRUE;
             END IF;
         """
 

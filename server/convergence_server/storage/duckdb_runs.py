@@ -89,7 +89,8 @@ def create_run(
 ) -> Admission:
     """Inserts the run, returns the run its idempotency key already started, or refuses
     it over a limit; the caller holds the tenant's lock, so the counts cannot move. Unless
-    refused, `also` runs in the same transaction (`Admission.progressed` is its answer)."""
+    refused, `also` runs in the same transaction (`Admission.progressed` is its answer); a
+    new run whose `also` answers False is not stored (refused "stale")."""
     cur.begin()
     try:
         if run.idempotency_key:
@@ -136,6 +137,9 @@ def create_run(
         if also is not None:
             faults.reached(faults.AFTER_SLOT_RUN)
             progressed = also(cur)
+            if not progressed:  # read before the schedule moved on: no new run from it
+                cur.rollback()
+                return Admission(None, created=False, refused="stale")
         cur.commit()
     except BaseException:
         rollback(cur)

@@ -84,7 +84,9 @@ class Store(Protocol):
 
         `progress` is a schedule once the run's slot is done: unless the run is refused, it
         is written in the same transaction, as `save_schedule` writes it (only over the
-        stored version `progress.version - 1`; `Admission.progressed` says if it was)."""
+        stored version `progress.version - 1`; `Admission.progressed` says if it was). A
+        new run is not stored when its progress is stale: refused "stale" (a run found by
+        its key is returned all the same)."""
 
     async def get_usage(self, tenant_id: str, day: date) -> UsageRecord | None:
         """The tenant's usage row of a UTC day."""

@@ -126,8 +126,9 @@ class RunLimits:
 @dataclass(frozen=True)
 class Admission:
     """What `Store.create_run` did: stored the run, found it (idempotent replay), or
-    refused it over a limit (`refused` is "daily" or "concurrent", `used` the count);
-    `progressed`: it also wrote the schedule progress it was given."""
+    refused it over a limit (`refused` is "daily" or "concurrent", `used` the count) or
+    because the schedule progress it was given is stale ("stale": the schedule changed
+    since it was read); `progressed`: it also wrote that progress."""
 
     run: RunRecord | None
     created: bool
