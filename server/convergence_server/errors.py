@@ -10,7 +10,6 @@
     ├── QuotaExceeded                   429 RESOURCE_EXHAUSTED "Rate limit exceeded"
     ├── Unavailable                     503 UNAVAILABLE        "Service unavailable"
     ├── DeadlineExceeded                504 DEADLINE_EXCEEDED  "Deadline exceeded"
-    ├── NotImplementedYet               501 UNIMPLEMENTED      "Not implemented"
     └── domain.onboarding.OnboardingRefused   400 / 409 / 503, carries the dry-run report
 
 `api.errors` turns them into a gRPC status and the documented REST body; nothing else does.
@@ -97,7 +96,3 @@ class Unavailable(ConvergenceError):
 
 class DeadlineExceeded(ConvergenceError):
     reason = "DEADLINE_EXCEEDED"
-
-
-class NotImplementedYet(ConvergenceError):
-    reason = "NOT_IMPLEMENTED"

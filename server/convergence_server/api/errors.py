@@ -44,7 +44,6 @@ _MAPPINGS: dict[type[errors.ConvergenceError], _Mapping] = {
     errors.QuotaExceeded: _Mapping(grpc.StatusCode.RESOURCE_EXHAUSTED, 429, "Rate limit exceeded"),
     errors.Unavailable: _Mapping(grpc.StatusCode.UNAVAILABLE, 503, "Service unavailable"),
     errors.DeadlineExceeded: _Mapping(grpc.StatusCode.DEADLINE_EXCEEDED, 504, "Deadline exceeded"),
-    errors.NotImplementedYet: _Mapping(grpc.StatusCode.UNIMPLEMENTED, 501, "Not implemented"),
 }
 _INTERNAL = _Mapping(grpc.StatusCode.INTERNAL, 500, "Internal server error")
 _REFUSALS = {

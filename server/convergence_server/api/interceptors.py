@@ -300,10 +300,11 @@ class AuthInterceptor(_WrappingInterceptor):
             self._clients.admit_open(client_address(context, self._trusted_proxies))
             return
         key = metadata_value(context, "x-api-key")
-        token = metadata_value(context, OPERATOR_TOKEN_HEADER)
-        if token is not None and not key and method in OPERATOR_METHODS:
-            self._operator(token, client_address(context, self._trusted_proxies))
-            return
+        if not key and method in OPERATOR_METHODS:
+            token = metadata_value(context, OPERATOR_TOKEN_HEADER)
+            if token is not None:
+                self._operator(token, client_address(context, self._trusted_proxies))
+                return
         if not key:
             if method not in KEY_OPTIONAL_METHODS:
                 raise errors.Unauthenticated(INVALID_KEY_MESSAGE)

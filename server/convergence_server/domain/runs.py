@@ -62,7 +62,7 @@ IDEMPOTENCY_WINDOW = timedelta(hours=24)
 TRIGGERED_MESSAGE = "Pipeline triggered successfully (async mode)"
 REPLAYED_MESSAGE = "Pipeline already triggered with this idempotency key (original run returned)"
 _IDEMPOTENCY_KEY = re.compile(r"[A-Za-z0-9._:-]{1,128}", re.ASCII)
-_RUN_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.ASCII)
+ID_PATTERN = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.ASCII)
 _TENANT_ID = re.compile(IDENTIFIER_PATTERN.strip("^$"), re.ASCII)
 MAX_TRIGGER_BY = 256
 SHARED_WATCH_POLL_SECONDS = 1.0
@@ -124,7 +124,7 @@ class RunPage:
     next_page_token: str
 
 
-def _invalid(field: str, issue: str, message: str | None = None) -> InvalidArgument:
+def invalid(field: str, issue: str, message: str | None = None) -> InvalidArgument:
     return InvalidArgument(message or f"Invalid {field}", [FieldViolation(field, issue)])
 
 
@@ -185,7 +185,7 @@ class Runs:
         for field in ("provider", "domain", "template"):
             value = getattr(request, field)
             if not NAME_PATTERN.fullmatch(value):
-                raise _invalid(field, f"must match {NAME_PATTERN.pattern}")
+                raise invalid(field, f"must match {NAME_PATTERN.pattern}")
         template = self._catalog.get(request.provider, request.domain, request.template)
         if template is None:
             raise NotFound(
@@ -197,19 +197,19 @@ class Runs:
         """Checks the whole request (template, parameters, sources, labels) before the run
         is created: a refused trigger creates nothing and spends no quota."""
         if not _TENANT_ID.fullmatch(request.tenant_id):
-            raise _invalid("tenant_id", f"must match pattern {IDENTIFIER_PATTERN}")
+            raise invalid("tenant_id", f"must match pattern {IDENTIFIER_PATTERN}")
         authorize_tenant(caller, request.tenant_id)
         template = self.template(request)
         given = dict(request.parameters)
         if request.date:
             if "date" in given and given["date"] != request.date:
-                raise _invalid("date", "is given twice with different values")
+                raise invalid("date", "is given twice with different values")
             given["date"] = request.date
         values = self.check_parameters(caller.tenant_id, template, given, self._clock().date())
         if len(request.trigger_by) > MAX_TRIGGER_BY:
-            raise _invalid("trigger_by", f"must be at most {MAX_TRIGGER_BY} characters")
+            raise invalid("trigger_by", f"must be at most {MAX_TRIGGER_BY} characters")
         if has_hidden_characters(request.trigger_by):
-            raise _invalid("trigger_by", HIDDEN_ISSUE)
+            raise invalid("trigger_by", HIDDEN_ISSUE)
         header, key = request.idempotency_header, request.idempotency_key
         if header and key and header != key:
             raise InvalidArgument(
@@ -218,7 +218,7 @@ class Runs:
             )
         key = key or header
         if key and not _IDEMPOTENCY_KEY.fullmatch(key):
-            raise _invalid("idempotency_key", f"must match {_IDEMPOTENCY_KEY.pattern}")
+            raise invalid("idempotency_key", f"must match {_IDEMPOTENCY_KEY.pattern}")
         now = self._clock()
         run = new_run(
             caller.tenant_id, template, values, "api", request.trigger_by, request.user_id, key, now
@@ -246,7 +246,7 @@ class Runs:
         try:
             values = template.resolve_parameters(given, today)
         except ParameterError as exc:
-            raise _parameter_invalid(exc.name, exc.issue) from None
+            raise _parameterinvalid(exc.name, exc.issue) from None
         self._check_sources(tenant_id, template, given, values)
         return values
 
@@ -289,13 +289,13 @@ class Runs:
                     ) from None
                 # The caller's own values first: one of them is the likelier culprit.
                 name = next((n for n in used if n in given), used[0])
-                raise _parameter_invalid(name, exc.issue) from None
+                raise _parameterinvalid(name, exc.issue) from None
 
     # -- reading ------------------------------------------------------------------------
 
     async def get(self, caller: Caller, run_id: str) -> RunRecord:
-        if not _RUN_ID.fullmatch(run_id.lower()):
-            raise _invalid(
+        if not ID_PATTERN.fullmatch(run_id.lower()):
+            raise invalid(
                 "pipeline_logging_id", "must be a run id (a UUID, as the trigger returns it)"
             )
         run = await self._store.get_run(caller.tenant_id, run_id.lower())
@@ -310,9 +310,9 @@ class Runs:
     async def list_runs(self, caller: Caller, query: RunQuery) -> RunPage:
         limit = query.limit or DEFAULT_LIMIT
         if not 1 <= limit <= MAX_LIMIT:
-            raise _invalid("limit", f"must be from 1 to {MAX_LIMIT}")
+            raise invalid("limit", f"must be from 1 to {MAX_LIMIT}")
         if len(query.pipeline_id) > MAX_PIPELINE_ID:
-            raise _invalid("pipeline_id", f"must be at most {MAX_PIPELINE_ID} characters")
+            raise invalid("pipeline_id", f"must be at most {MAX_PIPELINE_ID} characters")
         where = RunFilter(
             tenant_id=caller.tenant_id,
             status=query.status,
@@ -396,17 +396,15 @@ def new_run(
     )
 
 
-def _parameter_invalid(name: str, issue: str) -> InvalidArgument:
+def _parameterinvalid(name: str, issue: str) -> InvalidArgument:
     """A bad parameter, named boundedly: `date` is a request field of its own, a name that
     cannot be a parameter's is not repeated in the field."""
     if not name:
-        return _invalid("parameters", issue, "Invalid parameters")
+        return invalid("parameters", issue, "Invalid parameters")
     if not NAME_PATTERN.fullmatch(name):
-        return _invalid(
-            "parameters", f"{echo(name)!r} {issue}", f"Invalid parameter {echo(name)!r}"
-        )
+        return invalid("parameters", f"{echo(name)!r} {issue}", f"Invalid parameter {echo(name)!r}")
     field = name if name == "date" else f"parameters.{name}"
-    return _invalid(field, issue, f"Invalid parameter {name}")
+    return invalid(field, issue, f"Invalid parameter {name}")
 
 
 def _day_start(value: str, field: str) -> datetime | None:
@@ -415,7 +413,7 @@ def _day_start(value: str, field: str) -> datetime | None:
     try:
         day = parse_date(value)
     except ValueError as exc:
-        raise _invalid(field, str(exc)) from None
+        raise invalid(field, str(exc)) from None
     return datetime.combine(day, datetime.min.time(), UTC)
 
 
@@ -469,7 +467,7 @@ class PageTokens:
         return f"{_b64encode(payload)}.{_b64encode(self._mac(payload))}"
 
     def read(self, token: str, scope: str) -> tuple[datetime, str]:
-        foreign = _invalid("page_token", FOREIGN_TOKEN_ISSUE)
+        foreign = invalid("page_token", FOREIGN_TOKEN_ISSUE)
         matched = _PAGE_TOKEN.fullmatch(token) if len(token) <= MAX_PAGE_TOKEN else None
         if matched is None:
             raise foreign
@@ -485,10 +483,10 @@ class PageTokens:
         try:  # signed by this service: still read defensively
             fields = json.loads(payload)
             created, item_id, digest = datetime.fromisoformat(fields["c"]), fields["i"], fields["f"]
-            if created.tzinfo is None or not _RUN_ID.fullmatch(item_id):
+            if created.tzinfo is None or not ID_PATTERN.fullmatch(item_id):
                 raise ValueError
         except (ValueError, KeyError, TypeError, RecursionError):
             raise foreign from None
         if digest != _digest(scope):
-            raise _invalid("page_token", "was issued for other filters; keep the filters unchanged")
+            raise invalid("page_token", "was issued for other filters; keep the filters unchanged")
         return created, item_id

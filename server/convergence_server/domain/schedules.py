@@ -33,7 +33,7 @@ from zoneinfo import ZoneInfo
 from convergence_server.domain.auth import Caller
 from convergence_server.domain.cron import Cron, CronError
 from convergence_server.domain.quotas import PlanBook
-from convergence_server.domain.runs import PageTokens, Runs, new_run
+from convergence_server.domain.runs import ID_PATTERN, PageTokens, Runs, invalid, new_run
 from convergence_server.engine.templates import (
     HIDDEN_ISSUE,
     NAME_PATTERN,
@@ -52,6 +52,7 @@ from convergence_server.errors import (
     QuotaExceeded,
 )
 from convergence_server.storage import Store
+from convergence_server.storage.locks import KeyedTurns
 from convergence_server.storage.records import RunRecord, ScheduleRecord, SkipRecord
 
 CATCH_UP = ("none", "latest", "all")
@@ -76,10 +77,9 @@ DEFAULT_LIMIT = 50
 MAX_LIMIT = 1000
 MAX_CREATED_BY = 256
 KEY_PREFIX = "schedule/"
-_SCHEDULE_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.ASCII)
 _BINDING = re.compile(r"\{slot_date(?:([+-])(\d{1,3}))?\}", re.ASCII)
 _SLOT_KEY = re.compile(
-    rf"{KEY_PREFIX}({_SCHEDULE_ID.pattern})/(\d{{4}}-\d\d-\d\dT\d\d:\d\d:\d\dZ)", re.ASCII
+    rf"{KEY_PREFIX}({ID_PATTERN.pattern})/(\d{{4}}-\d\d-\d\dT\d\d:\d\d:\d\dZ)", re.ASCII
 )
 log = logging.getLogger(__name__)
 UPDATABLE = ("cron", "time_zone", "parameters", "catch_up", "catch_up_max")
@@ -143,10 +143,6 @@ class SchedulePage:
     next_page_token: str
 
 
-def _invalid(field: str, issue: str, message: str | None = None) -> InvalidArgument:
-    return InvalidArgument(message or f"Invalid {field}", [FieldViolation(field, issue)])
-
-
 def bind(parameters: dict[str, str], day: date) -> dict[str, str]:
     """The parameters with `{slot_date}` / `{slot_date-N}` / `{slot_date+N}` replaced."""
 
@@ -186,7 +182,7 @@ class Schedules:
         self._clock = clock
         # One trigger at a time per tenant in this process (the ticker and calls), so they
         # do not redo each other's work; other processes are kept apart by the store.
-        self._turns: dict[str, asyncio.Lock] = {}
+        self._turns = KeyedTurns()
         self._turns_ended: dict[str, int] = {}
 
     # -- managing ---------------------------------------------------------------------------
@@ -195,12 +191,12 @@ class Schedules:
         template = self._template(spec.provider, spec.domain, spec.template)
         cron_text = spec.cron or template.schedule
         if not cron_text:
-            raise _invalid("cron", "is required: the template suggests no schedule")
+            raise invalid("cron", "is required: the template suggests no schedule")
         created_by = spec.created_by or user_id
         if len(created_by) > MAX_CREATED_BY:
-            raise _invalid("created_by", f"must be at most {MAX_CREATED_BY} characters")
+            raise invalid("created_by", f"must be at most {MAX_CREATED_BY} characters")
         if has_hidden_characters(created_by):
-            raise _invalid("created_by", HIDDEN_ISSUE)
+            raise invalid("created_by", HIDDEN_ISSUE)
         now = self._clock()
         draft = ScheduleRecord(
             schedule_id=str(uuid.uuid4()),
@@ -234,8 +230,8 @@ class Schedules:
         return schedule
 
     async def get(self, caller: Caller, schedule_id: str) -> ScheduleRecord:
-        if not _SCHEDULE_ID.fullmatch(schedule_id.lower()):
-            raise _invalid("schedule_id", "must be a schedule id (a UUID, as create returns it)")
+        if not ID_PATTERN.fullmatch(schedule_id.lower()):
+            raise invalid("schedule_id", "must be a schedule id (a UUID, as create returns it)")
         schedule = await self._store.get_schedule(caller.tenant_id, schedule_id.lower())
         if schedule is None:
             raise NotFound(f"No schedule {schedule_id}")
@@ -244,7 +240,7 @@ class Schedules:
     async def page(self, caller: Caller, limit: int, page_token: str) -> SchedulePage:
         limit = limit or DEFAULT_LIMIT
         if not 1 <= limit <= MAX_LIMIT:
-            raise _invalid("limit", f"must be from 1 to {MAX_LIMIT}")
+            raise invalid("limit", f"must be from 1 to {MAX_LIMIT}")
         scope = f"schedules:{caller.tenant_id}"
         after = self._page_tokens.read(page_token, scope) if page_token else None
         found = await self._store.list_schedules(caller.tenant_id, after, limit + 1)
@@ -260,7 +256,7 @@ class Schedules:
         """Applies `changes` (field name to value; the fields of `UPDATABLE`)."""
         for field in changes:
             if field not in UPDATABLE:
-                raise _invalid(
+                raise invalid(
                     field,
                     f"cannot be changed (only {', '.join(UPDATABLE)}); "
                     "create another schedule instead",
@@ -288,14 +284,14 @@ class Schedules:
         days = []
         for field, text in (("start_date", start_date), ("end_date", end_date)):
             if not text:
-                raise _invalid(field, "is required (YYYY-MM-DD)")
+                raise invalid(field, "is required (YYYY-MM-DD)")
             try:
                 days.append(parse_date(text))
             except ValueError as exc:
-                raise _invalid(field, str(exc)) from None
+                raise invalid(field, str(exc)) from None
         first, last = days
         if last < first:
-            raise _invalid("end_date", "must not be before start_date")
+            raise invalid("end_date", "must not be before start_date")
         counted = 0
 
         def backfilled(s: ScheduleRecord) -> ScheduleRecord:
@@ -307,19 +303,19 @@ class Schedules:
                 )
             zone, now = ZoneInfo(s.time_zone), self._clock()
             if last > now.astimezone(zone).date():
-                raise _invalid("end_date", "must not be after today in the schedule's time zone")
+                raise invalid("end_date", "must not be after today in the schedule's time zone")
             start = datetime.combine(first, datetime.min.time(), zone).astimezone(UTC)
             end = datetime.combine(last + timedelta(days=1), datetime.min.time(), zone)
             after = start - timedelta(seconds=1)
             until = min(end.astimezone(UTC) - timedelta(seconds=1), now)
             slots = Cron.parse(s.cron, s.time_zone).slots(after, until, MAX_BACKFILL_SLOTS + 1)
             if len(slots) > MAX_BACKFILL_SLOTS:
-                raise _invalid(
+                raise invalid(
                     "end_date",
                     f"the range holds more than {MAX_BACKFILL_SLOTS} slots; backfill less",
                 )
             if not slots:
-                raise _invalid("start_date", "the range holds no slot of the schedule")
+                raise invalid("start_date", "the range holds no slot of the schedule")
             template = self._template(s.provider, s.domain, s.template)
             for slot in (slots[0], slots[-1]):  # e.g. `{slot_date-1}` before 2000-01-01
                 self._check_parameters(s, template, slot)
@@ -341,7 +337,7 @@ class Schedules:
         """Applies `change` to the stored schedule, in its tenant's turn (so it waits for a
         trigger of this process to finish with the tenant rather than racing it), again if
         another process's trigger recorded progress first."""
-        async with self._turns.setdefault(caller.tenant_id, asyncio.Lock()):
+        async with self._turns.get(caller.tenant_id):
             for _ in range(20):
                 current = await self.get(caller, schedule_id)
                 changed = change(current)
@@ -361,9 +357,7 @@ class Schedules:
                     )
                 changed = replace(changed, version=current.version + 1, updated_at=now)
                 if await self._store.save_schedule(changed, skip):
-                    self._turns_ended[caller.tenant_id] = (
-                        self._turns_ended.get(caller.tenant_id, 0) + 1
-                    )
+                    self._turn_ended(caller.tenant_id)
                     return changed
             raise FailedPrecondition(
                 f"Schedule {schedule_id} kept changing concurrently; try again"
@@ -389,10 +383,10 @@ class Schedules:
     def _template(self, provider: str, domain: str, name: str) -> Template:
         for field, value in (("provider", provider), ("domain", domain), ("template", name)):
             if not NAME_PATTERN.fullmatch(value):
-                raise _invalid(field, f"must match {NAME_PATTERN.pattern}")
+                raise invalid(field, f"must match {NAME_PATTERN.pattern}")
         template = self._catalog.get(provider, domain, name)
         if template is None:
-            raise _invalid(
+            raise invalid(
                 "template",
                 f"{provider}/{domain}/{name} is not a pipeline template "
                 "(GET /api/v1/pipelines lists them)",
@@ -402,16 +396,16 @@ class Schedules:
     def _checked(self, schedule: ScheduleRecord, template: Template) -> ScheduleRecord:
         """The schedule with its next slot, once every field is valid."""
         if schedule.catch_up not in CATCH_UP:
-            raise _invalid("catch_up", f"must be one of {', '.join(CATCH_UP)}")
+            raise invalid("catch_up", f"must be one of {', '.join(CATCH_UP)}")
         if not 1 <= schedule.catch_up_max <= MAX_CATCH_UP:
-            raise _invalid("catch_up_max", f"must be from 1 to {MAX_CATCH_UP}")
+            raise invalid("catch_up_max", f"must be from 1 to {MAX_CATCH_UP}")
         try:
             cron = Cron.parse(schedule.cron, schedule.time_zone)
         except CronError as exc:
-            raise _invalid(exc.field, exc.issue) from None
+            raise invalid(exc.field, exc.issue) from None
         for name, text in schedule.parameters.items():
             if "{slot_date" in text and not _BINDING.fullmatch(text):
-                raise _invalid(
+                raise invalid(
                     f"parameters.{name}" if NAME_PATTERN.fullmatch(name) else "parameters",
                     "binds the slot as {slot_date}, {slot_date-N} or {slot_date+N} (N <= 999)",
                 )
@@ -469,7 +463,7 @@ class Schedules:
         gate = asyncio.Semaphore(TENANTS_AT_ONCE)
 
         async def one(tenant: str, read: list[ScheduleRecord]) -> list[SlotOutcome]:
-            async with gate, self._turns.setdefault(tenant, asyncio.Lock()):
+            async with gate, self._turns.get(tenant):
                 try:
                     at = now
                     if self._turns_ended.get(tenant, 0) != turns_seen.get(tenant, 0):
@@ -477,10 +471,15 @@ class Schedules:
                         read = await self._store.due_schedules(tenant, at, DUE_PAGE)
                     return await self._trigger_tenant(read, at)
                 finally:
-                    self._turns_ended[tenant] = self._turns_ended.get(tenant, 0) + 1
+                    self._turn_ended(tenant)
 
         results = await asyncio.gather(*(one(t, read) for t, read in by_tenant.items()))
         return [outcome for outcomes in results for outcome in outcomes]
+
+    def _turn_ended(self, tenant_id: str) -> None:
+        """Counts a turn of the tenant that may have changed its schedules: a trigger that
+        read them before reads them again."""
+        self._turns_ended[tenant_id] = self._turns_ended.get(tenant_id, 0) + 1
 
     async def _trigger_tenant(self, due: list[ScheduleRecord], now: datetime) -> list[SlotOutcome]:
         """One tenant's due schedules, in its turn."""
