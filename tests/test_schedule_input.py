@@ -235,7 +235,9 @@ def test_bad_backfills_are_refused_and_change_nothing(
         api.delete(f"/api/v1/schedules/{schedule_id}", headers=auth(key))
 
 
-def test_the_plans_schedule_limit_is_a_429_without_a_retry_time(api: httpx.Client) -> None:
+def test_the_plans_schedule_limit_is_a_429_without_a_retry_time(
+    api: httpx.Client, stub: schedule_service_pb2_grpc.ScheduleServiceStub
+) -> None:
     _, key = onboard(api, plan="STARTER")  # max_schedules: 10
     for _ in range(10):
         response = api.post(
@@ -248,6 +250,14 @@ def test_the_plans_schedule_limit_is_a_429_without_a_retry_time(api: httpx.Clien
     assert body["error"] == "Rate limit exceeded"
     assert "allows 10 schedules" in body["message"]
     assert "retry_after" not in body and "retry-after" not in refused.headers
+    with pytest.raises(grpc.RpcError) as raised:
+        stub.CreateSchedule(
+            schedule_service_pb2.CreateScheduleRequest(
+                provider="test", domain="runs", template="quick", cron="0 6 * * *"
+            ),
+            metadata=(("x-api-key", key),),
+        )
+    assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
     assert len(listed(api, key)) == 10
     # Deleting one makes room.
     first = listed(api, key)[0]["schedule_id"]

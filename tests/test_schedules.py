@@ -445,6 +445,13 @@ def test_a_backfill_of_30_days_runs_each_slot_once_within_the_daily_quota(
         ),
         (
             "Europe/Berlin",
+            "0 * * * *",
+            "2026-03-28T23:30:00Z",
+            "2026-03-29T02:30:00Z",
+            ["2026-03-29T00:00:00Z", "2026-03-29T01:00:00Z", "2026-03-29T02:00:00Z"],
+        ),
+        (
+            "Europe/Berlin",
             "30 2 * * *",
             "2026-10-24T12:00:00Z",
             "2026-10-26T12:00:00Z",
