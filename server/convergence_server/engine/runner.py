@@ -144,6 +144,10 @@ class DqResult:
     observed: str
     expected: str
     message: str
+    # The rows at fault (None when the check counts no rows) and up to SAMPLE_ROWS of them,
+    # each a JSON object whose values are strings or null.
+    failed_rows: int | None = None
+    samples: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

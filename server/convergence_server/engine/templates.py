@@ -32,11 +32,25 @@ NAME_PATTERN = re.compile(r"[a-z][a-z0-9_]{0,63}", re.ASCII)
 PARAMETER_TYPES = ("date", "string", "integer", "number", "boolean")
 LOAD_FORMATS = ("csv", "ndjson", "parquet")
 WRITE_MODES = {"load": ("truncate", "append"), "query": ("append", "truncate", "replace_partition")}
-DQ_TYPES = ("not_null", "unique", "row_count", "accepted_values", "expression", "columns_present")
+DQ_TYPES = (
+    "not_null",
+    "unique",
+    "unique_rows",
+    "one_value_per",
+    "row_count",
+    "accepted_values",
+    "expression",
+    "columns_present",
+)
 SEVERITIES = ("error", "warn")
 PLACEHOLDER = re.compile(r"\{([a-z][a-z0-9_]*)\}")
 _COLUMN = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,299}", re.ASCII)
 MAX_ATTEMPTS = 10
+# A replace_partition step refuses to publish a partition that would lose more than this
+# share of its published rows or of its published total, unless the run allows it.
+DEFAULT_MAX_SHRINK = 0.2
+# The parameter every template has that lets a run publish a smaller partition anyway.
+ALLOW_SHRINK = "allow_shrink"
 # Dates a run or a listing accepts. Every real usage day fits (cloud billing exports start
 # in the 2000s), every date and the day after it fit in each backend with room to spare
 # (BigQuery partitions span 1960 to 2159), and a typo such as 0202 or 9999 is refused.
@@ -134,6 +148,10 @@ class DqCheck:
     minimum: int | None = None
     maximum: int | None = None
     sql: str = ""
+    # unique_rows: columns left out of the comparison (e.g. a line id minted per copy).
+    ignore_columns: tuple[str, ...] = ()
+    # one_value_per: `column` may hold one value among the rows sharing these columns.
+    per: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -144,6 +162,11 @@ class Step:
     # load
     source: str = ""
     format: str = ""
+    # Columns a file may lack: they are added as NULL STRING columns after the load.
+    optional_columns: tuple[str, ...] = ()
+    # Load each version of a local file once (its path, size and modification time) and
+    # let later runs read the rows already loaded.
+    reuse: bool = False
     # load and query
     destination: str = ""
     write_mode: str = ""
@@ -151,6 +174,10 @@ class Step:
     sql: str = ""
     partition_column: str = ""
     schema: str = ""
+    # replace_partition: the largest share of a published partition's rows (or of its
+    # `total_column` sum) a run may take away without `allow_shrink`.
+    max_shrink: float = DEFAULT_MAX_SHRINK
+    total_column: str = ""
     # dq
     table: str = ""
     where: str = ""
@@ -258,6 +285,14 @@ class _Reader:
 def _parameters(r: _Reader, document: dict[str, Any]) -> dict[str, Parameter]:
     raw = r.mapping(document.get("parameters") or {}, "parameters")
     raw.setdefault("date", {"type": "date", "default": "yesterday"})
+    if ALLOW_SHRINK in raw:
+        raise r.fail(f"parameters.{ALLOW_SHRINK}", "is reserved: every template has it")
+    raw[ALLOW_SHRINK] = {
+        "type": "boolean",
+        "default": False,
+        "description": "Publish a day even if it has fewer rows or a smaller total than the "
+        "day already published (a partial export otherwise fails the run).",
+    }
     parameters = {}
     for name, spec in raw.items():
         where = f"parameters.{name}"
@@ -282,7 +317,19 @@ def _check(r: _Reader, spec: Any, where: str) -> DqCheck:
     r.only(
         spec,
         where,
-        {"name", "type", "severity", "column", "columns", "values", "min", "max", "sql"},
+        {
+            "name",
+            "type",
+            "severity",
+            "column",
+            "columns",
+            "values",
+            "min",
+            "max",
+            "sql",
+            "ignore_columns",
+            "per",
+        },
     )
     kind = r.choice(spec.get("type"), f"{where}.type", DQ_TYPES)
     check = DqCheck(
@@ -290,14 +337,18 @@ def _check(r: _Reader, spec: Any, where: str) -> DqCheck:
         type=kind,
         severity=r.choice(spec.get("severity", "error"), f"{where}.severity", SEVERITIES),
     )
-    if kind in ("not_null", "accepted_values"):
+    if kind in ("not_null", "accepted_values", "one_value_per"):
         check = replace(check, column=r.column(spec.get("column"), f"{where}.column"))
+    if kind == "one_value_per":
+        check = replace(check, per=_columns(r, spec.get("per"), f"{where}.per"))
+    if kind == "unique_rows" and spec.get("ignore_columns") is not None:
+        ignored = _columns(r, spec.get("ignore_columns"), f"{where}.ignore_columns")
+        check = replace(check, ignore_columns=ignored)
     if kind in ("unique", "columns_present"):
-        columns = spec.get("columns")
-        if not isinstance(columns, list) or not columns:
-            raise r.fail(f"{where}.columns", "must be a non-empty list of columns")
-        names = tuple(r.column(c, f"{where}.columns") for c in columns)
-        check = replace(check, columns=names)
+        check = replace(check, columns=_columns(r, spec.get("columns"), f"{where}.columns"))
+    for field, owner in (("ignore_columns", "unique_rows"), ("per", "one_value_per")):
+        if field in spec and kind != owner:
+            raise r.fail(f"{where}.{field}", f"does not go with type {kind}")
     if kind == "accepted_values":
         values = spec.get("values")
         if not isinstance(values, list) or not values:
@@ -313,9 +364,23 @@ def _check(r: _Reader, spec: Any, where: str) -> DqCheck:
     return check
 
 
+def _columns(r: _Reader, value: Any, where: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value:
+        raise r.fail(where, "must be a non-empty list of columns")
+    return tuple(r.column(c, where) for c in value)
+
+
 _STEP_FIELDS = {
-    "load": {"source", "format", "destination", "write_mode"},
-    "query": {"sql", "destination", "write_mode", "partition_column", "schema"},
+    "load": {"source", "format", "destination", "write_mode", "optional_columns", "reuse"},
+    "query": {
+        "sql",
+        "destination",
+        "write_mode",
+        "partition_column",
+        "schema",
+        "max_shrink",
+        "total_column",
+    },
     "dq": {"table", "where", "checks"},
 }
 
@@ -340,20 +405,38 @@ def _step(r: _Reader, spec: Any, where: str, parameters: Mapping[str, Parameter]
     if kind == "load":
         source = r.text(spec.get("source"), f"{where}.source")
         _placeholders(r, source, f"{where}.source", parameters)
+        optional = spec.get("optional_columns")
+        reuse = spec.get("reuse", False)
+        if not isinstance(reuse, bool):
+            raise r.fail(f"{where}.reuse", "must be true or false")
         step = replace(
             step,
             source=source,
             format=r.choice(spec.get("format"), f"{where}.format", LOAD_FORMATS),
             destination=r.name(spec.get("destination"), f"{where}.destination"),
             write_mode=r.choice(spec.get("write_mode"), f"{where}.write_mode", WRITE_MODES[kind]),
+            optional_columns=()
+            if optional is None
+            else _columns(r, optional, f"{where}.optional_columns"),
+            reuse=reuse,
         )
+        if reuse and step.write_mode != "truncate":
+            raise r.fail(f"{where}.reuse", "goes only with write_mode truncate")
     elif kind == "query":
         mode = r.choice(spec.get("write_mode"), f"{where}.write_mode", WRITE_MODES[kind])
         partition = spec.get("partition_column")
         if mode == "replace_partition":
             partition = r.column(partition, f"{where}.partition_column")
-        elif partition is not None:
-            raise r.fail(f"{where}.partition_column", "only goes with replace_partition")
+        else:
+            for field in ("partition_column", "max_shrink", "total_column"):
+                if spec.get(field) is not None:
+                    raise r.fail(f"{where}.{field}", "only goes with replace_partition")
+        max_shrink = spec.get("max_shrink", DEFAULT_MAX_SHRINK)
+        if isinstance(max_shrink, bool) or not isinstance(max_shrink, int | float):
+            raise r.fail(f"{where}.max_shrink", "must be a number from 0 to 1")
+        if not 0 <= max_shrink <= 1:
+            raise r.fail(f"{where}.max_shrink", "must be a number from 0 to 1")
+        total = spec.get("total_column")
         step = replace(
             step,
             sql=r.text(spec.get("sql"), f"{where}.sql"),
@@ -361,6 +444,8 @@ def _step(r: _Reader, spec: Any, where: str, parameters: Mapping[str, Parameter]
             write_mode=mode,
             partition_column=partition or "",
             schema=r.name(spec["schema"], f"{where}.schema") if "schema" in spec else "",
+            max_shrink=float(max_shrink),
+            total_column="" if total is None else r.column(total, f"{where}.total_column"),
         )
     else:
         checks = spec.get("checks")

@@ -113,6 +113,10 @@ class DqRecord:
     ingestion_date: date
     created_at: datetime
     run_attempt: int = 1
+    # Rows the check found at fault (None for checks that count no rows: columns_present,
+    # row_count), and up to a few of them, each a JSON object of column to value.
+    failed_rows: int | None = None
+    sample_rows: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
