@@ -9,7 +9,10 @@ leaves the tenant's tables exactly as they were; its step logs and DQ results re
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import logging
+import os
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -20,6 +23,7 @@ import sqlglot
 from sqlglot import exp
 
 from convergence_server.engine.templates import (
+    ALLOW_SHRINK,
     HIDDEN_ISSUE,
     PLACEHOLDER,
     Catalog,
@@ -29,17 +33,26 @@ from convergence_server.engine.templates import (
     has_hidden_characters,
 )
 from convergence_server.errors import echo
+from convergence_server.storage.locks import KeyedTurns
 from convergence_server.storage.sql import quote
 from convergence_server.storage.warehouse import (
     STAGE_PREFIX,
     Interrupted,
     Publication,
+    PublishRefused,
     TransientError,
     Warehouse,
     WarehouseError,
 )
 
 MAX_BACKOFF = 60.0
+# A failed check keeps up to this many of its rows, each value cut to SAMPLE_VALUE characters.
+SAMPLE_ROWS = 3
+SAMPLE_VALUE = 200
+# Tables holding a version of a source file that `reuse: true` load steps read.
+SOURCE_PREFIX = "_src_"
+# One load of a source file at a time in this process: runs wanting the same version wait.
+_LOADING = KeyedTurns()
 log = logging.getLogger(__name__)
 OUTSIDE_ISSUE = "is outside the allowed source folders"
 
@@ -209,7 +222,10 @@ class PipelineRun:
                 if outcome.error:
                     raise StepFailed(f"step {step.name} failed: {outcome.error}")
             await self._between_steps()
-            await self._retrying(lambda: self.publish(self.publications), 3)
+            try:
+                await self._retrying(lambda: self.publish(self.publications), 3)
+            except PublishRefused as exc:
+                raise StepFailed(str(exc)) from None
         finally:
             # Every stage this run may have created, including one whose step then failed.
             stages = {self._stage(s.destination) for s in self.template.steps if s.destination}
@@ -264,11 +280,37 @@ class PipelineRun:
 
     async def _load(self, step: Step) -> int:
         uri = self._source(step.source)
+        if step.reuse and "://" not in uri:
+            return await self._load_once(step, uri)
         stage = self._stage(step.destination)
         rows = await self.warehouse.load(stage, uri, step.format)
+        await self.warehouse.add_columns(stage, step.optional_columns)
         self.staged[step.destination] = stage
         self.publications.append(Publication(stage, step.destination, step.write_mode))
         return rows
+
+    async def _load_once(self, step: Step, path: str) -> int:
+        """Loads this version of the file (its path, size and modification time) unless a
+        table of the dataset already holds it, and reads that table. The table is named by
+        the file and its version and never changes: a new version is a new table, and the
+        older ones of the file are dropped. (A run still reading one of those fails, the
+        file having changed under it.)"""
+        stat = await asyncio.to_thread(os.stat, path)
+        file_key = _digest(f"{step.destination}\0{step.format}\0{path}")
+        prefix = f"{SOURCE_PREFIX}{step.destination}_{file_key}_"
+        table = prefix + _digest(f"{stat.st_size}\0{stat.st_mtime_ns}")
+        async with _LOADING.get(f"{self.warehouse.dataset}.{prefix}"):
+            if not await self.warehouse.columns(table):
+                await self.warehouse.load(table, path, step.format)
+                for older in await self.warehouse.tables(prefix):
+                    if older != table:
+                        await self.warehouse.drop([older])
+            # Also when reusing: a load whose server stopped before this is completed now.
+            await self.warehouse.add_columns(table, step.optional_columns)
+        self.staged[step.destination] = table
+        return await self.warehouse.count(
+            f"SELECT COUNT(*) FROM {quote(self.warehouse.dataset)}.{quote(table)}", {}
+        )
 
     async def _query(self, step: Step) -> int:
         if step.destination in self.staged:
@@ -301,6 +343,9 @@ class PipelineRun:
                 partition_value=self.parameters.get("date"),
                 schema=schema,
                 union_view=union_view,
+                max_shrink=step.max_shrink,
+                total_column=step.total_column,
+                allow_shrink=bool(self.parameters.get(ALLOW_SHRINK, False)),
             )
         )
         return rows
@@ -342,11 +387,14 @@ class PipelineRun:
             ok = (low is None or rows >= low) and (high is None or rows <= high)
             expected = f"{'' if low is None else low}..{'' if high is None else high}"
             return DqResult(check, ok, str(rows), expected, f"{rows} rows (expected {expected})")
-        missing = [c for c in (check.column, *check.columns) if c and c not in present]
+        named = (check.column, *check.columns, *check.per, *check.ignore_columns)
+        missing = [c for c in named if c and c not in present]
         if missing:
             return DqResult(
                 check, False, "column missing", "", f"column(s) {', '.join(missing)} missing"
             )
+        if check.type in ("unique", "unique_rows", "one_value_per"):
+            return await self._grouped(check, source, scope, present)
         params = dict(self.parameters)
         if check.type == "not_null":
             condition = f"{quote(check.column)} IS NULL"
@@ -360,27 +408,67 @@ class PipelineRun:
                 f"AND CAST({quote(check.column)} AS STRING) NOT IN ({listed})"
             )
             what = f"rows with {check.column} outside {list(check.values)}"
-        elif check.type == "expression":
+        else:  # expression
             condition = f"({check.sql}) IS NOT TRUE"
             what = f"rows where NOT ({check.sql})"
-        else:  # unique
-            columns = ", ".join(quote(c) for c in check.columns)
-            failures = await self.warehouse.count(
-                f"SELECT COUNT(*) FROM (SELECT {columns} FROM {source} WHERE {scope} "
-                f"GROUP BY {columns} HAVING COUNT(*) > 1)",
+        where = f"WHERE {scope} AND {condition}"
+        failures = await self.warehouse.count(f"SELECT COUNT(*) FROM {source} {where}", params)
+        samples: tuple[str, ...] = ()
+        if failures:
+            found = await self.warehouse.rows(
+                f"SELECT TO_JSON_STRING(_row) FROM {source} AS _row {where} LIMIT {SAMPLE_ROWS}",
                 params,
             )
-            return DqResult(
-                check,
-                failures == 0,
-                str(failures),
-                "0",
-                f"{failures} duplicated value(s) of ({', '.join(check.columns)})",
-            )
-        failures = await self.warehouse.count(
-            f"SELECT COUNT(*) FROM {source} WHERE {scope} AND {condition}", params
+            samples = tuple(_sample(row[0]) for row in found)
+        return DqResult(
+            check, failures == 0, str(failures), "0", f"{failures} {what}", failures, samples
         )
-        return DqResult(check, failures == 0, str(failures), "0", f"{failures} {what}")
+
+    async def _grouped(
+        self, check: DqCheck, source: str, scope: str, present: list[str]
+    ) -> DqResult:
+        """unique, unique_rows and one_value_per: groups of rows that break the rule."""
+        if check.type == "one_value_per":
+            group = ", ".join(quote(c) for c in check.per)
+            having = f"COUNT(DISTINCT {quote(check.column)}) > 1"
+            values = f"STRING_AGG(DISTINCT CAST({quote(check.column)} AS STRING), ', ')"
+            shown = f"TO_JSON_STRING(STRUCT({group}, {values} AS {quote(check.column)}))"
+            count = "row_count"
+            what = f"group(s) of ({', '.join(check.per)}) with more than one {check.column}"
+        else:
+            columns = check.columns or tuple(c for c in present if c not in check.ignore_columns)
+            listed = ", ".join(quote(c) for c in columns)
+            # A row as text compares every type, nested records and arrays included.
+            shown = f"TO_JSON_STRING(STRUCT({listed}))"
+            group = listed if check.type == "unique" else shown
+            having = "COUNT(*) > 1"
+            count = "copies"
+            what = (
+                f"duplicated value(s) of ({listed.replace('`', '')})"
+                if check.type == "unique"
+                else "row(s) with identical copies"
+                + (f" ignoring {', '.join(check.ignore_columns)}" if check.ignore_columns else "")
+            )
+        groups = f"FROM {source} WHERE {scope} GROUP BY {group} HAVING {having}"
+        found = await self.warehouse.rows(
+            f"SELECT COUNT(*), SUM(n) FROM (SELECT COUNT(*) AS n {groups})", self.parameters
+        )
+        failures, failed_rows = (int(found[0][0] or 0), int(found[0][1] or 0)) if found else (0, 0)
+        samples: tuple[str, ...] = ()
+        if failures:
+            sampled = await self.warehouse.rows(
+                f"SELECT {shown}, COUNT(*) {groups} LIMIT {SAMPLE_ROWS}", self.parameters
+            )
+            samples = tuple(_sample(text, {count: n}) for text, n in sampled)
+        return DqResult(
+            check,
+            failures == 0,
+            str(failures),
+            "0",
+            f"{failures} {what} ({failed_rows} rows)",
+            failed_rows,
+            samples,
+        )
 
     # -- rendering --------------------------------------------------------------------------
 
@@ -412,3 +500,24 @@ class PipelineRun:
         return ";\n".join(
             s.transform(read_staged).sql(dialect="bigquery") for s in statements if s is not None
         )
+
+
+def _sample(text: object, extra: Mapping[str, object] | None = None) -> str:
+    """A failed row as a JSON object of strings (numbers keep every digit) or nulls."""
+    try:
+        row = json.loads(str(text), parse_float=str, parse_int=str)
+    except ValueError:
+        row = str(text)
+    if not isinstance(row, dict):
+        row = {"row": row}
+    row.update({k: str(v) for k, v in (extra or {}).items()})
+    return json.dumps(
+        {
+            str(k): v if v is None else (v if isinstance(v, str) else json.dumps(v))[:SAMPLE_VALUE]
+            for k, v in row.items()
+        }
+    )
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:12]

@@ -35,6 +35,7 @@ from convergence_server.storage.warehouse import (
     STAGE_PREFIX,
     Interrupted,
     Publication,
+    PublishRefused,
     SchemaColumn,
     TransientError,
     WarehouseError,
@@ -206,6 +207,36 @@ class BigQueryWarehouse:
 
         return int(await self._call(count))
 
+    async def rows(self, sql: str, params: Mapping[str, Any]) -> list[tuple[Any, ...]]:
+        def rows() -> list[tuple[Any, ...]]:
+            return [tuple(row.values()) for row in self._select(sql, params).result(retry=RETRY)]
+
+        return list(await self._call(rows))
+
+    async def add_columns(self, table: str, columns: Sequence[str]) -> None:
+        def add() -> None:
+            self._add_columns(table, [SchemaColumn(c, "STRING") for c in columns])
+
+        await self._call(add)
+
+    def _add_columns(self, table: str, columns: Sequence[SchemaColumn]) -> None:
+        """Appends the columns the table lacks to its schema (NULL in existing rows)."""
+        current = self._bq.client.get_table(self._ref(table), retry=RETRY)
+        present = {f.name for f in current.schema}
+        added = [
+            bigquery.SchemaField(c.name, c.type.upper()) for c in columns if c.name not in present
+        ]
+        if added:
+            current.schema = [*current.schema, *added]
+            self._bq.client.update_table(current, ["schema"], retry=RETRY)
+
+    async def tables(self, prefix: str) -> list[str]:
+        def tables() -> list[str]:
+            found = self._bq.client.list_tables(self.dataset, retry=RETRY)
+            return sorted(t.table_id for t in found if t.table_id.startswith(prefix))
+
+        return list(await self._call(tables))
+
     async def columns(self, table: str) -> list[str]:
         def columns() -> list[str]:
             try:
@@ -232,6 +263,7 @@ class BigQueryWarehouse:
                     if write.write_mode == "truncate":
                         statements.append(f"DELETE FROM {destination} WHERE TRUE;")
                     elif write.write_mode == "replace_partition":
+                        self._check_shrink(write)
                         statements.append(
                             f"DELETE FROM {destination} "
                             f"WHERE CAST(`{write.partition_column}` AS DATE) = @partition_day;"
@@ -250,6 +282,23 @@ class BigQueryWarehouse:
                 return self._transaction(run, statements, {"partition_day": day} if day else {})
 
         return bool(await self._call(publish))
+
+    def _check_shrink(self, write: Publication) -> None:
+        """Raises PublishRefused when the stage would shrink the published partition too much.
+        Publications from this process are serialized; between replicas, a publication of
+        the same partition that lands between this check and the transaction is not seen."""
+        total = f"`{write.total_column}`" if write.total_column else "NULL"
+        day = f"CAST(`{write.partition_column}` AS DATE) = @partition_day"
+        destination, stage = self._q(write.destination), self._q(write.stage)
+        (found,) = self._bq.job(
+            f"SELECT (SELECT COUNT(*) FROM {destination} WHERE {day}), "
+            f"(SELECT SUM({total}) FROM {destination} WHERE {day}), "
+            f"(SELECT COUNT(*) FROM {stage}), (SELECT SUM({total}) FROM {stage})",
+            {"partition_day": write.partition_value},
+        ).result(retry=RETRY)
+        refusal = write.shrink_refusal((found[0], found[1]), (found[2], found[3]))
+        if refusal:
+            raise PublishRefused(refusal)
 
     def _replace_with(self, stage: str, destination: str) -> None:
         """Replaces `destination` with a copy of `stage` (a copy job: atomic, no bytes
@@ -290,6 +339,7 @@ class BigQueryWarehouse:
                 partition = f" PARTITION BY DATE({column})"
         if write.schema:
             self._bq.job(f"CREATE TABLE IF NOT EXISTS {destination} {body}{partition}")
+            self._add_columns(write.destination, write.schema)
         else:
             self._bq.job(f"CREATE TABLE IF NOT EXISTS {destination}{partition} {body}")
 
@@ -297,6 +347,9 @@ class BigQueryWarehouse:
         self, view: str, tables: Sequence[str], columns: Sequence[SchemaColumn]
     ) -> None:
         existing = {t.table_id for t in self._bq.client.list_tables(self.dataset)}
+        for table in tables:
+            if table in existing:  # written before the schema gained a column
+                self._add_columns(table, columns)
         names = ", ".join(f"`{c.name}`" for c in columns)
         selects = [f"SELECT {names} FROM {self._q(t)}" for t in tables if t in existing]
         self._bq.job(f"CREATE OR REPLACE VIEW {self._q(view)} AS {' UNION ALL '.join(selects)}")

@@ -26,6 +26,7 @@ from convergence_server.storage.warehouse import (
     STAGE_PREFIX,
     Interrupted,
     Publication,
+    PublishRefused,
     SchemaColumn,
     TransientError,
     WarehouseError,
@@ -178,6 +179,34 @@ class DuckDBWarehouse:
 
         return await self._call(count)
 
+    async def rows(self, sql: str, params: Mapping[str, Any]) -> list[tuple[Any, ...]]:
+        def rows(cur: duckdb.DuckDBPyConnection) -> list[tuple[Any, ...]]:
+            (statement,) = to_duckdb(sql)
+            return cur.execute(statement, _bind(statement, params)).fetchall()
+
+        return await self._call(rows)
+
+    async def add_columns(self, table: str, columns: Sequence[str]) -> None:
+        def add(cur: duckdb.DuckDBPyConnection) -> None:
+            for column in columns:
+                cur.execute(
+                    f"ALTER TABLE {self._table(table)} "
+                    f"ADD COLUMN IF NOT EXISTS {quote_identifier_any(column)} VARCHAR"
+                )
+
+        await self._call(add)
+
+    async def tables(self, prefix: str) -> list[str]:
+        def tables(cur: duckdb.DuckDBPyConnection) -> list[str]:
+            found = cur.execute(
+                "SELECT table_name FROM information_schema.tables "
+                "WHERE table_schema = ? AND starts_with(table_name, ?) ORDER BY 1",
+                [self.dataset, prefix],
+            ).fetchall()
+            return [r[0] for r in found]
+
+        return await self._call(tables)
+
     async def columns(self, table: str) -> list[str]:
         def columns(cur: duckdb.DuckDBPyConnection) -> list[str]:
             rows = cur.execute(
@@ -219,16 +248,23 @@ class DuckDBWarehouse:
             return
         if write.schema:
             cur.execute(f"CREATE TABLE IF NOT EXISTS {destination} ({_columns_sql(write.schema)})")
+            self._add_schema_columns(cur, write.destination, write.schema)
         else:
             cur.execute(f"CREATE TABLE IF NOT EXISTS {destination} AS FROM {stage} LIMIT 0")
         if write.write_mode == "truncate":
             cur.execute(f"DELETE FROM {destination}")
         elif write.write_mode == "replace_partition":
-            cur.execute(
-                f"DELETE FROM {destination} "
-                f"WHERE CAST({quote_identifier_any(write.partition_column)} AS DATE) = $day",
+            day = f"CAST({quote_identifier_any(write.partition_column)} AS DATE) = $day"
+            total = quote_identifier_any(write.total_column) if write.total_column else "NULL"
+            (old,) = cur.execute(
+                f"SELECT COUNT(*), SUM({total}) FROM {destination} WHERE {day}",
                 {"day": write.partition_value},
-            )
+            ).fetchall()
+            (new,) = cur.execute(f"SELECT COUNT(*), SUM({total}) FROM {stage}").fetchall()
+            refusal = write.shrink_refusal(old, new)
+            if refusal:
+                raise PublishRefused(refusal)
+            cur.execute(f"DELETE FROM {destination} WHERE {day}", {"day": write.partition_value})
         cur.execute(f"INSERT INTO {destination} BY NAME SELECT * FROM {stage}")
         if write.union_view is not None:
             self._refresh_union_view(cur, *write.union_view, write.schema)
@@ -248,8 +284,30 @@ class DuckDBWarehouse:
             ).fetchall()
         }
         columns = ", ".join(quote_identifier_any(c.name) for c in schema)
+        for table in tables:
+            if table in existing:  # written before the schema gained a column
+                self._add_schema_columns(cur, table, schema)
         selects = [f"SELECT {columns} FROM {self._table(t)}" for t in tables if t in existing]
         cur.execute(f"CREATE OR REPLACE VIEW {self._table(view)} AS {' UNION ALL '.join(selects)}")
+
+    def _add_schema_columns(
+        self, cur: duckdb.DuckDBPyConnection, table: str, schema: Sequence[SchemaColumn]
+    ) -> None:
+        """Adds the shared schema's columns a table written before they existed lacks."""
+        present = {
+            r[0]
+            for r in cur.execute(
+                "SELECT column_name FROM information_schema.columns "
+                "WHERE table_schema = ? AND table_name = ?",
+                [self.dataset, table],
+            ).fetchall()
+        }
+        for column in schema:
+            if column.name not in present:
+                cur.execute(
+                    f"ALTER TABLE {self._table(table)} ADD COLUMN "
+                    f"{quote_identifier_any(column.name)} {_TYPES[column.type.upper()]}"
+                )
 
     async def drop(self, tables: Sequence[str]) -> None:
         def drop(cur: duckdb.DuckDBPyConnection) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date
+from decimal import Decimal
 from typing import Any, Protocol
 
 from convergence_server.storage.records import RunRecord
@@ -36,6 +37,11 @@ class WarehouseError(Exception):
     """A failure that retrying cannot fix (bad SQL, a missing file, wrong types)."""
 
 
+class PublishRefused(Exception):
+    """Publishing would shrink a published partition beyond its step's `max_shrink`; the
+    message names the table, the day, the row counts and totals before and after."""
+
+
 class Interrupted(Exception):
     """The statement was stopped by `Warehouse.interrupt` (the server is stopping)."""
 
@@ -54,6 +60,15 @@ class Warehouse(Protocol):
 
     async def count(self, sql: str, params: Mapping[str, Any]) -> int:
         """The single integer a `SELECT COUNT(*) ...` query returns."""
+
+    async def rows(self, sql: str, params: Mapping[str, Any]) -> list[tuple[Any, ...]]:
+        """Every row a (small) query returns."""
+
+    async def add_columns(self, table: str, columns: Sequence[str]) -> None:
+        """Adds each column the table lacks, as a NULL STRING column."""
+
+    async def tables(self, prefix: str) -> list[str]:
+        """The names of the dataset's tables that start with `prefix`."""
 
     async def columns(self, table: str) -> list[str]:
         """The column names of `table`, in order; empty when it does not exist."""
@@ -91,3 +106,38 @@ class Publication:
     schema: tuple[SchemaColumn, ...] = ()
     # (view name, every table sharing the schema): the view to refresh after publishing.
     union_view: tuple[str, tuple[str, ...]] | None = None
+    # replace_partition: refuse (PublishRefused) to take away more than this share of the
+    # published partition's rows, or of its `total_column` sum, unless `allow_shrink`.
+    max_shrink: float = 1.0
+    total_column: str = ""
+    allow_shrink: bool = False
+
+    def shrink_refusal(
+        self, old: tuple[int, Decimal | None], new: tuple[int, Decimal | None]
+    ) -> str | None:
+        """Why publishing `new` (rows, total) over the published `old` is refused, if it is."""
+        if self.write_mode != "replace_partition" or self.allow_shrink or not old[0]:
+            return None
+        keep = Decimal(1) - Decimal(str(self.max_shrink))
+        (old_rows, old_total), (new_rows, new_total) = old, new
+        fewer_rows = new_rows == 0 or new_rows < old_rows * keep
+        smaller_total = (
+            self.total_column != ""
+            and old_total is not None
+            and old_total > 0
+            and (new_total or Decimal(0)) < old_total * keep
+        )
+        if not fewer_rows and not smaller_total:
+            return None
+
+        def described(rows: int, total: Decimal | None) -> str:
+            if not self.total_column:
+                return f"{rows} rows"
+            return f"{rows} rows ({self.total_column} total {total or 0})"
+
+        return (
+            f"publishing would shrink {self.destination} for {self.partition_value} from "
+            f"{described(*old)} to {described(*new)}, more than the {self.max_shrink:.0%} "
+            "the step allows: the export may be partial or its dates wrong. Nothing was "
+            "published; trigger the run with allow_shrink=true to publish it anyway"
+        )
