@@ -101,11 +101,14 @@ BENCH_PLAN = """
 TERMINAL = (run_pb2.Run.COMPLETE, run_pb2.Run.FAILED)
 FIRST_DAY = date(2024, 1, 1)  # quick runs get one day each from here
 CUR_DAY = date(2023, 11, 7)  # every row of the generated CUR falls on this day
-CUR_ID, CUR_START, CUR_END = (
+CUR_ID, CUR_START, CUR_END, CUR_ACCOUNT = (
     "identity/LineItemId",
     "lineItem/UsageStartDate",
     "lineItem/UsageEndDate",
+    "lineItem/UsageAccountId",
 )
+# Stands for each copy's own usage account in a line of the generated CUR.
+ACCOUNT_MARK = "@ACCOUNT@"
 
 
 # --- the workspace and the stacks -----------------------------------------------------------
@@ -471,6 +474,7 @@ def cur_templates(day: date) -> tuple[str, list[tuple[str, str]]]:
         days = (day - datetime.fromisoformat(row[CUR_START]).date()).days
         row[CUR_START] = _shifted(row[CUR_START], days)
         row[CUR_END] = _shifted(row[CUR_END], days)
+        row[CUR_ACCOUNT] = ACCOUNT_MARK
         line = io.StringIO()
         csv.writer(line, lineterminator="\n").writerow([row[h] for h in header[1:]])
         templates.append((row[CUR_ID], line.getvalue()))
@@ -479,15 +483,24 @@ def cur_templates(day: date) -> tuple[str, list[tuple[str, str]]]:
     return head.getvalue(), templates
 
 
-def write_cur(path: Path, rows: int, day: date) -> None:
-    """`rows` rows from the sample, IDs made unique, every usage period moved to `day`."""
+def write_cur(path: Path, rows: int, day: date, days: int = 1) -> None:
+    """`rows` rows: copies of the sample, each with its own line-item IDs and usage account
+    (so that no two rows are copies of each other), the usage periods of copy `c` moved to
+    `day` + `c % days`."""
     header, templates = cur_templates(day)
+    by_day = [templates, *(cur_templates(day + timedelta(days=k))[1] for k in range(1, days))]
     with path.open("w", newline="", buffering=1 << 20) as out:
         out.write(header)
         written, copy = 0, 0
         while written < rows:
-            batch = templates[: rows - written]
-            out.write("".join(f"{item}-{copy:05d},{rest}" for item, rest in batch))
+            batch = by_day[copy % days][: rows - written]
+            account = f"{copy:012d}"
+            out.write(
+                "".join(
+                    f"{item}-{copy:05d},{rest.replace(ACCOUNT_MARK, account)}"
+                    for item, rest in batch
+                )
+            )
             written += len(batch)
             copy += 1
 

@@ -331,9 +331,10 @@ class PipelineRun:
                     f"in order (missing: {missing or 'none'}; unexpected: {extra or 'none'})"
                 )
         self.staged[step.destination] = stage
-        union_view = None
+        union_view, views = None, tuple[tuple[str, str], ...]()
         if shared:
             union_view = (shared.union_view, self.catalog.tables_with_schema(shared.name))
+            views = tuple((name, self._sql(sql)) for name, sql in shared.views)
         self.publications.append(
             Publication(
                 stage,
@@ -343,6 +344,7 @@ class PipelineRun:
                 partition_value=self.parameters.get("date"),
                 schema=schema,
                 union_view=union_view,
+                views=views,
                 max_shrink=step.max_shrink,
                 total_column=step.total_column,
                 allow_shrink=bool(self.parameters.get(ALLOW_SHRINK, False)),

@@ -543,12 +543,14 @@ class SharedSchema:
     """An output shape several templates write (configs/schemas/NAME.yml).
 
     Every table written with it joins `union_view`, a view in the tenant's dataset that
-    unions them all (e.g. `focus_cost` over each provider's FOCUS table).
+    unions them all (e.g. `focus_cost` over each provider's FOCUS table). `views` are more
+    views over it: (name, BigQuery SQL reading `{dataset}.{union_view}`).
     """
 
     name: str
     columns: tuple[SchemaColumn, ...]
     union_view: str
+    views: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -583,7 +585,7 @@ def _load_schemas(config_dir: Path) -> dict[str, SharedSchema]:
             document = r.mapping(yaml.safe_load(path.read_text()), "the schema")
         except (OSError, yaml.YAMLError) as exc:
             raise TemplateError(f"{path}: cannot read: {exc}") from exc
-        r.only(document, "the schema", {"name", "description", "union_view", "columns"})
+        r.only(document, "the schema", {"name", "description", "union_view", "columns", "views"})
         if document.get("name", path.stem) != path.stem:
             raise r.fail("name", f"must be the file's name, {path.stem}")
         columns = document.get("columns")
@@ -601,7 +603,14 @@ def _load_schemas(config_dir: Path) -> dict[str, SharedSchema]:
             )
         name = r.name(path.stem, "file name")
         view = r.name(document.get("union_view", f"{name}_all"), "union_view")
-        schemas[name] = SharedSchema(name, tuple(parsed), view)
+        views = []
+        for i, spec in enumerate(document.get("views") or []):
+            spec = r.mapping(spec, f"views[{i}]")
+            r.only(spec, f"views[{i}]", {"name", "sql", "description"})
+            sql = r.text(spec.get("sql"), f"views[{i}].sql")
+            _check_sql(r, sql, f"views[{i}].sql", {})
+            views.append((r.name(spec.get("name"), f"views[{i}].name"), sql))
+        schemas[name] = SharedSchema(name, tuple(parsed), view, tuple(views))
     return schemas
 
 

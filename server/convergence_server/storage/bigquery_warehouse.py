@@ -275,6 +275,8 @@ class BigQueryWarehouse:
                 for write in writes:
                     if write.union_view is not None:
                         self._refresh_union_view(*write.union_view, write.schema)
+                    for view, sql in write.views:
+                        self._bq.job(f"CREATE OR REPLACE VIEW {self._q(view)} AS {sql}")
                 for write in writes:
                     if write.write_mode == "truncate" and not write.schema:
                         self._replace_with(write.stage, write.destination)

@@ -268,6 +268,8 @@ class DuckDBWarehouse:
         cur.execute(f"INSERT INTO {destination} BY NAME SELECT * FROM {stage}")
         if write.union_view is not None:
             self._refresh_union_view(cur, *write.union_view, write.schema)
+        for view, sql in write.views:
+            cur.execute(f"CREATE OR REPLACE VIEW {self._table(view)} AS {_one_select(sql)}")
 
     def _refresh_union_view(
         self,

@@ -106,6 +106,8 @@ class Publication:
     schema: tuple[SchemaColumn, ...] = ()
     # (view name, every table sharing the schema): the view to refresh after publishing.
     union_view: tuple[str, tuple[str, ...]] | None = None
+    # (name, BigQuery SQL) of views over the union view, refreshed with it.
+    views: tuple[tuple[str, str], ...] = ()
     # replace_partition: refuse (PublishRefused) to take away more than this share of the
     # published partition's rows, or of its `total_column` sum, unless `allow_shrink`.
     max_shrink: float = 1.0
