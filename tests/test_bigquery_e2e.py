@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 from collections.abc import Iterator
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -24,6 +25,7 @@ from tests.conftest import (
     trigger,
     wait_for_run,
 )
+from tests.test_publish_guards import CLEAN, DAY, LEDGER
 from tests.test_templates import RUNS, SAMPLES
 
 
@@ -94,7 +96,7 @@ def test_every_template_runs_to_complete(bq: BigQueryStack, http: httpx.Client) 
         f"WHERE tenant_id = '{tenant_id}' AND pipeline_logging_id = "
         f"'{runs['aws/cost/cost_usage']}' ORDER BY step_index"
     )
-    assert [s["status"] for s in steps] == ["COMPLETE"] * 4
+    assert [s["status"] for s in steps] == ["COMPLETE"] * 5
 
 
 def test_quota_refusals(http: httpx.Client) -> None:
@@ -151,3 +153,39 @@ def test_a_run_is_watched_to_complete_over_grpc(bq: BigQueryStack, http: httpx.C
     assert [s.step_name for s in updates[-1].steps] == ["count_1", "count_2", "count_3", "counted"]
     statuses = [u.run.status for u in updates]
     assert statuses == sorted(statuses) and len(updates) >= 3
+
+
+@pytest.mark.timeout(600)
+def test_checks_and_guards_on_bigquery(
+    bq: BigQueryStack, http: httpx.Client, sources_dir: Path
+) -> None:
+    """The ledger template (tests/test_publish_guards.py) on BigQuery: a load reused, a copy
+    caught by unique_rows, two currencies by one_value_per, a partial day refused."""
+    tenant_id, key = onboard(http, plan=UNMETERED)
+    folder = sources_dir / tenant_id
+    folder.mkdir()
+
+    def start(name: str, text: str) -> object:
+        (folder / name).write_text(text)
+        body = {"source_uri": str(folder / name)}
+        return trigger(http, key, tenant_id, LEDGER, date=DAY, parameters=body)[
+            "pipeline_logging_id"
+        ]
+
+    clean = wait_for_run(http, key, start("clean.csv", CLEAN), timeout=300)
+    assert clean["status"] == "COMPLETE", clean
+    lines = CLEAN.splitlines(keepends=True)
+    started = {
+        "copy": start("copy.csv", CLEAN + "99" + lines[3][lines[3].index(",") :]),
+        "currency": start("eur.csv", CLEAN + f"11,acct-1,EUR,{DAY},3.00\n"),
+        "partial": start("partial.csv", "".join(lines[:5])),
+    }
+    ended = {n: wait_for_run(http, key, r, timeout=400) for n, r in started.items()}
+    assert {n: r["status"] for n, r in ended.items()} == dict.fromkeys(started, "FAILED"), ended
+    assert "no_copies" in str(ended["copy"]["error_message"])
+    assert "one_currency" in str(ended["currency"]["error_message"])
+    assert "to 4 rows (amount total 11" in str(ended["partial"]["error_message"])
+    (day,) = bq.query(
+        f"SELECT COUNT(*) AS n, SUM(amount) AS total FROM `{{prefix}}{tenant_id}.ledger`"
+    )
+    assert (day["n"], day["total"]) == (10, Decimal("57.5"))

@@ -468,6 +468,7 @@ def test_run_ids_must_be_run_ids(api: httpx.Client) -> None:
         for method, path in (
             ("GET", f"/api/v1/pipelines/runs/{bad}"),
             ("GET", f"/api/v1/pipelines/runs/{bad}/steps"),
+            ("GET", f"/api/v1/pipelines/runs/{bad}/checks"),
             ("GET", f"/api/v1/pipelines/runs/{bad}:watch"),
             ("POST", f"/api/v1/pipelines/runs/{bad}:cancel"),
         ):

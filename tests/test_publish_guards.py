@@ -16,21 +16,28 @@ from tests.conftest import StackFactory
 from tests.cost_support import CostTenant, cost_tenant
 
 LEDGER = "test/runs/ledger"
-DAY = "2024-03-05"
+DAY, LATER, FIRST, SECOND = "2024-03-05", "2024-03-06", "2024-03-07", "2024-03-08"
 HEADER = "id,account,currency,day,amount\n"
-CLEAN = HEADER + "".join(f"{i},acct-1,USD,{DAY},{i}.25\n" for i in range(1, 11))
+
+
+def ledger_rows(day: str, count: int = 10, cents: str = "25") -> str:
+    return "".join(f"{i},acct-1,USD,{day},{i}.{cents}\n" for i in range(1, count + 1))
+
+
+CLEAN = HEADER + ledger_rows(DAY)
 
 
 class Outcomes:
     tenant: CostTenant
     runs: dict[str, dict[str, object]]
     checks: dict[str, dict[str, dict[str, object]]]
-    reloaded_day: list[tuple[object, ...]]
 
 
-def ledger(tenant: CostTenant, name: str, text: str, **parameters: str) -> dict[str, object]:
+def ledger(
+    tenant: CostTenant, name: str, text: str, day: str = DAY, **parameters: str
+) -> dict[str, object]:
     source = tenant.source(name, text)
-    return tenant.run(LEDGER, DAY, source_uri=source, **parameters)
+    return tenant.run(LEDGER, day, source_uri=source, **parameters)
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +52,7 @@ def outcomes(
     data_dir = tmp_path_factory.mktemp("guards")
     with cost_tenant(stack_factory, pipeline_env, sources_dir, data_dir) as tenant:
         o.tenant = tenant
+        # DAY: published clean, then only refused runs.
         o.runs["clean"] = ledger(tenant, "clean.csv", CLEAN)
         lines = CLEAN.splitlines(keepends=True)
         # The third line again under a new id.
@@ -52,20 +60,26 @@ def outcomes(
         o.runs["currency"] = ledger(tenant, "eur.csv", CLEAN + f"11,acct-1,EUR,{DAY},3.00\n")
         partial = "".join(lines[:5])  # 4 of the day's 10 rows
         o.runs["partial"] = ledger(tenant, "partial.csv", partial)
-        o.runs["empty"] = ledger(tenant, "empty.csv", HEADER + "1,acct-1,USD,2024-03-06,1.00\n")
-        # 9 of 10 rows: within the 20% a step may shrink by default.
-        o.runs["smaller"] = ledger(tenant, "smaller.csv", "".join(lines[:10]))
-        o.runs["allowed"] = ledger(tenant, "partial.csv", partial, allow_shrink="true")
-        # A reused load: the same version (path, size, modification time) is not read
-        # again, so content changed behind its back is not seen; a new version is.
-        path = Path(tenant.folder / "partial.csv")
+        o.runs["empty"] = ledger(tenant, "empty.csv", HEADER + ledger_rows(LATER, 1))
+        # LATER: a shrink within the 20% a step may shrink by default, then one allowed.
+        later = HEADER + ledger_rows(LATER)
+        o.runs["later"] = ledger(tenant, "later.csv", later, LATER)
+        o.runs["smaller"] = ledger(tenant, "smaller.csv", HEADER + ledger_rows(LATER, 9), LATER)
+        o.runs["allowed"] = ledger(
+            tenant, "fewer.csv", HEADER + ledger_rows(LATER, 4), LATER, allow_shrink="true"
+        )
+        # A reused load: a version (modification time, size) is loaded once, so content
+        # changed behind its back is not seen; a new version is.
+        path = Path(tenant.folder / "two_days.csv")
+        o.runs["first"] = ledger(
+            tenant, path.name, HEADER + ledger_rows(FIRST) + ledger_rows(SECOND), FIRST
+        )
         before = path.stat()
-        path.write_text(partial.replace(".25", ".75"))
+        path.write_text(HEADER + ledger_rows(FIRST, cents="50") + ledger_rows(SECOND, cents="50"))
         os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
-        o.runs["same_version"] = tenant.run(LEDGER, DAY, source_uri=str(path))
-        path.write_text(partial.replace(".25", ".50") + "")
+        o.runs["same_version"] = tenant.run(LEDGER, SECOND, source_uri=str(path))
         os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns + 1_000_000_000))
-        o.runs["new_version"] = tenant.run(LEDGER, DAY, source_uri=str(path))
+        o.runs["new_version"] = tenant.run(LEDGER, FIRST, source_uri=str(path))
         o.checks = {
             name: {c["check_name"]: c for c in tenant.checks(str(run["pipeline_logging_id"]))}
             for name, run in o.runs.items()
@@ -78,14 +92,19 @@ def status(o: Outcomes, name: str) -> object:
     return o.runs[name]["status"]
 
 
-def test_a_clean_file_publishes_with_every_check_passed(outcomes: Outcomes) -> None:
-    assert status(outcomes, "clean") == "COMPLETE"
+def test_a_clean_file_publishes_with_its_warning(outcomes: Outcomes) -> None:
+    run = outcomes.runs["clean"]
+    assert run["status"] == "COMPLETE" and run["warnings"] == 1
     checks = outcomes.checks["clean"]
     assert {n: c["status"] for n, c in checks.items()} == {
         "no_copies": "PASSED",
         "ids_present": "PASSED",
+        "memo_short": "FAILED",
         "one_currency": "PASSED",
     }
+    # A check whose SQL fails (here: no column memo) is a failed check, not a failed step.
+    assert "the check cannot run" in str(checks["memo_short"]["message"])
+    assert "memo" in str(checks["memo_short"]["message"])
 
 
 def test_a_row_copied_under_a_new_id_fails_with_a_sample(outcomes: Outcomes) -> None:
@@ -131,24 +150,51 @@ def test_allow_shrink_publishes_and_is_recorded(outcomes: Outcomes) -> None:
     assert dict(run["parameters"])["allow_shrink"] == "true"  # type: ignore[call-overload]
 
 
+def day_total(o: Outcomes, day: str) -> tuple[object, ...]:
+    (row,) = o.tenant.query(
+        f"SELECT COUNT(*), SUM(amount) FROM {{t}}.ledger WHERE day = DATE '{day}'"
+    )
+    return row
+
+
+def test_refused_runs_left_the_published_day_alone(outcomes: Outcomes) -> None:
+    assert [status(outcomes, n) for n in ("copy", "currency", "partial", "empty")] == ["FAILED"] * 4
+    assert day_total(outcomes, DAY) == (10, Decimal("57.5"))  # 1.25 + ... + 10.25
+    assert day_total(outcomes, LATER) == (4, Decimal("11"))  # the allowed run's 4 rows
+
+
 def test_a_reused_load_reads_each_version_once(outcomes: Outcomes) -> None:
-    assert status(outcomes, "same_version") == "COMPLETE"
-    assert status(outcomes, "new_version") == "COMPLETE"
-    (total,) = outcomes.tenant.query(
-        f"SELECT SUM(amount) FROM {{t}}.ledger WHERE day = DATE '{DAY}'"
-    )[0]
-    assert total == Decimal("12.00")  # 1.50 + 2.50 + 3.50 + 4.50: the new version's rows
+    for name in ("first", "same_version", "new_version"):
+        assert status(outcomes, name) == "COMPLETE"
+        # The file's checks ran when the version was loaded; every run reading it shows them.
+        assert outcomes.checks[name]["no_copies"]["status"] == "PASSED"
+    # The same version: the rows loaded first (.25), not the file's new content (.50).
+    assert day_total(outcomes, SECOND) == (10, Decimal("57.5"))
+    # A new version: loaded again.
+    assert day_total(outcomes, FIRST) == (10, Decimal("60"))
+    # Each file's newest version is kept, with the one before it for runs still reading it.
     sources = outcomes.tenant.query(
         "SELECT table_name FROM information_schema.tables "
         f"WHERE table_schema = '{outcomes.tenant.tenant_id}' AND starts_with(table_name, '_src_')"
     )
-    # One table per file still in use; the partial file's older version was dropped.
-    assert len(sources) == len({"clean", "copy", "eur", "empty", "smaller", "partial"})
+    files = ("clean", "copy", "eur", "partial", "empty", "later", "smaller", "fewer", "two_days")
+    assert len(sources) == len(files) + 1
 
 
-def test_refused_runs_left_the_published_day_alone(outcomes: Outcomes) -> None:
-    """After the clean run and the one within limits, only allowed runs changed the day."""
-    rows = outcomes.tenant.query(
+def test_the_destination_is_a_view_of_the_loaded_file(outcomes: Outcomes) -> None:
+    """raw_ledger shows the rows of the version the last published run read."""
+    assert day_total(outcomes, FIRST) == (10, Decimal("60"))
+    ((rows, kind),) = outcomes.tenant.query(
+        "SELECT (SELECT COUNT(*) FROM {t}.raw_ledger), (SELECT table_type FROM "
+        "information_schema.tables WHERE table_schema = '"
+        + outcomes.tenant.tenant_id
+        + "' AND table_name = 'raw_ledger')"
+    )
+    assert (rows, kind) == (20, "VIEW")
+
+
+def test_an_optional_column_is_added_as_null(outcomes: Outcomes) -> None:
+    ((rows, notes),) = outcomes.tenant.query(
         f"SELECT COUNT(*), COUNT(note) FROM {{t}}.ledger WHERE day = DATE '{DAY}'"
     )
-    assert rows == [(4, 0)]  # the optional `note` column exists, NULL
+    assert (rows, notes) == (10, 0)

@@ -40,7 +40,7 @@ def test_trigger_returns_the_documented_response_and_the_run_completes(api: http
     assert run["trigger_type"] == "api"
     assert run["trigger_by"] == "john@acme.com"
     assert run["user_id"] == "user_123"
-    assert run["parameters"] == {"date": "2025-11-18"}
+    assert run["parameters"] == {"date": "2025-11-18", "allow_shrink": "false"}
     assert run["end_time"] >= run["start_time"]
     assert isinstance(run["duration_ms"], int)
 
@@ -226,6 +226,6 @@ def test_list_pipelines(api: httpx.Client) -> None:
         QUICK,
     } <= keys
     quick = next(p for p in pipelines if p["template"] == "quick")
-    assert quick["parameters"] == [
-        {"name": "date", "type": "date", "default": "yesterday", "description": ""}
-    ]
+    (date, allow_shrink) = quick["parameters"]
+    assert date == {"name": "date", "type": "date", "default": "yesterday", "description": ""}
+    assert allow_shrink["name"] == "allow_shrink" and allow_shrink["default"] == "false"

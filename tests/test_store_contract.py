@@ -8,6 +8,7 @@ and leaves no run PENDING or RUNNING (a claim may take any tenant's PENDING run)
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import Coroutine, Iterator
 from dataclasses import replace
@@ -357,11 +358,102 @@ def test_steps_and_dq_results_are_kept_per_attempt(store: Store) -> None:
         created_at=started,
         run_attempt=2,
     )
-    run(store.add_dq_results([dq, replace(dq, dq_result_id=str(uuid.uuid4()), status="FAILED")]))
+    failed = replace(dq, dq_result_id=str(uuid.uuid4()), status="FAILED", check_index=1)
+    run(store.add_dq_results(again, [dq, failed]))
     assert run(store.finish_run(again, "COMPLETE", datetime.now(UTC))) is not None
     assert [s.status for s in run(store.list_steps(tenant_id, made.pipeline_logging_id))] == [
         "FAILED"
     ]
+
+
+def dq_result(
+    of: RunRecord, step: str, index: int, name: str, at: datetime, **fields: Any
+) -> DqRecord:
+    """A passed `error` check of `of`'s attempt; `fields` change it."""
+    record = DqRecord(
+        dq_result_id=str(uuid.uuid4()),
+        pipeline_logging_id=of.pipeline_logging_id,
+        pipeline_id=of.pipeline_id,
+        tenant_id=of.tenant_id,
+        step_name=step,
+        check_name=name,
+        check_type="not_null",
+        severity="error",
+        status="PASSED",
+        observed_value="0",
+        expected_value="0",
+        message="0 rows with NULL label",
+        ingestion_date=at.date(),
+        created_at=at,
+        run_attempt=of.attempt,
+        failed_rows=0,
+        check_index=index,
+    )
+    return replace(record, **fields)
+
+
+def test_dq_results_count_warnings_per_attempt_and_list_in_order(store: Store) -> None:
+    tenant_id = tenant(store)
+    made = new_run(tenant_id)
+    run(store.create_run(made, LONG_AGO, RunLimits(10, 10)))
+    first = claim(store, tenant_id)
+    assert first.warnings == 0
+    at = datetime.now(UTC)
+    samples = ('{"n": "2", "label": null}', '{"n": "5", "label": null}')
+    warned = {"severity": "warn", "status": "FAILED", "failed_rows": 2, "sample_rows": samples}
+    validate = [
+        dq_result(first, "validate", 0, "has_rows", at, check_type="row_count", failed_rows=None),
+        dq_result(first, "validate", 1, "labelled", at, **warned),
+        dq_result(first, "validate", 2, "positive", at),
+    ]
+    run(store.add_dq_results(first, validate))
+    later = at + timedelta(seconds=1)
+    run(store.add_dq_results(first, [dq_result(first, "recheck", 0, "labelled", later, **warned)]))
+    stored = run(store.get_run(tenant_id, made.pipeline_logging_id))
+    assert stored is not None and stored.warnings == 2
+    listed = run(store.list_dq_results(tenant_id, made.pipeline_logging_id, 1))
+    assert [(r.step_name, r.check_name, r.status, r.failed_rows) for r in listed] == [
+        ("validate", "has_rows", "PASSED", None),
+        ("validate", "labelled", "FAILED", 2),
+        ("validate", "positive", "PASSED", 0),
+        ("recheck", "labelled", "FAILED", 2),
+    ]
+    assert [json.loads(s) for s in listed[1].sample_rows] == [json.loads(s) for s in samples]
+    assert (listed[0].sample_rows, listed[0].check_type) == ((), "row_count")
+    assert run(store.list_dq_results("c_someone_else", made.pipeline_logging_id, 1)) == []
+
+    # Handed back at a stop: the same attempt runs again from the start, its warnings anew;
+    # a check recorded again is listed as recorded last.
+    assert run(store.requeue_run(first, datetime.now(UTC), count_attempt=False))
+    handed_back = run(store.get_run(tenant_id, made.pipeline_logging_id))
+    assert handed_back is not None and (handed_back.attempt, handed_back.warnings) == (1, 0)
+    rerun = claim(store, tenant_id)
+    again = at + timedelta(seconds=2)
+    run(store.add_dq_results(rerun, [dq_result(rerun, "validate", 1, "labelled", again)]))
+    listed = run(store.list_dq_results(tenant_id, made.pipeline_logging_id, 1))
+    assert [(r.step_name, r.check_name, r.status) for r in listed] == [
+        ("validate", "has_rows", "PASSED"),
+        ("validate", "positive", "PASSED"),
+        ("recheck", "labelled", "FAILED"),
+        ("validate", "labelled", "PASSED"),
+    ]
+
+    # Lost in a crash: the next attempt starts with no checks and no warnings, and a late
+    # result of the lost execution neither counts nor shows in it.
+    assert run(store.requeue_run(rerun, datetime.now(UTC), count_attempt=True))
+    second = claim(store, tenant_id)
+    assert (second.attempt, second.warnings) == (2, 0)
+    run(store.add_dq_results(rerun, [dq_result(rerun, "validate", 1, "labelled", again, **warned)]))
+    assert run(store.list_dq_results(tenant_id, made.pipeline_logging_id, 2)) == []
+    run(
+        store.add_dq_results(
+            second, [dq_result(second, "validate", 1, "labelled", later, **warned)]
+        )
+    )
+    ended = run(store.finish_run(second, "COMPLETE", datetime.now(UTC)))
+    assert ended is not None and (ended.status, ended.warnings) == ("COMPLETE", 1)
+    listed = run(store.list_dq_results(tenant_id, made.pipeline_logging_id, 2))
+    assert [(r.check_name, r.run_attempt, r.status) for r in listed] == [("labelled", 2, "FAILED")]
 
 
 def test_a_run_without_heartbeats_goes_stale(store: Store) -> None:

@@ -99,13 +99,25 @@ def test_aws_cur_to_focus_to_the_cent(outcome: Outcome) -> None:
             day = line["lineItem/UsageStartDate"][:10]
             if day == AWS_DAY:
                 rows += 1
-                key = (line["lineItem/UsageAccountId"], line["lineItem/ProductCode"], day)
+                name = line["product/ProductName"]
+                name = "Amazon CloudWatch" if name == "AmazonCloudWatch" else name
+                key = (line["lineItem/UsageAccountId"], name, day)
                 sums[key] += Decimal(line["lineItem/UnblendedCost"])
     assert focus_sums(outcome, "focus_aws_cost", AWS_DAY) == {
         k: v.quantize(CENT) for k, v in sums.items()
     }
     (count,) = query(outcome, "SELECT COUNT(*) FROM {t}.focus_aws_cost")[0]
     assert count == rows  # the day ran twice: replaced, not duplicated
+
+
+# The sample's ConsumedService namespaces (in any case) and their display names.
+AZURE_SERVICE_NAMES = {
+    "microsoft.compute": "Virtual Machines",
+    "microsoft.datafactory": "Azure Data Factory",
+    "microsoft.eventhub": "Event Hubs",
+    "microsoft.network": "Virtual Network",
+    "microsoft.storage": "Storage Accounts",
+}
 
 
 def test_azure_ea_to_focus_to_the_cent(outcome: Outcome) -> None:
@@ -115,7 +127,8 @@ def test_azure_ea_to_focus_to_the_cent(outcome: Outcome) -> None:
     for line in lines:
         day = datetime.strptime(line["Date"], "%m/%d/%Y").date().isoformat()
         if day == AZURE_DAY:
-            key = (line["SubscriptionId"], line["ConsumedService"], day)
+            service = AZURE_SERVICE_NAMES[line["ConsumedService"].lower()]
+            key = (line["SubscriptionId"], service, day)
             sums[key] += Decimal(line["CostInBillingCurrency"])
     assert focus_sums(outcome, "focus_azure_cost", AZURE_DAY) == {
         k: v.quantize(CENT) for k, v in sums.items()
@@ -133,10 +146,12 @@ def test_gcp_billing_to_focus_to_the_cent(outcome: Outcome) -> None:
         start = datetime.fromisoformat(line["usage_start_time"].replace("Z", "+00:00"))
         day = start.astimezone(UTC).date().isoformat()
         if day == GCP_DAY:
-            rows += 1
+            rows += 1 + len(line.get("credits") or [])  # each credit is a row of its own
             project = (line.get("project") or {}).get("id")
-            sums[(str(project), line["service"]["description"], day)] += Decimal(line["cost"])
             credits = sum((Decimal(c["amount"]) for c in line.get("credits") or []), Decimal(0))
+            sums[(str(project), line["service"]["description"], day)] += (
+                Decimal(line["cost"]) + credits
+            )
             effective += Decimal(line["cost"]) + credits
     assert focus_sums(outcome, "focus_gcp_cost", GCP_DAY) == {
         k: v.quantize(CENT) for k, v in sums.items()

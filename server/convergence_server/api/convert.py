@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from typing import Any, cast
 
@@ -16,8 +17,14 @@ from convergence_server.domain.onboarding import (
     TenantApplication,
 )
 from convergence_server.domain.schedules import SlotOutcome, slot_of
-from convergence_server.engine.templates import Template
-from convergence_server.storage.records import MemberRecord, RunRecord, ScheduleRecord, StepRecord
+from convergence_server.engine.templates import Template, parameter_text
+from convergence_server.storage.records import (
+    DqRecord,
+    MemberRecord,
+    RunRecord,
+    ScheduleRecord,
+    StepRecord,
+)
 
 _CHECK_STATUS = {
     CheckStatus.PASSED: tenant_pb2.ValidationCheck.PASSED,
@@ -112,6 +119,7 @@ def run(record: RunRecord) -> run_pb2.Run:
         created_at=_timestamp(record.created_at),
         schedule_id=slot[0] if slot else "",
         slot_time=_timestamp(slot[1]) if slot else None,
+        warnings=_int32(record.warnings),
     )
 
 
@@ -167,7 +175,27 @@ def run_step(record: StepRecord) -> run_pb2.RunStep:
         duration_ms=_int32(record.duration_ms),
         error_message=record.error_message,
         attempts=record.attempts,
+        warnings=_int32(record.warnings),
     )
+
+
+def run_check(record: DqRecord) -> run_pb2.RunCheck:
+    check = run_pb2.RunCheck(
+        step_name=record.step_name,
+        check_name=record.check_name,
+        check_type=record.check_type,
+        severity=record.severity,
+        status=cast(run_pb2.RunCheck.Status, run_pb2.RunCheck.Status.Value(record.status)),
+        observed_value=record.observed_value,
+        expected_value=record.expected_value,
+        message=record.message,
+        failed_rows=None if record.failed_rows is None else _int32(record.failed_rows),
+        run_attempt=record.run_attempt,
+        created_at=_timestamp(record.created_at),
+    )
+    for sample in record.sample_rows:
+        check.sample_rows.add().update(json.loads(sample))
+    return check
 
 
 def pipeline_template(template: Template) -> pipeline_pb2.PipelineTemplate:
@@ -181,7 +209,7 @@ def pipeline_template(template: Template) -> pipeline_pb2.PipelineTemplate:
             pipeline_pb2.TemplateParameter(
                 name=p.name,
                 type=p.type,
-                default="" if p.default is None else str(p.default),
+                default="" if p.default is None else parameter_text(p.default),
                 description=p.description,
             )
             for p in template.parameters.values()

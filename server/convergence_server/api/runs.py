@@ -1,4 +1,4 @@
-"""RunService: read, list, cancel and watch a tenant's runs."""
+"""RunService: read (with steps and checks), list, cancel and watch a tenant's runs."""
 
 from __future__ import annotations
 
@@ -53,6 +53,12 @@ class RunServicer(run_service_pb2_grpc.RunServiceServicer):
     ) -> run_service_pb2.ListRunStepsResponse:
         steps = await self._runs.steps(require_caller(), request.pipeline_logging_id)
         return run_service_pb2.ListRunStepsResponse(steps=[convert.run_step(s) for s in steps])
+
+    async def ListRunChecks(
+        self, request: run_service_pb2.ListRunChecksRequest, context: ServicerContext[Any, Any]
+    ) -> run_service_pb2.ListRunChecksResponse:
+        checks = await self._runs.checks(require_caller(), request.pipeline_logging_id)
+        return run_service_pb2.ListRunChecksResponse(checks=[convert.run_check(c) for c in checks])
 
     async def CancelRun(
         self, request: run_service_pb2.CancelRunRequest, context: ServicerContext[Any, Any]

@@ -87,6 +87,8 @@ class _Observer:
         self._events = events
         self._stopping = stopping
         self._step_ids: dict[int, str] = {}
+        # The failed `warn` checks of each dq step, by step name (names are unique).
+        self._warnings: dict[str, int] = {}
 
     async def cancel_requested(self) -> bool:
         return await self._store.cancel_requested(self._run.pipeline_logging_id)
@@ -125,6 +127,7 @@ class _Observer:
             duration_ms=int((ended - started).total_seconds() * 1000),
             error_message=outcome.error,
             attempts=outcome.attempts,
+            warnings=self._warnings.get(step.name, 0),
         )
         await self._store.save_step(record)
         self._events.publish(self._run.pipeline_logging_id)
@@ -132,28 +135,33 @@ class _Observer:
     async def dq_checked(self, step: Step, results: list[DqResult]) -> None:
         now = datetime.now(UTC)
         day = self._run.parameters.get("date")
-        await self._store.add_dq_results(
-            [
-                DqRecord(
-                    dq_result_id=str(uuid.uuid4()),
-                    pipeline_logging_id=self._run.pipeline_logging_id,
-                    pipeline_id=self._run.pipeline_id,
-                    tenant_id=self._run.tenant_id,
-                    step_name=step.name,
-                    check_name=r.check.name,
-                    check_type=r.check.type,
-                    severity=r.check.severity,
-                    status="PASSED" if r.passed else "FAILED",
-                    observed_value=r.observed,
-                    expected_value=r.expected,
-                    message=r.message,
-                    ingestion_date=datetime.fromisoformat(day).date() if day else now.date(),
-                    created_at=now,
-                    run_attempt=self._run.attempt,
-                )
-                for r in results
-            ]
-        )
+        records = [
+            DqRecord(
+                dq_result_id=str(uuid.uuid4()),
+                pipeline_logging_id=self._run.pipeline_logging_id,
+                pipeline_id=self._run.pipeline_id,
+                tenant_id=self._run.tenant_id,
+                step_name=step.name,
+                check_name=r.check.name,
+                check_type=r.check.type,
+                severity=r.check.severity,
+                status="PASSED" if r.passed else "FAILED",
+                observed_value=r.observed,
+                expected_value=r.expected,
+                message=r.message,
+                ingestion_date=datetime.fromisoformat(day).date() if day else now.date(),
+                created_at=now,
+                run_attempt=self._run.attempt,
+                failed_rows=r.failed_rows,
+                sample_rows=r.samples,
+                check_index=index,
+            )
+            for index, r in enumerate(results)
+        ]
+        self._warnings[step.name] = sum(r.warns for r in records)
+        await self._store.add_dq_results(self._run, records)
+        # Watchers see the run's new `warnings` (and the checks) at once.
+        self._events.publish(self._run.pipeline_logging_id)
 
 
 class _Lost(Exception):

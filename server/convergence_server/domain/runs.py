@@ -1,4 +1,5 @@
-"""Pipeline runs: triggering (validated, idempotent), reading, listing, cancelling, watching."""
+"""Pipeline runs: triggering (validated, idempotent), reading (with steps and checks),
+listing, cancelling, watching."""
 
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from convergence_server.engine.templates import (
     ParameterError,
     Template,
     has_hidden_characters,
+    parameter_text,
     parse_date,
 )
 from convergence_server.errors import (
@@ -46,6 +48,7 @@ from convergence_server.storage import Store
 from convergence_server.storage.identifiers import IDENTIFIER_PATTERN
 from convergence_server.storage.records import (
     Admission,
+    DqRecord,
     RunCursor,
     RunFilter,
     RunLimits,
@@ -307,6 +310,14 @@ class Runs:
         run = await self.get(caller, run_id)
         return await self._store.list_steps(caller.tenant_id, run.pipeline_logging_id)
 
+    async def checks(self, caller: Caller, run_id: str) -> list[DqRecord]:
+        """The data-quality results of the run's current attempt (the one its `warnings`
+        counts), in the order they ran."""
+        run = await self.get(caller, run_id)
+        return await self._store.list_dq_results(
+            caller.tenant_id, run.pipeline_logging_id, run.attempt
+        )
+
     async def list_runs(self, caller: Caller, query: RunQuery) -> RunPage:
         limit = query.limit or DEFAULT_LIMIT
         if not 1 <= limit <= MAX_LIMIT:
@@ -390,7 +401,7 @@ def new_run(
         trigger_type=trigger_type,
         trigger_by=trigger_by,
         user_id=user_id,
-        parameters={k: v.isoformat() if isinstance(v, date) else str(v) for k, v in values.items()},
+        parameters={k: parameter_text(v) for k, v in values.items()},
         created_at=now,
         idempotency_key=idempotency_key,
     )

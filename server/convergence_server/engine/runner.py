@@ -49,10 +49,15 @@ MAX_BACKOFF = 60.0
 # A failed check keeps up to this many of its rows, each value cut to SAMPLE_VALUE characters.
 SAMPLE_ROWS = 3
 SAMPLE_VALUE = 200
+SAMPLE_BYTES = 4096  # about: a sample keeps its first columns up to this size
 # Tables holding a version of a source file that `reuse: true` load steps read.
 SOURCE_PREFIX = "_src_"
 # One load of a source file at a time in this process: runs wanting the same version wait.
 _LOADING = KeyedTurns()
+# Results of check steps over a whole loaded file version, by (dataset, table, checks):
+# runs reading the same version reuse them. The oldest go beyond MAX_CHECKED.
+_CHECKED: dict[tuple[str, str, tuple[DqCheck, ...]], list[DqResult]] = {}
+MAX_CHECKED = 1000
 log = logging.getLogger(__name__)
 OUTSIDE_ISSUE = "is outside the allowed source folders"
 
@@ -161,6 +166,8 @@ class DqResult:
     # each a JSON object whose values are strings or null.
     failed_rows: int | None = None
     samples: tuple[str, ...] = ()
+    # False when the check's query failed (the result says why).
+    ran: bool = True
 
 
 @dataclass(frozen=True)
@@ -207,6 +214,8 @@ class PipelineRun:
     remote_roots: tuple[str, ...] = ()
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
     staged: dict[str, str] = field(default_factory=dict)
+    # The loaded file versions this run reads (`reuse: true` load steps).
+    reused: set[str] = field(default_factory=set)
     publications: list[Publication] = field(default_factory=list)
 
     async def execute(self) -> None:
@@ -226,6 +235,8 @@ class PipelineRun:
                 await self._retrying(lambda: self.publish(self.publications), 3)
             except PublishRefused as exc:
                 raise StepFailed(str(exc)) from None
+            except WarehouseError as exc:
+                raise StepFailed(f"publishing failed: {exc}") from None
         finally:
             # Every stage this run may have created, including one whose step then failed.
             stages = {self._stage(s.destination) for s in self.template.steps if s.destination}
@@ -290,26 +301,34 @@ class PipelineRun:
         return rows
 
     async def _load_once(self, step: Step, path: str) -> int:
-        """Loads this version of the file (its path, size and modification time) unless a
-        table of the dataset already holds it, and reads that table. The table is named by
-        the file and its version and never changes: a new version is a new table, and the
-        older ones of the file are dropped. (A run still reading one of those fails, the
-        file having changed under it.)"""
-        stat = await asyncio.to_thread(os.stat, path)
-        file_key = _digest(f"{step.destination}\0{step.format}\0{path}")
-        prefix = f"{SOURCE_PREFIX}{step.destination}_{file_key}_"
-        table = prefix + _digest(f"{stat.st_size}\0{stat.st_mtime_ns}")
-        async with _LOADING.get(f"{self.warehouse.dataset}.{prefix}"):
+        """Loads this version of the file (its modification time and size) unless a table
+        of the dataset already holds it, and reads that table. The table is named by the
+        file and its version and never changes: a new version is a new table. Loading one
+        drops the file's older tables but the newest of them, which runs may still read.
+        The step's destination becomes a view of the table when the run publishes."""
+        dataset = self.warehouse.dataset
+        prefix = f"{SOURCE_PREFIX}{step.destination}_"
+        prefix += _digest(f"{step.destination}\0{step.format}\0{path}") + "_"
+        async with _LOADING.get(f"{dataset}.{prefix}"):
+            version = await _file_version(path)
+            table = f"{prefix}{version[0]:020d}_{_digest(str(version[1]))}"
             if not await self.warehouse.columns(table):
+                _forget(dataset, table)
                 await self.warehouse.load(table, path, step.format)
-                for older in await self.warehouse.tables(prefix):
-                    if older != table:
-                        await self.warehouse.drop([older])
+                if await _file_version(path) != version:
+                    await self.warehouse.drop([table])
+                    raise TransientError(f"{path} changed while it was loaded")
+                older = sorted(t for t in await self.warehouse.tables(prefix) if t != table)
+                await self.warehouse.drop(older[:-1])
+                for dropped in older[:-1]:
+                    _forget(dataset, dropped)
             # Also when reusing: a load whose server stopped before this is completed now.
             await self.warehouse.add_columns(table, step.optional_columns)
         self.staged[step.destination] = table
+        self.reused.add(table)
+        self.publications.append(Publication(table, step.destination, "view"))
         return await self.warehouse.count(
-            f"SELECT COUNT(*) FROM {quote(self.warehouse.dataset)}.{quote(table)}", {}
+            f"SELECT COUNT(*) FROM {quote(dataset)}.{quote(table)}", {}
         )
 
     async def _query(self, step: Step) -> int:
@@ -360,7 +379,16 @@ class PipelineRun:
             f"SELECT COUNT(*) FROM {source} WHERE {scope}", self.parameters
         )
         present = await self.warehouse.columns(table)
-        results = [await self._evaluate(c, source, scope, rows, present) for c in step.checks]
+        # Checks of a loaded file version as a whole give the same results every time.
+        known = (self.warehouse.dataset, table, step.checks)
+        constant = table in self.reused and not step.where and not _uses_parameters(step)
+        results = _CHECKED.get(known) if constant else None
+        if results is None:
+            results = [await self._evaluate(c, source, scope, rows, present) for c in step.checks]
+        if constant and all(r.ran for r in results):  # an error may not recur
+            _CHECKED[known] = results
+            while len(_CHECKED) > MAX_CHECKED:
+                _CHECKED.pop(next(iter(_CHECKED)))
         await self.observer.dq_checked(step, results)
         failed = [r for r in results if not r.passed and r.check.severity == "error"]
         if failed:
@@ -395,6 +423,14 @@ class PipelineRun:
             return DqResult(
                 check, False, "column missing", "", f"column(s) {', '.join(missing)} missing"
             )
+        try:
+            return await self._count_failures(check, source, scope, present)
+        except WarehouseError as exc:  # e.g. an expression naming a column the file lacks
+            return DqResult(check, False, "error", "", f"the check cannot run: {exc}", ran=False)
+
+    async def _count_failures(
+        self, check: DqCheck, source: str, scope: str, present: list[str]
+    ) -> DqResult:
         if check.type in ("unique", "unique_rows", "one_value_per"):
             return await self._grouped(check, source, scope, present)
         params = dict(self.parameters)
@@ -444,6 +480,13 @@ class PipelineRun:
             shown = f"TO_JSON_STRING(STRUCT({listed}))"
             group = listed if check.type == "unique" else shown
             having = "COUNT(*) > 1"
+            if check.type == "unique_rows":
+                # Only rows whose cheap key repeats are compared as text.
+                key = self.warehouse.row_key(columns)
+                scope = (
+                    f"{scope} AND {key} IN (SELECT {key} FROM {source} WHERE {scope} "
+                    f"GROUP BY 1 HAVING COUNT(*) > 1)"
+                )
             count = "copies"
             what = (
                 f"duplicated value(s) of ({listed.replace('`', '')})"
@@ -512,13 +555,38 @@ def _sample(text: object, extra: Mapping[str, object] | None = None) -> str:
         row = str(text)
     if not isinstance(row, dict):
         row = {"row": row}
-    row.update({k: str(v) for k, v in (extra or {}).items()})
-    return json.dumps(
-        {
-            str(k): v if v is None else (v if isinstance(v, str) else json.dumps(v))[:SAMPLE_VALUE]
-            for k, v in row.items()
-        }
-    )
+    row = {**{k: str(v) for k, v in (extra or {}).items()}, **row}
+    sample: dict[str, str | None] = {}
+    size = 0
+    for key, value in row.items():
+        text = value if value is None or isinstance(value, str) else json.dumps(value)
+        text = text if text is None else text[:SAMPLE_VALUE]
+        size += len(str(key)) + len(text or "") + 8
+        if size > SAMPLE_BYTES:
+            sample["..."] = f"{len(row) - len(sample)} more columns"
+            break
+        sample[str(key)] = text
+    return json.dumps(sample)
+
+
+async def _file_version(path: str) -> tuple[int, int]:
+    """(modification time in ns, size) of a source file; StepFailed when it is gone."""
+    try:
+        stat = await asyncio.to_thread(os.stat, path)
+    except OSError as exc:
+        raise StepFailed(f"cannot read {path}: {exc.strerror}") from None
+    return stat.st_mtime_ns, stat.st_size
+
+
+def _forget(dataset: str, table: str) -> None:
+    """Drops the check results kept for a table about to be loaded or dropped."""
+    for known in [k for k in _CHECKED if k[:2] == (dataset, table)]:
+        _CHECKED.pop(known, None)
+
+
+def _uses_parameters(step: Step) -> bool:
+    """Whether a check step's SQL may name a parameter (an `@`, even in a literal)."""
+    return any("@" in c.sql for c in step.checks)
 
 
 def _digest(text: str) -> str:

@@ -91,6 +91,14 @@ def in_date_range(day: date) -> date:
     return day
 
 
+def parameter_text(value: Any) -> str:
+    """A parameter's value as runs record it and the API shows it: dates ISO, booleans
+    true/false."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return value.isoformat() if isinstance(value, date) else str(value)
+
+
 class TemplateError(ValueError):
     """A template is malformed; the message names the file, the field and why."""
 
@@ -514,7 +522,13 @@ def parse_template(path: Path, provider: str, domain: str, name: str) -> Templat
     if len(set(names)) != len(names):
         raise r.fail("steps", "step names must be unique")
     written: set[str] = set()
+    reused = {s.destination for s in steps if s.reuse}
     for i, step in enumerate(steps):
+        if step.destination in written and step.destination in reused:
+            raise r.fail(
+                f"steps[{i}].destination",
+                f"{step.destination} is loaded with reuse: true: no later step can write it",
+            )
         if step.destination in written and step.write_mode != "append":
             raise r.fail(
                 f"steps[{i}].write_mode",

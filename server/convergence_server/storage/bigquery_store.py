@@ -22,9 +22,11 @@ Written for BigQuery's strengths and limits rather than as a port of the embedde
   Idempotency keys are appended; a key's newest row is its state.
 - **Bounded DML.** A run costs one transaction to be created, one to be claimed, one to
   publish its writes (with its publication record) and one to end, plus one INSERT per
-  step boundary and one per heartbeat tick of its server. The only
-  UPDATEs in transactions hit the tenant's counters row; outside them, plan changes update
-  `tenant_profiles` and member removals delete from `tenant_members`.
+  step boundary and one per heartbeat tick of its server. A `dq` step's results are one
+  INSERT too, or, when `warn` checks failed, one transaction that also appends the run's
+  new `warnings`. The only UPDATEs in transactions hit the tenant's counters row; outside
+  them, plan changes update `tenant_profiles` and member removals delete from
+  `tenant_members`.
 - **Schedules are versioned rows.** Every change of a schedule appends its whole state,
   one `version` higher, to `tenant_schedule_events`; the view `tenant_schedules` shows each
   schedule's newest version. A change is appended, in the tenant's transaction, only when
@@ -84,10 +86,14 @@ from convergence_server.storage.records import (
     UsageRecord,
 )
 from convergence_server.storage.rows import (
+    DQ_COLUMNS,
+    DQ_OF_ATTEMPT,
     FAIR_QUEUE,
     RUN_COLUMNS,
     SCHEDULE_COLUMNS,
     STEP_COLUMNS,
+    dq_from_row,
+    dq_values,
     run_from_row,
     schedule_from_row,
     schedule_values,
@@ -1023,9 +1029,11 @@ class BigQueryStore:
         changes: Mapping[str, str],
         params: Mapping[str, Any],
         then: str = "",
+        before: str = "",
     ) -> RunRecord | None:
         """Appends the run's next state if its newest one passes `guard`, and runs `then`
-        in the same transaction; returns the new state, or None when the guard failed."""
+        in the same transaction (and `before`, first, whether or not the guard passes);
+        returns the new state, or None when the guard failed."""
         # The usage columns are set only by the changes the usage view counts.
         unset = {c: f"CAST(NULL AS {t})" for c, t in USAGE_COLUMNS.items()}
         values = [{**unset, **changes}.get(c, c) for c in RUN_EVENT_NAMES]
@@ -1046,6 +1054,7 @@ class BigQueryStore:
             DECLARE changed BOOL;
             BEGIN TRANSACTION;
             {self._next_seq_sql(run.tenant_id)}
+            {before}
             INSERT INTO {self._t(RUN_EVENTS.name)} ({", ".join(RUN_EVENT_NAMES)})
             SELECT {", ".join(values)} FROM ({latest}) WHERE {guard};
             {then_block}
@@ -1189,6 +1198,7 @@ class BigQueryStore:
                     "start_time": "CAST(NULL AS TIMESTAMP)",
                     "worker_id": "CAST(NULL AS STRING)",
                     "heartbeat_at": "CAST(NULL AS TIMESTAMP)",
+                    "warnings": "0",
                 },
                 {
                     "worker_id": run.worker_id,
@@ -1287,21 +1297,44 @@ class BigQueryStore:
         )
         return [step_from_row(row) for row in rows]
 
-    async def add_dq_results(self, results: list[DqRecord]) -> None:
+    async def add_dq_results(self, run: RunRecord, results: list[DqRecord]) -> None:
         if not results:
             return
-        names = [c.name for c in schema.TENANT_DQ_RESULTS.columns]
+        names = DQ_COLUMNS.split(", ")
         params: dict[str, Any] = {}
         rows = []
         for i, result in enumerate(results):
             rows.append("(" + ", ".join(f"@{n}_{i}" for n in names) + ")")
-            values = _typed(schema.TENANT_DQ_RESULTS, {n: getattr(result, n) for n in names})
+            values = _typed(
+                schema.TENANT_DQ_RESULTS, dict(zip(names, dq_values(result), strict=True))
+            )
             params.update({f"{n}_{i}": v for n, v in values.items()})
-        sql = (
-            f"INSERT INTO {self._t('tenant_dq_results')} ({', '.join(names)}) "
-            f"VALUES {', '.join(rows)}"
+        insert = (
+            f"INSERT INTO {self._t(schema.TENANT_DQ_RESULTS.name)} ({DQ_COLUMNS}) "
+            f"VALUES {', '.join(rows)};"
         )
-        await self._call(lambda: self._bq.query(sql, params))
+        warnings = sum(r.warns for r in results)
+        if not warnings:  # the run is unchanged: no need to take the tenant's sequence
+            await self._call(lambda: self._bq.query(insert, params))
+            return
+        params.update(worker_id=run.worker_id, attempt=run.attempt, warnings=warnings)
+        await self._call(
+            lambda: self._change(
+                run,
+                "dq_checked",
+                OWNER_GUARD,
+                {"warnings": "IFNULL(warnings, 0) + @warnings"},
+                params,
+                before=insert,
+            )
+        )
+
+    async def list_dq_results(self, tenant_id: str, run_id: str, attempt: int) -> list[DqRecord]:
+        sql = DQ_OF_ATTEMPT.format(
+            results=self._t(schema.TENANT_DQ_RESULTS.name), tenant="@t", run="@id", attempt="@a"
+        )
+        rows = await self._call(lambda: self._query(sql, t=tenant_id, id=run_id, a=attempt))
+        return [dq_from_row(row) for row in rows]
 
     # -- pipelines --------------------------------------------------------------------------
 
@@ -1371,5 +1404,6 @@ def _run_params(run: RunRecord) -> dict[str, Any]:
             "worker_id": run.worker_id or None,
             "heartbeat_at": None,
             "cancel_requested": run.cancel_requested,
+            "warnings": run.warnings,
         },
     )

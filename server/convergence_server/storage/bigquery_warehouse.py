@@ -213,6 +213,9 @@ class BigQueryWarehouse:
 
         return list(await self._call(rows))
 
+    def row_key(self, columns: Sequence[str]) -> str:
+        return f"FARM_FINGERPRINT(TO_JSON_STRING(STRUCT({', '.join(f'`{c}`' for c in columns)})))"
+
     async def add_columns(self, table: str, columns: Sequence[str]) -> None:
         def add() -> None:
             self._add_columns(table, [SchemaColumn(c, "STRING") for c in columns])
@@ -256,7 +259,9 @@ class BigQueryWarehouse:
             with self._publish_lock:
                 statements = []
                 for write in writes:
-                    if write.write_mode == "truncate" and not write.schema:
+                    if write.write_mode == "view" or (
+                        write.write_mode == "truncate" and not write.schema
+                    ):
                         continue
                     self._ensure_destination(write)
                     destination, stage = self._q(write.destination), self._q(write.stage)
@@ -280,6 +285,8 @@ class BigQueryWarehouse:
                 for write in writes:
                     if write.write_mode == "truncate" and not write.schema:
                         self._replace_with(write.stage, write.destination)
+                    elif write.write_mode == "view":
+                        self._view_of(write.stage, write.destination)
                 day = next((w.partition_value for w in writes if w.partition_value), None)
                 return self._transaction(run, statements, {"partition_day": day} if day else {})
 
@@ -301,6 +308,18 @@ class BigQueryWarehouse:
         refusal = write.shrink_refusal((found[0], found[1]), (found[2], found[3]))
         if refusal:
             raise PublishRefused(refusal)
+
+    def _view_of(self, table: str, destination: str) -> None:
+        """Makes `destination` a view of `table` (a landing table becomes a view)."""
+        try:
+            existing = self._bq.client.get_table(self._ref(destination), retry=RETRY)
+        except api_exceptions.NotFound:
+            existing = None
+        if existing is not None and existing.table_type != "VIEW":
+            self._bq.client.delete_table(self._ref(destination), not_found_ok=True, retry=RETRY)
+        self._bq.job(
+            f"CREATE OR REPLACE VIEW {self._q(destination)} AS SELECT * FROM {self._q(table)}"
+        )
 
     def _replace_with(self, stage: str, destination: str) -> None:
         """Replaces `destination` with a copy of `stage` (a copy job: atomic, no bytes

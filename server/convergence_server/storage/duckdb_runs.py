@@ -27,10 +27,14 @@ from convergence_server.storage.records import (
     UsageRecord,
 )
 from convergence_server.storage.rows import (
+    DQ_COLUMNS,
+    DQ_OF_ATTEMPT,
     FAIR_QUEUE,
     RUN_COLUMNS,
     STEP_COLUMNS,
     aware,
+    dq_from_row,
+    dq_values,
     naive,
     run_from_row,
     step_from_row,
@@ -42,6 +46,7 @@ STEPS = f"{CENTRAL}.tenant_step_logs"
 KEYS = f"{CENTRAL}.tenant_idempotency_keys"
 USAGE = f"{CENTRAL}.tenant_usage_quotas"
 PUBLICATIONS = f"{CENTRAL}.tenant_run_publications"
+DQ_RESULTS = f"{CENTRAL}.tenant_dq_results"
 
 
 def rollback(cur: duckdb.DuckDBPyConnection) -> None:
@@ -54,7 +59,7 @@ def rollback(cur: duckdb.DuckDBPyConnection) -> None:
 def insert_run(cur: duckdb.DuckDBPyConnection, run: RunRecord) -> None:
     cur.execute(
         f"INSERT INTO {RUNS} ({RUN_COLUMNS}) VALUES "
-        "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         [
             run.pipeline_logging_id,
             run.pipeline_id,
@@ -76,6 +81,7 @@ def insert_run(cur: duckdb.DuckDBPyConnection, run: RunRecord) -> None:
             run.attempt,
             run.cancel_requested,
             run.worker_id or None,
+            run.warnings,
         ],
     )
 
@@ -440,7 +446,7 @@ def requeue_run(
     """
     row = cur.execute(
         f"UPDATE {RUNS} SET status = 'PENDING', attempt = attempt + ?, start_time = NULL, "
-        "worker_id = NULL, heartbeat_at = NULL WHERE pipeline_logging_id = ? "
+        "worker_id = NULL, heartbeat_at = NULL, warnings = 0 WHERE pipeline_logging_id = ? "
         "AND status = 'RUNNING' AND worker_id IS NOT DISTINCT FROM ? AND attempt = ? "
         "RETURNING pipeline_logging_id",
         [int(count_attempt), run.pipeline_logging_id, run.worker_id or None, run.attempt],
@@ -453,7 +459,7 @@ def requeue_run(
 def save_step(cur: duckdb.DuckDBPyConnection, step: StepRecord) -> None:
     cur.execute(
         f"INSERT OR REPLACE INTO {STEPS} ({STEP_COLUMNS}) VALUES "
-        "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         [
             step.step_logging_id,
             step.pipeline_logging_id,
@@ -470,6 +476,7 @@ def save_step(cur: duckdb.DuckDBPyConnection, step: StepRecord) -> None:
             step.error_message or None,
             step.attempts,
             step.run_attempt,
+            step.warnings,
         ],
     )
 
@@ -485,28 +492,37 @@ def list_steps(cur: duckdb.DuckDBPyConnection, tenant_id: str, run_id: str) -> l
     return [step_from_row(row) for row in rows]
 
 
-def add_dq_results(cur: duckdb.DuckDBPyConnection, results: Sequence[DqRecord]) -> None:
-    cur.executemany(
-        f"INSERT INTO {CENTRAL}.tenant_dq_results VALUES "
-        "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        [
-            [
-                r.dq_result_id,
-                r.pipeline_logging_id,
-                r.pipeline_id,
-                r.tenant_id,
-                r.step_name,
-                r.check_name,
-                r.check_type,
-                r.severity,
-                r.status,
-                r.observed_value,
-                r.expected_value,
-                r.message,
-                r.ingestion_date,
-                naive(r.created_at),
-                r.run_attempt,
-            ]
-            for r in results
-        ],
-    )
+def add_dq_results(
+    cur: duckdb.DuckDBPyConnection, run: RunRecord, results: Sequence[DqRecord]
+) -> None:
+    """Appends the results and, in the same transaction, adds their failed `warn` checks
+    to the run's `warnings` if it is still RUNNING for the same worker and attempt."""
+    warnings = sum(r.warns for r in results)
+    cur.begin()
+    try:
+        cur.executemany(
+            f"INSERT INTO {DQ_RESULTS} ({DQ_COLUMNS}) VALUES "
+            f"({', '.join('?' for _ in DQ_COLUMNS.split(', '))})",
+            [dq_values(r, naive(r.created_at)) for r in results],
+        )
+        if warnings:
+            cur.execute(
+                f"UPDATE {RUNS} SET warnings = IFNULL(warnings, 0) + ? "
+                "WHERE pipeline_logging_id = ? AND status = 'RUNNING' "
+                "AND worker_id IS NOT DISTINCT FROM ? AND attempt = ?",
+                [warnings, run.pipeline_logging_id, run.worker_id or None, run.attempt],
+            )
+        cur.commit()
+    except BaseException:
+        rollback(cur)
+        raise
+
+
+def list_dq_results(
+    cur: duckdb.DuckDBPyConnection, tenant_id: str, run_id: str, attempt: int
+) -> list[DqRecord]:
+    rows = cur.execute(
+        DQ_OF_ATTEMPT.format(results=DQ_RESULTS, tenant="?", run="?", attempt="?"),
+        [tenant_id, run_id, attempt],
+    ).fetchall()
+    return [dq_from_row(row) for row in rows]

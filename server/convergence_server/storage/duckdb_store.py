@@ -634,8 +634,12 @@ class DuckDBStore:
     async def list_steps(self, tenant_id: str, run_id: str) -> list[StepRecord]:
         return await self._call(lambda cur: runs.list_steps(cur, tenant_id, run_id))
 
-    async def add_dq_results(self, results: list[DqRecord]) -> None:
-        await self._call(lambda cur: runs.add_dq_results(cur, results))
+    async def add_dq_results(self, run: RunRecord, results: list[DqRecord]) -> None:
+        if results:
+            await self._call(lambda cur: runs.add_dq_results(cur, run, results))
+
+    async def list_dq_results(self, tenant_id: str, run_id: str, attempt: int) -> list[DqRecord]:
+        return await self._call(lambda cur: runs.list_dq_results(cur, tenant_id, run_id, attempt))
 
     def warehouse(self, dataset: str) -> DuckDBWarehouse:
         """The tenant dataset as the pipeline engine sees it.

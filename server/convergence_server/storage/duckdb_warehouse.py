@@ -21,7 +21,7 @@ from convergence_server.storage import duckdb_runs as runs
 from convergence_server.storage.identifiers import quote_identifier, sanitize
 from convergence_server.storage.locks import KeyedLocks
 from convergence_server.storage.records import RunRecord
-from convergence_server.storage.sql import SqlError, to_duckdb
+from convergence_server.storage.sql import SqlError, quote, to_duckdb
 from convergence_server.storage.warehouse import (
     STAGE_PREFIX,
     Interrupted,
@@ -186,6 +186,10 @@ class DuckDBWarehouse:
 
         return await self._call(rows)
 
+    def row_key(self, columns: Sequence[str]) -> str:
+        """DuckDB's 64-bit hash of the values (BigQuery SQL that transpiles to it)."""
+        return f"HASH({', '.join(quote(c) for c in columns)})"
+
     async def add_columns(self, table: str, columns: Sequence[str]) -> None:
         def add(cur: duckdb.DuckDBPyConnection) -> None:
             for column in columns:
@@ -241,6 +245,16 @@ class DuckDBWarehouse:
 
     def _publish_one(self, cur: duckdb.DuckDBPyConnection, write: Publication) -> None:
         destination, stage = self._table(write.destination), self._table(write.stage)
+        if write.write_mode == "view":
+            (kind,) = cur.execute(
+                "SELECT any_value(table_type) FROM information_schema.tables "
+                "WHERE table_schema = ? AND table_name = ?",
+                [self.dataset, write.destination],
+            ).fetchone() or (None,)
+            if kind == "BASE TABLE":  # a landing table from before its load step reused
+                cur.execute(f"DROP TABLE {destination}")
+            cur.execute(f"CREATE OR REPLACE VIEW {destination} AS SELECT * FROM {stage}")
+            return
         if write.write_mode == "truncate" and not write.schema:
             # The stage becomes the table: a rename, not a second copy of the rows.
             cur.execute(f"DROP TABLE IF EXISTS {destination}")

@@ -187,7 +187,15 @@ class Store(Protocol):
 
     async def list_steps(self, tenant_id: str, run_id: str) -> list[StepRecord]: ...
 
-    async def add_dq_results(self, results: list[DqRecord]) -> None: ...
+    async def add_dq_results(self, run: RunRecord, results: list[DqRecord]) -> None:
+        """Appends the results of one `dq` step of an execution of `run` and, in the same
+        transaction, adds their failed `warn` checks to the run's `warnings` if the run is
+        still RUNNING for the same worker and attempt (`requeue_run` sets it back to 0)."""
+
+    async def list_dq_results(self, tenant_id: str, run_id: str, attempt: int) -> list[DqRecord]:
+        """The run's results of `attempt`, in the order they ran (by step, then by
+        `check_index`); a check recorded twice in the attempt (an execution handed back
+        at a stop, then run again) appears once, as recorded last."""
 
     def warehouse(self, dataset: str) -> Warehouse:
         """The tenant's dataset, for one pipeline run (close it after)."""

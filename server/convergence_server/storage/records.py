@@ -52,6 +52,8 @@ class RunRecord:
     attempt: int = 1
     cancel_requested: bool = False
     worker_id: str = ""
+    # The failed `warn` checks of the current attempt (0 again when the run is requeued).
+    warnings: int = 0
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,8 @@ class StepRecord:
     error_message: str = ""
     attempts: int = 0
     run_attempt: int = 1
+    # The step's failed `warn` checks (dq steps only).
+    warnings: int = 0
 
 
 @dataclass(frozen=True)
@@ -117,6 +121,13 @@ class DqRecord:
     # row_count), and up to a few of them, each a JSON object of column to value.
     failed_rows: int | None = None
     sample_rows: tuple[str, ...] = ()
+    # The check's position in its step: a step's checks are listed in this order.
+    check_index: int = 0
+
+    @property
+    def warns(self) -> bool:
+        """A failed `warn` check: reported, and counted in the run's `warnings`."""
+        return self.status == "FAILED" and self.severity == "warn"
 
 
 @dataclass(frozen=True)

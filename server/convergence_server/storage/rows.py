@@ -1,4 +1,5 @@
-"""Run and step rows as both stores select them: the column lists and their mapping to records."""
+"""Run, step and DQ result rows as both stores select them: the column lists and their
+mapping to records."""
 
 from __future__ import annotations
 
@@ -7,17 +8,23 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from convergence_server.storage.records import RunRecord, ScheduleRecord, StepRecord
+from convergence_server.storage.records import DqRecord, RunRecord, ScheduleRecord, StepRecord
 
 RUN_COLUMNS = (
     "pipeline_logging_id, pipeline_id, tenant_id, provider, domain, template, status, "
     "trigger_type, trigger_by, user_id, parameters, created_at, start_time, end_time, "
-    "duration_ms, error_message, idempotency_key, attempt, cancel_requested, worker_id"
+    "duration_ms, error_message, idempotency_key, attempt, cancel_requested, worker_id, "
+    "warnings"
 )
 STEP_COLUMNS = (
     "step_logging_id, pipeline_logging_id, pipeline_id, tenant_id, step_name, step_type, "
     "step_index, status, step_start_time, rows_processed, step_end_time, duration_ms, "
-    "error_message, attempts, run_attempt"
+    "error_message, attempts, run_attempt, warnings"
+)
+DQ_COLUMNS = (
+    "dq_result_id, pipeline_logging_id, pipeline_id, tenant_id, step_name, check_name, "
+    "check_type, severity, status, observed_value, expected_value, message, ingestion_date, "
+    "created_at, run_attempt, check_index, failed_rows, sample_rows"
 )
 
 SCHEDULE_COLUMNS = (
@@ -58,6 +65,7 @@ def run_from_row(row: Sequence[Any]) -> RunRecord:
         attempt=row[17] or 1,
         cancel_requested=bool(row[18]),
         worker_id=row[19] or "",
+        warnings=row[20] or 0,
     )
 
 
@@ -139,7 +147,72 @@ def step_from_row(row: Sequence[Any]) -> StepRecord:
         error_message=row[12] or "",
         attempts=row[13] or 0,
         run_attempt=row[14] or 1,
+        warnings=row[15] or 0,
     )
+
+
+def dq_values(result: DqRecord, created_at: datetime | None = None) -> list[Any]:
+    """The result's values in `DQ_COLUMNS` order: its samples as one JSON array of
+    objects (None when there are none), its creation time as given in `created_at` (as
+    the store keeps it) or else as recorded."""
+    samples = json.dumps([json.loads(s) for s in result.sample_rows], separators=(",", ":"))
+    return [
+        result.dq_result_id,
+        result.pipeline_logging_id,
+        result.pipeline_id,
+        result.tenant_id,
+        result.step_name,
+        result.check_name,
+        result.check_type,
+        result.severity,
+        result.status,
+        result.observed_value,
+        result.expected_value,
+        result.message,
+        result.ingestion_date,
+        created_at or result.created_at,
+        result.run_attempt,
+        result.check_index,
+        result.failed_rows,
+        samples if result.sample_rows else None,
+    ]
+
+
+def dq_from_row(row: Sequence[Any]) -> DqRecord:
+    samples = json.loads(row[17]) if row[17] else []
+    return DqRecord(
+        dq_result_id=row[0],
+        pipeline_logging_id=row[1],
+        pipeline_id=row[2],
+        tenant_id=row[3],
+        step_name=row[4],
+        check_name=row[5],
+        check_type=row[6],
+        severity=row[7],
+        status=row[8],
+        observed_value=row[9] or "",
+        expected_value=row[10] or "",
+        message=row[11] or "",
+        ingestion_date=row[12],
+        created_at=aware(row[13]) or datetime.now(UTC),
+        run_attempt=row[14] or 1,
+        check_index=row[15] or 0,
+        failed_rows=row[16],
+        sample_rows=tuple(json.dumps(sample) for sample in samples),
+    )
+
+
+# The run's checks of one attempt, in the order they ran: a step's results share their
+# creation time and keep their position. A check recorded twice in one attempt (its
+# execution was handed back at a stop and run again) is listed as recorded last.
+DQ_OF_ATTEMPT = f"""
+    SELECT {DQ_COLUMNS} FROM {{results}}
+    WHERE tenant_id = {{tenant}} AND pipeline_logging_id = {{run}}
+      AND IFNULL(run_attempt, 1) = {{attempt}}
+    QUALIFY ROW_NUMBER() OVER (
+      PARTITION BY step_name, check_name ORDER BY created_at DESC, dq_result_id DESC) = 1
+    ORDER BY created_at, check_index
+"""
 
 
 # The fair queue, both stores' claim: PENDING runs in the order workers take them, over

@@ -91,6 +91,8 @@ TENANT_PIPELINE_RUNS = Table(
         Column("worker_id", "STRING"),
         Column("heartbeat_at", "TIMESTAMP"),
         Column("cancel_requested", "BOOL"),
+        # Since version 7: the failed `warn` checks of the current attempt.
+        Column("warnings", "INT64"),
     ),
     primary_key=("pipeline_logging_id",),
     partition_by="created_at",
@@ -117,6 +119,8 @@ TENANT_STEP_LOGS = Table(
         Column("attempts", "INT64"),
         # Since version 3: which attempt of the run the step belongs to.
         Column("run_attempt", "INT64"),
+        # Since version 7: the step's failed `warn` checks.
+        Column("warnings", "INT64"),
     ),
     primary_key=("step_logging_id",),
     partition_by="step_start_time",
@@ -142,6 +146,12 @@ TENANT_DQ_RESULTS = Table(
         _req("created_at", "TIMESTAMP"),
         # Since version 3.
         Column("run_attempt", "INT64"),
+        # Since version 7: the check's position in its step, the rows it found at fault
+        # (NULL when it counts none) and a few of them (a JSON array of objects; NULL when
+        # none).
+        Column("check_index", "INT64"),
+        Column("failed_rows", "INT64"),
+        Column("sample_rows", "STRING"),
     ),
     primary_key=("dq_result_id",),
     partition_by="ingestion_date",
@@ -314,6 +324,15 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(4, "team members (distinct X-User-ID values) per tenant", (TENANT_MEMBERS,)),
     Migration(5, "run publications: a run's writes are published once", (TENANT_RUN_PUBLICATIONS,)),
     Migration(6, "schedules and the slots they skipped", (TENANT_SCHEDULES, TENANT_SCHEDULE_SKIPS)),
+    Migration(
+        7,
+        "failed warn checks per run and step; DQ results keep their order, failed rows, samples",
+        adds=(
+            (TENANT_PIPELINE_RUNS, ("warnings",)),
+            (TENANT_STEP_LOGS, ("warnings",)),
+            (TENANT_DQ_RESULTS, ("check_index", "failed_rows", "sample_rows")),
+        ),
+    ),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1].version

@@ -64,6 +64,10 @@ class Warehouse(Protocol):
     async def rows(self, sql: str, params: Mapping[str, Any]) -> list[tuple[Any, ...]]:
         """Every row a (small) query returns."""
 
+    def row_key(self, columns: Sequence[str]) -> str:
+        """A cheap SQL expression over the columns, equal for equal rows (it may also be
+        equal for a few different ones: rows sharing it are then compared exactly)."""
+
     async def add_columns(self, table: str, columns: Sequence[str]) -> None:
         """Adds each column the table lacks, as a NULL STRING column."""
 
@@ -100,7 +104,9 @@ class Publication:
 
     stage: str
     destination: str
-    write_mode: str  # truncate | append | replace_partition
+    # truncate | append | replace_partition, or view: `destination` becomes a view of
+    # `stage` (a loaded file version that runs share, see `reuse` load steps)
+    write_mode: str
     partition_column: str = ""
     partition_value: date | None = None
     schema: tuple[SchemaColumn, ...] = ()
