@@ -159,8 +159,8 @@ def test_a_run_is_watched_to_complete_over_grpc(bq: BigQueryStack, http: httpx.C
 def test_checks_and_guards_on_bigquery(
     bq: BigQueryStack, http: httpx.Client, sources_dir: Path
 ) -> None:
-    """The ledger template (tests/test_publish_guards.py) on BigQuery: a load reused, a copy
-    caught by unique_rows, two currencies by one_value_per, a partial day refused."""
+    """The ledger template (tests/test_publish_guards.py) on BigQuery: a load reused and
+    published as a view, a copy caught by unique_rows with a sample, a partial day refused."""
     tenant_id, key = onboard(http, plan=UNMETERED)
     folder = sources_dir / tenant_id
     folder.mkdir()
@@ -177,15 +177,20 @@ def test_checks_and_guards_on_bigquery(
     lines = CLEAN.splitlines(keepends=True)
     started = {
         "copy": start("copy.csv", CLEAN + "99" + lines[3][lines[3].index(",") :]),
-        "currency": start("eur.csv", CLEAN + f"11,acct-1,EUR,{DAY},3.00\n"),
         "partial": start("partial.csv", "".join(lines[:5])),
     }
     ended = {n: wait_for_run(http, key, r, timeout=400) for n, r in started.items()}
     assert {n: r["status"] for n, r in ended.items()} == dict.fromkeys(started, "FAILED"), ended
-    assert "no_copies" in str(ended["copy"]["error_message"])
-    assert "one_currency" in str(ended["currency"]["error_message"])
+    checks = http.get(
+        f"/api/v1/pipelines/runs/{started['copy']}/checks", headers={"X-API-Key": key}
+    ).json()["checks"]
+    (copies,) = [c for c in checks if c["check_name"] == "no_copies"]
+    assert (copies["status"], copies["failed_rows"]) == ("FAILED", 2), copies
+    assert copies["sample_rows"][0]["copies"] == "2", copies
     assert "to 4 rows (amount total 11" in str(ended["partial"]["error_message"])
     (day,) = bq.query(
         f"SELECT COUNT(*) AS n, SUM(amount) AS total FROM `{{prefix}}{tenant_id}.ledger`"
     )
     assert (day["n"], day["total"]) == (10, Decimal("57.5"))
+    (raw,) = bq.query(f"SELECT COUNT(*) AS n FROM `{{prefix}}{tenant_id}.raw_ledger`")
+    assert raw["n"] == 10  # a view of the clean file's loaded rows

@@ -41,6 +41,7 @@ BAD_CREATES: list[tuple[dict[str, object], str]] = [
     ({"parameters": {"date": "2026-13-01"}}, "parameters.date"),
     ({"parameters": {"date": "{slot_date-x}"}}, "parameters.date"),
     ({"parameters": {"date": "{slot_date-1}x"}}, "parameters.date"),
+    ({"parameters": {"allow_shrink": "true"}}, "parameters.allow_shrink"),
     ({"catch_up": "sometimes"}, "catch_up"),
     ({"catch_up": "all", "catch_up_max": 5000}, "catch_up_max"),
     ({"catch_up_max": -1}, "catch_up_max"),

@@ -35,6 +35,7 @@ from convergence_server.domain.cron import Cron, CronError
 from convergence_server.domain.quotas import PlanBook
 from convergence_server.domain.runs import ID_PATTERN, PageTokens, Runs, invalid, new_run
 from convergence_server.engine.templates import (
+    ALLOW_SHRINK,
     HIDDEN_ISSUE,
     NAME_PATTERN,
     Catalog,
@@ -403,6 +404,11 @@ class Schedules:
             cron = Cron.parse(schedule.cron, schedule.time_zone)
         except CronError as exc:
             raise invalid(exc.field, exc.issue) from None
+        if ALLOW_SHRINK in schedule.parameters:
+            raise invalid(
+                f"parameters.{ALLOW_SHRINK}",
+                "is for one run that must replace a day with fewer rows, never for a schedule",
+            )
         for name, text in schedule.parameters.items():
             if "{slot_date" in text and not _BINDING.fullmatch(text):
                 raise invalid(

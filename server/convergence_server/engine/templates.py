@@ -49,6 +49,8 @@ MAX_ATTEMPTS = 10
 # A replace_partition step refuses to publish a partition that would lose more than this
 # share of its published rows or of its published total, unless the run allows it.
 DEFAULT_MAX_SHRINK = 0.2
+# Column types a total may sum.
+NUMBERS = ("NUMERIC", "BIGNUMERIC", "INT64", "INTEGER", "FLOAT64")
 # The parameter every template has that lets a run publish a smaller partition anyway.
 ALLOW_SHRINK = "allow_shrink"
 # Dates a run or a listing accepts. Every real usage day fits (cloud billing exports start
@@ -642,6 +644,16 @@ def load_catalog(config_dir: Path) -> Catalog:
             if step.schema and step.schema not in schemas:
                 raise TemplateError(
                     f"{path}: steps[{i}].schema: no configs/schemas/{step.schema}.yml"
+                )
+            types = (
+                {c.name: c.type.upper() for c in schemas[step.schema].columns}
+                if step.schema
+                else {}
+            )
+            if step.total_column and types and types.get(step.total_column) not in NUMBERS:
+                raise TemplateError(
+                    f"{path}: steps[{i}].total_column: must be a number column of "
+                    f"schema {step.schema}"
                 )
         templates[template.key] = template
     return Catalog(templates, schemas)

@@ -121,13 +121,15 @@ class Publication:
     allow_shrink: bool = False
 
     def shrink_refusal(
-        self, old: tuple[int, Decimal | None], new: tuple[int, Decimal | None]
+        self, old: tuple[int, Decimal | float | None], new: tuple[int, Decimal | float | None]
     ) -> str | None:
         """Why publishing `new` (rows, total) over the published `old` is refused, if it is."""
         if self.write_mode != "replace_partition" or self.allow_shrink or not old[0]:
             return None
         keep = Decimal(1) - Decimal(str(self.max_shrink))
-        (old_rows, old_total), (new_rows, new_total) = old, new
+        (old_rows, old_total), (new_rows, new_total) = (
+            (rows, None if total is None else Decimal(str(total))) for rows, total in (old, new)
+        )
         fewer_rows = new_rows == 0 or new_rows < old_rows * keep
         smaller_total = (
             self.total_column != ""
@@ -138,7 +140,7 @@ class Publication:
         if not fewer_rows and not smaller_total:
             return None
 
-        def described(rows: int, total: Decimal | None) -> str:
+        def described(rows: int, total: Decimal | float | None) -> str:
             if not self.total_column:
                 return f"{rows} rows"
             return f"{rows} rows ({self.total_column} total {total or 0})"
