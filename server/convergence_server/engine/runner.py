@@ -3,7 +3,9 @@
 Write-audit-publish: every step writes to a staging table of the run (`_stage_...`), data
 quality checks read the staged data, and only when every step has passed are the staged
 tables moved into their destinations, in one transaction. A failed or cancelled run thus
-leaves the tenant's tables exactly as they were; its step logs and DQ results remain.
+leaves the tenant's tables exactly as they were; its step logs and DQ results remain. (A
+`reuse: true` load keeps a loaded file version in a `_src_` table whatever the outcome:
+that table is a cache of the file, not output.)
 """
 
 from __future__ import annotations
@@ -559,13 +561,13 @@ def _sample(text: object, extra: Mapping[str, object] | None = None) -> str:
     sample: dict[str, str | None] = {}
     size = 0
     for key, value in row.items():
-        text = value if value is None or isinstance(value, str) else json.dumps(value)
-        text = text if text is None else text[:SAMPLE_VALUE]
-        size += len(str(key)) + len(text or "") + 8
+        shown = value if value is None or isinstance(value, str) else json.dumps(value)
+        shown = shown if shown is None else shown[:SAMPLE_VALUE]
+        size += len(str(key)) + len(shown or "") + 8
         if size > SAMPLE_BYTES:
             sample["..."] = f"{len(row) - len(sample)} more columns"
             break
-        sample[str(key)] = text
+        sample[str(key)] = shown
     return json.dumps(sample)
 
 
