@@ -11,12 +11,14 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
+from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.bigquery_emulator import Emulator
 from tests.conftest import UNMETERED, StackFactory, new_prefix, onboard, trigger, wait_for_run
+from tests.test_publish_guards import CLEAN, DAY, LEDGER
 from tests.test_schedules import BASE, Clock, assert_each_slot_once, create, fire, slot_times
 
 BURST = 12
@@ -148,3 +150,67 @@ def test_a_killed_replicas_run_is_taken_over_by_another(
         assert history[1]["worker_id"] != history[3]["worker_id"]  # claimed by A, then B
     finally:
         second.stop()
+
+
+@pytest.mark.timeout(600)
+def test_a_day_another_replica_publishes_meanwhile_is_not_shrunk(
+    stack_factory: StackFactory,
+    pipeline_env: dict[str, str],
+    emulator: Emulator,
+    sources_dir: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """Replica A compares its 4 rows with the published day (none yet) and is held before
+    its publishing transaction; replica B publishes 10 rows for the day meanwhile. A's
+    transaction finds the day changed, A compares again and refuses to shrink it."""
+    prefix = new_prefix()
+    env = {**pipeline_env, **emulator.env(prefix)}
+    held = tmp_path_factory.mktemp("replica_a")
+    (held / "hold").mkdir()
+    (held / "hold" / "before_publish_transaction").touch()
+    first = stack_factory(
+        data_dir=held,
+        **env,
+        CONVERGENCE_WORKERS="1",
+        CONVERGENCE_FAULT_POINTS="before_publish_transaction",
+    )
+    with httpx.Client(base_url=first.http_url, timeout=120) as http:
+        tenant_id, key = onboard(http, plan=UNMETERED)
+        folder = sources_dir / tenant_id
+        folder.mkdir()
+        (folder / "few.csv").write_text("".join(CLEAN.splitlines(keepends=True)[:5]))
+        (folder / "all.csv").write_text(CLEAN)
+
+        def start(name: str) -> object:
+            body = {"source_uri": str(folder / name)}
+            return trigger(http, key, tenant_id, LEDGER, date=DAY, parameters=body)[
+                "pipeline_logging_id"
+            ]
+
+        few = start("few.csv")
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:  # every step done: the run is at its publication
+            steps = http.get(
+                f"/api/v1/pipelines/runs/{few}/steps", headers={"X-API-Key": key}
+            ).json()["steps"]
+            if [s["status"] for s in steps] == ["COMPLETE"] * 4:
+                break
+            time.sleep(0.5)
+        second = stack_factory(**env)  # runs the next run: the first one's worker is held
+        with httpx.Client(base_url=second.http_url, timeout=120) as other:
+            every = trigger(
+                other,
+                key,
+                tenant_id,
+                LEDGER,
+                date=DAY,
+                parameters={"source_uri": str(folder / "all.csv")},
+            )
+            done = wait_for_run(other, key, every["pipeline_logging_id"], timeout=300)
+        assert done["status"] == "COMPLETE", done
+        (held / "hold" / "before_publish_transaction").unlink()
+        ended = wait_for_run(http, key, few, timeout=300)
+    assert ended["status"] == "FAILED", ended
+    assert "from 10 rows (amount total 57.5" in str(ended["error_message"]), ended
+    rows = emulator.query(f"SELECT COUNT(*) AS n FROM `{prefix}{tenant_id}.ledger`")
+    assert rows == [{"n": 10}]

@@ -27,7 +27,10 @@ AFTER_PUBLISH = "after_publish"
 AFTER_SLOT_RUN = "after_slot_run"
 # Inside an authenticated call, counted as in progress, before the servicer runs.
 HOLD_CALLS = "hold_calls"
-KNOWN = frozenset({AFTER_PUBLISH, AFTER_SLOT_RUN, HOLD_CALLS})
+# BigQuery store: after a publication compared a day with the one published, before its
+# transaction (held: another replica may publish the day meanwhile).
+BEFORE_PUBLISH_TRANSACTION = "before_publish_transaction"
+KNOWN = frozenset({AFTER_PUBLISH, AFTER_SLOT_RUN, HOLD_CALLS, BEFORE_PUBLISH_TRANSACTION})
 HOLD_SECONDS = 120.0
 
 _armed: frozenset[str] = frozenset()
@@ -59,3 +62,12 @@ async def held(point: str) -> None:
     deadline = time.monotonic() + HOLD_SECONDS
     while (_hold_dir / point).exists() and time.monotonic() < deadline:  # noqa: ASYNC110 - a file, polled
         await asyncio.sleep(0.02)
+
+
+def held_here(point: str) -> None:
+    """`held` for code running on a worker thread (it blocks the thread)."""
+    if point not in _armed:
+        return
+    deadline = time.monotonic() + HOLD_SECONDS
+    while (_hold_dir / point).exists() and time.monotonic() < deadline:
+        time.sleep(0.02)

@@ -21,6 +21,7 @@ from typing import Any
 from google.api_core import exceptions as api_exceptions
 from google.cloud import bigquery
 
+from convergence_server import faults
 from convergence_server.storage import schema
 from convergence_server.storage.bigquery_client import (
     RETRY,
@@ -47,6 +48,8 @@ _FORMATS = {
     "parquet": bigquery.SourceFormat.PARQUET,
 }
 STAGE_LIFETIME = timedelta(days=1)
+# Why a publishing transaction failed when the day it replaces changed after the comparison.
+DAY_CHANGED = "the published day changed while the run was publishing it"
 _PARAMETER = re.compile(r"@([A-Za-z_][A-Za-z0-9_]*)")
 
 
@@ -257,7 +260,8 @@ class BigQueryWarehouse:
 
         def publish() -> bool:
             with self._publish_lock:
-                statements = []
+                statements: list[str] = []
+                params: dict[str, Any] = {}
                 for write in writes:
                     if write.write_mode == "view" or (
                         write.write_mode == "truncate" and not write.schema
@@ -268,7 +272,9 @@ class BigQueryWarehouse:
                     if write.write_mode == "truncate":
                         statements.append(f"DELETE FROM {destination} WHERE TRUE;")
                     elif write.write_mode == "replace_partition":
-                        self._check_shrink(write)
+                        assertion, compared = self._check_shrink(write, len(params))
+                        statements.append(assertion)
+                        params.update(compared)
                         statements.append(
                             f"DELETE FROM {destination} "
                             f"WHERE CAST(`{write.partition_column}` AS DATE) = @partition_day;"
@@ -288,26 +294,42 @@ class BigQueryWarehouse:
                     elif write.write_mode == "view":
                         self._view_of(write.stage, write.destination)
                 day = next((w.partition_value for w in writes if w.partition_value), None)
-                return self._transaction(run, statements, {"partition_day": day} if day else {})
+                if day:
+                    params["partition_day"] = day
+                faults.held_here(faults.BEFORE_PUBLISH_TRANSACTION)
+                try:
+                    return self._transaction(run, statements, params)
+                except api_exceptions.GoogleAPICallError as exc:
+                    if DAY_CHANGED in message(exc):
+                        raise TransientError(DAY_CHANGED) from exc
+                    raise
 
         return bool(await self._call(publish))
 
-    def _check_shrink(self, write: Publication) -> None:
-        """Raises PublishRefused when the stage would shrink the published partition too much.
-        Publications from this process are serialized; between replicas, a publication of
-        the same partition that lands between this check and the transaction is not seen."""
-        total = f"`{write.total_column}`" if write.total_column else "NULL"
+    def _check_shrink(self, write: Publication, index: int) -> tuple[str, dict[str, Any]]:
+        """Raises PublishRefused when the stage would shrink the published partition too
+        much; else an ASSERT for the publishing transaction, with its parameters, that the
+        published partition is still what was compared (another replica may publish it
+        in between: the transaction then fails and the publication compares again)."""
+        total = f"`{write.total_column}`" if write.total_column else "0"
         day = f"CAST(`{write.partition_column}` AS DATE) = @partition_day"
-        destination, stage = self._q(write.destination), self._q(write.stage)
+        published = f"FROM {self._q(write.destination)} WHERE {day}"
         (found,) = self._bq.job(
-            f"SELECT (SELECT COUNT(*) FROM {destination} WHERE {day}), "
-            f"(SELECT SUM({total}) FROM {destination} WHERE {day}), "
-            f"(SELECT COUNT(*) FROM {stage}), (SELECT SUM({total}) FROM {stage})",
+            f"SELECT (SELECT COUNT(*) {published}), (SELECT SUM({total}) {published}), "
+            f"(SELECT COUNT(*) FROM {self._q(write.stage)}), "
+            f"(SELECT SUM({total}) FROM {self._q(write.stage)})",
             {"partition_day": write.partition_value},
         ).result(retry=RETRY)
         refusal = write.shrink_refusal((found[0], found[1]), (found[2], found[3]))
         if refusal:
             raise PublishRefused(refusal)
+        rows, sum_ = f"compared_rows_{index}", f"compared_total_{index}"
+        assertion = (
+            f"ASSERT (SELECT COUNT(*) {published}) = @{rows} "
+            f"AND (SELECT COALESCE(SUM({total}), 0) {published}) = @{sum_} "
+            f"AS '{DAY_CHANGED}';"
+        )
+        return assertion, {rows: int(found[0]), sum_: found[1] or 0}
 
     def _view_of(self, table: str, destination: str) -> None:
         """Makes `destination` a view of `table` (a landing table becomes a view)."""
