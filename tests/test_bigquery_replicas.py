@@ -174,42 +174,40 @@ def test_a_day_another_replica_publishes_meanwhile_is_not_shrunk(
         CONVERGENCE_WORKERS="1",
         CONVERGENCE_FAULT_POINTS="before_publish_transaction",
     )
-    with httpx.Client(base_url=first.http_url, timeout=120) as http:
-        tenant_id, key = onboard(http, plan=UNMETERED)
-        folder = sources_dir / tenant_id
-        folder.mkdir()
-        (folder / "few.csv").write_text("".join(CLEAN.splitlines(keepends=True)[:5]))
-        (folder / "all.csv").write_text(CLEAN)
+    second = None
+    try:
+        with httpx.Client(base_url=first.http_url, timeout=120) as http:
+            tenant_id, key = onboard(http, plan=UNMETERED)
+            folder = sources_dir / tenant_id
+            folder.mkdir()
+            (folder / "few.csv").write_text("".join(CLEAN.splitlines(keepends=True)[:5]))
+            (folder / "all.csv").write_text(CLEAN)
 
-        def start(name: str) -> object:
-            body = {"source_uri": str(folder / name)}
-            return trigger(http, key, tenant_id, LEDGER, date=DAY, parameters=body)[
-                "pipeline_logging_id"
-            ]
+            def start(client: httpx.Client, name: str) -> object:
+                body = {"source_uri": str(folder / name)}
+                return trigger(client, key, tenant_id, LEDGER, date=DAY, parameters=body)[
+                    "pipeline_logging_id"
+                ]
 
-        few = start("few.csv")
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:  # every step done: the run is at its publication
-            steps = http.get(
-                f"/api/v1/pipelines/runs/{few}/steps", headers={"X-API-Key": key}
-            ).json()["steps"]
-            if [s["status"] for s in steps] == ["COMPLETE"] * 4:
-                break
-            time.sleep(0.5)
-        second = stack_factory(**env)  # runs the next run: the first one's worker is held
-        with httpx.Client(base_url=second.http_url, timeout=120) as other:
-            every = trigger(
-                other,
-                key,
-                tenant_id,
-                LEDGER,
-                date=DAY,
-                parameters={"source_uri": str(folder / "all.csv")},
-            )
-            done = wait_for_run(other, key, every["pipeline_logging_id"], timeout=300)
-        assert done["status"] == "COMPLETE", done
-        (held / "hold" / "before_publish_transaction").unlink()
-        ended = wait_for_run(http, key, few, timeout=300)
+            few = start(http, "few.csv")
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline:  # every step done: the run is publishing
+                steps = http.get(
+                    f"/api/v1/pipelines/runs/{few}/steps", headers={"X-API-Key": key}
+                ).json()["steps"]
+                if [s["status"] for s in steps] == ["COMPLETE"] * 4:
+                    break
+                time.sleep(0.5)
+            second = stack_factory(**env)  # runs the next run: the first's worker is held
+            with httpx.Client(base_url=second.http_url, timeout=120) as other:
+                done = wait_for_run(other, key, start(other, "all.csv"), timeout=300)
+            assert done["status"] == "COMPLETE", done
+            (held / "hold" / "before_publish_transaction").unlink()
+            ended = wait_for_run(http, key, few, timeout=300)
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()
     assert ended["status"] == "FAILED", ended
     assert "from 10 rows (amount total 57.5" in str(ended["error_message"]), ended
     rows = emulator.query(f"SELECT COUNT(*) AS n FROM `{prefix}{tenant_id}.ledger`")
