@@ -7,7 +7,6 @@ from __future__ import annotations
 import csv
 from collections.abc import Iterator
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -25,7 +24,6 @@ from tests.conftest import (
     trigger,
     wait_for_run,
 )
-from tests.test_publish_guards import CLEAN, DAY, LEDGER
 from tests.test_templates import RUNS, SAMPLES
 
 
@@ -153,44 +151,3 @@ def test_a_run_is_watched_to_complete_over_grpc(bq: BigQueryStack, http: httpx.C
     assert [s.step_name for s in updates[-1].steps] == ["count_1", "count_2", "count_3", "counted"]
     statuses = [u.run.status for u in updates]
     assert statuses == sorted(statuses) and len(updates) >= 3
-
-
-@pytest.mark.timeout(600)
-def test_checks_and_guards_on_bigquery(
-    bq: BigQueryStack, http: httpx.Client, sources_dir: Path
-) -> None:
-    """The ledger template (tests/test_publish_guards.py) on BigQuery: a load reused and
-    published as a view, a copy caught by unique_rows with a sample, a partial day refused."""
-    tenant_id, key = onboard(http, plan=UNMETERED)
-    folder = sources_dir / tenant_id
-    folder.mkdir()
-
-    def start(name: str, text: str) -> object:
-        (folder / name).write_text(text)
-        body = {"source_uri": str(folder / name)}
-        return trigger(http, key, tenant_id, LEDGER, date=DAY, parameters=body)[
-            "pipeline_logging_id"
-        ]
-
-    clean = wait_for_run(http, key, start("clean.csv", CLEAN), timeout=300)
-    assert clean["status"] == "COMPLETE", clean
-    lines = CLEAN.splitlines(keepends=True)
-    started = {
-        "copy": start("copy.csv", CLEAN + "99" + lines[3][lines[3].index(",") :]),
-        "partial": start("partial.csv", "".join(lines[:5])),
-    }
-    ended = {n: wait_for_run(http, key, r, timeout=400) for n, r in started.items()}
-    assert {n: r["status"] for n, r in ended.items()} == dict.fromkeys(started, "FAILED"), ended
-    checks = http.get(
-        f"/api/v1/pipelines/runs/{started['copy']}/checks", headers={"X-API-Key": key}
-    ).json()["checks"]
-    (copies,) = [c for c in checks if c["check_name"] == "no_copies"]
-    assert (copies["status"], copies["failed_rows"]) == ("FAILED", 2), copies
-    assert copies["sample_rows"][0]["copies"] == "2", copies
-    assert "to 4 rows (amount total 11" in str(ended["partial"]["error_message"])
-    (day,) = bq.query(
-        f"SELECT COUNT(*) AS n, SUM(amount) AS total FROM `{{prefix}}{tenant_id}.ledger`"
-    )
-    assert (day["n"], day["total"]) == (10, Decimal("57.5"))
-    (raw,) = bq.query(f"SELECT COUNT(*) AS n FROM `{{prefix}}{tenant_id}.raw_ledger`")
-    assert raw["n"] == 10  # a view of the clean file's loaded rows
