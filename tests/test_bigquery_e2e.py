@@ -26,6 +26,9 @@ from tests.conftest import (
 )
 from tests.test_templates import RUNS, SAMPLES
 
+# The local emulator runs every job in one Python process: slow on a busy machine.
+pytestmark = pytest.mark.timeout(900)
+
 
 class BigQueryStack:
     def __init__(self, stack: Stack, prefix: str, emulator: Emulator) -> None:
@@ -111,7 +114,7 @@ def test_quota_refusals(http: httpx.Client) -> None:
         f"/api/v1/pipelines/runs/{first['pipeline_logging_id']}:cancel",
         headers={"X-API-Key": key},
     )
-    assert wait_for_run(http, key, first["pipeline_logging_id"])["status"] == "FAILED"
+    assert wait_for_run(http, key, first["pipeline_logging_id"], timeout=300)["status"] == "FAILED"
     usage = http.get(f"/api/v1/tenants/{tenant_id}/usage", headers={"X-API-Key": key}).json()
     assert (
         usage["pipelines_run_today"],
@@ -124,7 +127,7 @@ def test_quota_refusals(http: httpx.Client) -> None:
     for _ in range(5):
         made = trigger(http, key, tenant_id, "test/runs/quick")["pipeline_logging_id"]
         http.post(f"/api/v1/pipelines/runs/{made}:cancel", headers={"X-API-Key": key})
-        assert wait_for_run(http, key, made)["status"] in ("COMPLETE", "FAILED")
+        assert wait_for_run(http, key, made, timeout=300)["status"] in ("COMPLETE", "FAILED")
     over = http.post(
         f"/api/v1/pipelines/run/{tenant_id}/test/runs/quick", headers={"X-API-Key": key}, json={}
     )
