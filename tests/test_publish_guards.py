@@ -198,3 +198,25 @@ def test_an_optional_column_is_added_as_null(outcomes: Outcomes) -> None:
         f"SELECT COUNT(*), COUNT(note) FROM {{t}}.ledger WHERE day = DATE '{DAY}'"
     )
     assert (rows, notes) == (10, 0)
+
+
+def test_query_steps_stage_and_publish_whole_tables(
+    stack_factory: StackFactory,
+    pipeline_env: dict[str, str],
+    sources_dir: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """A query step's stage (in memory on the embedded store) is read by the run's later
+    steps and checks, and replaces the table when the run publishes; no stage outlives it."""
+    data_dir = tmp_path_factory.mktemp("tally")
+    with cost_tenant(stack_factory, pipeline_env, sources_dir, data_dir) as tenant:
+        first = tenant.run("test/runs/tally", DAY, upto="3")
+        second = tenant.run("test/runs/tally", DAY, upto="2")
+        tenant.stack.stop()
+        assert (first["status"], second["status"]) == ("COMPLETE", "COMPLETE"), (first, second)
+        assert sorted(n for (n,) in tenant.query("SELECT n FROM {t}.tally")) == [1, 2, 2, 4]
+        leftovers = tenant.query(
+            "SELECT table_name FROM information_schema.tables WHERE table_name LIKE '\\_stage\\_%'"
+            " ESCAPE '\\'"
+        )
+        assert leftovers == []

@@ -4,6 +4,13 @@ Each run gets its own cursor (its own transactions) and shares the store's threa
 BigQuery SQL is transpiled (`storage.sql.to_duckdb`); parameters are bound by name. CSV
 files load as all-STRING columns and every file's column names are sanitized, as a
 BigQuery load with the same settings would name them.
+
+A query step's staging table lives in an in-memory database attached to the store's
+(`STAGES`; DuckDB spills it to its temporary folder beyond the memory limit): its rows are
+written to disk once, when they are published, not a second time when they are staged.
+A stage is worthless after a crash anyway (the run starts again with new ones). Loaded
+files stay on disk: a file's rows can be far larger than memory, and a landing table is
+published by renaming its stage.
 """
 
 from __future__ import annotations
@@ -54,6 +61,8 @@ _TYPES = {
     "JSON": "JSON",
     "BYTES": "BLOB",
 }
+# The in-memory database that holds query steps' staging tables (in its `main` schema).
+STAGES = "convergence_stages"
 _PARAMETER = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)")
 
 
@@ -66,14 +75,20 @@ def _bind(statement: str, params: Mapping[str, Any]) -> dict[str, Any]:
     return {name: params[name] for name in used}
 
 
+def attach_stages(connection: duckdb.DuckDBPyConnection) -> None:
+    """Attaches the in-memory database of staging tables (once per opened database)."""
+    connection.execute(f"ATTACH IF NOT EXISTS ':memory:' AS {STAGES}")
+
+
 def drop_stage_tables(cur: duckdb.DuckDBPyConnection) -> int:
     tables = cur.execute(
-        "SELECT table_schema, table_name FROM information_schema.tables "
+        "SELECT table_catalog, table_schema, table_name FROM information_schema.tables "
         "WHERE starts_with(table_name, ?)",
         [STAGE_PREFIX],
     ).fetchall()
-    for schema, table in tables:
-        cur.execute(f"DROP TABLE IF EXISTS {quote_identifier(schema)}.{quote_identifier(table)}")
+    for catalog, schema, table in tables:
+        name = ".".join(quote_identifier_any(part) for part in (catalog, schema, table))
+        cur.execute(f"DROP TABLE IF EXISTS {name}")
     return len(tables)
 
 
@@ -99,7 +114,10 @@ class DuckDBWarehouse:
         # The statement running on a pool thread now, if any: the cursor must not be
         # closed under it (its caller may have been cancelled while it runs).
         self._running: asyncio.Future[Any] | None = None
+        # This run's staging tables in STAGES (query steps' stages).
+        self._in_memory: set[str] = set()
         cursor.execute("SET TimeZone = 'UTC'")
+        (self._database,) = cursor.execute("SELECT current_database()").fetchone() or ("",)
 
     async def _call(self, fn: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
         def run() -> T:
@@ -119,7 +137,23 @@ class DuckDBWarehouse:
         return await self._running  # type: ignore[no-any-return]
 
     def _table(self, name: str) -> str:
+        if name in self._in_memory:
+            return f"{STAGES}.main.{quote_identifier(name)}"
         return f"{self._schema}.{quote_identifier(name)}"
+
+    def _statements(self, sql: str) -> list[str]:
+        """The DuckDB statements of BigQuery SQL, reading this run's in-memory stages."""
+        return to_duckdb(sql, moved={(self.dataset, t): STAGES for t in self._in_memory})
+
+    def _one_select(self, sql: str) -> str:
+        statements = self._statements(sql)
+        if len(statements) != 1:
+            raise WarehouseError("a query step runs exactly one SELECT statement")
+        return statements[0]
+
+    def _catalog(self, table: str) -> tuple[str, str]:
+        """The database and schema where `table` is (for information_schema lookups)."""
+        return (STAGES, "main") if table in self._in_memory else (self._database, self.dataset)
 
     async def load(self, table: str, uri: str, fmt: str) -> int:
         if "://" in uri:
@@ -150,8 +184,11 @@ class DuckDBWarehouse:
         return await self._call(load)
 
     async def create_as(self, table: str, sql: str, params: Mapping[str, Any]) -> int:
+        if table.startswith(STAGE_PREFIX):
+            self._in_memory.add(table)
+
         def create(cur: duckdb.DuckDBPyConnection) -> int:
-            statement = _one_select(sql)
+            statement = self._one_select(sql)
             cur.execute(
                 f"CREATE OR REPLACE TABLE {self._table(table)} AS {statement}",
                 _bind(statement, params),
@@ -162,7 +199,7 @@ class DuckDBWarehouse:
 
     async def insert_into(self, table: str, sql: str, params: Mapping[str, Any]) -> int:
         def insert(cur: duckdb.DuckDBPyConnection) -> int:
-            statement = _one_select(sql)
+            statement = self._one_select(sql)
             before = _count(cur, self._table(table))
             cur.execute(
                 f"INSERT INTO {self._table(table)} BY NAME {statement}", _bind(statement, params)
@@ -173,7 +210,7 @@ class DuckDBWarehouse:
 
     async def count(self, sql: str, params: Mapping[str, Any]) -> int:
         def count(cur: duckdb.DuckDBPyConnection) -> int:
-            (statement,) = to_duckdb(sql)
+            (statement,) = self._statements(sql)
             row = cur.execute(statement, _bind(statement, params)).fetchone()
             return int(row[0]) if row else 0
 
@@ -181,7 +218,7 @@ class DuckDBWarehouse:
 
     async def rows(self, sql: str, params: Mapping[str, Any]) -> list[tuple[Any, ...]]:
         def rows(cur: duckdb.DuckDBPyConnection) -> list[tuple[Any, ...]]:
-            (statement,) = to_duckdb(sql)
+            (statement,) = self._statements(sql)
             return cur.execute(statement, _bind(statement, params)).fetchall()
 
         return await self._call(rows)
@@ -203,24 +240,24 @@ class DuckDBWarehouse:
     async def tables(self, prefix: str) -> list[str]:
         def tables(cur: duckdb.DuckDBPyConnection) -> list[str]:
             found = cur.execute(
-                "SELECT table_name FROM information_schema.tables "
-                "WHERE table_schema = ? AND starts_with(table_name, ?) ORDER BY 1",
-                [self.dataset, prefix],
+                "SELECT table_name FROM information_schema.tables WHERE table_catalog = ? "
+                "AND table_schema = ? AND starts_with(table_name, ?) ORDER BY 1",
+                [self._database, self.dataset, prefix],
             ).fetchall()
             return [r[0] for r in found]
 
         return await self._call(tables)
 
     async def columns(self, table: str) -> list[str]:
-        def columns(cur: duckdb.DuckDBPyConnection) -> list[str]:
-            rows = cur.execute(
-                "SELECT column_name FROM information_schema.columns "
-                "WHERE table_schema = ? AND table_name = ? ORDER BY ordinal_position",
-                [self.dataset, table],
-            ).fetchall()
-            return [r[0] for r in rows]
+        return await self._call(lambda cur: self._columns_of(cur, table))
 
-        return await self._call(columns)
+    def _columns_of(self, cur: duckdb.DuckDBPyConnection, table: str) -> list[str]:
+        rows = cur.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_catalog = ? "
+            "AND table_schema = ? AND table_name = ? ORDER BY ordinal_position",
+            [*self._catalog(table), table],
+        ).fetchall()
+        return [r[0] for r in rows]
 
     async def publish(self, writes: Sequence[Publication], run: RunRecord) -> bool:
         # The runs table lives in the same database: the publication record and the writes
@@ -248,17 +285,19 @@ class DuckDBWarehouse:
         if write.write_mode == "view":
             (kind,) = cur.execute(
                 "SELECT any_value(table_type) FROM information_schema.tables "
-                "WHERE table_schema = ? AND table_name = ?",
-                [self.dataset, write.destination],
+                "WHERE table_catalog = ? AND table_schema = ? AND table_name = ?",
+                [self._database, self.dataset, write.destination],
             ).fetchone() or (None,)
             if kind == "BASE TABLE":  # a landing table from before its load step reused
                 cur.execute(f"DROP TABLE {destination}")
             cur.execute(f"CREATE OR REPLACE VIEW {destination} AS SELECT * FROM {stage}")
             return
         if write.write_mode == "truncate" and not write.schema:
-            # The stage becomes the table: a rename, not a second copy of the rows.
             cur.execute(f"DROP TABLE IF EXISTS {destination}")
-            cur.execute(f"ALTER TABLE {stage} RENAME TO {quote_identifier(write.destination)}")
+            if write.stage in self._in_memory:
+                cur.execute(f"CREATE TABLE {destination} AS FROM {stage}")
+            else:  # the stage becomes the table: a rename, not a second copy of the rows
+                cur.execute(f"ALTER TABLE {stage} RENAME TO {quote_identifier(write.destination)}")
             return
         if write.schema:
             cur.execute(f"CREATE TABLE IF NOT EXISTS {destination} ({_columns_sql(write.schema)})")
@@ -283,7 +322,7 @@ class DuckDBWarehouse:
         if write.union_view is not None:
             self._refresh_union_view(cur, *write.union_view, write.schema)
         for view, sql in write.views:
-            cur.execute(f"CREATE OR REPLACE VIEW {self._table(view)} AS {_one_select(sql)}")
+            cur.execute(f"CREATE OR REPLACE VIEW {self._table(view)} AS {self._one_select(sql)}")
 
     def _refresh_union_view(
         self,
@@ -295,8 +334,9 @@ class DuckDBWarehouse:
         existing = {
             r[0]
             for r in cur.execute(
-                "SELECT table_name FROM information_schema.tables WHERE table_schema = ?",
-                [self.dataset],
+                "SELECT table_name FROM information_schema.tables "
+                "WHERE table_catalog = ? AND table_schema = ?",
+                [self._database, self.dataset],
             ).fetchall()
         }
         columns = ", ".join(quote_identifier_any(c.name) for c in schema)
@@ -310,14 +350,7 @@ class DuckDBWarehouse:
         self, cur: duckdb.DuckDBPyConnection, table: str, schema: Sequence[SchemaColumn]
     ) -> None:
         """Adds the shared schema's columns a table written before they existed lacks."""
-        present = {
-            r[0]
-            for r in cur.execute(
-                "SELECT column_name FROM information_schema.columns "
-                "WHERE table_schema = ? AND table_name = ?",
-                [self.dataset, table],
-            ).fetchall()
-        }
+        present = set(self._columns_of(cur, table))
         for column in schema:
             if column.name not in present:
                 cur.execute(
@@ -348,13 +381,6 @@ def quote_identifier_any(name: str) -> str:
 
 def _columns_sql(schema: Sequence[SchemaColumn]) -> str:
     return ", ".join(f"{quote_identifier_any(c.name)} {_TYPES[c.type.upper()]}" for c in schema)
-
-
-def _one_select(sql: str) -> str:
-    statements = to_duckdb(sql)
-    if len(statements) != 1:
-        raise WarehouseError("a query step runs exactly one SELECT statement")
-    return statements[0]
 
 
 def _count(cur: duckdb.DuckDBPyConnection, table: str) -> int:

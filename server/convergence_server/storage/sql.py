@@ -8,6 +8,8 @@ project from `project.dataset.table` names. Named parameters (`@date`) become Du
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import sqlglot
 from sqlglot import exp
 
@@ -18,7 +20,9 @@ class SqlError(ValueError):
     """The SQL could not be parsed or transpiled; the message says where."""
 
 
-def _fix(node: exp.Expression, project: str | None) -> exp.Expression:
+def _fix(
+    node: exp.Expression, project: str | None, moved: Mapping[tuple[str, str], str]
+) -> exp.Expression:
     if (
         isinstance(node, exp.DataType)
         and node.this == exp.DataType.Type.DECIMAL
@@ -27,17 +31,24 @@ def _fix(node: exp.Expression, project: str | None) -> exp.Expression:
         return _BIGQUERY_NUMERIC.copy()
     if isinstance(node, exp.Table) and project and node.catalog == project:
         node.set("catalog", None)
+    if isinstance(node, exp.Table) and not node.catalog and (node.db, node.name) in moved:
+        node.set("catalog", exp.to_identifier(moved[node.db, node.name]))
+        node.set("db", exp.to_identifier("main"))
     return node
 
 
-def to_duckdb(sql: str, project: str | None = None) -> list[str]:
-    """The DuckDB statements for a BigQuery script (one or more statements)."""
+def to_duckdb(
+    sql: str, project: str | None = None, moved: Mapping[tuple[str, str], str] | None = None
+) -> list[str]:
+    """The DuckDB statements for a BigQuery script (one or more statements). `moved` maps
+    a (dataset, table) name to the attached database that holds the table (in its `main`
+    schema)."""
     try:
         statements = sqlglot.parse(sql, read="bigquery")
     except sqlglot.errors.ParseError as exc:
         raise SqlError(f"cannot parse the SQL: {exc}") from None
     return [
-        statement.transform(_fix, project).sql(dialect="duckdb")
+        statement.transform(_fix, project, moved or {}).sql(dialect="duckdb")
         for statement in statements
         if statement is not None
     ]
