@@ -1,4 +1,4 @@
-"""Command line: `python -m convergence_server [serve|stack|envoy-config]`."""
+"""Command line: `python -m convergence_server [serve|stack|validate|sql|keys|envoy-config]`."""
 
 from __future__ import annotations
 
@@ -41,6 +41,50 @@ def _validate(config: Config) -> int:
     return 0
 
 
+def _issue_key(config: Config, tenant_id: str, name: str, scope: str, days: int) -> int:
+    """Prints a new key of the tenant (once) and writes its audit row."""
+    from datetime import timedelta
+
+    from convergence_server.clock import make_clock
+    from convergence_server.domain.access import AccessLog, Keys
+    from convergence_server.domain.runs import PageTokens, page_token_key
+    from convergence_server.errors import ConvergenceError
+    from convergence_server.storage import open_store
+
+    async def issue() -> int:
+        try:
+            store = open_store(config)
+        except SystemExit as exc:
+            print(f"{exc} (is the server running? stop it first)", file=sys.stderr)
+            return 2
+        clock = make_clock(config.clock_offset_file)
+        keys = Keys(
+            store,
+            config.key_pepper,
+            AccessLog(store, clock),
+            clock,
+            PageTokens(page_token_key(config.key_pepper)),
+            max_days=config.key_max_days,
+        )
+        expires = clock() + timedelta(days=days) if days else None
+        try:
+            new = await keys.issue(tenant_id, name, scope, expires)
+        except ConvergenceError as exc:
+            print(f"error: {exc.message}", file=sys.stderr)
+            return 1
+        finally:
+            await store.close()
+        print(new.secret)
+        print(
+            f"API key {new.record.key_id} ({name}, {scope}) issued for {tenant_id}; "
+            "it is shown only this once.",
+            file=sys.stderr,
+        )
+        return 0
+
+    return asyncio.run(issue())
+
+
 def _receive_stop_signals() -> None:
     """Lets SIGTERM and SIGINT reach this process whatever its parent left it: a blocked
     signal stays blocked through exec, and so does an ignored SIGTERM (a server that cannot
@@ -62,6 +106,19 @@ def main(argv: list[str] | None = None) -> None:
     )
     sql.add_argument("query", help="BigQuery SQL; `your-project` is CONVERGENCE_PROJECT")
     sql.add_argument("--format", choices=("table", "json"), default="table")
+    keys = commands.add_parser("keys", help="operator commands for API keys")
+    key_commands = keys.add_subparsers(dest="keys_command", required=True)
+    issue = key_commands.add_parser(
+        "issue",
+        help="issue a new API key for a tenant that lost every key (embedded: stop the "
+        "server first); prints it once and writes an audit row",
+    )
+    issue.add_argument("tenant_id")
+    issue.add_argument("--name", required=True, help="a name for the key, e.g. recovery")
+    issue.add_argument("--scope", choices=("FULL", "READ_ONLY"), default="FULL")
+    issue.add_argument(
+        "--expires-days", type=int, default=0, help="days until it expires (default: never)"
+    )
     render = commands.add_parser("envoy-config", help="print the rendered Envoy config")
     render.add_argument("--grpc-port", type=int, help="upstream port (default: configured)")
     args = parser.parse_args(argv)
@@ -75,6 +132,8 @@ def main(argv: list[str] | None = None) -> None:
         from convergence_server.storage.console import run_sql
 
         sys.exit(run_sql(config, args.query, args.format))
+    elif args.command == "keys":
+        sys.exit(_issue_key(config, args.tenant_id, args.name, args.scope, args.expires_days))
     elif args.command == "stack":
         from convergence_server.stack import run_stack
 

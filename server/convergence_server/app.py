@@ -20,6 +20,8 @@ from grpc_health.v1._async import HealthServicer as GrpcHealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from convergence.v1 import (
+    access_service_pb2,
+    access_service_pb2_grpc,
     health_service_pb2,
     health_service_pb2_grpc,
     pipeline_service_pb2,
@@ -32,6 +34,7 @@ from convergence.v1 import (
     tenant_service_pb2_grpc,
 )
 from convergence_server import faults
+from convergence_server.api.access import AccessServicer
 from convergence_server.api.health import HealthServicer
 from convergence_server.api.interceptors import (
     AuthInterceptor,
@@ -45,6 +48,7 @@ from convergence_server.api.schedules import ScheduleServicer
 from convergence_server.api.tenants import TenantServicer
 from convergence_server.clock import make_clock
 from convergence_server.config import Config
+from convergence_server.domain.access import AccessLog, Keys
 from convergence_server.domain.accounts import Accounts
 from convergence_server.domain.auth import Authenticator, KeyRecordCache
 from convergence_server.domain.clients import ClientLimits, ClientLimitSettings
@@ -72,6 +76,7 @@ SERVICE_NAMES = tuple(
         (pipeline_service_pb2, "PipelineService"),
         (run_service_pb2, "RunService"),
         (schedule_service_pb2, "ScheduleService"),
+        (access_service_pb2, "AccessService"),
     )
 )
 
@@ -86,6 +91,9 @@ class ConvergenceServer:
     health: GrpcHealthServicer
     port: int
     ticker: Ticker
+    authenticator: Authenticator
+    access: AccessLog
+    key_sync_seconds: float = 0.0
     shutdown_seconds: float = 8.0
     _monitor: asyncio.Task[None] | None = None
 
@@ -93,6 +101,8 @@ class ConvergenceServer:
         await self.executor.start()
         await self.server.start()
         self.ticker.start()
+        self.access.start()
+        self.authenticator.start_sync(self.key_sync_seconds)
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         self._monitor = asyncio.create_task(self._watch_store(), name="store-health")
         log.info("serving", extra={"fields": {"grpc_port": self.port}})
@@ -119,12 +129,15 @@ class ConvergenceServer:
         if self._monitor is not None:
             self._monitor.cancel()
         await self.ticker.stop()
+        await self.authenticator.stop_sync()
         await self.health.enter_graceful_shutdown()
         await asyncio.gather(
             self.server.stop(self.shutdown_seconds * 0.4),
             # Leave a fifth of the time to close the store.
             self.executor.stop(self.shutdown_seconds * 0.8),
         )
+        # The counted audit rows and keys' last use (bounded: half of what is left).
+        await self.access.stop((deadline - time.monotonic()) / 2)
         await asyncio.wait_for(self.store.close(), max(0.1, deadline - time.monotonic()))
 
     async def wait(self) -> None:
@@ -213,7 +226,8 @@ def create_server(
     )
     plan_book = PlanBook(store, plans)
     page_tokens = PageTokens(page_token_key(config.key_pepper))
-    accounts = Accounts(store, plan_book, clock)
+    access = AccessLog(store, clock, config.audit_flush_seconds)
+    accounts = Accounts(store, plan_book, clock, access)
     runs = Runs(
         store,
         catalog,
@@ -229,13 +243,22 @@ def create_server(
         page_tokens=page_tokens,
         clock=clock,
     )
-    schedules = Schedules(store, catalog, plan_book, runs, page_tokens, clock)
+    schedules = Schedules(store, catalog, plan_book, runs, page_tokens, clock, access)
     authenticator = Authenticator(
-        store, config.key_pepper, KeyRecordCache(config.key_cache_seconds)
+        store, config.key_pepper, KeyRecordCache(config.key_cache_seconds), clock, access.used
+    )
+    keys = Keys(
+        store,
+        config.key_pepper,
+        access,
+        clock,
+        page_tokens,
+        max_days=config.key_max_days,
+        forget=authenticator.forget,
     )
     server = grpc.aio.server(
         interceptors=[
-            ErrorInterceptor(),
+            ErrorInterceptor(access),
             RequestContextInterceptor(),
             AuthInterceptor(
                 authenticator,
@@ -249,12 +272,14 @@ def create_server(
                 ),
                 frozenset(config.trusted_proxies),
                 config.scheduler_token,
+                access,
             ),
             QuotaInterceptor(
                 plan_book,
                 RateLimiter(),
                 accounts,
                 stream_max_seconds=config.stream_max_seconds,
+                clock=clock,
             ),
         ]
         if interceptors is None
@@ -268,7 +293,7 @@ def create_server(
             ("grpc.so_reuseport", 0),
         ],
     )
-    onboarding = Onboarding(store, plans, config.config_dir, config.key_pepper)
+    onboarding = Onboarding(store, plans, config.config_dir, config.key_pepper, access=access)
     health_service_pb2_grpc.add_HealthServiceServicer_to_server(HealthServicer(store), server)
     tenant_service_pb2_grpc.add_TenantServiceServicer_to_server(
         TenantServicer(onboarding, accounts), server
@@ -280,6 +305,7 @@ def create_server(
         ScheduleServicer(schedules), server
     )
     run_service_pb2_grpc.add_RunServiceServicer_to_server(RunServicer(runs), server)
+    access_service_pb2_grpc.add_AccessServiceServicer_to_server(AccessServicer(keys, clock), server)
     health = GrpcHealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
@@ -300,5 +326,8 @@ def create_server(
         health,
         port,
         Ticker(schedules, config.tick_seconds),
+        authenticator,
+        access,
+        config.key_sync_seconds if not store.exclusive else 0.0,
         config.shutdown_seconds,
     )

@@ -30,6 +30,14 @@ class Config:
     key_pepper: bytes = field(default=b"", repr=False)
     max_request_bytes: int = 1 << 20
     key_cache_seconds: int = 30
+    # Servers of a shared store (BigQuery) look this often for keys revoked or rotated
+    # through another server: the bound on how long such a key still works here.
+    key_sync_seconds: float = 5.0
+    # The longest lifetime of a new key, in days (0: keys may never expire).
+    key_max_days: int = 0
+    # Counted audit rows (quota refusals, failed authentications) and keys' last use are
+    # written this often.
+    audit_flush_seconds: float = 60.0
     workers: int = 4
     sample_data_dir: Path = REPO_ROOT / "configs" / "sample_data"
     source_roots: tuple[Path, ...] = ()
@@ -106,6 +114,13 @@ class Config:
             ),
             key_cache_seconds=_int(
                 env, "CONVERGENCE_KEY_CACHE_SECONDS", defaults.key_cache_seconds
+            ),
+            key_sync_seconds=_seconds(
+                env, "CONVERGENCE_KEY_SYNC_SECONDS", defaults.key_sync_seconds
+            ),
+            key_max_days=_int(env, "CONVERGENCE_KEY_MAX_DAYS", defaults.key_max_days),
+            audit_flush_seconds=_seconds(
+                env, "CONVERGENCE_AUDIT_FLUSH_SECONDS", defaults.audit_flush_seconds
             ),
             workers=_int(env, "CONVERGENCE_WORKERS", defaults.workers),
             sample_data_dir=Path(

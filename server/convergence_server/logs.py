@@ -23,6 +23,8 @@ request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id
 tenant_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("tenant_id", default="")
 user_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("user_id", default="")
 method_var: contextvars.ContextVar[str] = contextvars.ContextVar("method", default="")
+# The caller's IP address (for the audit log; not in every log line).
+client_address_var: contextvars.ContextVar[str] = contextvars.ContextVar("client", default="")
 
 _CONTEXT = (
     ("request_id", request_id_var),

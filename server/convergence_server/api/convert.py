@@ -9,7 +9,14 @@ from typing import Any, cast
 from google.protobuf import json_format, timestamp_pb2
 from google.protobuf.message import Message
 
-from convergence.v1 import pipeline_pb2, run_pb2, schedule_pb2, tenant_pb2, tenant_service_pb2
+from convergence.v1 import (
+    access_service_pb2,
+    pipeline_pb2,
+    run_pb2,
+    schedule_pb2,
+    tenant_pb2,
+    tenant_service_pb2,
+)
 from convergence_server.domain.onboarding import (
     CheckStatus,
     DryRunReport,
@@ -18,7 +25,10 @@ from convergence_server.domain.onboarding import (
 )
 from convergence_server.domain.schedules import SlotOutcome, slot_of
 from convergence_server.engine.templates import Template, parameter_text
+from convergence_server.errors import FieldViolation, InvalidArgument
 from convergence_server.storage.records import (
+    ApiKeyRecord,
+    AuditRecord,
     DqRecord,
     MemberRecord,
     RunRecord,
@@ -82,6 +92,58 @@ def onboard_response(tenant: OnboardedTenant) -> tenant_service_pb2.OnboardTenan
         dataset_created=True,
         tables_created=list(tenant.tables_created),
         message=f"Tenant {tenant.company_name} onboarded successfully.",
+    )
+
+
+_SCOPES = {"FULL": access_service_pb2.ApiKey.FULL, "READ_ONLY": access_service_pb2.ApiKey.READ_ONLY}
+
+
+def scope_name(scope: int) -> str:
+    """The scope a request names (unset: FULL); INVALID_ARGUMENT for an unknown number."""
+    if scope == access_service_pb2.ApiKey.SCOPE_UNSPECIFIED:
+        return "FULL"
+    try:
+        return access_service_pb2.ApiKey.Scope.Name(scope)
+    except ValueError:
+        raise InvalidArgument(
+            "Invalid scope", [FieldViolation("scope", "must be FULL or READ_ONLY")]
+        ) from None
+
+
+def when(moment: datetime | None) -> str:
+    return "never" if moment is None else moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def api_key(record: ApiKeyRecord, now: datetime) -> access_service_pb2.ApiKey:
+    return access_service_pb2.ApiKey(
+        key_id=record.key_id,
+        tenant_id=record.tenant_id,
+        name=record.name,
+        prefix=record.prefix,
+        scope=_SCOPES[record.scope],
+        created_at=_timestamp(record.created_at),
+        created_by=record.created_by,
+        expires_at=_timestamp(record.expires_at),
+        last_used_at=_timestamp(record.last_used_at),
+        revoked_at=_timestamp(record.revoked_at),
+        replaced_by=record.replaced_by,
+        state=record.state(now),
+    )
+
+
+def audit_event(record: AuditRecord) -> access_service_pb2.AuditEvent:
+    return access_service_pb2.AuditEvent(
+        event_id=record.event_id,
+        tenant_id=record.tenant_id,
+        event_time=_timestamp(record.event_time),
+        event=record.event,
+        actor_key_id=record.actor_key_id,
+        actor_user_id=record.actor_user_id,
+        target=record.target,
+        detail=record.detail,
+        request_id=record.request_id,
+        client_address=record.client_address,
+        count=_int32(record.count),
     )
 
 

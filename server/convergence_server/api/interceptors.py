@@ -33,8 +33,16 @@ from grpc.aio import ServerInterceptor, ServicerContext
 from convergence_server import errors, faults, logs
 from convergence_server.api.context import caller_var, operator_var
 from convergence_server.api.errors import Abort, to_abort
+from convergence_server.clock import Clock, system_clock
+from convergence_server.domain.access import AccessLog, Actor
 from convergence_server.domain.accounts import Accounts
-from convergence_server.domain.auth import INVALID_KEY_MESSAGE, Authenticator
+from convergence_server.domain.auth import (
+    EXPIRY_WARNING,
+    INVALID_KEY_MESSAGE,
+    Authenticator,
+    KeyReadOnly,
+    KeyRejected,
+)
 from convergence_server.domain.clients import ClientLimits
 from convergence_server.domain.keys import parse_key
 from convergence_server.domain.quotas import PlanBook, RateLimiter, TenantLoad
@@ -65,6 +73,26 @@ OPERATOR_METHODS = frozenset({"/convergence.v1.PipelineService/TriggerScheduledP
 OPERATOR_TOKEN_HEADER = "x-scheduler-token"
 # No key needed, but a key that is sent must be valid (the guide's "verify your key" step).
 KEY_OPTIONAL_METHODS = frozenset({"/convergence.v1.HealthService/GetHealth"})
+# What a READ_ONLY key may call: reads of runs, usage, team, pipelines, schedules, keys and
+# the audit log.
+READ_ONLY_METHODS = frozenset(
+    {
+        "/convergence.v1.HealthService/GetHealth",
+        "/convergence.v1.TenantService/GetUsage",
+        "/convergence.v1.TenantService/ListMembers",
+        "/convergence.v1.PipelineService/ListPipelines",
+        *(
+            f"/convergence.v1.RunService/{name}"
+            for name in ("GetRun", "ListRuns", "ListRunSteps", "ListRunChecks", "WatchRun")
+        ),
+        "/convergence.v1.ScheduleService/GetSchedule",
+        "/convergence.v1.ScheduleService/ListSchedules",
+        *(
+            f"/convergence.v1.AccessService/{name}"
+            for name in ("ListApiKeys", "GetApiKey", "ListAuditLog")
+        ),
+    }
+)
 _REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}", re.ASCII)
 _USER_ID = re.compile(r"[A-Za-z0-9._@+-]{1,128}", re.ASCII)
 
@@ -200,11 +228,16 @@ class _WrappingInterceptor(ServerInterceptor):  # type: ignore[type-arg]
 
 
 class ErrorInterceptor(_WrappingInterceptor):
+    """Also counts quota refusals into the tenant's audit log (per minute and quota)."""
+
+    def __init__(self, access: AccessLog | None = None) -> None:
+        self._access = access
+
     async def around(self, call: Call, context: ServicerContext[Any, Any]) -> Any:
         try:
             return await call()
         except Exception as exc:
-            abort = _abort_for(exc, context)
+            abort = self._abort_for(exc, context)
         await context.abort(abort.code, abort.details, abort.trailing_metadata)
 
     async def around_stream(
@@ -215,8 +248,15 @@ class ErrorInterceptor(_WrappingInterceptor):
                 yield item
             return
         except Exception as exc:
-            abort = _abort_for(exc, context)
+            abort = self._abort_for(exc, context)
         await context.abort(abort.code, abort.details, abort.trailing_metadata)
+
+    def _abort_for(self, exc: Exception, context: ServicerContext[Any, Any]) -> Abort:
+        caller = caller_var.get()
+        if isinstance(exc, errors.QuotaExceeded) and caller and self._access is not None:
+            actor = Actor(caller.key_id, logs.user_id_var.get(), "", logs.client_address_var.get())
+            self._access.count(caller.tenant_id, "quota.refused", exc.subject, actor)
+        return _abort_for(exc, context)
 
 
 def _abort_for(exc: Exception, context: ServicerContext[Any, Any]) -> Abort:
@@ -288,38 +328,49 @@ class AuthInterceptor(_WrappingInterceptor):
         clients: ClientLimits,
         trusted_proxies: frozenset[str] = frozenset({"127.0.0.1", "::1"}),
         scheduler_token: str = "",
+        access: AccessLog | None = None,
     ) -> None:
         self._authenticator = authenticator
         self._clients = clients
         self._trusted_proxies = trusted_proxies
         self._scheduler_token = scheduler_token.encode()
+        self._access = access
 
     async def before(self, context: ServicerContext[Any, Any]) -> None:
         method = logs.method_var.get()
+        address = client_address(context, self._trusted_proxies)
+        logs.client_address_var.set(address)
         if method in OPEN_METHODS:
-            self._clients.admit_open(client_address(context, self._trusted_proxies))
+            self._clients.admit_open(address)
             return
         key = metadata_value(context, "x-api-key")
         if not key and method in OPERATOR_METHODS:
             token = metadata_value(context, OPERATOR_TOKEN_HEADER)
             if token is not None:
-                self._operator(token, client_address(context, self._trusted_proxies))
+                self._operator(token, address)
                 return
         if not key:
             if method not in KEY_OPTIONAL_METHODS:
                 raise errors.Unauthenticated(INVALID_KEY_MESSAGE)
             return
-        address = client_address(context, self._trusted_proxies)
         parsed = parse_key(key)
         key_id = parsed[1] if parsed else None
         self._clients.check_failures(address, key_id)
         try:
             caller = await self._authenticator.authenticate(key)
-        except errors.Unauthenticated:
+        except errors.Unauthenticated as exc:
             self._clients.failed(address, key_id)
+            if isinstance(exc, KeyRejected) and self._access is not None:
+                actor = Actor(exc.key_id, logs.user_id_var.get(), "", address)
+                self._access.count(exc.tenant_id, exc.event, exc.key_id, actor)
             raise
         caller_var.set(caller)
         logs.tenant_id_var.set(caller.tenant_id)
+        if caller.scope == "READ_ONLY" and method not in READ_ONLY_METHODS:
+            raise KeyReadOnly(
+                f"API key {caller.key_id} is read-only: it cannot call "
+                f"{method.rsplit('/', 1)[-1]}; use a key with scope FULL"
+            )
 
     def _operator(self, token: str, address: str) -> None:
         """The operator's token, compared in constant time; refused like a bad key."""
@@ -353,12 +404,14 @@ class QuotaInterceptor(_WrappingInterceptor):
         accounts: Accounts,
         load: TenantLoad | None = None,
         stream_max_seconds: float = 3600.0,
+        clock: Clock = system_clock,
     ) -> None:
         self._plans = plans
         self._limiter = limiter
         self._accounts = accounts
         self._load = load or TenantLoad()
         self._stream_max_seconds = stream_max_seconds
+        self._clock = clock
 
     async def _admit(self, kind: str) -> tuple[str | None, tuple[tuple[str, str], ...]]:
         """Applies the caller's plan and takes its tenant a place of `kind` (calls in
@@ -379,10 +432,21 @@ class QuotaInterceptor(_WrappingInterceptor):
         if user_id and logs.method_var.get() not in ACCOUNT_METHODS:
             await self._accounts.admit_user(caller, user_id)
         self._load.enter(caller.tenant_id, kind, getattr(plan, kind), plan.name)
-        return caller.tenant_id, (
+        headers: tuple[tuple[str, str], ...] = (
             ("x-ratelimit-limit", str(plan.requests_per_minute)),
             ("x-ratelimit-remaining", str(left)),
         )
+        expires = caller.expires_at
+        if expires is not None and expires - self._clock() <= EXPIRY_WARNING:
+            when = expires.strftime("%Y-%m-%dT%H:%M:%SZ")
+            headers += (
+                (
+                    "warning",
+                    f'299 convergence "API key {caller.key_id} expires at {when}: '
+                    'create a new key and revoke this one"',
+                ),
+            )
+        return caller.tenant_id, headers
 
     async def around(self, call: Call, context: ServicerContext[Any, Any]) -> Any:
         tenant_id, headers = await self._admit("requests_in_flight")

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from datetime import date
 
 from convergence_server.clock import Clock
+from convergence_server.domain.access import AccessLog, actor_of
 from convergence_server.domain.auth import Caller, authorize_tenant
 from convergence_server.domain.quotas import PlanBook
 from convergence_server.errors import (
@@ -46,7 +47,10 @@ class Usage:
 
 
 class Accounts:
-    def __init__(self, store: Store, plans: PlanBook, clock: Clock) -> None:
+    def __init__(
+        self, store: Store, plans: PlanBook, clock: Clock, access: AccessLog | None = None
+    ) -> None:
+        self._access = access
         self._store = store
         self._plans = plans
         self._clock = clock
@@ -61,6 +65,7 @@ class Accounts:
             return
         removals = self._removals.get(caller.tenant_id, 0)
         plan = await self._plans.plan_of(caller.tenant_id)
+        known = {m.user_id for m in await self._store.list_members(caller.tenant_id)}
         admitted, _ = await self._store.admit_member(
             caller.tenant_id, user_id, plan.team_size, self._clock()
         )
@@ -71,8 +76,14 @@ class Accounts:
                 f"Remove a member (DELETE /api/v1/tenants/{caller.tenant_id}/members/USER_ID) "
                 "or change the plan."
             )
+        if user_id not in known:
+            await self._audit(caller, "member.added", user_id)
         if self._removals.get(caller.tenant_id, 0) == removals:  # none removed meanwhile
             self._members.add((caller.tenant_id, user_id))
+
+    async def _audit(self, caller: Caller, event: str, target: str, detail: str = "") -> None:
+        if self._access is not None:
+            await self._access.record(caller.tenant_id, event, actor_of(caller), target, detail)
 
     async def usage(self, caller: Caller, tenant_id: str) -> Usage:
         authorize_tenant(caller, tenant_id)
@@ -116,9 +127,11 @@ class Accounts:
                 f"Your team has {team} members and plan {plan_name} allows {allowed}: "
                 "remove members first"
             )
+        old = (await self._plans.plan_of(tenant_id)).name
         if not await self._store.update_plan(tenant_id, plan_name, self._clock()):
             raise NotFound(f"No tenant {tenant_id}")
         self._plans.forget(tenant_id)
+        await self._audit(caller, "subscription.changed", plan_name, f"{old} -> {plan_name}")
         return plan_name
 
     async def members(self, caller: Caller, tenant_id: str) -> tuple[list[MemberRecord], int]:
@@ -132,3 +145,4 @@ class Accounts:
             raise NotFound(f"No member {echo(user_id)}")
         self._removals[tenant_id] = self._removals.get(tenant_id, 0) + 1
         self._members.discard((tenant_id, user_id))
+        await self._audit(caller, "member.removed", user_id)

@@ -2,23 +2,60 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 
+from convergence_server.clock import Clock, system_clock
 from convergence_server.domain.keys import key_matches, parse_key
 from convergence_server.errors import PermissionDenied, Unauthenticated, echo
 from convergence_server.storage import Store
 from convergence_server.storage.records import ApiKeyRecord
 
+log = logging.getLogger(__name__)
+
 INVALID_KEY_MESSAGE = "Invalid or missing API key"
+# Responses to a key this close to its expiry carry a `warning` header.
+EXPIRY_WARNING = timedelta(days=14)
+# How far back each look for changed keys reaches before the previous one (a change
+# committed late in its transaction still counts).
+SYNC_OVERLAP = timedelta(seconds=60)
 
 
 @dataclass(frozen=True)
 class Caller:
     tenant_id: str
     key_id: str
+    scope: str = "FULL"
+    expires_at: datetime | None = None
+
+
+class KeyRejected(Unauthenticated):
+    """A key the store knows, refused (wrong secret, revoked, expired): its tenant's audit
+    log counts the failure."""
+
+    def __init__(self, message: str, tenant_id: str, key_id: str, event: str) -> None:
+        super().__init__(message)
+        self.tenant_id = tenant_id
+        self.key_id = key_id
+        self.event = event
+
+
+class KeyExpired(KeyRejected):
+    reason = "API_KEY_EXPIRED"
+
+
+class KeyRevoked(KeyRejected):
+    reason = "API_KEY_REVOKED"
+
+
+class KeyReadOnly(PermissionDenied):
+    reason = "API_KEY_READ_ONLY"
 
 
 class KeyRecordCache:
@@ -49,6 +86,9 @@ class KeyRecordCache:
         self._records.move_to_end(key_id)
         return True, entry[1]
 
+    def forget(self, key_id: str) -> None:
+        self._records.pop(key_id, None)
+
     def put(self, key_id: str, record: ApiKeyRecord | None) -> None:
         if self._ttl <= 0:
             return
@@ -59,10 +99,25 @@ class KeyRecordCache:
 
 
 class Authenticator:
-    def __init__(self, store: Store, pepper: bytes, cache: KeyRecordCache) -> None:
+    def __init__(
+        self,
+        store: Store,
+        pepper: bytes,
+        cache: KeyRecordCache,
+        clock: Clock = system_clock,
+        used: Callable[[str], None] = lambda key_id: None,
+    ) -> None:
         self._store = store
         self._pepper = pepper
         self._cache = cache
+        self._clock = clock
+        # Notes a successful use (`AccessLog.used`).
+        self._used = used
+        self._sync: asyncio.Task[None] | None = None
+
+    def forget(self, key_id: str) -> None:
+        """Drops a changed key's cached record: the next call reads the store."""
+        self._cache.forget(key_id)
 
     async def authenticate(self, api_key: str) -> Caller:
         parsed = parse_key(api_key)
@@ -73,16 +128,65 @@ class Authenticator:
         if not known:
             record = await self._store.get_api_key(key_id)
             self._cache.put(key_id, record)
+        if record is None:
+            raise Unauthenticated(INVALID_KEY_MESSAGE)
         # The hash is compared even when the prefix names another tenant, so that a
-        # mismatch costs the same time as a wrong secret.
+        # mismatch costs the same time as a wrong secret. Only the holder of the secret
+        # learns that the key was revoked or expired.
         if (
-            record is None
-            or record.revoked_at is not None
-            or not key_matches(self._pepper, record.salt, record.key_hash, api_key)
+            not key_matches(self._pepper, record.salt, record.key_hash, api_key)
             or record.tenant_id != tenant_id
         ):
-            raise Unauthenticated(INVALID_KEY_MESSAGE)
-        return Caller(tenant_id=record.tenant_id, key_id=record.key_id)
+            raise KeyRejected(INVALID_KEY_MESSAGE, record.tenant_id, key_id, "auth.failed")
+        if record.revoked_at is not None:
+            raise KeyRevoked(
+                f"API key {key_id} was revoked at {_when(record.revoked_at)}; use another "
+                "of the tenant's keys",
+                record.tenant_id,
+                key_id,
+                "auth.failed",
+            )
+        if record.expires_at is not None and record.expires_at <= self._clock():
+            ended = "its rotation's grace period ended" if record.replaced_by else "it expired"
+            raise KeyExpired(
+                f"API key {key_id} expired at {_when(record.expires_at)} ({ended}); use "
+                "another of the tenant's keys or create a new one",
+                record.tenant_id,
+                key_id,
+                "api_key.expired",
+            )
+        self._used(key_id)
+        return Caller(record.tenant_id, record.key_id, record.scope, record.expires_at)
+
+    def start_sync(self, seconds: float) -> None:
+        """Every `seconds`, drops the cached records of keys changed since the last look
+        (revoked or rotated through another server): the bound on how long such a key may
+        still work here."""
+        if seconds > 0:
+            self._sync = asyncio.create_task(self._synchronize(seconds), name="key-sync")
+
+    async def _synchronize(self, seconds: float) -> None:
+        since: datetime | None = None
+        while True:
+            await asyncio.sleep(seconds)
+            try:
+                async with asyncio.timeout(max(30.0, 4 * seconds)):
+                    changed, now = await self._store.changed_api_keys(since)
+                for key_id in changed:
+                    self._cache.forget(key_id)
+                since = now - SYNC_OVERLAP
+            except Exception:
+                log.warning("cannot read the changed API keys; trying again", exc_info=True)
+
+    async def stop_sync(self) -> None:
+        if self._sync is not None:
+            self._sync.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sync
+
+
+def _when(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def authorize_tenant(caller: Caller, tenant_id: str) -> None:

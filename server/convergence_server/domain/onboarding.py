@@ -22,6 +22,7 @@ from pathlib import Path
 import email_validator
 
 from convergence_server import logs
+from convergence_server.domain.access import AccessLog, actor_of
 from convergence_server.domain.keys import issue_key
 from convergence_server.domain.plans import Plan
 from convergence_server.engine.templates import TemplateError, load_catalog
@@ -199,8 +200,10 @@ class Onboarding:
         plans: dict[str, Plan],
         config_dir: Path,
         pepper: bytes,
+        access: AccessLog | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        self._access = access
         self._store = store
         self._plans = plans
         self._config_dir = config_dir
@@ -276,11 +279,27 @@ class Onboarding:
             subscription_plan=app.subscription_plan,
             created_at=now,
         )
-        key = ApiKeyRecord(issued.key_id, app.tenant_id, issued.salt, issued.key_hash, now)
+        key = ApiKeyRecord(
+            issued.key_id,
+            app.tenant_id,
+            issued.salt,
+            issued.key_hash,
+            now,
+            name="onboarding",
+            created_by="onboarding",
+        )
         try:
             tables = await self._store.create_tenant(tenant, key, commit_by)
         except AlreadyExists:
             raise AlreadyExists(f"Tenant '{echo(app.tenant_id)}' already exists") from None
+        if self._access is not None:
+            actor = actor_of(None)
+            await self._access.record(
+                app.tenant_id, "tenant.onboarded", actor, app.tenant_id, app.subscription_plan
+            )
+            await self._access.record(
+                app.tenant_id, "api_key.created", actor, issued.key_id, "onboarding"
+            )
         return OnboardedTenant(
             app.tenant_id, tenant.company_name, app.subscription_plan, issued.key, tables
         )

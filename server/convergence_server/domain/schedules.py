@@ -30,6 +30,7 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
+from convergence_server.domain.access import AccessLog, actor_of
 from convergence_server.domain.auth import Caller
 from convergence_server.domain.cron import Cron, CronError
 from convergence_server.domain.quotas import PlanBook
@@ -174,7 +175,9 @@ class Schedules:
         runs: Runs,
         page_tokens: PageTokens,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        access: AccessLog | None = None,
     ) -> None:
+        self._access = access
         self._store = store
         self._catalog = catalog
         self._plans = plans
@@ -228,6 +231,15 @@ class Schedules:
                 f"tenant:{caller.tenant_id}:max_schedules",
                 None,
             )
+        detail = f"{schedule.provider}/{schedule.domain}/{schedule.template} {schedule.cron}"
+        return await self._audited(caller, "schedule.created", schedule, detail)
+
+    async def _audited(
+        self, caller: Caller, event: str, schedule: ScheduleRecord, detail: str = ""
+    ) -> ScheduleRecord:
+        if self._access is not None:
+            actor = actor_of(caller)
+            await self._access.record(caller.tenant_id, event, actor, schedule.schedule_id, detail)
         return schedule
 
     async def get(self, caller: Caller, schedule_id: str) -> ScheduleRecord:
@@ -262,13 +274,16 @@ class Schedules:
                     f"cannot be changed (only {', '.join(UPDATABLE)}); "
                     "create another schedule instead",
                 )
-        return await self._change(caller, schedule_id, lambda s: self._updated(s, changes))
+        schedule = await self._change(caller, schedule_id, lambda s: self._updated(s, changes))
+        return await self._audited(caller, "schedule.updated", schedule, ", ".join(changes))
 
     async def delete(self, caller: Caller, schedule_id: str) -> ScheduleRecord:
-        return await self._change(caller, schedule_id, lambda s: replace(s, deleted=True))
+        schedule = await self._change(caller, schedule_id, lambda s: replace(s, deleted=True))
+        return await self._audited(caller, "schedule.deleted", schedule)
 
     async def pause(self, caller: Caller, schedule_id: str) -> ScheduleRecord:
-        return await self._change(caller, schedule_id, lambda s: replace(s, paused=True))
+        schedule = await self._change(caller, schedule_id, lambda s: replace(s, paused=True))
+        return await self._audited(caller, "schedule.paused", schedule)
 
     async def resume(self, caller: Caller, schedule_id: str) -> ScheduleRecord:
         """Unpauses. Only `catch_up: all` replays the paused period (up to its maximum):
@@ -277,7 +292,8 @@ class Schedules:
         def resumed(s: ScheduleRecord) -> ScheduleRecord:
             return replace(s, paused=False) if s.paused else s
 
-        return await self._change(caller, schedule_id, resumed, skip_paused=True)
+        schedule = await self._change(caller, schedule_id, resumed, skip_paused=True)
+        return await self._audited(caller, "schedule.resumed", schedule)
 
     async def backfill(
         self, caller: Caller, schedule_id: str, start_date: str, end_date: str
@@ -326,7 +342,8 @@ class Schedules:
             )
 
         schedule = await self._change(caller, schedule_id, backfilled)
-        return schedule, counted
+        detail = f"{start_date}..{end_date}: {counted} slots"
+        return await self._audited(caller, "schedule.backfilled", schedule, detail), counted
 
     async def _change(
         self,

@@ -19,11 +19,11 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, date, datetime
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import duckdb
 
@@ -41,6 +41,8 @@ from convergence_server.storage.locks import KeyedLocks, KeyedTurns
 from convergence_server.storage.records import (
     Admission,
     ApiKeyRecord,
+    AuditFilter,
+    AuditRecord,
     DqRecord,
     MemberRecord,
     RunCursor,
@@ -69,6 +71,17 @@ _TYPES = {
 }
 CENTRAL = quote_identifier(schema.CENTRAL_DATASET)
 MEMBERS = f"{CENTRAL}.tenant_members"
+KEYS = f"{CENTRAL}.tenant_api_keys"
+AUDIT = f"{CENTRAL}.tenant_audit_log"
+_KEY_COLUMNS = (
+    "key_id, tenant_id, salt, key_hash, created_at, revoked_at, name, scope, created_by, "
+    "expires_at, replaced_by, last_used_at"
+)
+_KEY_SELECT = f"SELECT {_KEY_COLUMNS} FROM {KEYS}"
+_AUDIT_COLUMNS = (
+    "event_id, tenant_id, event_time, event, actor_key_id, actor_user_id, target, detail, "
+    "request_id, client_address, event_count"
+)
 WORKER_THREADS = 4
 # DuckDB folds its write-ahead log into the database file (a checkpoint) once the log is
 # this large. Its default, 16 MB, made nearly every publication of a day of cost rows pay a
@@ -408,10 +421,7 @@ class DuckDBStore:
                             now,
                         ],
                     )
-                    cur.execute(
-                        f"INSERT INTO {CENTRAL}.tenant_api_keys VALUES (?, ?, ?, ?, ?, NULL)",
-                        [key.key_id, key.tenant_id, key.salt, key.key_hash, now],
-                    )
+                    _insert_key(cur, key)
                     cur.execute(f"CREATE SCHEMA {dataset}")
                     cur.execute(
                         create_table_sql(tenant.tenant_id, schema.ONBOARDING_VALIDATION_TEST)
@@ -466,21 +476,164 @@ class DuckDBStore:
 
     async def get_api_key(self, key_id: str) -> ApiKeyRecord | None:
         def query(cur: duckdb.DuckDBPyConnection) -> ApiKeyRecord | None:
-            row = cur.execute(
-                "SELECT key_id, tenant_id, salt, key_hash, created_at, revoked_at "
-                f"FROM {CENTRAL}.tenant_api_keys WHERE key_id = ?",
-                [key_id],
-            ).fetchone()
-            if row is None:
-                return None
-            return ApiKeyRecord(
-                row[0],
-                row[1],
-                bytes(row[2]),
-                bytes(row[3]),
-                row[4].replace(tzinfo=UTC),
-                _aware(row[5]),
+            row = cur.execute(f"{_KEY_SELECT} WHERE key_id = ?", [key_id]).fetchone()
+            return None if row is None else _key_record(row)
+
+        return await self._call(query)
+
+    async def list_api_keys(self, tenant_id: str) -> list[ApiKeyRecord]:
+        def query(cur: duckdb.DuckDBPyConnection) -> list[ApiKeyRecord]:
+            rows = cur.execute(
+                f"{_KEY_SELECT} WHERE tenant_id = ? ORDER BY created_at DESC, key_id DESC",
+                [tenant_id],
+            ).fetchall()
+            return [_key_record(row) for row in rows]
+
+        return await self._call(query)
+
+    async def create_api_key(self, key: ApiKeyRecord, audit: AuditRecord) -> None:
+        def create(cur: duckdb.DuckDBPyConnection) -> None:
+            cur.begin()
+            try:
+                _insert_key(cur, key)
+                _insert_audit(cur, [audit])
+                cur.commit()
+            except BaseException:
+                runs.rollback(cur)
+                raise
+
+        await self._call(create)
+
+    async def revoke_api_key(
+        self, tenant_id: str, key_id: str, now: datetime, audit: AuditRecord
+    ) -> ApiKeyRecord | None:
+        def revoke(cur: duckdb.DuckDBPyConnection) -> ApiKeyRecord | None:
+            cur.begin()
+            try:
+                changed = cur.execute(
+                    f"UPDATE {KEYS} AS k SET revoked_at = $now, changed_at = $now "
+                    "WHERE key_id = $key AND tenant_id = $tenant AND revoked_at IS NULL "
+                    f"AND EXISTS (SELECT 1 FROM {KEYS} AS other WHERE other.tenant_id = $tenant "
+                    "AND other.key_id <> $key AND other.revoked_at IS NULL "
+                    "AND other.scope IS DISTINCT FROM 'READ_ONLY' "
+                    "AND (other.expires_at IS NULL OR other.expires_at > $now)) RETURNING key_id",
+                    {"now": _utc_naive(now), "key": key_id, "tenant": tenant_id},
+                ).fetchone()
+                if changed is not None:
+                    _insert_audit(cur, [audit])
+                row = cur.execute(
+                    f"{_KEY_SELECT} WHERE key_id = ? AND tenant_id = ?", [key_id, tenant_id]
+                ).fetchone()
+                cur.commit()
+            except BaseException:
+                runs.rollback(cur)
+                raise
+            return None if row is None else _key_record(row)
+
+        return await self._call(revoke)
+
+    async def rotate_api_key(
+        self,
+        tenant_id: str,
+        key_id: str,
+        new_key: ApiKeyRecord,
+        grace_until: datetime,
+        audit: AuditRecord,
+    ) -> ApiKeyRecord | None:
+        now = _utc_naive(new_key.created_at)
+
+        def rotate(cur: duckdb.DuckDBPyConnection) -> ApiKeyRecord | None:
+            cur.begin()
+            try:
+                changed = cur.execute(
+                    f"UPDATE {KEYS} SET replaced_by = $new, changed_at = $now, "
+                    "expires_at = LEAST(COALESCE(expires_at, $grace), $grace) "
+                    "WHERE key_id = $key AND tenant_id = $tenant AND revoked_at IS NULL "
+                    "AND (expires_at IS NULL OR expires_at > $now) RETURNING key_id",
+                    {
+                        "new": new_key.key_id,
+                        "now": now,
+                        "grace": _utc_naive(grace_until),
+                        "key": key_id,
+                        "tenant": tenant_id,
+                    },
+                ).fetchone()
+                if changed is not None:
+                    _insert_key(cur, new_key)
+                    _insert_audit(cur, [audit])
+                row = cur.execute(
+                    f"{_KEY_SELECT} WHERE key_id = ? AND tenant_id = ?", [key_id, tenant_id]
+                ).fetchone()
+                cur.commit()
+            except BaseException:
+                runs.rollback(cur)
+                raise
+            return None if row is None else _key_record(row)
+
+        return await self._call(rotate)
+
+    async def record_key_use(self, uses: dict[str, datetime]) -> None:
+        if not uses:
+            return
+
+        def record(cur: duckdb.DuckDBPyConnection) -> None:
+            cur.execute(
+                f"UPDATE {KEYS} AS k SET last_used_at = u.used_at "
+                "FROM (SELECT UNNEST($ids) AS key_id, UNNEST($times) AS used_at) AS u "
+                "WHERE k.key_id = u.key_id "
+                "AND (k.last_used_at IS NULL OR k.last_used_at < u.used_at)",
+                {"ids": list(uses), "times": [_utc_naive(t) for t in uses.values()]},
             )
+
+        await self._call(record)
+
+    async def changed_api_keys(self, since: datetime | None) -> tuple[list[str], datetime]:
+        # One process owns the file: its own changes reach its cache directly.
+        return [], datetime.now(UTC)
+
+    async def add_audit(self, records: list[AuditRecord]) -> None:
+        if records:
+            await self._call(lambda cur: _insert_audit(cur, records))
+
+    async def list_audit(
+        self, where: AuditFilter, after: tuple[datetime, str] | None, limit: int
+    ) -> list[AuditRecord]:
+        clauses, params = ["tenant_id = $tenant"], {"tenant": where.tenant_id, "limit": limit}
+        if where.events:
+            clauses.append("list_contains($events, event)")
+            params["events"] = sorted(where.events)
+        if where.start is not None:
+            clauses.append("event_time >= $start")
+            params["start"] = _utc_naive(where.start)
+        if where.end is not None:
+            clauses.append("event_time < $end")
+            params["end"] = _utc_naive(where.end)
+        if after is not None:
+            clauses.append("(event_time, event_id) < ($after_time, $after_id)")
+            params["after_time"], params["after_id"] = _utc_naive(after[0]), after[1]
+
+        def query(cur: duckdb.DuckDBPyConnection) -> list[AuditRecord]:
+            rows = cur.execute(
+                f"SELECT {_AUDIT_COLUMNS} FROM {AUDIT} WHERE {' AND '.join(clauses)} "
+                "ORDER BY event_time DESC, event_id DESC LIMIT $limit",
+                params,
+            ).fetchall()
+            return [
+                AuditRecord(
+                    event_id=r[0],
+                    tenant_id=r[1],
+                    event_time=r[2].replace(tzinfo=UTC),
+                    event=r[3],
+                    actor_key_id=r[4] or "",
+                    actor_user_id=r[5] or "",
+                    target=r[6] or "",
+                    detail=r[7] or "",
+                    request_id=r[8] or "",
+                    client_address=r[9] or "",
+                    count=int(r[10]),
+                )
+                for r in rows
+            ]
 
         return await self._call(query)
 
@@ -680,3 +833,61 @@ class DuckDBStore:
 
         # Off the event loop: a thread still busy must not stall the server's bounded stop.
         await asyncio.to_thread(close)
+
+
+def _key_record(row: tuple[Any, ...]) -> ApiKeyRecord:
+    return ApiKeyRecord(
+        key_id=row[0],
+        tenant_id=row[1],
+        salt=bytes(row[2]),
+        key_hash=bytes(row[3]),
+        created_at=row[4].replace(tzinfo=UTC),
+        revoked_at=_aware(row[5]),
+        name=row[6] or "",
+        scope=row[7] or "FULL",
+        created_by=row[8] or "",
+        expires_at=_aware(row[9]),
+        replaced_by=row[10] or "",
+        last_used_at=_aware(row[11]),
+    )
+
+
+def _insert_key(cur: duckdb.DuckDBPyConnection, key: ApiKeyRecord) -> None:
+    cur.execute(
+        f"INSERT INTO {KEYS} ({_KEY_COLUMNS}, changed_at) "
+        "VALUES (?, ?, ?, ?, ?, NULL, ?, ?, ?, ?, NULL, NULL, ?)",
+        [
+            key.key_id,
+            key.tenant_id,
+            key.salt,
+            key.key_hash,
+            _utc_naive(key.created_at),
+            key.name,
+            key.scope,
+            key.created_by,
+            None if key.expires_at is None else _utc_naive(key.expires_at),
+            _utc_naive(key.created_at),
+        ],
+    )
+
+
+def _insert_audit(cur: duckdb.DuckDBPyConnection, records: Sequence[AuditRecord]) -> None:
+    cur.executemany(
+        f"INSERT INTO {AUDIT} ({_AUDIT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [
+            [
+                r.event_id,
+                r.tenant_id,
+                _utc_naive(r.event_time),
+                r.event,
+                r.actor_key_id,
+                r.actor_user_id,
+                r.target,
+                r.detail,
+                r.request_id,
+                r.client_address,
+                r.count,
+            ]
+            for r in records
+        ],
+    )

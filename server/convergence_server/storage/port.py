@@ -8,6 +8,8 @@ from typing import Protocol
 from convergence_server.storage.records import (
     Admission,
     ApiKeyRecord,
+    AuditFilter,
+    AuditRecord,
     DqRecord,
     MemberRecord,
     RunCursor,
@@ -67,6 +69,52 @@ class Store(Protocol):
         """
 
     async def get_api_key(self, key_id: str) -> ApiKeyRecord | None: ...
+
+    # -- API keys and the audit log ------------------------------------------------------
+
+    async def list_api_keys(self, tenant_id: str) -> list[ApiKeyRecord]:
+        """The tenant's keys, newest first (creation time, then id)."""
+
+    async def create_api_key(self, key: ApiKeyRecord, audit: AuditRecord) -> None:
+        """Stores a new key and its audit row in one transaction."""
+
+    async def revoke_api_key(
+        self, tenant_id: str, key_id: str, now: datetime, audit: AuditRecord
+    ) -> ApiKeyRecord | None:
+        """Revokes the key (with its audit row, in one transaction) unless it is revoked
+        already or no other FULL key of the tenant would stay active (not revoked, not
+        expired at `now`: a read-only key cannot manage keys); returns the key as stored
+        after, None when the tenant has no such key. The caller tells a refusal from the
+        key's state."""
+
+    async def rotate_api_key(
+        self,
+        tenant_id: str,
+        key_id: str,
+        new_key: ApiKeyRecord,
+        grace_until: datetime,
+        audit: AuditRecord,
+    ) -> ApiKeyRecord | None:
+        """In one transaction, if the key is active at `new_key.created_at`: stores
+        `new_key`, makes the old one expire at `grace_until` (or its own earlier expiry) and
+        names `new_key` as its replacement, and appends `audit`. Returns the old key as
+        stored after, None when the tenant has no such key (unchanged when it is not
+        active)."""
+
+    async def record_key_use(self, uses: dict[str, datetime]) -> None:
+        """Sets each key's `last_used_at` (a later time only), in one statement."""
+
+    async def changed_api_keys(self, since: datetime | None) -> tuple[list[str], datetime]:
+        """Ids of the keys revoked or rotated at or after `since` (none when None), and the
+        store's time now (by its own clock), the next look's `since`."""
+
+    async def add_audit(self, records: list[AuditRecord]) -> None:
+        """Appends rows to the audit log (one statement)."""
+
+    async def list_audit(
+        self, where: AuditFilter, after: tuple[datetime, str] | None, limit: int
+    ) -> list[AuditRecord]:
+        """Audit rows newest first (event time, then id), strictly after `after`."""
 
     # -- runs: every state change is conditional on the current state --------------------
 

@@ -26,6 +26,52 @@ class ApiKeyRecord:
     key_hash: bytes
     created_at: datetime
     revoked_at: datetime | None = None
+    name: str = ""
+    scope: str = "FULL"  # or READ_ONLY
+    created_by: str = ""
+    expires_at: datetime | None = None
+    replaced_by: str = ""
+    last_used_at: datetime | None = None
+
+    @property
+    def prefix(self) -> str:
+        """The key's first characters, not secret: `{tenant_id}_api_{key_id}`."""
+        return f"{self.tenant_id}_api_{self.key_id}"
+
+    def state(self, now: datetime) -> str:
+        if self.revoked_at is not None:
+            return "REVOKED"
+        if self.expires_at is not None and self.expires_at <= now:
+            return "EXPIRED"
+        return "ACTIVE"
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    """A row of `tenants.tenant_audit_log`."""
+
+    event_id: str
+    tenant_id: str
+    event_time: datetime
+    event: str
+    actor_key_id: str = ""
+    actor_user_id: str = ""
+    target: str = ""
+    detail: str = ""
+    request_id: str = ""
+    client_address: str = ""
+    count: int = 1
+
+
+@dataclass(frozen=True)
+class AuditFilter:
+    """Which audit rows to list: one tenant's, of some events (all when empty), in
+    [start, end)."""
+
+    tenant_id: str
+    events: frozenset[str] = frozenset()
+    start: datetime | None = None
+    end: datetime | None = None
 
 
 @dataclass(frozen=True)

@@ -61,9 +61,42 @@ TENANT_API_KEYS = Table(
         _req("key_hash", "BYTES"),
         _req("created_at", "TIMESTAMP"),
         Column("revoked_at", "TIMESTAMP"),
+        # Since version 8: keys as a resource (name, scope, expiry, rotation, last use).
+        Column("name", "STRING"),
+        Column("scope", "STRING"),  # FULL (NULL in older rows) or READ_ONLY
+        Column("created_by", "STRING"),
+        Column("expires_at", "TIMESTAMP"),
+        Column("replaced_by", "STRING"),
+        Column("last_used_at", "TIMESTAMP"),
+        # When the row last changed in a way that matters to authentication (revoked,
+        # expiry moved): servers drop their cached copy of keys changed since they looked.
+        Column("changed_at", "TIMESTAMP"),
     ),
     primary_key=("key_id",),
     cluster_by=("tenant_id",),
+)
+
+# What happened to a tenant's account and who did it; the service only ever appends rows.
+# `quota.refused` and `auth.failed` are counted per minute (and per quota or key) into one
+# row each (`event_count`).
+TENANT_AUDIT_LOG = Table(
+    "tenant_audit_log",
+    (
+        _req("event_id", "STRING"),
+        _req("tenant_id", "STRING"),
+        _req("event_time", "TIMESTAMP"),
+        _req("event", "STRING"),
+        Column("actor_key_id", "STRING"),
+        Column("actor_user_id", "STRING"),
+        Column("target", "STRING"),
+        Column("detail", "STRING"),
+        Column("request_id", "STRING"),
+        Column("client_address", "STRING"),
+        _req("event_count", "INT64"),
+    ),
+    primary_key=("event_id",),
+    partition_by="event_time",
+    cluster_by=("tenant_id", "event"),
 )
 
 TENANT_PIPELINE_RUNS = Table(
@@ -331,6 +364,25 @@ MIGRATIONS: tuple[Migration, ...] = (
             (TENANT_PIPELINE_RUNS, ("warnings",)),
             (TENANT_STEP_LOGS, ("warnings",)),
             (TENANT_DQ_RESULTS, ("check_index", "failed_rows", "sample_rows")),
+        ),
+    ),
+    Migration(
+        8,
+        "API keys as a resource (name, scope, expiry, rotation, last use) and the audit log",
+        creates=(TENANT_AUDIT_LOG,),
+        adds=(
+            (
+                TENANT_API_KEYS,
+                (
+                    "name",
+                    "scope",
+                    "created_by",
+                    "expires_at",
+                    "replaced_by",
+                    "last_used_at",
+                    "changed_at",
+                ),
+            ),
         ),
     ),
 )
