@@ -50,13 +50,13 @@ def audit(http: httpx.Client, key: str, tenant_id: str, **params: Any) -> list[d
     return list(response.json().get("events", []))
 
 
-def wait_until(condition: Any, what: str, timeout: float = 60) -> Any:
+def wait_until(condition: Any, what: str, timeout: float = 60, interval: float = 0.1) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = condition()
         if value:
             return value
-        time.sleep(0.1)
+        time.sleep(interval)
     raise AssertionError(f"timed out waiting for {what}")
 
 
@@ -406,3 +406,66 @@ def test_the_operator_issues_a_key_to_a_tenant_that_lost_every_key(
         assert token not in stored
         for log in (data_dir / "logs").glob("*"):
             assert token.decode() not in log.read_text(errors="replace")
+
+
+def test_account_changes_quota_refusals_and_schedules_are_audited(keyed: Any) -> None:
+    _, http = keyed
+    tenant_id, key = onboard(http, plan="STARTER")  # 60 requests a minute per key
+    auth = {"X-API-Key": key}
+    alice = {**auth, "X-User-ID": "alice"}
+    assert usage(http, key, tenant_id).status_code == 200
+    assert http.get(f"/api/v1/tenants/{tenant_id}/members", headers=alice).status_code == 200
+    assert http.get("/api/v1/pipelines/runs", headers=alice).status_code == 200  # a member now
+    removed = http.delete(f"/api/v1/tenants/{tenant_id}/members/alice", headers=auth)
+    assert removed.status_code == 200, removed.text
+    plan = http.put(
+        f"/api/v1/tenants/{tenant_id}/subscription",
+        headers=auth,
+        json={"subscription_plan": "SCALE"},
+    )
+    assert plan.status_code == 200, plan.text
+    body = {"provider": "test", "domain": "runs", "template": "quick", "cron": "0 6 * * *"}
+    schedule = http.post("/api/v1/schedules", headers=auth, json=body)
+    assert schedule.status_code == 200, schedule.text
+    schedule_id = schedule.json()["schedule_id"]
+    for verb in ("pause", "resume"):
+        changed = http.post(f"/api/v1/schedules/{schedule_id}:{verb}", headers=auth)
+        assert changed.status_code == 200, changed.text
+    assert http.delete(f"/api/v1/schedules/{schedule_id}", headers=auth).status_code == 200
+    back = http.put(
+        f"/api/v1/tenants/{tenant_id}/subscription",
+        headers=auth,
+        json={"subscription_plan": "STARTER"},
+    )
+    assert back.status_code == 200
+    # The plan's rate is per key: another one reads the log while the first is refused.
+    reader = create_key(http, key, tenant_id, name="auditor", scope="READ_ONLY").json()["api_key"]
+    # Past the plan's rate: refusals are counted into one row per minute and quota.
+    for _ in range(200):
+        if usage(http, key, tenant_id).status_code == 429:
+            break
+    else:
+        raise AssertionError("the request rate was never refused")
+
+    def events() -> list[str]:
+        rows = audit(http, reader, tenant_id)
+        return [e["event"] for e in reversed(rows)]
+
+    seen = wait_until(
+        lambda: (found := events()) and "quota.refused" in found and found,
+        "the quota refusal",
+        interval=1.0,  # the reading key has 60 requests a minute too
+    )
+    assert [e for e in seen if e != "quota.refused"] == [
+        "tenant.onboarded",
+        "api_key.created",
+        "member.added",
+        "member.removed",
+        "subscription.changed",
+        "schedule.created",
+        "schedule.paused",
+        "schedule.resumed",
+        "schedule.deleted",
+        "subscription.changed",
+        "api_key.created",
+    ], seen
