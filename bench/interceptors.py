@@ -5,12 +5,14 @@
 limits never bind (as `tests/conftest.py` does), and on one temporary data directory:
 
 0. setup: the stack (gRPC server + Envoy, embedded store, CONVERGENCE_WORKERS=0) starts;
-   one UNMETERED tenant is onboarded over REST and triggers one `test/runs/quick` run,
-   which stays PENDING (no workers); the stack stops, so that every measured server below
-   is freshly started on the same data.
+   two UNMETERED tenants are onboarded over REST, the second gets 99 more API keys (100 in
+   all), and each triggers one `test/runs/quick` run, which stays PENDING (no workers); the
+   stack stops, so that every measured server below is freshly started on the same data.
 1. real, before: the stack again, with the standard chain (errors, request context, auth,
-   quotas). GetRun of that run over direct gRPC with the tenant's key (`x-api-key`), and
-   again with `x-user-id` too (which adds the team-size check).
+   quotas). GetRun of the first tenant's run over direct gRPC with its key (`x-api-key`),
+   and again with `x-user-id` too (which adds the team-size check); GetRun of the second
+   tenant's run with its onboarding key (a tenant with 100 keys); then one of the second
+   tenant's other keys is revoked on that server and the same call runs again.
 2. bare: the stack is stopped and `bench/interceptor_server.py` serves the same data
    directory with the same CONVERGENCE_* settings: `create_server` with only `FixedCaller`,
    which sets the caller to that tenant. GetRun of the same run, with no metadata.
@@ -246,14 +248,40 @@ class Measured:
     problems: list[str]
 
 
-def real_scenarios(channel: grpc.Channel, run_id: str, tenant: Tenant) -> list[Scenario]:
+@dataclass(frozen=True)
+class Setup:
+    """The 1-key tenant and its run; the tenant with `KEYS` keys, its run, and the id of one
+    of its other keys, revoked between two of the measured scenarios."""
+
+    tenant: Tenant
+    run_id: str
+    crowded: Tenant
+    crowded_run_id: str
+    doomed_key_id: str
+
+
+KEYS = 100
+
+
+def real_scenarios(channel: grpc.Channel, setup: Setup) -> list[Scenario]:
+    tenant, run_id = setup.tenant, setup.run_id
+    crowded = get_run_call(channel, setup.crowded_run_id, key_metadata(setup.crowded))
     return [
         Scenario("GetRun + API key", shared(get_run_call(channel, run_id, key_metadata(tenant)))),
         Scenario(
             "GetRun + API key + X-User-ID",
             shared(get_run_call(channel, run_id, key_metadata(tenant, USER_ID))),
         ),
+        Scenario(f"GetRun + API key, tenant with {KEYS} keys", shared(crowded)),
     ]
+
+
+def revoke(url: str, tenant: Tenant, key_id: str) -> None:
+    path = f"/api/v1/tenants/{tenant.tenant_id}/api-keys/{key_id}:revoke"
+    with httpx.Client(base_url=url, timeout=TIMEOUT, trust_env=False) as client:
+        response = client.post(path, headers={"X-API-Key": tenant.api_key})
+    if response.status_code != 200:
+        raise RuntimeError(f"revoking failed: {response.status_code} {response.text}")
 
 
 def run_all(load: Load, scenarios: Sequence[Scenario]) -> list[Result]:
@@ -264,24 +292,27 @@ def run_all(load: Load, scenarios: Sequence[Scenario]) -> list[Result]:
     return results
 
 
-def measure_real(
-    args: argparse.Namespace, workspace: Workspace, tenant: Tenant, run_id: str
-) -> Measured:
+def measure_real(args: argparse.Namespace, workspace: Workspace, setup: Setup) -> Measured:
     with contextlib.ExitStack() as resources:
         stack = start_real(resources, workspace)
         channel = resources.enter_context(
             grpc.insecure_channel(stack.grpc_target, options=GRPC_OPTIONS)
         )
-        check_real(channel, run_id, tenant)
+        check_real(channel, setup.run_id, setup.tenant)
         marks = log_sizes(workspace.log_dir)
         load = Load(args.requests, args.concurrency, args.warmup, (stack.server.pid,))
-        results = run_all(load, real_scenarios(channel, run_id, tenant))
+        results = run_all(load, real_scenarios(channel, setup))
+        # One of the crowded tenant's other keys revoked (again, after: a no-op) on this
+        # server, then the same calls.
+        revoke(stack.http_url, setup.crowded, setup.doomed_key_id)
+        crowded = get_run_call(channel, setup.crowded_run_id, key_metadata(setup.crowded))
+        name = f"GetRun + API key, tenant with {KEYS} keys, after a revocation"
+        results += run_all(load, [Scenario(name, shared(crowded))])
         return Measured(results, log_problems(workspace.log_dir, marks))
 
 
-def measure_bare(
-    args: argparse.Namespace, workspace: Workspace, tenant: Tenant, run_id: str
-) -> Measured:
+def measure_bare(args: argparse.Namespace, workspace: Workspace, setup: Setup) -> Measured:
+    tenant, run_id = setup.tenant, setup.run_id
     with contextlib.ExitStack() as resources:
         target, pid = start_bare(resources, workspace, tenant)
         channel = resources.enter_context(grpc.insecure_channel(target, options=GRPC_OPTIONS))
@@ -293,14 +324,29 @@ def measure_bare(
         return Measured(results, log_problems(workspace.bare_log_dir, marks))
 
 
-def prepare(workspace: Workspace) -> tuple[Tenant, str]:
-    """Onboards the UNMETERED tenant and triggers its run on a stack of its own."""
+def prepare(workspace: Workspace) -> Setup:
+    """Onboards two UNMETERED tenants, gives the second `KEYS` keys in all, and triggers a
+    run of each, on a stack of its own."""
     with contextlib.ExitStack() as resources:
         stack = start_real(resources, workspace)
-        tenant = onboard_unmetered(stack.http_url)
+        tenant, crowded = onboard_unmetered(stack.http_url), onboard_unmetered(stack.http_url)
+        path = f"/api/v1/tenants/{crowded.tenant_id}/api-keys"
+        with httpx.Client(base_url=stack.http_url, timeout=TIMEOUT, trust_env=False) as client:
+            for k in range(KEYS - 1):
+                response = client.post(
+                    path, headers={"X-API-Key": crowded.api_key}, json={"name": f"bench-{k}"}
+                )
+                if response.status_code != 200:
+                    raise RuntimeError(f"creating a key failed: {response.text}")
+        doomed = str(response.json()["key"]["key_id"])
         with grpc.insecure_channel(stack.grpc_target, options=GRPC_OPTIONS) as channel:
-            run_id = trigger_quick(channel, tenant)
-    return tenant, run_id
+            return Setup(
+                tenant,
+                trigger_quick(channel, tenant),
+                crowded,
+                trigger_quick(channel, crowded),
+                doomed,
+            )
 
 
 # --- the report -------------------------------------------------------------------------------
@@ -399,10 +445,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     with contextlib.ExitStack() as resources:
         workspace = make_workspace(resources)
-        tenant, run_id = prepare(workspace)
-        before = measure_real(args, workspace, tenant, run_id)
-        bare = measure_bare(args, workspace, tenant, run_id)
-        after = measure_real(args, workspace, tenant, run_id)
+        setup = prepare(workspace)
+        before = measure_real(args, workspace, setup)
+        bare = measure_bare(args, workspace, setup)
+        after = measure_real(args, workspace, setup)
     report = build_report(before, bare, after)
     table = report.render()
     print(f"{describe_machine(args)}\n\n{table}\n\n{report.verdict()}")

@@ -115,6 +115,11 @@ def test_create_list_get_revoke_and_the_audit_trail(keyed: Any) -> None:
     # Revoking it again changes nothing.
     again = http.post(keys_path(tenant_id, f"/{first_id}:revoke"), headers={"X-API-Key": secret})
     assert again.status_code == 200 and again.json()["revoked_at"] == revoked.json()["revoked_at"]
+    # A revoked key cannot be rotated.
+    rotate = http.post(
+        keys_path(tenant_id, f"/{first_id}:rotate"), headers={"X-API-Key": secret}, json={}
+    )
+    assert_refused(rotate, 409, "Conflict", "revoked")
     # The last active key stays.
     last = http.post(
         keys_path(tenant_id, f"/{new['key_id']}:revoke"), headers={"X-API-Key": secret}
@@ -144,6 +149,11 @@ def test_create_list_get_revoke_and_the_audit_trail(keyed: Any) -> None:
     assert failed[0]["target"] == first_id and failed[0]["count"] >= 1
     only = audit(http, secret, tenant_id, event="api_key.revoked")
     assert [e["event"] for e in only] == ["api_key.revoked"]
+    later = (datetime.now(UTC) + timedelta(days=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    assert audit(http, secret, tenant_id, start_time=later) == []
+    assert len(audit(http, secret, tenant_id, end_time=later)) == len(events)
+    paged = audit(http, secret, tenant_id, limit=2)
+    assert paged == events[:2]
     for text in (str(events),):
         assert secret not in text and first not in text
 

@@ -48,6 +48,9 @@ def clients(
         "CONVERGENCE_WORKERS": "0",
         "CONVERGENCE_CLOCK_OFFSET_FILE": str(clock.path),
         "CONVERGENCE_SCHEDULER_TICK_SECONDS": "0.2",
+        # Key records stay cached for an hour: only the sync of changed keys (every
+        # CONVERGENCE_KEY_SYNC_SECONDS, 5 by default) can end a revoked key's use sooner.
+        "CONVERGENCE_KEY_CACHE_SECONDS": "3600",
     }
     replicas = [stack_factory(**env), stack_factory(**env)]
     opened = [httpx.Client(base_url=s.http_url, timeout=120) for s in replicas]
@@ -215,3 +218,33 @@ def test_a_day_another_replica_publishes_meanwhile_is_not_shrunk(
     assert "from 10 rows (amount total 57.5" in str(ended["error_message"]), ended
     rows = emulator.query(f"SELECT COUNT(*) AS n FROM `{prefix}{tenant_id}.daily`")
     assert rows == [{"n": 10}]
+
+
+def test_a_key_revoked_through_one_replica_is_refused_by_the_other(
+    clients: list[httpx.Client],
+) -> None:
+    tenant_id, key = onboard(clients[0])
+    created = clients[0].post(
+        f"/api/v1/tenants/{tenant_id}/api-keys", headers={"X-API-Key": key}, json={"name": "ci"}
+    )
+    assert created.status_code == 200, created.text
+    other, other_id = created.json()["api_key"], created.json()["key"]["key_id"]
+    usage = f"/api/v1/tenants/{tenant_id}/usage"
+    # The second replica reads the key's record now, and would keep it for an hour.
+    assert clients[1].get(usage, headers={"X-API-Key": other}).status_code == 200
+    revoked = clients[0].post(
+        f"/api/v1/tenants/{tenant_id}/api-keys/{other_id}:revoke", headers={"X-API-Key": key}
+    )
+    assert revoked.status_code == 200, revoked.text
+    # The replica that revoked it refuses it at once; the other within the sync bound
+    # (5 s plus a query; waited for generously here, far below the cache's hour).
+    assert clients[0].get(usage, headers={"X-API-Key": other}).status_code == 401
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        refused = clients[1].get(usage, headers={"X-API-Key": other})
+        if refused.status_code == 401:
+            break
+        time.sleep(0.5)
+    assert refused.status_code == 401, refused.text
+    assert "revoked" in refused.json()["message"]
+    assert clients[1].get(usage, headers={"X-API-Key": key}).status_code == 200
