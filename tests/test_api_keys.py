@@ -479,3 +479,20 @@ def test_account_changes_quota_refusals_and_schedules_are_audited(keyed: Any) ->
         "subscription.changed",
         "api_key.created",
     ], seen
+
+
+def test_the_longest_key_lifetime_applies_to_new_keys(
+    stack_factory: StackFactory, pipeline_env: dict[str, str]
+) -> None:
+    stack = stack_factory(**pipeline_env, CONVERGENCE_KEY_MAX_DAYS="90")
+    with httpx.Client(base_url=stack.http_url, timeout=30) as http:
+        tenant_id, key = onboard(http)
+        capped = create_key(http, key, tenant_id, name="ci")
+        assert capped.status_code == 200, capped.text
+        expires = datetime.fromisoformat(capped.json()["key"]["expires_at"].replace("Z", "+00:00"))
+        assert timedelta(days=89) < expires - datetime.now(UTC) <= timedelta(days=90)
+        too_long = (datetime.now(UTC) + timedelta(days=91)).isoformat()
+        refused = create_key(http, key, tenant_id, name="ci", expires_at=too_long)
+        assert refused.status_code == 400 and refused.json()["details"]["field"] == "expires_at"
+        assert "90 days" in refused.json()["message"]
+    stack.stop()
