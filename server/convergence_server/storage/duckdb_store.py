@@ -507,30 +507,18 @@ class DuckDBStore:
     async def revoke_api_key(
         self, tenant_id: str, key_id: str, now: datetime, audit: AuditRecord
     ) -> ApiKeyRecord | None:
-        def revoke(cur: duckdb.DuckDBPyConnection) -> ApiKeyRecord | None:
-            cur.begin()
-            try:
-                changed = cur.execute(
-                    f"UPDATE {KEYS} AS k SET revoked_at = $now, changed_at = $now "
-                    "WHERE key_id = $key AND tenant_id = $tenant AND revoked_at IS NULL "
-                    f"AND EXISTS (SELECT 1 FROM {KEYS} AS other WHERE other.tenant_id = $tenant "
-                    "AND other.key_id <> $key AND other.revoked_at IS NULL "
-                    "AND other.scope IS DISTINCT FROM 'READ_ONLY' "
-                    "AND (other.expires_at IS NULL OR other.expires_at > $now)) RETURNING key_id",
-                    {"now": _utc_naive(now), "key": key_id, "tenant": tenant_id},
-                ).fetchone()
-                if changed is not None:
-                    _insert_audit(cur, [audit])
-                row = cur.execute(
-                    f"{_KEY_SELECT} WHERE key_id = ? AND tenant_id = ?", [key_id, tenant_id]
-                ).fetchone()
-                cur.commit()
-            except BaseException:
-                runs.rollback(cur)
-                raise
-            return None if row is None else _key_record(row)
-
-        return await self._call(revoke)
+        statement = (
+            f"UPDATE {KEYS} SET revoked_at = $now, changed_at = $now "
+            "WHERE key_id = $key AND tenant_id = $tenant AND revoked_at IS NULL "
+            f"AND EXISTS (SELECT 1 FROM {KEYS} AS other WHERE other.tenant_id = $tenant "
+            "AND other.key_id <> $key AND other.revoked_at IS NULL "
+            "AND other.scope IS DISTINCT FROM 'READ_ONLY' "
+            "AND (other.expires_at IS NULL OR other.expires_at > $now)) RETURNING key_id"
+        )
+        params = {"now": _utc_naive(now), "key": key_id, "tenant": tenant_id}
+        return await self._call(
+            lambda cur: _change_key(cur, statement, params, lambda: _insert_audit(cur, [audit]))
+        )
 
     async def rotate_api_key(
         self,
@@ -540,37 +528,27 @@ class DuckDBStore:
         grace_until: datetime,
         audit: AuditRecord,
     ) -> ApiKeyRecord | None:
-        now = _utc_naive(new_key.created_at)
+        statement = (
+            f"UPDATE {KEYS} SET replaced_by = $new, changed_at = $now, "
+            "expires_at = LEAST(COALESCE(expires_at, $grace), $grace) "
+            "WHERE key_id = $key AND tenant_id = $tenant AND revoked_at IS NULL "
+            "AND (expires_at IS NULL OR expires_at > $now) RETURNING key_id"
+        )
+        params = {
+            "new": new_key.key_id,
+            "now": _utc_naive(new_key.created_at),
+            "grace": _utc_naive(grace_until),
+            "key": key_id,
+            "tenant": tenant_id,
+        }
 
-        def rotate(cur: duckdb.DuckDBPyConnection) -> ApiKeyRecord | None:
-            cur.begin()
-            try:
-                changed = cur.execute(
-                    f"UPDATE {KEYS} SET replaced_by = $new, changed_at = $now, "
-                    "expires_at = LEAST(COALESCE(expires_at, $grace), $grace) "
-                    "WHERE key_id = $key AND tenant_id = $tenant AND revoked_at IS NULL "
-                    "AND (expires_at IS NULL OR expires_at > $now) RETURNING key_id",
-                    {
-                        "new": new_key.key_id,
-                        "now": now,
-                        "grace": _utc_naive(grace_until),
-                        "key": key_id,
-                        "tenant": tenant_id,
-                    },
-                ).fetchone()
-                if changed is not None:
-                    _insert_key(cur, new_key)
-                    _insert_audit(cur, [audit])
-                row = cur.execute(
-                    f"{_KEY_SELECT} WHERE key_id = ? AND tenant_id = ?", [key_id, tenant_id]
-                ).fetchone()
-                cur.commit()
-            except BaseException:
-                runs.rollback(cur)
-                raise
-            return None if row is None else _key_record(row)
+        def then(cur: duckdb.DuckDBPyConnection) -> None:
+            _insert_key(cur, new_key)
+            _insert_audit(cur, [audit])
 
-        return await self._call(rotate)
+        return await self._call(
+            lambda cur: _change_key(cur, statement, params, functools.partial(then, cur))
+        )
 
     async def record_key_use(self, uses: dict[str, datetime]) -> None:
         if not uses:
@@ -833,6 +811,28 @@ class DuckDBStore:
 
         # Off the event loop: a thread still busy must not stall the server's bounded stop.
         await asyncio.to_thread(close)
+
+
+def _change_key(
+    cur: duckdb.DuckDBPyConnection,
+    statement: str,
+    params: dict[str, Any],
+    then: Callable[[], None],
+) -> ApiKeyRecord | None:
+    """Runs a conditional UPDATE of one key (`$key`, `$tenant`; RETURNING key_id) and, if it
+    changed the key, `then`, in one transaction; returns the key as stored after."""
+    cur.begin()
+    try:
+        if cur.execute(statement, params).fetchone() is not None:
+            then()
+        row = cur.execute(
+            f"{_KEY_SELECT} WHERE key_id = ? AND tenant_id = ?", [params["key"], params["tenant"]]
+        ).fetchone()
+        cur.commit()
+    except BaseException:
+        runs.rollback(cur)
+        raise
+    return None if row is None else _key_record(row)
 
 
 def _key_record(row: tuple[Any, ...]) -> ApiKeyRecord:
