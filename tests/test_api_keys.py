@@ -274,6 +274,8 @@ def test_rotation_grace_and_expiry_follow_the_clock(
         assert rotated.status_code == 200, rotated.text
         new = rotated.json()["api_key"]
         assert rotated.json()["key"]["name"] == "onboarding"
+        twice = http.post(keys_path(tenant_id, f"/{old_id}:rotate"), headers=headers, json={})
+        assert_refused(twice, 409, "Conflict", "rotated already")
         # During the grace period both work.
         assert usage(http, old, tenant_id).status_code == 200
         assert usage(http, new, tenant_id).status_code == 200
@@ -353,15 +355,36 @@ def test_keys_over_grpc(keyed: Any) -> None:
         assert "last active" in (last.value.details() or "")
 
 
-def test_the_operator_issues_a_key_to_a_tenant_that_lost_every_key(
+def test_the_operator_revokes_a_tenants_only_key_and_issues_a_new_one(
     stack_factory: StackFactory, pipeline_env: dict[str, str], tmp_path: Path
 ) -> None:
     data_dir = tmp_path / "data"
     stack = stack_factory(data_dir=data_dir, **pipeline_env)
     with httpx.Client(base_url=stack.http_url, timeout=30) as http:
         tenant_id, lost = onboard(http)
+        lost_id = http.get(keys_path(tenant_id), headers={"X-API-Key": lost}).json()["keys"][0]
+        # Through the API, the only key cannot be revoked.
+        refused = http.post(
+            keys_path(tenant_id, f"/{lost_id['key_id']}:revoke"), headers={"X-API-Key": lost}
+        )
+        assert_refused(refused, 409, "Conflict", "last active key")
     stack.stop()
     env = {**os.environ, **stack_env(data_dir), "PYTHONPATH": os.pathsep.join(sys.path)}
+
+    def keys_command(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "convergence_server", "keys", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=REPO_ROOT,
+        )
+
+    # The operator revokes it (leaked, say): the tenant has no working key left.
+    revoked = keys_command("revoke", tenant_id, lost_id["key_id"])
+    assert revoked.returncode == 0 and "revoked" in revoked.stdout, revoked.stderr
+    assert keys_command("revoke", tenant_id, "nosuchkey123").returncode == 1
     command = [sys.executable, "-m", "convergence_server", "keys", "issue"]
     unknown = subprocess.run(
         [*command, "no_such_tenant", "--name", "recovery"],
@@ -386,6 +409,7 @@ def test_the_operator_issues_a_key_to_a_tenant_that_lost_every_key(
 
     stack = stack_factory(data_dir=data_dir, **pipeline_env)
     with httpx.Client(base_url=stack.http_url, timeout=30) as http:
+        assert_refused(usage(http, lost, tenant_id), 401, "Authentication failed", "revoked")
         assert usage(http, secret, tenant_id).status_code == 200
         run = trigger(http, secret, tenant_id, QUICK)
         assert run["pipeline_logging_id"]

@@ -24,6 +24,8 @@ from convergence_server.storage.bigquery_store import BigQueryStore
 from convergence_server.storage.duckdb_store import DuckDBStore
 from convergence_server.storage.records import (
     ApiKeyRecord,
+    AuditFilter,
+    AuditRecord,
     DqRecord,
     RunCursor,
     RunFilter,
@@ -186,6 +188,245 @@ def test_team_members_are_admitted_up_to_the_team_size(store: Store) -> None:
     assert run(store.remove_member(tenant_id, "ann"))
     assert not run(store.remove_member(tenant_id, "ann"))
     assert run(store.admit_member(tenant_id, "cat", 2, now)) == (True, 2)
+
+
+# -- API keys and the audit log ----------------------------------------------------------
+
+
+def new_key(tenant_id: str, created_at: datetime, **fields: Any) -> ApiKeyRecord:
+    return ApiKeyRecord(
+        f"k_{uuid.uuid4().hex[:12]}", tenant_id, b"\x00salt\xff", b"\x01hash", created_at, **fields
+    )
+
+
+def audit_row(
+    tenant_id: str, event: str, at: datetime, target: str = "", **fields: Any
+) -> AuditRecord:
+    return AuditRecord(str(uuid.uuid4()), tenant_id, at, event, target=target, **fields)
+
+
+def test_api_keys_are_created_listed_revoked_and_audited(store: Store) -> None:
+    tenant_id = tenant(store)
+    (onboarded,) = run(store.list_api_keys(tenant_id))
+    assert (onboarded.name, onboarded.scope, onboarded.created_by) == ("", "FULL", "")
+    assert (onboarded.expires_at, onboarded.replaced_by, onboarded.last_used_at) == (None, "", None)
+    ids, looked_at = run(store.changed_api_keys(None))
+    assert ids == [] and looked_at.tzinfo is not None
+    now = (onboarded.created_at + timedelta(seconds=1)).replace(microsecond=654321)
+
+    # Every field round-trips.
+    made = new_key(
+        tenant_id,
+        now,
+        name="ci-deploy",
+        scope="READ_ONLY",
+        created_by=f"key:{onboarded.key_id} user:ann",
+        expires_at=now + timedelta(days=1, microseconds=7),
+    )
+    created = audit_row(
+        tenant_id,
+        "api_key.created",
+        now,
+        made.key_id,
+        actor_key_id=onboarded.key_id,
+        actor_user_id="ann",
+        detail="ci-deploy",
+        request_id="req-1",
+        client_address="192.0.2.7",
+    )
+    run(store.create_api_key(made, created))
+    assert run(store.get_api_key(made.key_id)) == made
+
+    # Neither an expired key nor a read-only one can stand in for the tenant's last full
+    # key: its revocation is refused, and the key stays as it was.
+    expired = new_key(tenant_id, now - timedelta(hours=2), expires_at=now - timedelta(hours=1))
+    earlier = now - timedelta(seconds=1)
+    run(
+        store.create_api_key(
+            expired, audit_row(tenant_id, "api_key.created", earlier, expired.key_id)
+        )
+    )
+    refused = run(
+        store.revoke_api_key(
+            tenant_id, onboarded.key_id, now, audit_row(tenant_id, "api_key.revoked", now)
+        )
+    )
+    assert refused == onboarded
+
+    # Another full key is active: the revocation applies, once.
+    spare = new_key(tenant_id, now + timedelta(seconds=1), name="spare")
+    spared = audit_row(tenant_id, "api_key.created", spare.created_at, spare.key_id)
+    run(store.create_api_key(spare, spared))
+    assert run(store.list_api_keys(tenant_id)) == [spare, made, onboarded, expired]
+    assert run(store.list_api_keys("c_nobody")) == []
+    revoked_at = now + timedelta(seconds=2)
+    revoked = run(
+        store.revoke_api_key(
+            tenant_id,
+            onboarded.key_id,
+            revoked_at,
+            audit_row(tenant_id, "api_key.revoked", revoked_at, onboarded.key_id),
+        )
+    )
+    assert revoked == replace(onboarded, revoked_at=revoked_at)
+    again = run(
+        store.revoke_api_key(
+            tenant_id,
+            onboarded.key_id,
+            revoked_at + timedelta(seconds=1),
+            audit_row(tenant_id, "api_key.revoked", revoked_at, "again"),
+        )
+    )
+    assert again == revoked
+    assert run(store.get_api_key(onboarded.key_id)) == revoked
+    for owner, key_id in (("c_someone_else", made.key_id), (tenant_id, "k_nobody")):
+        audit = audit_row(owner, "api_key.revoked", revoked_at, "nobody")
+        assert run(store.revoke_api_key(owner, key_id, revoked_at, audit)) is None
+    assert run(store.get_api_key(made.key_id)) == made
+
+    # Written in the changes' transactions: the refused and repeated ones wrote no row.
+    logged = run(store.list_audit(AuditFilter(tenant_id), None, 10))
+    assert [(r.event, r.target) for r in logged] == [
+        ("api_key.revoked", onboarded.key_id),
+        ("api_key.created", spare.key_id),
+        ("api_key.created", made.key_id),
+        ("api_key.created", expired.key_id),
+    ]
+    assert logged[2] == created
+    assert run(store.list_audit(AuditFilter("c_someone_else"), None, 10)) == []
+
+    # Replicas learn of the revocation from BigQuery; the embedded store has no replicas.
+    changed, now_then = run(store.changed_api_keys(looked_at - timedelta(seconds=60)))
+    assert now_then >= looked_at
+    if store.kind == "bigquery":
+        assert onboarded.key_id in changed and spare.key_id in changed
+    else:
+        assert changed == []
+
+
+def test_api_keys_rotate_within_a_grace_period_and_record_their_last_use(store: Store) -> None:
+    tenant_id = tenant(store)
+    (old,) = run(store.list_api_keys(tenant_id))
+    now = (old.created_at + timedelta(seconds=1)).replace(microsecond=250000)
+
+    # Last use only moves forward, in one statement for many keys (unknown ones skipped).
+    run(store.record_key_use({}))
+    run(store.record_key_use({old.key_id: now, "k_nobody": now}))
+    run(store.record_key_use({old.key_id: now - timedelta(minutes=1)}))
+    used = run(store.get_api_key(old.key_id))
+    assert used == replace(old, last_used_at=now)
+
+    # The old key expires at the end of the grace period (it had no expiry of its own).
+    grace = now + timedelta(hours=1)
+    first = new_key(tenant_id, now, name="rotated", expires_at=now + timedelta(minutes=30))
+    rotated = run(
+        store.rotate_api_key(
+            tenant_id,
+            old.key_id,
+            first,
+            grace,
+            audit_row(tenant_id, "api_key.rotated", now, old.key_id, detail=first.key_id),
+        )
+    )
+    assert rotated == replace(used, replaced_by=first.key_id, expires_at=grace)
+    assert run(store.get_api_key(first.key_id)) == first
+    assert run(store.get_api_key(old.key_id)) == rotated
+
+    # A key expiring before the grace period ends keeps its own expiry.
+    later = now + timedelta(minutes=1)
+    second = new_key(tenant_id, later, name="rotated")
+    kept = run(
+        store.rotate_api_key(
+            tenant_id,
+            first.key_id,
+            second,
+            later + timedelta(days=1),
+            audit_row(tenant_id, "api_key.rotated", later, first.key_id),
+        )
+    )
+    assert kept == replace(first, replaced_by=second.key_id)
+
+    # A revoked key is not rotated: returned as it is, and no new key is stored.
+    revoked_at = later + timedelta(seconds=1)
+    run(
+        store.revoke_api_key(
+            tenant_id,
+            first.key_id,
+            revoked_at,
+            audit_row(tenant_id, "api_key.revoked", revoked_at, first.key_id),
+        )
+    )
+    third = new_key(tenant_id, revoked_at + timedelta(seconds=1))
+    audit = audit_row(tenant_id, "api_key.rotated", third.created_at, "refused")
+    refused = run(store.rotate_api_key(tenant_id, first.key_id, third, grace, audit))
+    assert refused == replace(kept, revoked_at=revoked_at)
+    assert run(store.get_api_key(third.key_id)) is None
+    assert run(store.rotate_api_key("c_someone_else", second.key_id, third, grace, audit)) is None
+    assert run(store.get_api_key(third.key_id)) is None
+    assert [k.key_id for k in run(store.list_api_keys(tenant_id))] == [
+        second.key_id,
+        first.key_id,
+        old.key_id,
+    ]
+    logged = run(store.list_audit(AuditFilter(tenant_id), None, 10))
+    assert [(r.event, r.target) for r in logged] == [
+        ("api_key.revoked", first.key_id),
+        ("api_key.rotated", first.key_id),
+        ("api_key.rotated", old.key_id),
+    ]
+
+
+def test_the_audit_log_lists_newest_first_in_pages_and_filters(store: Store) -> None:
+    tenant_id = f"c_{uuid.uuid4().hex[:12]}"  # rows need no tenant: no onboarding here
+    base = datetime.now(UTC).replace(second=0, microsecond=0) - timedelta(hours=1)
+    events = ["auth.failed", "quota.refused", "auth.failed", "member.added", "auth.failed"]
+    rows = [
+        audit_row(tenant_id, event, base + timedelta(minutes=i), f"t{i}", count=i + 1)
+        for i, event in enumerate(events)
+    ]
+    # Two rows of one time: the id orders them.
+    tied = replace(rows[1], event_id=f"{rows[1].event_id[:-1]}!", target="tied")
+    full = replace(
+        rows[3],
+        actor_key_id="k_actor",
+        actor_user_id="ann",
+        detail="added ann",
+        request_id="req-9",
+        client_address="2001:db8::1",
+    )
+    rows[3] = full
+    stranger = audit_row(f"{tenant_id}x", "auth.failed", base, "elsewhere")
+    run(store.add_audit([*rows, tied, stranger]))
+    run(store.add_audit([]))
+
+    newest_first = sorted([*rows, tied], key=lambda r: (r.event_time, r.event_id), reverse=True)
+    everything = run(store.list_audit(AuditFilter(tenant_id), None, 10))
+    assert everything == newest_first
+    assert everything[1] == full and everything[1].count == 4
+
+    pages, after = [], None
+    while True:
+        page = run(store.list_audit(AuditFilter(tenant_id), after, 4))
+        pages.append(page)
+        if len(page) < 4:
+            break
+        after = (page[-1].event_time, page[-1].event_id)
+    assert [len(p) for p in pages] == [4, 2]
+    assert [r for p in pages for r in p] == newest_first
+
+    auth = run(store.list_audit(AuditFilter(tenant_id, frozenset({"auth.failed"})), None, 10))
+    assert [r.target for r in auth] == ["t4", "t2", "t0"]
+    window = AuditFilter(
+        tenant_id,
+        frozenset({"auth.failed", "quota.refused"}),
+        start=base + timedelta(minutes=1),
+        end=base + timedelta(minutes=4),
+    )
+    assert sorted(r.target for r in run(store.list_audit(window, None, 10))) == [
+        "t1",
+        "t2",
+        "tied",
+    ]
 
 
 # -- admission --------------------------------------------------------------------------

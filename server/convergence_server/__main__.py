@@ -41,8 +41,9 @@ def _validate(config: Config) -> int:
     return 0
 
 
-def _issue_key(config: Config, tenant_id: str, name: str, scope: str, days: int) -> int:
-    """Prints a new key of the tenant (once) and writes its audit row."""
+def _keys(config: Config, args: argparse.Namespace) -> int:
+    """`keys issue`: prints a new key of the tenant (once); `keys revoke`: revokes one, even
+    the last. Each writes its audit row."""
     from datetime import timedelta
 
     from convergence_server.clock import make_clock
@@ -66,9 +67,14 @@ def _issue_key(config: Config, tenant_id: str, name: str, scope: str, days: int)
             PageTokens(page_token_key(config.key_pepper)),
             max_days=config.key_max_days,
         )
-        expires = clock() + timedelta(days=days) if days else None
         try:
-            new = await keys.issue(tenant_id, name, scope, expires)
+            if args.keys_command == "revoke":
+                revoked = await keys.revoke_any(args.tenant_id, args.key_id)
+                print(f"API key {revoked.key_id} of {args.tenant_id} is revoked.")
+                return 0
+            days = args.expires_days
+            expires = clock() + timedelta(days=days) if days else None
+            new = await keys.issue(args.tenant_id, args.name, args.scope, expires)
         except ConvergenceError as exc:
             print(f"error: {exc.message}", file=sys.stderr)
             return 1
@@ -76,8 +82,8 @@ def _issue_key(config: Config, tenant_id: str, name: str, scope: str, days: int)
             await store.close()
         print(new.secret)
         print(
-            f"API key {new.record.key_id} ({name}, {scope}) issued for {tenant_id}; "
-            "it is shown only this once.",
+            f"API key {new.record.key_id} ({args.name}, {args.scope}) issued for "
+            f"{args.tenant_id}; it is shown only this once.",
             file=sys.stderr,
         )
         return 0
@@ -119,6 +125,12 @@ def main(argv: list[str] | None = None) -> None:
     issue.add_argument(
         "--expires-days", type=int, default=0, help="days until it expires (default: never)"
     )
+    revoke = key_commands.add_parser(
+        "revoke",
+        help="revoke a tenant's API key, even its last one (embedded: stop the server first)",
+    )
+    revoke.add_argument("tenant_id")
+    revoke.add_argument("key_id")
     render = commands.add_parser("envoy-config", help="print the rendered Envoy config")
     render.add_argument("--grpc-port", type=int, help="upstream port (default: configured)")
     args = parser.parse_args(argv)
@@ -133,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
 
         sys.exit(run_sql(config, args.query, args.format))
     elif args.command == "keys":
-        sys.exit(_issue_key(config, args.tenant_id, args.name, args.scope, args.expires_days))
+        sys.exit(_keys(config, args))
     elif args.command == "stack":
         from convergence_server.stack import run_stack
 

@@ -290,6 +290,18 @@ class Keys:
         await self._store.create_api_key(new.record, audit)
         return new
 
+    async def revoke_any(self, tenant_id: str, key_id: str) -> ApiKeyRecord:
+        """The operator's revocation (`convergence-server keys revoke`): also the tenant's
+        last key (a leaked key must stop working even if none is left; `issue` gives it a
+        new one)."""
+        audit = self._access.row(tenant_id, "api_key.revoked", Actor(), key_id, "operator")
+        record = await self._store.revoke_api_key(
+            tenant_id, key_id, self._clock(), audit, keep_one=False
+        )
+        if record is None:
+            raise NotFound(f"Tenant {echo(tenant_id)} has no API key {echo(key_id)}")
+        return record
+
     def new_key(
         self,
         tenant_id: str,
@@ -362,6 +374,11 @@ class Keys:
             )
         old = await self.get(caller, tenant_id, key_id)
         now = self._clock()
+        if old.replaced_by:
+            raise FailedPrecondition(
+                f"API key {key_id} was rotated already (replaced by {old.replaced_by}): "
+                "rotate or revoke its replacement"
+            )
         if old.state(now) != "ACTIVE":
             raise FailedPrecondition(
                 f"API key {key_id} is {old.state(now).lower()}: only an active key can be "

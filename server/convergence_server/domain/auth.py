@@ -22,9 +22,10 @@ log = logging.getLogger(__name__)
 INVALID_KEY_MESSAGE = "Invalid or missing API key"
 # Responses to a key this close to its expiry carry a `warning` header.
 EXPIRY_WARNING = timedelta(days=14)
-# How far back each look for changed keys reaches before the previous one (a change
-# committed late in its transaction still counts).
-SYNC_OVERLAP = timedelta(seconds=60)
+# How far back each look for changed keys reaches before the previous one: a change is
+# stamped when its statement runs and seen when its transaction commits, later (BigQuery
+# jobs may take minutes with their retries). Keys changed within it are read again.
+SYNC_OVERLAP = timedelta(minutes=5)
 
 
 @dataclass(frozen=True)

@@ -45,9 +45,9 @@ import statistics
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import Any, TypeVar
 
 from google.api_core import exceptions as api_exceptions
@@ -73,6 +73,8 @@ from convergence_server.storage.locks import KeyedLocks
 from convergence_server.storage.records import (
     Admission,
     ApiKeyRecord,
+    AuditFilter,
+    AuditRecord,
     DqRecord,
     MemberRecord,
     RunCursor,
@@ -185,6 +187,25 @@ RUN_EVENT_NAMES = [c.name for c in RUN_EVENTS.columns]
 STEP_EVENT_NAMES = [c.name for c in STEP_EVENTS.columns]
 SELECT_SCHEDULE = SCHEDULE_COLUMNS.replace("parameters", "TO_JSON_STRING(parameters) AS parameters")
 SCHEDULE_NAMES = SCHEDULE_COLUMNS.split(", ")
+KEY_COLUMNS = (
+    "key_id, tenant_id, salt, key_hash, created_at, revoked_at, name, scope, created_by, "
+    "expires_at, replaced_by, last_used_at"
+)
+AUDIT_NAMES = (
+    "event_id",
+    "tenant_id",
+    "event_time",
+    "event",
+    "actor_key_id",
+    "actor_user_id",
+    "target",
+    "detail",
+    "request_id",
+    "client_address",
+    "event_count",
+)
+AUDIT_COLUMNS = ", ".join(AUDIT_NAMES)
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 OWNER_GUARD = "status = 'RUNNING' AND IFNULL(worker_id, '') = @worker_id AND attempt = @attempt"
 INTERRUPTED = "Interrupted: the run stopped while this step was running"
 
@@ -473,9 +494,7 @@ class BigQueryStore:
                  created_at, updated_at)
               VALUES (@tenant_id, @company_name, @admin_email, @plan, @status,
                       @now, @now);
-              INSERT INTO {self._t("tenant_api_keys")}
-                (key_id, tenant_id, salt, key_hash, created_at, revoked_at)
-              VALUES (@key_id, @tenant_id, @salt, @key_hash, @now, NULL);
+              {self._insert_key_sql("k_")}
               INSERT INTO {self._counters(tenant.tenant_id)}
                 (tenant_id, seq, active_runs, runs_day, runs_today, updated_at)
               VALUES (@tenant_id, 0, 0, NULL, 0, @now);
@@ -490,9 +509,7 @@ class BigQueryStore:
                 "plan": tenant.subscription_plan,
                 "status": tenant.status,
                 "now": tenant.created_at,
-                "key_id": key.key_id,
-                "salt": key.salt,
-                "key_hash": key.key_hash,
+                **_key_params(key, "k_"),
             },
         )
         return bool(rows[0][0])
@@ -537,12 +554,209 @@ class BigQueryStore:
     async def get_api_key(self, key_id: str) -> ApiKeyRecord | None:
         rows = await self._call(
             lambda: self._query(
-                "SELECT key_id, tenant_id, salt, key_hash, created_at, revoked_at "
-                f"FROM {self._t('tenant_api_keys')} WHERE key_id = @k",
+                f"SELECT {KEY_COLUMNS} FROM {self._t('tenant_api_keys')} WHERE key_id = @k",
                 k=key_id,
             )
         )
-        return ApiKeyRecord(*rows[0]) if rows else None
+        return _key_from_row(rows[0]) if rows else None
+
+    # -- API keys and the audit log -----------------------------------------------------
+    #
+    # Keys are rows of `tenant_api_keys`, changed in place (revoked, rotated, last used):
+    # every UPDATE of them is conditional on the row's state, in SQL. A change and its audit
+    # row commit in one transaction; two changes of keys conflict (BigQuery detects it per
+    # table) and the loser runs again, seeing the winner's change. `changed_at` is set by
+    # BigQuery's clock, so that replicas comparing it with `changed_api_keys`' time never
+    # depend on their own clocks.
+
+    def _insert_key_sql(self, prefix: str) -> str:
+        """Inserts the key of the `_key_params` named with `prefix`."""
+        p = prefix
+        return f"""
+            INSERT INTO {self._t("tenant_api_keys")} ({KEY_COLUMNS}, changed_at)
+            VALUES (@{p}key_id, @{p}tenant_id, @{p}salt, @{p}key_hash, @{p}created_at, NULL,
+                    @{p}name, @{p}scope, @{p}created_by, @{p}expires_at, NULL, NULL,
+                    CURRENT_TIMESTAMP());"""
+
+    def _insert_audit_sql(self, prefix: str) -> str:
+        """Appends the audit rows of the `_audit_params` named with `prefix` (one array per
+        column: the statement's size and parameter count do not grow with the rows)."""
+        values = [
+            {
+                "event_time": f"TIMESTAMP_MICROS(CAST(@{prefix}event_time[OFFSET(i)] AS INT64))",
+                "event_count": f"CAST(@{prefix}event_count[OFFSET(i)] AS INT64)",
+            }.get(name, f"@{prefix}{name}[OFFSET(i)]")
+            for name in AUDIT_NAMES
+        ]
+        return f"""
+            INSERT INTO {self._t(schema.TENANT_AUDIT_LOG.name)} ({AUDIT_COLUMNS})
+            SELECT {", ".join(values)}
+            FROM UNNEST(@{prefix}event_id) AS event_id WITH OFFSET AS i;"""
+
+    async def list_api_keys(self, tenant_id: str) -> list[ApiKeyRecord]:
+        rows = await self._call(
+            lambda: self._query(
+                f"SELECT {KEY_COLUMNS} FROM {self._t('tenant_api_keys')} WHERE tenant_id = @t "
+                "ORDER BY created_at DESC, key_id DESC",
+                t=tenant_id,
+            )
+        )
+        return [_key_from_row(row) for row in rows]
+
+    async def create_api_key(self, key: ApiKeyRecord, audit: AuditRecord) -> None:
+        script = f"""
+            BEGIN TRANSACTION;
+            {self._insert_key_sql("k_")}
+            {self._insert_audit_sql("a_")}
+            COMMIT TRANSACTION;
+        """
+        params = {**_key_params(key, "k_"), **_audit_params([audit], "a_")}
+        await self._call(lambda: self._transaction(script, params))
+
+    async def revoke_api_key(
+        self,
+        tenant_id: str,
+        key_id: str,
+        now: datetime,
+        audit: AuditRecord,
+        keep_one: bool = True,
+    ) -> ApiKeyRecord | None:
+        keys = self._t("tenant_api_keys")
+        another = f"""
+              AND EXISTS (SELECT 1 FROM {keys} AS other
+                          WHERE other.tenant_id = @tenant_id AND other.key_id != @key_id
+                            AND other.revoked_at IS NULL
+                            AND IFNULL(other.scope, 'FULL') != 'READ_ONLY'
+                            AND (other.expires_at IS NULL OR other.expires_at > @now))"""
+        script = f"""
+            DECLARE changed BOOL DEFAULT FALSE;
+            BEGIN TRANSACTION;
+            UPDATE {keys} SET revoked_at = @now, changed_at = CURRENT_TIMESTAMP()
+            WHERE key_id = @key_id AND tenant_id = @tenant_id AND revoked_at IS NULL
+              {another if keep_one else ""};
+            SET changed = @@row_count > 0;
+            IF changed THEN
+              {self._insert_audit_sql("a_")}
+            END IF;
+            COMMIT TRANSACTION;
+            SELECT {KEY_COLUMNS} FROM {keys} WHERE key_id = @key_id AND tenant_id = @tenant_id;
+        """
+        params = {
+            "key_id": key_id,
+            "tenant_id": tenant_id,
+            "now": now,
+            **_audit_params([audit], "a_"),
+        }
+        rows = await self._call(lambda: self._transaction(script, params))
+        return _key_from_row(rows[0]) if rows else None
+
+    async def rotate_api_key(
+        self,
+        tenant_id: str,
+        key_id: str,
+        new_key: ApiKeyRecord,
+        grace_until: datetime,
+        audit: AuditRecord,
+    ) -> ApiKeyRecord | None:
+        keys = self._t("tenant_api_keys")
+        script = f"""
+            DECLARE changed BOOL DEFAULT FALSE;
+            BEGIN TRANSACTION;
+            UPDATE {keys} SET replaced_by = @k_key_id, changed_at = CURRENT_TIMESTAMP(),
+              expires_at = LEAST(COALESCE(expires_at, @grace_until), @grace_until)
+            WHERE key_id = @key_id AND tenant_id = @tenant_id AND revoked_at IS NULL
+              AND replaced_by IS NULL AND (expires_at IS NULL OR expires_at > @k_created_at);
+            SET changed = @@row_count > 0;
+            IF changed THEN
+              {self._insert_key_sql("k_")}
+              {self._insert_audit_sql("a_")}
+            END IF;
+            COMMIT TRANSACTION;
+            SELECT {KEY_COLUMNS} FROM {keys} WHERE key_id = @key_id AND tenant_id = @tenant_id;
+        """
+        params = {
+            "key_id": key_id,
+            "tenant_id": tenant_id,
+            "grace_until": grace_until,
+            **_key_params(new_key, "k_"),
+            **_audit_params([audit], "a_"),
+        }
+        rows = await self._call(lambda: self._transaction(script, params))
+        return _key_from_row(rows[0]) if rows else None
+
+    async def record_key_use(self, uses: dict[str, datetime]) -> None:
+        if not uses:
+            return
+        sql = (
+            f"UPDATE {self._t('tenant_api_keys')} AS k SET last_used_at = u.used_at "
+            "FROM (SELECT key_id, TIMESTAMP_MICROS(CAST(@times[OFFSET(i)] AS INT64)) AS used_at "
+            "FROM UNNEST(@ids) AS key_id WITH OFFSET AS i) AS u "
+            "WHERE k.key_id = u.key_id AND (k.last_used_at IS NULL OR k.last_used_at < u.used_at)"
+        )
+        params = {"ids": list(uses), "times": [str(_micros(t)) for t in uses.values()]}
+        # One statement, safe to run again: it conflicts with a key's change (the same
+        # table) and then waits its turn like one.
+        await self._call(lambda: self._transaction(sql, params))
+
+    async def changed_api_keys(self, since: datetime | None) -> tuple[list[str], datetime]:
+        if since is None:
+            rows = await self._call(lambda: self._query("SELECT CURRENT_TIMESTAMP()"))
+            return [], rows[0][0]
+        rows = await self._call(
+            lambda: self._query(
+                f"SELECT ARRAY(SELECT key_id FROM {self._t('tenant_api_keys')} "
+                "WHERE changed_at >= @since), CURRENT_TIMESTAMP()",
+                since=since,
+            )
+        )
+        return list(rows[0][0] or []), rows[0][1]
+
+    async def add_audit(self, records: list[AuditRecord]) -> None:
+        if records:
+            sql, params = self._insert_audit_sql(""), _audit_params(records, "")
+            await self._call(lambda: self._bq.query(sql, params))
+
+    async def list_audit(
+        self, where: AuditFilter, after: tuple[datetime, str] | None, limit: int
+    ) -> list[AuditRecord]:
+        conditions = ["tenant_id = @tenant_id"]
+        params: dict[str, Any] = {"tenant_id": where.tenant_id}
+        if where.events:
+            conditions.append("event IN UNNEST(@events)")
+            params["events"] = sorted(where.events)
+        if where.start is not None:
+            conditions.append("event_time >= @start")
+            params["start"] = where.start
+        if where.end is not None:
+            conditions.append("event_time < @end")
+            params["end"] = where.end
+        if after is not None:
+            conditions.append(
+                "(event_time < @after_at OR (event_time = @after_at AND event_id < @after_id))"
+            )
+            params.update(after_at=after[0], after_id=after[1])
+        sql = (
+            f"SELECT {AUDIT_COLUMNS} FROM {self._t(schema.TENANT_AUDIT_LOG.name)} "
+            f"WHERE {' AND '.join(conditions)} "
+            f"ORDER BY event_time DESC, event_id DESC LIMIT {int(limit)}"
+        )
+        rows = await self._call(lambda: self._bq.query(sql, params))
+        return [
+            AuditRecord(
+                event_id=r[0],
+                tenant_id=r[1],
+                event_time=r[2],
+                event=r[3],
+                actor_key_id=r[4] or "",
+                actor_user_id=r[5] or "",
+                target=r[6] or "",
+                detail=r[7] or "",
+                request_id=r[8] or "",
+                client_address=r[9] or "",
+                count=int(r[10]),
+            )
+            for r in rows
+        ]
 
     async def update_plan(self, tenant_id: str, plan: str, now: datetime) -> bool:
         def update() -> bool:
@@ -1364,6 +1578,68 @@ class BigQueryStore:
         self._pipelines.close()
         self._bq.close()
         self._client.close()  # type: ignore[no-untyped-call]
+
+
+def _micros(moment: datetime) -> int:
+    """Microseconds since the epoch (a TIMESTAMP passed in an array of strings)."""
+    return (moment - EPOCH) // timedelta(microseconds=1)
+
+
+def _key_params(key: ApiKeyRecord, prefix: str) -> dict[str, Any]:
+    """The key's columns as the parameters of `_insert_key_sql`."""
+    values = _typed(
+        schema.TENANT_API_KEYS,
+        {
+            "key_id": key.key_id,
+            "tenant_id": key.tenant_id,
+            "salt": key.salt,
+            "key_hash": key.key_hash,
+            "created_at": key.created_at,
+            "name": key.name,
+            "scope": key.scope,
+            "created_by": key.created_by,
+            "expires_at": key.expires_at,
+        },
+    )
+    return {f"{prefix}{name}": value for name, value in values.items()}
+
+
+def _key_from_row(row: tuple[Any, ...]) -> ApiKeyRecord:
+    return ApiKeyRecord(
+        key_id=row[0],
+        tenant_id=row[1],
+        salt=bytes(row[2]),
+        key_hash=bytes(row[3]),
+        created_at=row[4],
+        revoked_at=row[5],
+        name=row[6] or "",
+        scope=row[7] or "FULL",  # NULL in the rows of keys made before version 8
+        created_by=row[8] or "",
+        expires_at=row[9],
+        replaced_by=row[10] or "",
+        last_used_at=row[11],
+    )
+
+
+def _audit_params(records: Sequence[AuditRecord], prefix: str) -> dict[str, Any]:
+    """The rows as the parameters of `_insert_audit_sql`: an array of strings per column."""
+    columns: dict[str, list[str]] = {name: [] for name in AUDIT_NAMES}
+    for r in records:
+        for name, value in (
+            ("event_id", r.event_id),
+            ("tenant_id", r.tenant_id),
+            ("event_time", str(_micros(r.event_time))),
+            ("event", r.event),
+            ("actor_key_id", r.actor_key_id),
+            ("actor_user_id", r.actor_user_id),
+            ("target", r.target),
+            ("detail", r.detail),
+            ("request_id", r.request_id),
+            ("client_address", r.client_address),
+            ("event_count", str(int(r.count))),
+        ):
+            columns[name].append(value)
+    return {f"{prefix}{name}": values for name, values in columns.items()}
 
 
 def _typed(table: schema.Table, values: Mapping[str, Any]) -> dict[str, Any]:

@@ -505,20 +505,31 @@ class DuckDBStore:
         await self._call(create)
 
     async def revoke_api_key(
-        self, tenant_id: str, key_id: str, now: datetime, audit: AuditRecord
+        self,
+        tenant_id: str,
+        key_id: str,
+        now: datetime,
+        audit: AuditRecord,
+        keep_one: bool = True,
     ) -> ApiKeyRecord | None:
-        statement = (
-            f"UPDATE {KEYS} SET revoked_at = $now, changed_at = $now "
-            "WHERE key_id = $key AND tenant_id = $tenant AND revoked_at IS NULL "
+        another = (
             f"AND EXISTS (SELECT 1 FROM {KEYS} AS other WHERE other.tenant_id = $tenant "
             "AND other.key_id <> $key AND other.revoked_at IS NULL "
             "AND other.scope IS DISTINCT FROM 'READ_ONLY' "
-            "AND (other.expires_at IS NULL OR other.expires_at > $now)) RETURNING key_id"
+            "AND (other.expires_at IS NULL OR other.expires_at > $now)) "
+        )
+        statement = (
+            f"UPDATE {KEYS} SET revoked_at = $now, changed_at = $now "
+            "WHERE key_id = $key AND tenant_id = $tenant AND revoked_at IS NULL "
+            f"{another if keep_one else ''}RETURNING key_id"
         )
         params = {"now": _utc_naive(now), "key": key_id, "tenant": tenant_id}
-        return await self._call(
-            lambda cur: _change_key(cur, statement, params, lambda: _insert_audit(cur, [audit]))
-        )
+        # One key change per tenant at a time: two revokes of its last two FULL keys must
+        # not both see the other one still active (DuckDB conflicts only on the same row).
+        async with self._tenant_turns.get(tenant_id):
+            return await self._call(
+                lambda cur: _change_key(cur, statement, params, lambda: _insert_audit(cur, [audit]))
+            )
 
     async def rotate_api_key(
         self,
@@ -532,7 +543,8 @@ class DuckDBStore:
             f"UPDATE {KEYS} SET replaced_by = $new, changed_at = $now, "
             "expires_at = LEAST(COALESCE(expires_at, $grace), $grace) "
             "WHERE key_id = $key AND tenant_id = $tenant AND revoked_at IS NULL "
-            "AND (expires_at IS NULL OR expires_at > $now) RETURNING key_id"
+            "AND replaced_by IS NULL AND (expires_at IS NULL OR expires_at > $now) "
+            "RETURNING key_id"
         )
         params = {
             "new": new_key.key_id,
@@ -546,9 +558,10 @@ class DuckDBStore:
             _insert_key(cur, new_key)
             _insert_audit(cur, [audit])
 
-        return await self._call(
-            lambda cur: _change_key(cur, statement, params, functools.partial(then, cur))
-        )
+        async with self._tenant_turns.get(tenant_id):
+            return await self._call(
+                lambda cur: _change_key(cur, statement, params, functools.partial(then, cur))
+            )
 
     async def record_key_use(self, uses: dict[str, datetime]) -> None:
         if not uses:

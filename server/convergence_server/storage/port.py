@@ -79,13 +79,18 @@ class Store(Protocol):
         """Stores a new key and its audit row in one transaction."""
 
     async def revoke_api_key(
-        self, tenant_id: str, key_id: str, now: datetime, audit: AuditRecord
+        self,
+        tenant_id: str,
+        key_id: str,
+        now: datetime,
+        audit: AuditRecord,
+        keep_one: bool = True,
     ) -> ApiKeyRecord | None:
         """Revokes the key (with its audit row, in one transaction) unless it is revoked
-        already or no other FULL key of the tenant would stay active (not revoked, not
-        expired at `now`: a read-only key cannot manage keys); returns the key as stored
-        after, None when the tenant has no such key. The caller tells a refusal from the
-        key's state."""
+        already or, with `keep_one`, no other FULL key of the tenant would stay active (not
+        revoked, not expired at `now`: a read-only key cannot manage keys); returns the key
+        as stored after, None when the tenant has no such key. The caller tells a refusal
+        from the key's state. Atomic per tenant: two revokes cannot both pass the check."""
 
     async def rotate_api_key(
         self,
@@ -95,7 +100,8 @@ class Store(Protocol):
         grace_until: datetime,
         audit: AuditRecord,
     ) -> ApiKeyRecord | None:
-        """In one transaction, if the key is active at `new_key.created_at`: stores
+        """In one transaction, if the key is active at `new_key.created_at` and not rotated
+        already (no `replaced_by`): stores
         `new_key`, makes the old one expire at `grace_until` (or its own earlier expiry) and
         names `new_key` as its replacement, and appends `audit`. Returns the old key as
         stored after, None when the tenant has no such key (unchanged when it is not
@@ -109,7 +115,7 @@ class Store(Protocol):
         store's time now (by its own clock), the next look's `since`."""
 
     async def add_audit(self, records: list[AuditRecord]) -> None:
-        """Appends rows to the audit log (one statement)."""
+        """Appends rows to the audit log."""
 
     async def list_audit(
         self, where: AuditFilter, after: tuple[datetime, str] | None, limit: int
