@@ -182,14 +182,21 @@ class AccessLog:
             )
             for (tenant_id, event, target, minute), (count, actor) in counts.items()
         ]
+        # What the store refuses is kept for the next flush (within MAX_COUNTERS).
         try:
             await self._store.add_audit(rows)
         except Exception:
-            log.exception("%d counted audit rows lost", len(rows))
+            log.warning("cannot write %d counted audit rows yet", len(rows), exc_info=True)
+            for key, (count, actor) in counts.items():
+                if key in self._counts or len(self._counts) < MAX_COUNTERS:
+                    later, first = self._counts.get(key, (0, actor))
+                    self._counts[key] = (count + later, first)
         try:
             await self._store.record_key_use(uses)
         except Exception:
-            log.warning("cannot record the last use of %d keys", len(uses), exc_info=True)
+            log.warning("cannot record the last use of %d keys yet", len(uses), exc_info=True)
+            for key_id, used in uses.items():
+                self._uses.setdefault(key_id, used)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="access-log")
