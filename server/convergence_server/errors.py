@@ -10,7 +10,10 @@
     ├── QuotaExceeded                   429 RESOURCE_EXHAUSTED "Rate limit exceeded"
     ├── Unavailable                     503 UNAVAILABLE        "Service unavailable"
     ├── DeadlineExceeded                504 DEADLINE_EXCEEDED  "Deadline exceeded"
-    └── domain.onboarding.OnboardingRefused   400 / 409 / 503, carries the dry-run report
+    ├── domain.onboarding.OnboardingRefused   400 / 409 / 503, carries the dry-run report
+    └── (subclasses with their own ErrorInfo reason) domain.auth.KeyRejected 401 and its
+        KeyRevoked (API_KEY_REVOKED) and KeyExpired (API_KEY_EXPIRED); domain.auth.KeyReadOnly
+        403 (API_KEY_READ_ONLY)
 
 `api.errors` turns them into a gRPC status and the documented REST body; nothing else does.
 """

@@ -5,7 +5,9 @@
 3. `AuthInterceptor`: who is calling, from `x-api-key` (or, for the scheduler trigger
    alone, the operator's `x-scheduler-token`); what a caller without a valid key may cost
    (the open endpoints and failed authentications, per client address: see
-   `domain.clients`). What the caller may do is decided by the servicers.
+   `domain.clients`); a READ_ONLY key may call only the reads of `READ_ONLY_METHODS`. What
+   else the caller may do (its own tenant only) is decided by the servicers. Failures with
+   a key the store knows are counted into its tenant's audit log.
 4. `QuotaInterceptor`: the plan's request rate per API key, and the tenant's calls in
    progress and open streams; the trigger reserves the daily and concurrent run limits
    atomically with the insert of the run (see `domain.quotas`).
