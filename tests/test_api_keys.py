@@ -353,6 +353,30 @@ def test_keys_over_grpc(keyed: Any) -> None:
         # A read-only key cannot manage keys: it does not count as the key that remains.
         assert last.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert "last active" in (last.value.details() or "")
+        onboarding_id = listed.keys[1].key_id
+        rotated = stub.RotateApiKey(
+            access_service_pb2.RotateApiKeyRequest(
+                tenant_id=tenant_id, key_id=onboarding_id, grace_seconds=0
+            ),
+            metadata=metadata,
+        )
+        assert rotated.api_key and rotated.key.name == "onboarding"
+        old = stub.GetApiKey(
+            access_service_pb2.GetApiKeyRequest(tenant_id=tenant_id, key_id=onboarding_id),
+            metadata=(("x-api-key", rotated.api_key),),
+        )
+        assert old.replaced_by == rotated.key.key_id and old.state == "EXPIRED"
+        with pytest.raises(grpc.RpcError) as expired:
+            stub.ListApiKeys(
+                access_service_pb2.ListApiKeysRequest(tenant_id=tenant_id), metadata=metadata
+            )
+        assert expired.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "expired" in (expired.value.details() or "")
+        log = stub.ListAuditLog(
+            access_service_pb2.ListAuditLogRequest(tenant_id=tenant_id, event=["api_key.rotated"]),
+            metadata=(("x-api-key", rotated.api_key),),
+        )
+        assert [e.target for e in log.events] == [onboarding_id]
 
 
 def test_the_operator_revokes_a_tenants_only_key_and_issues_a_new_one(
