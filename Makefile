@@ -61,8 +61,8 @@ lint: $(GEN_STAMP) $(BUF) ## Lint the protos (buf), the Python code (ruff) and i
 	cp $(SITE)/google/api/annotations.proto $(SITE)/google/api/http.proto build/third_party/google/api/
 	cp $(SITE)/google/rpc/status.proto $(SITE)/google/rpc/error_details.proto build/third_party/google/rpc/
 	$(BUF) lint
-	$(VENV)/bin/ruff check server tests bench
-	$(VENV)/bin/ruff format --check server tests bench
+	$(VENV)/bin/ruff check server tests bench clients
+	$(VENV)/bin/ruff format --check server tests bench clients
 	$(VENV)/bin/mypy
 
 test: $(GEN_STAMP) $(EMULATOR_DIR)/.installed ## Run the test suite (starts real servers and Envoy on loopback ports).

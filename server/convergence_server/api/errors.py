@@ -122,6 +122,9 @@ def to_abort(error: errors.ConvergenceError | None, request_id: str, rest: bool)
         if error.retry_after is not None:
             body["retry_after"] = error.retry_after
             retry_after = (("retry-after", str(error.retry_after)),)
+            if not rest:
+                # gRPC's own retry policy waits as long as this says (REST has Retry-After).
+                retry_after += (("grpc-retry-pushback-ms", str(error.retry_after * 1000)),)
             delay = duration_pb2.Duration(seconds=error.retry_after)
             details.append(error_details_pb2.RetryInfo(retry_delay=delay))
     if isinstance(error, OnboardingRefused):
