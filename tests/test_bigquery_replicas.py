@@ -51,6 +51,7 @@ def clients(
         # Key records stay cached for an hour: only the sync of changed keys (every
         # CONVERGENCE_KEY_SYNC_SECONDS, 5 by default) can end a revoked key's use sooner.
         "CONVERGENCE_KEY_CACHE_SECONDS": "3600",
+        "CONVERGENCE_KEY_SYNC_SECONDS": "5",
     }
     replicas = [stack_factory(**env), stack_factory(**env)]
     opened = [httpx.Client(base_url=s.http_url, timeout=120) for s in replicas]

@@ -90,6 +90,9 @@ class KeyRecordCache:
     def forget(self, key_id: str) -> None:
         self._records.pop(key_id, None)
 
+    def __len__(self) -> int:
+        return len(self._records)
+
     def put(self, key_id: str, record: ApiKeyRecord | None) -> None:
         if self._ttl <= 0:
             return
@@ -170,6 +173,8 @@ class Authenticator:
         since: datetime | None = None
         while True:
             await asyncio.sleep(seconds)
+            if since is not None and not len(self._cache):
+                continue  # nothing cached to drop; `since` stays, so nothing is missed
             try:
                 async with asyncio.timeout(max(30.0, 4 * seconds)):
                     changed, now = await self._store.changed_api_keys(since)

@@ -283,13 +283,17 @@ class BigQueryStore:
         self._query(create_table_sql(self.central, MIGRATIONS_TABLE))
         rows = self._query(f"SELECT MAX(version) AS v FROM {self._t('schema_migrations')}")
         applied = (rows[0][0] if rows else None) or 0
+        created: set[str] = set()  # at their newest shape: later columns are there already
         for migration in schema.MIGRATIONS:
             if migration.version <= applied:
                 continue
             for table in migration.creates:
+                created.add(table.name)
                 for physical in EVENT_BACKED.get(table.name, (table,)):
                     self._query(create_table_sql(self.central, physical))
             for table, names in migration.adds:
+                if table.name in created:
+                    continue
                 physical = EVENT_BACKED.get(table.name, (table,))[0]
                 types = {c.name: c.type for c in table.columns}
                 for name in names:
