@@ -137,12 +137,16 @@ class AccessLog:
     async def record(
         self, tenant_id: str, event: str, actor: Actor, target: str = "", detail: str = ""
     ) -> None:
-        """Appends one row now. The change it records has happened: a store that fails
-        here is logged, not reported to the caller as a failed change."""
+        """Appends one row now."""
+        await self.write([self.row(tenant_id, event, actor, target, detail)])
+
+    async def write(self, rows: list[AuditRecord]) -> None:
+        """Appends rows now (one statement). The change they record has happened: a store
+        that fails here is logged, not reported to the caller as a failed change."""
         try:
-            await self._store.add_audit([self.row(tenant_id, event, actor, target, detail)])
+            await self._store.add_audit(rows)
         except Exception:
-            log.exception("audit row lost: %s %s %s", tenant_id, event, target)
+            log.exception("audit rows lost: %s", [(r.tenant_id, r.event, r.target) for r in rows])
 
     def count(self, tenant_id: str, event: str, target: str, actor: Actor) -> None:
         """Counts a frequent event into its minute's row."""

@@ -90,8 +90,10 @@ class KeyRecordCache:
     def forget(self, key_id: str) -> None:
         self._records.pop(key_id, None)
 
-    def __len__(self) -> int:
-        return len(self._records)
+    def live(self) -> bool:
+        """Whether any record is still served from the cache (not yet expired)."""
+        now = self._clock()
+        return any(expires > now for expires, _ in self._records.values())
 
     def put(self, key_id: str, record: ApiKeyRecord | None) -> None:
         if self._ttl <= 0:
@@ -173,7 +175,7 @@ class Authenticator:
         since: datetime | None = None
         while True:
             await asyncio.sleep(seconds)
-            if since is not None and not len(self._cache):
+            if since is not None and not self._cache.live():
                 continue  # nothing cached to drop; `since` stays, so nothing is missed
             try:
                 async with asyncio.timeout(max(30.0, 4 * seconds)):

@@ -293,12 +293,20 @@ class Onboarding:
         except AlreadyExists:
             raise AlreadyExists(f"Tenant '{echo(app.tenant_id)}' already exists") from None
         if self._access is not None:
-            actor = actor_of(None)
-            await self._access.record(
-                app.tenant_id, "tenant.onboarded", actor, app.tenant_id, app.subscription_plan
-            )
-            await self._access.record(
-                app.tenant_id, "api_key.created", actor, issued.key_id, "onboarding"
+            actor, access = actor_of(None), self._access
+            await access.write(
+                [
+                    access.row(
+                        app.tenant_id,
+                        "tenant.onboarded",
+                        actor,
+                        app.tenant_id,
+                        app.subscription_plan,
+                    ),
+                    access.row(
+                        app.tenant_id, "api_key.created", actor, issued.key_id, "onboarding"
+                    ),
+                ]
             )
         return OnboardedTenant(
             app.tenant_id, tenant.company_name, app.subscription_plan, issued.key, tables
