@@ -261,7 +261,10 @@ def test_rotation_grace_and_expiry_follow_the_clock(
         os.utime(offset_file)
 
     stack = stack_factory(
-        data_dir=tmp_path / "data", CONVERGENCE_CLOCK_OFFSET_FILE=str(offset_file), **pipeline_env
+        data_dir=tmp_path / "data",
+        CONVERGENCE_CLOCK_OFFSET_FILE=str(offset_file),
+        **pipeline_env,
+        **FLUSH,
     )
     start = datetime.now(UTC)
     with httpx.Client(base_url=stack.http_url, timeout=30) as http:
@@ -318,6 +321,11 @@ def test_rotation_grace_and_expiry_follow_the_clock(
         )
         assert revoke.status_code == 200, revoke.text
         assert_refused(usage(http, new, tenant_id), 401, "Authentication failed", "revoked")
+        # The expired keys' use is in the audit log, counted per key.
+        expired = wait_until(
+            lambda: audit(http, newest, tenant_id, event="api_key.expired"), "expired-key rows"
+        )
+        assert {e["target"] for e in expired} == {old_id, short_id}
 
 
 def test_keys_over_grpc(keyed: Any) -> None:
