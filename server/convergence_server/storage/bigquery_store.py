@@ -88,14 +88,19 @@ from convergence_server.storage.records import (
     UsageRecord,
 )
 from convergence_server.storage.rows import (
+    AUDIT_COLUMNS,
+    AUDIT_NAMES,
     DQ_COLUMNS,
     DQ_OF_ATTEMPT,
     FAIR_QUEUE,
+    KEY_COLUMNS,
     RUN_COLUMNS,
     SCHEDULE_COLUMNS,
     STEP_COLUMNS,
+    audit_from_row,
     dq_from_row,
     dq_values,
+    key_from_row,
     run_from_row,
     schedule_from_row,
     schedule_values,
@@ -187,24 +192,6 @@ RUN_EVENT_NAMES = [c.name for c in RUN_EVENTS.columns]
 STEP_EVENT_NAMES = [c.name for c in STEP_EVENTS.columns]
 SELECT_SCHEDULE = SCHEDULE_COLUMNS.replace("parameters", "TO_JSON_STRING(parameters) AS parameters")
 SCHEDULE_NAMES = SCHEDULE_COLUMNS.split(", ")
-KEY_COLUMNS = (
-    "key_id, tenant_id, salt, key_hash, created_at, revoked_at, name, scope, created_by, "
-    "expires_at, replaced_by, last_used_at"
-)
-AUDIT_NAMES = (
-    "event_id",
-    "tenant_id",
-    "event_time",
-    "event",
-    "actor_key_id",
-    "actor_user_id",
-    "target",
-    "detail",
-    "request_id",
-    "client_address",
-    "event_count",
-)
-AUDIT_COLUMNS = ", ".join(AUDIT_NAMES)
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 OWNER_GUARD = "status = 'RUNNING' AND IFNULL(worker_id, '') = @worker_id AND attempt = @attempt"
 INTERRUPTED = "Interrupted: the run stopped while this step was running"
@@ -562,7 +549,7 @@ class BigQueryStore:
                 k=key_id,
             )
         )
-        return _key_from_row(rows[0]) if rows else None
+        return key_from_row(rows[0]) if rows else None
 
     # -- API keys and the audit log -----------------------------------------------------
     #
@@ -605,7 +592,7 @@ class BigQueryStore:
                 t=tenant_id,
             )
         )
-        return [_key_from_row(row) for row in rows]
+        return [key_from_row(row) for row in rows]
 
     async def create_api_key(self, key: ApiKeyRecord, audit: AuditRecord) -> None:
         script = f"""
@@ -652,7 +639,7 @@ class BigQueryStore:
             **_audit_params([audit], "a_"),
         }
         rows = await self._call(lambda: self._transaction(script, params))
-        return _key_from_row(rows[0]) if rows else None
+        return key_from_row(rows[0]) if rows else None
 
     async def rotate_api_key(
         self,
@@ -686,7 +673,7 @@ class BigQueryStore:
             **_audit_params([audit], "a_"),
         }
         rows = await self._call(lambda: self._transaction(script, params))
-        return _key_from_row(rows[0]) if rows else None
+        return key_from_row(rows[0]) if rows else None
 
     async def record_key_use(self, uses: dict[str, datetime]) -> None:
         if not uses:
@@ -745,22 +732,7 @@ class BigQueryStore:
             f"ORDER BY event_time DESC, event_id DESC LIMIT {int(limit)}"
         )
         rows = await self._call(lambda: self._bq.query(sql, params))
-        return [
-            AuditRecord(
-                event_id=r[0],
-                tenant_id=r[1],
-                event_time=r[2],
-                event=r[3],
-                actor_key_id=r[4] or "",
-                actor_user_id=r[5] or "",
-                target=r[6] or "",
-                detail=r[7] or "",
-                request_id=r[8] or "",
-                client_address=r[9] or "",
-                count=int(r[10]),
-            )
-            for r in rows
-        ]
+        return [audit_from_row(r) for r in rows]
 
     async def update_plan(self, tenant_id: str, plan: str, now: datetime) -> bool:
         def update() -> bool:
@@ -1606,23 +1578,6 @@ def _key_params(key: ApiKeyRecord, prefix: str) -> dict[str, Any]:
         },
     )
     return {f"{prefix}{name}": value for name, value in values.items()}
-
-
-def _key_from_row(row: tuple[Any, ...]) -> ApiKeyRecord:
-    return ApiKeyRecord(
-        key_id=row[0],
-        tenant_id=row[1],
-        salt=bytes(row[2]),
-        key_hash=bytes(row[3]),
-        created_at=row[4],
-        revoked_at=row[5],
-        name=row[6] or "",
-        scope=row[7] or "FULL",  # NULL in the rows of keys made before version 8
-        created_by=row[8] or "",
-        expires_at=row[9],
-        replaced_by=row[10] or "",
-        last_used_at=row[11],
-    )
 
 
 def _audit_params(records: Sequence[AuditRecord], prefix: str) -> dict[str, Any]:

@@ -55,6 +55,12 @@ from convergence_server.storage.records import (
     TenantRecord,
     UsageRecord,
 )
+from convergence_server.storage.rows import (
+    AUDIT_COLUMNS,
+    KEY_COLUMNS,
+    audit_from_row,
+    key_from_row,
+)
 from convergence_server.storage.sql import to_duckdb
 
 T = TypeVar("T")
@@ -73,15 +79,7 @@ CENTRAL = quote_identifier(schema.CENTRAL_DATASET)
 MEMBERS = f"{CENTRAL}.tenant_members"
 KEYS = f"{CENTRAL}.tenant_api_keys"
 AUDIT = f"{CENTRAL}.tenant_audit_log"
-_KEY_COLUMNS = (
-    "key_id, tenant_id, salt, key_hash, created_at, revoked_at, name, scope, created_by, "
-    "expires_at, replaced_by, last_used_at"
-)
-_KEY_SELECT = f"SELECT {_KEY_COLUMNS} FROM {KEYS}"
-_AUDIT_COLUMNS = (
-    "event_id, tenant_id, event_time, event, actor_key_id, actor_user_id, target, detail, "
-    "request_id, client_address, event_count"
-)
+_KEY_SELECT = f"SELECT {KEY_COLUMNS} FROM {KEYS}"
 WORKER_THREADS = 4
 # DuckDB folds its write-ahead log into the database file (a checkpoint) once the log is
 # this large. Its default, 16 MB, made nearly every publication of a day of cost rows pay a
@@ -477,7 +475,7 @@ class DuckDBStore:
     async def get_api_key(self, key_id: str) -> ApiKeyRecord | None:
         def query(cur: duckdb.DuckDBPyConnection) -> ApiKeyRecord | None:
             row = cur.execute(f"{_KEY_SELECT} WHERE key_id = ?", [key_id]).fetchone()
-            return None if row is None else _key_record(row)
+            return None if row is None else key_from_row(row)
 
         return await self._call(query)
 
@@ -487,7 +485,7 @@ class DuckDBStore:
                 f"{_KEY_SELECT} WHERE tenant_id = ? ORDER BY created_at DESC, key_id DESC",
                 [tenant_id],
             ).fetchall()
-            return [_key_record(row) for row in rows]
+            return [key_from_row(row) for row in rows]
 
         return await self._call(query)
 
@@ -605,26 +603,11 @@ class DuckDBStore:
 
         def query(cur: duckdb.DuckDBPyConnection) -> list[AuditRecord]:
             rows = cur.execute(
-                f"SELECT {_AUDIT_COLUMNS} FROM {AUDIT} WHERE {' AND '.join(clauses)} "
+                f"SELECT {AUDIT_COLUMNS} FROM {AUDIT} WHERE {' AND '.join(clauses)} "
                 "ORDER BY event_time DESC, event_id DESC LIMIT $limit",
                 params,
             ).fetchall()
-            return [
-                AuditRecord(
-                    event_id=r[0],
-                    tenant_id=r[1],
-                    event_time=r[2].replace(tzinfo=UTC),
-                    event=r[3],
-                    actor_key_id=r[4] or "",
-                    actor_user_id=r[5] or "",
-                    target=r[6] or "",
-                    detail=r[7] or "",
-                    request_id=r[8] or "",
-                    client_address=r[9] or "",
-                    count=int(r[10]),
-                )
-                for r in rows
-            ]
+            return [audit_from_row(r) for r in rows]
 
         return await self._call(query)
 
@@ -845,29 +828,12 @@ def _change_key(
     except BaseException:
         runs.rollback(cur)
         raise
-    return None if row is None else _key_record(row)
-
-
-def _key_record(row: tuple[Any, ...]) -> ApiKeyRecord:
-    return ApiKeyRecord(
-        key_id=row[0],
-        tenant_id=row[1],
-        salt=bytes(row[2]),
-        key_hash=bytes(row[3]),
-        created_at=row[4].replace(tzinfo=UTC),
-        revoked_at=_aware(row[5]),
-        name=row[6] or "",
-        scope=row[7] or "FULL",
-        created_by=row[8] or "",
-        expires_at=_aware(row[9]),
-        replaced_by=row[10] or "",
-        last_used_at=_aware(row[11]),
-    )
+    return None if row is None else key_from_row(row)
 
 
 def _insert_key(cur: duckdb.DuckDBPyConnection, key: ApiKeyRecord) -> None:
     cur.execute(
-        f"INSERT INTO {KEYS} ({_KEY_COLUMNS}, changed_at) "
+        f"INSERT INTO {KEYS} ({KEY_COLUMNS}, changed_at) "
         "VALUES (?, ?, ?, ?, ?, NULL, ?, ?, ?, ?, NULL, NULL, ?)",
         [
             key.key_id,
@@ -886,7 +852,7 @@ def _insert_key(cur: duckdb.DuckDBPyConnection, key: ApiKeyRecord) -> None:
 
 def _insert_audit(cur: duckdb.DuckDBPyConnection, records: Sequence[AuditRecord]) -> None:
     cur.executemany(
-        f"INSERT INTO {AUDIT} ({_AUDIT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        f"INSERT INTO {AUDIT} ({AUDIT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         [
             [
                 r.event_id,

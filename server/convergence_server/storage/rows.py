@@ -1,5 +1,5 @@
-"""Run, step and DQ result rows as both stores select them: the column lists and their
-mapping to records."""
+"""Run, step, DQ result, API key and audit rows as both stores select them: the column
+lists and their mapping to records."""
 
 from __future__ import annotations
 
@@ -8,7 +8,14 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from convergence_server.storage.records import DqRecord, RunRecord, ScheduleRecord, StepRecord
+from convergence_server.storage.records import (
+    ApiKeyRecord,
+    AuditRecord,
+    DqRecord,
+    RunRecord,
+    ScheduleRecord,
+    StepRecord,
+)
 
 RUN_COLUMNS = (
     "pipeline_logging_id, pipeline_id, tenant_id, provider, domain, template, status, "
@@ -26,6 +33,25 @@ DQ_COLUMNS = (
     "check_type, severity, status, observed_value, expected_value, message, ingestion_date, "
     "created_at, run_attempt, check_index, failed_rows, sample_rows"
 )
+
+KEY_COLUMNS = (
+    "key_id, tenant_id, salt, key_hash, created_at, revoked_at, name, scope, created_by, "
+    "expires_at, replaced_by, last_used_at"
+)
+AUDIT_NAMES = (
+    "event_id",
+    "tenant_id",
+    "event_time",
+    "event",
+    "actor_key_id",
+    "actor_user_id",
+    "target",
+    "detail",
+    "request_id",
+    "client_address",
+    "event_count",
+)
+AUDIT_COLUMNS = ", ".join(AUDIT_NAMES)
 
 SCHEDULE_COLUMNS = (
     "schedule_id, tenant_id, provider, domain, template, cron, time_zone, parameters, "
@@ -238,3 +264,36 @@ FAIR_QUEUE = """
     ORDER BY turn, GREATEST(queued_at, IFNULL(released_at, queued_at)), created_at,
       pipeline_logging_id
 """
+
+
+def key_from_row(row: Sequence[Any]) -> ApiKeyRecord:
+    return ApiKeyRecord(
+        key_id=row[0],
+        tenant_id=row[1],
+        salt=bytes(row[2]),
+        key_hash=bytes(row[3]),
+        created_at=row[4].replace(tzinfo=UTC),
+        revoked_at=aware(row[5]),
+        name=row[6] or "",
+        scope=row[7] or "FULL",  # NULL in the rows of keys made before schema version 8
+        created_by=row[8] or "",
+        expires_at=aware(row[9]),
+        replaced_by=row[10] or "",
+        last_used_at=aware(row[11]),
+    )
+
+
+def audit_from_row(row: Sequence[Any]) -> AuditRecord:
+    return AuditRecord(
+        event_id=row[0],
+        tenant_id=row[1],
+        event_time=row[2].replace(tzinfo=UTC),
+        event=row[3],
+        actor_key_id=row[4] or "",
+        actor_user_id=row[5] or "",
+        target=row[6] or "",
+        detail=row[7] or "",
+        request_id=row[8] or "",
+        client_address=row[9] or "",
+        count=int(row[10]),
+    )
