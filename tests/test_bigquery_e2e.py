@@ -53,7 +53,9 @@ def bq(
 
 @pytest.fixture(scope="module")
 def http(bq: BigQueryStack) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=bq.stack.http_url, timeout=60) as client:
+    # A store call may take up to two minutes per job on a busy shared emulator (and run
+    # again after a transaction conflict): the client waits longer than the server does.
+    with httpx.Client(base_url=bq.stack.http_url, timeout=300) as client:
         yield client
 
 

@@ -212,6 +212,9 @@ def test_a_day_another_replica_publishes_meanwhile_is_not_shrunk(
             with httpx.Client(base_url=second.http_url, timeout=120) as other:
                 done = wait_for_run(other, key, start(other, "all.csv"), timeout=600)
             assert done["status"] == "COMPLETE", done
+            # The premise: A is still held before its transaction while B published.
+            held_run = http.get(f"/api/v1/pipelines/runs/{few}", headers={"X-API-Key": key})
+            assert held_run.json()["status"] == "RUNNING", held_run.text
             (held / "hold" / "before_publish_transaction").unlink()
             ended = wait_for_run(http, key, few, timeout=600)
     finally:
