@@ -16,7 +16,7 @@ EMULATOR_DIR := build/bigquery-emulator
 EMULATOR_REQUIREMENTS := tests/fixtures/bigquery-emulator.txt
 
 .DEFAULT_GOAL := help
-.PHONY: help install proto lint test run bench soak clean
+.PHONY: help install proto lint breaking test run bench soak clean
 
 help: ## Show this help.
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -38,34 +38,59 @@ $(EMULATOR_DIR)/.installed: $(EMULATOR_REQUIREMENTS)
 
 install: $(VENV)/.installed $(EMULATOR_DIR)/.installed ## Create the virtualenvs: server, client, dev tools, BigQuery emulator.
 
-$(GEN_STAMP): $(PROTOS) $(VENV)/.installed
+# The OpenAPI document also takes the transcoded services from Envoy's template and the
+# methods that need no key from the interceptors.
+$(GEN_STAMP): $(PROTOS) $(VENV)/.installed server/convergence_server/openapi.py \
+  envoy/envoy.yaml.tmpl server/convergence_server/api/interceptors.py
 	@mkdir -p build
 	rm -f $(GEN_DIR)/convergence/v1/*_pb2*.py $(GEN_DIR)/convergence/v1/*_pb2*.pyi
 	$(PY) -m grpc_tools.protoc -Iprotos -I$(SITE) \
-	  --python_out=$(GEN_DIR) --pyi_out=$(GEN_DIR) \
+	  --python_out=$(GEN_DIR) --mypy_out=$(GEN_DIR) \
+	  --plugin=protoc-gen-mypy=$(VENV)/bin/protoc-gen-mypy \
 	  --grpc_python_out=$(GEN_DIR) --mypy_grpc_out=$(GEN_DIR) \
 	  --plugin=protoc-gen-mypy_grpc=$(VENV)/bin/protoc-gen-mypy_grpc \
 	  $(PROTOS)
-	$(PY) -m grpc_tools.protoc -Iprotos -I$(SITE) --include_imports \
+	$(PY) -m grpc_tools.protoc -Iprotos -I$(SITE) --include_imports --include_source_info \
 	  --descriptor_set_out=$(DESCRIPTOR) \
 	  $(PROTOS) google/rpc/status.proto google/rpc/error_details.proto
+	$(PY) -m convergence_server.openapi $(DESCRIPTOR) $(GEN_DIR)/convergence/openapi.json
 	touch $@
 
-proto: $(GEN_STAMP) ## Generate the Python modules, .pyi stubs and Envoy's descriptor set from protos/.
+proto: $(GEN_STAMP) ## Generate the Python modules, .pyi stubs, Envoy's descriptor set and the OpenAPI document from protos/.
 
 $(BUF):
 	npm install --silent --no-save --prefix build/tools @bufbuild/buf@$(BUF_VERSION)
 
-lint: $(GEN_STAMP) $(BUF) ## Lint the protos (buf), the Python code (ruff) and its types (mypy --strict).
+# The googleapis protos ours import, as a buf module (buf's registry is not used).
+THIRD_PARTY := build/third_party/.copied
+$(THIRD_PARTY): $(VENV)/.installed
 	mkdir -p build/third_party/google/api build/third_party/google/rpc
-	cp $(SITE)/google/api/annotations.proto $(SITE)/google/api/http.proto build/third_party/google/api/
-	cp $(SITE)/google/rpc/status.proto $(SITE)/google/rpc/error_details.proto build/third_party/google/rpc/
+	cp $(SITE)/google/api/annotations.proto $(SITE)/google/api/http.proto $(SITE)/google/api/field_behavior.proto build/third_party/google/api/
+	cp $(SITE)/google/rpc/status.proto $(SITE)/google/rpc/error_details.proto $(SITE)/google/rpc/code.proto build/third_party/google/rpc/
+	touch $@
+
+lint: $(GEN_STAMP) $(BUF) $(THIRD_PARTY) ## Lint the protos (buf), the Python code (ruff) and its types (mypy --strict).
 	$(BUF) lint
 	$(VENV)/bin/ruff check server tests bench clients
 	$(VENV)/bin/ruff format --check server tests bench clients
 	$(VENV)/bin/mypy
 
-test: $(GEN_STAMP) $(EMULATOR_DIR)/.installed ## Run the test suite (starts real servers and Envoy on loopback ports).
+# What the protos must stay compatible with: a git branch, tag or commit (`AGAINST=v1.0.0`).
+AGAINST ?= $(shell git rev-parse -q --verify main >/dev/null && echo main || echo origin/main)
+AGAINST_DIR := build/against
+
+breaking: $(BUF) $(VENV)/.installed ## Refuse proto changes that break integrators (buf breaking against AGAINST: main).
+	rm -rf $(AGAINST_DIR) && mkdir -p $(AGAINST_DIR)
+	git archive --format=tar $(AGAINST) protos | tar -x -C $(AGAINST_DIR)
+	# Both sides as images built by protoc (the googleapis imports come from the virtualenv).
+	$(PY) -m grpc_tools.protoc -I$(AGAINST_DIR)/protos -I$(SITE) --include_imports \
+	  --descriptor_set_out=$(AGAINST_DIR)/against.binpb \
+	  $$(cd $(AGAINST_DIR)/protos && ls convergence/v1/*.proto)
+	$(PY) -m grpc_tools.protoc -Iprotos -I$(SITE) --include_imports --include_source_info \
+	  --descriptor_set_out=$(AGAINST_DIR)/current.binpb $(PROTOS)
+	$(BUF) breaking $(AGAINST_DIR)/current.binpb --against $(AGAINST_DIR)/against.binpb
+
+test: $(GEN_STAMP) $(EMULATOR_DIR)/.installed $(BUF) ## Run the test suite (starts real servers and Envoy on loopback ports).
 	$(PY) -m pytest -n 2 --dist loadfile
 
 run: $(GEN_STAMP) ## Start the gRPC server and Envoy on the embedded store; Ctrl-C stops both.
@@ -84,3 +109,4 @@ soak: $(GEN_STAMP) ## Run the 30-minute memory soak (steady mixed load; server a
 
 clean: ## Remove the virtualenv, generated code and build output (keeps .data/).
 	rm -rf $(VENV) build $(GEN_DIR)/convergence/v1/*_pb2*.py $(GEN_DIR)/convergence/v1/*_pb2*.pyi
+	rm -f $(GEN_DIR)/convergence/openapi.json

@@ -9,7 +9,7 @@
 --     in the trailers and there is no body to fill: only the status is set.
 --   * REST call, other non-zero grpc-status (an error the server did not
 --     shape, e.g. gRPC's own limits, or Envoy's upstream failures, which reach
---     here as gRPC statuses): generic {"error": <reason>, "message":
+--     here as gRPC statuses): generic {"error": <its title>, "message":
 --     <grpc-message>, "request_id": <x-request-id>} body; a 429 also gets
 --     "retry_after": 1 and Retry-After: 1, as the contract promises.
 --   * REST success: strip grpc-* headers that would leak.
@@ -23,24 +23,14 @@ local STRIP = {
   "grpc-status", "grpc-message", "grpc-status-details-bin", "grpc-accept-encoding",
 }
 
--- The same "error" strings as the server's documented bodies.
-local REASONS = {
-  [400] = "Validation error",
-  [401] = "Authentication failed",
-  [403] = "Authorization failed",
-  [404] = "Not found",
-  [405] = "Method not allowed",
-  [408] = "Request timeout",
-  [409] = "Conflict",
-  [413] = "Payload too large",
-  [429] = "Rate limit exceeded",
-  [499] = "Client closed request",
-  [500] = "Internal server error",
-  [501] = "Not implemented",
-  [502] = "Bad gateway",
-  [503] = "Service unavailable",
-  [504] = "Deadline exceeded",
+-- The "error" title of each HTTP status, from the ErrorReason enum
+-- (protos/convergence/v1/error_reason.proto): envoy.py puts the table in place
+-- of the marker below when it renders Envoy's configuration.
+local TITLES = {
+  --[[TITLES]]
 }
+-- A status no ErrorReason has.
+local OTHER_CLIENT_ERROR = "--[[TITLE_4XX]]"
 
 -- Seconds a client is asked to wait after a 429 that carries no wait of its own.
 local DEFAULT_RETRY_AFTER = 1
@@ -53,11 +43,11 @@ local GRPC_TO_HTTP = {
   [14] = 503, [15] = 500, [16] = 401,
 }
 
-local function reason(status)
-  local r = REASONS[status]
-  if r ~= nil then return r end
-  if status >= 500 then return "Internal server error" end
-  return "Request error"
+local function title(status)
+  local t = TITLES[status]
+  if t ~= nil then return t end
+  if status >= 500 then return TITLES[500] end
+  return OTHER_CLIENT_ERROR
 end
 
 local function percent_decode(s)
@@ -118,7 +108,7 @@ local function error_status(headers, wanted)
 end
 
 local function generic_body(status, grpc_message, request_id)
-  local body = '{"error":' .. json_string(reason(status))
+  local body = '{"error":' .. json_string(title(status))
     .. ',"message":' .. json_string(percent_decode(grpc_message or ""))
   if status == 429 then
     body = body .. ',"retry_after":' .. DEFAULT_RETRY_AFTER
@@ -177,12 +167,31 @@ local function shape_response(handle, request_id)
   buffer:setBytes(body)
 end
 
+-- The first header whose name gRPC refuses as a metadata key (HTTP allows
+-- more characters, e.g. "+", "!", "~"), or nil. Pseudo-headers are skipped.
+local function bad_header_name(headers)
+  for name, _ in pairs(headers) do
+    if name:sub(1, 1) ~= ":" and name:find("[^0-9a-z_.%-]") then
+      return name
+    end
+  end
+  return nil
+end
+
 function envoy_on_request(request_handle)
   local headers = request_handle:headers()
   local metadata = request_handle:streamInfo():dynamicMetadata()
   local ct = headers:get("content-type")
   if ct ~= nil and ct:lower():sub(1, 16) == "application/grpc" then
     metadata:set(META_NS, "native_grpc", true)
+    return
+  end
+  -- Passed on, such a header would make the server's gRPC library fail the
+  -- call (a 500): refuse it here (local_reply_config gives the 400 its body).
+  local bad = bad_header_name(headers)
+  if bad ~= nil then
+    request_handle:respond({[":status"] = "400"}, "Header name '" .. bad:sub(1, 64)
+      .. "' is not accepted: use letters, digits, '-' and '.'")
     return
   end
   -- The id Envoy generated (the response's x-request-id is only added after

@@ -9,16 +9,26 @@ import os
 import re
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
 
 from convergence_server.stack import Stack
-from tests.conftest import UNMETERED, StackFactory, new_tenant_id, onboard
+from tests.conftest import (
+    FIXTURES,
+    UNMETERED,
+    StackFactory,
+    new_tenant_id,
+    onboard,
+    wait_for_run,
+)
 
 RUN_ID = re.compile(r"Started run ([0-9a-f-]{36})")
+EXIT_STILL_RUNNING = 3
 
 
 @dataclass(frozen=True)
@@ -70,6 +80,36 @@ def convergence(
 def started_run(result: subprocess.CompletedProcess[str]) -> str:
     found = RUN_ID.search(result.stdout)
     assert found, result.stdout
+    return found.group(1)
+
+
+def row(result: subprocess.CompletedProcess[str], text: str) -> str:
+    """The one line of a printed table that holds `text`."""
+    lines = [line for line in result.stdout.splitlines() if text in line]
+    assert len(lines) == 1, result.stdout
+    return lines[0]
+
+
+def printed_secret(result: subprocess.CompletedProcess[str], tenant: Tenant) -> str:
+    """The key a command printed, which it prints exactly once."""
+    secrets = [line for line in result.stdout.splitlines() if line.startswith(tenant.tenant_id)]
+    assert len(secrets) == 1, result.stdout
+    assert result.stdout.count(secrets[0]) == 1
+    assert "not shown again" in result.stdout
+    return secrets[0]
+
+
+def created_key_id(result: subprocess.CompletedProcess[str]) -> str:
+    found = re.search(r"Created key (\S+) \(", result.stdout)
+    assert found, result.stdout
+    return found.group(1)
+
+
+def created_schedule(stack: Stack, key: str, *options: str) -> str:
+    created = convergence(stack, "schedules", "create", "test/runs/quick", *options, api_key=key)
+    assert created.returncode == 0, created.stderr
+    found = re.search(r"Schedule (\S+):", created.stdout)
+    assert found, created.stdout
     return found.group(1)
 
 
@@ -206,13 +246,7 @@ def test_keys_create_list_and_read_only_scope(cli_stack: Stack, tenant: Tenant) 
 
 def test_schedules_create_pause_resume_delete(cli_stack: Stack, tenant: Tenant) -> None:
     key = tenant.api_key
-    created = convergence(
-        cli_stack, "schedules", "create", "test/runs/quick", "--cron", "0 6 * * *", api_key=key
-    )
-    assert created.returncode == 0, created.stderr
-    found = re.search(r"Schedule (\S+):", created.stdout)
-    assert found, created.stdout
-    schedule_id = found.group(1)
+    schedule_id = created_schedule(cli_stack, key, "--cron", "0 6 * * *")
 
     paused = convergence(cli_stack, "schedules", "pause", schedule_id, api_key=key)
     assert "(paused)" in paused.stdout
@@ -221,3 +255,202 @@ def test_schedules_create_pause_resume_delete(cli_stack: Stack, tenant: Tenant) 
     assert schedule_id in convergence(cli_stack, "schedules", "list", api_key=key).stdout
     assert convergence(cli_stack, "schedules", "delete", schedule_id, api_key=key).returncode == 0
     assert schedule_id not in convergence(cli_stack, "schedules", "list", api_key=key).stdout
+
+
+def test_run_wait_timeout_stops_waiting_and_the_run_goes_on(
+    cli_stack: Stack, cli_http: httpx.Client, tenant: Tenant
+) -> None:
+    key = tenant.api_key
+    result = convergence(
+        cli_stack,
+        "run",
+        "test/runs/slow",
+        "--param",
+        "size=30000000",
+        "--wait",
+        "--timeout",
+        "0.5",
+        api_key=key,
+    )
+    assert result.returncode == EXIT_STILL_RUNNING, result.stdout + result.stderr
+    run_id = started_run(result)
+    assert f"run {run_id}" in result.stdout
+    assert "keeps going on the server" in result.stdout
+    assert result.stderr == ""
+    # Giving up the wait did not stop the run.
+    assert wait_for_run(cli_http, key, run_id, timeout=900)["status"] == "COMPLETE"
+
+    alone = convergence(cli_stack, "run", "test/runs/quick", "--timeout", "5", api_key=key)
+    assert alone.returncode == 2
+    assert "--wait" in alone.stderr
+
+
+def test_runs_checks_shows_each_check_and_its_outcome(cli_stack: Stack, tenant: Tenant) -> None:
+    key = tenant.api_key
+    ran = convergence(cli_stack, "run", "test/runs/checks", "--wait", api_key=key)
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    run_id = started_run(ran)
+
+    checks = convergence(cli_stack, "runs", "checks", run_id, api_key=key)
+    assert checks.returncode == 0, checks.stderr
+    for name, severity, status in (
+        ("has_rows", "error", "PASSED"),
+        ("labelled", "warn", "FAILED"),
+        ("below_three", "error", "PASSED"),
+    ):
+        line = row(checks, name)
+        assert "validate" in line and severity in line and status in line, line
+
+    quick = started_run(convergence(cli_stack, "run", "test/runs/quick", "--wait", api_key=key))
+    none = convergence(cli_stack, "runs", "checks", quick, api_key=key)
+    assert none.returncode == 0, none.stderr
+    assert "check" in none.stdout and "PASSED" not in none.stdout
+
+
+def test_pipelines_lists_the_test_templates(cli_stack: Stack, tenant: Tenant) -> None:
+    listed = convergence(cli_stack, "pipelines", api_key=tenant.api_key)
+    assert listed.returncode == 0, listed.stderr
+    for template in sorted((FIXTURES / "templates").glob("*.yml")):
+        assert f"test/runs/{template.stem}" in listed.stdout
+    assert "size" in row(listed, "test/runs/slow")
+    assert "break_error" in row(listed, "test/runs/checks")
+
+
+def test_keys_revoke_refuses_the_key_at_once(cli_stack: Stack, tenant: Tenant) -> None:
+    created = convergence(cli_stack, "keys", "create", "leaked", api_key=tenant.api_key)
+    assert created.returncode == 0, created.stderr
+    key_id, leaked = created_key_id(created), printed_secret(created, tenant)
+    assert convergence(cli_stack, "usage", api_key=leaked).returncode == 0
+
+    revoked = convergence(cli_stack, "keys", "revoke", key_id, api_key=tenant.api_key)
+    assert revoked.returncode == 0, revoked.stderr
+    assert f"Key {key_id}: REVOKED" in revoked.stdout
+
+    refused = convergence(cli_stack, "usage", api_key=leaked)
+    assert refused.returncode == 2
+    assert refused.stderr.startswith("error: ") and "revoked" in refused.stderr
+    assert "REVOKED" in row(convergence(cli_stack, "keys", "list", api_key=tenant.api_key), key_id)
+    assert convergence(cli_stack, "usage", api_key=tenant.api_key).returncode == 0
+
+
+def test_keys_rotate_prints_a_new_secret_once_that_works(cli_stack: Stack, tenant: Tenant) -> None:
+    created = convergence(cli_stack, "keys", "create", "deployer", api_key=tenant.api_key)
+    assert created.returncode == 0, created.stderr
+    old_id, old = created_key_id(created), printed_secret(created, tenant)
+
+    rotated = convergence(
+        cli_stack, "keys", "rotate", old_id, "--grace-seconds", "0", api_key=tenant.api_key
+    )
+    assert rotated.returncode == 0, rotated.stderr
+    new = printed_secret(rotated, tenant)
+    assert new != old
+    found = re.search(rf"Key {old_id} replaced by (\S+)\.", rotated.stdout)
+    assert found, rotated.stdout
+    assert found.group(1) != old_id
+
+    works = convergence(cli_stack, "usage", api_key=new)
+    assert works.returncode == 0, works.stderr
+    assert tenant.tenant_id in works.stdout
+    # Without a grace period the old key ends with the rotation.
+    refused = convergence(cli_stack, "usage", api_key=old)
+    assert refused.returncode == 2
+    assert refused.stderr.startswith("error: ") and "expired" in refused.stderr
+
+
+def test_schedules_update_changes_only_the_options_given(
+    cli_stack: Stack, cli_http: httpx.Client, tenant: Tenant
+) -> None:
+    key = tenant.api_key
+    schedule_id = created_schedule(
+        cli_stack, key, "--cron", "0 6 * * *", "--param", "date={slot_date-1}"
+    )
+
+    updated = convergence(
+        cli_stack,
+        "schedules",
+        "update",
+        schedule_id,
+        "--cron",
+        "30 7 * * 1-5",
+        "--time-zone",
+        "Europe/Berlin",
+        "--catch-up",
+        "all",
+        "--catch-up-max",
+        "5",
+        api_key=key,
+    )
+    assert updated.returncode == 0, updated.stderr
+    assert "'30 7 * * 1-5' Europe/Berlin" in updated.stdout
+    listed = row(convergence(cli_stack, "schedules", "list", api_key=key), schedule_id)
+    assert "30 7 * * 1-5" in listed and "Europe/Berlin" in listed and "all" in listed
+    shown = cli_http.get(f"/api/v1/schedules/{schedule_id}", headers={"X-API-Key": key}).json()
+    assert shown["parameters"] == {"date": "{slot_date-1}"}
+    assert shown["catch_up_max"] == 5
+
+    params = convergence(
+        cli_stack, "schedules", "update", schedule_id, "--param", "date={slot_date}", api_key=key
+    )
+    assert params.returncode == 0, params.stderr
+    shown = cli_http.get(f"/api/v1/schedules/{schedule_id}", headers={"X-API-Key": key}).json()
+    assert shown["parameters"] == {"date": "{slot_date}"}
+    assert (shown["cron"], shown["time_zone"]) == ("30 7 * * 1-5", "Europe/Berlin")
+    assert (shown["catch_up"], shown["catch_up_max"]) == ("all", 5)
+
+    nothing = convergence(cli_stack, "schedules", "update", schedule_id, api_key=key)
+    assert nothing.returncode == 2
+    assert "nothing to change" in nothing.stderr
+    bad = convergence(
+        cli_stack, "schedules", "update", schedule_id, "--time-zone", "Mars/Olympus", api_key=key
+    )
+    assert bad.returncode == 2
+    assert bad.stderr.startswith("error: ") and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_schedules_backfill_starts_the_runs_of_the_days_given(
+    cli_stack: Stack, cli_http: httpx.Client, tenant: Tenant
+) -> None:
+    key = tenant.api_key
+    schedule_id = created_schedule(
+        cli_stack, key, "--cron", "0 6 * * *", "--param", "date={slot_date}"
+    )
+    today = datetime.now(UTC).date()
+    days = [(today - timedelta(days=n)).isoformat() for n in (3, 2)]
+    backfill = ("schedules", "backfill", schedule_id, "--start", days[0], "--end", days[1])
+
+    accepted = convergence(cli_stack, *backfill, api_key=key)
+    assert accepted.returncode == 0, accepted.stderr
+    assert f"{days[0]} to {days[1]}: 2 slots, 2 left to run" in accepted.stdout
+    # An earlier backfill still has slots left: the server refuses another.
+    again = convergence(cli_stack, *backfill, api_key=key)
+    assert again.returncode == 2
+    assert again.stderr.startswith("error: ") and "in progress" in again.stderr
+    not_a_day = convergence(
+        cli_stack,
+        "schedules",
+        "backfill",
+        schedule_id,
+        "--start",
+        "yesterday",
+        "--end",
+        days[1],
+        api_key=key,
+    )
+    assert not_a_day.returncode == 2
+    assert "--start" in not_a_day.stderr
+
+    # The slots start at the next triggers.
+    deadline = time.monotonic() + 120
+    while True:
+        fired = cli_http.post("/api/v1/scheduler/trigger", headers={"X-API-Key": key}, json={})
+        assert fired.status_code == 200, fired.text
+        listed = convergence(cli_stack, "runs", "--json", api_key=key)
+        scheduled = [r for r in json.loads(listed.stdout) if r["trigger_type"] == "scheduler"]
+        if len(scheduled) >= len(days) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert sorted(r["parameters"]["date"] for r in scheduled) == days
+    assert {r["schedule_id"] for r in scheduled} == {schedule_id}
+    for started in scheduled:
+        ended = wait_for_run(cli_http, key, started["pipeline_logging_id"])
+        assert ended["status"] == "COMPLETE", ended

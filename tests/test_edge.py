@@ -279,14 +279,15 @@ REFUSED = {
     "not http": (b"HELLO\r\n\r\n", 400),
     "no host": (get("/health"), 400),
     "underscore in a header name": (get("/health", "Host: e", "X_Api_Key: k"), 400),
+    "a header name gRPC refuses": (get("/health", "Host: e", "A+B: k"), 400),
     "chunked and a length": (
         get("/health", "Host: e", "Transfer-Encoding: chunked", "Content-Length: 3"),
         400,
     ),
 }
 TITLES = {
-    400: "Bad request",
-    403: "Forbidden",
+    400: "Validation error",
+    403: "Authorization failed",
     405: "Method not allowed",
     426: "Upgrade required",
     431: "Request header fields too large",
@@ -297,6 +298,18 @@ TITLES = {
 def test_envoy_refuses_with_the_documented_body(stack: Stack, case: str) -> None:
     request, status = REFUSED[case]
     assert_documented(exchange(stack.http_port, request), status, TITLES[status])
+
+
+@pytest.mark.parametrize("name", ["a+b", "x!", "~tilde", "q^o"])
+def test_a_header_name_grpc_refuses_is_400_naming_it(http: httpx.Client, name: str) -> None:
+    """HTTP allows these names, gRPC metadata does not: passed on, the server's gRPC library
+    would fail the call with a 500 before any of its code runs."""
+    _, key = onboard(http)
+    response = http.get("/api/v1/pipelines", headers={"X-API-Key": key, name: "1"})
+    assert response.status_code == 400, response.text
+    body = response.json()
+    assert body["error"] == "Validation error"
+    assert body["message"].startswith(f"Header name '{name}' is not accepted"), body
 
 
 def test_connect_is_refused_with_the_request_id(stack: Stack) -> None:

@@ -39,6 +39,7 @@ from convergence_server.api.health import HealthServicer
 from convergence_server.api.interceptors import (
     AuthInterceptor,
     ErrorInterceptor,
+    FieldBehaviorInterceptor,
     QuotaInterceptor,
     RequestContextInterceptor,
 )
@@ -281,6 +282,7 @@ def create_server(
                 stream_max_seconds=config.stream_max_seconds,
                 clock=clock,
             ),
+            FieldBehaviorInterceptor(),
         ]
         if interceptors is None
         else list(interceptors),

@@ -1,21 +1,24 @@
 """The one exception tree of the service; every layer raises these.
 
-    ConvergenceError                    500 INTERNAL (never raised bare)
-    ├── InvalidArgument                 400 INVALID_ARGUMENT   "Validation error"
-    ├── Unauthenticated                 401 UNAUTHENTICATED    "Authentication failed"
-    ├── PermissionDenied                403 PERMISSION_DENIED  "Authorization failed"
-    ├── NotFound                        404 NOT_FOUND          "Not found"
-    ├── AlreadyExists                   409 ALREADY_EXISTS     "Conflict"
-    ├── FailedPrecondition              409 FAILED_PRECONDITION "Conflict"
-    ├── QuotaExceeded                   429 RESOURCE_EXHAUSTED "Rate limit exceeded"
-    ├── Unavailable                     503 UNAVAILABLE        "Service unavailable"
-    ├── DeadlineExceeded                504 DEADLINE_EXCEEDED  "Deadline exceeded"
-    ├── domain.onboarding.OnboardingRefused   400 / 409 / 503, carries the dry-run report
-    └── (subclasses with their own ErrorInfo reason) domain.auth.KeyRejected 401 and its
-        KeyRevoked (API_KEY_REVOKED) and KeyExpired (API_KEY_EXPIRED); domain.auth.KeyReadOnly
-        403 (API_KEY_READ_ONLY)
+    ConvergenceError                    INTERNAL (never raised bare)
+    ├── InvalidArgument                 INVALID_ARGUMENT
+    ├── Unauthenticated                 API_KEY_INVALID
+    ├── PermissionDenied                TENANT_MISMATCH
+    ├── NotFound                        NOT_FOUND
+    ├── AlreadyExists                   ALREADY_EXISTS
+    ├── FailedPrecondition              FAILED_PRECONDITION
+    ├── QuotaExceeded                   QUOTA_EXCEEDED
+    ├── Unavailable                     UNAVAILABLE
+    ├── DeadlineExceeded                DEADLINE_EXCEEDED
+    ├── domain.onboarding.OnboardingRefused   ONBOARDING_VALIDATION_FAILED, ALREADY_EXISTS or
+    │                                   UNAVAILABLE; carries the dry-run report
+    └── (subclasses with a reason of their own) domain.auth.KeyRejected and its KeyRevoked
+        (API_KEY_REVOKED) and KeyExpired (API_KEY_EXPIRED); domain.auth.KeyReadOnly
+        (API_KEY_READ_ONLY); domain.accounts.TeamSizeExceeded (TEAM_SIZE_EXCEEDED)
 
-`api.errors` turns them into a gRPC status and the documented REST body; nothing else does.
+Each `reason` is a value of the `ErrorReason` enum (protos/convergence/v1/error_reason.proto),
+which gives its gRPC code, HTTP status and REST title; `api.errors` turns an error into
+those, and nothing else does.
 """
 
 from __future__ import annotations

@@ -23,8 +23,12 @@ from convergence.client import (
     Scope,
     Watch,
     converted,
+    create_api_key_request,
+    create_schedule_request,
     day,
     key_metadata,
+    list_audit_log_request,
+    list_runs_request,
     run_request,
     schedule_update,
 )
@@ -254,12 +258,12 @@ class AsyncClient:
     ) -> AsyncIterator[run_pb2.Run]:
         """Every run that matches, newest first, fetched `page_size` at a time (1 to 1000;
         the server's default, 50, when None) as the iteration goes."""
-        request = run_service_pb2.ListRunsRequest(
+        request = list_runs_request(
             status=status,
             pipeline_id=pipeline_id,
-            start_date=day(start_date),
-            end_date=day(end_date),
-            limit=page_size,
+            start_date=start_date,
+            end_date=end_date,
+            page_size=page_size,
         )
         async for page in self._pages(self._runs.ListRuns, request):
             for item in page.runs:
@@ -338,10 +342,10 @@ class AsyncClient:
         paused: bool | None = None,
     ) -> schedule_pb2.Schedule:
         """Creates a schedule of `provider/domain/template` (cron: the template's default)."""
-        request = schedule_service_pb2.CreateScheduleRequest(
-            provider=provider,
-            domain=domain,
-            template=template,
+        request = create_schedule_request(
+            provider,
+            domain,
+            template,
             cron=cron,
             time_zone=time_zone,
             parameters=parameters,
@@ -361,7 +365,7 @@ class AsyncClient:
         self, *, page_size: int | None = None
     ) -> AsyncIterator[schedule_pb2.Schedule]:
         """Every schedule of the tenant, oldest first, fetched `page_size` at a time."""
-        request = schedule_service_pb2.ListSchedulesRequest(limit=page_size)
+        request = schedule_service_pb2.ListSchedulesRequest(limit=page_size or 0)
         async for page in self._pages(self._schedules.ListSchedules, request):
             for item in page.schedules:
                 yield item
@@ -417,9 +421,7 @@ class AsyncClient:
         expires_at: Instant | None = None,
     ) -> access_service_pb2.CreateApiKeyResponse:
         """Creates a key (scope FULL by default); its secret, `api_key`, is shown only once."""
-        request = access_service_pb2.CreateApiKeyRequest(
-            tenant_id=tenant_id, name=name, scope=scope, expires_at=expires_at
-        )
+        request = create_api_key_request(tenant_id, name, scope=scope, expires_at=expires_at)
         return await self._call(self._access.CreateApiKey, request, repeatable=False)
 
     async def list_api_keys(self, tenant_id: str) -> access_service_pb2.ListApiKeysResponse:
@@ -456,12 +458,8 @@ class AsyncClient:
         page_size: int | None = None,
     ) -> AsyncIterator[access_service_pb2.AuditEvent]:
         """Every audit event that matches, newest first, fetched `page_size` at a time."""
-        request = access_service_pb2.ListAuditLogRequest(
-            tenant_id=tenant_id,
-            event=events,
-            start_time=start_time,
-            end_time=end_time,
-            limit=page_size,
+        request = list_audit_log_request(
+            tenant_id, events=events, start_time=start_time, end_time=end_time, page_size=page_size
         )
         async for page in self._pages(self._access.ListAuditLog, request):
             for item in page.events:

@@ -5,12 +5,13 @@ Every command reads the server from `--target` (`CONVERGENCE_TARGET`), the API k
 and the tenant from `--tenant` (`CONVERGENCE_TENANT_ID`; else the key's own, asked of the
 server). Exit codes: 0 done (a run that ended COMPLETE), 1 an outcome that failed (a run that
 ended FAILED, a dry-run that found the tenant not ready), 2 a usage error or a call the
-service refused or could not complete (`error: <message>` on stderr).
+service refused or could not complete (`error: <message>` on stderr), 3 `run --wait
+--timeout` stopped waiting before the run ended (the run goes on).
 """
 
 from __future__ import annotations
 
-import collections
+import contextlib
 import datetime
 import itertools
 import json
@@ -42,6 +43,7 @@ __all__ = ["cli", "main"]
 
 EXIT_FAILED = 1
 EXIT_ERROR = 2
+EXIT_STILL_RUNNING = 3
 RUN_STATUSES = ("PENDING", "RUNNING", "COMPLETE", "FAILED")
 STATUS_STYLES = {"COMPLETE": "green", "PASSED": "green", "FAILED": "red", "WARNING": "yellow"}
 
@@ -102,7 +104,7 @@ def styled(status: str) -> str:
     return f"[{style}]{status}[/{style}]" if style else status
 
 
-def status_name(status: run_pb2.Run.Status) -> str:
+def status_name(status: run_pb2.Run.Status.ValueType) -> str:
     return run_pb2.Run.Status.Name(status)
 
 
@@ -248,11 +250,28 @@ def pipelines(settings: Settings) -> None:
 @click.option("--date", help="The day to process, YYYY-MM-DD (default: yesterday UTC).")
 @click.option("--param", "params", multiple=True, metavar="NAME=VALUE", help="Repeatable.")
 @click.option("--wait", is_flag=True, help="Follow the run to its end; exit 1 if it fails.")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    metavar="SECONDS",
+    help="With --wait: stop waiting after SECONDS and exit 3; the run goes on.",
+)
 @pass_settings
 def run(
-    settings: Settings, pipeline: str, date: str | None, params: tuple[str, ...], wait: bool
+    settings: Settings,
+    pipeline: str,
+    date: str | None,
+    params: tuple[str, ...],
+    wait: bool,
+    timeout: float | None,
 ) -> None:
-    """Triggers PIPELINE (PROVIDER/DOMAIN/TEMPLATE)."""
+    """Triggers PIPELINE (PROVIDER/DOMAIN/TEMPLATE).
+
+    With --wait, the exit code is 0 when the run ends COMPLETE, 1 when it ends FAILED, and 3
+    when --timeout passes first (the run keeps going on the server).
+    """
+    if timeout is not None and not wait:
+        raise click.UsageError("--timeout needs --wait")
     provider, domain, template = pipeline_path(pipeline)
     with settings.client() as client:
         started = client.run_pipeline(
@@ -264,28 +283,42 @@ def run(
             parameters=parameters(params),
             trigger_by=settings.user_id,
         )
-        out.print(f"Started run {started.pipeline_logging_id} ({status_name(started.status)})")
+        run_id = started.pipeline_logging_id
+        out.print(f"Started run {run_id} ({status_name(started.status)})")
         if not wait:
             return
-        ended = follow(client, started.pipeline_logging_id)
-    status = status_name(ended.status)
-    out.print(f"Run {ended.pipeline_logging_id} ended {styled(status)}")
-    if ended.error_message:
-        out.print(ended.error_message, markup=False)
-    if ended.status != run_pb2.Run.COMPLETE:
+        seen = follow(client, run_id, timeout)
+    if seen.status not in (run_pb2.Run.COMPLETE, run_pb2.Run.FAILED):
+        state = f" ({status_name(seen.status)})" if seen.status else ""
+        waited = f" after {timeout:g} s" if timeout else ""
+        out.print(
+            f"Stopped waiting{waited}: run {run_id}{state} keeps going on the server; "
+            f"`convergence runs show {run_id}` shows how it ends.",
+            markup=False,
+        )
+        sys.exit(EXIT_STILL_RUNNING)
+    out.print(f"Run {run_id} ended {styled(status_name(seen.status))}")
+    if seen.error_message:
+        out.print(seen.error_message, markup=False)
+    if seen.status != run_pb2.Run.COMPLETE:
         sys.exit(EXIT_FAILED)
 
 
-def follow(client: Client, run_id: str) -> run_pb2.Run:
-    """Shows the run's steps live until it ends; returns the ended run."""
+def follow(client: Client, run_id: str, timeout: float | None) -> run_pb2.Run:
+    """Shows the run's steps live until it ends, or until `timeout` seconds (None: no limit)
+    have passed; returns the run as last seen (an empty one if nothing came in time)."""
     latest = run_service_pb2.WatchRunResponse()
-    if not out.is_terminal:  # a log or a pipe: the steps once, at the end
-        latest = collections.deque(client.watch_run(run_id), maxlen=1)[0]
+    # A terminal shows the steps live; a log or a pipe gets them once, at the end.
+    live = Live(console=out, transient=False, refresh_per_second=8) if out.is_terminal else None
+    with (
+        contextlib.suppress(TimeoutError),
+        live if live is not None else contextlib.nullcontext(),
+    ):
+        for latest in client.watch_run(run_id, timeout=timeout):
+            if live is not None:
+                live.update(progress_view(latest))
+    if live is None:
         out.print(steps_table(latest.steps))
-        return latest.run
-    with Live(console=out, transient=False, refresh_per_second=8) as live:
-        for latest in client.watch_run(run_id):
-            live.update(progress_view(latest))
     return latest.run
 
 
@@ -639,6 +672,87 @@ def schedules_delete(settings: Settings, schedule_id: str) -> None:
     with settings.client() as client:
         client.delete_schedule(schedule_id)
     out.print(f"Deleted schedule {schedule_id}", markup=False)
+
+
+@schedules.command("update")
+@click.argument("schedule_id")
+@click.option("--cron", help="5-field cron; its slots count from now.")
+@click.option("--time-zone", help="IANA time zone of the cron.")
+@click.option("--catch-up", type=click.Choice(["none", "latest", "all"]))
+@click.option(
+    "--catch-up-max",
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="With --catch-up all: how many missed slots run at most.",
+)
+@click.option(
+    "--param",
+    "params",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="Repeatable; replaces all the schedule's parameters.",
+)
+@pass_settings
+def schedules_update(
+    settings: Settings,
+    schedule_id: str,
+    cron: str | None,
+    time_zone: str | None,
+    catch_up: str | None,
+    catch_up_max: int | None,
+    params: tuple[str, ...],
+) -> None:
+    """Changes the options given of SCHEDULE_ID; the others stay as they are."""
+    if not any(v is not None for v in (cron, time_zone, catch_up, catch_up_max)) and not params:
+        raise click.UsageError(
+            "nothing to change: give --cron, --time-zone, --catch-up, --catch-up-max or --param"
+        )
+    with settings.client() as client:
+        updated = client.update_schedule(
+            schedule_id,
+            cron=cron,
+            time_zone=time_zone,
+            parameters=parameters(params) if params else None,
+            catch_up=catch_up,
+            catch_up_max=catch_up_max,
+        )
+    print_schedule(updated)
+    named = ", ".join(f"{k}={v}" for k, v in sorted(updated.parameters.items()))
+    out.print(
+        f"catch-up {updated.catch_up} (at most {updated.catch_up_max}); "
+        f"parameters: {named or 'none'}; next slot {timestamp(updated.next_slot_time) or 'none'}",
+        markup=False,
+    )
+
+
+@schedules.command("backfill")
+@click.argument("schedule_id")
+@click.option("--start", type=click.DateTime(["%Y-%m-%d"]), required=True, metavar="YYYY-MM-DD")
+@click.option(
+    "--end",
+    type=click.DateTime(["%Y-%m-%d"]),
+    required=True,
+    metavar="YYYY-MM-DD",
+    help="Included.",
+)
+@pass_settings
+def schedules_backfill(
+    settings: Settings, schedule_id: str, start: datetime.datetime, end: datetime.datetime
+) -> None:
+    """Runs SCHEDULE_ID's slots of those days again (days in its time zone, up to today).
+
+    The slots start, oldest first, at the next triggers as the plan's limits allow; a slot
+    whose run already started is not started again.
+    """
+    with settings.client() as client:
+        accepted = client.backfill_schedule(schedule_id, start.date(), end.date())
+    schedule = accepted.schedule
+    out.print(
+        f"Backfill of schedule {schedule.schedule_id} from {start:%Y-%m-%d} to {end:%Y-%m-%d}: "
+        f"{accepted.slots} slots, {schedule.backfill_slots_left} left to run "
+        f"({schedule.time_zone}).",
+        markup=False,
+    )
 
 
 def fail(text: str) -> NoReturn:

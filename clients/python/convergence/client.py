@@ -12,7 +12,7 @@ import time
 import uuid
 from collections.abc import Generator, Iterator, Mapping, Sequence
 from types import TracebackType
-from typing import Protocol, Self, TypeVar
+from typing import Protocol, Self, TypeAlias, TypeVar
 
 import grpc
 from google.protobuf import field_mask_pb2, timestamp_pb2
@@ -41,8 +41,8 @@ __all__ = ["Client"]
 Metadata = tuple[tuple[str, str | bytes], ...]
 Day = str | datetime.date
 Instant = datetime.datetime | timestamp_pb2.Timestamp
-RunStatus = run_pb2.Run.Status | str
-Scope = access_service_pb2.ApiKey.Scope | str
+RunStatus: TypeAlias = run_pb2.Run.Status.ValueType | str
+Scope: TypeAlias = access_service_pb2.ApiKey.Scope.ValueType | str
 TERMINAL = frozenset({run_pb2.Run.COMPLETE, run_pb2.Run.FAILED})
 
 RequestT = TypeVar("RequestT")
@@ -79,9 +79,39 @@ def converted(error: grpc.RpcError) -> ConvergenceError:
     return typed
 
 
-def day(value: Day | None) -> str | None:
-    """A `YYYY-MM-DD` day from a string, a date or a datetime."""
-    return value if value is None or isinstance(value, str) else value.strftime("%Y-%m-%d")
+# The messages' scalar fields have no presence: a field left out and one sent with its zero
+# value ("", 0, False) are the same message. So an argument that is None ("not given") is
+# sent as the zero value, and means what leaving the field out means.
+
+
+def day(value: Day | None) -> str:
+    """A `YYYY-MM-DD` day from a string, a date or a datetime; None: unset."""
+    if value is None:
+        return ""
+    return value if isinstance(value, str) else value.strftime("%Y-%m-%d")
+
+
+def instant(value: Instant | None) -> timestamp_pb2.Timestamp | None:
+    """A Timestamp from a datetime (a naive one is taken as UTC) or a Timestamp."""
+    if not isinstance(value, datetime.datetime):
+        return value
+    converted = timestamp_pb2.Timestamp()
+    converted.FromDatetime(value)
+    return converted
+
+
+def run_status(value: RunStatus | None) -> run_pb2.Run.Status.ValueType:
+    """A run status from its value or its name; None: any status."""
+    if isinstance(value, str):
+        return run_pb2.Run.Status.Value(value)
+    return run_pb2.Run.STATUS_UNSPECIFIED if value is None else value
+
+
+def key_scope(value: Scope | None) -> access_service_pb2.ApiKey.Scope.ValueType:
+    """A key scope from its value or its name; None: the server's default (FULL)."""
+    if isinstance(value, str):
+        return access_service_pb2.ApiKey.Scope.Value(value)
+    return access_service_pb2.ApiKey.SCOPE_UNSPECIFIED if value is None else value
 
 
 def run_request(
@@ -103,7 +133,7 @@ def run_request(
         template=template,
         date=day(date),
         parameters=parameters,
-        trigger_by=trigger_by,
+        trigger_by=trigger_by or "",
         idempotency_key=idempotency_key or str(uuid.uuid4()),
     )
 
@@ -127,15 +157,88 @@ def schedule_update(
     return schedule_service_pb2.UpdateScheduleRequest(
         schedule_id=schedule_id,
         schedule=schedule_pb2.Schedule(
-            cron=cron,
-            time_zone=time_zone,
+            cron=cron or "",
+            time_zone=time_zone or "",
             parameters=parameters,
-            catch_up=catch_up,
-            catch_up_max=catch_up_max,
+            catch_up=catch_up or "",
+            catch_up_max=catch_up_max or 0,
         ),
         update_mask=field_mask_pb2.FieldMask(
             paths=[name for name, value in given.items() if value is not None]
         ),
+    )
+
+
+def list_runs_request(
+    *,
+    status: RunStatus | None,
+    pipeline_id: str | None,
+    start_date: Day | None,
+    end_date: Day | None,
+    page_size: int | None,
+) -> run_service_pb2.ListRunsRequest:
+    """The first page of a run listing; a filter that is None is left out."""
+    return run_service_pb2.ListRunsRequest(
+        status=run_status(status),
+        pipeline_id=pipeline_id or "",
+        start_date=day(start_date),
+        end_date=day(end_date),
+        limit=page_size or 0,
+    )
+
+
+def create_schedule_request(
+    provider: str,
+    domain: str,
+    template: str,
+    *,
+    cron: str | None,
+    time_zone: str | None,
+    parameters: Mapping[str, str] | None,
+    catch_up: str | None,
+    catch_up_max: int | None,
+    created_by: str | None,
+    paused: bool | None,
+) -> schedule_service_pb2.CreateScheduleRequest:
+    """A new schedule; a field that is None takes the server's default."""
+    return schedule_service_pb2.CreateScheduleRequest(
+        provider=provider,
+        domain=domain,
+        template=template,
+        cron=cron or "",
+        time_zone=time_zone or "",
+        parameters=parameters,
+        catch_up=catch_up or "",
+        catch_up_max=catch_up_max or 0,
+        created_by=created_by or "",
+        paused=paused or False,
+    )
+
+
+def create_api_key_request(
+    tenant_id: str, name: str, *, scope: Scope | None, expires_at: Instant | None
+) -> access_service_pb2.CreateApiKeyRequest:
+    """A new key of `scope` (None: FULL) that expires at `expires_at` (None: never)."""
+    return access_service_pb2.CreateApiKeyRequest(
+        tenant_id=tenant_id, name=name, scope=key_scope(scope), expires_at=instant(expires_at)
+    )
+
+
+def list_audit_log_request(
+    tenant_id: str,
+    *,
+    events: Sequence[str] | None,
+    start_time: Instant | None,
+    end_time: Instant | None,
+    page_size: int | None,
+) -> access_service_pb2.ListAuditLogRequest:
+    """The first page of an audit-log listing; a filter that is None is left out."""
+    return access_service_pb2.ListAuditLogRequest(
+        tenant_id=tenant_id,
+        event=events,
+        start_time=instant(start_time),
+        end_time=instant(end_time),
+        limit=page_size or 0,
     )
 
 
@@ -394,12 +497,12 @@ class Client:
     ) -> Iterator[run_pb2.Run]:
         """Every run that matches, newest first, fetched `page_size` at a time (1 to 1000;
         the server's default, 50, when None) as the iteration goes."""
-        request = run_service_pb2.ListRunsRequest(
+        request = list_runs_request(
             status=status,
             pipeline_id=pipeline_id,
-            start_date=day(start_date),
-            end_date=day(end_date),
-            limit=page_size,
+            start_date=start_date,
+            end_date=end_date,
+            page_size=page_size,
         )
         for page in self._pages(self._runs.ListRuns, request):
             yield from page.runs
@@ -470,10 +573,10 @@ class Client:
         paused: bool | None = None,
     ) -> schedule_pb2.Schedule:
         """Creates a schedule of `provider/domain/template` (cron: the template's default)."""
-        request = schedule_service_pb2.CreateScheduleRequest(
-            provider=provider,
-            domain=domain,
-            template=template,
+        request = create_schedule_request(
+            provider,
+            domain,
+            template,
             cron=cron,
             time_zone=time_zone,
             parameters=parameters,
@@ -491,7 +594,7 @@ class Client:
 
     def list_schedules(self, *, page_size: int | None = None) -> Iterator[schedule_pb2.Schedule]:
         """Every schedule of the tenant, oldest first, fetched `page_size` at a time."""
-        request = schedule_service_pb2.ListSchedulesRequest(limit=page_size)
+        request = schedule_service_pb2.ListSchedulesRequest(limit=page_size or 0)
         for page in self._pages(self._schedules.ListSchedules, request):
             yield from page.schedules
 
@@ -544,9 +647,7 @@ class Client:
         expires_at: Instant | None = None,
     ) -> access_service_pb2.CreateApiKeyResponse:
         """Creates a key (scope FULL by default); its secret, `api_key`, is shown only once."""
-        request = access_service_pb2.CreateApiKeyRequest(
-            tenant_id=tenant_id, name=name, scope=scope, expires_at=expires_at
-        )
+        request = create_api_key_request(tenant_id, name, scope=scope, expires_at=expires_at)
         return self._call(self._access.CreateApiKey, request, repeatable=False)
 
     def list_api_keys(self, tenant_id: str) -> access_service_pb2.ListApiKeysResponse:
@@ -583,12 +684,8 @@ class Client:
         page_size: int | None = None,
     ) -> Iterator[access_service_pb2.AuditEvent]:
         """Every audit event that matches, newest first, fetched `page_size` at a time."""
-        request = access_service_pb2.ListAuditLogRequest(
-            tenant_id=tenant_id,
-            event=events,
-            start_time=start_time,
-            end_time=end_time,
-            limit=page_size,
+        request = list_audit_log_request(
+            tenant_id, events=events, start_time=start_time, end_time=end_time, page_size=page_size
         )
         for page in self._pages(self._access.ListAuditLog, request):
             yield from page.events

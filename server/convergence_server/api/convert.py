@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
-from typing import Any, cast
+from typing import Any
 
 from google.protobuf import json_format, timestamp_pb2
 from google.protobuf.message import Message
@@ -98,7 +98,7 @@ def onboard_response(tenant: OnboardedTenant) -> tenant_service_pb2.OnboardTenan
 _SCOPES = {"FULL": access_service_pb2.ApiKey.FULL, "READ_ONLY": access_service_pb2.ApiKey.READ_ONLY}
 
 
-def scope_name(scope: int) -> str:
+def scope_name(scope: access_service_pb2.ApiKey.Scope.ValueType) -> str:
     """The scope a request names (unset: FULL); INVALID_ARGUMENT for an unknown number."""
     if scope == access_service_pb2.ApiKey.SCOPE_UNSPECIFIED:
         return "FULL"
@@ -159,8 +159,8 @@ def _int32(value: int | None) -> int:
     return max(0, min(value or 0, 2**31 - 1))
 
 
-def run_status(name: str) -> run_pb2.Run.Status:
-    return cast(run_pb2.Run.Status, run_pb2.Run.Status.Value(name))
+def run_status(name: str) -> run_pb2.Run.Status.ValueType:
+    return run_pb2.Run.Status.Value(name)
 
 
 def run(record: RunRecord) -> run_pb2.Run:
@@ -214,10 +214,7 @@ def slot_result(outcome: SlotOutcome) -> schedule_pb2.SlotResult:
         schedule_id=outcome.schedule_id,
         tenant_id=outcome.tenant_id,
         slot_time=_timestamp(outcome.slot),
-        outcome=cast(
-            schedule_pb2.SlotResult.Outcome,
-            schedule_pb2.SlotResult.Outcome.Value(outcome.outcome),
-        ),
+        outcome=schedule_pb2.SlotResult.Outcome.Value(outcome.outcome),
         pipeline_logging_id=outcome.run.pipeline_logging_id if outcome.run else "",
         reason=outcome.reason,
         retry_after_seconds=_int32(outcome.retry_after),
@@ -247,7 +244,7 @@ def run_check(record: DqRecord) -> run_pb2.RunCheck:
         check_name=record.check_name,
         check_type=record.check_type,
         severity=record.severity,
-        status=cast(run_pb2.RunCheck.Status, run_pb2.RunCheck.Status.Value(record.status)),
+        status=run_pb2.RunCheck.Status.Value(record.status),
         observed_value=record.observed_value,
         expected_value=record.expected_value,
         message=record.message,

@@ -17,49 +17,44 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from convergence.v1 import error_reason_pb2
 from convergence_server import errors
 from convergence_server.api import convert
-from convergence_server.domain.onboarding import FailureKind, OnboardingRefused
+from convergence_server.domain.onboarding import OnboardingRefused
 
 ERROR_DOMAIN = "convergence.v1"
 INTERNAL_MESSAGE = "An unexpected error occurred"
 
 
 @dataclass(frozen=True)
-class _Mapping:
+class Rendering:
+    """How callers see an error reason (from its `ErrorReason` value in the protos)."""
+
     code: grpc.StatusCode
     http_status: int
     title: str
 
 
-_MAPPINGS: dict[type[errors.ConvergenceError], _Mapping] = {
-    errors.InvalidArgument: _Mapping(grpc.StatusCode.INVALID_ARGUMENT, 400, "Validation error"),
-    errors.Unauthenticated: _Mapping(grpc.StatusCode.UNAUTHENTICATED, 401, "Authentication failed"),
-    errors.PermissionDenied: _Mapping(
-        grpc.StatusCode.PERMISSION_DENIED, 403, "Authorization failed"
-    ),
-    errors.NotFound: _Mapping(grpc.StatusCode.NOT_FOUND, 404, "Not found"),
-    errors.AlreadyExists: _Mapping(grpc.StatusCode.ALREADY_EXISTS, 409, "Conflict"),
-    errors.FailedPrecondition: _Mapping(grpc.StatusCode.FAILED_PRECONDITION, 409, "Conflict"),
-    errors.QuotaExceeded: _Mapping(grpc.StatusCode.RESOURCE_EXHAUSTED, 429, "Rate limit exceeded"),
-    errors.Unavailable: _Mapping(grpc.StatusCode.UNAVAILABLE, 503, "Service unavailable"),
-    errors.DeadlineExceeded: _Mapping(grpc.StatusCode.DEADLINE_EXCEEDED, 504, "Deadline exceeded"),
-}
-_INTERNAL = _Mapping(grpc.StatusCode.INTERNAL, 500, "Internal server error")
-_REFUSALS = {
-    FailureKind.INVALID: _MAPPINGS[errors.InvalidArgument],
-    FailureKind.CONFLICT: _MAPPINGS[errors.AlreadyExists],
-    FailureKind.UNAVAILABLE: _MAPPINGS[errors.Unavailable],
-}
+def _renderings() -> dict[str, Rendering]:
+    by_number = {code.value[0]: code for code in grpc.StatusCode}
+    renderings = {}
+    for value in error_reason_pb2.ErrorReason.DESCRIPTOR.values:
+        option = value.GetOptions().Extensions[error_reason_pb2.rendering]
+        if option.code:  # the reasons only Envoy gives have no gRPC code
+            renderings[value.name] = Rendering(
+                by_number[option.code], option.http_status, option.title
+            )
+    return renderings
 
 
-def _mapping(error: errors.ConvergenceError) -> _Mapping:
-    if isinstance(error, OnboardingRefused):
-        return _REFUSALS[error.kind]
-    for cls in type(error).__mro__:
-        if cls in _MAPPINGS:
-            return _MAPPINGS[cls]
-    return _INTERNAL
+# ErrorInfo reason -> status and title: the `ErrorReason` enum of the protos, which Envoy's
+# Lua filter and local replies render too (see envoy.py).
+RENDERINGS = _renderings()
+_INTERNAL = RENDERINGS["INTERNAL"]
+
+
+def rendering(error: errors.ConvergenceError) -> Rendering:
+    return RENDERINGS.get(error.reason, _INTERNAL)
 
 
 def _pack(message: Any) -> any_pb2.Any:
@@ -84,7 +79,7 @@ def to_abort(error: errors.ConvergenceError | None, request_id: str, rest: bool)
     503s carry too. `rest` says the call came through Envoy's transcoder, which alone needs
     the REST status and body in the trailers (gRPC clients have a metadata size limit).
     """
-    mapping = _INTERNAL if error is None else _mapping(error)
+    mapping = _INTERNAL if error is None else rendering(error)
     message = INTERNAL_MESSAGE if error is None else error.message
     body: dict[str, Any] = {"error": mapping.title, "message": message}
     details = [

@@ -11,6 +11,7 @@
 4. `QuotaInterceptor`: the plan's request rate per API key, and the tenant's calls in
    progress and open streams; the trigger reserves the daily and concurrent run limits
    atomically with the insert of the run (see `domain.quotas`).
+5. `FieldBehaviorInterceptor`: the REQUIRED and OUTPUT_ONLY fields the protos declare.
 
 Each wraps the method handler's behaviour (unary and server-streaming methods; others are
 refused), so its code runs inside the call's own task and the context variables it sets
@@ -33,6 +34,7 @@ import grpc
 from grpc.aio import ServerInterceptor, ServicerContext
 
 from convergence_server import errors, faults, logs
+from convergence_server.api import fields
 from convergence_server.api.context import caller_var, operator_var
 from convergence_server.api.errors import Abort, to_abort
 from convergence_server.clock import Clock, system_clock
@@ -177,6 +179,10 @@ class _WrappingInterceptor(ServerInterceptor):  # type: ignore[type-arg]
     async def before(self, context: ServicerContext[Any, Any]) -> None:
         pass
 
+    def accept(self, method: str, request: Any) -> Any:
+        """The request to pass on (called within `around`, when the call goes on)."""
+        return _decoded(request)
+
     async def around(self, call: Call, context: ServicerContext[Any, Any]) -> Any:
         await self.before(context)
         return await call()
@@ -206,7 +212,8 @@ class _WrappingInterceptor(ServerInterceptor):  # type: ignore[type-arg]
 
             async def wrapped(request: Any, context: ServicerContext[Any, Any]) -> Any:
                 logs.method_var.set(method)
-                return await self.around(lambda: unary(_decoded(request), context), context)
+                call = lambda: unary(self.accept(method, request), context)  # noqa: E731
+                return await self.around(call, context)
 
             return grpc.unary_unary_rpc_method_handler(wrapped, **codec)
         if handler.unary_stream is not None:
@@ -216,7 +223,7 @@ class _WrappingInterceptor(ServerInterceptor):  # type: ignore[type-arg]
                 request: Any, context: ServicerContext[Any, Any]
             ) -> AsyncIterator[Any]:
                 logs.method_var.set(method)
-                call = lambda: stream(_decoded(request), context)  # noqa: E731
+                call = lambda: stream(self.accept(method, request), context)  # noqa: E731
                 async for item in self.around_stream(call, context):
                     yield item
 
@@ -490,3 +497,12 @@ class QuotaInterceptor(_WrappingInterceptor):
             close = getattr(items, "aclose", None)
             if close is not None:
                 await close()
+
+
+class FieldBehaviorInterceptor(_WrappingInterceptor):
+    """Innermost: the request's REQUIRED and OUTPUT_ONLY fields (see `api.fields`)."""
+
+    def accept(self, method: str, request: Any) -> Any:
+        request = _decoded(request)
+        fields.enforce(method, request)
+        return request

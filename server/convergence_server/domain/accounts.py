@@ -21,6 +21,12 @@ from convergence_server.storage import Store
 from convergence_server.storage.records import MemberRecord
 
 
+class TeamSizeExceeded(PermissionDenied):
+    """A new X-User-ID would take the team beyond the plan's size."""
+
+    reason = "TEAM_SIZE_EXCEEDED"
+
+
 @dataclass(frozen=True)
 class Usage:
     tenant_id: str
@@ -70,7 +76,7 @@ class Accounts:
             caller.tenant_id, user_id, plan.team_size, self._clock()
         )
         if not admitted:
-            raise PermissionDenied(
+            raise TeamSizeExceeded(
                 f"Team size limit reached: plan {plan.name} allows {plan.team_size} team "
                 f"members (distinct X-User-ID values) and '{echo(user_id)}' would be one more. "
                 f"Remove a member (DELETE /api/v1/tenants/{caller.tenant_id}/members/USER_ID) "

@@ -160,16 +160,23 @@ class _TemplateFiles:
         return self._result
 
 
-class OnboardingRefused(ConvergenceError):
-    """Checks failed; `kind` decides the status, `report` is the whole dry-run report."""
+_REFUSAL_REASONS = {
+    FailureKind.INVALID: "ONBOARDING_VALIDATION_FAILED",
+    FailureKind.CONFLICT: "ALREADY_EXISTS",
+    FailureKind.UNAVAILABLE: "UNAVAILABLE",
+}
 
-    reason = "ONBOARDING_VALIDATION_FAILED"
+
+class OnboardingRefused(ConvergenceError):
+    """Checks failed; `kind` decides the reason (and so the status), `report` is the whole
+    dry-run report."""
 
     def __init__(self, report: DryRunReport) -> None:
         order = (FailureKind.INVALID, FailureKind.CONFLICT, FailureKind.UNAVAILABLE)
         failures = sorted(report.failures, key=lambda r: order.index(r.kind))
         super().__init__(failures[0].message)
         self.kind = failures[0].kind
+        self.reason = _REFUSAL_REASONS[self.kind]
         self.report = report
         self.violations = [
             FieldViolation(r.field, r.issue or r.message) for r in failures if r.field
