@@ -54,7 +54,7 @@ def clients(
         "CONVERGENCE_KEY_SYNC_SECONDS": "5",
     }
     replicas = [stack_factory(**env), stack_factory(**env)]
-    opened = [httpx.Client(base_url=s.http_url, timeout=120) for s in replicas]
+    opened = [httpx.Client(base_url=s.http_url, timeout=300) for s in replicas]
     yield opened
     for client in opened:
         client.close()
@@ -125,7 +125,7 @@ def test_a_killed_replicas_run_is_taken_over_by_another(
         "CONVERGENCE_RUN_LEASE_SECONDS": "4",
     }
     first = stack_factory(**env)
-    with httpx.Client(base_url=first.http_url, timeout=120) as http:
+    with httpx.Client(base_url=first.http_url, timeout=300) as http:
         tenant_id, key = onboard(http, plan=UNMETERED)
         run_id = trigger(http, key, tenant_id, "test/runs/slow", parameters={"size": "1000"})[
             "pipeline_logging_id"
@@ -135,7 +135,7 @@ def test_a_killed_replicas_run_is_taken_over_by_another(
     first.stop()
     second = stack_factory(**env)
     try:
-        with httpx.Client(base_url=second.http_url, timeout=120) as http:
+        with httpx.Client(base_url=second.http_url, timeout=300) as http:
             ended = wait_for_run(http, key, run_id, timeout=240)
             steps = http.get(
                 f"/api/v1/pipelines/runs/{run_id}/steps", headers={"X-API-Key": key}
@@ -186,7 +186,7 @@ def test_a_day_another_replica_publishes_meanwhile_is_not_shrunk(
     )
     second = None
     try:
-        with httpx.Client(base_url=first.http_url, timeout=120) as http:
+        with httpx.Client(base_url=first.http_url, timeout=300) as http:
             tenant_id, key = onboard(http, plan=UNMETERED)
             folder = sources_dir / tenant_id
             folder.mkdir()
@@ -209,7 +209,7 @@ def test_a_day_another_replica_publishes_meanwhile_is_not_shrunk(
                     break
                 time.sleep(0.5)
             second = stack_factory(**env)  # runs the next run: the first's worker is held
-            with httpx.Client(base_url=second.http_url, timeout=120) as other:
+            with httpx.Client(base_url=second.http_url, timeout=300) as other:
                 done = wait_for_run(other, key, start(other, "all.csv"), timeout=600)
             assert done["status"] == "COMPLETE", done
             # The premise: A is still held before its transaction while B published.

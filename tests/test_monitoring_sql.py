@@ -56,7 +56,7 @@ def history(
     if request.param == "bigquery":
         env.update(request.getfixturevalue("emulator").env(prefix=""))
     stack = stack_factory(data_dir=data_dir, **pipeline_env, **env)
-    with httpx.Client(base_url=stack.http_url, timeout=30) as http:
+    with httpx.Client(base_url=stack.http_url, timeout=300) as http:
         tenant_id, key = onboard(http, plan=UNMETERED)
         done = trigger(http, key, tenant_id, "test/runs/quick")["pipeline_logging_id"]
         failed = trigger(http, key, tenant_id, "test/runs/slow", parameters={"size": "0"})

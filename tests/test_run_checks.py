@@ -38,7 +38,7 @@ def checks_stack(
 
 @pytest.fixture(scope="module")
 def http(checks_stack: Stack) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=checks_stack.http_url, timeout=60) as client:
+    with httpx.Client(base_url=checks_stack.http_url, timeout=300) as client:
         yield client
 
 

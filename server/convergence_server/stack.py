@@ -31,7 +31,7 @@ from convergence_server.envoy import render_config
 
 # How long a process of the stack may take to start (a loaded machine takes many times the
 # usual second or two; the wait ends early when the process exits).
-START_TIMEOUT = 120.0
+START_TIMEOUT = 300.0
 # How long a stopped child has beyond the server's own bound before it is killed.
 STOP_MARGIN_SECONDS = 5.0
 PR_SET_PDEATHSIG = 1
