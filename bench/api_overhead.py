@@ -321,6 +321,7 @@ def check_key(channel: grpc.Channel, api_key: str) -> None:
 
 
 LOGS = ("server.log", "envoy.log")
+REQUEST_LOG = "convergence_server.requests"
 
 
 def log_sizes(log_dir: Path) -> dict[str, int]:
@@ -340,7 +341,11 @@ def log_problems(log_dir: Path, since: dict[str, int]) -> list[str]:
         lines += [
             f"{name}: {line}"
             for line in text.splitlines()
-            if line and '"severity": "INFO"' not in line and '"severity": "DEBUG"' not in line
+            if line
+            and '"severity": "INFO"' not in line
+            and '"severity": "DEBUG"' not in line
+            # A request refused for the caller's reason (a 4xx) is the caller's outcome.
+            and not ('"severity": "WARNING"' in line and f'"logger": "{REQUEST_LOG}"' in line)
         ]
     return lines
 

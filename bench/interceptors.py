@@ -152,7 +152,7 @@ def start_bare(
         stderr=log,
     )
     resources.callback(_stop, process)
-    port = _read_ready_line(process, log_path)
+    port = int(_read_ready_line(process, log_path)["grpc_port"])
     return f"127.0.0.1:{port}", process.pid
 
 

@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     render.add_argument("--grpc-port", type=int, help="upstream port (default: configured)")
     args = parser.parse_args(argv)
     config = Config.from_env()
-    logs.configure(config.log_level)
+    logs.configure(config.log_level, config.project)
     if args.command in (None, "serve"):
         asyncio.run(_serve(config))
     elif args.command == "validate":

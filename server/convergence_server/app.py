@@ -33,7 +33,7 @@ from convergence.v1 import (
     tenant_service_pb2,
     tenant_service_pb2_grpc,
 )
-from convergence_server import faults
+from convergence_server import faults, metrics
 from convergence_server.api.access import AccessServicer
 from convergence_server.api.health import HealthServicer
 from convergence_server.api.interceptors import (
@@ -47,7 +47,7 @@ from convergence_server.api.pipelines import PipelineServicer
 from convergence_server.api.runs import RunServicer
 from convergence_server.api.schedules import ScheduleServicer
 from convergence_server.api.tenants import TenantServicer
-from convergence_server.clock import make_clock
+from convergence_server.clock import Clock, make_clock, system_clock
 from convergence_server.config import Config
 from convergence_server.domain.access import AccessLog, Keys
 from convergence_server.domain.accounts import Accounts
@@ -67,6 +67,8 @@ log = logging.getLogger(__name__)
 
 # How often the standard gRPC health status is brought up to date with the store's.
 HEALTH_CHECK_SECONDS = 1.0
+# How often the queue's gauges are read from the store.
+QUEUE_SAMPLE_SECONDS = 10.0
 MAX_METADATA_BYTES = 64 * 1024
 
 SERVICE_NAMES = tuple(
@@ -96,7 +98,11 @@ class ConvergenceServer:
     access: AccessLog
     key_sync_seconds: float = 0.0
     shutdown_seconds: float = 8.0
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int | None = None
+    clock: Clock = system_clock
     _monitor: asyncio.Task[None] | None = None
+    _sampler: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         await self.executor.start()
@@ -123,12 +129,26 @@ class ConvergenceServer:
                 await self.health.set("", status.SERVING if serving else status.NOT_SERVING)
                 log.warning("health: %s", "SERVING" if serving else f"NOT_SERVING ({failure})")
 
+    async def _sample_queue(self) -> None:
+        """The queue's gauges, from the store (on BigQuery one query per sample)."""
+        while True:
+            try:
+                pending, oldest = await self.store.pending_runs()
+            except Exception as exc:
+                log.warning("cannot sample the queue for the metrics: %s", exc)
+            else:
+                metrics.QUEUE_PENDING.set(pending)
+                age = 0.0 if oldest is None else (self.clock() - oldest).total_seconds()
+                metrics.QUEUE_OLDEST_SECONDS.set(max(0.0, age))
+            await asyncio.sleep(QUEUE_SAMPLE_SECONDS)
+
     async def stop(self) -> None:
         """Stops within `shutdown_seconds`: refuses new calls, lets calls in progress end,
         interrupts running steps and hands their runs back PENDING, closes the store."""
         deadline = time.monotonic() + self.shutdown_seconds
-        if self._monitor is not None:
-            self._monitor.cancel()
+        for task in (self._monitor, self._sampler):
+            if task is not None:
+                task.cancel()
         await self.ticker.stop()
         await self.authenticator.stop_sync()
         await self.health.enter_graceful_shutdown()
@@ -152,7 +172,11 @@ class ConvergenceServer:
         anyway: whatever it held is recovered as after a crash.
         """
         await self.start()
-        print(json.dumps({"event": "serving", "grpc_port": self.port}), flush=True)
+        ready: dict[str, object] = {"event": "serving", "grpc_port": self.port}
+        if self.metrics_port is not None:
+            ready["metrics_port"] = metrics.serve(self.metrics_host, self.metrics_port)
+            self._sampler = asyncio.create_task(self._sample_queue(), name="queue-metrics")
+        print(json.dumps(ready), flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         bound = self.shutdown_seconds + 2
@@ -209,6 +233,8 @@ def create_server(
     catalog = load_catalog(config.config_dir)
     check_schedule_hints(catalog)
     store = open_store(config)
+    if config.metrics_port is not None:  # timing every store call costs a little
+        store = metrics.timed_store(store, config.store)
     clock = make_clock(config.clock_offset_file)
     events = RunEvents()
     executor = Executor(
@@ -332,4 +358,7 @@ def create_server(
         access,
         config.key_sync_seconds if not store.exclusive else 0.0,
         config.shutdown_seconds,
+        config.metrics_host,
+        config.metrics_port,
+        clock=clock,
     )

@@ -24,6 +24,10 @@ class Config:
     http_host: str = "127.0.0.1"
     http_port: int = 8080
     envoy_admin_port: int = 9901
+    # Prometheus metrics (`/metrics`), on a listener of their own (0: a port the OS
+    # picks); None: not served.
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int | None = None
     store: str = "embedded"
     data_dir: Path = REPO_ROOT / ".data"
     config_dir: Path = REPO_ROOT / "configs"
@@ -101,6 +105,10 @@ class Config:
             http_host=env.get("CONVERGENCE_HTTP_HOST", defaults.http_host),
             http_port=_int(env, "CONVERGENCE_HTTP_PORT", defaults.http_port),
             envoy_admin_port=_int(env, "CONVERGENCE_ENVOY_ADMIN_PORT", defaults.envoy_admin_port),
+            metrics_host=env.get("CONVERGENCE_METRICS_HOST", defaults.metrics_host),
+            metrics_port=_int(env, "CONVERGENCE_METRICS_PORT", 0)
+            if env.get("CONVERGENCE_METRICS_PORT")
+            else None,
             store=store,
             data_dir=data_dir,
             config_dir=Path(env.get("CONVERGENCE_CONFIG_DIR", str(defaults.config_dir))),

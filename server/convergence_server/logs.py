@@ -25,6 +25,12 @@ user_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("user_id", def
 method_var: contextvars.ContextVar[str] = contextvars.ContextVar("method", default="")
 # The caller's IP address (for the audit log; not in every log line).
 client_address_var: contextvars.ContextVar[str] = contextvars.ContextVar("client", default="")
+# The trace (and span) the caller's request belongs to (`traceparent` or Cloud Run's
+# `X-Cloud-Trace-Context`): every line of the call carries it, as Cloud Logging's
+# `logging.googleapis.com/trace`, which links the lines to the trace and to each other.
+trace_var: contextvars.ContextVar[tuple[str, str]] = contextvars.ContextVar(
+    "trace", default=("", "")
+)
 
 _CONTEXT = (
     ("request_id", request_id_var),
@@ -64,7 +70,29 @@ class _DropUndecodableMetadata(logging.Filter):
         )
 
 
+_TRACEPARENT = re.compile(r"[0-9a-f]{2}-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}")
+_CLOUD_TRACE = re.compile(r"([0-9a-fA-F]{32})(?:/([0-9]{1,20}))?(?:;o=[01])?")
+_NO_TRACE = "0" * 32
+
+
+def parse_trace(traceparent: str | None, cloud_trace: str | None) -> tuple[str, str]:
+    """(trace id, span id) from a W3C `traceparent` or an `X-Cloud-Trace-Context` header;
+    empty strings when neither is well formed (an all-zero trace id is invalid)."""
+    found = _TRACEPARENT.fullmatch(traceparent.strip()) if traceparent else None
+    if found and found.group(1) != _NO_TRACE:
+        return found.group(1), found.group(2)
+    found = _CLOUD_TRACE.fullmatch(cloud_trace.strip()) if cloud_trace else None
+    if found and found.group(1).lower() != _NO_TRACE:
+        span = f"{int(found.group(2)):016x}" if found.group(2) else ""
+        return found.group(1).lower(), span if len(span) == 16 else ""
+    return "", ""
+
+
 class JsonFormatter(logging.Formatter):
+    def __init__(self, project: str = "") -> None:
+        super().__init__()
+        self._project = project
+
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, object] = {
             "time": datetime.fromtimestamp(record.created, UTC).isoformat(),
@@ -76,6 +104,11 @@ class JsonFormatter(logging.Formatter):
             value = var.get()
             if value:
                 entry[name] = redact(value, 256)
+        trace, span = trace_var.get()
+        if trace:
+            entry["logging.googleapis.com/trace"] = f"projects/{self._project}/traces/{trace}"
+            if span:
+                entry["logging.googleapis.com/spanId"] = span
         extra = getattr(record, "fields", None)
         if isinstance(extra, dict):
             entry.update(extra)
@@ -84,9 +117,9 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
-def configure(level: str) -> None:
+def configure(level: str, project: str = "") -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter())
+    handler.setFormatter(JsonFormatter(project))
     handler.addFilter(_DropUndecodableMetadata())
     root = logging.getLogger()
     root.handlers[:] = [handler]

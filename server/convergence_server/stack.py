@@ -73,10 +73,17 @@ class Stack:
     logs: list[IO[bytes]] = field(default_factory=list)
     # How long `stop` waits for each process before it kills it.
     stop_timeout: float = 10.0
+    # The server's Prometheus port (CONVERGENCE_METRICS_PORT), when it serves one.
+    metrics_port: int | None = None
 
     @property
     def http_url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        assert self.metrics_port is not None, "the server serves no metrics"
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
     @property
     def grpc_target(self) -> str:
@@ -151,7 +158,8 @@ def _tail(path: Path | None, lines: int = 30) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
-def _read_ready_line(process: subprocess.Popen[bytes], log: Path | None) -> int:
+def _read_ready_line(process: subprocess.Popen[bytes], log: Path | None) -> dict[str, Any]:
+    """The server's `serving` line: its gRPC port (and metrics port, when served)."""
     assert process.stdout is not None
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
@@ -159,7 +167,8 @@ def _read_ready_line(process: subprocess.Popen[bytes], log: Path | None) -> int:
         if ready:
             line = process.stdout.readline()
             if line:
-                return int(json.loads(line)["grpc_port"])
+                serving: dict[str, Any] = json.loads(line)
+                return serving
         if process.poll() is not None:
             break
     raise StackError(f"the gRPC server did not start\n{_tail(log)}")
@@ -235,7 +244,8 @@ def start_stack(env: dict[str, str], log_dir: Path | None = None) -> Stack:
             stderr=server_err,
         )
         processes.append(server)
-        grpc_port = _read_ready_line(server, server_log)
+        serving = _read_ready_line(server, server_log)
+        grpc_port = int(serving["grpc_port"])
 
         config_path = run_dir / "envoy.yaml"
         config_path.write_text(render_config(config, grpc_port))
@@ -261,6 +271,7 @@ def start_stack(env: dict[str, str], log_dir: Path | None = None) -> Stack:
             run_dir=run_dir,
             logs=log_files,
             stop_timeout=config.shutdown_seconds + STOP_MARGIN_SECONDS,
+            metrics_port=serving.get("metrics_port"),
         )
         _wait_healthy(stack.http_url, processes)
     except BaseException:

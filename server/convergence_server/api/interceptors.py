@@ -26,6 +26,7 @@ import hmac
 import ipaddress
 import logging
 import re
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, cast
@@ -33,7 +34,7 @@ from typing import Any, cast
 import grpc
 from grpc.aio import ServerInterceptor, ServicerContext
 
-from convergence_server import errors, faults, logs
+from convergence_server import errors, faults, logs, metrics
 from convergence_server.api import fields
 from convergence_server.api.context import caller_var, operator_var
 from convergence_server.api.errors import Abort, to_abort
@@ -52,6 +53,19 @@ from convergence_server.domain.keys import parse_key
 from convergence_server.domain.quotas import PlanBook, RateLimiter, TenantLoad
 
 log = logging.getLogger(__name__)
+# One line per call: method, REST path, status, duration, and the call's context.
+REQUESTS = logging.getLogger("convergence_server.requests")
+# Codes that are the service's fault, logged at ERROR; a caller's mistakes at WARNING.
+_SERVER_FAULTS = frozenset(
+    {
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.DATA_LOSS,
+        grpc.StatusCode.UNIMPLEMENTED,
+    }
+)
 
 Behavior = Callable[[Any, "ServicerContext[Any, Any]"], Awaitable[Any]]
 StreamBehavior = Callable[[Any, "ServicerContext[Any, Any]"], AsyncIterator[Any]]
@@ -243,29 +257,89 @@ class ErrorInterceptor(_WrappingInterceptor):
         self._access = access
 
     async def around(self, call: Call, context: ServicerContext[Any, Any]) -> Any:
+        started = time.perf_counter()
         try:
-            return await call()
+            answer = await call()
         except Exception as exc:
             abort = self._abort_for(exc, context)
+        else:
+            _completed(started, context)
+            return answer
+        _completed(started, context, abort)
         await context.abort(abort.code, abort.details, abort.trailing_metadata)
 
     async def around_stream(
         self, call: StreamCall, context: ServicerContext[Any, Any]
     ) -> AsyncIterator[Any]:
+        started = time.perf_counter()
         try:
             async for item in call():
                 yield item
-            return
         except Exception as exc:
             abort = self._abort_for(exc, context)
+        else:
+            _completed(started, context)
+            return
+        _completed(started, context, abort)
         await context.abort(abort.code, abort.details, abort.trailing_metadata)
 
     def _abort_for(self, exc: Exception, context: ServicerContext[Any, Any]) -> Abort:
         caller = caller_var.get()
-        if isinstance(exc, errors.QuotaExceeded) and caller and self._access is not None:
-            actor = Actor(caller.key_id, logs.user_id_var.get(), "", logs.client_address_var.get())
-            self._access.count(caller.tenant_id, "quota.refused", exc.subject, actor)
+        if isinstance(exc, errors.QuotaExceeded):
+            metrics.QUOTA_REFUSALS.labels(metrics.quota_name(exc.subject)).inc()
+            if caller and self._access is not None:
+                address = logs.client_address_var.get()
+                actor = Actor(caller.key_id, logs.user_id_var.get(), "", address)
+                self._access.count(caller.tenant_id, "quota.refused", exc.subject, actor)
+        elif isinstance(exc, errors.Unauthenticated):
+            metrics.AUTH_FAILURES.labels(exc.reason).inc()
         return _abort_for(exc, context)
+
+
+def _completed(
+    started: float, context: ServicerContext[Any, Any], abort: Abort | None = None
+) -> None:
+    """The call's metrics and its one request log line (never a key: none is logged)."""
+    seconds = time.perf_counter() - started
+    method = logs.method_var.get()
+    code = grpc.StatusCode.OK if abort is None else abort.code
+    metrics.RPC_SECONDS.labels(method, code.name).observe(seconds)
+    path = metadata_value(context, "x-envoy-original-path")
+    status = 200
+    if abort is not None and path is not None:
+        status = int(dict(abort.trailing_metadata).get("x-http-status", 500))
+    address = logs.client_address_var.get() or context.peer() or ""
+    http_request = {
+        # A transcoded REST call's method and path; a native call is an HTTP/2 POST.
+        "requestMethod": metadata_value(context, "x-envoy-original-method") or "POST",
+        "requestUrl": logs.redact(path if path is not None else method, 2048),
+        "status": status,
+        "latency": f"{seconds:.6f}s",
+        "remoteIp": address,
+    }
+    severity = (
+        logging.INFO
+        if code == grpc.StatusCode.OK
+        else logging.ERROR
+        if code in _SERVER_FAULTS
+        else logging.WARNING
+    )
+    REQUESTS.log(
+        severity,
+        "%s %s %s %.1f ms",
+        http_request["requestMethod"],
+        http_request["requestUrl"],
+        status if path is not None else code.name,
+        seconds * 1000,
+        extra={
+            "fields": {
+                "httpRequest": http_request,
+                "grpc_code": code.name,
+                "duration_ms": round(seconds * 1000, 3),
+                "client_address": address,
+            }
+        },
+    )
 
 
 def _abort_for(exc: Exception, context: ServicerContext[Any, Any]) -> Abort:
@@ -297,6 +371,12 @@ class RequestContextInterceptor(_WrappingInterceptor):
     """
 
     async def before(self, context: ServicerContext[Any, Any]) -> None:
+        logs.trace_var.set(
+            logs.parse_trace(
+                metadata_value(context, "traceparent"),
+                metadata_value(context, "x-cloud-trace-context"),
+            )
+        )
         incoming = metadata_value(context, "x-request-id")
         # An id that may carry a key is not taken: it would be logged and echoed.
         if incoming and _REQUEST_ID.fullmatch(incoming) and logs.redact(incoming) == incoming:

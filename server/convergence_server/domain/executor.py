@@ -33,7 +33,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TypeVar
 
-from convergence_server import faults, logs
+from convergence_server import faults, logs, metrics
 from convergence_server.domain.runs import COMPLETE, FAILED, RUNNING, RunEvents
 from convergence_server.engine.runner import (
     DqResult,
@@ -130,6 +130,9 @@ class _Observer:
             warnings=self._warnings.get(step.name, 0),
         )
         await self._store.save_step(record)
+        metrics.STEP_SECONDS.labels(step.kind, record.status).observe(
+            (ended - started).total_seconds()
+        )
         self._events.publish(self._run.pipeline_logging_id)
 
     async def dq_checked(self, step: Step, results: list[DqResult]) -> None:
@@ -260,18 +263,20 @@ class Executor:
             if await self._store.published(run.pipeline_logging_id):
                 if await self._store.finish_run(run, COMPLETE, self._clock()):
                     log.warning("run %s ended COMPLETE: it was published", run.pipeline_logging_id)
+                    _count_end(run, COMPLETE)
             elif run.cancel_requested:
-                await self._store.finish_run(run, FAILED, self._clock(), CANCELLED_MESSAGE)
+                if await self._store.finish_run(run, FAILED, self._clock(), CANCELLED_MESSAGE):
+                    _count_end(run, FAILED)
             elif retry and run.attempt < MAX_ATTEMPTS:
                 if await self._store.requeue_run(run, self._clock(), count_attempt=True):
                     log.warning("run %s requeued: its execution was lost", run.pipeline_logging_id)
-            else:
-                await self._store.finish_run(
-                    run,
-                    FAILED,
-                    self._clock(),
-                    f"The server stopped while the run was in progress (attempt {run.attempt})",
-                )
+            elif await self._store.finish_run(
+                run,
+                FAILED,
+                self._clock(),
+                f"The server stopped while the run was in progress (attempt {run.attempt})",
+            ):
+                _count_end(run, FAILED)
             self._events.publish(run.pipeline_logging_id)
 
     async def _keep_alive(self) -> None:
@@ -336,6 +341,7 @@ class Executor:
         run_id = run.pipeline_logging_id
         logs.tenant_id_var.set(run.tenant_id)
         self._events.publish(run_id)
+        claimed = time.monotonic()
         try:
             status, error = await self._run_pipeline(run)
             if status == _HANDED_BACK:
@@ -351,6 +357,7 @@ class Executor:
                 f"end run {run_id}",
             ):
                 log.info("run %s ended %s", run_id, status, extra={"fields": {"error": error}})
+                _count_end(run, status, time.monotonic() - claimed)
             else:
                 log.warning("run %s was no longer this worker's to end", run_id)
         except Exception:  # the sweep (or the next start) recovers the run
@@ -443,3 +450,7 @@ class Executor:
             self._in_flight[run.pipeline_logging_id] = None
             await warehouse.close()
         return COMPLETE, ""
+
+
+def _count_end(run: RunRecord, status: str, seconds: float | None = None) -> None:
+    metrics.run_ended(run.provider, run.domain, run.template, status, seconds)

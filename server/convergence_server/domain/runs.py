@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
+from convergence_server import metrics
 from convergence_server.domain.auth import Caller, authorize_tenant
 from convergence_server.domain.quotas import (
     PlanBook,
@@ -354,6 +355,8 @@ class Runs:
             raise FailedPrecondition(f"Run {run_id} has already ended ({run.status})")
         updated = await self._store.request_cancel(caller.tenant_id, run_id, self._clock())
         self._events.publish(run_id)
+        if run.status == PENDING and updated is not None and updated.status == FAILED:
+            metrics.run_ended(run.provider, run.domain, run.template, FAILED, None)  # never ran
         return updated or run
 
     async def watch(

@@ -30,6 +30,7 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
+from convergence_server import metrics
 from convergence_server.domain.access import AccessLog, actor_of
 from convergence_server.domain.auth import Caller
 from convergence_server.domain.cron import Cron, CronError
@@ -461,6 +462,12 @@ class Schedules:
     async def trigger(self, tenant_id: str | None) -> list[SlotOutcome]:
         """Starts the due slots of the tenant's schedules (reporting paused ones), or of
         every tenant's (paused ones left out), a page of due schedules at a time."""
+        outcomes = await self._trigger(tenant_id)
+        for outcome in outcomes:
+            metrics.SCHEDULE_SLOTS.labels(outcome.outcome).inc()
+        return outcomes
+
+    async def _trigger(self, tenant_id: str | None) -> list[SlotOutcome]:
         outcomes: list[SlotOutcome] = []
         after: tuple[str, datetime, str] | None = None
         while True:

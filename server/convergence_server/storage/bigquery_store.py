@@ -1198,6 +1198,15 @@ class BigQueryStore:
         )
         return bool(rows and rows[0][0])
 
+    async def pending_runs(self) -> tuple[int, datetime | None]:
+        rows = await self._call(
+            lambda: self._query(
+                f"SELECT COUNT(*), MIN(created_at) FROM {self._t('tenant_pipeline_runs')} "
+                "WHERE status = 'PENDING'"
+            )
+        )
+        return int(rows[0][0]), rows[0][1]
+
     async def stale_runs(self, stale_before: datetime) -> list[RunRecord]:
         rows = await self._call(
             lambda: self._query(

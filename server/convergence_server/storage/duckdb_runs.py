@@ -259,6 +259,14 @@ def typical_run_ms(cur: duckdb.DuckDBPyConnection, tenant_id: str) -> int | None
     return None if row is None or row[0] is None else int(row[0])
 
 
+def pending_runs(cur: duckdb.DuckDBPyConnection) -> tuple[int, datetime | None]:
+    row = cur.execute(
+        f"SELECT COUNT(*), MIN(created_at) FROM {RUNS} WHERE status = 'PENDING'"
+    ).fetchone()
+    assert row is not None
+    return int(row[0]), aware(row[1])
+
+
 def get_run(cur: duckdb.DuckDBPyConnection, tenant_id: str, run_id: str) -> RunRecord | None:
     row = cur.execute(
         f"SELECT {RUN_COLUMNS} FROM {RUNS} WHERE pipeline_logging_id = ? AND tenant_id = ?",

@@ -761,6 +761,9 @@ class DuckDBStore:
     async def stale_runs(self, stale_before: datetime) -> list[RunRecord]:
         return await self._call(lambda cur: runs.stale_runs(cur, stale_before))
 
+    async def pending_runs(self) -> tuple[int, datetime | None]:
+        return await self._call(runs.pending_runs)
+
     async def requeue_run(self, run: RunRecord, now: datetime, count_attempt: bool) -> bool:
         return await self._call(lambda cur: runs.requeue_run(cur, run, now, count_attempt))
 

@@ -225,6 +225,9 @@ class Store(Protocol):
     async def stale_runs(self, stale_before: datetime) -> list[RunRecord]:
         """RUNNING runs whose last heartbeat is older than `stale_before`."""
 
+    async def pending_runs(self) -> tuple[int, datetime | None]:
+        """How many runs of every tenant are PENDING, and the oldest one's creation time."""
+
     async def requeue_run(self, run: RunRecord, now: datetime, count_attempt: bool) -> bool:
         """Puts `run` back to PENDING if it is still RUNNING for the same worker and attempt;
         `count_attempt` uses up an attempt (after a crash, not after a clean stop)."""
