@@ -806,6 +806,19 @@ def test_runs_list_newest_first_in_pages_and_filter(store: Store) -> None:
         run(store.request_cancel(tenant_id, r.pipeline_logging_id, datetime.now(UTC)))
 
 
+def test_pending_runs_are_counted_with_the_oldest_creation(store: Store) -> None:
+    count, _ = run(store.pending_runs())
+    tenant_id = tenant(store)
+    oldest = datetime(2001, 1, 1, tzinfo=UTC)
+    made = [new_run(tenant_id, oldest), new_run(tenant_id, oldest + timedelta(hours=1))]
+    for r in made:
+        run(store.create_run(r, LONG_AGO, None))
+    assert run(store.pending_runs()) == (count + 2, oldest)
+    for r in made:
+        run(store.request_cancel(tenant_id, r.pipeline_logging_id, datetime.now(UTC)))
+    assert run(store.pending_runs())[0] == count
+
+
 def test_bigquery_refuses_a_known_tenant_whose_dataset_is_gone(emulator: Emulator) -> None:
     """The dataset is the tenant's lock on BigQuery; if it was dropped by hand, the rows
     still refuse a second tenant of that id, and the new dataset is removed again."""
