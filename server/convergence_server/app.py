@@ -11,7 +11,7 @@ import signal
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -35,7 +35,7 @@ from convergence.v1 import (
 )
 from convergence_server import faults, metrics
 from convergence_server.api.access import AccessServicer
-from convergence_server.api.health import HealthServicer
+from convergence_server.api.health import HealthServicer, StoreState
 from convergence_server.api.interceptors import (
     AuthInterceptor,
     ErrorInterceptor,
@@ -62,11 +62,17 @@ from convergence_server.domain.schedules import Schedules, Ticker, check_schedul
 from convergence_server.engine.runner import SourcePolicy
 from convergence_server.engine.templates import load_catalog
 from convergence_server.storage import Store, open_store
+from convergence_server.storage.schema import MIGRATIONS
 
 log = logging.getLogger(__name__)
 
 # How often the standard gRPC health status is brought up to date with the store's.
 HEALTH_CHECK_SECONDS = 1.0
+# How often the store is asked for its schema's version (a query; on BigQuery a small job),
+# and how long any health check waits for the store before it counts as not answering.
+STORE_PROBE_SECONDS = 10.0
+STORE_PROBE_TIMEOUT = 10.0
+LATEST_SCHEMA = MIGRATIONS[-1].version
 # How often the queue's gauges are read from the store.
 QUEUE_SAMPLE_SECONDS = 10.0
 MAX_METADATA_BYTES = 64 * 1024
@@ -101,6 +107,7 @@ class ConvergenceServer:
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = None
     clock: Clock = system_clock
+    store_state: StoreState = field(default_factory=StoreState)
     _monitor: asyncio.Task[None] | None = None
     _sampler: asyncio.Task[None] | None = None
 
@@ -115,19 +122,50 @@ class ConvergenceServer:
         log.info("serving", extra={"fields": {"grpc_port": self.port}})
 
     async def _watch_store(self) -> None:
-        """NOT_SERVING while the store refuses writes (a full disk), SERVING again after."""
+        """NOT_SERVING while the store refuses writes (a full disk), does not answer, or
+        lacks migrations this server needs; SERVING again after. `/health` says the same."""
         serving = True
+        probe: asyncio.Task[str | None] | None = None
+        next_probe = time.monotonic() + STORE_PROBE_SECONDS
         while True:
             await asyncio.sleep(HEALTH_CHECK_SECONDS)
             try:
-                failure = await self.store.write_failure()
+                failure = await asyncio.wait_for(self.store.write_failure(), STORE_PROBE_TIMEOUT)
             except Exception as exc:
-                failure = str(exc) or type(exc).__name__
+                failure = f"the store does not answer: {exc or type(exc).__name__}"
+            # A probe at a time (one stuck in an unanswered call is not piled upon), every
+            # STORE_PROBE_SECONDS, or at every check while the store is failing.
+            if probe is None and (not serving or time.monotonic() >= next_probe):
+                probe = asyncio.create_task(self._probe_store(), name="store-probe")
+                next_probe = time.monotonic() + STORE_PROBE_SECONDS
+            if probe is not None:
+                done, _ = await asyncio.wait({probe}, timeout=STORE_PROBE_TIMEOUT)
+                if done:
+                    failure = failure or probe.result()
+                    probe = None
+                else:
+                    failure = failure or (
+                        f"the store did not answer within {STORE_PROBE_TIMEOUT:.0f} s"
+                    )
+            self.store_state.failure = failure
             if (failure is None) != serving:
                 serving = failure is None
                 status = health_pb2.HealthCheckResponse
                 await self.health.set("", status.SERVING if serving else status.NOT_SERVING)
                 log.warning("health: %s", "SERVING" if serving else f"NOT_SERVING ({failure})")
+
+    async def _probe_store(self) -> str | None:
+        """Why the store cannot serve this server, from a query: its schema's version."""
+        try:
+            version = await self.store.schema_version()
+        except Exception as exc:
+            return f"the store does not answer: {exc or type(exc).__name__}"
+        if version < LATEST_SCHEMA:
+            return (
+                f"the store's schema is at version {version}, this server needs "
+                f"{LATEST_SCHEMA}: its migrations have not run"
+            )
+        return None
 
     async def _sample_queue(self) -> None:
         """The queue's gauges, from the store (on BigQuery one query per sample)."""
@@ -322,7 +360,10 @@ def create_server(
         ],
     )
     onboarding = Onboarding(store, plans, config.config_dir, config.key_pepper, access=access)
-    health_service_pb2_grpc.add_HealthServiceServicer_to_server(HealthServicer(store), server)
+    store_state = StoreState()
+    health_service_pb2_grpc.add_HealthServiceServicer_to_server(
+        HealthServicer(store, store_state), server
+    )
     tenant_service_pb2_grpc.add_TenantServiceServicer_to_server(
         TenantServicer(onboarding, accounts), server
     )
@@ -361,4 +402,5 @@ def create_server(
         config.metrics_host,
         config.metrics_port,
         clock=clock,
+        store_state=store_state,
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from grpc.aio import ServicerContext
@@ -13,14 +14,25 @@ from convergence_server.errors import Unavailable
 from convergence_server.storage import Store
 
 
+@dataclass
+class StoreState:
+    """Why the store cannot serve, as the server's store watcher last found (app.py), which
+    also sets the standard gRPC health status; None while it serves."""
+
+    failure: str | None = None
+
+
 class HealthServicer(health_service_pb2_grpc.HealthServiceServicer):
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, state: StoreState) -> None:
         self._store = store
+        self._state = state
 
     async def GetHealth(
         self, request: health_service_pb2.GetHealthRequest, context: ServicerContext[Any, Any]
     ) -> health_service_pb2.GetHealthResponse:
-        failure = await self._store.write_failure()
+        if self._state.failure is not None:
+            raise Unavailable(f"The store is unavailable: {self._state.failure}")
+        failure = await self._store.write_failure()  # known at once, before the watcher
         if failure is not None:
             raise Unavailable(f"The store cannot write: {failure}")
         caller = current_caller()
