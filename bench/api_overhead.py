@@ -285,7 +285,7 @@ def start_echo_server(resources: contextlib.ExitStack) -> tuple[str, int]:
     return f"127.0.0.1:{_read_port(process)}", process.pid
 
 
-def start_bench_stack(resources: contextlib.ExitStack, data_dir: Path) -> Stack:
+def start_bench_stack(resources: contextlib.ExitStack, data_dir: Path, **extra: str) -> Stack:
     env = {
         "CONVERGENCE_DATA_DIR": str(data_dir),
         "CONVERGENCE_GRPC_HOST": "127.0.0.1",
@@ -295,6 +295,7 @@ def start_bench_stack(resources: contextlib.ExitStack, data_dir: Path) -> Stack:
         "CONVERGENCE_ENVOY_ADMIN_PORT": "0",
         "CONVERGENCE_STORE": "embedded",
         "CONVERGENCE_LOG_LEVEL": "INFO",
+        **extra,
     }
     stack = start_stack(env, log_dir=data_dir / "logs")
     resources.callback(stack.stop)

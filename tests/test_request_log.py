@@ -89,3 +89,12 @@ def test_each_call_logs_one_line_with_its_outcome(
     assert first["logging.googleapis.com/spanId"] == "00f067aa0ba902b7"
     secret = key.rsplit("_", 1)[-1]
     assert secret not in log.read_text()
+
+
+def test_request_log_off_writes_no_request_line(stack_factory: StackFactory) -> None:
+    stack = stack_factory(CONVERGENCE_REQUEST_LOG="off")
+    with httpx.Client(base_url=stack.http_url, timeout=120) as http:
+        assert http.get("/health").status_code == 200
+        assert http.get(f"/api/v1/pipelines/runs/{uuid.uuid4()}").status_code == 401
+    stack.stop()
+    assert request_lines(stack.run_dir.parent / "logs" / "server.log") == {}

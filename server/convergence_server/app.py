@@ -323,7 +323,7 @@ def create_server(
     )
     server = grpc.aio.server(
         interceptors=[
-            ErrorInterceptor(access),
+            ErrorInterceptor(access, config.request_log),
             RequestContextInterceptor(),
             AuthInterceptor(
                 authenticator,

@@ -28,6 +28,8 @@ class Config:
     # picks); None: not served.
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = None
+    # One log line per call (off: `CONVERGENCE_REQUEST_LOG=off`).
+    request_log: bool = True
     store: str = "embedded"
     data_dir: Path = REPO_ROOT / ".data"
     config_dir: Path = REPO_ROOT / "configs"
@@ -109,6 +111,7 @@ class Config:
             metrics_port=_int(env, "CONVERGENCE_METRICS_PORT", 0)
             if env.get("CONVERGENCE_METRICS_PORT")
             else None,
+            request_log=env.get("CONVERGENCE_REQUEST_LOG", "on") != "off",
             store=store,
             data_dir=data_dir,
             config_dir=Path(env.get("CONVERGENCE_CONFIG_DIR", str(defaults.config_dir))),

@@ -251,10 +251,12 @@ class _WrappingInterceptor(ServerInterceptor):  # type: ignore[type-arg]
 
 
 class ErrorInterceptor(_WrappingInterceptor):
-    """Also counts quota refusals into the tenant's audit log (per minute and quota)."""
+    """Also counts quota refusals into the tenant's audit log (per minute and quota), and
+    ends each call with its metrics and (unless `request_log` is off) its log line."""
 
-    def __init__(self, access: AccessLog | None = None) -> None:
+    def __init__(self, access: AccessLog | None = None, request_log: bool = True) -> None:
         self._access = access
+        self._request_log = request_log
 
     async def around(self, call: Call, context: ServicerContext[Any, Any]) -> Any:
         started = time.perf_counter()
@@ -263,9 +265,9 @@ class ErrorInterceptor(_WrappingInterceptor):
         except Exception as exc:
             abort = self._abort_for(exc, context)
         else:
-            _completed(started, context)
+            _completed(started, context, self._request_log)
             return answer
-        _completed(started, context, abort)
+        _completed(started, context, self._request_log, abort)
         await context.abort(abort.code, abort.details, abort.trailing_metadata)
 
     async def around_stream(
@@ -278,9 +280,9 @@ class ErrorInterceptor(_WrappingInterceptor):
         except Exception as exc:
             abort = self._abort_for(exc, context)
         else:
-            _completed(started, context)
+            _completed(started, context, self._request_log)
             return
-        _completed(started, context, abort)
+        _completed(started, context, self._request_log, abort)
         await context.abort(abort.code, abort.details, abort.trailing_metadata)
 
     def _abort_for(self, exc: Exception, context: ServicerContext[Any, Any]) -> Abort:
@@ -297,13 +299,18 @@ class ErrorInterceptor(_WrappingInterceptor):
 
 
 def _completed(
-    started: float, context: ServicerContext[Any, Any], abort: Abort | None = None
+    started: float,
+    context: ServicerContext[Any, Any],
+    request_log: bool,
+    abort: Abort | None = None,
 ) -> None:
     """The call's metrics and its one request log line (never a key: none is logged)."""
     seconds = time.perf_counter() - started
     method = logs.method_var.get()
     code = grpc.StatusCode.OK if abort is None else abort.code
     metrics.RPC_SECONDS.labels(method, code.name).observe(seconds)
+    if not request_log:
+        return
     path = metadata_value(context, "x-envoy-original-path")
     status = 200
     if abort is not None and path is not None:
