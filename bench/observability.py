@@ -1,14 +1,15 @@
 """What metrics and request logs cost on the API: the same calls against two stacks.
 
 `make bench` runs `python -m bench.observability`. It starts, on loopback only, two stacks
-on the embedded store: the baseline with neither (`CONVERGENCE_REQUEST_LOG=off`, no
-`CONVERGENCE_METRICS_PORT`), and one with both (metrics served, every store call timed, one
-log line per call), onboards a tenant on each, and runs the authenticated GetHealth over
-gRPC and over REST through Envoy as closed loops (`bench.api_overhead`'s machinery: C
-worker threads, N timed calls, the servers' CPU read from /proc). Each pair alternates
-which stack goes first, twice, and the report gives the observed stack's rate as a ratio
-of the baseline's. Goal: at least 0.90. The exit status is 1 when a call failed or a
-server logged a warning or an error.
+on the embedded store (no workers; the tenants on a plan whose limits never bind): the
+baseline with neither (`CONVERGENCE_REQUEST_LOG=off`, no `CONVERGENCE_METRICS_PORT`), and
+one with both (metrics served, every store call timed, one log line per call), onboards a
+tenant on each, and runs the authenticated GetHealth over gRPC and over REST through Envoy
+as closed loops (`bench.api_overhead`'s machinery: C worker threads, N timed calls, the
+servers' CPU read from /proc). Each round alternates which stack goes first (three
+rounds); the report gives the median rate of each and the observed stack's as a ratio of
+the baseline's. Goal: at least 0.90. The exit status is 1 when a call failed or a server
+logged a warning or an error.
 """
 
 from __future__ import annotations
@@ -16,15 +17,18 @@ from __future__ import annotations
 import contextlib
 import statistics
 import sys
-import tempfile
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+import httpx
 
 from bench.api_overhead import (
     GRPC_OPTIONS,
+    TENANT,
+    TIMEOUT,
     Load,
     Result,
     Scenario,
@@ -32,20 +36,20 @@ from bench.api_overhead import (
     health_call,
     log_problems,
     log_sizes,
-    onboard,
     parse_args,
     report_errors,
     rest_get,
     run_scenario,
     shared,
-    start_bench_stack,
 )
+from bench.interceptors import UNMETERED, make_workspace
+from convergence_server.stack import start_stack
 
 PLAIN = {"CONVERGENCE_REQUEST_LOG": "off"}
 OBSERVED = {"CONVERGENCE_REQUEST_LOG": "on", "CONVERGENCE_METRICS_PORT": "0"}
 VARIANTS = (("baseline", PLAIN), ("metrics + request log", OBSERVED))
 CALLS = ("GetHealth + API key, gRPC direct", "GET /health + API key, REST via Envoy")
-ROUNDS = 2
+ROUNDS = 3
 
 
 @dataclass
@@ -59,9 +63,19 @@ class Variant:
 
 
 def start(resources: contextlib.ExitStack, name: str, env: dict[str, str]) -> Variant:
-    data_dir = Path(resources.enter_context(tempfile.TemporaryDirectory(prefix="bench-")))
-    stack = start_bench_stack(resources, data_dir, **env)
-    key = onboard(stack.http_url)
+    """A stack with `env`, and a tenant of the UNMETERED plan (no rate limit binds)."""
+    workspace = make_workspace(resources)
+    stack = start_stack({**workspace.env(), **env}, log_dir=workspace.log_dir)
+    resources.callback(stack.stop)
+    tenant = {
+        **TENANT,
+        "tenant_id": f"bench_{uuid.uuid4().hex[:12]}",
+        "subscription_plan": UNMETERED,
+    }
+    with httpx.Client(base_url=stack.http_url, timeout=TIMEOUT, trust_env=False) as client:
+        key = str(
+            client.post("/api/v1/tenants/onboard", json=tenant).raise_for_status().json()["api_key"]
+        )
     channel = grpc.insecure_channel(stack.grpc_target, options=GRPC_OPTIONS)
     resources.enter_context(channel)
     direct = shared(health_call(channel, key))
@@ -69,8 +83,8 @@ def start(resources: contextlib.ExitStack, name: str, env: dict[str, str]) -> Va
     return Variant(
         name,
         (stack.server.pid, stack.envoy.pid),
-        data_dir / "logs",
-        log_sizes(data_dir / "logs"),
+        workspace.log_dir,
+        log_sizes(workspace.log_dir),
         [
             Scenario(f"{label} [{name}]", call)
             for label, call in zip(CALLS, (direct, rest), strict=True)

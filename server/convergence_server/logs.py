@@ -42,19 +42,25 @@ _CONTEXT = (
 
 MAX_MESSAGE = 4096
 REDACTED = "<redacted>"
-# A key's id and secret follow `_api_` (domain.keys): eight or more of their characters
-# are taken for a key, or a piece of one (`tenant_api_keys` is not).
+# A key's id and secret follow `_api_` (domain.keys; in any letter case): eight or more of
+# their characters are taken for a key, or a piece of one (`tenant_api_keys` is not).
 # Header-like `x-api-key: value`, `x-scheduler-token: value`, `authorization: value` are
 # redacted whatever the value.
 _SECRETS = re.compile(
-    r"(?<=_api_)[A-Za-z0-9]{8,}"
+    r"(?i:(?<=_api_))[A-Za-z0-9]{8,}"
     r"|(?i:(?<=x-api-key)|(?<=x-scheduler-token)|(?<=authorization))(['\"]?\s*[:=,]\s*['\"]?|\s+)(?i:bearer\s+|basic\s+)?[^\s'\",)]+"
 )
 
 
+# What `_SECRETS` can match only next to (the header names, in any letter case).
+_SECRET_HINTS = ("_api_", "x-api-key", "x-scheduler-token", "authorization")
+
+
 def redact(text: str, limit: int = MAX_MESSAGE) -> str:
     """`text` without anything that may be an API key, cut to `limit` characters."""
-    text = _SECRETS.sub(lambda m: m.group(1) + REDACTED if m.group(1) else REDACTED, text)
+    lowered = text.lower()
+    if any(hint in lowered for hint in _SECRET_HINTS):  # a cheap look first
+        text = _SECRETS.sub(lambda m: m.group(1) + REDACTED if m.group(1) else REDACTED, text)
     return text if len(text) <= limit else text[:limit] + "...(cut)"
 
 

@@ -343,7 +343,6 @@ def _completed(
                 "httpRequest": http_request,
                 "grpc_code": code.name,
                 "duration_ms": round(seconds * 1000, 3),
-                "client_address": address,
             }
         },
     )
