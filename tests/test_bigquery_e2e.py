@@ -71,7 +71,7 @@ def test_every_template_runs_to_complete(bq: BigQueryStack, http: httpx.Client) 
         for template, day in RUNS
     }
     ended = {
-        template: wait_for_run(http, key, run_id, timeout=300) for template, run_id in runs.items()
+        template: wait_for_run(http, key, run_id, timeout=600) for template, run_id in runs.items()
     }
     assert {t: (r["status"], r.get("error_message", "")) for t, r in ended.items()} == {
         t: ("COMPLETE", "") for t in runs

@@ -70,7 +70,7 @@ log = logging.getLogger(__name__)
 HEALTH_CHECK_SECONDS = 1.0
 # How often the store is asked for its schema's version (a query; on BigQuery a small job),
 # and how long any health check waits for the store before it counts as not answering.
-STORE_PROBE_SECONDS = 10.0
+STORE_PROBE_SECONDS = 30.0
 STORE_PROBE_TIMEOUT = 10.0
 LATEST_SCHEMA = MIGRATIONS[-1].version
 # How often the queue's gauges are read from the store.
@@ -110,6 +110,7 @@ class ConvergenceServer:
     store_state: StoreState = field(default_factory=StoreState)
     _monitor: asyncio.Task[None] | None = None
     _sampler: asyncio.Task[None] | None = None
+    _probe: asyncio.Task[str | None] | None = None
 
     async def start(self) -> None:
         await self.executor.start()
@@ -125,7 +126,6 @@ class ConvergenceServer:
         """NOT_SERVING while the store refuses writes (a full disk), does not answer, or
         lacks migrations this server needs; SERVING again after. `/health` says the same."""
         serving = True
-        probe: asyncio.Task[str | None] | None = None
         next_probe = time.monotonic() + STORE_PROBE_SECONDS
         while True:
             await asyncio.sleep(HEALTH_CHECK_SECONDS)
@@ -135,14 +135,14 @@ class ConvergenceServer:
                 failure = f"the store does not answer: {exc or type(exc).__name__}"
             # A probe at a time (one stuck in an unanswered call is not piled upon), every
             # STORE_PROBE_SECONDS, or at every check while the store is failing.
-            if probe is None and (not serving or time.monotonic() >= next_probe):
-                probe = asyncio.create_task(self._probe_store(), name="store-probe")
+            if self._probe is None and (not serving or time.monotonic() >= next_probe):
+                self._probe = asyncio.create_task(self._probe_store(), name="store-probe")
                 next_probe = time.monotonic() + STORE_PROBE_SECONDS
-            if probe is not None:
-                done, _ = await asyncio.wait({probe}, timeout=STORE_PROBE_TIMEOUT)
+            if self._probe is not None:
+                done, _ = await asyncio.wait({self._probe}, timeout=STORE_PROBE_TIMEOUT)
                 if done:
-                    failure = failure or probe.result()
-                    probe = None
+                    failure = failure or self._probe.result()
+                    self._probe = None
                 else:
                     failure = failure or (
                         f"the store did not answer within {STORE_PROBE_TIMEOUT:.0f} s"
@@ -184,7 +184,7 @@ class ConvergenceServer:
         """Stops within `shutdown_seconds`: refuses new calls, lets calls in progress end,
         interrupts running steps and hands their runs back PENDING, closes the store."""
         deadline = time.monotonic() + self.shutdown_seconds
-        for task in (self._monitor, self._sampler):
+        for task in (self._monitor, self._sampler, self._probe):
             if task is not None:
                 task.cancel()
         await self.ticker.stop()
