@@ -454,3 +454,18 @@ def test_schedules_backfill_starts_the_runs_of_the_days_given(
     for started in scheduled:
         ended = wait_for_run(cli_http, key, started["pipeline_logging_id"])
         assert ended["status"] == "COMPLETE", ended
+
+
+def test_webhook_set_show_test_and_delete(cli_stack: Stack, tenant: Tenant) -> None:
+    url = "https://localhost:1/hooks"  # resolved when called: refused then (loopback)
+    done = convergence(cli_stack, "webhook", "set", url, api_key=tenant.api_key)
+    assert done.returncode == 0, done.stderr
+    assert url in done.stdout and re.search(r"^whsec_\S+$", done.stdout, re.M), done.stdout
+    shown = convergence(cli_stack, "webhook", "show", api_key=tenant.api_key)
+    assert shown.returncode == 0 and url in shown.stdout and "whsec_" not in shown.stdout
+    tested = convergence(cli_stack, "webhook", "test", api_key=tenant.api_key)
+    assert tested.returncode == 1 and "loopback" in tested.stdout, tested
+    deleted = convergence(cli_stack, "webhook", "delete", api_key=tenant.api_key)
+    assert deleted.returncode == 0, deleted.stderr
+    gone = convergence(cli_stack, "webhook", "show", api_key=tenant.api_key)
+    assert gone.returncode == 2 and "has no webhook" in gone.stderr

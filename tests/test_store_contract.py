@@ -33,6 +33,7 @@ from convergence_server.storage.records import (
     RunRecord,
     StepRecord,
     TenantRecord,
+    WebhookRecord,
 )
 from tests.bigquery_emulator import PROJECT, Emulator
 from tests.conftest import new_prefix
@@ -528,6 +529,38 @@ def test_a_claimed_run_ends_only_for_its_worker_and_once(store: Store) -> None:
     assert usage is not None
     assert (usage.pipelines_succeeded_today, usage.concurrent_pipelines_running) == (1, 0)
     assert run(store.typical_run_ms(tenant_id)) == 1500
+
+
+def test_a_run_keeps_its_trace_through_its_changes(store: Store) -> None:
+    tenant_id = tenant(store)
+    made = replace(new_run(tenant_id), trace_id="4bf92f3577b34da6a3ce929d0e0e4736")
+    run(store.create_run(made, LONG_AGO, RunLimits(10, 10)))
+    claimed = claim(store, tenant_id)
+    ended = run(store.finish_run(claimed, "FAILED", datetime.now(UTC), "broken"))
+    assert ended is not None and ended.trace_id == made.trace_id
+    assert run(store.get_run(tenant_id, made.pipeline_logging_id)) == ended
+
+
+def test_webhook_settings_are_appended_and_the_newest_is_read(store: Store) -> None:
+    tenant_id = tenant(store)
+    assert run(store.get_webhook(tenant_id)) is None
+    first = WebhookRecord(tenant_id, "https://a.example/x", "s1", datetime.now(UTC), "key:k1")
+    audit = AuditRecord(str(uuid.uuid4()), tenant_id, datetime.now(UTC), "webhook.set")
+    run(store.save_webhook(first, audit))
+    assert run(store.get_webhook(tenant_id)) == first
+    later = replace(first, url="https://b.example/y", updated_at=first.updated_at + timedelta(1))
+    run(store.save_webhook(later, replace(audit, event_id=str(uuid.uuid4()))))
+    assert run(store.get_webhook(tenant_id)) == later
+    assert run(store.get_webhook(tenant(store))) is None  # another tenant's is its own
+    gone = replace(later, url="", deleted=True, updated_at=later.updated_at + timedelta(1))
+    run(
+        store.save_webhook(
+            gone, replace(audit, event_id=str(uuid.uuid4()), event="webhook.deleted")
+        )
+    )
+    assert run(store.get_webhook(tenant_id)) is None
+    rows = run(store.list_audit(AuditFilter(tenant_id), None, 10))
+    assert sorted(r.event for r in rows) == ["webhook.deleted", "webhook.set", "webhook.set"]
 
 
 def test_a_running_run_is_flagged_for_cancellation(store: Store) -> None:

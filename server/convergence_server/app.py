@@ -59,6 +59,7 @@ from convergence_server.domain.plans import load_plans
 from convergence_server.domain.quotas import PlanBook, RateLimiter
 from convergence_server.domain.runs import PageTokens, RunEvents, Runs, page_token_key
 from convergence_server.domain.schedules import Schedules, Ticker, check_schedule_hints
+from convergence_server.domain.webhooks import Notifier, Webhooks, WebhookSettings
 from convergence_server.engine.runner import SourcePolicy
 from convergence_server.engine.templates import load_catalog
 from convergence_server.storage import Store, open_store
@@ -102,6 +103,7 @@ class ConvergenceServer:
     ticker: Ticker
     authenticator: Authenticator
     access: AccessLog
+    notifier: Notifier
     key_sync_seconds: float = 0.0
     shutdown_seconds: float = 8.0
     metrics_host: str = "127.0.0.1"
@@ -195,7 +197,8 @@ class ConvergenceServer:
             # Leave a fifth of the time to close the store.
             self.executor.stop(self.shutdown_seconds * 0.8),
         )
-        # The counted audit rows and keys' last use (bounded: half of what is left).
+        # Webhook attempts in progress, then the counted audit rows and keys' last use.
+        await self.notifier.stop((deadline - time.monotonic()) / 4)
         await self.access.stop((deadline - time.monotonic()) / 2)
         await asyncio.wait_for(self.store.close(), max(0.1, deadline - time.monotonic()))
 
@@ -275,6 +278,9 @@ def create_server(
         store = metrics.timed_store(store, config.store)
     clock = make_clock(config.clock_offset_file)
     events = RunEvents()
+    access = AccessLog(store, clock, config.audit_flush_seconds)
+    webhook_settings = WebhookSettings(config.webhook_retry_seconds, config.webhook_allow_private)
+    notifier = Notifier(store, config.key_pepper, access, clock, webhook_settings)
     executor = Executor(
         store,
         catalog,
@@ -288,10 +294,10 @@ def create_server(
             gcs_source_roots=config.gcs_source_roots,
         ),
         clock=clock,
+        on_failed=notifier.run_failed,
     )
     plan_book = PlanBook(store, plans)
     page_tokens = PageTokens(page_token_key(config.key_pepper))
-    access = AccessLog(store, clock, config.audit_flush_seconds)
     accounts = Accounts(store, plan_book, clock, access)
     runs = Runs(
         store,
@@ -307,8 +313,20 @@ def create_server(
         ),
         page_tokens=page_tokens,
         clock=clock,
+        on_failed=notifier.run_failed,
     )
-    schedules = Schedules(store, catalog, plan_book, runs, page_tokens, clock, access)
+    schedules = Schedules(
+        store,
+        catalog,
+        plan_book,
+        runs,
+        page_tokens,
+        clock,
+        access,
+        on_skipped=lambda slot: notifier.slots_skipped(
+            slot.tenant_id, slot.schedule_id, slot.slot, slot.skipped_count, slot.reason
+        ),
+    )
     authenticator = Authenticator(
         store, config.key_pepper, KeyRecordCache(config.key_cache_seconds), clock, access.used
     )
@@ -365,7 +383,12 @@ def create_server(
         HealthServicer(store, store_state), server
     )
     tenant_service_pb2_grpc.add_TenantServiceServicer_to_server(
-        TenantServicer(onboarding, accounts), server
+        TenantServicer(
+            onboarding,
+            accounts,
+            Webhooks(store, config.key_pepper, access, notifier, clock, webhook_settings),
+        ),
+        server,
     )
     pipeline_service_pb2_grpc.add_PipelineServiceServicer_to_server(
         PipelineServicer(runs, catalog, schedules), server
@@ -397,6 +420,7 @@ def create_server(
         Ticker(schedules, config.tick_seconds),
         authenticator,
         access,
+        notifier,
         config.key_sync_seconds if not store.exclusive else 0.0,
         config.shutdown_seconds,
         config.metrics_host,

@@ -31,16 +31,22 @@ class OffsetFileClock:
         try:
             stamp = os.stat(self._path).st_mtime
             if stamp != self._stamp:
-                self._offset = _offset(self._path.read_text().strip(), stamp)
-                self._stamp = stamp
-        except (OSError, ValueError):
+                text = self._path.read_text().strip()
+                # Empty: caught between the truncation and the write of a new value (which
+                # may keep the same mtime): the old offset holds until it is read whole.
+                if text:
+                    self._offset = _offset(text, stamp)
+                    self._stamp = stamp
+        except ValueError:
+            pass  # read again next time; the old offset holds meanwhile
+        except OSError:
             self._offset = timedelta()
         return datetime.now(UTC) + self._offset
 
 
 def _offset(text: str, written: float) -> timedelta:
     try:
-        return timedelta(seconds=float(text or 0))
+        return timedelta(seconds=float(text))
     except ValueError:
         instant = datetime.fromisoformat(text)
         if instant.tzinfo is None:

@@ -13,6 +13,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 LOCAL_PEPPER_BYTES = 32
 MIN_SCHEDULER_TOKEN = 32
 DEFAULT_TICK_SECONDS = 30.0
+# About 43 minutes from the first attempt to the sixth and last.
+DEFAULT_WEBHOOK_RETRY_SECONDS = (5.0, 30.0, 120.0, 600.0, 1800.0)
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,10 @@ class Config:
     # Counted audit rows (quota refusals, failed authentications) and keys' last use are
     # written this often.
     audit_flush_seconds: float = 60.0
+    # Tenants' webhooks: the waits between attempts of a delivery, and whether a webhook
+    # may call a private, loopback or link-local address (and use http://).
+    webhook_retry_seconds: tuple[float, ...] = DEFAULT_WEBHOOK_RETRY_SECONDS
+    webhook_allow_private: bool = False
     workers: int = 4
     sample_data_dir: Path = REPO_ROOT / "configs" / "sample_data"
     source_roots: tuple[Path, ...] = ()
@@ -133,6 +139,10 @@ class Config:
             audit_flush_seconds=_seconds(
                 env, "CONVERGENCE_AUDIT_FLUSH_SECONDS", defaults.audit_flush_seconds
             ),
+            webhook_retry_seconds=_retry_seconds(
+                env.get("CONVERGENCE_WEBHOOK_RETRY_SECONDS", ""), defaults.webhook_retry_seconds
+            ),
+            webhook_allow_private=_flag(env, "CONVERGENCE_WEBHOOK_ALLOW_PRIVATE"),
             workers=_int(env, "CONVERGENCE_WORKERS", defaults.workers),
             sample_data_dir=Path(
                 env.get("CONVERGENCE_SAMPLE_DATA_DIR", str(defaults.sample_data_dir))
@@ -208,6 +218,28 @@ def _seconds(env: dict[str, str], name: str, default: float) -> float:
     if not 0 < value <= 3600:
         raise SystemExit(f"{name} must be a number of seconds in (0, 3600], got {raw!r}")
     return value
+
+
+def _retry_seconds(raw: str, default: tuple[float, ...]) -> tuple[float, ...]:
+    if not raw.strip():
+        return default
+    try:
+        values = tuple(float(part) for part in raw.split(","))
+    except ValueError:
+        values = (-1.0,)
+    if len(values) > 10 or not all(0 < v <= 3600 for v in values):
+        raise SystemExit(
+            "CONVERGENCE_WEBHOOK_RETRY_SECONDS must be up to 10 comma-separated waits in "
+            f"seconds, each in (0, 3600], got {raw!r}"
+        )
+    return values
+
+
+def _flag(env: dict[str, str], name: str) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if raw not in ("", "0", "1", "false", "true"):
+        raise SystemExit(f"{name} must be 0 or 1, got {raw!r}")
+    return raw in ("1", "true")
 
 
 def _scheduler_token(raw: str) -> str:

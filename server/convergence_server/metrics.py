@@ -71,6 +71,14 @@ QUEUE_OLDEST_SECONDS = Gauge(
     "Age of the oldest PENDING run (0 when none), as last sampled from the store.",
     registry=REGISTRY,
 )
+WEBHOOK_EVENTS = Counter(
+    "convergence_webhook_events_total",
+    "Tenants' webhook events (run.failed, schedule.slots_skipped), by type and outcome: "
+    "delivered, failed (every attempt failed), dropped (too many pending), abandoned (at a "
+    "stop).",
+    ["event", "outcome"],
+    registry=REGISTRY,
+)
 QUOTA_REFUSALS = Counter(
     "convergence_quota_refusals_total",
     "Calls refused by a limit (429), by quota: requests_per_minute, daily_pipeline_runs, "

@@ -203,6 +203,31 @@ class AsyncClient:
         request = tenant_service_pb2.RemoveMemberRequest(tenant_id=tenant_id, user_id=user_id)
         return await self._call(self._tenants.RemoveMember, request)
 
+    async def get_webhook(self, tenant_id: str) -> tenant_service_pb2.Webhook:
+        """The tenant's webhook (its URL; never the signing secret)."""
+        request = tenant_service_pb2.GetWebhookRequest(tenant_id=tenant_id)
+        return await self._call(self._tenants.GetWebhook, request)
+
+    async def set_webhook(
+        self, tenant_id: str, url: str, rotate_secret: bool = False
+    ) -> tenant_service_pb2.SetWebhookResponse:
+        """Sets the URL called when a run fails or a schedule skips slots; the response
+        carries the signing secret (a new one with `rotate_secret`)."""
+        request = tenant_service_pb2.SetWebhookRequest(
+            tenant_id=tenant_id, url=url, rotate_secret=rotate_secret
+        )
+        return await self._call(self._tenants.SetWebhook, request)
+
+    async def delete_webhook(self, tenant_id: str) -> tenant_service_pb2.DeleteWebhookResponse:
+        """Deletes the tenant's webhook: no event is sent from now on."""
+        request = tenant_service_pb2.DeleteWebhookRequest(tenant_id=tenant_id)
+        return await self._call(self._tenants.DeleteWebhook, request)
+
+    async def test_webhook(self, tenant_id: str) -> tenant_service_pb2.TestWebhookResponse:
+        """Sends a `webhook.test` event now and reports what the receiver answered."""
+        request = tenant_service_pb2.TestWebhookRequest(tenant_id=tenant_id)
+        return await self._call(self._tenants.TestWebhook, request)
+
     # PipelineService
 
     async def run_pipeline(

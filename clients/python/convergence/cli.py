@@ -571,6 +571,60 @@ def keys_rotate(settings: Settings, key_id: str, grace_seconds: int | None) -> N
     print_secret("API key:", created.api_key)
 
 
+# Webhook
+
+
+@cli.group()
+def webhook() -> None:
+    """The URL called when a run fails or a schedule skips slots."""
+
+
+@webhook.command("show")
+@pass_settings
+def webhook_show(settings: Settings) -> None:
+    """The tenant's webhook."""
+    with settings.client() as client:
+        found = client.get_webhook(settings.tenant_id(client))
+    print_fields(
+        "Webhook",
+        {"url": found.url, "updated": timestamp(found.update_time), "by": found.updated_by},
+    )
+
+
+@webhook.command("set")
+@click.argument("url")
+@click.option("--rotate-secret", is_flag=True, help="Issue a new signing secret.")
+@pass_settings
+def webhook_set(settings: Settings, url: str, rotate_secret: bool) -> None:
+    """Sets the webhook; prints its signing secret."""
+    with settings.client() as client:
+        done = client.set_webhook(settings.tenant_id(client), url, rotate_secret=rotate_secret)
+    out.print(f"Webhook set: {done.webhook.url}", markup=False)
+    out.print("[bold]Signing secret:[/bold]")
+    click.echo(done.signing_secret)
+
+
+@webhook.command("test")
+@pass_settings
+def webhook_test(settings: Settings) -> None:
+    """Sends a test event now; exit 1 if the receiver does not answer 2xx."""
+    with settings.client() as client:
+        result = client.test_webhook(settings.tenant_id(client))
+    answer = f"HTTP {result.status_code}" if result.status_code else result.error
+    out.print(f"Event {result.event_id}: {answer}", markup=False)
+    if not result.delivered:
+        raise SystemExit(1)
+
+
+@webhook.command("delete")
+@pass_settings
+def webhook_delete(settings: Settings) -> None:
+    """Deletes the webhook."""
+    with settings.client() as client:
+        client.delete_webhook(settings.tenant_id(client))
+    out.print("Webhook deleted.")
+
+
 # Schedules
 
 

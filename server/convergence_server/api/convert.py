@@ -34,6 +34,7 @@ from convergence_server.storage.records import (
     RunRecord,
     ScheduleRecord,
     StepRecord,
+    WebhookRecord,
 )
 
 _CHECK_STATUS = {
@@ -182,6 +183,7 @@ def run(record: RunRecord) -> run_pb2.Run:
         schedule_id=slot[0] if slot else "",
         slot_time=_timestamp(slot[1]) if slot else None,
         warnings=_int32(record.warnings),
+        trace_id=record.trace_id,
     )
 
 
@@ -274,6 +276,15 @@ def pipeline_template(template: Template) -> pipeline_pb2.PipelineTemplate:
             for p in template.parameters.values()
         ],
         steps=[s.name for s in template.steps],
+    )
+
+
+def webhook(record: WebhookRecord) -> tenant_service_pb2.Webhook:
+    return tenant_service_pb2.Webhook(
+        tenant_id=record.tenant_id,
+        url=record.url,
+        update_time=_timestamp(record.updated_at),
+        updated_by=record.updated_by,
     )
 
 

@@ -1,4 +1,4 @@
-"""TenantService: dry-run and onboarding."""
+"""TenantService: dry-run and onboarding, plan, usage, team, webhook."""
 
 from __future__ import annotations
 
@@ -12,14 +12,16 @@ from convergence_server.api import convert
 from convergence_server.api.context import require_caller
 from convergence_server.domain.accounts import Accounts
 from convergence_server.domain.onboarding import Onboarding
+from convergence_server.domain.webhooks import Webhooks
 
 log = logging.getLogger(__name__)
 
 
 class TenantServicer(tenant_service_pb2_grpc.TenantServiceServicer):
-    def __init__(self, onboarding: Onboarding, accounts: Accounts) -> None:
+    def __init__(self, onboarding: Onboarding, accounts: Accounts, webhooks: Webhooks) -> None:
         self._onboarding = onboarding
         self._accounts = accounts
+        self._webhooks = webhooks
 
     async def DryRunOnboarding(
         self,
@@ -87,3 +89,35 @@ class TenantServicer(tenant_service_pb2_grpc.TenantServiceServicer):
     ) -> tenant_service_pb2.RemoveMemberResponse:
         await self._accounts.remove_member(require_caller(), request.tenant_id, request.user_id)
         return tenant_service_pb2.RemoveMemberResponse()
+
+    async def GetWebhook(
+        self, request: tenant_service_pb2.GetWebhookRequest, context: ServicerContext[Any, Any]
+    ) -> tenant_service_pb2.Webhook:
+        return convert.webhook(await self._webhooks.get(require_caller(), request.tenant_id))
+
+    async def SetWebhook(
+        self, request: tenant_service_pb2.SetWebhookRequest, context: ServicerContext[Any, Any]
+    ) -> tenant_service_pb2.SetWebhookResponse:
+        done = await self._webhooks.set(
+            require_caller(), request.tenant_id, request.url, request.rotate_secret
+        )
+        return tenant_service_pb2.SetWebhookResponse(
+            webhook=convert.webhook(done.webhook), signing_secret=done.signing_secret
+        )
+
+    async def DeleteWebhook(
+        self, request: tenant_service_pb2.DeleteWebhookRequest, context: ServicerContext[Any, Any]
+    ) -> tenant_service_pb2.DeleteWebhookResponse:
+        await self._webhooks.delete(require_caller(), request.tenant_id)
+        return tenant_service_pb2.DeleteWebhookResponse()
+
+    async def TestWebhook(
+        self, request: tenant_service_pb2.TestWebhookRequest, context: ServicerContext[Any, Any]
+    ) -> tenant_service_pb2.TestWebhookResponse:
+        event_id, result = await self._webhooks.test(require_caller(), request.tenant_id)
+        return tenant_service_pb2.TestWebhookResponse(
+            event_id=event_id,
+            delivered=result.ok,
+            status_code=result.status_code,
+            error=result.error,
+        )

@@ -64,6 +64,9 @@ EVENTS = frozenset(
         "schedule.backfilled",
         "quota.refused",
         "auth.failed",
+        "webhook.set",
+        "webhook.deleted",
+        "webhook.failed",
     }
 )
 

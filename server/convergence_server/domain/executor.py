@@ -184,12 +184,14 @@ class Executor:
         events: RunEvents,
         settings: ExecutorSettings,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        on_failed: Callable[[RunRecord], None] = lambda run: None,
     ) -> None:
         self._store = store
         self._catalog = catalog
         self._events = events
         self._settings = settings
         self._clock = clock
+        self._on_failed = on_failed  # a run ended FAILED (the webhook's alert)
         self._worker_id = f"worker-{uuid.uuid4().hex[:12]}"
         self._wakeup = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -261,22 +263,24 @@ class Executor:
             template = self._catalog.get(run.provider, run.domain, run.template)
             retry = template is not None and template.on_crash == "retry"
             if await self._store.published(run.pipeline_logging_id):
-                if await self._store.finish_run(run, COMPLETE, self._clock()):
+                ended = await self._store.finish_run(run, COMPLETE, self._clock())
+                if ended:
                     log.warning("run %s ended COMPLETE: it was published", run.pipeline_logging_id)
-                    _count_end(run, COMPLETE)
             elif run.cancel_requested:
-                if await self._store.finish_run(run, FAILED, self._clock(), CANCELLED_MESSAGE):
-                    _count_end(run, FAILED)
+                ended = await self._store.finish_run(run, FAILED, self._clock(), CANCELLED_MESSAGE)
             elif retry and run.attempt < MAX_ATTEMPTS:
+                ended = None
                 if await self._store.requeue_run(run, self._clock(), count_attempt=True):
                     log.warning("run %s requeued: its execution was lost", run.pipeline_logging_id)
-            elif await self._store.finish_run(
-                run,
-                FAILED,
-                self._clock(),
-                f"The server stopped while the run was in progress (attempt {run.attempt})",
-            ):
-                _count_end(run, FAILED)
+            else:
+                ended = await self._store.finish_run(
+                    run,
+                    FAILED,
+                    self._clock(),
+                    f"The server stopped while the run was in progress (attempt {run.attempt})",
+                )
+            if ended:
+                self._ended(ended)
             self._events.publish(run.pipeline_logging_id)
 
     async def _keep_alive(self) -> None:
@@ -340,6 +344,7 @@ class Executor:
         """Runs, then ends or hands back, the claimed run; never raises but CancelledError."""
         run_id = run.pipeline_logging_id
         logs.tenant_id_var.set(run.tenant_id)
+        logs.trace_var.set((run.trace_id, ""))  # the run's lines join the trigger's trace
         self._events.publish(run_id)
         claimed = time.monotonic()
         try:
@@ -352,12 +357,12 @@ class Executor:
                 log.info("run %s handed back: the server is stopping", run_id)
             elif status == _LOST:
                 log.warning("run %s was no longer this worker's to publish", run_id)
-            elif await self._persist(
+            elif ended := await self._persist(
                 lambda: self._store.finish_run(run, status, self._clock(), error),
                 f"end run {run_id}",
             ):
                 log.info("run %s ended %s", run_id, status, extra={"fields": {"error": error}})
-                _count_end(run, status, time.monotonic() - claimed)
+                self._ended(ended, time.monotonic() - claimed)
             else:
                 log.warning("run %s was no longer this worker's to end", run_id)
         except Exception:  # the sweep (or the next start) recovers the run
@@ -365,6 +370,12 @@ class Executor:
         finally:
             self._in_flight.pop(run_id, None)
         self._events.publish(run_id)
+
+    def _ended(self, run: RunRecord, seconds: float | None = None) -> None:
+        """Counts a run this server ended (as stored after) and alerts when it failed."""
+        metrics.run_ended(run.provider, run.domain, run.template, run.status, seconds)
+        if run.status == FAILED:
+            self._on_failed(run)
 
     async def _persist(self, write: Callable[[], Awaitable[T]], what: str) -> T:
         """Retries a store write until the store takes it: a run left RUNNING would hold
@@ -450,7 +461,3 @@ class Executor:
             self._in_flight[run.pipeline_logging_id] = None
             await warehouse.close()
         return COMPLETE, ""
-
-
-def _count_end(run: RunRecord, status: str, seconds: float | None = None) -> None:
-    metrics.run_ended(run.provider, run.domain, run.template, status, seconds)

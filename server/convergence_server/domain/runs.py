@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
-from convergence_server import metrics
+from convergence_server import logs, metrics
 from convergence_server.domain.auth import Caller, authorize_tenant
 from convergence_server.domain.quotas import (
     PlanBook,
@@ -167,7 +167,9 @@ class Runs:
         page_tokens: PageTokens,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         watch_poll_seconds: float | None = None,
+        on_failed: Callable[[RunRecord], None] = lambda run: None,
     ) -> None:
+        self._on_failed = on_failed  # a run ended FAILED (the webhook's alert)
         self._store = store
         self._catalog = catalog
         self._plans = plans
@@ -357,6 +359,7 @@ class Runs:
         self._events.publish(run_id)
         if run.status == PENDING and updated is not None and updated.status == FAILED:
             metrics.run_ended(run.provider, run.domain, run.template, FAILED, None)  # never ran
+            self._on_failed(updated)
         return updated or run
 
     async def watch(
@@ -407,6 +410,7 @@ def new_run(
         parameters={k: parameter_text(v) for k, v in values.items()},
         created_at=now,
         idempotency_key=idempotency_key,
+        trace_id=logs.trace_var.get()[0],  # the creating request's, if it carried one
     )
 
 

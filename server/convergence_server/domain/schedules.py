@@ -177,8 +177,10 @@ class Schedules:
         page_tokens: PageTokens,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         access: AccessLog | None = None,
+        on_skipped: Callable[[SlotOutcome], None] = lambda outcome: None,
     ) -> None:
         self._access = access
+        self._on_skipped = on_skipped  # slots that will never run (the webhook's alert)
         self._store = store
         self._catalog = catalog
         self._plans = plans
@@ -465,6 +467,8 @@ class Schedules:
         outcomes = await self._trigger(tenant_id)
         for outcome in outcomes:
             metrics.SCHEDULE_SLOTS.labels(outcome.outcome).inc()
+            if outcome.outcome == SKIPPED:
+                self._on_skipped(outcome)
         return outcomes
 
     async def _trigger(self, tenant_id: str | None) -> list[SlotOutcome]:

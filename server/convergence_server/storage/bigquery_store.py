@@ -86,6 +86,7 @@ from convergence_server.storage.records import (
     StepRecord,
     TenantRecord,
     UsageRecord,
+    WebhookRecord,
 )
 from convergence_server.storage.rows import (
     AUDIT_COLUMNS,
@@ -97,6 +98,7 @@ from convergence_server.storage.rows import (
     RUN_COLUMNS,
     SCHEDULE_COLUMNS,
     STEP_COLUMNS,
+    WEBHOOK_COLUMNS,
     audit_from_row,
     dq_from_row,
     dq_values,
@@ -105,6 +107,7 @@ from convergence_server.storage.rows import (
     schedule_from_row,
     schedule_values,
     step_from_row,
+    webhook_from_row,
 )
 from convergence_server.storage.warehouse import STAGE_PREFIX
 
@@ -733,6 +736,42 @@ class BigQueryStore:
         )
         rows = await self._call(lambda: self._bq.query(sql, params))
         return [audit_from_row(r) for r in rows]
+
+    # -- webhooks ---------------------------------------------------------------------------
+
+    async def get_webhook(self, tenant_id: str) -> WebhookRecord | None:
+        rows = await self._call(
+            lambda: self._query(
+                f"SELECT {WEBHOOK_COLUMNS} FROM {self._t(schema.TENANT_WEBHOOKS.name)} "
+                "WHERE tenant_id = @t ORDER BY updated_at DESC, secret_id DESC LIMIT 1",
+                t=tenant_id,
+            )
+        )
+        found = webhook_from_row(rows[0]) if rows else None
+        return None if found is None or found.deleted else found
+
+    async def save_webhook(self, webhook: WebhookRecord, audit: AuditRecord) -> None:
+        script = f"""
+            BEGIN TRANSACTION;
+            INSERT INTO {self._t(schema.TENANT_WEBHOOKS.name)} ({WEBHOOK_COLUMNS})
+            VALUES (@w_tenant_id, @w_url, @w_secret_id, @w_updated_at, @w_updated_by,
+                    @w_deleted);
+            {self._insert_audit_sql("a_")}
+            COMMIT TRANSACTION;
+        """
+        values = _typed(
+            schema.TENANT_WEBHOOKS,
+            {
+                "tenant_id": webhook.tenant_id,
+                "url": webhook.url,
+                "secret_id": webhook.secret_id,
+                "updated_at": webhook.updated_at,
+                "updated_by": webhook.updated_by or None,
+                "deleted": webhook.deleted,
+            },
+        )
+        params = {**{f"w_{k}": v for k, v in values.items()}, **_audit_params([audit], "a_")}
+        await self._call(lambda: self._transaction(script, params))
 
     async def update_plan(self, tenant_id: str, plan: str, now: datetime) -> bool:
         def update() -> bool:
@@ -1649,5 +1688,6 @@ def _run_params(run: RunRecord) -> dict[str, Any]:
             "heartbeat_at": None,
             "cancel_requested": run.cancel_requested,
             "warnings": run.warnings,
+            "trace_id": run.trace_id or None,
         },
     )

@@ -59,7 +59,7 @@ def rollback(cur: duckdb.DuckDBPyConnection) -> None:
 def insert_run(cur: duckdb.DuckDBPyConnection, run: RunRecord) -> None:
     cur.execute(
         f"INSERT INTO {RUNS} ({RUN_COLUMNS}) VALUES "
-        "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         [
             run.pipeline_logging_id,
             run.pipeline_id,
@@ -82,6 +82,7 @@ def insert_run(cur: duckdb.DuckDBPyConnection, run: RunRecord) -> None:
             run.cancel_requested,
             run.worker_id or None,
             run.warnings,
+            run.trace_id or None,
         ],
     )
 

@@ -54,12 +54,15 @@ from convergence_server.storage.records import (
     StepRecord,
     TenantRecord,
     UsageRecord,
+    WebhookRecord,
 )
 from convergence_server.storage.rows import (
     AUDIT_COLUMNS,
     KEY_COLUMNS,
+    WEBHOOK_COLUMNS,
     audit_from_row,
     key_from_row,
+    webhook_from_row,
 )
 from convergence_server.storage.sql import to_duckdb
 
@@ -79,6 +82,7 @@ CENTRAL = quote_identifier(schema.CENTRAL_DATASET)
 MEMBERS = f"{CENTRAL}.tenant_members"
 KEYS = f"{CENTRAL}.tenant_api_keys"
 AUDIT = f"{CENTRAL}.tenant_audit_log"
+WEBHOOKS = f"{CENTRAL}.tenant_webhooks"
 _KEY_SELECT = f"SELECT {KEY_COLUMNS} FROM {KEYS}"
 WORKER_THREADS = 4
 # DuckDB folds its write-ahead log into the database file (a checkpoint) once the log is
@@ -634,6 +638,43 @@ class DuckDBStore:
 
     async def active_runs(self, tenant_id: str) -> int:
         return await self._call(lambda cur: runs.active_runs(cur, tenant_id))
+
+    # -- webhooks ---------------------------------------------------------------------------
+
+    async def get_webhook(self, tenant_id: str) -> WebhookRecord | None:
+        def query(cur: duckdb.DuckDBPyConnection) -> WebhookRecord | None:
+            row = cur.execute(
+                f"SELECT {WEBHOOK_COLUMNS} FROM {WEBHOOKS} WHERE tenant_id = ? "
+                "ORDER BY updated_at DESC, secret_id DESC LIMIT 1",
+                [tenant_id],
+            ).fetchone()
+            found = webhook_from_row(row) if row else None
+            return None if found is None or found.deleted else found
+
+        return await self._call(query)
+
+    async def save_webhook(self, webhook: WebhookRecord, audit: AuditRecord) -> None:
+        def save(cur: duckdb.DuckDBPyConnection) -> None:
+            cur.begin()
+            try:
+                cur.execute(
+                    f"INSERT INTO {WEBHOOKS} ({WEBHOOK_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
+                    [
+                        webhook.tenant_id,
+                        webhook.url,
+                        webhook.secret_id,
+                        _utc_naive(webhook.updated_at),
+                        webhook.updated_by or None,
+                        webhook.deleted,
+                    ],
+                )
+                _insert_audit(cur, [audit])
+                cur.commit()
+            except BaseException:
+                runs.rollback(cur)
+                raise
+
+        await self._call(save)
 
     async def update_plan(self, tenant_id: str, plan: str, now: datetime) -> bool:
         def update(cur: duckdb.DuckDBPyConnection) -> bool:

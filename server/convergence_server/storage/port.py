@@ -21,6 +21,7 @@ from convergence_server.storage.records import (
     StepRecord,
     TenantRecord,
     UsageRecord,
+    WebhookRecord,
 )
 from convergence_server.storage.warehouse import Warehouse
 
@@ -121,6 +122,14 @@ class Store(Protocol):
         self, where: AuditFilter, after: tuple[datetime, str] | None, limit: int
     ) -> list[AuditRecord]:
         """Audit rows newest first (event time, then id), strictly after `after`."""
+
+    # -- webhooks ------------------------------------------------------------------------
+
+    async def get_webhook(self, tenant_id: str) -> WebhookRecord | None:
+        """The tenant's webhook as last saved; None when it has none (or it was deleted)."""
+
+    async def save_webhook(self, webhook: WebhookRecord, audit: AuditRecord) -> None:
+        """Appends `webhook` (the setting from now on) and its audit row in one transaction."""
 
     # -- runs: every state change is conditional on the current state --------------------
 

@@ -64,6 +64,19 @@ class AuditRecord:
 
 
 @dataclass(frozen=True)
+class WebhookRecord:
+    """A row of `tenants.tenant_webhooks`: a tenant's webhook as set at `updated_at`
+    (`deleted`: none from then on)."""
+
+    tenant_id: str
+    url: str
+    secret_id: str
+    updated_at: datetime
+    updated_by: str = ""
+    deleted: bool = False
+
+
+@dataclass(frozen=True)
 class AuditFilter:
     """Which audit rows to list: one tenant's, of some events (all when empty), in
     [start, end)."""
@@ -100,6 +113,8 @@ class RunRecord:
     worker_id: str = ""
     # The failed `warn` checks of the current attempt (0 again when the run is requeued).
     warnings: int = 0
+    # The trace (32 hex digits) of the request that created the run, "" when none came.
+    trace_id: str = ""
 
 
 @dataclass(frozen=True)

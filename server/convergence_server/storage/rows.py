@@ -15,13 +15,14 @@ from convergence_server.storage.records import (
     RunRecord,
     ScheduleRecord,
     StepRecord,
+    WebhookRecord,
 )
 
 RUN_COLUMNS = (
     "pipeline_logging_id, pipeline_id, tenant_id, provider, domain, template, status, "
     "trigger_type, trigger_by, user_id, parameters, created_at, start_time, end_time, "
     "duration_ms, error_message, idempotency_key, attempt, cancel_requested, worker_id, "
-    "warnings"
+    "warnings, trace_id"
 )
 STEP_COLUMNS = (
     "step_logging_id, pipeline_logging_id, pipeline_id, tenant_id, step_name, step_type, "
@@ -52,6 +53,8 @@ AUDIT_NAMES = (
     "event_count",
 )
 AUDIT_COLUMNS = ", ".join(AUDIT_NAMES)
+
+WEBHOOK_COLUMNS = "tenant_id, url, secret_id, updated_at, updated_by, deleted"
 
 SCHEDULE_COLUMNS = (
     "schedule_id, tenant_id, provider, domain, template, cron, time_zone, parameters, "
@@ -92,6 +95,7 @@ def run_from_row(row: Sequence[Any]) -> RunRecord:
         cancel_requested=bool(row[18]),
         worker_id=row[19] or "",
         warnings=row[20] or 0,
+        trace_id=row[21] or "",
     )
 
 
@@ -296,4 +300,15 @@ def audit_from_row(row: Sequence[Any]) -> AuditRecord:
         request_id=row[8] or "",
         client_address=row[9] or "",
         count=int(row[10]),
+    )
+
+
+def webhook_from_row(row: Sequence[Any]) -> WebhookRecord:
+    return WebhookRecord(
+        tenant_id=row[0],
+        url=row[1],
+        secret_id=row[2],
+        updated_at=row[3].replace(tzinfo=UTC),
+        updated_by=row[4] or "",
+        deleted=bool(row[5]),
     )

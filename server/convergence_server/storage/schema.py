@@ -126,10 +126,28 @@ TENANT_PIPELINE_RUNS = Table(
         Column("cancel_requested", "BOOL"),
         # Since version 7: the failed `warn` checks of the current attempt.
         Column("warnings", "INT64"),
+        # Since version 9: the trace of the request that created the run (32 hex digits).
+        Column("trace_id", "STRING"),
     ),
     primary_key=("pipeline_logging_id",),
     partition_by="created_at",
     cluster_by=("tenant_id", "status"),
+)
+
+# Each tenant's webhook settings, a row per change (the newest is the setting): the
+# service only appends. The signing secret is not stored: it is derived from the server's
+# key pepper and `secret_id`.
+TENANT_WEBHOOKS = Table(
+    "tenant_webhooks",
+    (
+        _req("tenant_id", "STRING"),
+        _req("url", "STRING"),
+        _req("secret_id", "STRING"),
+        _req("updated_at", "TIMESTAMP"),
+        Column("updated_by", "STRING"),
+        _req("deleted", "BOOL"),
+    ),
+    cluster_by=("tenant_id",),
 )
 
 TENANT_STEP_LOGS = Table(
@@ -384,6 +402,12 @@ MIGRATIONS: tuple[Migration, ...] = (
                 ),
             ),
         ),
+    ),
+    Migration(
+        9,
+        "webhook settings per tenant; runs keep the trace of the request that created them",
+        creates=(TENANT_WEBHOOKS,),
+        adds=((TENANT_PIPELINE_RUNS, ("trace_id",)),),
     ),
 )
 
