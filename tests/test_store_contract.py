@@ -839,6 +839,38 @@ def test_runs_list_newest_first_in_pages_and_filter(store: Store) -> None:
         run(store.request_cancel(tenant_id, r.pipeline_logging_id, datetime.now(UTC)))
 
 
+def test_pages_of_runs_far_apart_in_time_miss_none(store: Store) -> None:
+    """Runs minutes, days and years apart (and one in the future of the others' clock):
+    every page, from the top or deep, with or without a time range, has the next runs."""
+    tenant_id = tenant(store)
+    now = datetime.now(UTC).replace(microsecond=0)
+    ages = [timedelta(0), timedelta(minutes=2), timedelta(hours=5), timedelta(days=3)]
+    ages += [timedelta(days=100), timedelta(days=800), timedelta(days=-1)]
+    made = [new_run(tenant_id, now - age) for age in ages]
+    for r in made:
+        run(store.create_run(r, LONG_AGO, None))
+    newest_first = [r.pipeline_logging_id for r in sorted(made, key=lambda r: r.created_at)][::-1]
+    for size in (1, 2, 3):
+        seen: list[str] = []
+        cursor = None
+        while True:
+            page = run(store.list_runs(RunFilter(tenant_id), cursor, size))
+            seen += [r.pipeline_logging_id for r in page]
+            if len(page) < size:
+                break
+            cursor = RunCursor(page[-1].created_at, page[-1].pipeline_logging_id)
+        assert seen == newest_first, size
+    ranged = RunFilter(
+        tenant_id, created_from=now - timedelta(days=1000), created_before=now - timedelta(days=2)
+    )
+    assert [r.pipeline_logging_id for r in run(store.list_runs(ranged, None, 2))] == [
+        made[3].pipeline_logging_id,
+        made[4].pipeline_logging_id,
+    ]
+    for r in made:
+        run(store.request_cancel(tenant_id, r.pipeline_logging_id, datetime.now(UTC)))
+
+
 def test_pending_runs_are_counted_with_the_oldest_creation(store: Store) -> None:
     count, _ = run(store.pending_runs())
     tenant_id = tenant(store)

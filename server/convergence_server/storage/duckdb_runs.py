@@ -268,18 +268,79 @@ def pending_runs(cur: duckdb.DuckDBPyConnection) -> tuple[int, datetime | None]:
     return int(row[0]), aware(row[1])
 
 
-def get_run(cur: duckdb.DuckDBPyConnection, tenant_id: str, run_id: str) -> RunRecord | None:
+def find_run(cur: duckdb.DuckDBPyConnection, run_id: str) -> RunRecord | None:
+    """The run of that id, whichever tenant's. By the id alone: DuckDB looks a lone key up in
+    the primary key's index, but scans the whole table for the id and the tenant together."""
     row = cur.execute(
-        f"SELECT {RUN_COLUMNS} FROM {RUNS} WHERE pipeline_logging_id = ? AND tenant_id = ?",
-        [run_id, tenant_id],
+        f"SELECT {RUN_COLUMNS} FROM {RUNS} WHERE pipeline_logging_id = ?", [run_id]
     ).fetchone()
     return None if row is None else run_from_row(row)
 
 
+def get_run(cur: duckdb.DuckDBPyConnection, tenant_id: str, run_id: str) -> RunRecord | None:
+    run = find_run(cur, run_id)
+    return run if run is not None and run.tenant_id == tenant_id else None
+
+
+def newest_run(cur: duckdb.DuckDBPyConnection) -> datetime | None:
+    """The newest creation time of any stored run."""
+    row = cur.execute(f"SELECT max(created_at) FROM {RUNS}").fetchone()
+    return aware(row[0]) if row else None
+
+
+# How far back from the page's start `list_runs` looks first, then further (None: all).
+LIST_WINDOWS = (
+    timedelta(hours=1),
+    timedelta(days=1),
+    timedelta(days=31),
+    timedelta(days=366),
+    None,
+)
+
+
 def list_runs(
-    cur: duckdb.DuckDBPyConnection, where: RunFilter, after: RunCursor | None, limit: int
+    cur: duckdb.DuckDBPyConnection,
+    where: RunFilter,
+    after: RunCursor | None,
+    limit: int,
+    newest: datetime | None = None,
 ) -> list[RunRecord]:
-    conditions, values = ["tenant_id = ?"], [where.tenant_id]
+    """A page of the tenant's runs, newest first, strictly after `after`.
+
+    Runs are stored in creation order, so each row group's `created_at` range is narrow:
+    the page is looked for in a window that ends where it starts (`after`, `newest` (the
+    newest creation time stored) or `created_before`) and widens until it holds `limit`
+    runs. A window of `limit` runs has every run of the page: any run before it comes
+    after them in the order. Row groups outside the window are skipped by their
+    statistics, so a page deep in a million runs costs what the first one does.
+    """
+    start = after.created_at if after is not None else newest
+    if where.created_before is not None and (start is None or where.created_before < start):
+        start = where.created_before
+    if start is None:
+        return _list_runs(cur, where, after, limit, None)
+    for window in LIST_WINDOWS:
+        since = None if window is None else start - window
+        page = _list_runs(cur, where, after, limit, since)
+        if len(page) == limit or since is None:
+            return page
+        if where.created_from is not None and since <= where.created_from:
+            return page  # the window already covers the whole range asked for
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _list_runs(
+    cur: duckdb.DuckDBPyConnection,
+    where: RunFilter,
+    after: RunCursor | None,
+    limit: int,
+    since: datetime | None,
+) -> list[RunRecord]:
+    conditions: list[str] = ["tenant_id = ?"]
+    values: list[object] = [where.tenant_id]
+    if since is not None:
+        conditions.append("created_at >= ?")
+        values.append(naive(since))
     if where.status:
         conditions.append("status = ?")
         values.append(where.status)
@@ -288,13 +349,15 @@ def list_runs(
         values.append(where.pipeline_id)
     if where.created_from:
         conditions.append("created_at >= ?")
-        values.append(naive(where.created_from))  # type: ignore[arg-type]
+        values.append(naive(where.created_from))
     if where.created_before:
         conditions.append("created_at < ?")
-        values.append(naive(where.created_before))  # type: ignore[arg-type]
+        values.append(naive(where.created_before))
     if after is not None:
+        # The lone bound lets row-group statistics skip the newer runs.
+        conditions.append("created_at <= ?")
         conditions.append("(created_at, pipeline_logging_id) < (?, ?)")
-        values += [naive(after.created_at), after.pipeline_logging_id]  # type: ignore[list-item]
+        values += [naive(after.created_at), naive(after.created_at), after.pipeline_logging_id]
     rows = cur.execute(
         f"SELECT {RUN_COLUMNS} FROM {RUNS} WHERE {' AND '.join(conditions)} "
         "ORDER BY created_at DESC, pipeline_logging_id DESC LIMIT ?",
@@ -490,13 +553,13 @@ def save_step(cur: duckdb.DuckDBPyConnection, step: StepRecord) -> None:
     )
 
 
-def list_steps(cur: duckdb.DuckDBPyConnection, tenant_id: str, run_id: str) -> list[StepRecord]:
+def list_run_steps(cur: duckdb.DuckDBPyConnection, run_id: str) -> list[StepRecord]:
+    """The steps of the run's latest attempt (whichever tenant's: the caller checks)."""
     rows = cur.execute(
-        f"SELECT {STEP_COLUMNS} FROM {STEPS} WHERE tenant_id = ? AND pipeline_logging_id = ? "
-        "AND run_attempt = (SELECT max(run_attempt) FROM "
-        f"{STEPS} WHERE tenant_id = ? AND pipeline_logging_id = ?) "
+        f"SELECT {STEP_COLUMNS} FROM {STEPS} WHERE pipeline_logging_id = ? "
+        f"AND run_attempt = (SELECT max(run_attempt) FROM {STEPS} WHERE pipeline_logging_id = ?) "
         "ORDER BY step_index, step_start_time",
-        [tenant_id, run_id, tenant_id, run_id],
+        [run_id, run_id],
     ).fetchall()
     return [step_from_row(row) for row in rows]
 

@@ -64,6 +64,7 @@ from convergence_server.storage.rows import (
     key_from_row,
     webhook_from_row,
 )
+from convergence_server.storage.run_cache import RunCache
 from convergence_server.storage.sql import to_duckdb
 
 T = TypeVar("T")
@@ -180,6 +181,10 @@ class DuckDBStore:
         self._tenant_turns = KeyedTurns()
         # DuckDB's catalog changes (CREATE SCHEMA ...) are serialized here: onboarding is rare.
         self._ddl_lock = threading.Lock()
+        # Recent runs and their steps, as last written or read (reads without a query).
+        self._cache = RunCache()
+        # The newest creation time of a stored run: where the first page of runs ends.
+        self._newest_run: datetime | None = None
 
     @classmethod
     def open(
@@ -205,6 +210,7 @@ class DuckDBStore:
             raise SystemExit(f"cannot open the embedded store {path}: {exc}") from None
         store = cls(connection, max(1, warehouse_threads), connect)
         store._migrate()
+        store._newest_run = runs.newest_run(store._cursor())
         return store
 
     # -- plumbing ---------------------------------------------------------------------------
@@ -629,9 +635,12 @@ class DuckDBStore:
             also = functools.partial(schedules.write_schedule, schedule=progress)
         # One admission at a time per tenant: the counts it checks cannot move under it.
         async with self._tenant_turns.get(run.tenant_id):
-            return await self._call(
+            admission = await self._call(
                 lambda cur: runs.create_run(cur, run, keys_valid_from, limits, also)
             )
+        if admission.created and (self._newest_run is None or run.created_at > self._newest_run):
+            self._newest_run = run.created_at
+        return admission
 
     async def get_usage(self, tenant_id: str, day: date) -> UsageRecord | None:
         return await self._call(lambda cur: runs.get_usage(cur, tenant_id, day))
@@ -766,15 +775,27 @@ class DuckDBStore:
         return await self._call(lambda cur: runs.typical_run_ms(cur, tenant_id))
 
     async def get_run(self, tenant_id: str, run_id: str) -> RunRecord | None:
-        return await self._call(lambda cur: runs.get_run(cur, tenant_id, run_id))
+        run = self._cache.run(run_id)
+        if run is None:
+            stamp = self._cache.stamp()
+            run = await self._call(lambda cur: runs.find_run(cur, run_id))
+            if run is None:
+                return None
+            self._cache.fill_run(stamp, run)
+        return run if run.tenant_id == tenant_id else None
 
     async def list_runs(
         self, where: RunFilter, after: RunCursor | None, limit: int
     ) -> list[RunRecord]:
-        return await self._call(lambda cur: runs.list_runs(cur, where, after, limit))
+        newest = self._newest_run
+        return await self._call(lambda cur: runs.list_runs(cur, where, after, limit, newest))
 
     async def claim_next_run(self, worker_id: str, now: datetime) -> RunRecord | None:
-        return await self._call(lambda cur: runs.claim_next_run(cur, worker_id, now))
+        async with self._cache.claim():
+            run = await self._call(lambda cur: runs.claim_next_run(cur, worker_id, now))
+            if run is not None:
+                self._cache.put(run)
+            return run
 
     async def finish_run(
         self, run: RunRecord, status: str, now: datetime, error_message: str = ""
@@ -782,16 +803,25 @@ class DuckDBStore:
         owner = (run.worker_id, run.attempt)
 
         # In the tenant's turn, like admissions: both update its usage row.
-        async with self._tenant_turns.get(run.tenant_id):
-            return await self._call(
+        async with (
+            self._tenant_turns.get(run.tenant_id),
+            self._cache.change(run.pipeline_logging_id),
+        ):
+            ended = await self._call(
                 lambda cur: runs.finish_run(
                     cur, run.pipeline_logging_id, status, now, error_message, owner
                 )
             )
+            if ended is not None:
+                self._cache.put(ended)
+            return ended
 
     async def request_cancel(self, tenant_id: str, run_id: str, now: datetime) -> RunRecord | None:
-        async with self._tenant_turns.get(tenant_id):
-            return await self._call(lambda cur: runs.request_cancel(cur, tenant_id, run_id, now))
+        async with self._tenant_turns.get(tenant_id), self._cache.change(run_id):
+            run = await self._call(lambda cur: runs.request_cancel(cur, tenant_id, run_id, now))
+            if run is not None:
+                self._cache.put(run)
+            return run
 
     async def cancel_requested(self, run_id: str) -> bool:
         return await self._call(lambda cur: runs.cancel_requested(cur, run_id))
@@ -806,20 +836,28 @@ class DuckDBStore:
         return await self._call(runs.pending_runs)
 
     async def requeue_run(self, run: RunRecord, now: datetime, count_attempt: bool) -> bool:
-        return await self._call(lambda cur: runs.requeue_run(cur, run, now, count_attempt))
+        async with self._cache.change(run.pipeline_logging_id):
+            return await self._call(lambda cur: runs.requeue_run(cur, run, now, count_attempt))
 
     async def published(self, run_id: str) -> bool:
         return await self._call(lambda cur: runs.published_by(cur, run_id)) is not None
 
     async def save_step(self, step: StepRecord) -> None:
-        await self._call(lambda cur: runs.save_step(cur, step))
+        async with self._cache.change(step.pipeline_logging_id, steps_only=True):
+            await self._call(lambda cur: runs.save_step(cur, step))
 
     async def list_steps(self, tenant_id: str, run_id: str) -> list[StepRecord]:
-        return await self._call(lambda cur: runs.list_steps(cur, tenant_id, run_id))
+        steps = self._cache.steps(run_id)
+        if steps is None:
+            stamp = self._cache.stamp()
+            steps = await self._call(lambda cur: runs.list_run_steps(cur, run_id))
+            self._cache.fill_steps(stamp, run_id, steps)
+        return [step for step in steps if step.tenant_id == tenant_id]
 
     async def add_dq_results(self, run: RunRecord, results: list[DqRecord]) -> None:
         if results:
-            await self._call(lambda cur: runs.add_dq_results(cur, run, results))
+            async with self._cache.change(run.pipeline_logging_id):
+                await self._call(lambda cur: runs.add_dq_results(cur, run, results))
 
     async def list_dq_results(self, tenant_id: str, run_id: str, attempt: int) -> list[DqRecord]:
         return await self._call(lambda cur: runs.list_dq_results(cur, tenant_id, run_id, attempt))

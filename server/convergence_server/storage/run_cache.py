@@ -1,0 +1,152 @@
+"""The embedded store's copy of recent runs and their steps, so that GetRun, ListRunSteps
+and each WatchRun update are answered without a query.
+
+It is exact because one process owns the store (`Store.exclusive`): every change of a run
+or of its steps goes through the store's methods, which wrap it in `change` (the run's
+entries are dropped before the write and the new state put after it commits) and, for a
+change whose run is not known before it (a claim), in `claim`. A read that missed fills an
+entry only if no change of that run (and no claim) began or ended while it read, so an
+older state read from the database never replaces a newer one. A change that fails drops
+everything: whatever it may have committed is read again. Bounded: the least recently
+used entries go first.
+
+Everything runs on the event loop's thread; no lock is needed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from typing import Generic, TypeVar
+
+from convergence_server.storage.records import RunRecord, StepRecord
+
+CAPACITY = 10_000  # runs, and as many runs' step lists
+
+V = TypeVar("V")
+
+
+class _Lru(Generic[V]):
+    def __init__(self, capacity: int) -> None:
+        self._entries: OrderedDict[str, V] = OrderedDict()
+        self._capacity = capacity
+
+    def get(self, key: str) -> V | None:
+        value = self._entries.get(key)
+        if value is not None:
+            self._entries.move_to_end(key)
+        return value
+
+    def put(self, key: str, value: V) -> None:
+        self._entries[key] = value
+        self._entries.move_to_end(key)
+        if len(self._entries) > self._capacity:
+            self._entries.popitem(last=False)
+
+    def drop(self, key: str) -> None:
+        self._entries.pop(key, None)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+class RunCache:
+    def __init__(self, capacity: int = CAPACITY) -> None:
+        self._runs: _Lru[RunRecord] = _Lru(capacity)
+        self._steps: _Lru[list[StepRecord]] = _Lru(capacity)
+        self._tick = 0  # counts the beginnings and ends of changes
+        # The tick of each run's latest change beginning or end (the oldest forgotten
+        # beyond a bound: none of those is later than `_floor`).
+        self._changed: OrderedDict[str, int] = OrderedDict()
+        self._floor = 0
+        self._busy: dict[str, int] = {}  # changes in progress, per run
+        self._claiming = 0  # claims in progress
+        self._claimed = 0  # the tick of the latest claim's beginning or end
+        self._bound = 4 * capacity
+
+    # -- reads ------------------------------------------------------------------------------
+
+    def run(self, run_id: str) -> RunRecord | None:
+        return self._runs.get(run_id)
+
+    def steps(self, run_id: str) -> list[StepRecord] | None:
+        found = self._steps.get(run_id)
+        return None if found is None else list(found)
+
+    def stamp(self) -> int:
+        """Taken before a read of the database; `fill_*` compares it with what changed."""
+        self._tick += 1
+        return self._tick
+
+    def fill_run(self, stamp: int, run: RunRecord) -> None:
+        if self._unchanged(stamp, run.pipeline_logging_id):
+            self._runs.put(run.pipeline_logging_id, run)
+
+    def fill_steps(self, stamp: int, run_id: str, steps: list[StepRecord]) -> None:
+        if self._unchanged(stamp, run_id):
+            self._steps.put(run_id, list(steps))
+
+    def _unchanged(self, stamp: int, run_id: str) -> bool:
+        """No change of the run, and no claim, began or ended since `stamp`, or is going on."""
+        return (
+            stamp > self._floor
+            and self._changed.get(run_id, 0) < stamp
+            and run_id not in self._busy
+            and not self._claiming
+            and self._claimed < stamp
+        )
+
+    # -- changes ----------------------------------------------------------------------------
+
+    def put(self, run: RunRecord) -> None:
+        """The run as a change just committed it (inside `change` or `claim`)."""
+        self._runs.put(run.pipeline_logging_id, run)
+
+    @contextlib.asynccontextmanager
+    async def change(self, run_id: str, steps_only: bool = False) -> AsyncIterator[None]:
+        """Around a write of the run and its steps (or its steps only): their entries are
+        dropped first."""
+        self._mark(run_id)
+        self._busy[run_id] = self._busy.get(run_id, 0) + 1
+        if not steps_only:
+            self._runs.drop(run_id)
+        self._steps.drop(run_id)
+        try:
+            yield
+        except BaseException:
+            self.clear()
+            raise
+        finally:
+            self._busy[run_id] -= 1
+            if not self._busy[run_id]:
+                del self._busy[run_id]
+            self._mark(run_id)
+
+    @contextlib.asynccontextmanager
+    async def claim(self) -> AsyncIterator[None]:
+        """Around a write whose run is known only after it (a claim)."""
+        self._tick += 1
+        self._claimed = self._tick
+        self._claiming += 1
+        try:
+            yield
+        except BaseException:
+            self.clear()
+            raise
+        finally:
+            self._claiming -= 1
+            self._tick += 1
+            self._claimed = self._tick
+
+    def clear(self) -> None:
+        self._runs.clear()
+        self._steps.clear()
+
+    def _mark(self, run_id: str) -> None:
+        self._tick += 1
+        self._changed[run_id] = self._tick
+        self._changed.move_to_end(run_id)
+        if len(self._changed) > self._bound:
+            _, forgotten = self._changed.popitem(last=False)
+            self._floor = max(self._floor, forgotten)

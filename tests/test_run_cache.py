@@ -1,0 +1,113 @@
+"""The embedded store's run cache never lets a state read from the database before a change
+replace the state that change wrote: each interleaving of a read that missed with a change
+is played out step by step (the cache is driven as the store drives it)."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+from datetime import UTC, datetime
+
+from convergence_server.storage.records import RunRecord, StepRecord
+from convergence_server.storage.run_cache import RunCache
+
+OLD = RunRecord(
+    pipeline_logging_id="r1",
+    pipeline_id="p",
+    tenant_id="t",
+    provider="test",
+    domain="runs",
+    template="quick",
+    status="PENDING",
+    trigger_type="manual",
+    trigger_by="api",
+    user_id="",
+    parameters={},
+    created_at=datetime(2026, 1, 1, tzinfo=UTC),
+)
+NEW = replace(OLD, status="RUNNING", worker_id="w")
+
+
+def test_a_read_that_began_before_a_change_does_not_fill() -> None:
+    async def play() -> None:
+        cache = RunCache()
+        stamp = cache.stamp()  # a read misses and queries: it gets OLD
+        async with cache.change("r1"):
+            cache.put(NEW)
+        cache.fill_run(stamp, OLD)  # the read comes back after the change
+        assert cache.run("r1") == NEW
+
+    asyncio.run(play())
+
+
+def test_a_read_during_a_change_that_only_drops_does_not_fill() -> None:
+    async def play() -> None:
+        cache = RunCache()
+        cache.fill_run(cache.stamp(), OLD)
+        async with cache.change("r1"):  # a requeue: nothing is put after
+            assert cache.run("r1") is None
+            stamp = cache.stamp()  # a read that may see the state before the commit
+            cache.fill_run(stamp, OLD)
+            assert cache.run("r1") is None
+        cache.fill_run(stamp, OLD)
+        assert cache.run("r1") is None
+        fresh = cache.stamp()  # a read after the change fills
+        cache.fill_run(fresh, NEW)
+        assert cache.run("r1") == NEW
+
+    asyncio.run(play())
+
+
+def test_a_claim_blocks_fills_of_every_run_while_it_runs() -> None:
+    async def play() -> None:
+        cache = RunCache()
+        stamp = cache.stamp()
+        async with cache.claim():
+            cache.put(NEW)
+        cache.fill_run(stamp, OLD)
+        assert cache.run("r1") == NEW
+
+    asyncio.run(play())
+
+
+def test_a_failed_change_drops_everything() -> None:
+    async def play() -> None:
+        cache = RunCache()
+        other = replace(OLD, pipeline_logging_id="r2")
+        cache.fill_run(cache.stamp(), other)
+        try:
+            async with cache.change("r1"):
+                raise RuntimeError("the write failed after its commit, maybe")
+        except RuntimeError:
+            pass
+        assert cache.run("r2") is None
+
+    asyncio.run(play())
+
+
+def test_steps_follow_the_same_rule_and_a_forgotten_change_still_counts() -> None:
+    async def play() -> None:
+        cache = RunCache(capacity=2)  # remembers the changes of 8 runs
+        step = StepRecord(
+            step_logging_id="s1",
+            pipeline_logging_id="r1",
+            pipeline_id="p",
+            tenant_id="t",
+            step_name="one",
+            step_type="query",
+            step_index=0,
+            status="RUNNING",
+            step_start_time=OLD.created_at,
+        )
+        stamp = cache.stamp()
+        async with cache.change("r1", steps_only=True):
+            pass
+        for n in range(20):  # r1's change is forgotten among others
+            async with cache.change(f"other{n}"):
+                pass
+        cache.fill_steps(stamp, "r1", [step])
+        assert cache.steps("r1") is None
+        cache.fill_steps(cache.stamp(), "r1", [step])
+        assert cache.steps("r1") == [step]
+
+    asyncio.run(play())
