@@ -40,7 +40,12 @@ import grpc
 import httpx
 
 from bench.echo_server import FULL_METHOD as ECHO_METHOD
-from convergence.v1 import health_service_pb2, health_service_pb2_grpc
+from convergence.v1 import (
+    health_service_pb2,
+    health_service_pb2_grpc,
+    run_service_pb2,
+    run_service_pb2_grpc,
+)
 from convergence_server.stack import Stack, start_stack
 
 TIMEOUT = 10.0
@@ -225,12 +230,20 @@ def health_call(channel: grpc.Channel, api_key: str | None = None) -> Call:
     return functools.partial(stub.GetHealth, HEALTH_REQUEST, timeout=TIMEOUT, metadata=metadata)
 
 
+def get_run_call(channel: grpc.Channel, api_key: str, run_id: str) -> Call:
+    stub = run_service_pb2_grpc.RunServiceStub(channel)
+    request = run_service_pb2.GetRunRequest(pipeline_logging_id=run_id)
+    metadata = (("x-api-key", api_key),)
+    return functools.partial(stub.GetRun, request, timeout=TIMEOUT, metadata=metadata)
+
+
 def scenarios(
     echo_channel: grpc.Channel,
     direct: grpc.Channel,
     via_envoy: grpc.Channel,
     url: str,
     api_key: str,
+    run_id: str,
 ) -> list[Scenario]:
     """The baseline comes first: every other rate is reported relative to it."""
     # No serializers: bytes in, bytes out, like the echo server's identity serializers.
@@ -246,6 +259,11 @@ def scenarios(
         Scenario("GET /health, REST via Envoy", rest_get(url, "/health")),
         Scenario("GetHealth + API key, gRPC direct", shared(health_call(direct, api_key))),
         Scenario("GET /health + API key, REST via Envoy", rest_get(url, "/health", key_header)),
+        Scenario("GetRun + API key, gRPC direct", shared(get_run_call(direct, api_key, run_id))),
+        Scenario(
+            "GET run + API key, REST via Envoy",
+            rest_get(url, f"/api/v1/pipelines/runs/{run_id}", key_header),
+        ),
     ]
 
 
@@ -310,6 +328,26 @@ def onboard(url: str) -> str:
     if response.status_code != 200:
         raise RuntimeError(f"onboarding failed: {response.status_code} {response.text}")
     return str(response.json()["api_key"])
+
+
+def completed_run(url: str, api_key: str) -> str:
+    """Runs the bundled AWS sample for a day; returns the run's id once it is COMPLETE."""
+    tenant_id = api_key.rsplit("_api_", 1)[0]
+    headers = {"X-API-Key": api_key}
+    with httpx.Client(base_url=url, timeout=TIMEOUT, trust_env=False, headers=headers) as client:
+        response = client.post(
+            f"/api/v1/pipelines/run/{tenant_id}/aws/cost/cost_usage", json={"date": "2023-11-04"}
+        )
+        run_id = str(response.raise_for_status().json()["pipeline_logging_id"])
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            status = client.get(f"/api/v1/pipelines/runs/{run_id}").json()["status"]
+            if status == "COMPLETE":
+                return run_id
+            if status == "FAILED":
+                break
+            time.sleep(0.1)
+    raise RuntimeError(f"the sample run {run_id} did not complete")
 
 
 def check_key(channel: grpc.Channel, api_key: str) -> None:
@@ -434,6 +472,7 @@ def run_all(args: argparse.Namespace) -> tuple[list[Result], list[str]]:
             for target in (echo_target, stack.grpc_target, stack.envoy_grpc_target)
         )
         check_key(direct, api_key)
+        run_id = completed_run(stack.http_url, api_key)
         logs_before = log_sizes(data_dir / "logs")
         load = Load(
             args.requests,
@@ -442,7 +481,7 @@ def run_all(args: argparse.Namespace) -> tuple[list[Result], list[str]]:
             (echo_pid, stack.server.pid, stack.envoy.pid),
         )
         results = []
-        for scenario in scenarios(echo, direct, via_envoy, stack.http_url, api_key):
+        for scenario in scenarios(echo, direct, via_envoy, stack.http_url, api_key, run_id):
             print(f"running: {scenario.name}", file=sys.stderr, flush=True)
             results.append(run_scenario(scenario, load))
         return results, log_problems(data_dir / "logs", logs_before)

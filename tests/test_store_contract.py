@@ -500,6 +500,60 @@ def test_parallel_triggers_admit_exactly_the_concurrent_limit(store: Store) -> N
         run(store.request_cancel(tenant_id, waiting.pipeline_logging_id, datetime.now(UTC)))
 
 
+def test_a_burst_of_tenants_keys_and_limits_is_admitted_exactly(store: Store) -> None:
+    """Triggers of three tenants at once (the embedded store commits them together): each
+    tenant's limit holds, a key sent twice in the burst starts one run, a key of an earlier
+    run finds it, and the usage rows count what was admitted."""
+    first, second, third = tenant(store), tenant(store), tenant(store)
+    earlier = new_run(first, key="early")
+    run(store.create_run(earlier, LONG_AGO, RunLimits(100, 100)))
+
+    async def burst() -> list[tuple[RunRecord, Any]]:
+        made = [new_run(first, key="early"), new_run(first, key="twice")]
+        made += [new_run(first, key="twice")] + [new_run(first) for _ in range(4)]
+        made += [new_run(second) for _ in range(3)] + [new_run(third) for _ in range(2)]
+        limits = {first: RunLimits(100, 4), second: RunLimits(2, 100), third: None}
+        answers = await asyncio.gather(
+            *(store.create_run(r, LONG_AGO, limits[r.tenant_id]) for r in made)
+        )
+        return list(zip(made, answers, strict=True))
+
+    outcomes = run(burst())
+    by_tenant = {t: [a for r, a in outcomes if r.tenant_id == t] for t in (first, second, third)}
+    replay = outcomes[0][1]
+    assert replay.run == earlier and not replay.created
+    twice = [a for r, a in outcomes if r.idempotency_key == "twice"]
+    assert len({a.run.pipeline_logging_id for a in twice if a.run is not None}) <= 1
+    # first: 4 slots, one taken by `earlier`: 3 new runs, the rest refused as concurrent.
+    assert sum(a.created for a in by_tenant[first]) == 3
+    assert {a.refused for a in by_tenant[first] if not a.created and a.run is None} == {
+        "concurrent"
+    }
+    assert sum(a.created for a in by_tenant[second]) == 2
+    assert {a.refused for a in by_tenant[second] if not a.created} == {"daily"}
+    assert sum(a.created for a in by_tenant[third]) == 2
+    if store.exclusive:  # one process admits them in the order they came
+        assert all(a.run is not None for a in twice)
+        assert [a.created for a in by_tenant[second]] == [True, True, False]
+        assert [a.created or a.run is not None for a in by_tenant[first]] == [
+            True,
+            True,
+            True,
+            True,
+            True,
+            False,
+            False,
+        ]
+    today = datetime.now(UTC).date()
+    for tenant_id, runs_today in ((first, 4), (second, 2), (third, 2)):
+        usage = run(store.get_usage(tenant_id, today))
+        assert usage is not None and usage.pipelines_run_today == runs_today, tenant_id
+        assert run(store.active_runs(tenant_id)) == runs_today
+        assert usage.concurrent_pipelines_running == runs_today
+        for waiting in run(store.list_runs(RunFilter(tenant_id), None, 10)):
+            run(store.request_cancel(tenant_id, waiting.pipeline_logging_id, datetime.now(UTC)))
+
+
 # -- execution --------------------------------------------------------------------------
 
 

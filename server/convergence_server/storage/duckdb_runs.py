@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 
 import duckdb
@@ -57,34 +58,43 @@ def rollback(cur: duckdb.DuckDBPyConnection) -> None:
 
 
 def insert_run(cur: duckdb.DuckDBPyConnection, run: RunRecord) -> None:
+    insert_runs(cur, [run])
+
+
+def insert_runs(cur: duckdb.DuckDBPyConnection, runs: Sequence[RunRecord]) -> None:
+    """One statement for them all."""
+    row = f"({', '.join('?' for _ in RUN_COLUMNS.split(', '))})"
     cur.execute(
-        f"INSERT INTO {RUNS} ({RUN_COLUMNS}) VALUES "
-        "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        [
-            run.pipeline_logging_id,
-            run.pipeline_id,
-            run.tenant_id,
-            run.provider,
-            run.domain,
-            run.template,
-            run.status,
-            run.trigger_type,
-            run.trigger_by,
-            run.user_id or None,
-            json.dumps(run.parameters, sort_keys=True),
-            naive(run.created_at),
-            naive(run.start_time),
-            naive(run.end_time),
-            run.duration_ms,
-            run.error_message or None,
-            run.idempotency_key or None,
-            run.attempt,
-            run.cancel_requested,
-            run.worker_id or None,
-            run.warnings,
-            run.trace_id or None,
-        ],
+        f"INSERT INTO {RUNS} ({RUN_COLUMNS}) VALUES {', '.join(row for _ in runs)}",
+        [value for run in runs for value in _run_values(run)],
     )
+
+
+def _run_values(run: RunRecord) -> list[object]:
+    return [
+        run.pipeline_logging_id,
+        run.pipeline_id,
+        run.tenant_id,
+        run.provider,
+        run.domain,
+        run.template,
+        run.status,
+        run.trigger_type,
+        run.trigger_by,
+        run.user_id or None,
+        json.dumps(run.parameters, sort_keys=True),
+        naive(run.created_at),
+        naive(run.start_time),
+        naive(run.end_time),
+        run.duration_ms,
+        run.error_message or None,
+        run.idempotency_key or None,
+        run.attempt,
+        run.cancel_requested,
+        run.worker_id or None,
+        run.warnings,
+        run.trace_id or None,
+    ]
 
 
 def create_run(
@@ -152,6 +162,129 @@ def create_run(
         rollback(cur)
         raise
     return Admission(run, created=True, progressed=progressed)
+
+
+@dataclass(frozen=True)
+class AdmissionRequest:
+    """One `create_run` (without schedule progress) waiting for the next group commit."""
+
+    run: RunRecord
+    keys_valid_from: datetime
+    limits: RunLimits | None
+
+
+def admit_batch(
+    cur: duckdb.DuckDBPyConnection, requests: Sequence[AdmissionRequest]
+) -> list[Admission]:
+    """`create_run` for each request, in their order, in one transaction: the counts are
+    read once per tenant and day, each request is admitted or refused against them as
+    they stand after the requests before it, and the admitted runs, their idempotency keys
+    and usage rows are written with one statement each. The caller holds the turns of
+    every tenant of the batch, so no count moves under it."""
+    tenants = sorted({r.run.tenant_id for r in requests})
+    days = sorted({_day(r.run) for r in requests})
+    cur.begin()
+    try:
+        active = dict.fromkeys(tenants, 0)
+        active.update(
+            cur.execute(
+                f"SELECT tenant_id, COUNT(*) FROM {RUNS} WHERE tenant_id IN (SELECT unnest(?)) "
+                "AND status IN ('PENDING', 'RUNNING') GROUP BY tenant_id",
+                [tenants],
+            ).fetchall()
+        )
+        created: dict[tuple[str, date], int] = {
+            (tenant_id, day): count
+            for tenant_id, day, count in cur.execute(
+                f"SELECT tenant_id, CAST(created_at AS DATE) AS day, COUNT(*) FROM {RUNS} "
+                "WHERE tenant_id IN (SELECT unnest(?)) AND created_at >= ? AND created_at < ? "
+                "GROUP BY ALL",
+                [tenants, _midnight(days[0]), _midnight(days[-1] + timedelta(days=1))],
+            ).fetchall()
+        }
+        wanted = sorted({r.run.idempotency_key for r in requests if r.run.idempotency_key})
+        stored_keys: dict[tuple[str, str], tuple[str, datetime]] = {}
+        if wanted:
+            stored_keys = {
+                (tenant_id, key): (run_id, aware(at) or at)
+                for tenant_id, key, run_id, at in cur.execute(
+                    f"SELECT tenant_id, idempotency_key, pipeline_logging_id, created_at "
+                    f"FROM {KEYS} WHERE tenant_id IN (SELECT unnest(?)) "
+                    "AND idempotency_key IN (SELECT unnest(?))",
+                    [tenants, wanted],
+                ).fetchall()
+            }
+        answers: list[Admission] = []
+        admitted: dict[tuple[str, str], RunRecord] = {}  # by (tenant, key); "" for none
+        freed: list[tuple[str, str]] = []
+        # Per tenant and day: runs admitted, the tenant's active runs after the last one,
+        # its time and limits (what that admission alone would have written).
+        usage: dict[tuple[str, date], tuple[int, int, datetime, RunLimits | None]] = {}
+        for request in requests:
+            run, key = request.run, (request.run.tenant_id, request.run.idempotency_key)
+            if run.idempotency_key:
+                existing = admitted.get(key)
+                found = stored_keys.get(key)
+                if existing is None and found and found[1] >= request.keys_valid_from:
+                    existing = get_run(cur, run.tenant_id, found[0])
+                if existing is not None:
+                    answers.append(Admission(existing, created=False))
+                    continue
+            day = (run.tenant_id, _day(run))
+            today, now_active = created.get(day, 0), active[run.tenant_id]
+            limits = request.limits
+            if limits is not None and (today >= limits.daily or now_active >= limits.concurrent):
+                daily = today >= limits.daily
+                refusal = "daily" if daily else "concurrent"
+                used = today if daily else now_active
+                answers.append(Admission(None, created=False, refused=refusal, used=used))
+                continue
+            if run.idempotency_key and key in stored_keys:
+                freed.append(key)  # expired, or its run is gone: the key is free again
+                del stored_keys[key]
+            admitted[key if run.idempotency_key else ("", run.pipeline_logging_id)] = run
+            created[day] = today + 1
+            active[run.tenant_id] = now_active + 1
+            count = usage.get(day, (0, 0, run.created_at, None))[0]
+            usage[day] = (count + 1, now_active + 1, run.created_at, limits)
+            answers.append(Admission(run, created=True))
+        if freed:
+            cur.executemany(
+                f"DELETE FROM {KEYS} WHERE tenant_id = ? AND idempotency_key = ?",
+                [list(k) for k in freed],
+            )
+        keyed = [r for r in admitted.values() if r.idempotency_key]
+        if keyed:
+            cur.execute(
+                f"INSERT INTO {KEYS} VALUES {', '.join('(?, ?, ?, ?)' for _ in keyed)}",
+                [
+                    value
+                    for r in keyed
+                    for value in (
+                        r.tenant_id,
+                        r.idempotency_key,
+                        r.pipeline_logging_id,
+                        naive(r.created_at),
+                    )
+                ],
+            )
+        if admitted:
+            insert_runs(cur, list(admitted.values()))
+        for (tenant_id, _), (count, after, moment, limits) in usage.items():
+            _count_usage(cur, tenant_id, moment, limits, started=count, active=after)
+        cur.commit()
+    except BaseException:
+        rollback(cur)
+        raise
+    return answers
+
+
+def _day(run: RunRecord) -> date:
+    return run.created_at.astimezone(UTC).date()
+
+
+def _midnight(day: date) -> datetime:
+    return datetime.combine(day, datetime.min.time())
 
 
 def active_runs(cur: duckdb.DuckDBPyConnection, tenant_id: str) -> int:

@@ -37,7 +37,7 @@ from convergence_server.storage.duckdb_warehouse import (
     drop_stage_tables,
 )
 from convergence_server.storage.identifiers import quote_identifier
-from convergence_server.storage.locks import KeyedLocks, KeyedTurns
+from convergence_server.storage.locks import GroupCommit, KeyedLocks, KeyedTurns
 from convergence_server.storage.records import (
     Admission,
     ApiKeyRecord,
@@ -181,6 +181,8 @@ class DuckDBStore:
         self._tenant_turns = KeyedTurns()
         # DuckDB's catalog changes (CREATE SCHEMA ...) are serialized here: onboarding is rare.
         self._ddl_lock = threading.Lock()
+        # Triggers that arrive together are admitted in one transaction.
+        self._admissions: GroupCommit[runs.AdmissionRequest, Admission] = GroupCommit(self._admit)
         # Recent runs and their steps, as last written or read (reads without a query).
         self._cache = RunCache()
         # The newest creation time of a stored run: where the first page of runs ends.
@@ -630,17 +632,24 @@ class DuckDBStore:
         limits: RunLimits | None = None,
         progress: ScheduleRecord | None = None,
     ) -> Admission:
-        also = None
-        if progress is not None:
+        if progress is None:
+            request = runs.AdmissionRequest(run, keys_valid_from, limits)
+            admission = await self._admissions.submit(request)
+        else:
             also = functools.partial(schedules.write_schedule, schedule=progress)
-        # One admission at a time per tenant: the counts it checks cannot move under it.
-        async with self._tenant_turns.get(run.tenant_id):
-            admission = await self._call(
-                lambda cur: runs.create_run(cur, run, keys_valid_from, limits, also)
-            )
+            # One admission at a time per tenant: the counts it checks cannot move under it.
+            async with self._tenant_turns.get(run.tenant_id):
+                admission = await self._call(
+                    lambda cur: runs.create_run(cur, run, keys_valid_from, limits, also)
+                )
         if admission.created and (self._newest_run is None or run.created_at > self._newest_run):
             self._newest_run = run.created_at
         return admission
+
+    async def _admit(self, requests: list[runs.AdmissionRequest]) -> list[Admission]:
+        # In the turns of every tenant of the batch: no count it reads can move under it.
+        async with self._tenant_turns.all_of(r.run.tenant_id for r in requests):
+            return await self._call(lambda cur: runs.admit_batch(cur, requests))
 
     async def get_usage(self, tenant_id: str, day: date) -> UsageRecord | None:
         return await self._call(lambda cur: runs.get_usage(cur, tenant_id, day))
