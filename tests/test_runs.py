@@ -9,10 +9,11 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from convergence.v1 import run_pb2, run_service_pb2, run_service_pb2_grpc
 from convergence_server.stack import Stack
-from tests.conftest import UNMETERED, onboard, trigger, wait_for_run
+from tests.conftest import UNMETERED, StackFactory, onboard, trigger, wait_for_run
 
 QUICK = "test/runs/quick"
 SLOW = "test/runs/slow"
@@ -229,3 +230,49 @@ def test_list_pipelines(api: httpx.Client) -> None:
     (date, allow_shrink) = quick["parameters"]
     assert date == {"name": "date", "type": "date", "default": "yesterday", "description": ""}
     assert allow_shrink["name"] == "allow_shrink" and allow_shrink["default"] == "false"
+
+
+def test_many_watchers_of_a_run_share_one_poll(
+    stack_factory: StackFactory, pipeline_env: dict[str, str]
+) -> None:
+    """20 streams watch one PENDING run (no workers); its cancel reaches all of them from
+    one read of the store, not one per watcher (the store calls are counted in /metrics)."""
+    stack = stack_factory(**pipeline_env, CONVERGENCE_WORKERS="0", CONVERGENCE_METRICS_PORT="0")
+    watchers = 20
+    with httpx.Client(base_url=stack.http_url, timeout=60) as http:
+        tenant_id, key = onboard(http, plan=UNMETERED)
+        run_id = str(trigger(http, key, tenant_id, QUICK)["pipeline_logging_id"])
+        with grpc.insecure_channel(stack.grpc_target) as channel:
+            stub = run_service_pb2_grpc.RunServiceStub(channel)
+            streams = [
+                stub.WatchRun(
+                    run_service_pb2.WatchRunRequest(pipeline_logging_id=run_id),
+                    metadata=[("x-api-key", key)],
+                    timeout=120,
+                )
+                for _ in range(watchers)
+            ]
+            firsts = [next(stream) for stream in streams]  # every watcher has joined
+            assert {f.run.status for f in firsts} == {run_pb2.Run.PENDING}
+            before = steps_reads(stack)
+            cancelled = http.post(
+                f"/api/v1/pipelines/runs/{run_id}:cancel", headers={"X-API-Key": key}, json={}
+            )
+            assert cancelled.status_code == 200, cancelled.text
+            lasts = [list(stream) for stream in streams]
+    assert all(updates[-1].run.status == run_pb2.Run.FAILED for updates in lasts)
+    # One read for the cancel; a poll may come too. One read per watcher would be 20.
+    assert steps_reads(stack) - before <= 3
+
+
+def steps_reads(stack: Stack) -> float:
+    text = httpx.get(stack.metrics_url, timeout=30).text
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if (
+                sample.name == "convergence_store_operation_seconds_count"
+                and sample.labels.get("operation") == "list_steps"
+            ):
+                total += sample.value
+    return total

@@ -7,12 +7,13 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import dataclasses
 import hashlib
 import hmac
 import json
 import re
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -154,6 +155,100 @@ class RunEvents:
             self._queues.pop(run_id, None)
 
 
+Snapshot = tuple[RunRecord, list[StepRecord]]
+
+
+@dataclass(eq=False)
+class _Feed:
+    """One watched run: its latest snapshot, and what its watchers wait on."""
+
+    wake: asyncio.Queue[None]
+    snapshot: Snapshot | None = None
+    version: int = 0  # bumped when the snapshot changes
+    reads: int = 0  # reads of the store done
+    reading: bool = False
+    error: BaseException | None = None
+    watchers: int = 0
+    task: asyncio.Task[None] | None = None
+    changed: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+
+    def notify(self) -> None:
+        changed, self.changed = self.changed, asyncio.Event()
+        changed.set()
+
+
+class RunFeeds:
+    """One poll of the store per watched run, however many watch it: each WatchRun stream
+    follows its run's feed, which reads the run and its steps when a watcher joins, at
+    every change this process makes (`RunEvents`) and every `poll_seconds` besides, until
+    the run has ended."""
+
+    def __init__(self, store: Store, events: RunEvents, poll_seconds: float) -> None:
+        self._store = store
+        self._events = events
+        self._poll_seconds = poll_seconds
+        self._feeds: dict[str, _Feed] = {}
+
+    async def follow(self, tenant_id: str, run_id: str) -> AsyncGenerator[Snapshot, None]:
+        """The run now (read after the call), then each change, until it has ended."""
+        feed = self._feeds.get(run_id)
+        if feed is None:
+            feed = _Feed(self._events.subscribe(run_id))
+            self._feeds[run_id] = feed
+            feed.task = asyncio.create_task(self._poll(feed, tenant_id, run_id))
+        feed.watchers += 1
+        # A read that began before this call may predate what the caller has seen.
+        fresh = feed.reads + (2 if feed.reading else 1)
+        feed.wake.put_nowait(None)
+        seen = -1
+        try:
+            while True:
+                changed = feed.changed
+                if feed.reads >= fresh and feed.version > seen and feed.snapshot is not None:
+                    seen = feed.version
+                    yield feed.snapshot
+                    if feed.snapshot[0].status in TERMINAL:
+                        return
+                    continue
+                if feed.error is not None:
+                    raise feed.error
+                await changed.wait()
+        finally:
+            feed.watchers -= 1
+            if not feed.watchers:
+                if feed.task is not None:
+                    feed.task.cancel()
+                self._events.unsubscribe(run_id, feed.wake)
+                if self._feeds.get(run_id) is feed:
+                    del self._feeds[run_id]
+
+    async def _poll(self, feed: _Feed, tenant_id: str, run_id: str) -> None:
+        while True:
+            feed.reading = True
+            try:
+                run = await self._store.get_run(tenant_id, run_id)
+                steps = await self._store.list_steps(tenant_id, run_id)
+                if run is None:
+                    raise NotFound(f"No run {run_id}")
+            except Exception as exc:
+                feed.error = exc
+                feed.notify()
+                return
+            finally:
+                feed.reading = False
+            feed.reads += 1
+            if feed.snapshot != (run, steps):
+                feed.snapshot = (run, steps)
+                feed.version += 1
+            feed.notify()
+            if run.status in TERMINAL:
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(feed.wake.get(), self._poll_seconds)
+            while not feed.wake.empty():  # changes made meanwhile: one read sees them all
+                feed.wake.get_nowait()
+
+
 class Runs:
     def __init__(
         self,
@@ -181,8 +276,11 @@ class Runs:
         # A watcher wakes at every change this process makes (`RunEvents`) and polls the
         # store besides: often when other replicas share it, rarely when it is this
         # process's alone (a poll per watcher per second is what 50 watchers cost most).
-        self._watch_poll_seconds = watch_poll_seconds or (
-            EXCLUSIVE_WATCH_POLL_SECONDS if store.exclusive else SHARED_WATCH_POLL_SECONDS
+        self._feeds = RunFeeds(
+            store,
+            events,
+            watch_poll_seconds
+            or (EXCLUSIVE_WATCH_POLL_SECONDS if store.exclusive else SHARED_WATCH_POLL_SECONDS),
         )
 
     # -- triggering ---------------------------------------------------------------------
@@ -362,27 +460,13 @@ class Runs:
             self._on_failed(updated)
         return updated or run
 
-    async def watch(
-        self, caller: Caller, run_id: str
-    ) -> AsyncIterator[tuple[RunRecord, list[StepRecord]]]:
+    async def watch(self, caller: Caller, run_id: str) -> AsyncIterator[Snapshot]:
         """The run and its steps now, then at every change, until it has ended."""
         run = await self.get(caller, run_id)
-        run_id = run.pipeline_logging_id
-        queue = self._events.subscribe(run_id)
-        try:
-            last: tuple[RunRecord, list[StepRecord]] | None = None
-            while True:
-                steps = await self._store.list_steps(caller.tenant_id, run_id)
-                if last is None or (run, steps) != last:
-                    last = (run, steps)
-                    yield run, steps
-                if run.status in TERMINAL:
-                    return
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(queue.get(), self._watch_poll_seconds)
-                run = await self.get(caller, run_id)
-        finally:
-            self._events.unsubscribe(run_id, queue)
+        feed = self._feeds.follow(caller.tenant_id, run.pipeline_logging_id)
+        async with contextlib.aclosing(feed):
+            async for snapshot in feed:
+                yield snapshot
 
 
 def new_run(
