@@ -1,0 +1,643 @@
+"""Run, step and data-quality records in the BigQuery store (a part of BigQueryStore).
+
+A run's state is append-only (see `bigquery_store`): each change is a row of
+`tenant_run_events` holding the run's whole state after it, appended in the tenant's
+transaction only when the newest state passes the change's guard; step logs are rows of
+`tenant_step_events`, heartbeats rows of `tenant_run_heartbeats`.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Mapping
+from datetime import UTC, date, datetime
+from typing import Any
+
+from google.api_core import exceptions as api_exceptions
+
+from convergence_server.storage import schema
+from convergence_server.storage.bigquery_central import Central, typed
+from convergence_server.storage.bigquery_client import PUBLISH_TIMEOUT, Runner
+from convergence_server.storage.bigquery_schedules import (
+    fresh_sql,
+    progress_sql,
+    schedule_params,
+)
+from convergence_server.storage.bigquery_schema import (
+    HEARTBEATS,
+    RUN_EVENTS,
+    STEP_EVENTS,
+    USAGE_COLUMNS,
+    counters_table,
+    latest_events_sql,
+    latest_steps_sql,
+    next_seq_sql,
+)
+from convergence_server.storage.records import (
+    Admission,
+    DqRecord,
+    RunCursor,
+    RunFilter,
+    RunLimits,
+    RunRecord,
+    ScheduleRecord,
+    StepRecord,
+    UsageRecord,
+)
+from convergence_server.storage.rows import (
+    DQ_COLUMNS,
+    DQ_OF_ATTEMPT,
+    FAIR_QUEUE,
+    RUN_COLUMNS,
+    STEP_COLUMNS,
+    dq_from_row,
+    dq_values,
+    run_from_row,
+    step_from_row,
+)
+
+SELECT_RUN = RUN_COLUMNS.replace("parameters", "TO_JSON_STRING(parameters) AS parameters")
+RUN_EVENT_NAMES = [c.name for c in RUN_EVENTS.columns]
+STEP_EVENT_NAMES = [c.name for c in STEP_EVENTS.columns]
+OWNER_GUARD = "status = 'RUNNING' AND IFNULL(worker_id, '') = @worker_id AND attempt = @attempt"
+INTERRUPTED = "Interrupted: the run stopped while this step was running"
+
+
+# -- admission ------------------------------------------------------------------------------
+
+
+async def create_run(
+    db: Central,
+    run: RunRecord,
+    keys_valid_from: datetime,
+    limits: RunLimits | None,
+    progress: ScheduleRecord | None,
+) -> Admission:
+    day = run.created_at.astimezone(UTC).date()
+    counters, keys = counters_table(db, run.tenant_id), db.table("tenant_idempotency_keys")
+    values = {c: f"@{c}" for c in RUN_EVENT_NAMES}
+    values.update(
+        event_seq="next_seq",
+        event="'created'",
+        event_time="CURRENT_TIMESTAMP()",
+        parameters="PARSE_JSON(@parameters)",
+        usage_day="@day",
+        active_after="active_now + 1",
+        daily_limit="IF(@limited, @daily_limit, NULL)",
+        concurrent_limit="IF(@limited, @concurrent_limit, NULL)",
+    )
+    # Idempotency keys are only appended: the newest row of a key is its state.
+    script = f"""
+            DECLARE next_seq INT64;
+            DECLARE active_now INT64;
+            DECLARE created_today INT64;
+            DECLARE existing_run STRING;
+            DECLARE outcome STRING DEFAULT 'created';
+            DECLARE progressed BOOL DEFAULT FALSE;
+            DECLARE fresh BOOL DEFAULT TRUE;
+            BEGIN TRANSACTION;
+            {next_seq_sql(db, run.tenant_id)}
+            {fresh_sql(db) if progress is not None else ""}
+            SET active_now = (SELECT active_runs FROM {counters});
+            SET created_today = (SELECT IF(runs_day = @day, runs_today, 0) FROM {counters});
+            IF @idempotency_key != '' THEN
+              SET existing_run = (
+                SELECT k.pipeline_logging_id FROM (
+                  SELECT * FROM {keys}
+                  WHERE tenant_id = @tenant_id AND idempotency_key = @idempotency_key
+                  ORDER BY created_at DESC LIMIT 1) AS k
+                WHERE k.created_at >= @keys_valid_from
+                  AND EXISTS (SELECT 1 FROM {db.table(RUN_EVENTS.name)} AS e
+                              WHERE e.tenant_id = @tenant_id
+                                AND e.pipeline_logging_id = k.pipeline_logging_id));
+            END IF;
+            IF existing_run IS NOT NULL THEN
+              SET outcome = 'existing';
+            ELSEIF @limited AND created_today >= @daily_limit THEN
+              SET outcome = 'daily';
+            ELSEIF @limited AND active_now >= @concurrent_limit THEN
+              SET outcome = 'concurrent';
+            ELSEIF NOT fresh THEN
+              SET outcome = 'stale';
+            ELSE
+              IF @idempotency_key != '' THEN
+                INSERT INTO {keys} (tenant_id, idempotency_key, pipeline_logging_id, created_at)
+                VALUES (@tenant_id, @idempotency_key, @pipeline_logging_id, @created_at);
+              END IF;
+              INSERT INTO {db.table(RUN_EVENTS.name)} ({", ".join(RUN_EVENT_NAMES)})
+              VALUES ({", ".join(values.values())});
+              UPDATE {counters} SET active_runs = active_runs + 1,
+                runs_today = IF(runs_day = @day, runs_today + 1, 1), runs_day = @day
+              WHERE TRUE;
+            END IF;
+            {progress_sql(db) if progress is not None else ""}
+            COMMIT TRANSACTION;
+            SELECT outcome, existing_run, created_today, active_now, progressed;
+        """
+    params = _run_params(run)
+    params.update(
+        day=day,
+        keys_valid_from=keys_valid_from,
+        limited=limits is not None,
+        daily_limit=limits.daily if limits else 0,
+        concurrent_limit=limits.concurrent if limits else 0,
+        now=run.created_at,
+    )
+    if progress is not None:
+        params.update({f"s_{k}": v for k, v in schedule_params(progress).items()})
+    rows = await db.call(lambda: db.transaction(script, params))
+    outcome, existing, today, active, progressed = rows[0]
+    if outcome == "existing":
+        found = await get_run(db, run.tenant_id, existing)
+        return Admission(found, created=False, progressed=bool(progressed))
+    if outcome == "daily":
+        return Admission(None, created=False, refused="daily", used=int(today))
+    if outcome in ("concurrent", "stale"):
+        return Admission(None, created=False, refused=outcome, used=int(active))
+    return Admission(run, created=True, progressed=bool(progressed))
+
+
+async def get_usage(db: Central, tenant_id: str, day: date) -> UsageRecord | None:
+    rows = await db.call(
+        lambda: db.query(
+            "SELECT tenant_id, usage_date, pipelines_run_today, pipelines_succeeded_today, "
+            "pipelines_failed_today, concurrent_pipelines_running, max_concurrent_reached, "
+            f"daily_limit, concurrent_limit FROM {db.table('tenant_usage_quotas')} "
+            "WHERE tenant_id = @t AND usage_date = @d",
+            t=tenant_id,
+            d=day,
+        )
+    )
+    return UsageRecord(*rows[0]) if rows else None
+
+
+async def active_runs(db: Central, tenant_id: str) -> int:
+    def active() -> int:
+        try:
+            rows = db.query(f"SELECT active_runs FROM {counters_table(db, tenant_id)}")
+        except api_exceptions.NotFound:  # no such tenant
+            return 0
+        return int(rows[0][0]) if rows else 0
+
+    return await db.call(active)
+
+
+async def typical_run_ms(db: Central, tenant_id: str) -> int | None:
+    rows = await db.call(
+        lambda: db.query(
+            f"SELECT duration_ms FROM {db.table('tenant_pipeline_runs')} "
+            "WHERE tenant_id = @t AND status IN ('COMPLETE', 'FAILED') "
+            "AND start_time IS NOT NULL ORDER BY end_time DESC LIMIT 20",
+            t=tenant_id,
+        )
+    )
+    durations = [row[0] for row in rows if row[0] is not None]
+    return int(statistics.median(durations)) if durations else None
+
+
+# -- reading --------------------------------------------------------------------------------
+
+
+async def get_run(db: Central, tenant_id: str, run_id: str) -> RunRecord | None:
+    rows = await db.call(
+        lambda: db.query(
+            f"SELECT {SELECT_RUN} FROM {db.table('tenant_pipeline_runs')} "
+            "WHERE pipeline_logging_id = @id AND tenant_id = @t",
+            id=run_id,
+            t=tenant_id,
+        )
+    )
+    return run_from_row(rows[0]) if rows else None
+
+
+async def list_runs(
+    db: Central, where: RunFilter, after: RunCursor | None, limit: int
+) -> list[RunRecord]:
+    conditions = ["tenant_id = @tenant_id"]
+    params: dict[str, Any] = {"tenant_id": where.tenant_id}
+    if where.status:
+        conditions.append("status = @status")
+        params["status"] = where.status
+    if where.pipeline_id:
+        conditions.append("pipeline_id = @pipeline_id")
+        params["pipeline_id"] = where.pipeline_id
+    if where.created_from:
+        conditions.append("created_at >= @created_from")
+        params["created_from"] = where.created_from
+    if where.created_before:
+        conditions.append("created_at < @created_before")
+        params["created_before"] = where.created_before
+    if after is not None:
+        conditions.append(
+            "(created_at < @after_at OR (created_at = @after_at AND pipeline_logging_id < "
+            "@after_id))"
+        )
+        params.update(after_at=after.created_at, after_id=after.pipeline_logging_id)
+    sql = (
+        f"SELECT {SELECT_RUN} FROM {db.table('tenant_pipeline_runs')} "
+        f"WHERE {' AND '.join(conditions)} "
+        f"ORDER BY created_at DESC, pipeline_logging_id DESC LIMIT {int(limit)}"
+    )
+    rows = await db.call(lambda: db.runner.query(sql, params))
+    return [run_from_row(row) for row in rows]
+
+
+async def cancel_requested(db: Central, run_id: str) -> bool:
+    latest = latest_events_sql(db, "pipeline_logging_id = @id")
+    rows = await db.call(lambda: db.query(f"SELECT cancel_requested FROM ({latest})", id=run_id))
+    return bool(rows and rows[0][0])
+
+
+async def pending_runs(db: Central) -> tuple[int, datetime | None]:
+    rows = await db.call(
+        lambda: db.query(
+            f"SELECT COUNT(*), MIN(created_at) FROM {db.table('tenant_pipeline_runs')} "
+            "WHERE status = 'PENDING'"
+        )
+    )
+    return int(rows[0][0]), rows[0][1]
+
+
+async def stale_runs(db: Central, stale_before: datetime) -> list[RunRecord]:
+    rows = await db.call(
+        lambda: db.query(
+            f"SELECT {SELECT_RUN} FROM {db.table('tenant_pipeline_runs')} "
+            "WHERE status = 'RUNNING' AND (heartbeat_at IS NULL OR heartbeat_at < @before) "
+            "ORDER BY created_at",
+            before=stale_before,
+        )
+    )
+    return [run_from_row(row) for row in rows]
+
+
+# -- state changes --------------------------------------------------------------------------
+
+
+def _change(
+    db: Central,
+    run: RunRecord,
+    event: str,
+    guard: str,
+    changes: Mapping[str, str],
+    params: Mapping[str, Any],
+    then: str = "",
+    before: str = "",
+) -> RunRecord | None:
+    """Appends the run's next state if its newest one passes `guard`, and runs `then`
+    in the same transaction (and `before`, first, whether or not the guard passes);
+    returns the new state, or None when the guard failed."""
+    # The usage columns are set only by the changes the usage view counts.
+    unset = {c: f"CAST(NULL AS {t})" for c, t in USAGE_COLUMNS.items()}
+    values = [{**unset, **changes}.get(c, c) for c in RUN_EVENT_NAMES]
+    values[RUN_EVENT_NAMES.index("event_seq")] = "next_seq"
+    values[RUN_EVENT_NAMES.index("event")] = f"'{event}'"
+    values[RUN_EVENT_NAMES.index("event_time")] = "CURRENT_TIMESTAMP()"
+    latest = latest_events_sql(db, "pipeline_logging_id = @run_id AND tenant_id = @tenant_id")
+    then_block = (
+        f"""
+            SET changed = EXISTS (SELECT 1 FROM {db.table(RUN_EVENTS.name)}
+                                  WHERE pipeline_logging_id = @run_id AND event_seq = next_seq);
+            IF changed THEN {then} END IF;"""
+        if then
+        else ""
+    )
+    script = f"""
+            DECLARE next_seq INT64;
+            DECLARE changed BOOL;
+            BEGIN TRANSACTION;
+            {next_seq_sql(db, run.tenant_id)}
+            {before}
+            INSERT INTO {db.table(RUN_EVENTS.name)} ({", ".join(RUN_EVENT_NAMES)})
+            SELECT {", ".join(values)} FROM ({latest}) WHERE {guard};
+            {then_block}
+            COMMIT TRANSACTION;
+            SELECT {SELECT_RUN} FROM {db.table(RUN_EVENTS.name)}
+            WHERE pipeline_logging_id = @run_id AND event_seq = next_seq;
+        """
+    rows = db.transaction(
+        script,
+        {"run_id": run.pipeline_logging_id, "tenant_id": run.tenant_id, **params},
+    )
+    return run_from_row(rows[0]) if rows else None
+
+
+async def claim_next_run(db: Central, worker_id: str, now: datetime) -> RunRecord | None:
+    def claim() -> RunRecord | None:
+        # The head of the fair queue, then the runs the queue would give after it: a
+        # run another replica claims first fails the guard below, and the next is tried.
+        waiting = db.query(
+            FAIR_QUEUE.format(columns=SELECT_RUN, runs=f"({latest_events_sql(db)})") + " LIMIT 10"
+        )
+        for row in waiting:
+            claimed = _change(
+                db,
+                run_from_row(row),
+                "claimed",
+                "status = 'PENDING'",
+                {
+                    "status": "'RUNNING'",
+                    "start_time": "@now",
+                    "worker_id": "@worker_id",
+                    # BigQuery's clock, as for the heartbeats that follow: a claim
+                    # that waited on conflicts does not start out stale.
+                    "heartbeat_at": "CURRENT_TIMESTAMP()",
+                },
+                {"now": now, "worker_id": worker_id},
+            )
+            if claimed is not None:
+                return claimed
+        return None
+
+    return await db.call(claim)
+
+
+async def finish_run(
+    db: Central, run: RunRecord, status: str, now: datetime, error_message: str
+) -> RunRecord | None:
+    return await db.call(lambda: _finish(db, run, status, now, error_message, owned=True))
+
+
+def _finish(
+    db: Central, run: RunRecord, status: str, now: datetime, error_message: str, owned: bool
+) -> RunRecord | None:
+    """Ends the run: RUNNING for the same worker and attempt when `owned`, else PENDING.
+
+    The `finished` event counts (in the usage view) as a success or failure of the day
+    the run was created, and sets today's concurrency, as the embedded store does."""
+    counters = counters_table(db, run.tenant_id)
+    then = f"""
+            UPDATE {counters} SET active_runs = active_runs - 1 WHERE TRUE;
+            {_interrupt_steps_sql(db) if owned else ""}
+        """
+    return _change(
+        db,
+        run,
+        "finished",
+        OWNER_GUARD if owned else "status = 'PENDING'",
+        {
+            "status": "@status",
+            "end_time": "@now",
+            "error_message": "NULLIF(@error_message, '')",
+            "duration_ms": "IF(start_time IS NULL, 0, "
+            "TIMESTAMP_DIFF(@now, start_time, MILLISECOND))",
+            "usage_day": "@day",
+            "active_after": f"(SELECT active_runs - 1 FROM {counters})",
+        },
+        {
+            "status": status,
+            "now": now,
+            "error_message": error_message,
+            "worker_id": run.worker_id,
+            "attempt": run.attempt,
+            "day": now.astimezone(UTC).date(),
+        },
+        then,
+    )
+
+
+def _interrupt_steps_sql(db: Central) -> str:
+    """Closes step rows left RUNNING by an execution that ended without finishing them."""
+    columns = [
+        {
+            "status": "'FAILED'",
+            "step_end_time": "@now",
+            "error_message": f"'{INTERRUPTED}'",
+            "recorded_at": "CURRENT_TIMESTAMP()",
+        }.get(c, c)
+        for c in STEP_EVENT_NAMES
+    ]
+    return f"""
+            INSERT INTO {db.table(STEP_EVENTS.name)} ({", ".join(STEP_EVENT_NAMES)})
+            SELECT {", ".join(columns)}
+            FROM ({latest_steps_sql(db, "pipeline_logging_id = @run_id")})
+            WHERE status = 'RUNNING';
+        """
+
+
+async def request_cancel(
+    db: Central, tenant_id: str, run_id: str, now: datetime
+) -> RunRecord | None:
+    run = await get_run(db, tenant_id, run_id)
+    if run is None:
+        return None
+
+    def cancel() -> None:
+        if _finish(db, run, "FAILED", now, "Cancelled before it started", owned=False):
+            return
+        _change(
+            db,
+            run,
+            "cancel_requested",
+            "status = 'RUNNING'",
+            {"cancel_requested": "TRUE"},
+            {},
+        )
+
+    await db.call(cancel)
+    return await get_run(db, tenant_id, run_id)
+
+
+async def heartbeat(db: Central, run_ids: list[str], worker_id: str) -> None:
+    if not run_ids:
+        return
+    await db.call(
+        lambda: db.runner.job(
+            f"INSERT INTO {db.table(HEARTBEATS.name)} (pipeline_logging_id, worker_id, beat_at) "
+            "SELECT id, @worker_id, CURRENT_TIMESTAMP() FROM UNNEST(@ids) AS id",
+            {"worker_id": worker_id, "ids": list(run_ids)},
+        )
+    )
+
+
+async def requeue_run(db: Central, run: RunRecord, now: datetime, count_attempt: bool) -> bool:
+    requeued = await db.call(
+        lambda: _change(
+            db,
+            run,
+            "requeued",
+            OWNER_GUARD,
+            {
+                "status": "'PENDING'",
+                "attempt": "attempt + @extra",
+                "start_time": "CAST(NULL AS TIMESTAMP)",
+                "worker_id": "CAST(NULL AS STRING)",
+                "heartbeat_at": "CAST(NULL AS TIMESTAMP)",
+                "warnings": "0",
+            },
+            {
+                "worker_id": run.worker_id,
+                "attempt": run.attempt,
+                "extra": int(count_attempt),
+                "now": now,
+            },
+            _interrupt_steps_sql(db),
+        )
+    )
+    return requeued is not None
+
+
+async def published(db: Central, run_id: str) -> bool:
+    rows = await db.call(
+        lambda: db.query(
+            f"SELECT COUNT(*) FROM {db.table(schema.TENANT_RUN_PUBLICATIONS.name)} "
+            "WHERE pipeline_logging_id = @id",
+            id=run_id,
+        )
+    )
+    return bool(rows and rows[0][0])
+
+
+def publish(
+    db: Central,
+    pipelines: Runner,
+    run: RunRecord,
+    statements: list[str],
+    params: Mapping[str, Any],
+) -> bool:
+    """The publishing transaction (see `Warehouse.publish`), blocking, on the `pipelines`
+    runner: the staged writes and the publication record commit together, only while the
+    run is RUNNING for this worker and attempt. It takes the tenant's sequence like every
+    run change, so it conflicts with (and is ordered against) a concurrent claim or
+    requeue: a replica whose lease ran out cannot publish next to the one that took the
+    run over."""
+    publications = db.table(schema.TENANT_RUN_PUBLICATIONS.name)
+    latest = latest_events_sql(db, "pipeline_logging_id = @run_id AND tenant_id = @tenant_id")
+    body = "\n".join(statements)
+    script = f"""
+            DECLARE next_seq INT64;
+            DECLARE owned BOOL;
+            BEGIN TRANSACTION;
+            {next_seq_sql(db, run.tenant_id)}
+            SET owned = EXISTS (SELECT 1 FROM ({latest}) WHERE {OWNER_GUARD})
+              AND NOT EXISTS (SELECT 1 FROM {publications} WHERE pipeline_logging_id = @run_id);
+            IF owned THEN
+              INSERT INTO {publications}
+                (pipeline_logging_id, tenant_id, run_attempt, worker_id, published_at)
+              VALUES (@run_id, @tenant_id, @attempt, @worker_id, CURRENT_TIMESTAMP());
+              {body}
+            END IF;
+            COMMIT TRANSACTION;
+            SELECT owned OR EXISTS (
+              SELECT 1 FROM {publications} WHERE pipeline_logging_id = @run_id
+                AND run_attempt = @attempt AND worker_id = @worker_id);
+        """
+    rows = db.transaction(
+        script,
+        {
+            **params,
+            "run_id": run.pipeline_logging_id,
+            "tenant_id": run.tenant_id,
+            "worker_id": run.worker_id,
+            "attempt": run.attempt,
+        },
+        pipelines,
+        PUBLISH_TIMEOUT,
+    )
+    return bool(rows and rows[0][0])
+
+
+# -- steps and data quality -----------------------------------------------------------------
+
+
+async def save_step(db: Central, step: StepRecord) -> None:
+    names = STEP_COLUMNS.split(", ")
+    await db.call(
+        lambda: db.runner.query(
+            f"INSERT INTO {db.table(STEP_EVENTS.name)} ({STEP_COLUMNS}, recorded_at) "
+            f"VALUES ({', '.join('@' + n for n in names)}, CURRENT_TIMESTAMP())",
+            typed(
+                schema.TENANT_STEP_LOGS,
+                {
+                    **{n: getattr(step, n) for n in names},
+                    "error_message": step.error_message or None,
+                },
+            ),
+        )
+    )
+
+
+async def list_steps(db: Central, tenant_id: str, run_id: str) -> list[StepRecord]:
+    rows = await db.call(
+        lambda: db.query(
+            f"SELECT {STEP_COLUMNS} FROM {db.table('tenant_step_logs')} "
+            "WHERE tenant_id = @t AND pipeline_logging_id = @id AND run_attempt = ("
+            f"SELECT MAX(run_attempt) FROM {db.table(STEP_EVENTS.name)} "
+            "WHERE tenant_id = @t AND pipeline_logging_id = @id) "
+            "ORDER BY step_index, step_start_time",
+            t=tenant_id,
+            id=run_id,
+        )
+    )
+    return [step_from_row(row) for row in rows]
+
+
+async def add_dq_results(db: Central, run: RunRecord, results: list[DqRecord]) -> None:
+    if not results:
+        return
+    names = DQ_COLUMNS.split(", ")
+    params: dict[str, Any] = {}
+    rows = []
+    for i, result in enumerate(results):
+        rows.append("(" + ", ".join(f"@{n}_{i}" for n in names) + ")")
+        values = typed(schema.TENANT_DQ_RESULTS, dict(zip(names, dq_values(result), strict=True)))
+        params.update({f"{n}_{i}": v for n, v in values.items()})
+    insert = (
+        f"INSERT INTO {db.table(schema.TENANT_DQ_RESULTS.name)} ({DQ_COLUMNS}) "
+        f"VALUES {', '.join(rows)};"
+    )
+    warnings = sum(r.warns for r in results)
+    if not warnings:  # the run is unchanged: no need to take the tenant's sequence
+        await db.call(lambda: db.runner.query(insert, params))
+        return
+    params.update(worker_id=run.worker_id, attempt=run.attempt, warnings=warnings)
+    await db.call(
+        lambda: _change(
+            db,
+            run,
+            "dq_checked",
+            OWNER_GUARD,
+            {"warnings": "IFNULL(warnings, 0) + @warnings"},
+            params,
+            before=insert,
+        )
+    )
+
+
+async def list_dq_results(db: Central, tenant_id: str, run_id: str, attempt: int) -> list[DqRecord]:
+    sql = DQ_OF_ATTEMPT.format(
+        results=db.table(schema.TENANT_DQ_RESULTS.name), tenant="@t", run="@id", attempt="@a"
+    )
+    rows = await db.call(lambda: db.query(sql, t=tenant_id, id=run_id, a=attempt))
+    return [dq_from_row(row) for row in rows]
+
+
+def _run_params(run: RunRecord) -> dict[str, Any]:
+    return typed(
+        schema.TENANT_PIPELINE_RUNS,
+        {
+            "pipeline_logging_id": run.pipeline_logging_id,
+            "pipeline_id": run.pipeline_id,
+            "tenant_id": run.tenant_id,
+            "status": run.status,
+            "trigger_type": run.trigger_type,
+            "trigger_by": run.trigger_by,
+            "user_id": run.user_id or None,
+            "parameters": json.dumps(run.parameters, sort_keys=True),
+            "created_at": run.created_at,
+            "start_time": run.start_time,
+            "end_time": run.end_time,
+            "duration_ms": run.duration_ms,
+            "error_message": run.error_message or None,
+            "provider": run.provider,
+            "domain": run.domain,
+            "template": run.template,
+            "idempotency_key": run.idempotency_key,
+            "attempt": run.attempt,
+            "worker_id": run.worker_id or None,
+            "heartbeat_at": None,
+            "cancel_requested": run.cancel_requested,
+            "warnings": run.warnings,
+            "trace_id": run.trace_id or None,
+        },
+    )
