@@ -15,8 +15,8 @@ Written for BigQuery's strengths and limits rather than as a port of the embedde
   it runs again (`Central.transaction`). BigQuery detects conflicts per table, and no
   transaction updates or deletes rows of any other table (the rest is appends), so
   different tenants never wait on each other. Admission (daily and concurrent limits,
-  idempotency key, the PENDING row) is thus exact across any number of server processes, and a run's events have a total
-  order (`event_seq`).
+  idempotency key, the PENDING row) is thus exact across any number of server processes,
+  and a run's events have a total order (`event_seq`).
 - **Usage is derived.** `tenant_usage_quotas` is a view over the `created` and `finished`
   events, which carry the tenant's concurrency after them and the admission's limits.
   Idempotency keys are appended; a key's newest row is its state.
