@@ -34,6 +34,7 @@ from convergence_server.storage.bigquery_schema import (
     latest_steps_sql,
     next_seq_sql,
 )
+from convergence_server.storage.locks import KeyedTurns
 from convergence_server.storage.records import (
     Admission,
     DqRecord,
@@ -65,6 +66,51 @@ INTERRUPTED = "Interrupted: the run stopped while this step was running"
 
 
 # -- admission ------------------------------------------------------------------------------
+
+
+class AdmissionTurns:
+    """A tenant's triggers take turns in this process: one admission transaction at a time,
+    so they never conflict with each other (only with another replica's). While they wait,
+    a refusal over a limit answers the waiting triggers that came before its transaction
+    began and would meet the same limits on the same day: the transaction saw the counts
+    after they came, so they are refused as at its point, in their order. Triggers with an
+    idempotency key or schedule progress always run their own. An admission drops the
+    refusal: the triggers after it run their own, in arrival order."""
+
+    def __init__(self) -> None:
+        self._turns = KeyedTurns()
+        self._begun: dict[str, int] = {}  # per tenant: admission transactions begun
+        # per tenant: the latest refusal, the count of transactions begun with it, its day
+        # and limits
+        self._refusals: dict[str, tuple[int, date, RunLimits, Admission]] = {}
+
+    async def admit(
+        self,
+        db: Central,
+        run: RunRecord,
+        keys_valid_from: datetime,
+        limits: RunLimits | None,
+        progress: ScheduleRecord | None,
+    ) -> Admission:
+        tenant, day = run.tenant_id.lower(), run.created_at.astimezone(UTC).date()
+        arrived = self._begun.get(tenant, 0)
+        async with self._turns.get(tenant):
+            refusal = self._refusals.get(tenant)
+            if (
+                refusal is not None
+                and refusal[0] > arrived
+                and (refusal[1], refusal[2]) == (day, limits)
+                and not run.idempotency_key
+                and progress is None
+            ):
+                return refusal[3]
+            begun = self._begun[tenant] = self._begun.get(tenant, 0) + 1
+            admission = await create_run(db, run, keys_valid_from, limits, progress)
+            if admission.refused in ("daily", "concurrent") and limits is not None:
+                self._refusals[tenant] = (begun, day, limits, admission)
+            elif admission.created:
+                self._refusals.pop(tenant, None)
+            return admission
 
 
 async def create_run(

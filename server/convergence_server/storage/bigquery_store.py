@@ -121,6 +121,7 @@ class BigQueryStore:
         self.central = f"{prefix}{schema.CENTRAL_DATASET}"
         self._publish_locks = KeyedLocks()
         self._db = Central(self._bq, self.central)
+        self._admissions = runs.AdmissionTurns()
 
     @classmethod
     def open(
@@ -658,7 +659,7 @@ class BigQueryStore:
         limits: RunLimits | None = None,
         progress: ScheduleRecord | None = None,
     ) -> Admission:
-        return await runs.create_run(self._db, run, keys_valid_from, limits, progress)
+        return await self._admissions.admit(self._db, run, keys_valid_from, limits, progress)
 
     async def get_usage(self, tenant_id: str, day: date) -> UsageRecord | None:
         return await runs.get_usage(self._db, tenant_id, day)
