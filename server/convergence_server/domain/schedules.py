@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -74,6 +75,9 @@ DUE_PAGE = 2_000
 MAX_REPORTED_SLOTS = 2_000
 # Tenants processed at once by an operator-wide trigger.
 TENANTS_AT_ONCE = 32
+# A trigger starts no new slot after this long and answers with what it did: the slots
+# left stay due for the next trigger (Envoy ends a REST call after 60 s).
+TRIGGER_BUDGET_SECONDS = 30.0
 # Skipped slots are counted up to this many (an every-minute schedule down for weeks).
 MAX_SKIP_COUNT = 10_000
 DEFAULT_LIMIT = 50
@@ -464,14 +468,14 @@ class Schedules:
     async def trigger(self, tenant_id: str | None) -> list[SlotOutcome]:
         """Starts the due slots of the tenant's schedules (reporting paused ones), or of
         every tenant's (paused ones left out), a page of due schedules at a time."""
-        outcomes = await self._trigger(tenant_id)
+        outcomes = await self._trigger(tenant_id, time.monotonic() + TRIGGER_BUDGET_SECONDS)
         for outcome in outcomes:
             metrics.SCHEDULE_SLOTS.labels(outcome.outcome).inc()
             if outcome.outcome == SKIPPED:
                 self._on_skipped(outcome)
         return outcomes
 
-    async def _trigger(self, tenant_id: str | None) -> list[SlotOutcome]:
+    async def _trigger(self, tenant_id: str | None, deadline: float) -> list[SlotOutcome]:
         outcomes: list[SlotOutcome] = []
         after: tuple[str, datetime, str] | None = None
         while True:
@@ -482,14 +486,18 @@ class Schedules:
             due = await self._store.due_schedules(
                 tenant_id, now, DUE_PAGE, after, paused=tenant_id is not None
             )
-            outcomes += await self._trigger_page(due, turns_seen, now)
-            if len(due) < DUE_PAGE:
+            outcomes += await self._trigger_page(due, turns_seen, now, deadline)
+            if len(due) < DUE_PAGE or time.monotonic() > deadline:
                 return outcomes
             last = due[-1]
             after = (last.tenant_id, last.created_at, last.schedule_id)
 
     async def _trigger_page(
-        self, due: list[ScheduleRecord], turns_seen: dict[str, int], now: datetime
+        self,
+        due: list[ScheduleRecord],
+        turns_seen: dict[str, int],
+        now: datetime,
+        deadline: float,
     ) -> list[SlotOutcome]:
         by_tenant: dict[str, list[ScheduleRecord]] = {}
         for schedule in due:
@@ -498,12 +506,14 @@ class Schedules:
 
         async def one(tenant: str, read: list[ScheduleRecord]) -> list[SlotOutcome]:
             async with gate, self._turns.get(tenant):
+                if time.monotonic() > deadline:
+                    return []  # its slots stay due
                 try:
                     at = now
                     if self._turns_ended.get(tenant, 0) != turns_seen.get(tenant, 0):
                         at = self._clock()
                         read = await self._store.due_schedules(tenant, at, DUE_PAGE)
-                    return await self._trigger_tenant(read, at)
+                    return await self._trigger_tenant(read, at, deadline)
                 finally:
                     self._turn_ended(tenant)
 
@@ -515,17 +525,23 @@ class Schedules:
         read them before reads them again."""
         self._turns_ended[tenant_id] = self._turns_ended.get(tenant_id, 0) + 1
 
-    async def _trigger_tenant(self, due: list[ScheduleRecord], now: datetime) -> list[SlotOutcome]:
+    async def _trigger_tenant(
+        self, due: list[ScheduleRecord], now: datetime, deadline: float
+    ) -> list[SlotOutcome]:
         """One tenant's due schedules, in its turn."""
         outcomes: list[SlotOutcome] = []
         for schedule in due:
-            processed = await self._process(schedule, now)
+            if time.monotonic() > deadline:
+                break
+            processed = await self._process(schedule, now, deadline)
             outcomes.extend(processed)
             if any(o.outcome == QUOTA_EXCEEDED for o in processed):
                 break  # the tenant's limit: its other schedules wait too
         return outcomes
 
-    async def _process(self, schedule: ScheduleRecord, now: datetime) -> list[SlotOutcome]:
+    async def _process(
+        self, schedule: ScheduleRecord, now: datetime, deadline: float
+    ) -> list[SlotOutcome]:
         if schedule.paused:
             due = schedule.next_slot if schedule.next_slot and schedule.next_slot <= now else None
             slot = due or now
@@ -571,6 +587,8 @@ class Schedules:
         regular = cron.slots(progress.last_slot or now, now, MAX_SLOTS_PER_TRIGGER)
         queue = [(slot, False) for slot in regular] + [(slot, True) for slot in backfill]
         for slot, from_backfill in queue:
+            if time.monotonic() > deadline:
+                break  # the slot stays due: the next trigger starts it
             if from_backfill:
                 left = progress.backfill_left - 1
                 done = replace(
