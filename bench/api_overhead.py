@@ -22,6 +22,7 @@ import math
 import os
 import platform
 import select
+import shutil
 import statistics
 import subprocess
 import sys
@@ -46,6 +47,7 @@ from convergence.v1 import (
     run_service_pb2,
     run_service_pb2_grpc,
 )
+from convergence_server.config import REPO_ROOT
 from convergence_server.stack import Stack, start_stack
 
 TIMEOUT = 10.0
@@ -54,10 +56,18 @@ ECHO_SERVER = Path(__file__).with_name("echo_server.py")
 # About the size of a serialized GetHealthResponse, so both directions carry similar bytes.
 ECHO_PAYLOAD = b"x" * 32
 HEALTH_REQUEST = health_service_pb2.GetHealthRequest()
+UNMETERED = "UNMETERED"
+UNMETERED_PLAN = (
+    f"  {UNMETERED}:\n    daily_pipeline_runs: 1000000\n"
+    "    concurrent_pipeline_runs: 100000\n    team_size: 1000\n"
+    "    requests_per_minute: 10000000\n    open_streams: 1000\n"
+    "    requests_in_flight: 1000\n    max_schedules: 1000\n"
+)
 TENANT = {
     "company_name": "Bench Corporation",
     "admin_email": "admin@bench.example.com",
-    "subscription_plan": "PROFESSIONAL",
+    # Limits that never bind (as the tests' plan): a scenario measures calls, not refusals.
+    "subscription_plan": UNMETERED,
 }
 # No proxy may sit between the client and loopback, whatever the environment says.
 GRPC_OPTIONS = [("grpc.enable_http_proxy", 0)]
@@ -464,8 +474,12 @@ def run_all(args: argparse.Namespace) -> tuple[list[Result], list[str]]:
     """Starts everything, runs every scenario, stops everything (also on error)."""
     with contextlib.ExitStack() as resources:
         data_dir = Path(resources.enter_context(tempfile.TemporaryDirectory(prefix="bench-")))
+        configs = data_dir / "configs"
+        shutil.copytree(REPO_ROOT / "configs", configs)
+        with (configs / "plans.yml").open("a") as plans:
+            plans.write(UNMETERED_PLAN)
         echo_target, echo_pid = start_echo_server(resources)
-        stack = start_bench_stack(resources, data_dir)
+        stack = start_bench_stack(resources, data_dir, CONVERGENCE_CONFIG_DIR=str(configs))
         api_key = onboard(stack.http_url)
         echo, direct, via_envoy = (
             resources.enter_context(grpc.insecure_channel(target, options=GRPC_OPTIONS))

@@ -76,7 +76,8 @@ class Config:
     log_level: str = "INFO"
     # A stop (SIGTERM) ends within this; Cloud Run allows 10 s before SIGKILL.
     shutdown_seconds: float = 8.0
-    duckdb_memory_limit: str = "1GB"
+    # Bounds the server's memory on large loads (they spill to the data directory).
+    duckdb_memory_limit: str = "256MB"
     # The operator token of the all-tenant scheduler trigger (`x-scheduler-token`); empty:
     # only tenants' keys trigger, each its own schedules.
     scheduler_token: str = field(default="", repr=False)
