@@ -192,7 +192,9 @@ class RunFeeds:
     async def follow(self, tenant_id: str, run_id: str) -> AsyncGenerator[Snapshot, None]:
         """The run now (read after the call), then each change, until it has ended."""
         feed = self._feeds.get(run_id)
-        if feed is None:
+        if feed is None or feed.task is None or feed.task.done():
+            # A feed that stopped (its run ended, or the store failed) reads no more: a
+            # new one reads for this watcher; the old one's watchers finish with it.
             feed = _Feed(self._events.subscribe(run_id))
             self._feeds[run_id] = feed
             feed.task = asyncio.create_task(self._poll(feed, tenant_id, run_id))

@@ -1,0 +1,46 @@
+"""WatchRun's shared feeds, driven on a real embedded store: a watcher that joins while
+another still holds the feed of a run that has just ended gets the end, not a wait."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+from pathlib import Path
+
+from convergence_server.domain.runs import RunEvents, RunFeeds
+from convergence_server.storage.duckdb_store import DuckDBStore
+from convergence_server.storage.records import ApiKeyRecord, RunLimits, TenantRecord
+from tests.test_store_contract import LONG_AGO, new_run
+
+DEADLINE = 60.0  # seconds: a watcher that waits this long has been forgotten
+
+
+def test_a_watcher_joining_after_the_end_gets_the_end(tmp_path: Path) -> None:
+    async def play() -> None:
+        store = DuckDBStore.open(tmp_path / "store.duckdb")
+        try:
+            now = datetime.now(UTC)
+            tenant = TenantRecord("feeds_t", "Feeds", "ops@feeds.example", "SCALE", now)
+            await store.create_tenant(tenant, ApiKeyRecord("k" * 12, "feeds_t", b"s", b"h", now))
+            run = new_run("feeds_t")
+            await store.create_run(run, LONG_AGO, RunLimits(10, 10))
+            events = RunEvents()
+            feeds = RunFeeds(store, events, poll_seconds=3600)  # changes come as events
+            first = feeds.follow("feeds_t", run.pipeline_logging_id)
+            snapshot = await asyncio.wait_for(anext(first), DEADLINE)
+            assert snapshot[0].status == "PENDING"
+            await store.request_cancel("feeds_t", run.pipeline_logging_id, datetime.now(UTC))
+            events.publish(run.pipeline_logging_id)
+            ended = await asyncio.wait_for(anext(first), DEADLINE)
+            assert ended[0].status == "FAILED"
+            # `first` still holds the feed (its stream has not ended yet) when `second` joins.
+            second = feeds.follow("feeds_t", run.pipeline_logging_id)
+            seen = await asyncio.wait_for(anext(second), DEADLINE)
+            assert seen[0].status == "FAILED"
+            for stream in (first, second):
+                assert [s async for s in stream] == []
+                await stream.aclose()
+        finally:
+            await store.close()
+
+    asyncio.run(play())
