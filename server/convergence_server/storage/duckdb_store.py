@@ -212,7 +212,11 @@ class DuckDBStore:
             raise SystemExit(f"cannot open the embedded store {path}: {exc}") from None
         store = cls(connection, max(1, warehouse_threads), connect)
         store._migrate()
-        store._newest_run = runs.newest_run(store._cursor())
+        cursor = connection.cursor()  # closed: no transaction of it stays open
+        try:
+            store._newest_run = runs.newest_run(cursor)
+        finally:
+            cursor.close()
         return store
 
     # -- plumbing ---------------------------------------------------------------------------
