@@ -4,6 +4,7 @@ and the operator command, on the embedded store."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -21,6 +22,7 @@ from convergence_server.config import REPO_ROOT
 from tests.conftest import (
     StackFactory,
     database_path,
+    dump_store,
     onboard,
     stack_env,
     trigger,
@@ -398,6 +400,18 @@ def test_the_operator_revokes_a_tenants_only_key_and_issues_a_new_one(
     with httpx.Client(base_url=stack.http_url, timeout=30) as http:
         tenant_id, lost = onboard(http)
         lost_id = http.get(keys_path(tenant_id), headers={"X-API-Key": lost}).json()["keys"][0]
+        # Secrets from create and rotate, both retired, for the scan at the end.
+        created = create_key(http, lost, tenant_id, name="ci").json()
+        rotated = http.post(
+            keys_path(tenant_id, f"/{created['key']['key_id']}:rotate"),
+            headers={"X-API-Key": lost},
+            json={"grace_seconds": 0},
+        ).json()
+        retired = http.post(
+            keys_path(tenant_id, f"/{rotated['key']['key_id']}:revoke"),
+            headers={"X-API-Key": lost},
+        )
+        assert retired.status_code == 200, retired.text
         # Through the API, the only key cannot be revoked.
         refused = http.post(
             keys_path(tenant_id, f"/{lost_id['key_id']}:revoke"), headers={"X-API-Key": lost}
@@ -469,12 +483,12 @@ def test_the_operator_revokes_a_tenants_only_key_and_issues_a_new_one(
     )
     assert sql.returncode == 0, sql.stderr
     assert "tenant.onboarded" in sql.stdout and "api_key.created" in sql.stdout
-    stored = database_path(stack).read_bytes()
-    for key in (lost, secret):
-        token = key.split("_api_")[1][12:].encode()
-        assert token not in stored
+    stored, rows = database_path(stack).read_bytes(), repr(dump_store(stack))
+    for key in (lost, secret, created["api_key"], rotated["api_key"]):
+        token = key.split("_api_")[1][12:]
+        assert token.encode() not in stored and token not in rows
         for log in (data_dir / "logs").glob("*"):
-            assert token.decode() not in log.read_text(errors="replace")
+            assert token not in log.read_text(errors="replace")
 
 
 def test_account_changes_quota_refusals_and_schedules_are_audited(keyed: Any) -> None:
@@ -497,6 +511,16 @@ def test_account_changes_quota_refusals_and_schedules_are_audited(keyed: Any) ->
     schedule = http.post("/api/v1/schedules", headers=auth, json=body)
     assert schedule.status_code == 200, schedule.text
     schedule_id = schedule.json()["schedule_id"]
+    updated = http.patch(
+        f"/api/v1/schedules/{schedule_id}", headers=auth, json={"cron": "0 7 * * *"}
+    )
+    assert updated.status_code == 200, updated.text
+    backfill = http.post(
+        f"/api/v1/schedules/{schedule_id}:backfill",
+        headers=auth,
+        json={"start_date": "2024-01-01", "end_date": "2024-01-02"},
+    )
+    assert backfill.status_code == 200, backfill.text
     for verb in ("pause", "resume"):
         changed = http.post(f"/api/v1/schedules/{schedule_id}:{verb}", headers=auth)
         assert changed.status_code == 200, changed.text
@@ -532,6 +556,8 @@ def test_account_changes_quota_refusals_and_schedules_are_audited(keyed: Any) ->
         "member.removed",
         "subscription.changed",
         "schedule.created",
+        "schedule.updated",
+        "schedule.backfilled",
         "schedule.paused",
         "schedule.resumed",
         "schedule.deleted",
@@ -555,3 +581,29 @@ def test_the_longest_key_lifetime_applies_to_new_keys(
         assert refused.status_code == 400 and refused.json()["details"]["field"] == "expires_at"
         assert "90 days" in refused.json()["message"]
     stack.stop()
+
+
+# A statement that changes or removes rows of the audit table, as the server's code names it
+# (its SQL is upper case).
+AUDIT_CHANGE = re.compile(
+    r"\b(?:UPDATE|DELETE\s+FROM|MERGE(?:\s+INTO)?|TRUNCATE(?:\s+TABLE)?|DROP\s+TABLE"
+    r"(?:\s+IF\s+EXISTS)?)\s+[^;\n]{0,80}?(?:\bAUDIT\b|tenant_audit_log)"
+)
+
+
+def test_no_code_path_changes_or_removes_audit_rows() -> None:
+    """The audit log is append-only on both stores: the server's code only inserts into it
+    (the stores do not forbid more; README says how to keep a copy no one can change)."""
+    for sample in (
+        'f"DELETE FROM {AUDIT} WHERE tenant_id = ?"',
+        "UPDATE {self._t('tenant_audit_log')} SET detail = ''",
+        "TRUNCATE TABLE tenants.tenant_audit_log",
+    ):
+        assert AUDIT_CHANGE.search(sample), sample
+    assert not AUDIT_CHANGE.search('f"INSERT INTO {AUDIT} ({AUDIT_COLUMNS}) VALUES (?)"')
+    found = [
+        f"{path.relative_to(REPO_ROOT)}: {match.group(0)}"
+        for path in sorted((REPO_ROOT / "server" / "convergence_server").rglob("*.py"))
+        for match in AUDIT_CHANGE.finditer(path.read_text())
+    ]
+    assert found == []

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
 import pytest
 
+from convergence_server import metrics
 from convergence_server.domain import keys
+from convergence_server.domain.access import AccessLog
 from convergence_server.domain.auth import Authenticator, KeyRecordCache
 from convergence_server.errors import Unauthenticated
 from convergence_server.storage.duckdb_store import DuckDBStore
@@ -115,3 +117,45 @@ def test_key_record_cache_expires_and_stays_bounded() -> None:
     disabled = KeyRecordCache(ttl=0)
     disabled.put("id0", records[0])
     assert disabled.get("id0") == (False, None)
+
+
+def test_key_use_is_written_once_a_minute_per_key(tmp_path: Path) -> None:
+    """A key used on every request costs no store write per request: its first use in a
+    minute is noted, and the next flush writes what was noted (one call for every key)."""
+    start = datetime(2026, 11, 30, 12, 0, 5, tzinfo=UTC)
+    clock = [start]
+    labels = {"operation": "record_key_use", "adapter": "embedded"}
+
+    def writes() -> float:
+        count = "convergence_store_operation_seconds_count"
+        return metrics.REGISTRY.get_sample_value(count, labels) or 0.0
+
+    async def last_used(store: DuckDBStore) -> datetime | None:
+        (key,) = await store.list_api_keys("acme_corp")
+        return key.last_used_at
+
+    async def scenario() -> None:
+        store = DuckDBStore.open(tmp_path / "store.duckdb")
+        await store.create_tenant(
+            TenantRecord("acme_corp", "Acme", "admin@acme.com", "STARTER", start),
+            ApiKeyRecord("k1", "acme_corp", b"s", b"h", start),
+        )
+        access = AccessLog(metrics.timed_store(store, "embedded"), lambda: clock[0])
+        before = writes()
+        for second in range(5, 60):  # a request every second of the minute
+            clock[0] = start.replace(second=second)
+            access.used("k1")
+        assert writes() == before  # nothing written per request
+        await access.flush()
+        assert writes() == before + 1 and await last_used(store) == start
+        # Used again within the same minute: already noted, nothing to write.
+        access.used("k1")
+        await access.flush()
+        assert writes() == before + 1 and await last_used(store) == start
+        clock[0] = start + timedelta(minutes=1)
+        access.used("k1")
+        await access.flush()
+        assert writes() == before + 2 and await last_used(store) == clock[0]
+        await store.close()
+
+    asyncio.run(scenario())

@@ -191,7 +191,8 @@ class AccessLog:
         ]
         # What the store refuses is kept for the next flush (within MAX_COUNTERS).
         try:
-            await self._store.add_audit(rows)
+            if rows:
+                await self._store.add_audit(rows)
         except Exception:
             log.warning("cannot write %d counted audit rows yet", len(rows), exc_info=True)
             for key, (count, actor) in counts.items():
@@ -199,7 +200,8 @@ class AccessLog:
                     later, first = self._counts.get(key, (0, actor))
                     self._counts[key] = (count + later, first)
         try:
-            await self._store.record_key_use(uses)
+            if uses:
+                await self._store.record_key_use(uses)
         except Exception:
             log.warning("cannot record the last use of %d keys yet", len(uses), exc_info=True)
             for key_id, used in uses.items():
