@@ -104,6 +104,7 @@ bench: $(GEN_STAMP) $(EMULATOR_DIR)/.installed ## Run the benchmarks and print t
 	$(PY) -m bench.noisy
 	$(PY) -m bench.scheduler
 	$(PY) -m bench.observability
+	$(PY) -m bench.h2load_calls
 
 soak: $(GEN_STAMP) ## Run the 30-minute memory soak (steady mixed load; server and Envoy RSS).
 	$(PY) -m bench.soak --minutes 30
