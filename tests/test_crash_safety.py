@@ -139,6 +139,8 @@ def test_a_crash_after_publication_never_publishes_the_run_again(
     )
 
 
+# Its waits for the emulator add up to more than the default 300 s on a busy machine.
+@pytest.mark.timeout(900)
 def test_a_crash_after_publication_on_bigquery_never_publishes_the_run_again(
     stack_factory: StackFactory, pipeline_env: dict[str, str], emulator: Emulator
 ) -> None:
