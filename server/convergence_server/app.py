@@ -40,6 +40,7 @@ from convergence_server.api.interceptors import (
     AuthInterceptor,
     ErrorInterceptor,
     FieldBehaviorInterceptor,
+    HandlerCache,
     QuotaInterceptor,
     RequestContextInterceptor,
 )
@@ -341,6 +342,7 @@ def create_server(
     )
     server = grpc.aio.server(
         interceptors=[
+            HandlerCache(),
             ErrorInterceptor(access, config.request_log),
             RequestContextInterceptor(),
             AuthInterceptor(

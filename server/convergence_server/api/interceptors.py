@@ -182,6 +182,28 @@ Call = Callable[[], Awaitable[Any]]
 StreamCall = Callable[[], AsyncIterator[Any]]
 
 
+class HandlerCache(ServerInterceptor):  # type: ignore[type-arg]
+    """Outermost: the handler the interceptors below build for a method is the same for
+    every call of it (their wrappers depend on the method alone), so it is built once per
+    method instead of once per call. Methods the server does not have are not kept."""
+
+    def __init__(self) -> None:
+        self._handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+
+    async def intercept_service(  # type: ignore[override]
+        self,
+        continuation: Continuation,
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        method = handler_call_details.method
+        handler = self._handlers.get(method)
+        if handler is None:
+            handler = await continuation(handler_call_details)
+            if handler is not None:
+                self._handlers[method] = handler
+        return handler
+
+
 class _WrappingInterceptor(ServerInterceptor):  # type: ignore[type-arg]
     """Wraps the behaviour of this service's unary and server-streaming methods.
 
