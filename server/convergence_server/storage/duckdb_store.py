@@ -91,6 +91,15 @@ WORKER_THREADS = 4
 # checkpoint of its own (0.2-1 s, growing with the table); commits stay durable either way,
 # and a restart replays at most this much log.
 CHECKPOINT_THRESHOLD = "256MB"
+# The database file is attached under this name, with row groups of ROW_GROUP_SIZE rows
+# (DuckDB's default is 122,880). An insert of at least one row group is written to the file
+# compressed, as row groups, when it commits; a smaller one goes to the write-ahead log
+# uncompressed (about 650 bytes a FOCUS row) and is written again at the next checkpoint.
+# With this size, publishing a day of 67,000 cost rows commits in milliseconds instead of
+# 0.2-0.5 s plus a checkpoint every few days. The size is an option of each attachment,
+# not stored in the file.
+STORE = "convergence_store"
+ROW_GROUP_SIZE = 32768
 CONFLICT_RETRIES = 6
 PROBE = f"{CENTRAL}.store_write_probe"
 # How the file system says no: these are faults of the machine, not of the request.
@@ -151,6 +160,14 @@ def comprehensive_view_sql(tenant_id: str) -> str:
     return statement
 
 
+def cursor_of(connection: duckdb.DuckDBPyConnection) -> duckdb.DuckDBPyConnection:
+    """A new cursor whose unqualified names are in the store's database file (a cursor
+    starts in DuckDB's in-memory database)."""
+    cursor = connection.cursor()
+    cursor.execute(f"USE {STORE}")
+    return cursor
+
+
 class _Abandoned(Exception):
     """The caller of a transaction went away before it committed."""
 
@@ -198,10 +215,20 @@ class DuckDBStore:
             {"memory_limit": memory_limit} if memory_limit else {}
         )
         settings["checkpoint_threshold"] = CHECKPOINT_THRESHOLD
+        settings["temp_directory"] = f"{path}.tmp"  # where DuckDB spills (its default here)
 
         def connect() -> duckdb.DuckDBPyConnection:
-            connection = duckdb.connect(str(path), config=settings)
-            attach_stages(connection)
+            connection = duckdb.connect(":memory:", config=settings)
+            try:
+                connection.execute(
+                    f"ATTACH $path AS {STORE} (ROW_GROUP_SIZE {ROW_GROUP_SIZE})",
+                    {"path": str(path)},
+                )
+                connection.execute(f"USE {STORE}")
+                attach_stages(connection)
+            except BaseException:
+                connection.close()
+                raise
             return connection
 
         try:
@@ -212,7 +239,7 @@ class DuckDBStore:
             raise SystemExit(f"cannot open the embedded store {path}: {exc}") from None
         store = cls(connection, max(1, warehouse_threads), connect)
         store._migrate()
-        cursor = connection.cursor()  # closed: no transaction of it stays open
+        cursor = cursor_of(connection)  # closed: no transaction of it stays open
         try:
             store._newest_run = runs.newest_run(cursor)
         finally:
@@ -228,7 +255,7 @@ class DuckDBStore:
         if held is not None:
             with contextlib.suppress(duckdb.Error):
                 held[1].close()
-        cursor = self._connection.cursor()
+        cursor = cursor_of(self._connection)
         self._local.cursor = (self._generation, cursor)
         return cursor
 
@@ -305,7 +332,7 @@ class DuckDBStore:
         return await self._submit(fn)
 
     def _migrate(self) -> None:
-        cur = self._connection.cursor()
+        cur = cursor_of(self._connection)
         cur.begin()
         cur.execute(f"CREATE SCHEMA IF NOT EXISTS {CENTRAL}")
         cur.execute(
@@ -884,7 +911,7 @@ class DuckDBStore:
         generation = self._generation
         return DuckDBWarehouse(
             dataset,
-            self._connection.cursor(),
+            cursor_of(self._connection),
             self._warehouse_executor,
             self._publish_locks,
             lambda exc: self._fault(exc, generation),
