@@ -11,6 +11,7 @@ that table is a cache of the file, not output.)
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import logging
@@ -386,7 +387,7 @@ class PipelineRun:
         constant = table in self.reused and not step.where and not _uses_parameters(step)
         results = _CHECKED.get(known) if constant else None
         if results is None:
-            results = [await self._evaluate(c, source, scope, rows, present) for c in step.checks]
+            results = await self._evaluate_all(step.checks, source, scope, rows, present)
         if constant and all(r.ran for r in results):  # an error may not recur
             _CHECKED[known] = results
             while len(_CHECKED) > MAX_CHECKED:
@@ -400,59 +401,64 @@ class PipelineRun:
             )
         return rows
 
+    async def _evaluate_all(
+        self, checks: Sequence[DqCheck], source: str, scope: str, rows: int, present: list[str]
+    ) -> list[DqResult]:
+        """The checks' results, in order. The row checks (not_null, accepted_values,
+        expression) are counted together in one scan of the table; when that query cannot
+        run, each is counted alone, so that the result names the check at fault."""
+        results: list[DqResult | None] = []
+        by_row: list[tuple[int, DqCheck]] = []
+        for check in checks:
+            result = _evaluated_without_query(check, rows, present)
+            if result is None and check.type in _ROW_CHECKS:
+                by_row.append((len(results), check))
+            elif result is None:
+                result = await self._evaluate(check, source, scope, present)
+            results.append(result)
+        counts: Sequence[int | None] = [None] * len(by_row)
+        if len(by_row) > 1:
+            params = dict(self.parameters)
+            counted = []
+            for position, check in by_row:
+                condition, _what, added = _row_condition(check, position)
+                params.update(added)
+                counted.append(f"COUNTIF({condition})")
+            try:
+                found = await self.warehouse.rows(
+                    f"SELECT {', '.join(counted)} FROM {source} WHERE {scope}", params
+                )
+                counts = [int(n or 0) for n in found[0]] if found else [0] * len(by_row)
+            except WarehouseError:
+                pass  # counted one by one below
+        for (position, check), failures in zip(by_row, counts, strict=True):
+            results[position] = await self._evaluate(check, source, scope, present, failures)
+        return [r for r in results if r is not None]
+
     async def _evaluate(
-        self, check: DqCheck, source: str, scope: str, rows: int, present: list[str]
+        self,
+        check: DqCheck,
+        source: str,
+        scope: str,
+        present: list[str],
+        failures: int | None = None,
     ) -> DqResult:
-        if check.type == "columns_present":
-            missing = [c for c in check.columns if c not in present]
-            return DqResult(
-                check,
-                not missing,
-                f"missing: {', '.join(missing)}" if missing else "all present",
-                ", ".join(check.columns),
-                f"{len(missing)} required column(s) missing: {', '.join(missing)}"
-                if missing
-                else "every required column is present",
-            )
-        if check.type == "row_count":
-            low, high = check.minimum, check.maximum
-            ok = (low is None or rows >= low) and (high is None or rows <= high)
-            expected = f"{'' if low is None else low}..{'' if high is None else high}"
-            return DqResult(check, ok, str(rows), expected, f"{rows} rows (expected {expected})")
-        named = (check.column, *check.columns, *check.per, *check.ignore_columns)
-        missing = [c for c in named if c and c not in present]
-        if missing:
-            return DqResult(
-                check, False, "column missing", "", f"column(s) {', '.join(missing)} missing"
-            )
+        """A check that needs a query; a row check's `failures` when already counted."""
         try:
-            return await self._count_failures(check, source, scope, present)
+            if check.type in _ROW_CHECKS:
+                return await self._row_check(check, source, scope, failures)
+            return await self._grouped(check, source, scope, present)
         except WarehouseError as exc:  # e.g. an expression naming a column the file lacks
             return DqResult(check, False, "error", "", f"the check cannot run: {exc}", ran=False)
 
-    async def _count_failures(
-        self, check: DqCheck, source: str, scope: str, present: list[str]
+    async def _row_check(
+        self, check: DqCheck, source: str, scope: str, failures: int | None
     ) -> DqResult:
-        if check.type in ("unique", "unique_rows", "one_value_per"):
-            return await self._grouped(check, source, scope, present)
-        params = dict(self.parameters)
-        if check.type == "not_null":
-            condition = f"{quote(check.column)} IS NULL"
-            what = f"rows with NULL {check.column}"
-        elif check.type == "accepted_values":
-            names = [f"dq_value_{i}" for i in range(len(check.values))]
-            params.update(zip(names, check.values, strict=True))
-            listed = ", ".join(f"@{n}" for n in names)
-            condition = (
-                f"{quote(check.column)} IS NOT NULL "
-                f"AND CAST({quote(check.column)} AS STRING) NOT IN ({listed})"
-            )
-            what = f"rows with {check.column} outside {list(check.values)}"
-        else:  # expression
-            condition = f"({check.sql}) IS NOT TRUE"
-            what = f"rows where NOT ({check.sql})"
+        condition, what, added = _row_condition(check)
+        params = {**self.parameters, **added}
         where = f"WHERE {scope} AND {condition}"
-        failures = await self.warehouse.count(f"SELECT COUNT(*) FROM {source} {where}", params)
+        if failures is None:
+            failures = await self.warehouse.count(f"SELECT COUNT(*) FROM {source} {where}", params)
         samples: tuple[str, ...] = ()
         if failures:
             found = await self.warehouse.rows(
@@ -529,24 +535,75 @@ class PipelineRun:
 
     def _sql(self, text: str) -> str:
         """The step's SQL with `{dataset}` filled in and this run's staged tables read."""
-        sql = text.replace("{dataset}", quote(self.warehouse.dataset))
         try:
-            statements = sqlglot.parse(sql, read="bigquery")
+            return _render_sql(text, self.warehouse.dataset, tuple(sorted(self.staged.items())))
         except sqlglot.errors.ParseError as exc:
             raise StepFailed(f"cannot parse the step's SQL: {exc}") from None
 
-        def read_staged(node: exp.Expression) -> exp.Expression:
-            if (
-                isinstance(node, exp.Table)
-                and node.db == self.warehouse.dataset
-                and node.name in self.staged
-            ):
-                node.set("this", exp.to_identifier(self.staged[node.name]))
-            return node
 
-        return ";\n".join(
-            s.transform(read_staged).sql(dialect="bigquery") for s in statements if s is not None
+@functools.lru_cache(maxsize=256)
+def _render_sql(text: str, dataset: str, staged: tuple[tuple[str, str], ...]) -> str:
+    """`PipelineRun._sql`, kept for the runs that render the same step again (the daily runs
+    of a template over one loaded file): parsing a large step takes sqlglot 20-70 ms."""
+    tables = dict(staged)
+    statements = sqlglot.parse(text.replace("{dataset}", quote(dataset)), read="bigquery")
+
+    def read_staged(node: exp.Expression) -> exp.Expression:
+        if isinstance(node, exp.Table) and node.db == dataset and node.name in tables:
+            node.set("this", exp.to_identifier(tables[node.name]))
+        return node
+
+    return ";\n".join(
+        s.transform(read_staged).sql(dialect="bigquery") for s in statements if s is not None
+    )
+
+
+# Checks of single rows: counted together in one query (`PipelineRun._evaluate_all`).
+_ROW_CHECKS = ("not_null", "accepted_values", "expression")
+
+
+def _evaluated_without_query(check: DqCheck, rows: int, present: list[str]) -> DqResult | None:
+    """The result of a check that needs no query (or whose columns are missing), else None."""
+    if check.type == "columns_present":
+        missing = [c for c in check.columns if c not in present]
+        return DqResult(
+            check,
+            not missing,
+            f"missing: {', '.join(missing)}" if missing else "all present",
+            ", ".join(check.columns),
+            f"{len(missing)} required column(s) missing: {', '.join(missing)}"
+            if missing
+            else "every required column is present",
         )
+    if check.type == "row_count":
+        low, high = check.minimum, check.maximum
+        ok = (low is None or rows >= low) and (high is None or rows <= high)
+        expected = f"{'' if low is None else low}..{'' if high is None else high}"
+        return DqResult(check, ok, str(rows), expected, f"{rows} rows (expected {expected})")
+    named = (check.column, *check.columns, *check.per, *check.ignore_columns)
+    missing = [c for c in named if c and c not in present]
+    if missing:
+        return DqResult(
+            check, False, "column missing", "", f"column(s) {', '.join(missing)} missing"
+        )
+    return None
+
+
+def _row_condition(check: DqCheck, tag: int = 0) -> tuple[str, str, dict[str, Any]]:
+    """A row check's condition for a failing row, what such rows are, and the parameters
+    the condition adds (their names carry `tag`, so that several checks share a query)."""
+    if check.type == "not_null":
+        return f"{quote(check.column)} IS NULL", f"rows with NULL {check.column}", {}
+    if check.type == "accepted_values":
+        names = [f"dq_{tag}_value_{i}" for i in range(len(check.values))]
+        listed = ", ".join(f"@{n}" for n in names)
+        return (
+            f"{quote(check.column)} IS NOT NULL "
+            f"AND CAST({quote(check.column)} AS STRING) NOT IN ({listed})",
+            f"rows with {check.column} outside {list(check.values)}",
+            dict(zip(names, check.values, strict=True)),
+        )
+    return f"({check.sql}) IS NOT TRUE", f"rows where NOT ({check.sql})", {}
 
 
 def _sample(text: object, extra: Mapping[str, object] | None = None) -> str:
