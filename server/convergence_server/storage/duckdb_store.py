@@ -216,6 +216,10 @@ class DuckDBStore:
         )
         settings["checkpoint_threshold"] = CHECKPOINT_THRESHOLD
         settings["temp_directory"] = f"{path}.tmp"  # where DuckDB spills (its default here)
+        # Results without ORDER BY come in no particular order (as on BigQuery): DuckDB then
+        # need not hold a parallel scan's output back to restore the file's row order, which
+        # made loading a 778 MiB CSV under the 256MB memory limit 2.8 times slower.
+        settings["preserve_insertion_order"] = False
 
         def connect() -> duckdb.DuckDBPyConnection:
             connection = duckdb.connect(":memory:", config=settings)
