@@ -215,7 +215,9 @@ class DuckDBStore:
             {"memory_limit": memory_limit} if memory_limit else {}
         )
         settings["checkpoint_threshold"] = CHECKPOINT_THRESHOLD
-        settings["temp_directory"] = f"{path}.tmp"  # where DuckDB spills (its default here)
+        # Where DuckDB spills: its default for a database file (the main database here is
+        # in memory, whose default would be ./.tmp).
+        settings["temp_directory"] = f"{path}.tmp"
         # Results without ORDER BY come in no particular order (as on BigQuery): DuckDB then
         # need not hold a parallel scan's output back to restore the file's row order, which
         # made loading a 778 MiB CSV under the 256MB memory limit 2.8 times slower.
@@ -228,7 +230,6 @@ class DuckDBStore:
                     f"ATTACH $path AS {STORE} (ROW_GROUP_SIZE {ROW_GROUP_SIZE})",
                     {"path": str(path)},
                 )
-                connection.execute(f"USE {STORE}")
                 attach_stages(connection)
             except BaseException:
                 connection.close()
