@@ -356,7 +356,10 @@ class PipelineRun:
         union_view, views = None, tuple[tuple[str, str], ...]()
         if shared:
             union_view = (shared.union_view, self.catalog.tables_with_schema(shared.name))
-            views = tuple((name, self._sql(sql)) for name, sql in shared.views)
+            # The views read the published tables, never this run's stages.
+            views = tuple(
+                (name, _render_sql(sql, self.warehouse.dataset, ())) for name, sql in shared.views
+            )
         self.publications.append(
             Publication(
                 stage,

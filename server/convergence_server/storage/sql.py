@@ -44,7 +44,10 @@ def to_duckdb(
     """The DuckDB statements for a BigQuery script (one or more statements). `moved` maps
     a (dataset, table) name to the attached database that holds the table (in its `main`
     schema)."""
-    return list(_transpiled(sql, project, tuple(sorted((moved or {}).items()))))
+    # Only the moved tables the text names are part of the cache key: a run's own staging
+    # tables (in `moved`) would otherwise make every run's key new.
+    named = sorted(item for item in (moved or {}).items() if item[0][1] in sql)
+    return list(_transpiled(sql, project, tuple(named)))
 
 
 # A run's SQL is mostly the same text each time (a template's step, a day's parameters
