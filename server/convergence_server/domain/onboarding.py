@@ -8,6 +8,7 @@ a bad request field (400), an existing tenant or dataset (409), a service not re
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import re
@@ -454,7 +455,9 @@ class Onboarding:
         return _passed("a scratch dataset can be created and dropped")
 
     async def _templates_loadable(self, _: TenantApplication) -> CheckResult:
-        count, problem = self._templates.load()
+        # On a thread: parsing every template (after a start or a change of the files)
+        # takes about a second, which the event loop's other callers must not wait for.
+        count, problem = await asyncio.to_thread(self._templates.load)
         if problem is not None:
             return _failed(problem, FailureKind.UNAVAILABLE)
         return _passed(f"{count} pipeline template(s) load")

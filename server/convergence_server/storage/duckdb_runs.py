@@ -363,13 +363,23 @@ def record_finish(cur: duckdb.DuckDBPyConnection, run: RunRecord, now: datetime)
     row keeps the concurrency it had then)."""
     created_day = run.created_at.astimezone(UTC).date()
     ok, bad = (1, 0) if run.status == "COMPLETE" else (0, 1)
+    active = active_runs(cur, run.tenant_id)
+    counted = "pipelines_succeeded_today = pipelines_succeeded_today + ?, "
+    counted += "pipelines_failed_today = pipelines_failed_today + ?"
+    if created_day == now.astimezone(UTC).date():  # one row has both: one statement
+        updated = cur.execute(
+            f"UPDATE {USAGE} SET {counted}, concurrent_pipelines_running = ?, "
+            "max_concurrent_reached = greatest(max_concurrent_reached, ?), updated_at = ? "
+            "WHERE tenant_id = ? AND usage_date = ? RETURNING 1",
+            [ok, bad, active, active, naive(now), run.tenant_id, created_day],
+        ).fetchone()
+        if updated is not None:
+            return
     cur.execute(
-        f"UPDATE {USAGE} SET pipelines_succeeded_today = pipelines_succeeded_today + ?, "
-        "pipelines_failed_today = pipelines_failed_today + ?, updated_at = ? "
-        "WHERE tenant_id = ? AND usage_date = ?",
+        f"UPDATE {USAGE} SET {counted}, updated_at = ? WHERE tenant_id = ? AND usage_date = ?",
         [ok, bad, naive(now), run.tenant_id, created_day],
     )
-    _count_usage(cur, run.tenant_id, now, None, active=active_runs(cur, run.tenant_id))
+    _count_usage(cur, run.tenant_id, now, None, active=active)
 
 
 def get_usage(cur: duckdb.DuckDBPyConnection, tenant_id: str, day: date) -> UsageRecord | None:
@@ -662,28 +672,46 @@ def requeue_run(
 
 
 def save_step(cur: duckdb.DuckDBPyConnection, step: StepRecord) -> None:
-    cur.execute(
-        f"INSERT OR REPLACE INTO {STEPS} ({STEP_COLUMNS}) VALUES "
-        "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        [
-            step.step_logging_id,
-            step.pipeline_logging_id,
-            step.pipeline_id,
-            step.tenant_id,
-            step.step_name,
-            step.step_type,
-            step.step_index,
-            step.status,
-            naive(step.step_start_time),
-            step.rows_processed,
-            naive(step.step_end_time),
-            step.duration_ms,
-            step.error_message or None,
-            step.attempts,
-            step.run_attempt,
-            step.warnings,
-        ],
-    )
+    """Writes the step's row: an UPDATE of the row its start wrote, an INSERT only for a
+    step just started (DuckDB's INSERT OR REPLACE costs three times either)."""
+    values = [
+        step.step_logging_id,
+        step.pipeline_logging_id,
+        step.pipeline_id,
+        step.tenant_id,
+        step.step_name,
+        step.step_type,
+        step.step_index,
+        step.status,
+        naive(step.step_start_time),
+        step.rows_processed,
+        naive(step.step_end_time),
+        step.duration_ms,
+        step.error_message or None,
+        step.attempts,
+        step.run_attempt,
+        step.warnings,
+    ]
+    cur.begin()
+    try:
+        updated = cur.execute(_UPDATE_STEP, [*values[1:], values[0]]).fetchone()
+        if updated is None:
+            cur.execute(_INSERT_STEP, values)
+        cur.commit()
+    except BaseException:
+        rollback(cur)
+        raise
+
+
+_UPDATE_STEP = (
+    f"UPDATE {STEPS} SET "
+    + ", ".join(f"{name} = ?" for name in STEP_COLUMNS.split(", ")[1:])
+    + " WHERE step_logging_id = ? RETURNING 1"
+)
+_INSERT_STEP = (
+    f"INSERT INTO {STEPS} ({STEP_COLUMNS}) "
+    f"VALUES ({', '.join('?' for _ in STEP_COLUMNS.split(', '))})"
+)
 
 
 def list_run_steps(cur: duckdb.DuckDBPyConnection, run_id: str) -> list[StepRecord]:

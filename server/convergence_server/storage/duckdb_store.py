@@ -869,6 +869,9 @@ class DuckDBStore:
             return run
 
     async def cancel_requested(self, run_id: str) -> bool:
+        run = self._cache.run(run_id)  # as last committed: a cancel drops it until then
+        if run is not None:
+            return run.cancel_requested
         return await self._call(lambda cur: runs.cancel_requested(cur, run_id))
 
     async def heartbeat(self, run_ids: list[str], worker_id: str) -> None:
@@ -916,7 +919,8 @@ class DuckDBStore:
         generation = self._generation
         return DuckDBWarehouse(
             dataset,
-            cursor_of(self._connection),
+            lambda: cursor_of(self._connection),
+            STORE,
             self._warehouse_executor,
             self._publish_locks,
             lambda exc: self._fault(exc, generation),

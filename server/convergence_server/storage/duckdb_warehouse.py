@@ -96,7 +96,8 @@ class DuckDBWarehouse:
     def __init__(
         self,
         dataset: str,
-        cursor: duckdb.DuckDBPyConnection,
+        connect: Callable[[], duckdb.DuckDBPyConnection],
+        database: str,
         executor: ThreadPoolExecutor,
         publish_locks: KeyedLocks,
         on_fault: Callable[[BaseException], Exception | None] = lambda exc: None,
@@ -106,7 +107,11 @@ class DuckDBWarehouse:
         # exception to report, after the store has noted it.
         self._on_fault = on_fault
         self._schema = quote_identifier(dataset)
-        self._cursor = cursor
+        # The run's own cursor, opened by its first statement on a pool thread: opening one
+        # waits for the database, which the event loop must never do.
+        self._connect = connect
+        self._cursor: duckdb.DuckDBPyConnection | None = None
+        self._database = database
         self._executor = executor
         # Publications into one dataset happen one at a time, so that concurrent runs of a
         # pipeline neither conflict nor both insert the same day.
@@ -116,12 +121,14 @@ class DuckDBWarehouse:
         self._running: asyncio.Future[Any] | None = None
         # This run's staging tables in STAGES (query steps' stages).
         self._in_memory: set[str] = set()
-        cursor.execute("SET TimeZone = 'UTC'")
-        (self._database,) = cursor.execute("SELECT current_database()").fetchone() or ("",)
 
     async def _call(self, fn: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
         def run() -> T:
             try:
+                if self._cursor is None:
+                    cursor = self._connect()
+                    cursor.execute("SET TimeZone = 'UTC'")
+                    self._cursor = cursor
                 return fn(self._cursor)
             except duckdb.InterruptException as exc:
                 raise Interrupted(_first_line(exc)) from exc
@@ -366,9 +373,12 @@ class DuckDBWarehouse:
         await self._call(drop)
 
     def interrupt(self) -> None:
-        self._cursor.interrupt()
+        if self._cursor is not None:
+            self._cursor.interrupt()
 
     async def close(self) -> None:
+        if self._cursor is None:
+            return
         if self._running is not None and not self._running.done():
             return  # abandoned mid-statement (the server is stopping): the store closes it
         await asyncio.get_running_loop().run_in_executor(self._executor, self._cursor.close)
