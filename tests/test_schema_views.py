@@ -57,6 +57,4 @@ def test_a_schema_view_reads_the_published_table(
             assert run["status"] == "COMPLETE", run
     stack.stop()
     with duckdb.connect(str(database_path(stack)), read_only=True) as db:
-        assert db.execute(f'SELECT * FROM "{tenant_id}".tally_book_totals').fetchall() == [
-            (4, 2)
-        ]
+        assert db.execute(f'SELECT * FROM "{tenant_id}".tally_book_totals').fetchall() == [(4, 2)]
