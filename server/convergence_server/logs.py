@@ -124,6 +124,13 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure(level: str, project: str = "") -> None:
+    # A line names no source file, thread or process (JsonFormatter writes none of them):
+    # not looking them up saves the stack walk of every record (the logging module's
+    # documented optimizations), and every call writes a record.
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter(project))
     handler.addFilter(_DropUndecodableMetadata())

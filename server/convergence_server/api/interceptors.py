@@ -22,6 +22,7 @@ message reaches no servicer: it is refused with INVALID_ARGUMENT (400).
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import hmac
 import ipaddress
 import logging
@@ -115,11 +116,24 @@ _REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}", re.ASCII)
 _USER_ID = re.compile(r"[A-Za-z0-9._@+-]{1,128}", re.ASCII)
 
 
+# The call's metadata as a dict, read once per call: the interceptors and handlers look up
+# about ten keys a call, and each `invocation_metadata()` builds its tuple anew.
+_metadata_var: contextvars.ContextVar[tuple[object, dict[str, str]]] = contextvars.ContextVar(
+    "metadata"
+)
+
+
 def metadata_value(context: ServicerContext[Any, Any], key: str) -> str | None:
-    for name, value in context.invocation_metadata() or ():
-        if name == key:
-            return value if isinstance(value, str) else value.decode("ascii", "replace")
-    return None
+    """The first value of the metadata key `key`, or None."""
+    held = _metadata_var.get(None)
+    if held is None or held[0] is not context:
+        values: dict[str, str] = {}
+        for name, value in context.invocation_metadata() or ():
+            if name not in values:
+                values[name] = value if isinstance(value, str) else value.decode("ascii", "replace")
+        held = (context, values)
+        _metadata_var.set(held)
+    return held[1].get(key)
 
 
 def is_transcoded(context: ServicerContext[Any, Any]) -> bool:
