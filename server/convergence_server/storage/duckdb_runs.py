@@ -536,6 +536,42 @@ def claim_next_run(
     return None if row is None else run_from_row(row)
 
 
+def claim_run(
+    cur: duckdb.DuckDBPyConnection, run_id: str, worker_id: str, now: datetime
+) -> RunRecord | None:
+    """Moves this run to RUNNING for this worker if it is still PENDING (the in-memory
+    queue's choice, `QueueIndex`)."""
+    row = cur.execute(
+        f"UPDATE {RUNS} SET status = 'RUNNING', start_time = ?, worker_id = ?, "
+        "heartbeat_at = ? WHERE pipeline_logging_id = ? AND status = 'PENDING' "
+        f"RETURNING {RUN_COLUMNS}",
+        [naive(now), worker_id, naive(now), run_id],
+    ).fetchone()
+    return None if row is None else run_from_row(row)
+
+
+def queue_state(
+    cur: duckdb.DuckDBPyConnection,
+) -> tuple[list[tuple[str, str, str, datetime]], list[tuple[str, datetime]]]:
+    """What `QueueIndex.load` takes: the runs not ended, and each tenant's last end of a
+    run that had started."""
+    queued = cur.execute(
+        f"SELECT tenant_id, pipeline_logging_id, status, created_at FROM {RUNS} "
+        "WHERE status IN ('PENDING', 'RUNNING')"
+    ).fetchall()
+    released = cur.execute(
+        f"SELECT tenant_id, MAX(end_time) FROM {RUNS} "
+        "WHERE start_time IS NOT NULL AND end_time IS NOT NULL GROUP BY tenant_id"
+    ).fetchall()
+    return (
+        [
+            (tenant, run_id, status, created.replace(tzinfo=UTC))
+            for tenant, run_id, status, created in queued
+        ],
+        [(tenant, moment.replace(tzinfo=UTC)) for tenant, moment in released],
+    )
+
+
 def finish_run(
     cur: duckdb.DuckDBPyConnection,
     run_id: str,

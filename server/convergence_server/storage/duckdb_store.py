@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import threading
@@ -38,6 +39,7 @@ from convergence_server.storage.duckdb_warehouse import (
 )
 from convergence_server.storage.identifiers import quote_identifier
 from convergence_server.storage.locks import GroupCommit, KeyedLocks, KeyedTurns
+from convergence_server.storage.queue_index import QueueIndex
 from convergence_server.storage.records import (
     Admission,
     ApiKeyRecord,
@@ -202,6 +204,8 @@ class DuckDBStore:
         self._admissions: GroupCommit[runs.AdmissionRequest, Admission] = GroupCommit(self._admit)
         # Recent runs and their steps, as last written or read (reads without a query).
         self._cache = RunCache()
+        # The fair queue's order, kept as runs change (claims without the window query).
+        self._queue = QueueIndex()
         # The newest creation time of a stored run: where the first page of runs ends.
         self._newest_run: datetime | None = None
 
@@ -247,6 +251,7 @@ class DuckDBStore:
         cursor = cursor_of(connection)  # closed: no transaction of it stays open
         try:
             store._newest_run = runs.newest_run(cursor)
+            store._queue.load(store._queue.mark(), *runs.queue_state(cursor))
         finally:
             cursor.close()
         return store
@@ -668,16 +673,19 @@ class DuckDBStore:
         limits: RunLimits | None = None,
         progress: ScheduleRecord | None = None,
     ) -> Admission:
-        if progress is None:
-            request = runs.AdmissionRequest(run, keys_valid_from, limits)
-            admission = await self._admissions.submit(request)
-        else:
-            also = functools.partial(schedules.write_schedule, schedule=progress)
-            # One admission at a time per tenant: the counts it checks cannot move under it.
-            async with self._tenant_turns.get(run.tenant_id):
-                admission = await self._call(
-                    lambda cur: runs.create_run(cur, run, keys_valid_from, limits, also)
-                )
+        with self._queue.changing():
+            if progress is None:
+                request = runs.AdmissionRequest(run, keys_valid_from, limits)
+                admission = await self._admissions.submit(request)
+            else:
+                also = functools.partial(schedules.write_schedule, schedule=progress)
+                # One admission at a time per tenant: the counts it checks cannot move under it.
+                async with self._tenant_turns.get(run.tenant_id):
+                    admission = await self._call(
+                        lambda cur: runs.create_run(cur, run, keys_valid_from, limits, also)
+                    )
+            if admission.created and admission.run is not None:
+                self._queue.apply(admission.run)
         if admission.created and (self._newest_run is None or run.created_at > self._newest_run):
             self._newest_run = run.created_at
         return admission
@@ -836,8 +844,18 @@ class DuckDBStore:
         return await self._call(lambda cur: runs.list_runs(cur, where, after, limit, newest))
 
     async def claim_next_run(self, worker_id: str, now: datetime) -> RunRecord | None:
+        if not self._queue.valid and (mark := self._queue.mark()) is not None:
+            self._queue.load(mark, *await self._call(runs.queue_state))
         async with self._cache.claim():
-            run = await self._call(lambda cur: runs.claim_next_run(cur, worker_id, now))
+            with self._queue.changing():
+                chosen = self._queue.next_run()
+                run = None
+                if chosen is not None:
+                    run = await self._call(lambda cur: runs.claim_run(cur, chosen, worker_id, now))
+                if run is None:  # none known here, or taken meanwhile: the query decides
+                    run = await self._call(lambda cur: runs.claim_next_run(cur, worker_id, now))
+                if run is not None:
+                    self._queue.apply(run)
             if run is not None:
                 self._cache.put(run)
             return run
@@ -852,18 +870,24 @@ class DuckDBStore:
             self._tenant_turns.get(run.tenant_id),
             self._cache.change(run.pipeline_logging_id),
         ):
-            ended = await self._call(
-                lambda cur: runs.finish_run(
-                    cur, run.pipeline_logging_id, status, now, error_message, owner
+            with self._queue.changing():
+                ended = await self._call(
+                    lambda cur: runs.finish_run(
+                        cur, run.pipeline_logging_id, status, now, error_message, owner
+                    )
                 )
-            )
+                if ended is not None:
+                    self._queue.apply(ended)
             if ended is not None:
                 self._cache.put(ended)
             return ended
 
     async def request_cancel(self, tenant_id: str, run_id: str, now: datetime) -> RunRecord | None:
         async with self._tenant_turns.get(tenant_id), self._cache.change(run_id):
-            run = await self._call(lambda cur: runs.request_cancel(cur, tenant_id, run_id, now))
+            with self._queue.changing():
+                run = await self._call(lambda cur: runs.request_cancel(cur, tenant_id, run_id, now))
+                if run is not None:
+                    self._queue.apply(run)
             if run is not None:
                 self._cache.put(run)
             return run
@@ -885,7 +909,13 @@ class DuckDBStore:
 
     async def requeue_run(self, run: RunRecord, now: datetime, count_attempt: bool) -> bool:
         async with self._cache.change(run.pipeline_logging_id):
-            return await self._call(lambda cur: runs.requeue_run(cur, run, now, count_attempt))
+            with self._queue.changing():
+                requeued = await self._call(
+                    lambda cur: runs.requeue_run(cur, run, now, count_attempt)
+                )
+                if requeued:
+                    self._queue.apply(dataclasses.replace(run, status="PENDING", start_time=None))
+                return requeued
 
     async def published(self, run_id: str) -> bool:
         return await self._call(lambda cur: runs.published_by(cur, run_id)) is not None
