@@ -149,7 +149,9 @@ def test_a_run_is_watched_to_complete_over_grpc(bq: BigQueryStack, http: httpx.C
                     pipeline_logging_id=str(run_id["pipeline_logging_id"])
                 ),
                 metadata=[("x-api-key", key)],
-                timeout=180,
+                # Four steps of emulator jobs: minutes on a busy machine (the module's
+                # other waits are 300 s per run; pytest stops it at 900 s).
+                timeout=600,
             )
         )
     assert updates[-1].run.status == run_pb2.Run.COMPLETE
