@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -15,7 +14,8 @@ import pytest
 
 from convergence_server.storage import duckdb_runs
 from convergence_server.storage.duckdb_store import DuckDBStore
-from convergence_server.storage.records import ApiKeyRecord, RunRecord, TenantRecord
+from convergence_server.storage.records import RunRecord
+from tests.test_store_contract import new_run, tenant
 
 BASE = datetime(2026, 3, 1, 12, tzinfo=UTC)
 STEPS = 120
@@ -31,37 +31,12 @@ def query_choice(store: DuckDBStore) -> str | None:
     return asyncio.run(store._call(choose))  # type: ignore[arg-type]
 
 
-def new_tenant(store: DuckDBStore) -> str:
-    tenant_id = f"q_{uuid.uuid4().hex[:10]}"
-    record = TenantRecord(tenant_id, "Queue Co", "ops@queue.example", "PROFESSIONAL", BASE)
-    key = ApiKeyRecord(f"k_{uuid.uuid4().hex[:10]}", tenant_id, b"s", b"h", BASE)
-    asyncio.run(store.create_tenant(record, key))
-    return tenant_id
-
-
-def queued(tenant_id: str, created_at: datetime) -> RunRecord:
-    return RunRecord(
-        pipeline_logging_id=str(uuid.uuid4()),
-        pipeline_id="test-runs-quick",
-        tenant_id=tenant_id,
-        provider="test",
-        domain="runs",
-        template="quick",
-        status="PENDING",
-        trigger_type="manual",
-        trigger_by="api",
-        user_id="",
-        parameters={},
-        created_at=created_at,
-    )
-
-
 @pytest.mark.parametrize("seed", range(4))
 def test_claims_follow_the_fair_queue_query(tmp_path: Path, seed: int) -> None:
     rng = random.Random(seed)
     path = tmp_path / "store.duckdb"
     store = DuckDBStore.open(path)
-    tenants = [new_tenant(store) for _ in range(4)]
+    tenants = [tenant(store) for _ in range(4)]
     running: list[RunRecord] = []
     pending: list[RunRecord] = []
     clock = BASE
@@ -76,7 +51,7 @@ def test_claims_follow_the_fair_queue_query(tmp_path: Path, seed: int) -> None:
             if action == "queue":
                 # Out of order too: a run created before others already queued.
                 created = clock - timedelta(seconds=rng.choice([0, 0, 45]))
-                run = queued(rng.choice(tenants), created)
+                run = new_run(rng.choice(tenants), created)
                 assert asyncio.run(store.create_run(run, BASE)).created
                 pending.append(run)
             elif action == "claim":
