@@ -20,7 +20,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -843,6 +843,18 @@ class DuckDBStore:
         newest = self._newest_run
         return await self._call(lambda cur: runs.list_runs(cur, where, after, limit, newest))
 
+    @contextlib.asynccontextmanager
+    async def _changing(self, run_id: str) -> AsyncIterator[None]:
+        """Around a change of a run: its cached state and the fair queue follow it."""
+        async with self._cache.change(run_id):
+            with self._queue.changing():
+                yield
+
+    def _committed(self, run: RunRecord) -> None:
+        """The run's state, as the change just committed it."""
+        self._queue.apply(run)
+        self._cache.put(run)
+
     async def claim_next_run(self, worker_id: str, now: datetime) -> RunRecord | None:
         if not self._queue.valid and (mark := self._queue.mark()) is not None:
             self._queue.load(mark, *await self._call(runs.queue_state))
@@ -868,28 +880,22 @@ class DuckDBStore:
         # In the tenant's turn, like admissions: both update its usage row.
         async with (
             self._tenant_turns.get(run.tenant_id),
-            self._cache.change(run.pipeline_logging_id),
+            self._changing(run.pipeline_logging_id),
         ):
-            with self._queue.changing():
-                ended = await self._call(
-                    lambda cur: runs.finish_run(
-                        cur, run.pipeline_logging_id, status, now, error_message, owner
-                    )
+            ended = await self._call(
+                lambda cur: runs.finish_run(
+                    cur, run.pipeline_logging_id, status, now, error_message, owner
                 )
-                if ended is not None:
-                    self._queue.apply(ended)
+            )
             if ended is not None:
-                self._cache.put(ended)
+                self._committed(ended)
             return ended
 
     async def request_cancel(self, tenant_id: str, run_id: str, now: datetime) -> RunRecord | None:
-        async with self._tenant_turns.get(tenant_id), self._cache.change(run_id):
-            with self._queue.changing():
-                run = await self._call(lambda cur: runs.request_cancel(cur, tenant_id, run_id, now))
-                if run is not None:
-                    self._queue.apply(run)
+        async with self._tenant_turns.get(tenant_id), self._changing(run_id):
+            run = await self._call(lambda cur: runs.request_cancel(cur, tenant_id, run_id, now))
             if run is not None:
-                self._cache.put(run)
+                self._committed(run)
             return run
 
     async def cancel_requested(self, run_id: str) -> bool:
@@ -908,14 +914,11 @@ class DuckDBStore:
         return await self._call(runs.pending_runs)
 
     async def requeue_run(self, run: RunRecord, now: datetime, count_attempt: bool) -> bool:
-        async with self._cache.change(run.pipeline_logging_id):
-            with self._queue.changing():
-                requeued = await self._call(
-                    lambda cur: runs.requeue_run(cur, run, now, count_attempt)
-                )
-                if requeued:
-                    self._queue.apply(dataclasses.replace(run, status="PENDING", start_time=None))
-                return requeued
+        async with self._changing(run.pipeline_logging_id):
+            requeued = await self._call(lambda cur: runs.requeue_run(cur, run, now, count_attempt))
+            if requeued:  # the run's new state is read again when asked for
+                self._queue.apply(dataclasses.replace(run, status="PENDING", start_time=None))
+            return requeued
 
     async def published(self, run_id: str) -> bool:
         return await self._call(lambda cur: runs.published_by(cur, run_id)) is not None
