@@ -1,11 +1,14 @@
-"""The embedded store claims runs in the fair queue's order from memory (`QueueIndex`): after
-every change of a seeded random history (runs queued with equal and out-of-order creation
-times, claimed, ended, cancelled, handed back; the store reopened; the index dropped), the
-run it claims is the one the fair-queue query (`rows.FAIR_QUEUE`) picks from the database."""
+"""The embedded store claims runs in the fair queue's order from memory (`QueueIndex`), and
+admits them against counts kept in memory: after every change of seeded random histories
+(runs queued with equal and out-of-order creation times, claimed, ended, cancelled, handed
+back; the store reopened; the index dropped), the run it claims is the one the fair-queue
+query (`rows.FAIR_QUEUE`) picks from the database, and each admission is answered as the
+counts queried from the database say."""
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import random
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -14,7 +17,7 @@ import pytest
 
 from convergence_server.storage import duckdb_runs
 from convergence_server.storage.duckdb_store import DuckDBStore
-from convergence_server.storage.records import RunRecord
+from convergence_server.storage.records import Admission, RunFilter, RunLimits, RunRecord
 from tests.test_store_contract import new_run, tenant
 
 BASE = datetime(2026, 3, 1, 12, tzinfo=UTC)
@@ -87,5 +90,109 @@ def test_claims_follow_the_fair_queue_query(tmp_path: Path, seed: int) -> None:
             claimed = asyncio.run(store.claim_next_run("worker-q", clock))
             assert claimed is not None and claimed.pipeline_logging_id == expected
         assert from_memory >= 10  # the index decided most claims, not the query
+    finally:
+        asyncio.run(store.close())
+
+
+def counted(store: DuckDBStore, tenant_id: str, day: datetime) -> tuple[int, int]:
+    """The tenant's active runs and its runs created on `day`'s UTC day, by query."""
+
+    def count(cur: object) -> tuple[int, int]:
+        active = duckdb_runs.active_runs(cur, tenant_id)  # type: ignore[arg-type]
+        row = cur.execute(  # type: ignore[attr-defined]
+            f"SELECT COUNT(*) FROM {duckdb_runs.RUNS} WHERE tenant_id = ? "
+            "AND CAST(created_at AS DATE) = ?",
+            [tenant_id, day.date()],
+        ).fetchone()
+        return active, int(row[0])
+
+    return asyncio.run(store._call(count))  # type: ignore[arg-type]
+
+
+async def admit_together(
+    store: DuckDBStore, batch: list[RunRecord], limits: RunLimits
+) -> list[Admission]:
+    """Triggers that arrive together: admitted in one group commit, in this order."""
+    return await asyncio.gather(*(store.create_run(r, BASE, limits) for r in batch))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_admissions_count_as_the_database_does(tmp_path: Path, seed: int) -> None:
+    """Admissions check a tenant's active runs and today's runs from memory (the fair queue
+    and the store's counts of created runs): after every change of a seeded random history
+    (admissions alone and in groups, across midnight, claims, ends, cancels, hand-backs,
+    reopening, forgotten counts), each admission is answered as the counts queried from the
+    database say, and an ended run leaves the usage row with the queried concurrency."""
+    rng = random.Random(seed)
+    path = tmp_path / "store.duckdb"
+    store = DuckDBStore.open(path)
+    tenants = [tenant(store) for _ in range(3)]
+    limits = RunLimits(daily=4, concurrent=3)
+    running: list[RunRecord] = []
+    clock = BASE.replace(hour=20)
+    refused: collections.Counter[str] = collections.Counter()
+    try:
+        for _ in range(STEPS):
+            clock += timedelta(minutes=rng.choice([0, 20, 60]))  # midnight comes
+            action = rng.choices(
+                ["admit", "group", "claim", "end", "cancel", "hand back", "reopen", "forget"],
+                weights=[6, 3, 5, 5, 2, 1, 1, 1],
+            )[0]
+            if action in ("admit", "group"):
+                batch = [new_run(rng.choice(tenants), clock) for _ in range(rng.randint(1, 5))]
+                batch = batch[:1] if action == "admit" else batch
+                expected = []
+                counts = {t: list(counted(store, t, clock)) for t in tenants}
+                for run in batch:
+                    active, today = counts[run.tenant_id]
+                    if today >= limits.daily:
+                        expected.append("daily")
+                    elif active >= limits.concurrent:
+                        expected.append("concurrent")
+                    else:
+                        expected.append("")
+                        counts[run.tenant_id] = [active + 1, today + 1]
+
+                answers = asyncio.run(admit_together(store, batch, limits))
+                assert [a.refused for a in answers] == expected
+                refused.update(a.refused for a in answers if a.refused)
+            elif action == "claim":
+                claimed = asyncio.run(store.claim_next_run("worker-c", clock))
+                if claimed is not None:
+                    running.append(claimed)
+            elif action in ("end", "cancel"):
+                gone = None
+                if action == "end" and running:
+                    ended = running.pop(rng.randrange(len(running)))
+                    gone = asyncio.run(store.finish_run(ended, "COMPLETE", clock))
+                elif action == "cancel":
+                    waiting = [
+                        r
+                        for t in tenants
+                        for r in asyncio.run(
+                            store.list_runs(RunFilter(tenant_id=t, status="PENDING"), None, 5)
+                        )
+                    ]
+                    if waiting:
+                        victim = rng.choice(waiting)
+                        gone = asyncio.run(
+                            store.request_cancel(
+                                victim.tenant_id, victim.pipeline_logging_id, clock
+                            )
+                        )
+                if gone is not None:
+                    usage = asyncio.run(store.get_usage(gone.tenant_id, clock.date()))
+                    active, _ = counted(store, gone.tenant_id, clock)
+                    assert usage is not None and usage.concurrent_pipelines_running == active
+            elif action == "hand back" and running:
+                back = running.pop(rng.randrange(len(running)))
+                assert asyncio.run(store.requeue_run(back, clock, count_attempt=False))
+            elif action == "reopen":
+                asyncio.run(store.close())
+                store = DuckDBStore.open(path)
+            elif action == "forget":  # as after a change that failed: counted again
+                store._queue.valid = False
+                store._created.clear()
+        assert refused["daily"] >= 3 and refused["concurrent"] >= 3  # both limits were met
     finally:
         asyncio.run(store.close())

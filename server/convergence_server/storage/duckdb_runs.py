@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 
 import duckdb
@@ -102,12 +102,15 @@ def create_run(
     run: RunRecord,
     keys_valid_from: datetime,
     limits: RunLimits | None,
+    known: Counts,
     also: Callable[[duckdb.DuckDBPyConnection], bool] | None = None,
-) -> Admission:
+) -> tuple[Admission, Counts]:
     """Inserts the run, returns the run its idempotency key already started, or refuses
     it over a limit; the caller holds the tenant's lock, so the counts cannot move. Unless
     refused, `also` runs in the same transaction (`Admission.progressed` is its answer); a
-    new run whose `also` answers False is not stored (refused "stale")."""
+    new run whose `also` answers False is not stored (refused "stale"). Returns the
+    answer and the counts after it (`known`, completed from the database)."""
+    tenant_id, day = run.tenant_id, _day(run)
     cur.begin()
     try:
         if run.idempotency_key:
@@ -122,22 +125,22 @@ def create_run(
             if existing is not None:
                 progressed = also(cur) if also is not None else False
                 cur.commit()
-                return Admission(existing, created=False, progressed=progressed)
+                return Admission(existing, created=False, progressed=progressed), known
             if row is not None:  # expired, or its run is gone: the key is free again
                 cur.execute(
                     f"DELETE FROM {KEYS} WHERE tenant_id = ? AND idempotency_key = ?",
                     [run.tenant_id, run.idempotency_key],
                 )
-        active = active_runs(cur, run.tenant_id)
+        counts = _counts(cur, known, [tenant_id], [day])
+        active, today = counts.active[tenant_id], counts.created[tenant_id, day]
         if limits is not None:
-            today = _runs_created_on(cur, run.tenant_id, run.created_at.astimezone(UTC).date())
             refusal = "daily" if today >= limits.daily else ""
             if not refusal and active >= limits.concurrent:
                 refusal = "concurrent"
             if refusal:
                 cur.rollback()
                 used = today if refusal == "daily" else active
-                return Admission(None, created=False, refused=refusal, used=used)
+                return Admission(None, created=False, refused=refusal, used=used), counts
         if run.idempotency_key:
             cur.execute(
                 f"INSERT INTO {KEYS} VALUES (?, ?, ?, ?)",
@@ -156,12 +159,60 @@ def create_run(
             progressed = also(cur)
             if not progressed:  # read before the schedule moved on: no new run from it
                 cur.rollback()
-                return Admission(None, created=False, refused="stale")
+                return Admission(None, created=False, refused="stale"), counts
         cur.commit()
     except BaseException:
         rollback(cur)
         raise
-    return Admission(run, created=True, progressed=progressed)
+    counts.active[tenant_id] = active + 1
+    counts.created[tenant_id, day] = today + 1
+    return Admission(run, created=True, progressed=progressed), counts
+
+
+@dataclass(frozen=True)
+class Counts:
+    """What an admission checks, as far as the caller knows them exactly: each tenant's
+    active runs (PENDING and RUNNING), and its runs created on a UTC day. What is missing
+    is counted in the database."""
+
+    active: dict[str, int] = field(default_factory=dict)
+    created: dict[tuple[str, date], int] = field(default_factory=dict)
+
+
+def _counts(
+    cur: duckdb.DuckDBPyConnection, known: Counts, tenants: Sequence[str], days: Sequence[date]
+) -> Counts:
+    """`known`, completed for these tenants and days from the database (a copy: a
+    transaction retried after a conflict starts again from what the caller knew)."""
+    counts = Counts(dict(known.active), dict(known.created))
+    unknown = [t for t in tenants if t not in counts.active]
+    if unknown:
+        # A list of literals, not an unnested array: DuckDB prunes row groups by it.
+        counts.active.update(dict.fromkeys(unknown, 0))
+        counts.active.update(
+            cur.execute(
+                f"SELECT tenant_id, COUNT(*) FROM {RUNS} "
+                f"WHERE tenant_id IN ({', '.join('?' for _ in unknown)}) "
+                "AND status IN ('PENDING', 'RUNNING') GROUP BY tenant_id",
+                unknown,
+            ).fetchall()
+        )
+    unknown = sorted({t for t in tenants for d in days if (t, d) not in counts.created})
+    if unknown:
+        for tenant_id in unknown:
+            for day in days:
+                counts.created.setdefault((tenant_id, day), 0)
+        counts.created.update(
+            ((tenant_id, day), count)
+            for tenant_id, day, count in cur.execute(
+                f"SELECT tenant_id, CAST(created_at AS DATE) AS day, COUNT(*) FROM {RUNS} "
+                f"WHERE tenant_id IN ({', '.join('?' for _ in unknown)}) "
+                "AND created_at >= ? AND created_at < ? GROUP BY ALL",
+                [*unknown, _midnight(min(days)), _midnight(max(days) + timedelta(days=1))],
+            ).fetchall()
+            if (tenant_id, day) not in known.created
+        )
+    return counts
 
 
 @dataclass(frozen=True)
@@ -174,35 +225,21 @@ class AdmissionRequest:
 
 
 def admit_batch(
-    cur: duckdb.DuckDBPyConnection, requests: Sequence[AdmissionRequest]
-) -> list[Admission]:
+    cur: duckdb.DuckDBPyConnection, requests: Sequence[AdmissionRequest], known: Counts
+) -> tuple[list[Admission], Counts]:
     """`create_run` for each request, in their order, in one transaction: the counts are
-    read once per tenant and day, each request is admitted or refused against them as
-    they stand after the requests before it, and the admitted runs, their idempotency keys
-    and usage rows are written with one statement each. The caller holds the turns of
-    every tenant of the batch, so no count moves under it."""
+    read once per tenant and day (unless `known`), each request is admitted or refused
+    against them as they stand after the requests before it, and the admitted runs, their
+    idempotency keys and usage rows are written with one statement each. The caller holds
+    the turns of every tenant of the batch, so no count moves under it. Returns the
+    answers and the counts after the batch."""
     tenants = sorted({r.run.tenant_id for r in requests})
     days = sorted({_day(r.run) for r in requests})
-    # A list of literals, not an unnested array: DuckDB prunes row groups by it.
     of_tenants = f"tenant_id IN ({', '.join('?' for _ in tenants)})"
     cur.begin()
     try:
-        active = dict.fromkeys(tenants, 0)
-        active.update(
-            cur.execute(
-                f"SELECT tenant_id, COUNT(*) FROM {RUNS} WHERE {of_tenants} "
-                "AND status IN ('PENDING', 'RUNNING') GROUP BY tenant_id",
-                tenants,
-            ).fetchall()
-        )
-        created: dict[tuple[str, date], int] = {
-            (tenant_id, day): count
-            for tenant_id, day, count in cur.execute(
-                f"SELECT tenant_id, CAST(created_at AS DATE) AS day, COUNT(*) FROM {RUNS} "
-                f"WHERE {of_tenants} AND created_at >= ? AND created_at < ? GROUP BY ALL",
-                [*tenants, _midnight(days[0]), _midnight(days[-1] + timedelta(days=1))],
-            ).fetchall()
-        }
+        counts = _counts(cur, known, tenants, days)
+        active, created = counts.active, counts.created
         wanted = sorted({r.run.idempotency_key for r in requests if r.run.idempotency_key})
         stored_keys: dict[tuple[str, str], tuple[str, datetime]] = {}
         if wanted:
@@ -277,7 +314,7 @@ def admit_batch(
     except BaseException:
         rollback(cur)
         raise
-    return answers
+    return answers, counts
 
 
 def _day(run: RunRecord) -> date:
@@ -293,15 +330,6 @@ def active_runs(cur: duckdb.DuckDBPyConnection, tenant_id: str) -> int:
     row = cur.execute(
         f"SELECT COUNT(*) FROM {RUNS} WHERE tenant_id = ? AND status IN ('PENDING', 'RUNNING')",
         [tenant_id],
-    ).fetchone()
-    return int(row[0]) if row else 0
-
-
-def _runs_created_on(cur: duckdb.DuckDBPyConnection, tenant_id: str, day: date) -> int:
-    start = datetime.combine(day, datetime.min.time())
-    row = cur.execute(
-        f"SELECT COUNT(*) FROM {RUNS} WHERE tenant_id = ? AND created_at >= ? AND created_at < ?",
-        [tenant_id, start, start + timedelta(days=1)],
     ).fetchone()
     return int(row[0]) if row else 0
 
@@ -357,13 +385,16 @@ def _last_limits(cur: duckdb.DuckDBPyConnection, tenant_id: str) -> tuple[int, i
     return (int(row[0]), int(row[1])) if row else (0, 0)
 
 
-def record_finish(cur: duckdb.DuckDBPyConnection, run: RunRecord, now: datetime) -> None:
+def record_finish(
+    cur: duckdb.DuckDBPyConnection, run: RunRecord, now: datetime, active: int | None
+) -> None:
     """Counts an ended run as a success or failure of the day it was started, and sets
-    today's concurrency (a run may end on a later day than it began: the earlier day's
-    row keeps the concurrency it had then)."""
+    today's concurrency, `active` when the caller knows it (a run may end on a later day
+    than it began: the earlier day's row keeps the concurrency it had then)."""
     created_day = run.created_at.astimezone(UTC).date()
     ok, bad = (1, 0) if run.status == "COMPLETE" else (0, 1)
-    active = active_runs(cur, run.tenant_id)
+    if active is None:
+        active = active_runs(cur, run.tenant_id)
     counted = "pipelines_succeeded_today = pipelines_succeeded_today + ?, "
     counted += "pipelines_failed_today = pipelines_failed_today + ?"
     if created_day == now.astimezone(UTC).date():  # one row has both: one statement
@@ -579,11 +610,13 @@ def finish_run(
     now: datetime,
     error_message: str,
     owner: tuple[str, int] | None,
+    active: int | None = None,
 ) -> RunRecord | None:
     """Ends the run; returns it, or None when it was not in the expected state.
 
     With `owner` (worker id, attempt) the run must be RUNNING for that worker and attempt,
-    so a worker can only end its own execution; without, it must be PENDING.
+    so a worker can only end its own execution; without, it must be PENDING. `active` is
+    the tenant's active runs before it ends, when the caller knows them.
     """
     if owner is None:
         guard, values = "status = 'PENDING'", []
@@ -601,7 +634,7 @@ def finish_run(
         if row is not None:
             if owner is not None:
                 interrupt_steps(cur, run_id, now)
-            record_finish(cur, run_from_row(row), now)
+            record_finish(cur, run_from_row(row), now, None if active is None else active - 1)
         cur.commit()
     except BaseException:
         rollback(cur)
@@ -641,12 +674,18 @@ def interrupt_steps(cur: duckdb.DuckDBPyConnection, run_id: str, now: datetime) 
 
 
 def request_cancel(
-    cur: duckdb.DuckDBPyConnection, tenant_id: str, run_id: str, now: datetime
+    cur: duckdb.DuckDBPyConnection,
+    tenant_id: str,
+    run_id: str,
+    now: datetime,
+    active: int | None = None,
 ) -> RunRecord | None:
-    """A PENDING run ends FAILED now; a RUNNING one is flagged to stop at its next step."""
+    """A PENDING run ends FAILED now; a RUNNING one is flagged to stop at its next step.
+    `active` as for `finish_run`."""
     if get_run(cur, tenant_id, run_id) is None:
         return None
-    cancelled = finish_run(cur, run_id, "FAILED", now, "Cancelled before it started", None)
+    message = "Cancelled before it started"
+    cancelled = finish_run(cur, run_id, "FAILED", now, message, None, active)
     if cancelled is not None:
         return cancelled
     cur.execute(

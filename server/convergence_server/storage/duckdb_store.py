@@ -204,8 +204,12 @@ class DuckDBStore:
         self._admissions: GroupCommit[runs.AdmissionRequest, Admission] = GroupCommit(self._admit)
         # Recent runs and their steps, as last written or read (reads without a query).
         self._cache = RunCache()
-        # The fair queue's order, kept as runs change (claims without the window query).
+        # The fair queue's order, kept as runs change (claims without the window query; its
+        # count of a tenant's active runs is what an admission in the tenant's turn checks).
         self._queue = QueueIndex()
+        # Each tenant's runs created on its latest UTC day of admissions, as they committed
+        # (only admissions, in the tenant's turn, create runs; none is deleted).
+        self._created: dict[str, tuple[date, int]] = {}
         # The newest creation time of a stored run: where the first page of runs ends.
         self._newest_run: datetime | None = None
 
@@ -679,26 +683,64 @@ class DuckDBStore:
                 admission = await self._admissions.submit(request)
             else:
                 also = functools.partial(schedules.write_schedule, schedule=progress)
+
+                def admit(
+                    known: runs.Counts, cur: duckdb.DuckDBPyConnection
+                ) -> tuple[list[Admission], runs.Counts]:
+                    answer, counts = runs.create_run(cur, run, keys_valid_from, limits, known, also)
+                    return [answer], counts
+
                 # One admission at a time per tenant: the counts it checks cannot move under it.
                 async with self._tenant_turns.get(run.tenant_id):
-                    admission = await self._call(
-                        lambda cur: runs.create_run(cur, run, keys_valid_from, limits, also)
-                    )
-            if admission.created and admission.run is not None:
-                self._queue.apply(admission.run)
+                    (admission,) = await self._counted([run.tenant_id], admit)
         if admission.created and (self._newest_run is None or run.created_at > self._newest_run):
             self._newest_run = run.created_at
         return admission
 
     async def _admit(self, requests: list[runs.AdmissionRequest]) -> list[Admission]:
+        tenant_ids = sorted({r.run.tenant_id for r in requests})
         # In the turns of every tenant of the batch: no count it reads can move under it.
-        async with self._tenant_turns.all_of(r.run.tenant_id for r in requests):
-            return await self._call(lambda cur: runs.admit_batch(cur, requests))
+        async with self._tenant_turns.all_of(tenant_ids):
+            return await self._counted(
+                tenant_ids, lambda known, cur: runs.admit_batch(cur, requests, known)
+            )
+
+    async def _counted(
+        self,
+        tenant_ids: list[str],
+        admit: Callable[
+            [runs.Counts, duckdb.DuckDBPyConnection], tuple[list[Admission], runs.Counts]
+        ],
+    ) -> list[Admission]:
+        """Runs an admission in the tenants' turns with the counts known here, and keeps
+        what it committed: its runs in the fair queue, its counts of created runs."""
+        known = runs.Counts()
+        for tenant_id in tenant_ids:
+            if (active := self._queue.active(tenant_id)) is not None:
+                known.active[tenant_id] = active
+            if (created := self._created.get(tenant_id)) is not None:
+                known.created[tenant_id, created[0]] = created[1]
+        try:
+            answers, counts = await self._call(functools.partial(admit, known))
+        except BaseException:  # what it committed is unknown: counted again next time
+            for tenant_id in tenant_ids:
+                self._created.pop(tenant_id, None)
+            raise
+        for answer in answers:
+            if answer.created and answer.run is not None:
+                self._queue.apply(answer.run)
+        for (tenant_id, day), count in counts.created.items():
+            if tenant_id not in self._created or self._created[tenant_id][0] <= day:
+                self._created[tenant_id] = (day, count)
+        return answers
 
     async def get_usage(self, tenant_id: str, day: date) -> UsageRecord | None:
         return await self._call(lambda cur: runs.get_usage(cur, tenant_id, day))
 
     async def active_runs(self, tenant_id: str) -> int:
+        active = self._queue.active(tenant_id)
+        if active is not None:
+            return active
         return await self._call(lambda cur: runs.active_runs(cur, tenant_id))
 
     # -- webhooks ---------------------------------------------------------------------------
@@ -882,9 +924,10 @@ class DuckDBStore:
             self._tenant_turns.get(run.tenant_id),
             self._changing(run.pipeline_logging_id),
         ):
+            active = self._queue.active(run.tenant_id)  # exact in the tenant's turn
             ended = await self._call(
                 lambda cur: runs.finish_run(
-                    cur, run.pipeline_logging_id, status, now, error_message, owner
+                    cur, run.pipeline_logging_id, status, now, error_message, owner, active
                 )
             )
             if ended is not None:
@@ -893,7 +936,10 @@ class DuckDBStore:
 
     async def request_cancel(self, tenant_id: str, run_id: str, now: datetime) -> RunRecord | None:
         async with self._tenant_turns.get(tenant_id), self._changing(run_id):
-            run = await self._call(lambda cur: runs.request_cancel(cur, tenant_id, run_id, now))
+            active = self._queue.active(tenant_id)  # exact in the tenant's turn
+            run = await self._call(
+                lambda cur: runs.request_cancel(cur, tenant_id, run_id, now, active)
+            )
             if run is not None:
                 self._committed(run)
             return run

@@ -140,6 +140,13 @@ class QueueIndex:
                 best = key
         return None if best is None else best[3]
 
+    def active(self, tenant_id: str) -> int | None:
+        """The tenant's PENDING and RUNNING runs, or None (invalid)."""
+        if not self.valid:
+            return None
+        tenant = self._tenants.get(tenant_id)
+        return 0 if tenant is None else tenant.running + len(tenant.pending)
+
     # -- plumbing ---------------------------------------------------------------------------
 
     def _tenant(self, tenant_id: str) -> _Tenant:
