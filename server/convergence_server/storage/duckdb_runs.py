@@ -57,6 +57,13 @@ def rollback(cur: duckdb.DuckDBPyConnection) -> None:
         cur.rollback()
 
 
+def changed(cur: duckdb.DuckDBPyConnection, statement: str, params: Sequence[object]) -> int:
+    """How many rows an INSERT, UPDATE or DELETE changed: DuckDB answers the count itself;
+    a RETURNING clause costs an UPDATE more than twice its time."""
+    row = cur.execute(statement, params).fetchone()
+    return int(row[0]) if row else 0
+
+
 def insert_run(cur: duckdb.DuckDBPyConnection, run: RunRecord) -> None:
     insert_runs(cur, [run])
 
@@ -350,11 +357,12 @@ def _count_usage(
     # INSERT ... ON CONFLICT costs about twice an UPDATE, and a new row alone needs the
     # tenant's last limits when none are given.
     new_limits = ", daily_limit = ?, concurrent_limit = ?" if limits else ""
-    updated = cur.execute(
+    updated = changed(
+        cur,
         f"UPDATE {USAGE} SET pipelines_run_today = pipelines_run_today + ?, "
         "concurrent_pipelines_running = ?, "
         f"max_concurrent_reached = greatest(max_concurrent_reached, ?){new_limits}, "
-        "updated_at = ? WHERE tenant_id = ? AND usage_date = ? RETURNING 1",
+        "updated_at = ? WHERE tenant_id = ? AND usage_date = ?",
         [
             started,
             active,
@@ -364,8 +372,8 @@ def _count_usage(
             tenant_id,
             usage_day,
         ],
-    ).fetchone()
-    if updated is not None:
+    )
+    if updated:
         return
     daily, concurrent = (
         (limits.daily, limits.concurrent) if limits else _last_limits(cur, tenant_id)
@@ -397,15 +405,15 @@ def record_finish(
         active = active_runs(cur, run.tenant_id)
     counted = "pipelines_succeeded_today = pipelines_succeeded_today + ?, "
     counted += "pipelines_failed_today = pipelines_failed_today + ?"
-    if created_day == now.astimezone(UTC).date():  # one row has both: one statement
-        updated = cur.execute(
-            f"UPDATE {USAGE} SET {counted}, concurrent_pipelines_running = ?, "
-            "max_concurrent_reached = greatest(max_concurrent_reached, ?), updated_at = ? "
-            "WHERE tenant_id = ? AND usage_date = ? RETURNING 1",
-            [ok, bad, active, active, naive(now), run.tenant_id, created_day],
-        ).fetchone()
-        if updated is not None:
-            return
+    # One row has both when the run was created today: one statement.
+    if created_day == now.astimezone(UTC).date() and changed(
+        cur,
+        f"UPDATE {USAGE} SET {counted}, concurrent_pipelines_running = ?, "
+        "max_concurrent_reached = greatest(max_concurrent_reached, ?), updated_at = ? "
+        "WHERE tenant_id = ? AND usage_date = ?",
+        [ok, bad, active, active, naive(now), run.tenant_id, created_day],
+    ):
+        return
     cur.execute(
         f"UPDATE {USAGE} SET {counted}, updated_at = ? WHERE tenant_id = ? AND usage_date = ?",
         [ok, bad, naive(now), run.tenant_id, created_day],
@@ -572,12 +580,22 @@ def claim_run(
 ) -> RunRecord | None:
     """Moves this run to RUNNING for this worker if it is still PENDING (the in-memory
     queue's choice, `QueueIndex`)."""
-    row = cur.execute(
-        f"UPDATE {RUNS} SET status = 'RUNNING', start_time = ?, worker_id = ?, "
-        "heartbeat_at = ? WHERE pipeline_logging_id = ? AND status = 'PENDING' "
-        f"RETURNING {RUN_COLUMNS}",
-        [naive(now), worker_id, naive(now), run_id],
-    ).fetchone()
+    cur.begin()
+    try:
+        row = None
+        if changed(
+            cur,
+            f"UPDATE {RUNS} SET status = 'RUNNING', start_time = ?, worker_id = ?, "
+            "heartbeat_at = ? WHERE pipeline_logging_id = ? AND status = 'PENDING'",
+            [naive(now), worker_id, naive(now), run_id],
+        ):
+            row = cur.execute(
+                f"SELECT {RUN_COLUMNS} FROM {RUNS} WHERE pipeline_logging_id = ?", [run_id]
+            ).fetchone()
+        cur.commit()
+    except BaseException:
+        rollback(cur)
+        raise
     return None if row is None else run_from_row(row)
 
 
@@ -624,13 +642,18 @@ def finish_run(
         guard, values = "status = 'RUNNING' AND worker_id = ? AND attempt = ?", list(owner)
     cur.begin()
     try:
-        row = cur.execute(
+        row = None
+        if changed(
+            cur,
             f"UPDATE {RUNS} SET status = ?, end_time = ?, error_message = ?, "
             "duration_ms = CASE WHEN start_time IS NULL THEN 0 "
             "  ELSE CAST(date_diff('millisecond', start_time, ?) AS BIGINT) END "
-            f"WHERE pipeline_logging_id = ? AND {guard} RETURNING {RUN_COLUMNS}",
+            f"WHERE pipeline_logging_id = ? AND {guard}",
             [status, naive(now), error_message or None, naive(now), run_id, *values],
-        ).fetchone()
+        ):
+            row = cur.execute(
+                f"SELECT {RUN_COLUMNS} FROM {RUNS} WHERE pipeline_logging_id = ?", [run_id]
+            ).fetchone()
         if row is not None:
             if owner is not None:
                 interrupt_steps(cur, run_id, now)
@@ -645,13 +668,15 @@ def finish_run(
 def record_publication(cur: duckdb.DuckDBPyConnection, run: RunRecord, now: datetime) -> bool:
     """Inside the publishing transaction: records that this execution of `run` publishes;
     False when the run is no longer RUNNING for this worker and attempt."""
-    inserted = cur.execute(
-        f"INSERT INTO {PUBLICATIONS} SELECT pipeline_logging_id, tenant_id, attempt, worker_id, ? "
-        f"FROM {RUNS} WHERE pipeline_logging_id = ? AND status = 'RUNNING' AND worker_id = ? "
-        "AND attempt = ? RETURNING pipeline_logging_id",
-        [naive(now), run.pipeline_logging_id, run.worker_id, run.attempt],
-    ).fetchone()
-    return inserted is not None
+    return bool(
+        changed(
+            cur,
+            f"INSERT INTO {PUBLICATIONS} SELECT pipeline_logging_id, tenant_id, attempt, "
+            f"worker_id, ? FROM {RUNS} WHERE pipeline_logging_id = ? AND status = 'RUNNING' "
+            "AND worker_id = ? AND attempt = ?",
+            [naive(now), run.pipeline_logging_id, run.worker_id, run.attempt],
+        )
+    )
 
 
 def published_by(cur: duckdb.DuckDBPyConnection, run_id: str) -> tuple[int, str] | None:
@@ -734,16 +759,16 @@ def requeue_run(
     `count_attempt` says the execution was lost (a crash), which uses up an attempt; a
     clean stop hands the run back without using one.
     """
-    row = cur.execute(
+    requeued = changed(
+        cur,
         f"UPDATE {RUNS} SET status = 'PENDING', attempt = attempt + ?, start_time = NULL, "
         "worker_id = NULL, heartbeat_at = NULL, warnings = 0 WHERE pipeline_logging_id = ? "
-        "AND status = 'RUNNING' AND worker_id IS NOT DISTINCT FROM ? AND attempt = ? "
-        "RETURNING pipeline_logging_id",
+        "AND status = 'RUNNING' AND worker_id IS NOT DISTINCT FROM ? AND attempt = ?",
         [int(count_attempt), run.pipeline_logging_id, run.worker_id or None, run.attempt],
-    ).fetchone()
-    if row is not None:
+    )
+    if requeued:
         interrupt_steps(cur, run.pipeline_logging_id, now)
-    return row is not None
+    return bool(requeued)
 
 
 def save_step(cur: duckdb.DuckDBPyConnection, step: StepRecord) -> None:
@@ -769,8 +794,7 @@ def save_step(cur: duckdb.DuckDBPyConnection, step: StepRecord) -> None:
     ]
     cur.begin()
     try:
-        updated = cur.execute(_UPDATE_STEP, [*values[1:], values[0]]).fetchone()
-        if updated is None:
+        if not changed(cur, _UPDATE_STEP, [*values[1:], values[0]]):
             cur.execute(_INSERT_STEP, values)
         cur.commit()
     except BaseException:
@@ -781,7 +805,7 @@ def save_step(cur: duckdb.DuckDBPyConnection, step: StepRecord) -> None:
 _UPDATE_STEP = (
     f"UPDATE {STEPS} SET "
     + ", ".join(f"{name} = ?" for name in STEP_COLUMNS.split(", ")[1:])
-    + " WHERE step_logging_id = ? RETURNING 1"
+    + " WHERE step_logging_id = ?"
 )
 _INSERT_STEP = (
     f"INSERT INTO {STEPS} ({STEP_COLUMNS}) "
