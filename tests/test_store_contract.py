@@ -694,6 +694,45 @@ def test_steps_and_dq_results_are_kept_per_attempt(store: Store) -> None:
     ]
 
 
+def test_a_step_has_one_row_however_it_is_saved(store: Store) -> None:
+    """A step saved before its run was claimed, then by the run's worker; another closed
+    by its worker; a third left RUNNING: one row each, and only the third is closed as
+    interrupted when the run ends."""
+    tenant_id = tenant(store)
+    made = new_run(tenant_id)
+    run(store.create_run(made, LONG_AGO, RunLimits(10, 10)))
+    started = datetime.now(UTC)
+
+    def step(index: int, status: str) -> StepRecord:
+        return StepRecord(
+            step_logging_id=f"{made.pipeline_logging_id}-{index}",
+            pipeline_logging_id=made.pipeline_logging_id,
+            pipeline_id=made.pipeline_id,
+            tenant_id=tenant_id,
+            step_name=f"step_{index}",
+            step_type="query",
+            step_index=index,
+            status=status,
+            step_start_time=started + timedelta(seconds=index),
+            run_attempt=1,
+        )
+
+    run(store.save_step(step(0, "RUNNING")))
+    claimed = claim(store, tenant_id)
+    run(store.save_step(replace(step(0, "COMPLETE"), rows_processed=3)))
+    run(store.save_step(step(1, "RUNNING")))
+    run(store.save_step(replace(step(1, "COMPLETE"), rows_processed=4)))
+    run(store.save_step(step(2, "RUNNING")))
+    assert run(store.finish_run(claimed, "FAILED", datetime.now(UTC), "boom")) is not None
+    steps = run(store.list_steps(tenant_id, made.pipeline_logging_id))
+    assert [(s.step_name, s.status, s.rows_processed) for s in steps] == [
+        ("step_0", "COMPLETE", 3),
+        ("step_1", "COMPLETE", 4),
+        ("step_2", "FAILED", 0),
+    ]
+    assert steps[2].error_message.startswith("Interrupted")
+
+
 def dq_result(
     of: RunRecord, step: str, index: int, name: str, at: datetime, **fields: Any
 ) -> DqRecord:

@@ -629,12 +629,14 @@ def finish_run(
     error_message: str,
     owner: tuple[str, int] | None,
     active: int | None = None,
+    steps_open: bool = True,
 ) -> RunRecord | None:
     """Ends the run; returns it, or None when it was not in the expected state.
 
     With `owner` (worker id, attempt) the run must be RUNNING for that worker and attempt,
-    so a worker can only end its own execution; without, it must be PENDING. `active` is
-    the tenant's active runs before it ends, when the caller knows them.
+    so a worker can only end its own execution, and its steps left RUNNING are closed
+    (unless the caller knows none is: not `steps_open`); without, it must be PENDING.
+    `active` is the tenant's active runs before it ends, when the caller knows them.
     """
     if owner is None:
         guard, values = "status = 'PENDING'", []
@@ -655,7 +657,7 @@ def finish_run(
                 f"SELECT {RUN_COLUMNS} FROM {RUNS} WHERE pipeline_logging_id = ?", [run_id]
             ).fetchone()
         if row is not None:
-            if owner is not None:
+            if owner is not None and steps_open:
                 interrupt_steps(cur, run_id, now)
             record_finish(cur, run_from_row(row), now, None if active is None else active - 1)
         cur.commit()
@@ -759,21 +761,28 @@ def requeue_run(
     `count_attempt` says the execution was lost (a crash), which uses up an attempt; a
     clean stop hands the run back without using one.
     """
-    requeued = changed(
-        cur,
-        f"UPDATE {RUNS} SET status = 'PENDING', attempt = attempt + ?, start_time = NULL, "
-        "worker_id = NULL, heartbeat_at = NULL, warnings = 0 WHERE pipeline_logging_id = ? "
-        "AND status = 'RUNNING' AND worker_id IS NOT DISTINCT FROM ? AND attempt = ?",
-        [int(count_attempt), run.pipeline_logging_id, run.worker_id or None, run.attempt],
-    )
-    if requeued:
-        interrupt_steps(cur, run.pipeline_logging_id, now)
+    cur.begin()  # with its steps closed: a PENDING run never has a RUNNING step
+    try:
+        requeued = changed(
+            cur,
+            f"UPDATE {RUNS} SET status = 'PENDING', attempt = attempt + ?, start_time = NULL, "
+            "worker_id = NULL, heartbeat_at = NULL, warnings = 0 WHERE pipeline_logging_id = ? "
+            "AND status = 'RUNNING' AND worker_id IS NOT DISTINCT FROM ? AND attempt = ?",
+            [int(count_attempt), run.pipeline_logging_id, run.worker_id or None, run.attempt],
+        )
+        if requeued:
+            interrupt_steps(cur, run.pipeline_logging_id, now)
+        cur.commit()
+    except BaseException:
+        rollback(cur)
+        raise
     return bool(requeued)
 
 
-def save_step(cur: duckdb.DuckDBPyConnection, step: StepRecord) -> None:
-    """Writes the step's row: an UPDATE of the row its start wrote, an INSERT only for a
-    step just started (DuckDB's INSERT OR REPLACE costs three times either)."""
+def save_step(cur: duckdb.DuckDBPyConnection, step: StepRecord, new: bool) -> None:
+    """Writes the step's row: an INSERT when the caller believes it `new` (an UPDATE if its
+    key is taken after all), else an UPDATE, and an INSERT if there was nothing to update
+    (DuckDB's INSERT OR REPLACE costs three times either)."""
     values = [
         step.step_logging_id,
         step.pipeline_logging_id,
@@ -792,6 +801,10 @@ def save_step(cur: duckdb.DuckDBPyConnection, step: StepRecord) -> None:
         step.run_attempt,
         step.warnings,
     ]
+    if new:
+        with contextlib.suppress(duckdb.ConstraintException):
+            cur.execute(_INSERT_STEP, values)
+            return
     cur.begin()
     try:
         if not changed(cur, _UPDATE_STEP, [*values[1:], values[0]]):

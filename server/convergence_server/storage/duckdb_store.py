@@ -210,6 +210,10 @@ class DuckDBStore:
         # Each tenant's runs created on its latest UTC day of admissions, as they committed
         # (only admissions, in the tenant's turn, create runs; none is deleted).
         self._created: dict[str, tuple[date, int]] = {}
+        # The step rows of each execution claimed here, as committed (step id -> status): only
+        # its worker writes them, through `save_step`, so a step's first row is one INSERT,
+        # and a run whose steps all ended needs no query to close them when it ends.
+        self._step_rows: dict[str, dict[str, str]] = {}
         # The newest creation time of a stored run: where the first page of runs ends.
         self._newest_run: datetime | None = None
 
@@ -912,6 +916,7 @@ class DuckDBStore:
                     self._queue.apply(run)
             if run is not None:
                 self._cache.put(run)
+                self._step_rows[run.pipeline_logging_id] = {}
             return run
 
     async def finish_run(
@@ -920,6 +925,8 @@ class DuckDBStore:
         owner = (run.worker_id, run.attempt)
 
         # In the tenant's turn, like admissions: both update its usage row.
+        steps = self._step_rows.pop(run.pipeline_logging_id, None)
+        steps_open = steps is None or "RUNNING" in steps.values()
         async with (
             self._tenant_turns.get(run.tenant_id),
             self._changing(run.pipeline_logging_id),
@@ -927,7 +934,14 @@ class DuckDBStore:
             active = self._queue.active(run.tenant_id)  # exact in the tenant's turn
             ended = await self._call(
                 lambda cur: runs.finish_run(
-                    cur, run.pipeline_logging_id, status, now, error_message, owner, active
+                    cur,
+                    run.pipeline_logging_id,
+                    status,
+                    now,
+                    error_message,
+                    owner,
+                    active,
+                    steps_open,
                 )
             )
             if ended is not None:
@@ -960,6 +974,7 @@ class DuckDBStore:
         return await self._call(runs.pending_runs)
 
     async def requeue_run(self, run: RunRecord, now: datetime, count_attempt: bool) -> bool:
+        self._step_rows.pop(run.pipeline_logging_id, None)  # its steps are closed with it
         async with self._changing(run.pipeline_logging_id):
             requeued = await self._call(lambda cur: runs.requeue_run(cur, run, now, count_attempt))
             if requeued:  # the run's new state is read again when asked for
@@ -970,8 +985,17 @@ class DuckDBStore:
         return await self._call(lambda cur: runs.published_by(cur, run_id)) is not None
 
     async def save_step(self, step: StepRecord) -> None:
-        async with self._cache.change(step.pipeline_logging_id, steps_only=True):
-            await self._call(lambda cur: runs.save_step(cur, step))
+        run_id = step.pipeline_logging_id
+        rows = self._step_rows.get(run_id)
+        new = rows is not None and step.step_logging_id not in rows
+        async with self._cache.change(run_id, steps_only=True):
+            try:
+                await self._call(lambda cur: runs.save_step(cur, step, new))
+            except BaseException:  # what it committed is unknown
+                self._step_rows.pop(run_id, None)
+                raise
+        if rows is not None:
+            rows[step.step_logging_id] = step.status
 
     async def list_steps(self, tenant_id: str, run_id: str) -> list[StepRecord]:
         steps = self._cache.steps(run_id)
