@@ -631,6 +631,24 @@ def test_a_running_run_is_flagged_for_cancellation(store: Store) -> None:
     assert run(store.request_cancel(tenant_id, "no-such-run", datetime.now(UTC))) is None
 
 
+def step_of(
+    made: RunRecord, index: int, status: str, started: datetime, attempt: int = 1
+) -> StepRecord:
+    """Step `index` of the run's `attempt`, started `index` seconds after `started`."""
+    return StepRecord(
+        step_logging_id=f"{made.pipeline_logging_id}-{attempt}-{index}",
+        pipeline_logging_id=made.pipeline_logging_id,
+        pipeline_id=made.pipeline_id,
+        tenant_id=made.tenant_id,
+        step_name=f"step_{index}",
+        step_type="query",
+        step_index=index,
+        status=status,
+        step_start_time=started + timedelta(seconds=index),
+        run_attempt=attempt,
+    )
+
+
 def test_steps_and_dq_results_are_kept_per_attempt(store: Store) -> None:
     tenant_id = tenant(store)
     made = new_run(tenant_id)
@@ -639,18 +657,7 @@ def test_steps_and_dq_results_are_kept_per_attempt(store: Store) -> None:
     started = datetime.now(UTC)
 
     def step(index: int, status: str, attempt: int = 1) -> StepRecord:
-        return StepRecord(
-            step_logging_id=f"{made.pipeline_logging_id}-{attempt}-{index}",
-            pipeline_logging_id=made.pipeline_logging_id,
-            pipeline_id=made.pipeline_id,
-            tenant_id=tenant_id,
-            step_name=f"step_{index}",
-            step_type="query",
-            step_index=index,
-            status=status,
-            step_start_time=started + timedelta(seconds=index),
-            run_attempt=attempt,
-        )
+        return step_of(made, index, status, started, attempt)
 
     run(store.save_step(step(0, "RUNNING")))
     run(store.save_step(replace(step(0, "COMPLETE"), rows_processed=7, attempts=1)))
@@ -704,18 +711,7 @@ def test_a_step_has_one_row_however_it_is_saved(store: Store) -> None:
     started = datetime.now(UTC)
 
     def step(index: int, status: str) -> StepRecord:
-        return StepRecord(
-            step_logging_id=f"{made.pipeline_logging_id}-{index}",
-            pipeline_logging_id=made.pipeline_logging_id,
-            pipeline_id=made.pipeline_id,
-            tenant_id=tenant_id,
-            step_name=f"step_{index}",
-            step_type="query",
-            step_index=index,
-            status=status,
-            step_start_time=started + timedelta(seconds=index),
-            run_attempt=1,
-        )
+        return step_of(made, index, status, started)
 
     run(store.save_step(step(0, "RUNNING")))
     claimed = claim(store, tenant_id)
