@@ -729,6 +729,48 @@ def test_a_step_has_one_row_however_it_is_saved(store: Store) -> None:
     assert steps[2].error_message.startswith("Interrupted")
 
 
+def test_each_bigquery_replica_reads_an_ended_run_once(emulator: Emulator, tmp_path: Path) -> None:
+    """An ended run never changes again, so a replica answers it from memory after one
+    query job (the one that ended it, none at all); a run still going is read every time,
+    and a cached run is still another tenant's secret."""
+    prefix = new_prefix()
+    ending, reading = (open_store("bigquery", tmp_path, emulator, prefix) for _ in range(2))
+    jobs: list[str] = []
+    client = reading._bq.client  # type: ignore[attr-defined]
+    query = client.query
+
+    def counted(sql: str, *args: Any, **kwargs: Any) -> Any:
+        jobs.append(sql)
+        return query(sql, *args, **kwargs)
+
+    client.query = counted
+    try:
+        tenant_id = tenant(ending)
+        made = new_run(tenant_id)
+        run(ending.create_run(made, LONG_AGO, RunLimits(10, 10)))
+        claimed = claim(ending, tenant_id)
+        for _ in range(2):  # RUNNING: read each time
+            found = run(reading.get_run(tenant_id, made.pipeline_logging_id))
+            assert found is not None and found.status == "RUNNING"
+        assert len(jobs) == 2
+        ended = run(ending.finish_run(claimed, "COMPLETE", datetime.now(UTC)))
+        assert ended is not None
+        jobs.clear()
+        for _ in range(3):
+            assert run(reading.get_run(tenant_id, made.pipeline_logging_id)) == ended
+        assert run(reading.get_run("another_tenant", made.pipeline_logging_id)) is None
+        assert len(jobs) == 1
+        client.query = query
+        ending._bq.client.query = counted  # type: ignore[attr-defined]
+        jobs.clear()
+        assert run(ending.get_run(tenant_id, made.pipeline_logging_id)) == ended
+        assert jobs == []
+    finally:
+        client.query = query
+        run(ending.close())
+        run(reading.close())
+
+
 def dq_result(
     of: RunRecord, step: str, index: int, name: str, at: datetime, **fields: Any
 ) -> DqRecord:

@@ -93,12 +93,14 @@ from convergence_server.storage.rows import (
     key_from_row,
     webhook_from_row,
 )
+from convergence_server.storage.run_cache import CAPACITY, Lru
 from convergence_server.storage.warehouse import STAGE_PREFIX
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 THREADS = 16
+ENDED = ("COMPLETE", "FAILED")
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
@@ -122,6 +124,9 @@ class BigQueryStore:
         self._publish_locks = KeyedLocks()
         self._db = Central(self._bq, self.central)
         self._admissions = runs.AdmissionTurns()
+        # Runs that ended, as read or written here: an ended run never changes again (every
+        # change of a run is guarded by PENDING or RUNNING), so each replica reads it once.
+        self._ended: Lru[RunRecord] = Lru(CAPACITY)
 
     @classmethod
     def open(
@@ -671,12 +676,24 @@ class BigQueryStore:
         return await runs.typical_run_ms(self._db, tenant_id)
 
     async def get_run(self, tenant_id: str, run_id: str) -> RunRecord | None:
-        return await runs.get_run(self._db, tenant_id, run_id)
+        run = self._ended.get(run_id)
+        if run is not None:
+            return run if run.tenant_id == tenant_id else None
+        return self._keep(await runs.get_run(self._db, tenant_id, run_id))
+
+    def _keep(self, run: RunRecord | None) -> RunRecord | None:
+        """The run, remembered if it has ended."""
+        if run is not None and run.status in ENDED:
+            self._ended.put(run.pipeline_logging_id, run)
+        return run
 
     async def list_runs(
         self, where: RunFilter, after: RunCursor | None, limit: int
     ) -> list[RunRecord]:
-        return await runs.list_runs(self._db, where, after, limit)
+        found = await runs.list_runs(self._db, where, after, limit)
+        for run in found:
+            self._keep(run)
+        return found
 
     async def cancel_requested(self, run_id: str) -> bool:
         return await runs.cancel_requested(self._db, run_id)
@@ -693,10 +710,10 @@ class BigQueryStore:
     async def finish_run(
         self, run: RunRecord, status: str, now: datetime, error_message: str = ""
     ) -> RunRecord | None:
-        return await runs.finish_run(self._db, run, status, now, error_message)
+        return self._keep(await runs.finish_run(self._db, run, status, now, error_message))
 
     async def request_cancel(self, tenant_id: str, run_id: str, now: datetime) -> RunRecord | None:
-        return await runs.request_cancel(self._db, tenant_id, run_id, now)
+        return self._keep(await runs.request_cancel(self._db, tenant_id, run_id, now))
 
     async def heartbeat(self, run_ids: list[str], worker_id: str) -> None:
         await runs.heartbeat(self._db, run_ids, worker_id)

@@ -27,7 +27,7 @@ CAPACITY = 10_000  # runs, and as many runs' step lists
 V = TypeVar("V")
 
 
-class _Lru(Generic[V]):
+class Lru(Generic[V]):
     def __init__(self, capacity: int) -> None:
         self._entries: OrderedDict[str, V] = OrderedDict()
         self._capacity = capacity
@@ -53,8 +53,8 @@ class _Lru(Generic[V]):
 
 class RunCache:
     def __init__(self, capacity: int = CAPACITY) -> None:
-        self._runs: _Lru[RunRecord] = _Lru(capacity)
-        self._steps: _Lru[list[StepRecord]] = _Lru(capacity)
+        self._runs: Lru[RunRecord] = Lru(capacity)
+        self._steps: Lru[list[StepRecord]] = Lru(capacity)
         self._tick = 0  # counts the beginnings and ends of changes
         # The tick of each run's latest change beginning or end (the oldest forgotten
         # beyond a bound: none of those is later than `_floor`).
