@@ -94,6 +94,10 @@ def parse_trace(traceparent: str | None, cloud_trace: str | None) -> tuple[str, 
     return "", ""
 
 
+# One encoder for every line (`json.dumps` with `default` builds a new one per call).
+_ENCODER = json.JSONEncoder(default=str)
+
+
 class JsonFormatter(logging.Formatter):
     def __init__(self, project: str = "") -> None:
         super().__init__()
@@ -120,7 +124,7 @@ class JsonFormatter(logging.Formatter):
             entry.update(extra)
         if record.exc_info:
             entry["exception"] = redact(self.formatException(record.exc_info), 4 * MAX_MESSAGE)
-        return json.dumps(entry, default=str)
+        return _ENCODER.encode(entry)
 
 
 def configure(level: str, project: str = "") -> None:
