@@ -27,8 +27,8 @@ import hmac
 import ipaddress
 import logging
 import re
+import secrets
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, cast
 
@@ -399,7 +399,7 @@ def _abort_for(exc: Exception, context: ServicerContext[Any, Any]) -> Abort:
 def _request_id() -> str:
     request_id = logs.request_id_var.get()
     if not request_id:
-        request_id = f"req_{uuid.uuid4().hex}"
+        request_id = f"req_{secrets.token_hex(16)}"
         logs.request_id_var.set(request_id)
     return request_id
 
