@@ -25,7 +25,6 @@ import random
 import statistics
 import tempfile
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,7 +32,8 @@ from pathlib import Path
 import duckdb
 
 from convergence_server.storage.duckdb_store import DuckDBStore
-from convergence_server.storage.records import RunCursor, RunFilter, RunLimits, RunRecord
+from convergence_server.storage.records import RunCursor, RunFilter, RunLimits
+from tests.test_store_contract import new_run
 
 TENANT = "bench_history"
 PAGE = 50
@@ -133,21 +133,9 @@ async def measure(path: Path, calls: int, runs: int) -> dict[str, list[float]]:
 
 async def trigger(store: DuckDBStore) -> None:
     now = datetime.now(UTC)
-    run = RunRecord(
-        pipeline_logging_id=str(uuid.uuid4()),
-        pipeline_id="p-test-runs-quick",
-        tenant_id=TENANT,
-        provider="test",
-        domain="runs",
-        template="quick",
-        status="PENDING",
-        trigger_type="manual",
-        trigger_by="api",
-        user_id="",
-        parameters={"date": "2025-01-01"},
-        created_at=now,
+    admission = await store.create_run(
+        new_run(TENANT, now), now, RunLimits(daily=10**9, concurrent=10**9)
     )
-    admission = await store.create_run(run, now, RunLimits(daily=10**9, concurrent=10**9))
     assert admission.created
 
 

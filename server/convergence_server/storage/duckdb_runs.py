@@ -217,7 +217,6 @@ def _counts(
                 "AND created_at >= ? AND created_at < ? GROUP BY ALL",
                 [*unknown, _midnight(min(days)), _midnight(max(days) + timedelta(days=1))],
             ).fetchall()
-            if (tenant_id, day) not in known.created
         )
     return counts
 
