@@ -158,7 +158,9 @@ def test_a_crash_after_publication_on_bigquery_never_publishes_the_run_again(
         run_id = trigger(http, key, tenant_id, "test/runs/slow", parameters={"size": "1000"})[
             "pipeline_logging_id"
         ]
-    wait_for_exit(crashing.server)
+    # The run's steps are emulator jobs: on a busy machine reaching the fault point alone
+    # took more than 120 s (a make test of 2026-12-01).
+    wait_for_exit(crashing.server, timeout=600)
     crashing.stop()
     counts = f"SELECT COUNT(*) AS n FROM `{prefix}{tenant_id}.slow_counts`"
     assert emulator.query(counts) == [{"n": 3}]
