@@ -45,15 +45,15 @@ DESTINATIONS = [
     pytest.param("test/runs/slow", {"size": "1000"}, "slow_counts", 3, id="append"),
 ]
 LONG_TEMPLATE = """
-description: One step that counts a cross join; `size` sets how long it takes.
+description: One step that counts a cross join of two sides of {side}; slow with @size.
 parameters:
-  size: {{type: integer, default: {size}, description: Each side of the cross join.}}
+  size: {{type: integer, default: 400000, description: Each side of the cross join.}}
 steps:
   - name: long_count
     kind: query
     sql: >-
-      SELECT COUNT(*) AS n FROM UNNEST(GENERATE_ARRAY(1, @size)) AS a
-      CROSS JOIN UNNEST(GENERATE_ARRAY(1, @size)) AS b
+      SELECT COUNT(*) AS n FROM UNNEST(GENERATE_ARRAY(1, {side})) AS a
+      CROSS JOIN UNNEST(GENERATE_ARRAY(1, {side})) AS b
     destination: long_counts
     write_mode: append
 """
@@ -195,7 +195,7 @@ def test_sigterm_interrupts_a_long_step_and_hands_its_run_back(
     own_configs = tmp_path_factory.mktemp("long") / "configs"
     shutil.copytree(config_dir, own_configs)
     long_template = own_configs / "test" / "runs" / "long.yml"
-    long_template.write_text(LONG_TEMPLATE.format(size=400_000))
+    long_template.write_text(LONG_TEMPLATE.format(side="@size"))
     data_dir = tmp_path_factory.mktemp("sigterm")
     env = {
         "CONVERGENCE_CONFIG_DIR": str(own_configs),
@@ -226,13 +226,17 @@ def test_sigterm_interrupts_a_long_step_and_hands_its_run_back(
     log = (data_dir / "logs" / "server.log").read_text()
     assert f"run {run_id} handed back" in log
 
-    long_template.write_text(LONG_TEMPLATE.format(size=10))  # quick from now on
+    # A run keeps the parameter values it was triggered with (size 400,000, which counts
+    # for minutes on a busy machine); its steps are read again when it runs.
+    long_template.write_text(LONG_TEMPLATE.format(side="LEAST(@size, 10)"))
     restarted = stack_factory(data_dir=data_dir, **env)
     with httpx.Client(base_url=restarted.http_url, timeout=30) as http:
         final = wait_for_run(http, key, run_id, timeout=120)
     restarted.stop()
     assert final["status"] == "COMPLETE", final
-    assert stored_count(restarted, f'SELECT COUNT(*) FROM "{tenant_id}".long_counts') == 1
+    table = f'"{tenant_id}".long_counts'
+    assert stored_count(restarted, f"SELECT COUNT(*) FROM {table}") == 1
+    assert stored_count(restarted, f"SELECT n FROM {table}") == 10 * 10  # the step as it is now
     assert stored_run(restarted, run_id)["attempt"] == 1
 
 
