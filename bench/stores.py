@@ -14,6 +14,10 @@ emulator (started here on loopback, stopped on the way out). Per adapter, in ord
 
 Each operation runs N times one after another (after 3 warm-up calls); the table gives the
 mean and p50 in ms and the ratio of the mean to the same adapter's baseline.
+
+Then a burst of 20 triggers of one tenant with 2 allowed, and, on BigQuery, the query jobs
+that each read integrators poll costs (GetRun, a WatchRun update: the run and its steps),
+counted on the client of the replica executing the run and of another replica.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from convergence_server.storage.records import (
     TenantRecord,
 )
 from tests.bigquery_emulator import PROJECT, start_emulator
-from tests.test_store_contract import LONG_AGO, new_run
+from tests.test_store_contract import LONG_AGO, new_run, query_jobs
 
 
 async def _time(n: int, op: Callable[[], Awaitable[object]]) -> list[float]:
@@ -104,6 +108,63 @@ async def burst(store: Store, size: int, concurrent: int) -> tuple[list[float], 
     return [ms for ms, _ in answers], sum(created for _, created in answers)
 
 
+async def jobs_per_read(executing: Store, other: Store, n: int = 5) -> dict[str, float]:
+    """Query jobs per call of GetRun and of a WatchRun update (`get_run` and `list_steps`)
+    of one run, on `executing` (which claims it) and on `other`, over the run's life; and
+    per heartbeat of the executing replica."""
+    tenant_id = f"jobs_{uuid.uuid4().hex[:8]}"
+    now = datetime.now(UTC)
+    await executing.create_tenant(
+        TenantRecord(tenant_id, "Bench", "bench@example.com", "SCALE", now),
+        ApiKeyRecord(uuid.uuid4().hex, tenant_id, b"s", b"h", now),
+    )
+    made = new_run(tenant_id)
+    run_id = made.pipeline_logging_id
+    await executing.create_run(made, LONG_AGO, RunLimits(daily=10, concurrent=10))
+    counts: dict[str, float] = {}
+
+    async def count(label: str, store: Store, read: Callable[[], Awaitable[object]]) -> None:
+        with query_jobs(store) as jobs:
+            for _ in range(n):
+                await read()
+        counts[label] = len(jobs) / n
+
+    async def update(store: Store) -> None:
+        await store.get_run(tenant_id, run_id)
+        await store.list_steps(tenant_id, run_id)
+
+    for name, store in (("executing replica", executing), ("another replica", other)):
+        await count(
+            f"GetRun of a PENDING run, {name}", store, lambda s=store: s.get_run(tenant_id, run_id)
+        )
+    claimed = await executing.claim_next_run("bench-worker", now)
+    assert claimed is not None and claimed.pipeline_logging_id == run_id
+    for name, store in (("executing replica", executing), ("another replica", other)):
+        await count(
+            f"GetRun of a RUNNING run, {name}", store, lambda s=store: s.get_run(tenant_id, run_id)
+        )
+        await count(f"WatchRun update of a RUNNING run, {name}", store, lambda s=store: update(s))
+    await count(
+        "heartbeat (any number of runs), executing replica",
+        executing,
+        lambda: executing.heartbeat([run_id], "bench-worker"),
+    )
+    await executing.finish_run(claimed, "COMPLETE", datetime.now(UTC))
+    for name, store in (("executing replica", executing), ("another replica", other)):
+        await count(
+            f"GetRun of an ended run, {name}", store, lambda s=store: s.get_run(tenant_id, run_id)
+        )
+    return counts
+
+
+def report_jobs(counts: dict[str, float]) -> None:
+    print("\nbigquery: query jobs per call\n")
+    print("| read | query jobs per call |")
+    print("|---|---:|")
+    for label, jobs in counts.items():
+        print(f"| {label} | {jobs:g} |")
+
+
 def report_burst(name: str, samples: list[float], admitted: int, concurrent: int) -> None:
     p99 = statistics.quantiles(samples, n=100)[98]
     print(
@@ -146,6 +207,14 @@ def main() -> None:
                 report_burst("bigquery", *asyncio.run(burst(store, 20, 2)), 2)
             finally:
                 asyncio.run(store.close())
+            pair = [
+                BigQueryStore.open(PROJECT, "US", "bench_jobs_", emulator.endpoint) for _ in "ab"
+            ]
+            try:
+                report_jobs(asyncio.run(jobs_per_read(*pair)))
+            finally:
+                for store in pair:
+                    asyncio.run(store.close())
         finally:
             emulator.stop()
 

@@ -8,6 +8,7 @@ and leaves no run PENDING or RUNNING (a claim may take any tenant's PENDING run)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import uuid
 from collections.abc import Coroutine, Iterator
@@ -729,15 +730,11 @@ def test_a_step_has_one_row_however_it_is_saved(store: Store) -> None:
     assert steps[2].error_message.startswith("Interrupted")
 
 
-def test_each_bigquery_replica_reads_an_ended_run_once(emulator: Emulator, tmp_path: Path) -> None:
-    """An ended run never changes again, so a replica answers it from memory after one
-    query job (the one that ended it, none at all); a run still going is read every time,
-    and a cached run is still another tenant's secret."""
-    prefix = new_prefix()
-    ending, reading = (open_store("bigquery", tmp_path, emulator, prefix) for _ in range(2))
-    jobs: list[str] = []
-    client = reading._bq.client  # type: ignore[attr-defined]
-    query = client.query
+@contextlib.contextmanager
+def query_jobs(store: Store) -> Iterator[list[str]]:
+    """The SQL of each query job the BigQuery `store` starts meanwhile."""
+    client = store._bq.client  # type: ignore[attr-defined]
+    query, jobs = client.query, []
 
     def counted(sql: str, *args: Any, **kwargs: Any) -> Any:
         jobs.append(sql)
@@ -745,30 +742,95 @@ def test_each_bigquery_replica_reads_an_ended_run_once(emulator: Emulator, tmp_p
 
     client.query = counted
     try:
+        yield jobs
+    finally:
+        client.query = query
+
+
+def test_each_bigquery_replica_reads_an_ended_run_once(emulator: Emulator, tmp_path: Path) -> None:
+    """An ended run never changes again, so a replica answers it from memory after one
+    query job (the one that ended it, none at all); a run still going elsewhere is read
+    every time, and a cached run is still another tenant's secret."""
+    prefix = new_prefix()
+    ending, reading = (open_store("bigquery", tmp_path, emulator, prefix) for _ in range(2))
+    try:
         tenant_id = tenant(ending)
         made = new_run(tenant_id)
         run(ending.create_run(made, LONG_AGO, RunLimits(10, 10)))
         claimed = claim(ending, tenant_id)
-        for _ in range(2):  # RUNNING: read each time
-            found = run(reading.get_run(tenant_id, made.pipeline_logging_id))
-            assert found is not None and found.status == "RUNNING"
+        with query_jobs(reading) as jobs:
+            for _ in range(2):  # RUNNING on another replica: read each time
+                found = run(reading.get_run(tenant_id, made.pipeline_logging_id))
+                assert found is not None and found.status == "RUNNING"
         assert len(jobs) == 2
         ended = run(ending.finish_run(claimed, "COMPLETE", datetime.now(UTC)))
         assert ended is not None
-        jobs.clear()
-        for _ in range(3):
-            assert run(reading.get_run(tenant_id, made.pipeline_logging_id)) == ended
-        assert run(reading.get_run("another_tenant", made.pipeline_logging_id)) is None
+        with query_jobs(reading) as jobs:
+            for _ in range(3):
+                assert run(reading.get_run(tenant_id, made.pipeline_logging_id)) == ended
+            assert run(reading.get_run("another_tenant", made.pipeline_logging_id)) is None
         assert len(jobs) == 1
-        client.query = query
-        ending._bq.client.query = counted  # type: ignore[attr-defined]
-        jobs.clear()
-        assert run(ending.get_run(tenant_id, made.pipeline_logging_id)) == ended
+        with query_jobs(ending) as jobs:
+            assert run(ending.get_run(tenant_id, made.pipeline_logging_id)) == ended
         assert jobs == []
     finally:
-        client.query = query
         run(ending.close())
         run(reading.close())
+
+
+def test_a_bigquery_replica_answers_the_runs_it_executes(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    """The replica executing a run answers it without a query job, exact for the changes
+    made there (its claim, its warnings, a cancel asked there); another replica's cancel
+    or recovery shows from its next heartbeat, which reads them back."""
+    prefix = new_prefix()
+    executing, other = (open_store("bigquery", tmp_path, emulator, prefix) for _ in range(2))
+    try:
+        tenant_id = tenant(executing)
+        made, now = new_run(tenant_id), datetime.now(UTC)
+        run_id = made.pipeline_logging_id
+        run(executing.create_run(made, LONG_AGO, RunLimits(10, 10)))
+        claimed = claim(executing, tenant_id)
+        warned = dq_result(claimed, "checks", 0, "labels", now, severity="warn", status="FAILED")
+        run(executing.add_dq_results(claimed, [warned]))
+        with query_jobs(executing) as jobs:
+            for _ in range(3):
+                assert run(executing.get_run(tenant_id, run_id)) == replace(claimed, warnings=1)
+            assert run(executing.get_run("another_tenant", run_id)) is None
+            assert not run(executing.cancel_requested(run_id)) and len(jobs) == 1
+        assert run(other.get_run(tenant_id, run_id)) == replace(claimed, warnings=1)
+
+        asked = run(other.request_cancel(tenant_id, run_id, now))
+        assert asked is not None and asked.cancel_requested
+        before = run(executing.get_run(tenant_id, run_id))
+        assert before is not None and not before.cancel_requested  # one heartbeat behind
+        run(executing.heartbeat([run_id], "worker-a"))
+        with query_jobs(executing) as jobs:
+            assert run(executing.get_run(tenant_id, run_id)) == replace(asked, warnings=1)
+            assert run(executing.cancel_requested(run_id))
+        assert jobs == []
+
+        assert run(other.requeue_run(asked, now, count_attempt=True))  # its lease ran out
+        run(executing.heartbeat([run_id], "worker-a"))
+        with query_jobs(executing) as jobs:
+            requeued = run(executing.get_run(tenant_id, run_id))
+        assert requeued is not None and (requeued.status, requeued.attempt) == ("PENDING", 2)
+        assert len(jobs) == 1
+        assert run(executing.finish_run(claimed, "COMPLETE", now)) is None  # not its run now
+
+        let_go = claim(executing, tenant_id)  # attempt 2
+        run(executing.heartbeat([], "worker-b"))  # another worker's: not a word on this run
+        with query_jobs(executing) as jobs:
+            assert run(executing.get_run(tenant_id, let_go.pipeline_logging_id)) == let_go
+        assert jobs == []
+        run(executing.heartbeat([], "worker-a"))  # its worker no longer names it
+        with query_jobs(executing) as jobs:
+            assert run(executing.get_run(tenant_id, let_go.pipeline_logging_id)) == let_go
+        assert len(jobs) == 1
+    finally:
+        run(executing.close())
+        run(other.close())
 
 
 def dq_result(

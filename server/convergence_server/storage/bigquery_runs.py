@@ -496,6 +496,20 @@ async def heartbeat(db: Central, run_ids: list[str], worker_id: str) -> None:
     )
 
 
+async def runs_now(db: Central, run_ids: list[str]) -> list[RunRecord]:
+    """The newest state of each of the runs (of any tenant) that exists."""
+    if not run_ids:
+        return []
+    rows = await db.call(
+        lambda: db.query(
+            f"SELECT {SELECT_RUN} FROM {db.table('tenant_pipeline_runs')} "
+            "WHERE pipeline_logging_id IN UNNEST(@ids)",
+            ids=list(run_ids),
+        )
+    )
+    return [run_from_row(row) for row in rows]
+
+
 async def requeue_run(db: Central, run: RunRecord, now: datetime, count_attempt: bool) -> bool:
     requeued = await db.call(
         lambda: _change(
@@ -618,9 +632,11 @@ async def list_steps(db: Central, tenant_id: str, run_id: str) -> list[StepRecor
     return [step_from_row(row) for row in rows]
 
 
-async def add_dq_results(db: Central, run: RunRecord, results: list[DqRecord]) -> None:
+async def add_dq_results(db: Central, run: RunRecord, results: list[DqRecord]) -> RunRecord | None:
+    """Appends the results; returns the run's new state when they changed it (failed `warn`
+    checks add to its `warnings`), else None."""
     if not results:
-        return
+        return None
     names = DQ_COLUMNS.split(", ")
     params: dict[str, Any] = {}
     rows = []
@@ -635,9 +651,9 @@ async def add_dq_results(db: Central, run: RunRecord, results: list[DqRecord]) -
     warnings = sum(r.warns for r in results)
     if not warnings:  # the run is unchanged: no need to take the tenant's sequence
         await db.call(lambda: db.runner.query(insert, params))
-        return
+        return None
     params.update(worker_id=run.worker_id, attempt=run.attempt, warnings=warnings)
-    await db.call(
+    return await db.call(
         lambda: _change(
             db,
             run,

@@ -127,6 +127,11 @@ class BigQueryStore:
         # Runs that ended, as read or written here: an ended run never changes again (every
         # change of a run is guarded by PENDING or RUNNING), so each replica reads it once.
         self._ended: Lru[RunRecord] = Lru(CAPACITY)
+        # Runs executing here, as last written here. Only their worker changes them, but for
+        # a cancel asked on another replica and a recovery by another replica after lost
+        # heartbeats: each heartbeat reads those back (`heartbeat`), so reads served from
+        # here are at most one heartbeat behind another replica's change.
+        self._executing: dict[str, RunRecord] = {}
 
     @classmethod
     def open(
@@ -676,7 +681,7 @@ class BigQueryStore:
         return await runs.typical_run_ms(self._db, tenant_id)
 
     async def get_run(self, tenant_id: str, run_id: str) -> RunRecord | None:
-        run = self._ended.get(run_id)
+        run = self._ended.get(run_id) or self._executing.get(run_id)
         if run is not None:
             return run if run.tenant_id == tenant_id else None
         return self._keep(await runs.get_run(self._db, tenant_id, run_id))
@@ -696,7 +701,20 @@ class BigQueryStore:
         return found
 
     async def cancel_requested(self, run_id: str) -> bool:
-        return await runs.cancel_requested(self._db, run_id)
+        mine = self._executing.get(run_id)
+        if mine is not None and mine.cancel_requested:
+            return True
+        requested = await runs.cancel_requested(self._db, run_id)
+        if requested:
+            self._cancelled(run_id)
+        return requested
+
+    def _cancelled(self, run_id: str) -> None:
+        """Flags a run executing here as cancel-requested (a flag that is never taken back:
+        a read that answers after a newer change of the run here cannot undo that)."""
+        mine = self._executing.get(run_id)
+        if mine is not None:
+            self._executing[run_id] = replace(mine, cancel_requested=True)
 
     async def pending_runs(self) -> tuple[int, datetime | None]:
         return await runs.pending_runs(self._db)
@@ -705,20 +723,52 @@ class BigQueryStore:
         return await runs.stale_runs(self._db, stale_before)
 
     async def claim_next_run(self, worker_id: str, now: datetime) -> RunRecord | None:
-        return await runs.claim_next_run(self._db, worker_id, now)
+        run = await runs.claim_next_run(self._db, worker_id, now)
+        if run is not None:
+            self._executing[run.pipeline_logging_id] = run
+        return run
 
     async def finish_run(
         self, run: RunRecord, status: str, now: datetime, error_message: str = ""
     ) -> RunRecord | None:
+        self._executing.pop(run.pipeline_logging_id, None)
         return self._keep(await runs.finish_run(self._db, run, status, now, error_message))
 
     async def request_cancel(self, tenant_id: str, run_id: str, now: datetime) -> RunRecord | None:
-        return self._keep(await runs.request_cancel(self._db, tenant_id, run_id, now))
+        changed = self._keep(await runs.request_cancel(self._db, tenant_id, run_id, now))
+        if changed is not None and changed.cancel_requested:
+            self._cancelled(run_id)
+        return changed
 
     async def heartbeat(self, run_ids: list[str], worker_id: str) -> None:
-        await runs.heartbeat(self._db, run_ids, worker_id)
+        named = set(run_ids)
+        for run_id, mine in list(self._executing.items()):
+            if mine.worker_id == worker_id and run_id not in named:  # let go without an end
+                del self._executing[run_id]
+        try:
+            await runs.heartbeat(self._db, run_ids, worker_id)
+            stored = {
+                run.pipeline_logging_id: run for run in await runs.runs_now(self._db, run_ids)
+            }
+        except BaseException:  # not refreshed: reads of these runs go to BigQuery
+            for run_id in run_ids:
+                self._executing.pop(run_id, None)
+            raise
+        for run_id in run_ids:
+            known, theirs = self._executing.get(run_id), stored.get(run_id)
+            if known is None:
+                continue
+            if theirs is None or (theirs.status, theirs.worker_id, theirs.attempt) != (
+                "RUNNING",
+                known.worker_id,
+                known.attempt,
+            ):  # recovered by another replica, or gone: no longer this replica's to answer
+                self._executing.pop(run_id, None)
+            elif theirs.cancel_requested:
+                self._cancelled(run_id)
 
     async def requeue_run(self, run: RunRecord, now: datetime, count_attempt: bool) -> bool:
+        self._executing.pop(run.pipeline_logging_id, None)
         return await runs.requeue_run(self._db, run, now, count_attempt)
 
     async def published(self, run_id: str) -> bool:
@@ -734,7 +784,11 @@ class BigQueryStore:
         return await runs.list_steps(self._db, tenant_id, run_id)
 
     async def add_dq_results(self, run: RunRecord, results: list[DqRecord]) -> None:
-        await runs.add_dq_results(self._db, run, results)
+        changed = await runs.add_dq_results(self._db, run, results)
+        mine = self._executing.get(run.pipeline_logging_id)
+        if changed is not None and mine is not None:  # only this worker adds warnings
+            warnings = max(mine.warnings, changed.warnings)
+            self._executing[run.pipeline_logging_id] = replace(mine, warnings=warnings)
 
     async def list_dq_results(self, tenant_id: str, run_id: str, attempt: int) -> list[DqRecord]:
         return await runs.list_dq_results(self._db, tenant_id, run_id, attempt)

@@ -229,7 +229,8 @@ class Store(Protocol):
     async def cancel_requested(self, run_id: str) -> bool: ...
 
     async def heartbeat(self, run_ids: list[str], worker_id: str) -> None:
-        """Marks the runs `worker_id` executes as alive, with the store's current time."""
+        """Marks the runs `worker_id` executes as alive, with the store's current time (all
+        of them: a store may forget what it keeps of a run of `worker_id` not named)."""
 
     async def stale_runs(self, stale_before: datetime) -> list[RunRecord]:
         """RUNNING runs whose last heartbeat is older than `stale_before`."""
