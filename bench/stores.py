@@ -133,10 +133,9 @@ async def jobs_per_read(executing: Store, other: Store, n: int = 5) -> dict[str,
         await store.get_run(tenant_id, run_id)
         await store.list_steps(tenant_id, run_id)
 
-    for name, store in (("executing replica", executing), ("another replica", other)):
-        await count(
-            f"GetRun of a PENDING run, {name}", store, lambda s=store: s.get_run(tenant_id, run_id)
-        )
+    await count(
+        "GetRun of a PENDING run, any replica", other, lambda: other.get_run(tenant_id, run_id)
+    )
     claimed = await executing.claim_next_run("bench-worker", now)
     assert claimed is not None and claimed.pipeline_logging_id == run_id
     for name, store in (("executing replica", executing), ("another replica", other)):
