@@ -825,6 +825,21 @@ _INSERT_STEP = (
 )
 
 
+def insert_rows(
+    cur: duckdb.DuckDBPyConnection, table: str, columns: str, rows: Sequence[Sequence[object]]
+) -> None:
+    """Inserts the rows (values in `columns` order) with one INSERT per 200 rows: DuckDB's
+    executemany runs one statement per row (20 rows: 30 ms against 6 ms)."""
+    width = len(columns.split(", "))
+    placeholders = "(" + ", ".join("?" * width) + ")"
+    for start in range(0, len(rows), 200):
+        chunk = rows[start : start + 200]
+        cur.execute(
+            f"INSERT INTO {table} ({columns}) VALUES {', '.join([placeholders] * len(chunk))}",
+            [value for row in chunk for value in row],
+        )
+
+
 def list_run_steps(cur: duckdb.DuckDBPyConnection, run_id: str) -> list[StepRecord]:
     """The steps of the run's latest attempt (whichever tenant's: the caller checks)."""
     rows = cur.execute(
@@ -844,10 +859,8 @@ def add_dq_results(
     warnings = sum(r.warns for r in results)
     cur.begin()
     try:
-        cur.executemany(
-            f"INSERT INTO {DQ_RESULTS} ({DQ_COLUMNS}) VALUES "
-            f"({', '.join('?' for _ in DQ_COLUMNS.split(', '))})",
-            [dq_values(r, naive(r.created_at)) for r in results],
+        insert_rows(
+            cur, DQ_RESULTS, DQ_COLUMNS, [dq_values(r, naive(r.created_at)) for r in results]
         )
         if warnings:
             cur.execute(

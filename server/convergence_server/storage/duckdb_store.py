@@ -1085,8 +1085,10 @@ def _insert_key(cur: duckdb.DuckDBPyConnection, key: ApiKeyRecord) -> None:
 
 
 def _insert_audit(cur: duckdb.DuckDBPyConnection, records: Sequence[AuditRecord]) -> None:
-    cur.executemany(
-        f"INSERT INTO {AUDIT} ({AUDIT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    runs.insert_rows(
+        cur,
+        AUDIT,
+        AUDIT_COLUMNS,
         [
             [
                 r.event_id,

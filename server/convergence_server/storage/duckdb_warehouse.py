@@ -158,10 +158,6 @@ class DuckDBWarehouse:
             raise WarehouseError("a query step runs exactly one SELECT statement")
         return statements[0]
 
-    def _catalog(self, table: str) -> tuple[str, str]:
-        """The database and schema where `table` is (for information_schema lookups)."""
-        return (STAGES, "main") if table in self._in_memory else (self._database, self.dataset)
-
     async def load(self, table: str, uri: str, fmt: str) -> int:
         if "://" in uri:
             raise WarehouseError(
@@ -259,11 +255,15 @@ class DuckDBWarehouse:
         return await self._call(lambda cur: self._columns_of(cur, table))
 
     def _columns_of(self, cur: duckdb.DuckDBPyConnection, table: str) -> list[str]:
-        rows = cur.execute(
-            "SELECT column_name FROM information_schema.columns WHERE table_catalog = ? "
-            "AND table_schema = ? AND table_name = ? ORDER BY ordinal_position",
-            [*self._catalog(table), table],
-        ).fetchall()
+        """The table's columns in order; none when it does not exist. (`pragma_table_info`
+        looks the one table up: information_schema.columns lists every column of every
+        attached database first, 3.5 ms against 0.6.)"""
+        try:
+            rows = cur.execute(
+                "SELECT name FROM pragma_table_info(?)", [self._table(table)]
+            ).fetchall()
+        except duckdb.CatalogException:
+            return []
         return [r[0] for r in rows]
 
     async def publish(self, writes: Sequence[Publication], run: RunRecord) -> bool:
@@ -290,12 +290,12 @@ class DuckDBWarehouse:
     def _publish_one(self, cur: duckdb.DuckDBPyConnection, write: Publication) -> None:
         destination, stage = self._table(write.destination), self._table(write.stage)
         if write.write_mode == "view":
-            (kind,) = cur.execute(
-                "SELECT any_value(table_type) FROM information_schema.tables "
-                "WHERE table_catalog = ? AND table_schema = ? AND table_name = ?",
+            (tables,) = cur.execute(
+                "SELECT COUNT(*) FROM duckdb_tables() "
+                "WHERE database_name = ? AND schema_name = ? AND table_name = ?",
                 [self._database, self.dataset, write.destination],
-            ).fetchone() or (None,)
-            if kind == "BASE TABLE":  # a landing table from before its load step reused
+            ).fetchone() or (0,)
+            if tables:  # a landing table from before its load step reused
                 cur.execute(f"DROP TABLE {destination}")
             cur.execute(f"CREATE OR REPLACE VIEW {destination} AS SELECT * FROM {stage}")
             return
