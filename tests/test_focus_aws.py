@@ -6,6 +6,7 @@ to 2023-11-03) day by day: its FOCUS rows must add up to the invoice and follow 
 rules for Tax rows. The second publishes a day from the sample, then runs a corrupted copy of
 the CUR for that day: each corruption must fail its run with the named checks, leaving the
 published day exactly as the clean run left it, or publish with a warning the run reports.
+A usage start in another form than the CUR's own counts on the day it is in UTC.
 """
 
 from __future__ import annotations
@@ -29,6 +30,16 @@ NUMERIC = Decimal("1e-9")
 EDP = Decimal("0.9")  # 10% off every charge but tax
 INVOICE_DAYS = ("2023-11-01", "2023-11-02", "2023-11-03")
 NO_PRODUCT_NAME_DAY = "2023-11-11"
+OTHER_FORMS_DAY = "2023-11-04"
+# Usage starts of the sample rewritten in forms other than the CUR's own (UTC, `Z`), each the
+# same instant: the first three stay on OTHER_FORMS_DAY whatever day their text begins
+# with; the last, whose text begins with that day, is the next day's.
+OTHER_FORMS = {
+    "2023-11-04T00:00:00.000Z": "2023-11-03T24:00:00Z",
+    "2023-11-04T01:00:00.000Z": "2023-11-03T20:00:00-05:00",
+    "2023-11-04T17:00:00.000Z": "2023-11-04 17:00:00",
+    "2023-11-05T04:00:00.000Z": "2023-11-04T23:00:00-05:00",
+}
 PARTIAL_DAY = "2023-11-12"
 TAX_NULL_COLUMNS = (
     "PricingQuantity",
@@ -134,6 +145,12 @@ def cut_a_list_price_tenfold(rows: list[Row], day: str) -> list[Row]:
     return rows
 
 
+def restate_usage_starts(rows: list[Row]) -> list[Row]:
+    for old, new in OTHER_FORMS.items():
+        next(r for r in rows if r[START] == old)[START] = new
+    return rows
+
+
 @dataclass(frozen=True)
 class Corruption:
     day: str
@@ -198,6 +215,7 @@ class Story:
     failed: dict[str, dict[str, str]]
     partial_rows: list[Row]
     no_product_name: dict[str, Any]
+    other_forms: dict[str, Any]
     partial: dict[str, Any]
     partial_allowed: dict[str, Any]
 
@@ -231,6 +249,10 @@ def story(
         without_name = [c for c in HEADER if c != "product/ProductName"]
         uri = tenant.source("aws_no_product_name.csv", csv_text(without_name, SAMPLE))
         s.no_product_name = tenant.run(AWS, NO_PRODUCT_NAME_DAY, source_uri=uri)
+
+        restated = restate_usage_starts([dict(r) for r in SAMPLE])
+        uri = tenant.source("aws_other_forms.csv", csv_text(HEADER, restated))
+        s.other_forms = tenant.run(AWS, OTHER_FORMS_DAY, source_uri=uri)
 
         # A partial export: the CUR re-run while only a third of the day had arrived.
         day_rows = rows_of(SAMPLE, PARTIAL_DAY)
@@ -314,6 +336,23 @@ def test_without_product_names_the_service_name_is_the_code(story: Story) -> Non
     )
     codes = {r["lineItem/ProductCode"] for r in rows_of(SAMPLE, NO_PRODUCT_NAME_DAY)}
     assert set(names) == {(code, NAMED.get(code, code)) for code in codes}
+
+
+def test_a_usage_start_in_another_form_counts_on_its_utc_day(story: Story) -> None:
+    run = story.other_forms
+    assert (run["status"], warnings(run)) == ("COMPLETE", 0), run
+    day_rows = rows_of(SAMPLE, OTHER_FORMS_DAY)  # the sample's own forms
+    assert published(story.tenant, OTHER_FORMS_DAY) == (
+        len(day_rows),
+        sum(map(billed, day_rows), Decimal(0)),
+    )
+    ids = story.tenant.query(
+        "SELECT x_SourceRowId FROM {t}.focus_aws_cost "
+        f"WHERE CAST(ChargePeriodStart AS DATE) = DATE '{OTHER_FORMS_DAY}'"
+    )
+    assert {i for (i,) in ids} == {
+        f"{r['identity/LineItemId']}@{r['identity/TimeInterval']}" for r in day_rows
+    }
 
 
 def test_every_day_was_first_published_clean(story: Story) -> None:
