@@ -3,7 +3,8 @@ its bound and hands running runs back, and a full disk strands no run in a live 
 
 Crash windows are widened deterministically: the fault point `after_publish` makes the
 server kill itself (SIGKILL) right after a run's publication committed and before its end
-is written, which is where a crash used to publish a run twice.
+is written, which is where a crash used to publish a run twice; `before_publish` kills it
+while a day written into place waits for its publication.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable
+from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 
 import duckdb
@@ -23,6 +25,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from convergence_server.stack import Stack, start_stack
+from convergence_server.storage.warehouse import STAGE_PREFIX
 from tests.bigquery_emulator import Emulator
 from tests.conftest import (
     TERMINAL,
@@ -37,6 +40,7 @@ from tests.conftest import (
     trigger,
     wait_for_run,
 )
+from tests.cost_support import AWS, SAMPLES, csv_text, read_csv
 
 CRASH = {"CONVERGENCE_FAULT_POINTS": "after_publish"}
 # (template, its parameters, destination table, rows one run publishes)
@@ -85,6 +89,14 @@ def stored_count(stack: Stack, sql: str, *params: object) -> int:
     return int(row[0]) if row else 0
 
 
+def stored_row(stack: Stack, sql: str, *params: object) -> tuple[object, ...]:
+    with duckdb.connect(str(database_path(stack)), read_only=True) as db:
+        db.execute("SET TimeZone = 'UTC'")
+        row = db.execute(sql, list(params)).fetchone()
+    assert row is not None
+    return tuple(row)
+
+
 def table_exists(stack: Stack, dataset: str, table: str) -> bool:
     return bool(
         stored_count(
@@ -95,6 +107,76 @@ def table_exists(stack: Stack, dataset: str, table: str) -> bool:
             table,
         )
     )
+
+
+def test_a_crash_before_publication_leaves_the_published_day_as_it_was(
+    stack_factory: StackFactory,
+    pipeline_env: dict[str, str],
+    sources_dir: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """The embedded store writes a day of FOCUS rows into place, in the run's transaction,
+    which only the publication commits: a crash before it leaves the published day as it
+    was, and the run, run again after the restart, publishes its rows once."""
+    day = "2023-11-04"
+    data_dir = tmp_path_factory.mktemp("in_place")
+    first = stack_factory(data_dir=data_dir, **pipeline_env)
+    with httpx.Client(base_url=first.http_url, timeout=30) as http:
+        tenant_id, key = onboard(http, plan=UNMETERED)
+        clean = trigger(http, key, tenant_id, AWS, date=day)["pipeline_logging_id"]
+        assert wait_for_run(http, key, str(clean))["status"] == "COMPLETE"
+    first.stop()
+    published = (
+        f'SELECT COUNT(*), SUM(BilledCost) FROM "{tenant_id}".focus_aws_cost '
+        f"WHERE CAST(ChargePeriodStart AS DATE) = DATE '{day}'"
+    )
+    count, total = stored_row(first, published)
+    assert count and total
+
+    header, rows = read_csv(SAMPLES / "aws_cur_sample.csv")
+    for row in rows:  # the same line items, each billed twice as much
+        cost = row["lineItem/UnblendedCost"]
+        row["lineItem/UnblendedCost"] = f"{Decimal(cost) * 2:f}" if cost else cost
+    folder = sources_dir / tenant_id
+    folder.mkdir()
+    (folder / "doubled.csv").write_text(csv_text(header, rows))
+    crashing = stack_factory(
+        data_dir=data_dir, **pipeline_env, CONVERGENCE_FAULT_POINTS="before_publish"
+    )
+    with httpx.Client(base_url=crashing.http_url, timeout=30) as http:
+        run_id = trigger(
+            http,
+            key,
+            tenant_id,
+            AWS,
+            date=day,
+            parameters={"source_uri": str(folder / "doubled.csv")},
+        )["pipeline_logging_id"]
+    wait_for_exit(crashing.server)  # killed by the fault point, the day written in place
+    crashing.stop()
+    assert stored_run(crashing, run_id)["status"] == "RUNNING"
+    assert stored_row(crashing, published) == (count, total)
+    stages = stored_count(
+        crashing,
+        "SELECT COUNT(*) FROM information_schema.tables "
+        "WHERE table_schema = ? AND starts_with(table_name, ?)",
+        tenant_id,
+        STAGE_PREFIX,
+    )
+    assert stages == 0
+
+    restarted = stack_factory(data_dir=data_dir, **pipeline_env)
+    with httpx.Client(base_url=restarted.http_url, timeout=30) as http:
+        final = wait_for_run(http, key, run_id, timeout=120)
+    restarted.stop()
+    assert final["status"] == "COMPLETE", final
+    doubled = sum(
+        Decimal(r["lineItem/UnblendedCost"]).quantize(Decimal("1e-9"), ROUND_HALF_UP)
+        for r in rows
+        if str(r["lineItem/UsageStartDate"]).startswith(day)
+    )
+    assert stored_row(restarted, published) == (count, doubled)
+    assert doubled != total
 
 
 @pytest.mark.parametrize(("template", "parameters", "table", "rows"), DESTINATIONS)

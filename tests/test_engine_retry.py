@@ -38,7 +38,9 @@ class ScriptedWarehouse:
         self.published: list[Publication] = []
         self.dropped: list[str] = []
 
-    async def create_as(self, table: str, sql: str, params: Mapping[str, Any]) -> int:
+    async def create_as(
+        self, table: str, sql: str, params: Mapping[str, Any], into: Publication | None = None
+    ) -> int:
         if self.failures:
             raise self.failures.pop(0)
         return 1

@@ -22,6 +22,9 @@ log = logging.getLogger(__name__)
 
 # After a run's writes and their publication record commit, before the run's end is written.
 AFTER_PUBLISH = "after_publish"
+# After a run's steps, before its publication (embedded store: a day written into place
+# waits in the run's open transaction).
+BEFORE_PUBLISH = "before_publish"
 # Embedded store: in the transaction admitting a schedule's slot run, after the run's
 # insert, before the schedule's record of the slot (the crash must leave neither).
 AFTER_SLOT_RUN = "after_slot_run"
@@ -30,7 +33,9 @@ HOLD_CALLS = "hold_calls"
 # BigQuery store: after a publication compared a day with the one published, before its
 # transaction (held: another replica may publish the day meanwhile).
 BEFORE_PUBLISH_TRANSACTION = "before_publish_transaction"
-KNOWN = frozenset({AFTER_PUBLISH, AFTER_SLOT_RUN, HOLD_CALLS, BEFORE_PUBLISH_TRANSACTION})
+KNOWN = frozenset(
+    {AFTER_PUBLISH, AFTER_SLOT_RUN, BEFORE_PUBLISH, HOLD_CALLS, BEFORE_PUBLISH_TRANSACTION}
+)
 # Long enough for the slowest test to release its hold itself (a shared emulator on a
 # busy machine takes minutes), short enough that a forgotten hold ends on its own.
 HOLD_SECONDS = 900.0

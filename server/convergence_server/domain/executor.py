@@ -392,6 +392,7 @@ class Executor:
     async def _publish(
         self, run: RunRecord, warehouse: Warehouse, writes: Sequence[Publication]
     ) -> None:
+        faults.reached(faults.BEFORE_PUBLISH)
         if not await warehouse.publish(writes, run):
             raise _Lost
         faults.reached(faults.AFTER_PUBLISH)

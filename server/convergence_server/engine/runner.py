@@ -340,9 +340,32 @@ class PipelineRun:
             stage = self.staged[step.destination]
             return await self.warehouse.insert_into(stage, self._sql(step.sql), self.parameters)
         stage = self._stage(step.destination)
-        rows = await self.warehouse.create_as(stage, self._sql(step.sql), self.parameters)
         shared = self.catalog.schemas.get(step.schema) if step.schema else None
         schema = shared.columns if shared else ()
+        union_view, views = None, tuple[tuple[str, str], ...]()
+        if shared:
+            union_view = (shared.union_view, self.catalog.tables_with_schema(shared.name))
+            # The views read the published tables, never this run's stages.
+            views = tuple(
+                (name, _render_sql(sql, self.warehouse.dataset, ())) for name, sql in shared.views
+            )
+        publication = Publication(
+            stage,
+            step.destination,
+            step.write_mode,
+            partition_column=step.partition_column,
+            partition_value=self.parameters.get("date"),
+            schema=schema,
+            union_view=union_view,
+            views=views,
+            max_shrink=step.max_shrink,
+            total_column=step.total_column,
+            allow_shrink=bool(self.parameters.get(ALLOW_SHRINK, False)),
+        )
+        # When the later steps only check the stage, the warehouse may write it into place.
+        later = self.template.steps[self.template.steps.index(step) + 1 :]
+        into = publication if all(s.kind == "dq" for s in later) else None
+        rows = await self.warehouse.create_as(stage, self._sql(step.sql), self.parameters, into)
         if schema:
             got, want = await self.warehouse.columns(stage), [c.name for c in schema]
             if got != want:
@@ -353,28 +376,7 @@ class PipelineRun:
                     f"in order (missing: {missing or 'none'}; unexpected: {extra or 'none'})"
                 )
         self.staged[step.destination] = stage
-        union_view, views = None, tuple[tuple[str, str], ...]()
-        if shared:
-            union_view = (shared.union_view, self.catalog.tables_with_schema(shared.name))
-            # The views read the published tables, never this run's stages.
-            views = tuple(
-                (name, _render_sql(sql, self.warehouse.dataset, ())) for name, sql in shared.views
-            )
-        self.publications.append(
-            Publication(
-                stage,
-                step.destination,
-                step.write_mode,
-                partition_column=step.partition_column,
-                partition_value=self.parameters.get("date"),
-                schema=schema,
-                union_view=union_view,
-                views=views,
-                max_shrink=step.max_shrink,
-                total_column=step.total_column,
-                allow_shrink=bool(self.parameters.get(ALLOW_SHRINK, False)),
-            )
-        )
+        self.publications.append(publication)
         return rows
 
     async def _check(self, step: Step) -> int:

@@ -177,7 +177,9 @@ class BigQueryWarehouse:
         """Runs a pipeline query to its end, however long it takes."""
         return self._bq.job(sql, _used(sql, params), timeout=None, **options)
 
-    async def create_as(self, table: str, sql: str, params: Mapping[str, Any]) -> int:
+    async def create_as(
+        self, table: str, sql: str, params: Mapping[str, Any], into: Publication | None = None
+    ) -> int:
         def create() -> int:
             self._select(
                 sql,

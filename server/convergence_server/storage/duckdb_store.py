@@ -38,7 +38,7 @@ from convergence_server.storage.duckdb_warehouse import (
     drop_stage_tables,
 )
 from convergence_server.storage.identifiers import quote_identifier
-from convergence_server.storage.locks import GroupCommit, KeyedLocks, KeyedTurns
+from convergence_server.storage.locks import GroupCommit, KeyedTurns
 from convergence_server.storage.queue_index import QueueIndex
 from convergence_server.storage.records import (
     Admission,
@@ -196,7 +196,7 @@ class DuckDBStore:
         self._warehouse_executor = ThreadPoolExecutor(
             warehouse_threads, thread_name_prefix="duckdb-pipelines"
         )
-        self._publish_locks = KeyedLocks()
+        self._publish_turns = KeyedTurns()
         self._tenant_turns = KeyedTurns()
         # DuckDB's catalog changes (CREATE SCHEMA ...) are serialized here: onboarding is rare.
         self._ddl_lock = threading.Lock()
@@ -1025,7 +1025,7 @@ class DuckDBStore:
             lambda: cursor_of(self._connection),
             STORE,
             self._warehouse_executor,
-            self._publish_locks,
+            self._publish_turns,
             lambda exc: self._fault(exc, generation),
         )
 

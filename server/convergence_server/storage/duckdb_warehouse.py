@@ -11,6 +11,14 @@ written to disk once, when they are published, not a second time when they are s
 A stage is worthless after a crash anyway (the run starts again with new ones). Loaded
 files stay on disk: a file's rows can be far larger than memory, and a landing table is
 published by renaming its stage.
+
+A query step that replaces a day of a table with a shared schema, when the run's later
+steps only check its rows, writes them into place instead (`create_as(into=...)`): in
+the run's own transaction, which its publication commits and any failure rolls back, the
+stage being a view of the day within that transaction. Nobody else sees the rows before
+the publication commits, as with a stage, and they are written once instead of twice (a
+day of 67,000 FOCUS rows: about 0.3 s less a run). The dataset's publication turn is held
+from that write to the publication: its runs' writes in place never conflict.
 """
 
 from __future__ import annotations
@@ -19,14 +27,15 @@ import asyncio
 import re
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
 from typing import Any, TypeVar
 
 import duckdb
 
 from convergence_server.storage import duckdb_runs as runs
 from convergence_server.storage.identifiers import quote_identifier, sanitize
-from convergence_server.storage.locks import KeyedLocks
+from convergence_server.storage.locks import KeyedTurns
 from convergence_server.storage.records import RunRecord
 from convergence_server.storage.sql import SqlError, quote, to_duckdb
 from convergence_server.storage.warehouse import (
@@ -92,6 +101,36 @@ def drop_stage_tables(cur: duckdb.DuckDBPyConnection) -> int:
     return len(tables)
 
 
+@dataclass(frozen=True)
+class _InPlace:
+    """A stage written into its destination (`create_as`), in the run's open transaction."""
+
+    stage: str
+    publication: Publication
+    # The day as published before, and as written: rows and total (`shrink_refusal`).
+    old: tuple[int, Any]
+    new: tuple[int, Any]
+
+
+def _day_of(into: Publication) -> str | None:
+    """The rows of `into`'s day, as a condition DuckDB can answer from the row groups'
+    statistics (the partition column's range, in UTC like every cursor here); None unless
+    the column is a DATE or a TIMESTAMP of the schema."""
+    types = {c.name: c.type.upper() for c in into.schema}
+    day, column = into.partition_value, quote_identifier_any(into.partition_column)
+    if not isinstance(day, date) or isinstance(day, datetime):
+        return None
+    if types.get(into.partition_column) == "DATE":
+        return f"{column} = DATE '{day.isoformat()}'"
+    if types.get(into.partition_column) == "TIMESTAMP":
+        after = day + timedelta(days=1)
+        return (
+            f"{column} >= TIMESTAMPTZ '{day.isoformat()} 00:00:00+00' "
+            f"AND {column} < TIMESTAMPTZ '{after.isoformat()} 00:00:00+00'"
+        )
+    return None
+
+
 class DuckDBWarehouse:
     def __init__(
         self,
@@ -99,7 +138,7 @@ class DuckDBWarehouse:
         connect: Callable[[], duckdb.DuckDBPyConnection],
         database: str,
         executor: ThreadPoolExecutor,
-        publish_locks: KeyedLocks,
+        publish_turns: KeyedTurns,
         on_fault: Callable[[BaseException], Exception | None] = lambda exc: None,
     ) -> None:
         self.dataset = dataset
@@ -114,8 +153,15 @@ class DuckDBWarehouse:
         self._database = database
         self._executor = executor
         # Publications into one dataset happen one at a time, so that concurrent runs of a
-        # pipeline neither conflict nor both insert the same day.
-        self._publish_lock = publish_locks.get(dataset)
+        # pipeline neither conflict nor both insert the same day; a write in place holds
+        # the turn until its publication. Taken on the event loop: a run waiting for it
+        # holds no pool thread.
+        self._publish_turn = publish_turns.get(dataset)
+        self._holds_turn = False
+        # The stage this run wrote into place, while its transaction is open; and one
+        # whose transaction a failed publication rolled back (not to be retried).
+        self._in_place: _InPlace | None = None
+        self._rolled_back = ""
         # The statement running on a pool thread now, if any: the cursor must not be
         # closed under it (its caller may have been cancelled while it runs).
         self._running: asyncio.Future[Any] | None = None
@@ -186,7 +232,23 @@ class DuckDBWarehouse:
 
         return await self._call(load)
 
-    async def create_as(self, table: str, sql: str, params: Mapping[str, Any]) -> int:
+    async def create_as(
+        self, table: str, sql: str, params: Mapping[str, Any], into: Publication | None = None
+    ) -> int:
+        day = _day_of(into) if into is not None and into.write_mode == "replace_partition" else None
+        if into is not None and day is not None and self._in_place is None:
+            await self._take_turn()
+            try:
+                rows = await self._call(
+                    lambda cur: self._write_in_place(cur, table, sql, params, into, day)
+                )
+            except BaseException:
+                if self._in_place is None:  # rolled back
+                    self._give_turn()
+                raise
+            if rows is not None:
+                return rows
+            self._give_turn()  # not the schema's columns: staged, for the step to say so
         if table.startswith(STAGE_PREFIX):
             self._in_memory.add(table)
 
@@ -199,6 +261,57 @@ class DuckDBWarehouse:
             return _count(cur, self._table(table))
 
         return await self._call(create)
+
+    def _write_in_place(
+        self,
+        cur: duckdb.DuckDBPyConnection,
+        stage: str,
+        sql: str,
+        params: Mapping[str, Any],
+        into: Publication,
+        day: str,
+    ) -> int | None:
+        """Replaces the rows of `day` in `into.destination` with the query's in a transaction
+        left open, `stage` a view of them; None (nothing done) unless the query's columns
+        are exactly the schema's, in order, and its rows all of that day."""
+        statement = self._one_select(sql)
+        bound = _bind(statement, params)
+        schema = [c.name for c in into.schema]
+        found = cur.execute(f"SELECT * FROM ({statement}) LIMIT 0", bound).description
+        if [d[0] for d in found] != schema:
+            return None
+        destination = self._table(into.destination)
+        columns = ", ".join(quote_identifier_any(c) for c in schema)
+        cur.begin()
+        try:
+            cur.execute(f"CREATE TABLE IF NOT EXISTS {destination} ({_columns_sql(into.schema)})")
+            self._add_schema_columns(cur, into.destination, into.schema)
+            old = self._day_total(cur, destination, day, into.total_column)
+            cur.execute(f"DELETE FROM {destination} WHERE {day}")
+            (inserted,) = cur.execute(
+                f"INSERT INTO {destination} BY NAME {statement}", bound
+            ).fetchone() or (0,)
+            new = self._day_total(cur, destination, day, into.total_column)
+            if inserted != new[0]:  # rows of other days too: staged, as the step is
+                runs.rollback(cur)
+                return None
+            cur.execute(
+                f"CREATE VIEW {self._table(stage)} AS "
+                f"SELECT {columns} FROM {destination} WHERE {day}"
+            )
+        except BaseException:
+            runs.rollback(cur)
+            raise
+        self._in_place = _InPlace(stage, into, old, new)
+        return int(new[0])
+
+    @staticmethod
+    def _day_total(
+        cur: duckdb.DuckDBPyConnection, table: str, day: str, total_column: str
+    ) -> tuple[int, Any]:
+        total = quote_identifier_any(total_column) if total_column else "NULL"
+        (found,) = cur.execute(f"SELECT COUNT(*), SUM({total}) FROM {table} WHERE {day}").fetchall()
+        return int(found[0]), found[1]
 
     async def insert_into(self, table: str, sql: str, params: Mapping[str, Any]) -> int:
         def insert(cur: duckdb.DuckDBPyConnection) -> int:
@@ -269,23 +382,48 @@ class DuckDBWarehouse:
     async def publish(self, writes: Sequence[Publication], run: RunRecord) -> bool:
         # The runs table lives in the same database: the publication record and the writes
         # commit together, and recovery reads the record (`Store.published`).
+        in_place, self._in_place = self._in_place, None
+
         def publish(cur: duckdb.DuckDBPyConnection) -> bool:
-            with self._publish_lock:
+            if any(w.stage == self._rolled_back for w in writes):
+                raise WarehouseError(
+                    "the rows written into place were rolled back when publishing them "
+                    "failed; trigger the run again"
+                )
+            if in_place is None:
                 cur.begin()
-                try:
-                    done = runs.published_by(cur, run.pipeline_logging_id)
-                    if done is not None or not runs.record_publication(cur, run, datetime.now(UTC)):
-                        cur.rollback()
-                        return done == (run.attempt, run.worker_id)
-                    for write in writes:
+            try:
+                done = runs.published_by(cur, run.pipeline_logging_id)
+                if done is not None or not runs.record_publication(cur, run, datetime.now(UTC)):
+                    cur.rollback()
+                    return done == (run.attempt, run.worker_id)
+                for write in writes:
+                    if in_place is not None and write.stage == in_place.stage:
+                        self._publish_in_place(cur, in_place)
+                    else:
                         self._publish_one(cur, write)
-                    cur.commit()
-                except BaseException:
-                    runs.rollback(cur)
-                    raise
+                cur.commit()
+            except BaseException:
+                runs.rollback(cur)
+                if in_place is not None:
+                    self._rolled_back = in_place.stage
+                raise
             return True
 
-        return await self._call(publish)
+        if in_place is None:
+            await self._take_turn()
+        try:
+            return await self._call(publish)
+        finally:
+            self._give_turn()
+
+    def _publish_in_place(self, cur: duckdb.DuckDBPyConnection, in_place: _InPlace) -> None:
+        write = in_place.publication
+        refusal = write.shrink_refusal(in_place.old, in_place.new)
+        if refusal:
+            raise PublishRefused(refusal)
+        cur.execute(f"DROP VIEW {self._table(in_place.stage)}")
+        self._refresh_views(cur, write)
 
     def _publish_one(self, cur: duckdb.DuckDBPyConnection, write: Publication) -> None:
         destination, stage = self._table(write.destination), self._table(write.stage)
@@ -326,6 +464,9 @@ class DuckDBWarehouse:
                 raise PublishRefused(refusal)
             cur.execute(f"DELETE FROM {destination} WHERE {day}", {"day": write.partition_value})
         cur.execute(f"INSERT INTO {destination} BY NAME SELECT * FROM {stage}")
+        self._refresh_views(cur, write)
+
+    def _refresh_views(self, cur: duckdb.DuckDBPyConnection, write: Publication) -> None:
         if write.union_view is not None:
             self._refresh_union_view(cur, *write.union_view, write.schema)
         for view, sql in write.views:
@@ -366,22 +507,43 @@ class DuckDBWarehouse:
                 )
 
     async def drop(self, tables: Sequence[str]) -> None:
+        in_place, self._in_place = self._in_place, None
+
         def drop(cur: duckdb.DuckDBPyConnection) -> None:
+            if in_place is not None:  # not published: the rows written in place go
+                runs.rollback(cur)
             for table in tables:
                 cur.execute(f"DROP TABLE IF EXISTS {self._table(table)}")
 
-        await self._call(drop)
+        try:
+            await self._call(drop)
+        finally:
+            self._give_turn()
+
+    async def _take_turn(self) -> None:
+        await self._publish_turn.acquire()
+        self._holds_turn = True
+
+    def _give_turn(self) -> None:
+        if self._holds_turn:
+            self._holds_turn = False
+            self._publish_turn.release()
 
     def interrupt(self) -> None:
         if self._cursor is not None:
             self._cursor.interrupt()
 
     async def close(self) -> None:
-        if self._cursor is None:
-            return
-        if self._running is not None and not self._running.done():
-            return  # abandoned mid-statement (the server is stopping): the store closes it
-        await asyncio.get_running_loop().run_in_executor(self._executor, self._cursor.close)
+        """Closes the run's cursor (a transaction left open rolls back with it)."""
+        self._in_place = None
+        try:
+            if self._cursor is None:
+                return
+            if self._running is not None and not self._running.done():
+                return  # abandoned mid-statement (the server is stopping): the store closes it
+            await asyncio.get_running_loop().run_in_executor(self._executor, self._cursor.close)
+        finally:
+            self._give_turn()
 
 
 def quote_identifier_any(name: str) -> str:

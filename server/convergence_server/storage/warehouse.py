@@ -52,8 +52,14 @@ class Warehouse(Protocol):
     async def load(self, table: str, uri: str, fmt: str) -> int:
         """Replaces `table` with the file's rows (CSV: all STRING); returns the row count."""
 
-    async def create_as(self, table: str, sql: str, params: Mapping[str, Any]) -> int:
-        """Replaces `table` with the query's result; returns its row count."""
+    async def create_as(
+        self, table: str, sql: str, params: Mapping[str, Any], into: Publication | None = None
+    ) -> int:
+        """Replaces `table` with the query's result; returns its row count. `into` is the
+        publication that will move `table` into place, when every later step of the run only
+        checks `table`: a warehouse may then write the rows into place at once, in a
+        transaction that `publish` commits and `drop` (of `table`) or `close` rolls back,
+        `table` reading them there meanwhile."""
 
     async def insert_into(self, table: str, sql: str, params: Mapping[str, Any]) -> int:
         """Appends the query's result to `table` (by column name); returns the rows added."""
