@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import StackFactory
+from tests.conftest import StackFactory, trigger, wait_for_run
 from tests.cost_support import AWS, SAMPLES, CostTenant, Row, cost_tenant, csv_text, read_csv
 
 HEADER, SAMPLE = read_csv(SAMPLES / "aws_cur_sample.csv")
@@ -397,3 +397,30 @@ def test_a_partial_export_replaces_a_day_only_when_allowed(story: Story) -> None
     assert allowed["status"] == "COMPLETE", allowed
     kept = story.partial_rows
     assert published(story.tenant, PARTIAL_DAY) == (len(kept), sum(map(billed, kept), Decimal(0)))
+
+
+def test_runs_of_one_tenant_at_once_publish_each_day_once(
+    stack_factory: StackFactory,
+    pipeline_env: dict[str, str],
+    sources_dir: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """Runs of a tenant's days, one day twice, triggered together: each writes its day into
+    place in turn, so every day is published once, whatever the order."""
+    days = ["2023-11-04", "2023-11-05", "2023-11-04", "2023-11-06", "2023-11-07"]
+    data_dir = tmp_path_factory.mktemp("aws_at_once")
+    with cost_tenant(stack_factory, pipeline_env, sources_dir, data_dir) as tenant:
+        ids = [
+            str(
+                trigger(tenant.http, tenant.key, tenant.tenant_id, AWS, date=day)[
+                    "pipeline_logging_id"
+                ]
+            )
+            for day in days
+        ]
+        ended = [wait_for_run(tenant.http, tenant.key, run_id, timeout=120) for run_id in ids]
+        tenant.stack.stop()
+    assert [r["status"] for r in ended] == ["COMPLETE"] * len(days), ended
+    for day in set(days):
+        day_rows = rows_of(SAMPLE, day)
+        assert published(tenant, day) == (len(day_rows), sum(map(billed, day_rows), Decimal(0)))
