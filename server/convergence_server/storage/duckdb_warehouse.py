@@ -115,10 +115,12 @@ class _InPlace:
 def _day_of(into: Publication) -> str | None:
     """The rows of `into`'s day, as a condition DuckDB can answer from the row groups'
     statistics (the partition column's range, in UTC like every cursor here); None unless
-    the column is a DATE or a TIMESTAMP of the schema."""
+    `into` replaces a day and its column is a DATE or a TIMESTAMP of the schema."""
     types = {c.name: c.type.upper() for c in into.schema}
     day, column = into.partition_value, quote_identifier_any(into.partition_column)
-    if not isinstance(day, date) or isinstance(day, datetime):
+    if into.write_mode != "replace_partition" or not isinstance(day, date):
+        return None
+    if isinstance(day, datetime):
         return None
     if types.get(into.partition_column) == "DATE":
         return f"{column} = DATE '{day.isoformat()}'"
@@ -235,7 +237,7 @@ class DuckDBWarehouse:
     async def create_as(
         self, table: str, sql: str, params: Mapping[str, Any], into: Publication | None = None
     ) -> int:
-        day = _day_of(into) if into is not None and into.write_mode == "replace_partition" else None
+        day = _day_of(into) if into is not None else None
         if into is not None and day is not None and self._in_place is None:
             await self._take_turn()
             try:
