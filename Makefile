@@ -91,7 +91,7 @@ breaking: $(BUF) $(VENV)/.installed ## Refuse proto changes that break integrato
 	$(BUF) breaking $(AGAINST_DIR)/current.binpb --against $(AGAINST_DIR)/against.binpb
 
 test: $(GEN_STAMP) $(EMULATOR_DIR)/.installed $(BUF) ## Run the test suite (starts real servers and Envoy on loopback ports).
-	$(PY) -m pytest -n 2 --dist loadfile
+	$(PY) -m pytest -n 2 --dist loadfile --durations=15
 
 run: $(GEN_STAMP) ## Start the gRPC server and Envoy on the embedded store; Ctrl-C stops both.
 	$(PY) -m convergence_server stack

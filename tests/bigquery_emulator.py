@@ -35,7 +35,7 @@ class Emulator:
     port: int
     process: subprocess.Popen[bytes]
     log: IO[bytes]
-    # The key pepper every server on this emulator shares (made up per test session).
+    # The key pepper every server on this emulator shares (made up per emulator).
     pepper: str = field(default_factory=lambda: secrets.token_hex(32))
 
     @property
