@@ -18,15 +18,17 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
+import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from convergence_server.stack import spawn, start_stack, tied_to_this_process
 from tests.bigquery_emulator import Emulator, start_emulator
-from tests.conftest import new_prefix, stack_env
+from tests.conftest import new_prefix, onboard, stack_env
 from tests.test_crash_safety import eventually, wait_for_exit
 
 SHUTDOWN_SECONDS = 8  # the default bound
@@ -149,9 +151,11 @@ class Launcher:
     """`python -m convergence_server stack`, as `make run` starts it; with `sigterm_blocked`,
     as a parent that blocked SIGTERM starts it."""
 
-    def __init__(self, data_dir: Path, log: Path, sigterm_blocked: bool = False) -> None:
+    def __init__(
+        self, data_dir: Path, log: Path, sigterm_blocked: bool = False, **extra: str
+    ) -> None:
         self.log = log
-        env = {**os.environ, **stack_env(data_dir)}
+        env = {**os.environ, **stack_env(data_dir, **extra)}
         command = [sys.executable, "-m", "convergence_server", "stack"]
         if sigterm_blocked:
             command = [sys.executable, "-c", SIGTERM_BLOCKED, *command]
@@ -175,6 +179,11 @@ class Launcher:
 
     def grpc_target(self) -> str:
         found = re.search(r"gRPC:\s+(127\.0\.0\.1:\d+)", self.output())
+        assert found, self.output()
+        return found[1]
+
+    def http_url(self) -> str:
+        found = re.search(r"REST via Envoy:\s+(http://127\.0\.0\.1:\d+)", self.output())
         assert found, self.output()
         return found[1]
 
@@ -266,6 +275,40 @@ def test_a_killed_launcher_leaves_no_process_behind(
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="the children die with their launcher")
+def test_a_stopping_stack_still_answers_the_rest_call_in_progress(tmp_path: Path) -> None:
+    """Ctrl-C while a REST call is in progress (held inside the server): the server lets it
+    end and Envoy, stopped after the server, carries its answer to the client."""
+    data_dir = tmp_path / "data"
+    hold = data_dir / "hold" / "hold_calls"
+    # Calls in progress get 40% of the bound: 24 s, for a test on a loaded machine.
+    launcher = Launcher(
+        data_dir,
+        tmp_path / "launcher.log",
+        CONVERGENCE_FAULT_POINTS="hold_calls",
+        CONVERGENCE_SHUTDOWN_SECONDS="60",
+    )
+    try:
+        launcher.wait_until_up()
+        with httpx.Client(base_url=launcher.http_url(), timeout=120) as http:
+            _, key = onboard(http)
+            hold.parent.mkdir(exist_ok=True)
+            hold.touch()
+            with ThreadPoolExecutor(1) as pool:
+                call = pool.submit(http.get, "/api/v1/pipelines", headers={"X-API-Key": key})
+                eventually(lambda: "fault point hold_calls: holding" in launcher.output())
+                launcher.process.send_signal(signal.SIGINT)
+                # The server stops first: once it says so, Envoy would be gone already
+                # if it were stopped first.
+                eventually(lambda: '"message": "stopping"' in launcher.output(), timeout=60)
+                hold.unlink()
+                answered = call.result(timeout=120)
+        assert answered.status_code == 200, answered.text
+        assert wait_for_exit(launcher.process, 60 + EXIT_ALLOWANCE) == 0
+    finally:
+        hold.unlink(missing_ok=True)
+        launcher.stop()
+
+
 def test_a_child_whose_launcher_is_gone_does_not_start(tmp_path: Path) -> None:
     """A launcher killed after starting a child and before the child tied itself to it
     cannot signal it: the child sees its parent is not its launcher, and does not run."""

@@ -66,6 +66,8 @@ def reached(point: str) -> None:
 async def held(point: str) -> None:
     if point not in _armed:
         return
+    if (_hold_dir / point).exists():
+        log.warning("fault point %s: holding", point)
     deadline = time.monotonic() + HOLD_SECONDS
     while (_hold_dir / point).exists() and time.monotonic() < deadline:  # noqa: ASYNC110 - a file, polled
         await asyncio.sleep(0.02)

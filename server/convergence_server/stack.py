@@ -94,9 +94,10 @@ class Stack:
         return f"127.0.0.1:{self.http_port}"
 
     def stop(self, timeout: float | None = None) -> None:
-        """Stops Envoy, then the server (SIGTERM, then SIGKILL after `timeout`, by default
-        the server's shutdown bound and a margin)."""
-        for process in (self.envoy, self.server):
+        """Stops the server, then Envoy (SIGTERM, then SIGKILL after `timeout`, by default
+        the server's shutdown bound and a margin): the answers of the REST calls the server
+        lets end while it stops still reach their clients through Envoy."""
+        for process in (self.server, self.envoy):
             terminate(process, self.stop_timeout if timeout is None else timeout)
         for log in self.logs:
             log.close()
