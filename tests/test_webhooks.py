@@ -5,6 +5,9 @@ The receiver is a loopback HTTP server of this test process."""
 from __future__ import annotations
 
 import json
+import socket
+import ssl
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -17,6 +20,7 @@ import pytest
 
 from convergence import Client, InvalidArgument, NotFound
 from convergence.webhooks import InvalidSignature, verify_event
+from convergence_server.domain.webhooks import post_event
 from convergence_server.stack import Stack
 from tests.conftest import UNMETERED, StackFactory, dump_store, onboard, wait_for_run
 from tests.test_metrics import scrape, value
@@ -29,7 +33,7 @@ QUICK = {"provider": "test", "domain": "runs", "template": "quick"}
 class Receiver:
     """Records every POST; answers with the next of `answers` (then 200)."""
 
-    def __init__(self) -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
         self.answers: list[int] = []
         self.received: list[tuple[dict[str, str], bytes]] = []
         self._lock = threading.Lock()
@@ -48,10 +52,16 @@ class Receiver:
             def log_message(self, *args: object) -> None:
                 pass
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._server = ThreadingHTTPServer((host, port), Handler)
+        self.port: int = self._server.server_address[1]
+        self.url = f"http://{host}:{self.port}"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()
+
+    def wrap(self, context: ssl.SSLContext) -> None:
+        """Serves HTTPS from now on (connections are accepted on the serving thread: a
+        handshake that fails there ends only that connection)."""
+        self._server.socket = context.wrap_socket(self._server.socket, server_side=True)
 
     def expect(self, *answers: int) -> None:
         with self._lock:
@@ -354,3 +364,74 @@ def test_bad_webhooks_are_400_and_store_nothing(http: httpx.Client) -> None:
     shown = http.get(f"/api/v1/tenants/{tenant_id}/webhook", headers=auth).json()
     assert shown["url"] == "https://localhost:1/x"
     del other_id
+
+
+def resolve_made_up_name(monkeypatch: pytest.MonkeyPatch, *answers: str) -> list[str]:
+    """Replaces the system resolver for the made-up name `hooks.test` alone: it answers each
+    of `answers` in turn (then the last again). Returns the list of the name's lookups."""
+    resolve = socket.getaddrinfo
+    asked: list[str] = []
+
+    def made_up(host: object, port: object, *args: object, **kwargs: object) -> object:
+        if host != "hooks.test":
+            return resolve(host, port, *args, **kwargs)  # type: ignore[arg-type]
+        asked.append(host)
+        address = answers[min(len(asked), len(answers)) - 1]
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, port))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", made_up)
+    return asked
+
+
+def test_an_attempt_posts_to_the_address_it_checked_not_to_a_second_answer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """DNS rebinding: the receiver's name answers one address when the attempt checks it and
+    another after (as a name could answer a public address, then a private one). The event
+    goes to the address checked, and the name is resolved once. Both addresses are loopback
+    ones of this machine (private addresses allowed here)."""
+    checked = Receiver("127.0.0.1")
+    other = Receiver("127.0.0.2", checked.port)
+    asked = resolve_made_up_name(monkeypatch, "127.0.0.1", "127.0.0.2")
+    try:
+        delivery = post_event(
+            f"http://hooks.test:{checked.port}/hook?token=t",
+            {"Content-Type": "application/json"},
+            b"{}",
+            allow_private=True,
+        )
+        assert delivery.status_code == 200, delivery
+        assert (len(checked.received), len(other.received), asked) == (1, 0, ["hooks.test"])
+        headers, body = checked.received[0]
+        assert (headers["Host"], body) == (f"hooks.test:{checked.port}", b"{}")
+    finally:
+        checked.close()
+        other.close()
+
+
+def test_an_https_receiver_with_an_untrusted_certificate_gets_nothing(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The address is pinned but TLS still checks the name's certificate: a self-signed one
+    for `hooks.test` is refused before anything is sent."""
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    request = "req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=hooks.test"
+    names = "-addext subjectAltName=DNS:hooks.test"
+    subprocess.run(
+        ["openssl", *f"{request} {names} -keyout {key} -out {cert}".split()],
+        check=True,
+        capture_output=True,
+    )
+    receiver = Receiver("127.0.0.1")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    receiver.wrap(context)
+    resolve_made_up_name(monkeypatch, "127.0.0.1")
+    try:
+        delivery = post_event(
+            f"https://hooks.test:{receiver.port}/hook", {}, b"{}", allow_private=True
+        )
+        assert (delivery.status_code, delivery.error) == (0, "SSLError"), delivery
+        assert receiver.received == []
+    finally:
+        receiver.close()

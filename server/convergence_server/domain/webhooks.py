@@ -17,7 +17,7 @@ not followed). The last failure is written to the tenant's audit log (`webhook.f
 Deliveries are kept in memory: a crash loses alerts not yet delivered (the run's FAILED
 state is stored; ListRuns stays the source of truth). Only public addresses are called
 unless private ones are allowed (a local setup), checked when the webhook is set and
-again before each attempt.
+again before each attempt, which then connects to an address it checked.
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
-import requests
+import certifi
+import urllib3
 
 from convergence_server import metrics
 from convergence_server.clock import Clock
@@ -135,6 +136,67 @@ def _url_issue(url: str, allow_private: bool) -> str:
         if _refused_address(parts.hostname, allow_private):
             return "must not point to a private, loopback or link-local address"
     return ""
+
+
+def post_event(url: str, headers: dict[str, str], body: bytes, allow_private: bool) -> Delivery:
+    """One delivery attempt: the name resolved once, each address checked, the event POSTed
+    to a checked address (redirects not followed, the answer's body not read)."""
+    parts = urlsplit(url)
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        addresses = list(
+            dict.fromkeys(
+                str(info[4][0])
+                for info in socket.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)
+            )
+        )
+    except (OSError, ValueError) as exc:
+        return Delivery(error=f"cannot resolve the host: {exc}")
+    if any(_refused_address(a, allow_private) for a in addresses):
+        return Delivery(error="the host resolves to a private, loopback or link-local address")
+    # The connection goes to an address just checked, never to the name resolved again
+    # (a second answer could be another address: DNS rebinding); TLS checks the name.
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    headers = {**headers, "Host": parts.netloc}
+    error = ""
+    for address in addresses:  # in the resolver's order, as a client would try them
+        pool = _pinned_pool(parts.scheme, address, port, str(parts.hostname))
+        try:
+            answer = pool.urlopen(
+                "POST",
+                path,
+                body=body,
+                headers=headers,
+                redirect=False,
+                retries=False,
+                preload_content=False,  # the receiver's body is not read
+            )
+            answer.release_conn()
+            return Delivery(status_code=answer.status)
+        except (urllib3.exceptions.NewConnectionError, urllib3.exceptions.ConnectTimeoutError):
+            error = "ConnectionError"  # this address cannot be reached: the next one
+        except urllib3.exceptions.HTTPError as exc:
+            return Delivery(error=type(exc).__name__)
+        finally:
+            pool.close()
+    return Delivery(error=error)
+
+
+def _pinned_pool(scheme: str, address: str, port: int, hostname: str) -> urllib3.HTTPConnectionPool:
+    """A connection pool to `address` that speaks to it as `hostname` (TLS server name and
+    certificate check), without proxies or anything else from the environment."""
+    timeout = urllib3.Timeout(connect=ATTEMPT_SECONDS / 2, read=ATTEMPT_SECONDS)
+    if scheme == "https":
+        return urllib3.HTTPSConnectionPool(
+            address,
+            port,
+            timeout=timeout,
+            server_hostname=hostname,
+            assert_hostname=hostname,
+            cert_reqs="CERT_REQUIRED",
+            ca_certs=certifi.where(),
+        )
+    return urllib3.HTTPConnectionPool(address, port, timeout=timeout)
 
 
 def _host(url: str) -> str:
@@ -291,38 +353,15 @@ class Notifier:
             try:
                 async with asyncio.timeout(ATTEMPT_SECONDS * 2):
                     return await loop.run_in_executor(
-                        self._senders, self._post, webhook.url, headers, event.body
+                        self._senders,
+                        post_event,
+                        webhook.url,
+                        headers,
+                        event.body,
+                        self._settings.allow_private,
                     )
             except TimeoutError:
                 return Delivery(error=f"no answer within {ATTEMPT_SECONDS * 2:.0f} s")
-
-    def _post(self, url: str, headers: dict[str, str], body: bytes) -> Delivery:
-        parts = urlsplit(url)
-        try:
-            port = parts.port or (443 if parts.scheme == "https" else 80)
-            addresses = {
-                str(info[4][0])
-                for info in socket.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)
-            }
-        except (OSError, ValueError) as exc:
-            return Delivery(error=f"cannot resolve the host: {exc}")
-        if any(_refused_address(a, self._settings.allow_private) for a in addresses):
-            return Delivery(error="the host resolves to a private, loopback or link-local address")
-        with requests.Session() as session:
-            session.trust_env = False  # no proxy or credentials from the environment
-            try:
-                answer = session.post(
-                    url,
-                    data=body,
-                    headers=headers,
-                    timeout=(ATTEMPT_SECONDS / 2, ATTEMPT_SECONDS),
-                    allow_redirects=False,
-                    stream=True,  # the receiver's body is not read
-                )
-                answer.close()
-            except requests.RequestException as exc:
-                return Delivery(error=type(exc).__name__)
-        return Delivery(status_code=answer.status_code)
 
     async def stop(self, seconds: float) -> None:
         """Stops delivering: attempts in progress get `seconds`, pending events are
