@@ -178,12 +178,14 @@ class Launcher:
         eventually(lambda: "Press Ctrl-C to stop." in self.output(), timeout=240)
 
     def grpc_target(self) -> str:
-        found = re.search(r"gRPC:\s+(127\.0\.0\.1:\d+)", self.output())
-        assert found, self.output()
-        return found[1]
+        return self._printed(r"gRPC:\s+(127\.0\.0\.1:\d+)")
 
     def http_url(self) -> str:
-        found = re.search(r"REST via Envoy:\s+(http://127\.0\.0\.1:\d+)", self.output())
+        return self._printed(r"REST via Envoy:\s+(http://127\.0\.0\.1:\d+)")
+
+    def _printed(self, pattern: str) -> str:
+        """The part of the launcher's banner that `pattern`'s group matches."""
+        found = re.search(pattern, self.output())
         assert found, self.output()
         return found[1]
 

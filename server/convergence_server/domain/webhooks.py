@@ -158,7 +158,6 @@ def post_event(url: str, headers: dict[str, str], body: bytes, allow_private: bo
     # (a second answer could be another address: DNS rebinding); TLS checks the name.
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     headers = {**headers, "Host": parts.netloc}
-    error = ""
     for address in addresses:  # in the resolver's order, as a client would try them
         pool = _pinned_pool(parts.scheme, address, port, str(parts.hostname))
         try:
@@ -174,12 +173,12 @@ def post_event(url: str, headers: dict[str, str], body: bytes, allow_private: bo
             answer.release_conn()
             return Delivery(status_code=answer.status)
         except (urllib3.exceptions.NewConnectionError, urllib3.exceptions.ConnectTimeoutError):
-            error = "ConnectionError"  # this address cannot be reached: the next one
+            continue  # this address cannot be reached: the next one
         except urllib3.exceptions.HTTPError as exc:
             return Delivery(error=type(exc).__name__)
         finally:
             pool.close()
-    return Delivery(error=error)
+    return Delivery(error="ConnectionError")  # no address could be reached
 
 
 def _pinned_pool(scheme: str, address: str, port: int, hostname: str) -> urllib3.HTTPConnectionPool:

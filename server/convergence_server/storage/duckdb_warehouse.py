@@ -116,15 +116,17 @@ def _day_of(into: Publication) -> str | None:
     """The rows of `into`'s day, as a condition DuckDB can answer from the row groups'
     statistics (the partition column's range, in UTC like every cursor here); None unless
     `into` replaces a day and its column is a DATE or a TIMESTAMP of the schema."""
-    types = {c.name: c.type.upper() for c in into.schema}
     day, column = into.partition_value, quote_identifier_any(into.partition_column)
-    if into.write_mode != "replace_partition" or not isinstance(day, date):
+    if (
+        into.write_mode != "replace_partition"
+        or not isinstance(day, date)
+        or isinstance(day, datetime)
+    ):
         return None
-    if isinstance(day, datetime):
-        return None
-    if types.get(into.partition_column) == "DATE":
+    kind = next((c.type.upper() for c in into.schema if c.name == into.partition_column), "")
+    if kind == "DATE":
         return f"{column} = DATE '{day.isoformat()}'"
-    if types.get(into.partition_column) == "TIMESTAMP":
+    if kind == "TIMESTAMP":
         after = day + timedelta(days=1)
         return (
             f"{column} >= TIMESTAMPTZ '{day.isoformat()} 00:00:00+00' "
