@@ -11,10 +11,12 @@ import duckdb
 import pytest
 
 from convergence_server.errors import Unavailable
-from convergence_server.storage import schema
-from convergence_server.storage.duckdb_store import DuckDBStore
+from convergence_server.storage import duckdb_runs, duckdb_schedules, schema
+from convergence_server.storage.duckdb_store import DuckDBStore, cursor_of
 from convergence_server.storage.records import ApiKeyRecord, TenantRecord
 from tests.conftest import fill, small_disk
+from tests.test_schedule_store import new_schedule, next_version
+from tests.test_store_contract import LONG_AGO, new_run, run, tenant
 
 
 def test_schema_is_created_once_and_reopening_changes_nothing(tmp_path: Path) -> None:
@@ -76,3 +78,47 @@ def test_a_database_invalidated_by_a_full_disk_is_reopened(tmp_path: Path) -> No
             await store.close()
 
         asyncio.run(scenario())
+
+
+def test_a_conditional_write_never_applies_over_a_concurrent_change(tmp_path: Path) -> None:
+    """Claims (of the in-memory queue's choice and of the fair-queue query's) and a
+    schedule's write over its version are conditional UPDATEs. While another transaction
+    holds a change of the same row (here a cancel of the run, a newer schedule version),
+    they conflict instead of applying as if their condition still held: a cancelled run is
+    never also claimed, and of two writers from one schedule version one is written."""
+    store = DuckDBStore.open(tmp_path / "store.duckdb")
+    tenant_id = tenant(store)
+    made = new_run(tenant_id)
+    assert run(store.create_run(made, LONG_AGO)).created
+    schedule = new_schedule(tenant_id)
+    run(store.create_schedule(schedule, 10))
+    holder, other = cursor_of(store._connection), cursor_of(store._connection)
+    now = datetime.now(UTC)
+    try:
+        holder.begin()
+        holder.execute(
+            f"UPDATE {duckdb_runs.RUNS} SET status = 'FAILED', end_time = ? "
+            "WHERE pipeline_logging_id = ? AND status = 'PENDING'",
+            [duckdb_runs.naive(now), made.pipeline_logging_id],
+        )
+        with pytest.raises(duckdb.TransactionException):
+            duckdb_runs.claim_next_run(other, "worker-a", now)
+        with pytest.raises(duckdb.TransactionException):
+            duckdb_runs.claim_run(other, made.pipeline_logging_id, "worker-a", now)
+        holder.commit()
+        assert run(store.claim_next_run("worker-a", now)) is None
+        cancelled = run(store.get_run(tenant_id, made.pipeline_logging_id))
+        assert cancelled is not None and cancelled.status == "FAILED"
+
+        holder.begin()
+        first = next_version(schedule, last_skip_reason="first")
+        assert duckdb_schedules.write_schedule(holder, first)
+        with pytest.raises(duckdb.TransactionException):
+            duckdb_schedules.write_schedule(other, next_version(schedule, last_skip_reason="2nd"))
+        holder.commit()
+        stored = run(store.get_schedule(tenant_id, schedule.schedule_id))
+        assert stored is not None and (stored.version, stored.last_skip_reason) == (2, "first")
+    finally:
+        holder.close()
+        other.close()
+        run(store.close())

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 
@@ -57,9 +57,29 @@ def rollback(cur: duckdb.DuckDBPyConnection) -> None:
         cur.rollback()
 
 
-def changed(cur: duckdb.DuckDBPyConnection, statement: str, params: Sequence[object]) -> int:
-    """How many rows an INSERT, UPDATE or DELETE changed: DuckDB answers the count itself;
-    a RETURNING clause costs an UPDATE more than twice its time."""
+@contextlib.contextmanager
+def _transaction(cur: duckdb.DuckDBPyConnection) -> Iterator[None]:
+    cur.begin()
+    try:
+        yield
+        cur.commit()
+    except BaseException:
+        rollback(cur)
+        raise
+
+
+def changed(
+    cur: duckdb.DuckDBPyConnection,
+    statement: str,
+    params: Sequence[object] | Mapping[str, object],
+) -> int:
+    """How many rows an INSERT, UPDATE or DELETE changed: DuckDB answers the count itself.
+
+    Never RETURNING for a conditional UPDATE: DuckDB (2.0.1) does not check an UPDATE with
+    RETURNING for write conflicts, so it changes a row that a concurrent transaction has
+    changed (committed or not) as if its condition still held; without RETURNING the
+    second writer gets a `TransactionException` (tests/test_storage.py). RETURNING also
+    costs an UPDATE more than twice its time."""
     row = cur.execute(statement, params).fetchone()
     return int(row[0]) if row else 0
 
@@ -564,14 +584,11 @@ def claim_next_run(
     cur: duckdb.DuckDBPyConnection, worker_id: str, now: datetime
 ) -> RunRecord | None:
     """Moves the first PENDING run of the fair queue (`FAIR_QUEUE`) to RUNNING for this
-    worker, in one statement: a concurrent claim of the same run conflicts, and is retried."""
-    row = cur.execute(
-        f"UPDATE {RUNS} SET status = 'RUNNING', start_time = ?, worker_id = ?, "
-        f"heartbeat_at = ? WHERE pipeline_logging_id = ({_NEXT_RUN}) AND status = 'PENDING' "
-        f"RETURNING {RUN_COLUMNS}",
-        [naive(now), worker_id, naive(now)],
-    ).fetchone()
-    return None if row is None else run_from_row(row)
+    worker: chosen and claimed in one transaction, so a concurrent change of the chosen run
+    conflicts (the caller retries)."""
+    with _transaction(cur):
+        row = cur.execute(_NEXT_RUN).fetchone()
+        return None if row is None else _claim(cur, str(row[0]), worker_id, now)
 
 
 def claim_run(
@@ -579,23 +596,21 @@ def claim_run(
 ) -> RunRecord | None:
     """Moves this run to RUNNING for this worker if it is still PENDING (the in-memory
     queue's choice, `QueueIndex`)."""
-    cur.begin()
-    try:
-        row = None
-        if changed(
-            cur,
-            f"UPDATE {RUNS} SET status = 'RUNNING', start_time = ?, worker_id = ?, "
-            "heartbeat_at = ? WHERE pipeline_logging_id = ? AND status = 'PENDING'",
-            [naive(now), worker_id, naive(now), run_id],
-        ):
-            row = cur.execute(
-                f"SELECT {RUN_COLUMNS} FROM {RUNS} WHERE pipeline_logging_id = ?", [run_id]
-            ).fetchone()
-        cur.commit()
-    except BaseException:
-        rollback(cur)
-        raise
-    return None if row is None else run_from_row(row)
+    with _transaction(cur):
+        return _claim(cur, run_id, worker_id, now)
+
+
+def _claim(
+    cur: duckdb.DuckDBPyConnection, run_id: str, worker_id: str, now: datetime
+) -> RunRecord | None:
+    if not changed(
+        cur,
+        f"UPDATE {RUNS} SET status = 'RUNNING', start_time = ?, worker_id = ?, "
+        "heartbeat_at = ? WHERE pipeline_logging_id = ? AND status = 'PENDING'",
+        [naive(now), worker_id, naive(now), run_id],
+    ):
+        return None
+    return find_run(cur, run_id)
 
 
 def queue_state(

@@ -13,7 +13,7 @@ from typing import Any
 
 import duckdb
 
-from convergence_server.storage.duckdb_runs import CENTRAL, rollback
+from convergence_server.storage.duckdb_runs import CENTRAL, changed, rollback
 from convergence_server.storage.records import ScheduleRecord, SkipRecord
 from convergence_server.storage.rows import (
     SCHEDULE_COLUMNS,
@@ -105,12 +105,12 @@ def write_schedule(
     in the caller's transaction; False, writing nothing, when the version is another."""
     columns = SCHEDULE_COLUMNS.split(", ")
     kept = [(c, v) for c, v in zip(columns, _values(schedule), strict=True) if c not in _KEY]
-    row = cur.execute(
+    if not changed(
+        cur,
         f"UPDATE {SCHEDULES} SET {', '.join(f'{c} = ?' for c, _ in kept)} "
-        "WHERE tenant_id = ? AND schedule_id = ? AND version = ? RETURNING schedule_id",
+        "WHERE tenant_id = ? AND schedule_id = ? AND version = ?",
         [*(v for _, v in kept), schedule.tenant_id, schedule.schedule_id, schedule.version - 1],
-    ).fetchone()
-    if row is None:
+    ):
         return False
     if skip is not None:
         cur.execute(

@@ -580,7 +580,7 @@ class DuckDBStore:
         statement = (
             f"UPDATE {KEYS} SET revoked_at = $now, changed_at = $now "
             "WHERE key_id = $key AND tenant_id = $tenant AND revoked_at IS NULL "
-            f"{another if keep_one else ''}RETURNING key_id"
+            f"{another if keep_one else ''}"
         )
         params = {"now": _utc_naive(now), "key": key_id, "tenant": tenant_id}
         # One key change per tenant at a time: two revokes of its last two FULL keys must
@@ -602,8 +602,7 @@ class DuckDBStore:
             f"UPDATE {KEYS} SET replaced_by = $new, changed_at = $now, "
             "expires_at = LEAST(COALESCE(expires_at, $grace), $grace) "
             "WHERE key_id = $key AND tenant_id = $tenant AND revoked_at IS NULL "
-            "AND replaced_by IS NULL AND (expires_at IS NULL OR expires_at > $now) "
-            "RETURNING key_id"
+            "AND replaced_by IS NULL AND (expires_at IS NULL OR expires_at > $now)"
         )
         params = {
             "new": new_key.key_id,
@@ -786,12 +785,14 @@ class DuckDBStore:
 
     async def update_plan(self, tenant_id: str, plan: str, now: datetime) -> bool:
         def update(cur: duckdb.DuckDBPyConnection) -> bool:
-            row = cur.execute(
-                f"UPDATE {CENTRAL}.tenant_profiles SET subscription_plan = ?, updated_at = ? "
-                "WHERE tenant_id = ? RETURNING tenant_id",
-                [plan, _utc_naive(now), tenant_id],
-            ).fetchone()
-            return row is not None
+            return bool(
+                runs.changed(
+                    cur,
+                    f"UPDATE {CENTRAL}.tenant_profiles SET subscription_plan = ?, updated_at = ? "
+                    "WHERE tenant_id = ?",
+                    [plan, _utc_naive(now), tenant_id],
+                )
+            )
 
         return await self._call(update)
 
@@ -830,11 +831,13 @@ class DuckDBStore:
 
     async def remove_member(self, tenant_id: str, user_id: str) -> bool:
         def remove(cur: duckdb.DuckDBPyConnection) -> bool:
-            row = cur.execute(
-                f"DELETE FROM {MEMBERS} WHERE tenant_id = ? AND user_id = ? RETURNING user_id",
-                [tenant_id, user_id],
-            ).fetchone()
-            return row is not None
+            return bool(
+                runs.changed(
+                    cur,
+                    f"DELETE FROM {MEMBERS} WHERE tenant_id = ? AND user_id = ?",
+                    [tenant_id, user_id],
+                )
+            )
 
         return await self._call(remove)
 
@@ -1049,11 +1052,11 @@ def _change_key(
     params: dict[str, Any],
     then: Callable[[], None],
 ) -> ApiKeyRecord | None:
-    """Runs a conditional UPDATE of one key (`$key`, `$tenant`; RETURNING key_id) and, if it
-    changed the key, `then`, in one transaction; returns the key as stored after."""
+    """Runs a conditional UPDATE of one key (`$key`, `$tenant`) and, if it changed the key,
+    `then`, in one transaction; returns the key as stored after."""
     cur.begin()
     try:
-        if cur.execute(statement, params).fetchone() is not None:
+        if runs.changed(cur, statement, params):
             then()
         row = cur.execute(
             f"{_KEY_SELECT} WHERE key_id = ? AND tenant_id = ?", [params["key"], params["tenant"]]
