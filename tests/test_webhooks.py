@@ -4,6 +4,7 @@ The receiver is a loopback HTTP server of this test process."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import ssl
@@ -20,8 +21,10 @@ import pytest
 
 from convergence import Client, InvalidArgument, NotFound
 from convergence.webhooks import InvalidSignature, verify_event
-from convergence_server.domain.webhooks import post_event
+from convergence_server.domain import webhooks
+from convergence_server.domain.webhooks import Attempt, Delivery, post_event
 from convergence_server.stack import Stack
+from convergence_server.storage.records import WebhookRecord
 from tests.conftest import UNMETERED, StackFactory, dump_store, onboard, wait_for_run
 from tests.test_metrics import scrape, value
 
@@ -435,3 +438,84 @@ def test_an_https_receiver_with_an_untrusted_certificate_gets_nothing(
         assert receiver.received == []
     finally:
         receiver.close()
+
+
+class Trickler:
+    """A receiver that answers one byte at a time, each well within a read's timeout, for
+    up to `seconds`: left alone, an attempt to it would last that long."""
+
+    def __init__(self, seconds: float = 300) -> None:
+        self.trickling = threading.Event()  # its answer has begun
+        self.closed = threading.Event()  # the sender ended the connection
+        self._seconds = seconds
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}/hook"
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        connection, _ = self._listener.accept()
+        with connection:
+            request = b""
+            while b"\r\n\r\n" not in request:
+                request += connection.recv(4096)
+            try:
+                connection.sendall(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+                self.trickling.set()
+                deadline = time.monotonic() + self._seconds
+                while time.monotonic() < deadline:
+                    connection.sendall(b"a")
+                    time.sleep(0.05)
+            except OSError:
+                self.closed.set()
+
+    def close(self) -> None:
+        self._listener.close()
+
+
+def test_an_attempt_that_ends_takes_its_connection_with_it() -> None:
+    """A receiver can trickle its answer so that no read ever times out; ending the attempt
+    (the Notifier does at its bound) ends the connection: the sender thread returns at once
+    and its place is free for other deliveries, instead of staying with the receiver."""
+    trickler = Trickler()
+    attempt = Attempt()
+    deliveries: list[Delivery] = []
+    sender = threading.Thread(
+        target=lambda: deliveries.append(
+            post_event(trickler.url, {}, b"{}", allow_private=True, attempt=attempt)
+        ),
+        daemon=True,
+    )
+    sender.start()
+    try:
+        assert trickler.trickling.wait(60)
+        attempt.stop()
+        sender.join(60)
+        assert not sender.is_alive(), "the sender thread is still reading"
+        assert deliveries[0].status_code == 0 and deliveries[0].error, deliveries
+        assert trickler.closed.wait(60)
+    finally:
+        attempt.stop()
+        trickler.close()
+
+
+def test_the_notifier_ends_an_attempt_at_its_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An attempt that reaches its bound (twice ATTEMPT_SECONDS, shortened here) is answered
+    as unanswered, and its connection ends with it."""
+    monkeypatch.setattr(webhooks, "ATTEMPT_SECONDS", 0.5)
+    trickler = Trickler()
+    notifier = webhooks.Notifier(
+        store=None,  # type: ignore[arg-type]  # an attempt reads nothing from the store
+        pepper=b"pepper",
+        access=None,  # type: ignore[arg-type]
+        clock=lambda: datetime.now(UTC),
+        settings=webhooks.WebhookSettings(retry_seconds=(), allow_private=True),
+    )
+    hook = WebhookRecord("c_trickled", trickler.url, "s1", datetime.now(UTC))
+    event = webhooks.Event("e1", "c_trickled", webhooks.TEST, b"{}")
+    try:
+        delivery = asyncio.run(notifier.attempt(hook, event))
+        assert (delivery.status_code, delivery.error) == (0, "no answer within 1 s")
+        assert trickler.closed.wait(60)
+    finally:
+        trickler.close()

@@ -32,6 +32,7 @@ import json
 import logging
 import secrets
 import socket
+import threading
 import time
 import uuid
 from collections import Counter
@@ -43,6 +44,7 @@ from urllib.parse import urlsplit
 
 import certifi
 import urllib3
+import urllib3.connection
 
 from convergence_server import metrics
 from convergence_server.clock import Clock
@@ -138,9 +140,66 @@ def _url_issue(url: str, allow_private: bool) -> str:
     return ""
 
 
-def post_event(url: str, headers: dict[str, str], body: bytes, allow_private: bool) -> Delivery:
+class Attempt:
+    """One delivery attempt's connection, which another thread can end (`stop`): each read
+    has its own timeout, so a receiver that trickles its answer a byte at a time would
+    otherwise keep a sender thread, and with it a place of every tenant's deliveries, for
+    as long as it likes."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._socket: socket.socket | None = None
+        self.stopped = False
+
+    def watch(self, connection: socket.socket) -> None:
+        with self._lock:
+            self._socket = connection
+            if self.stopped:
+                self._end()
+
+    def stop(self) -> None:
+        """Ends the connection: the sender thread's read or write in progress fails now."""
+        with self._lock:
+            self.stopped = True
+            self._end()
+
+    def _end(self) -> None:
+        if self._socket is not None:
+            with contextlib.suppress(OSError):  # closed already
+                self._socket.shutdown(socket.SHUT_RDWR)
+
+
+class _Watched:
+    """Connections whose socket, once connected, their attempt can end."""
+
+    def __init__(self, *args: Any, attempt: Attempt, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._attempt = attempt
+
+    def connect(self) -> None:
+        super().connect()  # type: ignore[misc]
+        self._attempt.watch(self.sock)  # type: ignore[attr-defined]
+
+
+class _WatchedHTTP(_Watched, urllib3.connection.HTTPConnection):
+    pass
+
+
+class _WatchedHTTPS(_Watched, urllib3.connection.HTTPSConnection):
+    pass
+
+
+def post_event(
+    url: str,
+    headers: dict[str, str],
+    body: bytes,
+    allow_private: bool,
+    attempt: Attempt | None = None,
+) -> Delivery:
     """One delivery attempt: the name resolved once, each address checked, the event POSTed
-    to a checked address (redirects not followed, the answer's body not read)."""
+    to a checked address (redirects not followed, the answer's body not read). `attempt`
+    can end it from another thread."""
+    attempt = attempt or Attempt()
     parts = urlsplit(url)
     try:
         port = parts.port or (443 if parts.scheme == "https" else 80)
@@ -159,7 +218,9 @@ def post_event(url: str, headers: dict[str, str], body: bytes, allow_private: bo
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     headers = {**headers, "Host": parts.netloc}
     for address in addresses:  # in the resolver's order, as a client would try them
-        pool = _pinned_pool(parts.scheme, address, port, str(parts.hostname))
+        if attempt.stopped:
+            break
+        pool = _pinned_pool(parts.scheme, address, port, str(parts.hostname), attempt)
         try:
             answer = pool.urlopen(
                 "POST",
@@ -171,6 +232,8 @@ def post_event(url: str, headers: dict[str, str], body: bytes, allow_private: bo
                 preload_content=False,  # the receiver's body is not read
             )
             answer.release_conn()
+            if attempt.stopped:  # ended from outside: what was read may be cut short
+                return Delivery(error="stopped")
             return Delivery(status_code=answer.status)
         except (urllib3.exceptions.NewConnectionError, urllib3.exceptions.ConnectTimeoutError):
             continue  # this address cannot be reached: the next one
@@ -181,12 +244,15 @@ def post_event(url: str, headers: dict[str, str], body: bytes, allow_private: bo
     return Delivery(error="ConnectionError")  # no address could be reached
 
 
-def _pinned_pool(scheme: str, address: str, port: int, hostname: str) -> urllib3.HTTPConnectionPool:
+def _pinned_pool(
+    scheme: str, address: str, port: int, hostname: str, attempt: Attempt
+) -> urllib3.HTTPConnectionPool:
     """A connection pool to `address` that speaks to it as `hostname` (TLS server name and
     certificate check), without proxies or anything else from the environment."""
     timeout = urllib3.Timeout(connect=ATTEMPT_SECONDS / 2, read=ATTEMPT_SECONDS)
+    pool: urllib3.HTTPConnectionPool
     if scheme == "https":
-        return urllib3.HTTPSConnectionPool(
+        pool = urllib3.HTTPSConnectionPool(
             address,
             port,
             timeout=timeout,
@@ -194,8 +260,13 @@ def _pinned_pool(scheme: str, address: str, port: int, hostname: str) -> urllib3
             assert_hostname=hostname,
             cert_reqs="CERT_REQUIRED",
             ca_certs=certifi.where(),
+            attempt=attempt,
         )
-    return urllib3.HTTPConnectionPool(address, port, timeout=timeout)
+        pool.ConnectionCls = _WatchedHTTPS
+    else:
+        pool = urllib3.HTTPConnectionPool(address, port, timeout=timeout, attempt=attempt)
+        pool.ConnectionCls = _WatchedHTTP
+    return pool
 
 
 def _host(url: str) -> str:
@@ -348,6 +419,7 @@ class Notifier:
             "Convergence-Signature": signature(secret, int(time.time()), event.body),
         }
         loop = asyncio.get_running_loop()
+        attempt = Attempt()
         async with self._sending:
             try:
                 async with asyncio.timeout(ATTEMPT_SECONDS * 2):
@@ -358,9 +430,12 @@ class Notifier:
                         headers,
                         event.body,
                         self._settings.allow_private,
+                        attempt,
                     )
             except TimeoutError:
                 return Delivery(error=f"no answer within {ATTEMPT_SECONDS * 2:.0f} s")
+            finally:  # the sender thread lets its place go now (at most a connect later)
+                attempt.stop()
 
     async def stop(self, seconds: float) -> None:
         """Stops delivering: attempts in progress get `seconds`, pending events are
