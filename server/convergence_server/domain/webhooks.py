@@ -149,18 +149,21 @@ class Attempt:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._socket: socket.socket | None = None
-        self.stopped = False
+        self._stopped = False
+
+    def stopped(self) -> bool:
+        return self._stopped
 
     def watch(self, connection: socket.socket) -> None:
         with self._lock:
             self._socket = connection
-            if self.stopped:
+            if self._stopped:
                 self._end()
 
     def stop(self) -> None:
         """Ends the connection: the sender thread's read or write in progress fails now."""
         with self._lock:
-            self.stopped = True
+            self._stopped = True
             self._end()
 
     def _end(self) -> None:
@@ -218,7 +221,7 @@ def post_event(
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     headers = {**headers, "Host": parts.netloc}
     for address in addresses:  # in the resolver's order, as a client would try them
-        if attempt.stopped:
+        if attempt.stopped():
             break
         pool = _pinned_pool(parts.scheme, address, port, str(parts.hostname), attempt)
         try:
@@ -232,7 +235,7 @@ def post_event(
                 preload_content=False,  # the receiver's body is not read
             )
             answer.release_conn()
-            if attempt.stopped:  # ended from outside: what was read may be cut short
+            if attempt.stopped():  # ended from outside: what was read may be cut short
                 return Delivery(error="stopped")
             return Delivery(status_code=answer.status)
         except (urllib3.exceptions.NewConnectionError, urllib3.exceptions.ConnectTimeoutError):
