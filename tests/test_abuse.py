@@ -23,6 +23,8 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from convergence.v1 import (
+    health_service_pb2,
+    health_service_pb2_grpc,
     run_service_pb2,
     run_service_pb2_grpc,
     tenant_service_pb2,
@@ -166,6 +168,59 @@ def test_failed_authentications_are_throttled_per_key_id(guarded: Guarded) -> No
     assert [a.status_code for a in answers] == [401] * FAILURES + [429, 429]
     with client(guarded.stack, "127.0.0.60") as http:
         assert http.get("/health", headers={"X-API-Key": other_key}).status_code == 200
+
+
+def test_an_ipv6_client_is_limited_by_its_64(stack_factory: StackFactory) -> None:
+    """A client given an IPv6 /64 could take a new address of it for every call: the open
+    endpoints and failed authentications count its /64 as one client. The addresses are
+    the ones Envoy forwards to the server (`x-envoy-external-address`), sent here from
+    loopback, as Envoy does."""
+    stack = stack_factory(
+        CONVERGENCE_OPEN_REQUESTS_PER_MINUTE_PER_CLIENT=str(PER_CLIENT),
+        CONVERGENCE_OPEN_REQUESTS_PER_MINUTE="1000",
+        CONVERGENCE_AUTH_FAILURES_PER_MINUTE=str(FAILURES),
+        CONVERGENCE_WORKERS="0",
+    )
+
+    def dry_run(channel: grpc.Channel, address: str) -> str:
+        """'' when admitted, else the refusal's message."""
+        try:
+            tenant_service_pb2_grpc.TenantServiceStub(channel).DryRunOnboarding(
+                tenant_service_pb2.DryRunOnboardingRequest(**dry_run_payload()),
+                metadata=(("x-envoy-external-address", address),),
+                timeout=60,
+            )
+        except grpc.RpcError as error:
+            assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error.details()
+            return str(error.details())
+        return ""
+
+    def health(channel: grpc.Channel, address: str, key: str) -> grpc.StatusCode:
+        try:
+            health_service_pb2_grpc.HealthServiceStub(channel).GetHealth(
+                health_service_pb2.GetHealthRequest(),
+                metadata=(("x-envoy-external-address", address), ("x-api-key", key)),
+                timeout=60,
+            )
+        except grpc.RpcError as error:
+            return error.code()  # type: ignore[no-any-return]
+        return grpc.StatusCode.OK
+
+    with grpc.insecure_channel(stack.grpc_target) as channel:
+        rotating = [dry_run(channel, f"2001:db8:1:2::{n:x}") for n in range(1, 8)]
+        admitted = rotating.count("")
+        assert 1 <= admitted <= PER_CLIENT + 1  # one token may refill meanwhile
+        assert "from your network 2001:db8:1:2::/64 " in rotating[-1]
+        assert dry_run(channel, "2001:db8:1:3::1") == ""  # the next /64: another client
+        assert dry_run(channel, "::ffff:192.0.2.7") == ""  # IPv4, mapped: by its address
+
+        def wrong() -> str:  # a key id of its own each time: only the address can add up
+            return f"{new_tenant_id()}_api_{uuid.uuid4().hex * 2}"
+
+        failures = [health(channel, f"2001:db8:5:6::{n:x}", wrong()) for n in range(FAILURES + 2)]
+        assert failures[:FAILURES] == [grpc.StatusCode.UNAUTHENTICATED] * FAILURES
+        assert set(failures[FAILURES:]) == {grpc.StatusCode.RESOURCE_EXHAUSTED}
+        assert health(channel, "2001:db8:5:7::1", wrong()) == grpc.StatusCode.UNAUTHENTICATED
 
 
 def test_a_stream_ends_after_its_longest_life(guarded: Guarded) -> None:

@@ -1,4 +1,6 @@
-"""What a caller without a valid key may cost, counted by client address.
+"""What a caller without a valid key may cost, counted by client address (an IPv6 client
+by its /64: a subscriber is given a /64 at least, and could take a new address of it for
+every call).
 
 - The open endpoints (dry-run and onboard need no key) take a token from the client's
   bucket and from one bucket shared by all clients, on every protocol: a flood from one
@@ -15,6 +17,7 @@ key id alone grants nothing, and it is not shown to anyone but the key's holder.
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 
 from convergence_server.domain.quotas import RateLimiter
@@ -31,6 +34,20 @@ class ClientLimitSettings:
     auth_failures: int = 20
 
 
+def client_network(address: str) -> str:
+    """What the limits count by: an IPv4 address, or the /64 of an IPv6 one (an IPv4 address
+    mapped into IPv6 is that IPv4 address); anything else as it is."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
+
+
 class ClientLimits:
     def __init__(self, settings: ClientLimitSettings, limiter: RateLimiter) -> None:
         self._settings = settings
@@ -38,8 +55,10 @@ class ClientLimits:
 
     def admit_open(self, address: str) -> None:
         """Admits one dry-run or onboard call from `address`, or raises `QuotaExceeded`."""
+        network = client_network(address)
+        whom = f"from your {'network' if '/' in network else 'address'} {network}"
         buckets = (
-            (f"open:{address}", self._settings.open_per_client, f"from your address {address}"),
+            (f"open:{network}", self._settings.open_per_client, whom),
             ("open:*", self._settings.open_total, "from all clients together"),
         )
         for name, per_minute, whom in buckets:
@@ -53,7 +72,7 @@ class ClientLimits:
                 )
 
     def _buckets(self, address: str, key_id: str | None) -> list[str]:
-        names = [f"auth:{address}"]
+        names = [f"auth:{client_network(address)}"]
         if key_id:
             names.append(f"key:{key_id}")
         return names
