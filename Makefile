@@ -105,6 +105,7 @@ bench: $(GEN_STAMP) $(EMULATOR_DIR)/.installed ## Run the benchmarks and print t
 	$(PY) -m bench.scheduler
 	$(PY) -m bench.observability
 	$(PY) -m bench.h2load_calls
+	$(PY) -m bench.h2load_calls --triggers --concurrency 16
 
 soak: $(GEN_STAMP) ## Run the 30-minute memory soak (steady mixed load; server and Envoy RSS).
 	$(PY) -m bench.soak --minutes 30

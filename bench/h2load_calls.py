@@ -12,6 +12,12 @@ after a warm-up of W requests on the same settings.
 - GetRun + API key, gRPC via Envoy;
 - GET run + API key, REST via Envoy, over HTTP/2 (h2c) and over HTTP/1.1 (`--h1`).
 
+With `--triggers` it measures instead, on a stack with no workers (`CONVERGENCE_WORKERS=0`)
+and the configs of `bench.pipelines` (the `test/runs/quick` template, the BENCH plan whose
+limits never bind): the authenticated GetHealth (the baseline), then RunPipeline of
+`test/runs/quick` over direct gRPC, each call a new run persisted PENDING with its quota
+reserved.
+
 A call counts only when it succeeded. gRPC answers errors with HTTP 200, so for the calls to
 our server the count is the server's request log's OK lines for the run (the production
 default logs one line per call); for REST, h2load's own 2xx count as well. The client's CPU
@@ -36,6 +42,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench import pipelines
 from bench.api_overhead import (
     ECHO_PAYLOAD,
     UNMETERED_PLAN,
@@ -48,11 +55,13 @@ from bench.api_overhead import (
     start_echo_server,
 )
 from bench.echo_server import FULL_METHOD as ECHO_METHOD
-from convergence.v1 import run_service_pb2
+from convergence.v1 import health_service_pb2, run_service_pb2
 from convergence_server.config import REPO_ROOT
 
 H2LOAD = "h2load"
 GET_RUN = "/convergence.v1.RunService/GetRun"
+GET_HEALTH = "/convergence.v1.HealthService/GetHealth"
+RUN_PIPELINE = "/convergence.v1.PipelineService/RunPipeline"
 TIMEOUT = 600  # one h2load run, at most (seconds)
 
 
@@ -213,33 +222,65 @@ def scenarios(
     ]
 
 
-def render(outcomes: Sequence[Outcome]) -> str:
-    baseline, direct = outcomes[0].rate, outcomes[1].rate
+def trigger_scenarios(grpc_target: str, tenant: pipelines.Tenant) -> list[Scenario]:
+    """The authenticated GetHealth first (the baseline), then RunPipeline (a new run each)."""
+    headers = {"content-type": "application/grpc", "te": "trailers", "x-api-key": tenant.api_key}
+    health = health_service_pb2.GetHealthRequest().SerializeToString()
+    trigger = pipelines.run_request(tenant, pipelines.QUICK).SerializeToString()
+    return [
+        Scenario(
+            "baseline: GetHealth + API key, gRPC direct",
+            f"http://{grpc_target}{GET_HEALTH}",
+            headers,
+            grpc_frame(health),
+            ok_marker=GET_HEALTH,
+        ),
+        Scenario(
+            "RunPipeline test/runs/quick + API key, gRPC direct",
+            f"http://{grpc_target}{RUN_PIPELINE}",
+            headers,
+            grpc_frame(trigger),
+            ok_marker=RUN_PIPELINE,
+        ),
+    ]
+
+
+def measure_triggers(args: argparse.Namespace) -> tuple[list[Outcome], list[str]]:
+    with contextlib.ExitStack() as resources:
+        workspace = pipelines.make_workspace(resources)
+        session = pipelines.open_session(resources, workspace, "triggers", workers=0)
+        outcomes = [
+            measure(s, args, workspace.root, session.log_dir, (session.stack.server.pid,))
+            for s in trigger_scenarios(session.stack.grpc_target, session.tenant)
+        ]
+        return outcomes, session.problems()
+
+
+def render(
+    outcomes: Sequence[Outcome],
+    baseline_name: str = "the echo",
+    direct_name: str | None = "GetRun gRPC direct",
+) -> str:
+    baseline = outcomes[0].rate
+    direct = outcomes[1].rate if direct_name else 0.0
     rows = [
-        "| scenario | requests | succeeded | req/s | p50 ms | p99 ms | ratio to the echo "
-        "| ratio to GetRun gRPC direct | CPU ms/req client (h2load) / servers |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| scenario | requests | succeeded | req/s | p50 ms | p99 ms | ratio to {baseline_name} "
+        + (f"| ratio to {direct_name} " if direct_name else "")
+        + "| CPU ms/req client (h2load) / servers |",
+        "|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if direct_name else "") + "---:|",
     ]
     for o in outcomes:
         rows.append(
             f"| {o.name} | {o.requests} | {o.succeeded} | {o.rate:,.0f} | "
             f"{o.percentile_ms(50):.2f} | {o.percentile_ms(99):.2f} | {o.rate / baseline:.2f} | "
-            f"{o.rate / direct:.2f} | {1000 * o.client_cpu / o.requests:.3f} / "
+            + (f"{o.rate / direct:.2f} | " if direct_name else "")
+            + f"{1000 * o.client_cpu / o.requests:.3f} / "
             f"{1000 * o.server_cpu / o.requests:.3f} |"
         )
     return "\n".join(rows)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.h2load_calls", description=__doc__)
-    parser.add_argument("--requests", type=int, default=20000, help="timed requests per scenario")
-    parser.add_argument("--concurrency", type=int, default=8, help="connections, one call each")
-    parser.add_argument("--warmup", type=int, default=2000, help="warm-up requests per scenario")
-    args = parser.parse_args(argv)
-    if args.requests < 2 or args.concurrency < 1 or args.warmup < 1:
-        parser.error("--requests must be at least 2, --concurrency and --warmup positive")
-    if shutil.which(H2LOAD) is None:
-        parser.error("h2load is not installed (Debian: apt-get install nghttp2-client)")
+def measure_calls(args: argparse.Namespace) -> tuple[list[Outcome], list[str]]:
     with contextlib.ExitStack() as resources:
         work = Path(resources.enter_context(tempfile.TemporaryDirectory(prefix="bench-")))
         configs = work / "configs"
@@ -258,13 +299,34 @@ def main(argv: Sequence[str] | None = None) -> int:
             measure(s, args, work, log_dir, pids)
             for s in scenarios(echo, stack.grpc_target, stack.http_url, api_key, run_id)
         ]
-        problems = log_problems(log_dir, logs_before)
+        return outcomes, log_problems(log_dir, logs_before)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.h2load_calls", description=__doc__)
+    parser.add_argument("--requests", type=int, default=20000, help="timed requests per scenario")
+    parser.add_argument("--concurrency", type=int, default=8, help="connections, one call each")
+    parser.add_argument("--warmup", type=int, default=2000, help="warm-up requests per scenario")
+    parser.add_argument(
+        "--triggers", action="store_true", help="GetHealth and RunPipeline (see above)"
+    )
+    args = parser.parse_args(argv)
+    if args.requests < 2 or args.concurrency < 1 or args.warmup < 1:
+        parser.error("--requests must be at least 2, --concurrency and --warmup positive")
+    if shutil.which(H2LOAD) is None:
+        parser.error("h2load is not installed (Debian: apt-get install nghttp2-client)")
+    if args.triggers:
+        outcomes, problems = measure_triggers(args)
+        table = render(outcomes, "GetHealth", None)
+    else:
+        outcomes, problems = measure_calls(args)
+        table = render(outcomes)
     version = subprocess.run([H2LOAD, "--version"], capture_output=True, text=True, check=False)
     print(
         f"{args.requests} requests per scenario, {args.concurrency} connections with one call "
         f"each, warm-up {args.warmup}; nproc {os.cpu_count()}, {version.stdout.strip()}\n"
     )
-    print(render(outcomes))
+    print(table)
     failed = [o for o in outcomes if o.succeeded < o.requests]
     for o in failed:
         print(f"{o.name}: {o.requests - o.succeeded} calls did not succeed", file=sys.stderr)
