@@ -56,9 +56,9 @@ class ClientLimits:
     def admit_open(self, address: str) -> None:
         """Admits one dry-run or onboard call from `address`, or raises `QuotaExceeded`."""
         network = client_network(address)
-        whom = f"from your {'network' if '/' in network else 'address'} {network}"
+        client = f"from your {'network' if '/' in network else 'address'} {network}"
         buckets = (
-            (f"open:{network}", self._settings.open_per_client, whom),
+            (f"open:{network}", self._settings.open_per_client, client),
             ("open:*", self._settings.open_total, "from all clients together"),
         )
         for name, per_minute, whom in buckets:

@@ -144,7 +144,8 @@ class Attempt:
     """One delivery attempt's connection, which another thread can end (`stop`): each read
     has its own timeout, so a receiver that trickles its answer a byte at a time would
     otherwise keep a sender thread, and with it a place of every tenant's deliveries, for
-    as long as it likes."""
+    as long as it likes. (A TLS handshake needs no watching: Python bounds the whole of it
+    by the socket's timeout, the connect timeout here.)"""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
