@@ -70,8 +70,8 @@ COPY --from=generate /app/clients/python/convergence/v1/ clients/python/converge
 COPY --from=generate /app/clients/python/convergence/openapi.json clients/python/convergence/
 COPY --from=generate /app/build/convergence.pb build/
 # Bytecode compiled now, as root: the service's user cannot write to /app, and starts faster.
-# `validate` loads every plan and template once (in a scratch data directory: on the
-# embedded store it would leave a key pepper behind).
+# `validate` loads every plan and template once (in a scratch data directory, so that
+# nothing of a data directory can be left in the image).
 RUN python -m compileall -q server clients/python/convergence \
     && CONVERGENCE_DATA_DIR=/tmp/validate python -m convergence_server validate \
     && rm -rf /tmp/validate

@@ -135,3 +135,20 @@ def test_a_bad_store_setting_stops_the_server_with_a_reason(
     assert result.returncode != 0
     assert complaint in result.stderr, result.stderr
     assert not (tmp_path / "key_pepper").exists() or settings.get("CONVERGENCE_STORE") != "bigquery"
+
+
+@pytest.mark.parametrize("command", ["validate", "envoy-config"])
+def test_commands_that_see_no_key_make_no_pepper(tmp_path: Path, command: str) -> None:
+    """The embedded store's local pepper is made by the first start of the server (or a key
+    command), not by a command that never sees a key: such a command run while building an
+    image must not leave one behind."""
+    data_dir = tmp_path / "data"
+    result = subprocess.run(
+        [sys.executable, "-m", "convergence_server", command],
+        env={**os.environ, "CONVERGENCE_DATA_DIR": str(data_dir)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert not (data_dir / "key_pepper").exists()

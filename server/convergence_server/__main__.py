@@ -134,7 +134,8 @@ def main(argv: list[str] | None = None) -> None:
     render = commands.add_parser("envoy-config", help="print the rendered Envoy config")
     render.add_argument("--grpc-port", type=int, help="upstream port (default: configured)")
     args = parser.parse_args(argv)
-    config = Config.from_env()
+    # Only the server and the key commands use the pepper (the launcher's server makes it).
+    config = Config.from_env(local_pepper=args.command in (None, "serve", "keys"))
     logs.configure(config.log_level, config.project)
     if args.command in (None, "serve"):
         asyncio.run(_serve(config))

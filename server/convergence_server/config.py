@@ -102,7 +102,10 @@ class Config:
         return self.config_dir / "plans.yml"
 
     @classmethod
-    def from_env(cls, env: dict[str, str] | None = None) -> Config:
+    def from_env(cls, env: dict[str, str] | None = None, local_pepper: bool = True) -> Config:
+        """The configuration from the environment. Without CONVERGENCE_KEY_PEPPER, the
+        embedded store's local pepper is read (made at the first start) only when
+        `local_pepper`: commands that never see a key leave the data directory alone."""
         env = dict(os.environ if env is None else env)
         defaults = cls()
         data_dir = Path(env.get("CONVERGENCE_DATA_DIR", str(defaults.data_dir)))
@@ -125,7 +128,7 @@ class Config:
             # No local pepper for BigQuery: it would differ between replicas, which then
             # could not verify each other's keys.
             key_pepper=pepper.encode()
-            if pepper or store == "bigquery"
+            if pepper or store == "bigquery" or not local_pepper
             else _local_pepper(data_dir),
             max_request_bytes=_int(
                 env, "CONVERGENCE_MAX_REQUEST_BYTES", defaults.max_request_bytes
