@@ -17,6 +17,7 @@ key id alone grants nothing, and it is not shown to anyone but the key's holder.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from dataclasses import dataclass
 
@@ -34,6 +35,7 @@ class ClientLimitSettings:
     auth_failures: int = 20
 
 
+@functools.lru_cache(maxsize=4096)  # on every keyed call (`check_failures`): 3-18 us a parse
 def client_network(address: str) -> str:
     """What the limits count by: an IPv4 address, or the /64 of an IPv6 one (an IPv4 address
     mapped into IPv6 is that IPv4 address); anything else as it is."""
