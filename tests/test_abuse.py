@@ -64,11 +64,16 @@ def dry_run_payload() -> dict[str, str]:
     return {"tenant_id": new_tenant_id(), **GUIDE_TENANT}
 
 
-def grpc_dry_run(target: str) -> grpc.StatusCode:
+def grpc_refusal(target: str, forwarded: str = "") -> str:
+    """A dry-run over gRPC: '' when admitted, else the refusal's message (a 429-like refusal
+    that says when to retry). `forwarded`: the client address, as Envoy forwards it."""
+    metadata = (("x-envoy-external-address", forwarded),) if forwarded else ()
     with grpc.insecure_channel(target) as channel:
         try:
             tenant_service_pb2_grpc.TenantServiceStub(channel).DryRunOnboarding(
-                tenant_service_pb2.DryRunOnboardingRequest(**dry_run_payload()), timeout=60
+                tenant_service_pb2.DryRunOnboardingRequest(**dry_run_payload()),
+                metadata=metadata,
+                timeout=60,
             )
         except grpc.RpcError as error:
             assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error.details()
@@ -76,8 +81,13 @@ def grpc_dry_run(target: str) -> grpc.StatusCode:
             assert status is not None
             infos = [d for d in status.details if d.Is(error_details_pb2.RetryInfo.DESCRIPTOR)]
             assert infos, "a refusal says when to retry"
-            return grpc.StatusCode.RESOURCE_EXHAUSTED
-    return grpc.StatusCode.OK
+            return str(error.details())
+    return ""
+
+
+def grpc_dry_run(target: str) -> grpc.StatusCode:
+    refused = grpc_refusal(target)
+    return grpc.StatusCode.RESOURCE_EXHAUSTED if refused else grpc.StatusCode.OK
 
 
 # -- open endpoints and failed authentication -------------------------------------------
@@ -182,19 +192,6 @@ def test_an_ipv6_client_is_limited_by_its_64(stack_factory: StackFactory) -> Non
         CONVERGENCE_WORKERS="0",
     )
 
-    def dry_run(channel: grpc.Channel, address: str) -> str:
-        """'' when admitted, else the refusal's message."""
-        try:
-            tenant_service_pb2_grpc.TenantServiceStub(channel).DryRunOnboarding(
-                tenant_service_pb2.DryRunOnboardingRequest(**dry_run_payload()),
-                metadata=(("x-envoy-external-address", address),),
-                timeout=60,
-            )
-        except grpc.RpcError as error:
-            assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error.details()
-            return str(error.details())
-        return ""
-
     def health(channel: grpc.Channel, address: str, key: str) -> grpc.StatusCode:
         try:
             health_service_pb2_grpc.HealthServiceStub(channel).GetHealth(
@@ -207,12 +204,13 @@ def test_an_ipv6_client_is_limited_by_its_64(stack_factory: StackFactory) -> Non
         return grpc.StatusCode.OK
 
     with grpc.insecure_channel(stack.grpc_target) as channel:
-        rotating = [dry_run(channel, f"2001:db8:1:2::{n:x}") for n in range(1, 8)]
+        target = stack.grpc_target
+        rotating = [grpc_refusal(target, f"2001:db8:1:2::{n:x}") for n in range(1, 8)]
         admitted = rotating.count("")
         assert 1 <= admitted <= PER_CLIENT + 1  # one token may refill meanwhile
         assert "from your network 2001:db8:1:2::/64 " in rotating[-1]
-        assert dry_run(channel, "2001:db8:1:3::1") == ""  # the next /64: another client
-        assert dry_run(channel, "::ffff:192.0.2.7") == ""  # IPv4, mapped: by its address
+        assert grpc_refusal(target, "2001:db8:1:3::1") == ""  # the next /64: another client
+        assert grpc_refusal(target, "::ffff:192.0.2.7") == ""  # IPv4, mapped: its address
 
         def wrong() -> str:  # a key id of its own each time: only the address can add up
             return f"{new_tenant_id()}_api_{uuid.uuid4().hex * 2}"
