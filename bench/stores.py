@@ -17,7 +17,8 @@ mean and p50 in ms and the ratio of the mean to the same adapter's baseline.
 
 Then a burst of 20 triggers of one tenant with 2 allowed, and, on BigQuery, the query jobs
 that each read integrators poll costs (GetRun, a WatchRun update: the run and its steps),
-counted on the client of the replica executing the run and of another replica.
+counted on the client of the replica executing the run and of another replica, and per
+call when 20 callers ask for the same run or list at once.
 """
 
 from __future__ import annotations
@@ -110,8 +111,9 @@ async def burst(store: Store, size: int, concurrent: int) -> tuple[list[float], 
 
 async def jobs_per_read(executing: Store, other: Store, n: int = 5) -> dict[str, float]:
     """Query jobs per call of GetRun and of a WatchRun update (`get_run` and `list_steps`)
-    of one run, on `executing` (which claims it) and on `other`, over the run's life; and
-    per heartbeat of the executing replica."""
+    of one run, on `executing` (which claims it) and on `other`, over the run's life; per
+    heartbeat of the executing replica; and per call of GetRun and ListRuns when `4 * n`
+    callers ask at once (they share query jobs: `storage/shared_reads.py`)."""
     tenant_id = f"jobs_{uuid.uuid4().hex[:8]}"
     now = datetime.now(UTC)
     await executing.create_tenant(
@@ -129,6 +131,11 @@ async def jobs_per_read(executing: Store, other: Store, n: int = 5) -> dict[str,
                 await read()
         counts[label] = len(jobs) / n
 
+    async def together(label: str, read: Callable[[], Awaitable[object]], callers: int) -> None:
+        with query_jobs(other) as jobs:
+            await asyncio.gather(*(read() for _ in range(callers)))
+        counts[f"{label}, {callers} callers at once, any replica"] = len(jobs) / callers
+
     async def update(store: Store) -> None:
         await store.get_run(tenant_id, run_id)
         await store.list_steps(tenant_id, run_id)
@@ -136,6 +143,9 @@ async def jobs_per_read(executing: Store, other: Store, n: int = 5) -> dict[str,
     await count(
         "GetRun of a PENDING run, any replica", other, lambda: other.get_run(tenant_id, run_id)
     )
+    await together("GetRun of a PENDING run", lambda: other.get_run(tenant_id, run_id), 4 * n)
+    listed = RunFilter(tenant_id)
+    await together("ListRuns, first page", lambda: other.list_runs(listed, None, 50), 4 * n)
     claimed = await executing.claim_next_run("bench-worker", now)
     assert claimed is not None and claimed.pipeline_logging_id == run_id
     for name, store in (("executing replica", executing), ("another replica", other)):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import threading
 import uuid
 from collections.abc import Coroutine, Iterator
 from dataclasses import replace
@@ -831,6 +832,52 @@ def test_a_bigquery_replica_answers_the_runs_it_executes(
     finally:
         run(executing.close())
         run(other.close())
+
+
+def test_concurrent_bigquery_reads_share_a_query_job_begun_after_them(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    """Calls of the same read that arrive while it is in flight share the next one, which
+    begins when it ends: one query job for them all, and each still sees every write
+    acknowledged before it was asked (the read in flight is held after its query ran)."""
+    store = open_store("bigquery", tmp_path, emulator, new_prefix())
+    client = store._bq.client  # type: ignore[attr-defined]
+    query, jobs = client.query, []
+    first_ran, release = threading.Event(), threading.Event()
+
+    def held_once(sql: str, *args: Any, **kwargs: Any) -> Any:
+        jobs.append(sql)
+        job = query(sql, *args, **kwargs)
+        if len(jobs) == 1:
+            job.result()
+            first_ran.set()
+            assert release.wait(120)
+        return job
+
+    async def scenario(tenant_id: str) -> tuple[list[RunRecord], list[list[RunRecord]]]:
+        early, late = new_run(tenant_id), new_run(tenant_id)
+        await store.create_run(early, LONG_AGO, RunLimits(10, 10))
+        listed = RunFilter(tenant_id)
+        client.query = held_once
+        in_flight = asyncio.create_task(store.list_runs(listed, None, 50))
+        assert await asyncio.to_thread(first_ran.wait, 120)
+        await store.create_run(late, LONG_AGO, RunLimits(10, 10))
+        after = [asyncio.create_task(store.list_runs(listed, None, 50)) for _ in range(10)]
+        await asyncio.sleep(0)  # each asks for its read
+        release.set()
+        return await in_flight, await asyncio.gather(*after)
+
+    try:
+        tenant_id = tenant(store)
+        before, after = run(scenario(tenant_id))
+        assert len(before) == 1
+        assert all(len(found) == 2 and found[1] == before[0] for found in after)
+        assert all(found == after[0] for found in after)
+        assert jobs.count(jobs[0]) == 2, jobs  # the one held, and one for the ten after it
+    finally:
+        client.query = query
+        release.set()
+        run(store.close())
 
 
 def dq_result(

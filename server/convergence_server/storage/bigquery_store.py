@@ -94,6 +94,7 @@ from convergence_server.storage.rows import (
     webhook_from_row,
 )
 from convergence_server.storage.run_cache import CAPACITY, Lru
+from convergence_server.storage.shared_reads import SharedReads
 from convergence_server.storage.warehouse import STAGE_PREFIX
 
 T = TypeVar("T")
@@ -132,6 +133,9 @@ class BigQueryStore:
         # heartbeats: each heartbeat reads those back (`heartbeat`), so reads served from
         # here are at most one heartbeat behind another replica's change.
         self._executing: dict[str, RunRecord] = {}
+        # Reads polled by many callers at once (a run, its steps and checks, a list of
+        # runs, a day's usage) share their query jobs: see `shared_reads`.
+        self._reads = SharedReads()
 
     @classmethod
     def open(
@@ -672,7 +676,9 @@ class BigQueryStore:
         return await self._admissions.admit(self._db, run, keys_valid_from, limits, progress)
 
     async def get_usage(self, tenant_id: str, day: date) -> UsageRecord | None:
-        return await runs.get_usage(self._db, tenant_id, day)
+        return await self._reads.read(
+            ("usage", tenant_id, day), lambda: runs.get_usage(self._db, tenant_id, day)
+        )
 
     async def active_runs(self, tenant_id: str) -> int:
         return await runs.active_runs(self._db, tenant_id)
@@ -684,7 +690,11 @@ class BigQueryStore:
         run = self._ended.get(run_id) or self._executing.get(run_id)
         if run is not None:
             return run if run.tenant_id == tenant_id else None
-        return self._keep(await runs.get_run(self._db, tenant_id, run_id))
+        return self._keep(
+            await self._reads.read(
+                ("run", tenant_id, run_id), lambda: runs.get_run(self._db, tenant_id, run_id)
+            )
+        )
 
     def _keep(self, run: RunRecord | None) -> RunRecord | None:
         """The run, remembered if it has ended."""
@@ -695,10 +705,12 @@ class BigQueryStore:
     async def list_runs(
         self, where: RunFilter, after: RunCursor | None, limit: int
     ) -> list[RunRecord]:
-        found = await runs.list_runs(self._db, where, after, limit)
+        found = await self._reads.read(
+            ("runs", where, after, limit), lambda: runs.list_runs(self._db, where, after, limit)
+        )
         for run in found:
             self._keep(run)
-        return found
+        return list(found)
 
     async def cancel_requested(self, run_id: str) -> bool:
         mine = self._executing.get(run_id)
@@ -781,7 +793,11 @@ class BigQueryStore:
         await runs.save_step(self._db, step)
 
     async def list_steps(self, tenant_id: str, run_id: str) -> list[StepRecord]:
-        return await runs.list_steps(self._db, tenant_id, run_id)
+        return list(
+            await self._reads.read(
+                ("steps", tenant_id, run_id), lambda: runs.list_steps(self._db, tenant_id, run_id)
+            )
+        )
 
     async def add_dq_results(self, run: RunRecord, results: list[DqRecord]) -> None:
         changed = await runs.add_dq_results(self._db, run, results)
@@ -791,7 +807,12 @@ class BigQueryStore:
             self._executing[run.pipeline_logging_id] = replace(mine, warnings=warnings)
 
     async def list_dq_results(self, tenant_id: str, run_id: str, attempt: int) -> list[DqRecord]:
-        return await runs.list_dq_results(self._db, tenant_id, run_id, attempt)
+        return list(
+            await self._reads.read(
+                ("checks", tenant_id, run_id, attempt),
+                lambda: runs.list_dq_results(self._db, tenant_id, run_id, attempt),
+            )
+        )
 
     # -- pipelines --------------------------------------------------------------------------
 
