@@ -34,6 +34,8 @@ def _random_token(length: int) -> str:
 
 def hash_key(pepper: bytes, salt: bytes, key: str) -> bytes:
     # One call into OpenSSL: the same digest as `hmac.new(...).digest()` at 60% of its cost.
+    # It lets go of the GIL meanwhile; keeping it (`hmac.new`) made calls slower, measured
+    # (bench/RESULTS.md, "Calls that let go of the GIL on the event loop").
     return hmac.digest(pepper, salt + key.encode(), "sha256")
 
 
