@@ -880,6 +880,51 @@ def test_concurrent_bigquery_reads_share_a_query_job_begun_after_them(
         run(store.close())
 
 
+def test_a_burst_of_triggers_is_admitted_in_few_bigquery_transactions(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    """Triggers of one tenant that arrive together are admitted in arrival order, exactly
+    by the limits, in one transaction for each run of plain triggers (a trigger with an
+    idempotency key runs its own); the usage view counts them one by one."""
+    store = open_store("bigquery", tmp_path, emulator, new_prefix())
+
+    async def burst(made: list[RunRecord], limits: RunLimits) -> list[Any]:
+        return await asyncio.gather(*(store.create_run(r, LONG_AGO, limits) for r in made))
+
+    try:
+        plain_tenant, keyed_tenant = tenant(store), tenant(store)
+        plain = [new_run(plain_tenant) for _ in range(8)]
+        with query_jobs(store) as jobs:
+            answers = run(burst(plain, RunLimits(daily=10, concurrent=3)))
+        assert [(a.created, a.refused, a.used) for a in answers] == [(True, "", 0)] * 3 + [
+            (False, "concurrent", 3)
+        ] * 5
+        assert [a.run for a in answers[:3]] == plain[:3]
+        assert sum("BEGIN TRANSACTION" in sql for sql in jobs) == 1
+
+        mixed = [new_run(keyed_tenant, key="k-2" if i == 2 else "") for i in range(8)]
+        with query_jobs(store) as jobs:
+            answers = run(burst(mixed, RunLimits(daily=4, concurrent=10)))
+        assert [(a.created, a.refused, a.used) for a in answers] == [(True, "", 0)] * 4 + [
+            (False, "daily", 4)
+        ] * 4
+        assert [a.run for a in answers[:4]] == mixed[:4]
+        assert sum("BEGIN TRANSACTION" in sql for sql in jobs) == 3  # 2 plain, keyed, 5 plain
+
+        for tenant_id, created in ((plain_tenant, 3), (keyed_tenant, 4)):
+            listed = run(store.list_runs(RunFilter(tenant_id), None, 50))
+            assert len(listed) == created
+            usage = run(store.get_usage(tenant_id, datetime.now(UTC).date()))
+            assert usage is not None
+            assert (
+                usage.pipelines_run_today,
+                usage.concurrent_pipelines_running,
+                usage.max_concurrent_reached,
+            ) == (created, created, created)
+    finally:
+        run(store.close())
+
+
 def dq_result(
     of: RunRecord, step: str, index: int, name: str, at: datetime, **fields: Any
 ) -> DqRecord:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import statistics
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Any
 
@@ -34,7 +35,7 @@ from convergence_server.storage.bigquery_schema import (
     latest_steps_sql,
     next_seq_sql,
 )
-from convergence_server.storage.locks import KeyedTurns
+from convergence_server.storage.locks import GroupCommit
 from convergence_server.storage.records import (
     Admission,
     DqRecord,
@@ -68,21 +69,37 @@ INTERRUPTED = "Interrupted: the run stopped while this step was running"
 # -- admission ------------------------------------------------------------------------------
 
 
+MAX_BATCH = 100  # triggers in one admission transaction (about 25 parameters each)
+
+
+@dataclass(frozen=True)
+class Trigger:
+    run: RunRecord
+    keys_valid_from: datetime
+    limits: RunLimits | None
+    progress: ScheduleRecord | None
+
+    def plain(self) -> bool:
+        """No idempotency key and no schedule progress: admitted by the limits alone."""
+        return not self.run.idempotency_key and self.progress is None
+
+    def joins(self, first: Trigger) -> bool:
+        """Whether this trigger goes into the same transaction as the plain `first`."""
+        return self.plain() and self.limits == first.limits and _day(self.run) == _day(first.run)
+
+
 class AdmissionTurns:
     """A tenant's triggers take turns in this process: one admission transaction at a time,
-    so they never conflict with each other (only with another replica's). While they wait,
-    a refusal over a limit answers the waiting triggers that came before its transaction
-    began and would meet the same limits on the same day: the transaction saw the counts
-    after they came, so they are refused as at its point, in their order. Triggers with an
-    idempotency key or schedule progress always run their own. An admission drops the
-    refusal: the triggers after it run their own, in arrival order."""
+    so they never conflict with each other (only with another replica's). Triggers that
+    arrive while one is written wait and go together in the next turn, in arrival order
+    (`GroupCommit`): consecutive plain triggers of one day and the same limits are admitted
+    or refused in one transaction, each exactly as its own transaction would have; a
+    trigger with an idempotency key or schedule progress runs its own. A burst of N plain
+    triggers of one tenant is thus two transactions (the first, then the rest, at most
+    `MAX_BATCH` in one), not N."""
 
     def __init__(self) -> None:
-        self._turns = KeyedTurns()
-        self._begun: dict[str, int] = {}  # per tenant: admission transactions begun
-        # per tenant: the latest refusal, the count of transactions begun with it, its day
-        # and limits
-        self._refusals: dict[str, tuple[int, date, RunLimits, Admission]] = {}
+        self._tenants: dict[str, GroupCommit[Trigger, Admission | Exception]] = {}
 
     async def admit(
         self,
@@ -92,25 +109,113 @@ class AdmissionTurns:
         limits: RunLimits | None,
         progress: ScheduleRecord | None,
     ) -> Admission:
-        tenant, day = run.tenant_id.lower(), run.created_at.astimezone(UTC).date()
-        arrived = self._begun.get(tenant, 0)
-        async with self._turns.get(tenant):
-            refusal = self._refusals.get(tenant)
-            if (
-                refusal is not None
-                and refusal[0] > arrived
-                and (refusal[1], refusal[2]) == (day, limits)
-                and not run.idempotency_key
-                and progress is None
-            ):
-                return refusal[3]
-            begun = self._begun[tenant] = self._begun.get(tenant, 0) + 1
-            admission = await create_run(db, run, keys_valid_from, limits, progress)
-            if admission.refused in ("daily", "concurrent") and limits is not None:
-                self._refusals[tenant] = (begun, day, limits, admission)
-            elif admission.created:
-                self._refusals.pop(tenant, None)
-            return admission
+        tenant = run.tenant_id.lower()
+        turns = self._tenants.get(tenant)
+        if turns is None:
+            turns = self._tenants[tenant] = GroupCommit(
+                lambda triggers: _admit_in_order(db, triggers), max_batch=MAX_BATCH
+            )
+        answer = await turns.submit(Trigger(run, keys_valid_from, limits, progress))
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+
+async def _admit_in_order(db: Central, triggers: list[Trigger]) -> list[Admission | Exception]:
+    """Each trigger's admission, in order: a failed transaction fails its own triggers
+    only (those before it may be admitted already)."""
+    answers: list[Admission | Exception] = []
+    while len(answers) < len(triggers):
+        first = triggers[len(answers)]
+        group = [first]
+        if first.plain():
+            for later in triggers[len(answers) + 1 :]:
+                if not later.joins(first):
+                    break
+                group.append(later)
+        try:
+            if len(group) == 1:
+                answers.append(
+                    await create_run(
+                        db, first.run, first.keys_valid_from, first.limits, first.progress
+                    )
+                )
+            else:
+                answers += await create_runs(db, [t.run for t in group], first.limits)
+        except Exception as exc:
+            answers += [exc] * len(group)
+    return answers
+
+
+def _day(run: RunRecord) -> date:
+    return run.created_at.astimezone(UTC).date()
+
+
+async def create_runs(
+    db: Central, made: list[RunRecord], limits: RunLimits | None
+) -> list[Admission]:
+    """Plain triggers of one tenant, day and limits in one transaction: the first ones the
+    limits allow are admitted, the rest refused, as one transaction each in this order
+    would. Each admitted run's event has its own sequence number."""
+    tenant_id, day = made[0].tenant_id, _day(made[0])
+    counters = counters_table(db, tenant_id)
+    params: dict[str, Any] = {
+        "day": day,
+        "batch": len(made),
+        "limited": limits is not None,
+        "daily_limit": limits.daily if limits else 0,
+        "concurrent_limit": limits.concurrent if limits else 0,
+    }
+    rows = []
+    for i, run in enumerate(made):
+        params.update({f"r{i}_{k}": v for k, v in _run_params(run).items()})
+        values = {c: f"@r{i}_{c}" for c in RUN_EVENT_NAMES}
+        values.update(
+            event_seq=f"next_seq + {i}",
+            event="'created'",
+            event_time="CURRENT_TIMESTAMP()",
+            parameters=f"PARSE_JSON(@r{i}_parameters)",
+            usage_day="@day",
+            active_after=f"active_now + {i + 1}",
+            daily_limit="IF(@limited, @daily_limit, NULL)",
+            concurrent_limit="IF(@limited, @concurrent_limit, NULL)",
+        )
+        rows.append(f"SELECT {i} AS i, " + ", ".join(f"{v} AS {c}" for c, v in values.items()))
+    columns = ", ".join(RUN_EVENT_NAMES)
+    script = f"""
+            DECLARE next_seq INT64;
+            DECLARE active_now INT64;
+            DECLARE created_today INT64;
+            DECLARE admitted INT64;
+            BEGIN TRANSACTION;
+            UPDATE {counters} SET seq = seq + @batch, updated_at = CURRENT_TIMESTAMP()
+            WHERE TRUE;
+            SET next_seq = (SELECT seq FROM {counters}) - @batch + 1;
+            SET active_now = (SELECT active_runs FROM {counters});
+            SET created_today = (SELECT IF(runs_day = @day, runs_today, 0) FROM {counters});
+            SET admitted = IF(@limited, GREATEST(0, LEAST(@batch,
+              @daily_limit - created_today, @concurrent_limit - active_now)), @batch);
+            IF admitted > 0 THEN
+              INSERT INTO {db.table(RUN_EVENTS.name)} ({columns})
+              SELECT {columns} FROM ({" UNION ALL ".join(rows)}) WHERE i < admitted;
+              UPDATE {counters} SET active_runs = active_runs + admitted,
+                runs_today = IF(runs_day = @day, runs_today + admitted, admitted),
+                runs_day = @day
+              WHERE TRUE;
+            END IF;
+            COMMIT TRANSACTION;
+            SELECT admitted, created_today, active_now;
+        """
+    ((admitted, today, active),) = await db.call(lambda: db.transaction(script, params))
+    answers = [Admission(run, created=True) for run in made[:admitted]]
+    today, active = int(today) + admitted, int(active) + admitted
+    for _ in made[admitted:]:  # refused as the first trigger past the limit was
+        assert limits is not None
+        if today >= limits.daily:
+            answers.append(Admission(None, created=False, refused="daily", used=today))
+        else:
+            answers.append(Admission(None, created=False, refused="concurrent", used=active))
+    return answers
 
 
 async def create_run(
@@ -120,7 +225,7 @@ async def create_run(
     limits: RunLimits | None,
     progress: ScheduleRecord | None,
 ) -> Admission:
-    day = run.created_at.astimezone(UTC).date()
+    day = _day(run)
     counters, keys = counters_table(db, run.tenant_id), db.table("tenant_idempotency_keys")
     values = {c: f"@{c}" for c in RUN_EVENT_NAMES}
     values.update(

@@ -20,7 +20,8 @@ Written for BigQuery's strengths and limits rather than as a port of the embedde
 - **Usage is derived.** `tenant_usage_quotas` is a view over the `created` and `finished`
   events, which carry the tenant's concurrency after them and the admission's limits.
   Idempotency keys are appended; a key's newest row is its state.
-- **Bounded DML.** A run costs one transaction to be created, one to be claimed, one to
+- **Bounded DML.** A run costs one transaction to be created (shared with the tenant's
+  triggers that arrive together: `bigquery_runs.AdmissionTurns`), one to be claimed, one to
   publish its writes (with its publication record) and one to end, plus one INSERT per
   step boundary and one per heartbeat tick of its server. A `dq` step's results are one
   INSERT too, or, when `warn` checks failed, one transaction that also appends the run's
