@@ -656,9 +656,8 @@ def finish_run(
         guard, values = "status = 'PENDING'", []
     else:
         guard, values = "status = 'RUNNING' AND worker_id = ? AND attempt = ?", list(owner)
-    cur.begin()
-    try:
-        row = None
+    row = None
+    with _transaction(cur):
         if changed(
             cur,
             f"UPDATE {RUNS} SET status = ?, end_time = ?, error_message = ?, "
@@ -674,10 +673,6 @@ def finish_run(
             if owner is not None and steps_open:
                 interrupt_steps(cur, run_id, now)
             record_finish(cur, run_from_row(row), now, None if active is None else active - 1)
-        cur.commit()
-    except BaseException:
-        rollback(cur)
-        raise
     return None if row is None else run_from_row(row)
 
 
@@ -775,8 +770,7 @@ def requeue_run(
     `count_attempt` says the execution was lost (a crash), which uses up an attempt; a
     clean stop hands the run back without using one.
     """
-    cur.begin()  # with its steps closed: a PENDING run never has a RUNNING step
-    try:
+    with _transaction(cur):  # with its steps closed: a PENDING run never has a RUNNING step
         requeued = changed(
             cur,
             f"UPDATE {RUNS} SET status = 'PENDING', attempt = attempt + ?, start_time = NULL, "
@@ -786,10 +780,6 @@ def requeue_run(
         )
         if requeued:
             interrupt_steps(cur, run.pipeline_logging_id, now)
-        cur.commit()
-    except BaseException:
-        rollback(cur)
-        raise
     return bool(requeued)
 
 
@@ -819,14 +809,9 @@ def save_step(cur: duckdb.DuckDBPyConnection, step: StepRecord, new: bool) -> No
         with contextlib.suppress(duckdb.ConstraintException):
             cur.execute(_INSERT_STEP, values)
             return
-    cur.begin()
-    try:
+    with _transaction(cur):
         if not changed(cur, _UPDATE_STEP, [*values[1:], values[0]]):
             cur.execute(_INSERT_STEP, values)
-        cur.commit()
-    except BaseException:
-        rollback(cur)
-        raise
 
 
 _UPDATE_STEP = (
@@ -872,8 +857,7 @@ def add_dq_results(
     """Appends the results and, in the same transaction, adds their failed `warn` checks
     to the run's `warnings` if it is still RUNNING for the same worker and attempt."""
     warnings = sum(r.warns for r in results)
-    cur.begin()
-    try:
+    with _transaction(cur):
         insert_rows(
             cur, DQ_RESULTS, DQ_COLUMNS, [dq_values(r, naive(r.created_at)) for r in results]
         )
@@ -884,10 +868,6 @@ def add_dq_results(
                 "AND worker_id IS NOT DISTINCT FROM ? AND attempt = ?",
                 [warnings, run.pipeline_logging_id, run.worker_id or None, run.attempt],
             )
-        cur.commit()
-    except BaseException:
-        rollback(cur)
-        raise
 
 
 def list_dq_results(
