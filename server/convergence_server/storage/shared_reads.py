@@ -35,7 +35,7 @@ class SharedReads:
         self._keys: dict[Hashable, _Reads[Any]] = {}
 
     def in_flight(self) -> int:
-        """Keys with a read in flight (for tests and metrics)."""
+        """Keys with a read in flight or waiting (for tests)."""
         return len(self._keys)
 
     async def read(self, key: Hashable, read: Callable[[], Awaitable[V]]) -> V:
