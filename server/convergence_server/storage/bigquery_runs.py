@@ -95,8 +95,8 @@ class AdmissionTurns:
     (`GroupCommit`): consecutive plain triggers of one day and the same limits are admitted
     or refused in one transaction, each exactly as its own transaction would have; a
     trigger with an idempotency key or schedule progress runs its own. A burst of N plain
-    triggers of one tenant is thus two transactions (the first, then the rest, at most
-    `MAX_BATCH` in one), not N."""
+    triggers of one tenant is thus at most two transactions (the first, then the rest, at
+    most `MAX_BATCH` in one), not N."""
 
     def __init__(self) -> None:
         self._tenants: dict[str, GroupCommit[Trigger, Admission | Exception]] = {}
@@ -169,17 +169,7 @@ async def create_runs(
     rows = []
     for i, run in enumerate(made):
         params.update({f"r{i}_{k}": v for k, v in _run_params(run).items()})
-        values = {c: f"@r{i}_{c}" for c in RUN_EVENT_NAMES}
-        values.update(
-            event_seq=f"next_seq + {i}",
-            event="'created'",
-            event_time="CURRENT_TIMESTAMP()",
-            parameters=f"PARSE_JSON(@r{i}_parameters)",
-            usage_day="@day",
-            active_after=f"active_now + {i + 1}",
-            daily_limit="IF(@limited, @daily_limit, NULL)",
-            concurrent_limit="IF(@limited, @concurrent_limit, NULL)",
-        )
+        values = _created_event(f"r{i}_", i)
         rows.append(f"SELECT {i} AS i, " + ", ".join(f"{v} AS {c}" for c, v in values.items()))
     columns = ", ".join(RUN_EVENT_NAMES)
     script = f"""
@@ -208,14 +198,35 @@ async def create_runs(
         """
     ((admitted, today, active),) = await db.call(lambda: db.transaction(script, params))
     answers = [Admission(run, created=True) for run in made[:admitted]]
-    today, active = int(today) + admitted, int(active) + admitted
-    for _ in made[admitted:]:  # refused as the first trigger past the limit was
+    if admitted < len(made):  # each refused as the first trigger past the limit was
         assert limits is not None
-        if today >= limits.daily:
-            answers.append(Admission(None, created=False, refused="daily", used=today))
-        else:
-            answers.append(Admission(None, created=False, refused="concurrent", used=active))
+        today, active = int(today) + admitted, int(active) + admitted
+        daily = today >= limits.daily
+        refusal = Admission(
+            None,
+            created=False,
+            refused="daily" if daily else "concurrent",
+            used=today if daily else active,
+        )
+        answers += [refusal] * (len(made) - admitted)
     return answers
+
+
+def _created_event(prefix: str, index: int) -> dict[str, str]:
+    """Column -> SQL of the `created` event of the admission's `index`-th run, whose values
+    are the parameters named `prefix` + column."""
+    values = {c: f"@{prefix}{c}" for c in RUN_EVENT_NAMES}
+    values.update(
+        event_seq=f"next_seq + {index}",
+        event="'created'",
+        event_time="CURRENT_TIMESTAMP()",
+        parameters=f"PARSE_JSON(@{prefix}parameters)",
+        usage_day="@day",
+        active_after=f"active_now + {index + 1}",
+        daily_limit="IF(@limited, @daily_limit, NULL)",
+        concurrent_limit="IF(@limited, @concurrent_limit, NULL)",
+    )
+    return values
 
 
 async def create_run(
@@ -227,17 +238,7 @@ async def create_run(
 ) -> Admission:
     day = _day(run)
     counters, keys = counters_table(db, run.tenant_id), db.table("tenant_idempotency_keys")
-    values = {c: f"@{c}" for c in RUN_EVENT_NAMES}
-    values.update(
-        event_seq="next_seq",
-        event="'created'",
-        event_time="CURRENT_TIMESTAMP()",
-        parameters="PARSE_JSON(@parameters)",
-        usage_day="@day",
-        active_after="active_now + 1",
-        daily_limit="IF(@limited, @daily_limit, NULL)",
-        concurrent_limit="IF(@limited, @concurrent_limit, NULL)",
-    )
+    values = _created_event("", 0)
     # Idempotency keys are only appended: the newest row of a key is its state.
     script = f"""
             DECLARE next_seq INT64;
