@@ -12,7 +12,7 @@ import contextlib
 import json
 import threading
 import uuid
-from collections.abc import Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -733,19 +733,26 @@ def test_a_step_has_one_row_however_it_is_saved(store: Store) -> None:
 
 @contextlib.contextmanager
 def query_jobs(store: Store) -> Iterator[list[str]]:
-    """The SQL of each query job the BigQuery `store` starts meanwhile."""
+    """The SQL of each query job the BigQuery `store` starts meanwhile (by `jobs.insert`
+    or `jobs.query`)."""
     client = store._bq.client  # type: ignore[attr-defined]
-    query, jobs = client.query, []
+    jobs: list[str] = []
+    started = {name: getattr(client, name) for name in ("query", "query_and_wait")}
 
-    def counted(sql: str, *args: Any, **kwargs: Any) -> Any:
-        jobs.append(sql)
-        return query(sql, *args, **kwargs)
+    def counted(start: Callable[..., Any]) -> Callable[..., Any]:
+        def count(sql: str, *args: Any, **kwargs: Any) -> Any:
+            jobs.append(sql)
+            return start(sql, *args, **kwargs)
 
-    client.query = counted
+        return count
+
+    for name, start in started.items():
+        setattr(client, name, counted(start))
     try:
         yield jobs
     finally:
-        client.query = query
+        for name, start in started.items():
+            setattr(client, name, start)
 
 
 def test_each_bigquery_replica_reads_an_ended_run_once(emulator: Emulator, tmp_path: Path) -> None:
@@ -842,23 +849,22 @@ def test_concurrent_bigquery_reads_share_a_query_job_begun_after_them(
     acknowledged before it was asked (the read in flight is held after its query ran)."""
     store = open_store("bigquery", tmp_path, emulator, new_prefix())
     client = store._bq.client  # type: ignore[attr-defined]
-    query, jobs = client.query, []
+    query, jobs = client.query_and_wait, []
     first_ran, release = threading.Event(), threading.Event()
 
     def held_once(sql: str, *args: Any, **kwargs: Any) -> Any:
         jobs.append(sql)
-        job = query(sql, *args, **kwargs)
+        rows = query(sql, *args, **kwargs)  # the job has ended: its rows are here
         if len(jobs) == 1:
-            job.result()
             first_ran.set()
             assert release.wait(120)
-        return job
+        return rows
 
     async def scenario(tenant_id: str) -> tuple[list[RunRecord], list[list[RunRecord]]]:
         early, late = new_run(tenant_id), new_run(tenant_id)
         await store.create_run(early, LONG_AGO, RunLimits(10, 10))
         listed = RunFilter(tenant_id)
-        client.query = held_once
+        client.query_and_wait = held_once
         in_flight = asyncio.create_task(store.list_runs(listed, None, 50))
         assert await asyncio.to_thread(first_ran.wait, 120)
         await store.create_run(late, LONG_AGO, RunLimits(10, 10))
@@ -875,7 +881,7 @@ def test_concurrent_bigquery_reads_share_a_query_job_begun_after_them(
         assert all(found == after[0] for found in after)
         assert jobs.count(jobs[0]) == 2, jobs  # the one held, and one for the ten after it
     finally:
-        client.query = query
+        client.query_and_wait = query
         release.set()
         run(store.close())
 

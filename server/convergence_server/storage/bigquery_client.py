@@ -267,9 +267,33 @@ class Runner:
         timeout: float = STORE_JOB_TIMEOUT,
     ) -> list[tuple[Any, ...]]:
         """Runs a query or script; returns the rows of its last statement (blocking)."""
-        job = self.job(sql, params, rerun=rerun, timeout=timeout)
-        rows = job.result(retry=RETRY, timeout=timeout, job_retry=None)
+        rows = self._query_and_wait(sql, params, rerun, timeout)
         return [tuple(row.values()) for row in rows]
+
+    def execute(self, sql: str, params: Mapping[str, Any] | None = None) -> int:
+        """Runs a DML statement, again if it failed for a transient reason (so it must be
+        one that may run twice); returns how many rows it changed (blocking)."""
+        return int(
+            self._query_and_wait(sql, params, True, STORE_JOB_TIMEOUT).num_dml_affected_rows or 0
+        )
+
+    def _query_and_wait(
+        self, sql: str, params: Mapping[str, Any] | None, rerun: bool, timeout: float
+    ) -> bigquery.table.RowIterator:
+        """One `jobs.query` request where `job` takes three (insert the job, wait for its
+        end, read its rows): BigQuery answers with the rows once the job ends within the
+        request's `timeoutMs` (else the client waits for the job as `job` does). A request
+        sent again after a network fault carries the same `requestId`, so BigQuery runs the
+        job once."""
+        return self.client.query_and_wait(
+            sql,
+            job_config=job_config(params or {}),
+            api_timeout=REQUEST_TIMEOUT,
+            wait_timeout=timeout,
+            retry=RETRY,
+            # None: never again (documented; the library's annotation omits it).
+            job_retry=JOB_RETRY if rerun else None,  # type: ignore[arg-type]
+        )
 
     def close(self) -> None:
         """Stops the threads without waiting for one stuck in a call (the client is closed

@@ -594,7 +594,7 @@ async def heartbeat(db: Central, run_ids: list[str], worker_id: str) -> None:
     if not run_ids:
         return
     await db.call(
-        lambda: db.runner.job(
+        lambda: db.runner.execute(
             f"INSERT INTO {db.table(HEARTBEATS.name)} (pipeline_logging_id, worker_id, beat_at) "
             "SELECT id, @worker_id, CURRENT_TIMESTAMP() FROM UNNEST(@ids) AS id",
             {"worker_id": worker_id, "ids": list(run_ids)},

@@ -578,15 +578,14 @@ class BigQueryStore:
         await self._call(lambda: self._db.transaction(script, params))
 
     async def update_plan(self, tenant_id: str, plan: str, now: datetime) -> bool:
-        def update() -> bool:
-            job = self._bq.job(
+        changed = await self._call(
+            lambda: self._bq.execute(
                 f"UPDATE {self._t('tenant_profiles')} SET subscription_plan = @plan, "
                 "updated_at = @now WHERE tenant_id = @t",
                 {"plan": plan, "now": now, "t": tenant_id},
             )
-            return bool(job.num_dml_affected_rows)
-
-        return await self._call(update)
+        )
+        return changed > 0
 
     # -- team members -----------------------------------------------------------------------
 
@@ -630,14 +629,13 @@ class BigQueryStore:
         return [MemberRecord(*row) for row in rows]
 
     async def remove_member(self, tenant_id: str, user_id: str) -> bool:
-        def remove() -> bool:
-            job = self._bq.job(
+        changed = await self._call(
+            lambda: self._bq.execute(
                 f"DELETE FROM {self._t('tenant_members')} WHERE tenant_id = @t AND user_id = @u",
                 {"t": tenant_id, "u": user_id},
             )
-            return bool(job.num_dml_affected_rows)
-
-        return await self._call(remove)
+        )
+        return changed > 0
 
     # -- schedules --------------------------------------------------------------------------
 
