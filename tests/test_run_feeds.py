@@ -1,5 +1,6 @@
 """WatchRun's shared feeds, driven on a real embedded store: a watcher that joins while
-another still holds the feed of a run that has just ended gets the end, not a wait."""
+another still holds the feed of a run that has just ended gets the end, not a wait; a
+watcher that takes its next update after the run ended gets the end too."""
 
 from __future__ import annotations
 
@@ -38,6 +39,41 @@ def test_a_watcher_joining_after_the_end_gets_the_end(tmp_path: Path) -> None:
             seen = await asyncio.wait_for(anext(second), DEADLINE)
             assert seen[0].status == "FAILED"
             for stream in (first, second):
+                assert [s async for s in stream] == []
+                await stream.aclose()
+        finally:
+            await store.close()
+
+    asyncio.run(play())
+
+
+def test_a_watcher_that_takes_its_next_update_late_still_gets_the_end(tmp_path: Path) -> None:
+    """The run ends while a watcher has not yet asked for its next update (its stream's
+    last write still going out): the end is its next update, not the end of its stream."""
+
+    async def play() -> None:
+        store = DuckDBStore.open(tmp_path / "store.duckdb")
+        try:
+            now = datetime.now(UTC)
+            tenant = TenantRecord("feeds_t", "Feeds", "ops@feeds.example", "SCALE", now)
+            await store.create_tenant(tenant, ApiKeyRecord("k" * 12, "feeds_t", b"s", b"h", now))
+            run = new_run("feeds_t")
+            await store.create_run(run, LONG_AGO, RunLimits(10, 10))
+            events = RunEvents()
+            feeds = RunFeeds(store, events, poll_seconds=3600)  # changes come as events
+            slow = feeds.follow("feeds_t", run.pipeline_logging_id)
+            snapshot = await asyncio.wait_for(anext(slow), DEADLINE)
+            assert snapshot[0].status == "PENDING"
+            await store.request_cancel("feeds_t", run.pipeline_logging_id, datetime.now(UTC))
+            events.publish(run.pipeline_logging_id)
+            # Another watcher's first update comes from a read made after it asked: once it
+            # has the end, so has the feed, while `slow` still waits at its last update.
+            other = feeds.follow("feeds_t", run.pipeline_logging_id)
+            assert (await asyncio.wait_for(anext(other), DEADLINE))[0].status == "FAILED"
+            ended = await asyncio.wait_for(anext(slow, None), DEADLINE)
+            assert ended is not None, "the stream ended without the run's end"
+            assert ended[0].status == "FAILED"
+            for stream in (slow, other):
                 assert [s async for s in stream] == []
                 await stream.aclose()
         finally:

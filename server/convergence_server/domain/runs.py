@@ -206,10 +206,13 @@ class RunFeeds:
         try:
             while True:
                 changed = feed.changed
-                if feed.reads >= fresh and feed.version > seen and feed.snapshot is not None:
+                snapshot = feed.snapshot
+                if feed.reads >= fresh and feed.version > seen and snapshot is not None:
                     seen = feed.version
-                    yield feed.snapshot
-                    if feed.snapshot[0].status in TERMINAL:
+                    yield snapshot
+                    # The one this watcher got: the feed may have read the end meanwhile,
+                    # which is then this watcher's next update.
+                    if snapshot[0].status in TERMINAL:
                         return
                     continue
                 if feed.error is not None:
