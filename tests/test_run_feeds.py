@@ -5,78 +5,88 @@ watcher that takes its next update after the run ended gets the end too."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
 from convergence_server.domain.runs import RunEvents, RunFeeds
 from convergence_server.storage.duckdb_store import DuckDBStore
-from convergence_server.storage.records import ApiKeyRecord, RunLimits, TenantRecord
+from convergence_server.storage.records import ApiKeyRecord, RunLimits, RunRecord, TenantRecord
 from tests.test_store_contract import LONG_AGO, new_run
 
 DEADLINE = 60.0  # seconds: a watcher that waits this long has been forgotten
+TENANT = "feeds_t"
+
+Scenario = Callable[[DuckDBStore, RunEvents, RunFeeds, RunRecord], Awaitable[None]]
 
 
-def test_a_watcher_joining_after_the_end_gets_the_end(tmp_path: Path) -> None:
-    async def play() -> None:
+def play(tmp_path: Path, scenario: Scenario) -> None:
+    """`scenario` on a PENDING run of a fresh store, its changes announced as events."""
+
+    async def run() -> None:
         store = DuckDBStore.open(tmp_path / "store.duckdb")
         try:
             now = datetime.now(UTC)
-            tenant = TenantRecord("feeds_t", "Feeds", "ops@feeds.example", "SCALE", now)
-            await store.create_tenant(tenant, ApiKeyRecord("k" * 12, "feeds_t", b"s", b"h", now))
-            run = new_run("feeds_t")
-            await store.create_run(run, LONG_AGO, RunLimits(10, 10))
+            tenant = TenantRecord(TENANT, "Feeds", "ops@feeds.example", "SCALE", now)
+            await store.create_tenant(tenant, ApiKeyRecord("k" * 12, TENANT, b"s", b"h", now))
+            made = new_run(TENANT)
+            await store.create_run(made, LONG_AGO, RunLimits(10, 10))
             events = RunEvents()
             feeds = RunFeeds(store, events, poll_seconds=3600)  # changes come as events
-            first = feeds.follow("feeds_t", run.pipeline_logging_id)
-            snapshot = await asyncio.wait_for(anext(first), DEADLINE)
-            assert snapshot[0].status == "PENDING"
-            await store.request_cancel("feeds_t", run.pipeline_logging_id, datetime.now(UTC))
-            events.publish(run.pipeline_logging_id)
-            ended = await asyncio.wait_for(anext(first), DEADLINE)
-            assert ended[0].status == "FAILED"
-            # `first` still holds the feed (its stream has not ended yet) when `second` joins.
-            second = feeds.follow("feeds_t", run.pipeline_logging_id)
-            seen = await asyncio.wait_for(anext(second), DEADLINE)
-            assert seen[0].status == "FAILED"
-            for stream in (first, second):
-                assert [s async for s in stream] == []
-                await stream.aclose()
+            await scenario(store, events, feeds, made)
         finally:
             await store.close()
 
-    asyncio.run(play())
+    asyncio.run(run())
+
+
+async def cancel(store: DuckDBStore, events: RunEvents, run: RunRecord) -> None:
+    """Ends the PENDING run (FAILED) and announces it."""
+    await store.request_cancel(TENANT, run.pipeline_logging_id, datetime.now(UTC))
+    events.publish(run.pipeline_logging_id)
+
+
+def test_a_watcher_joining_after_the_end_gets_the_end(tmp_path: Path) -> None:
+    async def scenario(
+        store: DuckDBStore, events: RunEvents, feeds: RunFeeds, run: RunRecord
+    ) -> None:
+        first = feeds.follow(TENANT, run.pipeline_logging_id)
+        snapshot = await asyncio.wait_for(anext(first), DEADLINE)
+        assert snapshot[0].status == "PENDING"
+        await cancel(store, events, run)
+        ended = await asyncio.wait_for(anext(first), DEADLINE)
+        assert ended[0].status == "FAILED"
+        # `first` still holds the feed (its stream has not ended yet) when `second` joins.
+        second = feeds.follow(TENANT, run.pipeline_logging_id)
+        seen = await asyncio.wait_for(anext(second), DEADLINE)
+        assert seen[0].status == "FAILED"
+        for stream in (first, second):
+            assert [s async for s in stream] == []
+            await stream.aclose()
+
+    play(tmp_path, scenario)
 
 
 def test_a_watcher_that_takes_its_next_update_late_still_gets_the_end(tmp_path: Path) -> None:
     """The run ends while a watcher has not yet asked for its next update (its stream's
     last write still going out): the end is its next update, not the end of its stream."""
 
-    async def play() -> None:
-        store = DuckDBStore.open(tmp_path / "store.duckdb")
-        try:
-            now = datetime.now(UTC)
-            tenant = TenantRecord("feeds_t", "Feeds", "ops@feeds.example", "SCALE", now)
-            await store.create_tenant(tenant, ApiKeyRecord("k" * 12, "feeds_t", b"s", b"h", now))
-            run = new_run("feeds_t")
-            await store.create_run(run, LONG_AGO, RunLimits(10, 10))
-            events = RunEvents()
-            feeds = RunFeeds(store, events, poll_seconds=3600)  # changes come as events
-            slow = feeds.follow("feeds_t", run.pipeline_logging_id)
-            snapshot = await asyncio.wait_for(anext(slow), DEADLINE)
-            assert snapshot[0].status == "PENDING"
-            await store.request_cancel("feeds_t", run.pipeline_logging_id, datetime.now(UTC))
-            events.publish(run.pipeline_logging_id)
-            # Another watcher's first update comes from a read made after it asked: once it
-            # has the end, so has the feed, while `slow` still waits at its last update.
-            other = feeds.follow("feeds_t", run.pipeline_logging_id)
-            assert (await asyncio.wait_for(anext(other), DEADLINE))[0].status == "FAILED"
-            ended = await asyncio.wait_for(anext(slow, None), DEADLINE)
-            assert ended is not None, "the stream ended without the run's end"
-            assert ended[0].status == "FAILED"
-            for stream in (slow, other):
-                assert [s async for s in stream] == []
-                await stream.aclose()
-        finally:
-            await store.close()
+    async def scenario(
+        store: DuckDBStore, events: RunEvents, feeds: RunFeeds, run: RunRecord
+    ) -> None:
+        slow = feeds.follow(TENANT, run.pipeline_logging_id)
+        snapshot = await asyncio.wait_for(anext(slow), DEADLINE)
+        assert snapshot[0].status == "PENDING"
+        await cancel(store, events, run)
+        # Another watcher's first update comes from a read made after it asked: once it has
+        # the end, so has the feed, while `slow` still waits at its last update.
+        other = feeds.follow(TENANT, run.pipeline_logging_id)
+        assert (await asyncio.wait_for(anext(other), DEADLINE))[0].status == "FAILED"
+        ended = await asyncio.wait_for(anext(slow, None), DEADLINE)
+        assert ended is not None, "the stream ended without the run's end"
+        assert ended[0].status == "FAILED"
+        for stream in (slow, other):
+            assert [s async for s in stream] == []
+            await stream.aclose()
 
-    asyncio.run(play())
+    play(tmp_path, scenario)
