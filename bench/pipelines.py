@@ -135,8 +135,9 @@ def make_workspace(resources: contextlib.ExitStack) -> Workspace:
 
 
 def start_pipeline_stack(
-    resources: contextlib.ExitStack, workspace: Workspace, name: str, workers: int
+    resources: contextlib.ExitStack, workspace: Workspace, name: str, workers: int, **extra: str
 ) -> Stack:
+    """A stack on `workspace`'s configs; `extra` adds to (or overrides) its environment."""
     data_dir = workspace.root / name
     env = {
         "CONVERGENCE_DATA_DIR": str(data_dir),
@@ -150,6 +151,7 @@ def start_pipeline_stack(
         "CONVERGENCE_CONFIG_DIR": str(workspace.configs),
         "CONVERGENCE_SOURCE_ROOTS": str(workspace.sources),
         "CONVERGENCE_WORKERS": str(workers),
+        **extra,
     }
     stack = start_stack(env, log_dir=data_dir / "logs")
     resources.callback(stack.stop)
@@ -200,9 +202,9 @@ class Session:
 
 
 def open_session(
-    resources: contextlib.ExitStack, workspace: Workspace, name: str, workers: int
+    resources: contextlib.ExitStack, workspace: Workspace, name: str, workers: int, **extra: str
 ) -> Session:
-    stack = start_pipeline_stack(resources, workspace, name, workers)
+    stack = start_pipeline_stack(resources, workspace, name, workers, **extra)
     channel = resources.enter_context(
         grpc.insecure_channel(stack.grpc_target, options=GRPC_OPTIONS)
     )

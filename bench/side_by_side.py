@@ -31,7 +31,7 @@ import os
 import shutil
 import statistics
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,25 +65,6 @@ class Side:
         return cls(text, Path(tree).resolve(), env)
 
 
-@contextlib.contextmanager
-def _environment(side: Side) -> Iterator[None]:
-    """The side's server is started with its tree on PYTHONPATH and its settings."""
-    settings = {
-        "PYTHONPATH": f"{side.tree / 'server'}{os.pathsep}{side.tree / 'clients' / 'python'}",
-        **side.env,
-    }
-    saved = {name: os.environ.get(name) for name in settings}
-    os.environ.update(settings)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
 def _scenarios(session: pipelines.Session, calls: str) -> list[tuple[str, Scenario]]:
     health, trigger = trigger_scenarios(session.stack.grpc_target, session.tenant)
     if calls == "triggers":
@@ -112,10 +93,15 @@ def measure(args: argparse.Namespace) -> list[str]:
         workspace = pipelines.make_workspace(resources)
         plans: dict[str, tuple[int, list[tuple[str, Scenario]]]] = {}
         for number, side in enumerate(sides):
-            with _environment(side):
-                session = pipelines.open_session(
-                    resources, workspace, f"side{number}", workers=int(args.calls == "getrun")
-                )
+            # The side's server is started from its tree, with its settings.
+            path = f"{side.tree / 'server'}{os.pathsep}{side.tree / 'clients' / 'python'}"
+            session = pipelines.open_session(
+                resources,
+                workspace,
+                f"side{number}",
+                workers=int(args.calls == "getrun"),
+                **{"PYTHONPATH": path, **side.env},
+            )
             plans[side.label] = (session.stack.server.pid, _scenarios(session, args.calls))
             for _, scenario in plans[side.label][1]:
                 h2load(scenario, WARMUP, concurrency, workspace.root, None)
