@@ -41,6 +41,7 @@ from convergence_server.storage.records import (
     RunFilter,
     RunLimits,
     RunRecord,
+    StepRecord,
     TenantRecord,
 )
 from tests.bigquery_emulator import PROJECT, start_emulator
@@ -148,6 +149,23 @@ async def jobs_per_read(executing: Store, other: Store, n: int = 5) -> dict[str,
     await together("ListRuns, first page", lambda: other.list_runs(listed, None, 50), 4 * n)
     claimed = await executing.claim_next_run("bench-worker", now)
     assert claimed is not None and claimed.pipeline_logging_id == run_id
+    # Its first step, as the executor writes it; the executing replica then reads once
+    # what the attempt had before its claim, and answers the rest from memory.
+    await executing.save_step(
+        StepRecord(
+            str(uuid.uuid4()),
+            run_id,
+            made.pipeline_id,
+            tenant_id,
+            "first",
+            "query",
+            0,
+            "RUNNING",
+            datetime.now(UTC),
+            run_attempt=claimed.attempt,
+        )
+    )
+    await executing.list_steps(tenant_id, run_id)
     for name, store in (("executing replica", executing), ("another replica", other)):
         await count(
             f"GetRun of a RUNNING run, {name}", store, lambda s=store: s.get_run(tenant_id, run_id)

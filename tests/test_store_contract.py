@@ -17,10 +17,12 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
+from unittest.mock import Mock
 
 import pytest
+from google.api_core.exceptions import ServiceUnavailable
 
-from convergence_server.errors import AlreadyExists
+from convergence_server.errors import AlreadyExists, Unavailable
 from convergence_server.storage import Store, schema
 from convergence_server.storage.bigquery_store import BigQueryStore
 from convergence_server.storage.duckdb_store import DuckDBStore
@@ -836,6 +838,70 @@ def test_a_bigquery_replica_answers_the_runs_it_executes(
         with query_jobs(executing) as jobs:
             assert run(executing.get_run(tenant_id, let_go.pipeline_logging_id)) == let_go
         assert len(jobs) == 1
+    finally:
+        run(executing.close())
+        run(other.close())
+
+
+def test_a_bigquery_replica_answers_the_steps_of_runs_it_executes(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    """Once the attempt it executes has a step written there, the replica answers the
+    run's steps from memory, exactly as BigQuery would: after reading once the steps the
+    attempt had before its claim (a run handed back keeps its attempt). A step write that
+    failed (it may be stored or not) sends reads to BigQuery again."""
+    prefix = new_prefix()
+    executing, other = (open_store("bigquery", tmp_path, emulator, prefix) for _ in range(2))
+    try:
+        tenant_id = tenant(executing)
+        made, started = new_run(tenant_id), datetime.now(UTC)
+        run_id = made.pipeline_logging_id
+        run(executing.create_run(made, LONG_AGO, RunLimits(10, 10)))
+
+        def step(index: int, status: str) -> StepRecord:
+            return replace(step_of(made, index, status, started), step_logging_id=str(uuid.uuid4()))
+
+        def listed(jobs: int) -> list[StepRecord]:
+            with query_jobs(executing) as sent:
+                found = run(executing.list_steps(tenant_id, run_id))
+            assert len(sent) == jobs
+            assert found == run(other.list_steps(tenant_id, run_id))
+            return found
+
+        claimed = claim(executing, tenant_id)
+        assert listed(1) == []  # nothing written here yet: BigQuery's newest attempt
+        first = step(0, "RUNNING")
+        run(executing.save_step(first))
+        assert listed(1) == [first]  # the attempt's earlier steps, read once
+        run(executing.save_step(ended := replace(first, status="COMPLETE", rows_processed=5)))
+        run(executing.save_step(second := step(1, "RUNNING")))
+        assert listed(0) == [ended, second]
+        assert run(executing.list_steps("another_tenant", run_id)) == []
+
+        # A stopping server hands the run back: the same attempt, its RUNNING step closed.
+        assert run(executing.requeue_run(claimed, started, count_attempt=False))
+        again = claim(executing, tenant_id)
+        assert again.attempt == claimed.attempt
+        before = listed(1)
+        assert [(s.status, s.error_message[:11]) for s in before] == [
+            ("COMPLETE", ""),
+            ("FAILED", "Interrupted"),
+        ]
+        restarted = replace(step(1, "RUNNING"), step_start_time=started + timedelta(minutes=1))
+        run(executing.save_step(restarted))
+        assert listed(1) == [*before, restarted]
+        assert listed(0) == [*before, restarted]
+
+        client = executing._bq.client  # type: ignore[attr-defined]
+        query, client.query_and_wait = (
+            client.query_and_wait,
+            Mock(side_effect=ServiceUnavailable("")),
+        )
+        with pytest.raises(Unavailable):
+            run(executing.save_step(replace(restarted, status="COMPLETE")))
+        client.query_and_wait = query
+        assert listed(1) == [*before, restarted]
+        assert listed(1) == [*before, restarted]
     finally:
         run(executing.close())
         run(other.close())

@@ -45,7 +45,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, TypeVar
 
@@ -134,6 +134,8 @@ class BigQueryStore:
         # heartbeats: each heartbeat reads those back (`heartbeat`), so reads served from
         # here are at most one heartbeat behind another replica's change.
         self._executing: dict[str, RunRecord] = {}
+        # Their steps, served from here too once the attempt has one written here (`_Steps`).
+        self._steps: dict[str, _Steps] = {}
         # Reads polled by many callers at once (a run, its steps and checks, a list of
         # runs, a day's usage) share their query jobs: see `shared_reads`.
         self._reads = SharedReads()
@@ -737,12 +739,18 @@ class BigQueryStore:
         run = await runs.claim_next_run(self._db, worker_id, now)
         if run is not None:
             self._executing[run.pipeline_logging_id] = run
+            self._steps[run.pipeline_logging_id] = _Steps(run.attempt)
         return run
+
+    def _let_go(self, run_id: str) -> None:
+        """The run is no longer executing here: reads of it go to BigQuery."""
+        self._executing.pop(run_id, None)
+        self._steps.pop(run_id, None)
 
     async def finish_run(
         self, run: RunRecord, status: str, now: datetime, error_message: str = ""
     ) -> RunRecord | None:
-        self._executing.pop(run.pipeline_logging_id, None)
+        self._let_go(run.pipeline_logging_id)
         return self._keep(await runs.finish_run(self._db, run, status, now, error_message))
 
     async def request_cancel(self, tenant_id: str, run_id: str, now: datetime) -> RunRecord | None:
@@ -755,7 +763,7 @@ class BigQueryStore:
         named = set(run_ids)
         for run_id, mine in list(self._executing.items()):
             if mine.worker_id == worker_id and run_id not in named:  # let go without an end
-                del self._executing[run_id]
+                self._let_go(run_id)
         try:
             await runs.heartbeat(self._db, run_ids, worker_id)
             stored = {
@@ -763,7 +771,7 @@ class BigQueryStore:
             }
         except BaseException:  # not refreshed: reads of these runs go to BigQuery
             for run_id in run_ids:
-                self._executing.pop(run_id, None)
+                self._let_go(run_id)
             raise
         for run_id in run_ids:
             known, theirs = self._executing.get(run_id), stored.get(run_id)
@@ -774,12 +782,12 @@ class BigQueryStore:
                 known.worker_id,
                 known.attempt,
             ):  # recovered by another replica, or gone: no longer this replica's to answer
-                self._executing.pop(run_id, None)
+                self._let_go(run_id)
             elif theirs.cancel_requested:
                 self._cancelled(run_id)
 
     async def requeue_run(self, run: RunRecord, now: datetime, count_attempt: bool) -> bool:
-        self._executing.pop(run.pipeline_logging_id, None)
+        self._let_go(run.pipeline_logging_id)
         return await runs.requeue_run(self._db, run, now, count_attempt)
 
     async def published(self, run_id: str) -> bool:
@@ -789,9 +797,40 @@ class BigQueryStore:
         return None  # BigQuery's failures surface per call, as Unavailable
 
     async def save_step(self, step: StepRecord) -> None:
-        await runs.save_step(self._db, step)
+        run_id = step.pipeline_logging_id
+        steps = self._steps.get(run_id)
+        if steps is None or steps.attempt != step.run_attempt:
+            await runs.save_step(self._db, step)
+            return
+        steps.writing.add(step.step_logging_id)
+        try:
+            await runs.save_step(self._db, step)
+        except BaseException:  # it may be stored or not: reads of the run go to BigQuery
+            self._steps.pop(run_id, None)
+            raise
+        steps.written[step.step_logging_id] = step
 
     async def list_steps(self, tenant_id: str, run_id: str) -> list[StepRecord]:
+        mine, steps = self._executing.get(run_id), self._steps.get(run_id)
+        if mine is None or steps is None or not steps.written:  # BigQuery's newest attempt
+            return await self._read_steps(tenant_id, run_id)
+        if mine.tenant_id != tenant_id:
+            return []
+        if steps.earlier is None:
+            # Once per claim: what the attempt had before it (a run handed back keeps its
+            # attempt), without the steps written here, which are answered as written.
+            found = await self._read_steps(tenant_id, run_id)
+            steps.earlier = [
+                s
+                for s in found
+                if s.run_attempt == steps.attempt and s.step_logging_id not in steps.writing
+            ]
+        return sorted(
+            [*steps.earlier, *steps.written.values()],
+            key=lambda s: (s.step_index, s.step_start_time),
+        )
+
+    async def _read_steps(self, tenant_id: str, run_id: str) -> list[StepRecord]:
         return list(
             await self._reads.read(
                 ("steps", tenant_id, run_id), lambda: runs.list_steps(self._db, tenant_id, run_id)
@@ -841,6 +880,17 @@ class BigQueryStore:
         self._pipelines.close()
         self._bq.close()
         self._client.close()  # type: ignore[no-untyped-call]
+
+
+@dataclass
+class _Steps:
+    """The steps of a run's attempt executing here: those written here, as written (and
+    those being written, by id), and the ones the attempt had before, read once."""
+
+    attempt: int
+    writing: set[str] = field(default_factory=set)
+    written: dict[str, StepRecord] = field(default_factory=dict)
+    earlier: list[StepRecord] | None = None
 
 
 def _micros(moment: datetime) -> int:
