@@ -243,9 +243,11 @@ class Runner:
         rerun: bool = True,
         **options: Any,
     ) -> bigquery.QueryJob:
-        """Runs a query or script to its end (blocking). `rerun=False` never re-submits a
-        failed job (a transaction script could have committed before it failed).
-        `timeout=None` waits for a job however long it runs, while BigQuery answers."""
+        """Runs a query or script to its end (blocking), as a job inserted and then
+        waited for: for what `jobs.query` cannot run (a destination table). `rerun=False`
+        never re-submits a failed job (a transaction script could have committed before it
+        failed). `timeout=None` waits for a job however long it runs, while BigQuery
+        answers."""
         job = self.client.query(
             sql,
             job_config=job_config(params or {}, **options),
@@ -264,21 +266,26 @@ class Runner:
         params: Mapping[str, Any] | None = None,
         *,
         rerun: bool = True,
-        timeout: float = STORE_JOB_TIMEOUT,
+        timeout: float | None = STORE_JOB_TIMEOUT,
     ) -> list[tuple[Any, ...]]:
-        """Runs a query or script; returns the rows of its last statement (blocking)."""
+        """Runs a query or script; returns the rows of its last statement (blocking).
+        `timeout=None` waits however long it runs, while BigQuery answers."""
         rows = self._query_and_wait(sql, params, rerun, timeout)
         return [tuple(row.values()) for row in rows]
 
-    def execute(self, sql: str, params: Mapping[str, Any] | None = None) -> int:
-        """Runs a DML statement, again if it failed for a transient reason (so it must be
-        one that may run twice); returns how many rows it changed (blocking)."""
-        return int(
-            self._query_and_wait(sql, params, True, STORE_JOB_TIMEOUT).num_dml_affected_rows or 0
-        )
+    def execute(
+        self,
+        sql: str,
+        params: Mapping[str, Any] | None = None,
+        *,
+        timeout: float | None = STORE_JOB_TIMEOUT,
+    ) -> int:
+        """Runs a DML or DDL statement, again if it failed for a transient reason (so it
+        must be one that may run twice); returns how many rows it changed (blocking)."""
+        return int(self._query_and_wait(sql, params, True, timeout).num_dml_affected_rows or 0)
 
     def _query_and_wait(
-        self, sql: str, params: Mapping[str, Any] | None, rerun: bool, timeout: float
+        self, sql: str, params: Mapping[str, Any] | None, rerun: bool, timeout: float | None
     ) -> bigquery.table.RowIterator:
         """One `jobs.query` request where `job` takes three (insert the job, wait for its
         end, read its rows): BigQuery answers with the rows once the job ends within the

@@ -159,7 +159,7 @@ class BigQueryWarehouse:
     def _all_strings(self, table: str) -> None:
         columns = [f.name for f in self._bq.client.get_table(self._ref(table)).schema]
         casts = ", ".join(f"CAST(`{c}` AS STRING) AS `{c}`" for c in columns)
-        self._bq.job(
+        self._bq.execute(
             f"CREATE OR REPLACE TABLE {self._q(table)} AS SELECT {casts} FROM {self._q(table)}",
             timeout=None,
         )
@@ -173,17 +173,18 @@ class BigQueryWarehouse:
             written = self._bq.client.update_table(written, ["expires"])
         return int(written.num_rows or 0)
 
-    def _select(self, sql: str, params: Mapping[str, Any], **options: Any) -> bigquery.QueryJob:
-        """Runs a pipeline query to its end, however long it takes."""
-        return self._bq.job(sql, _used(sql, params), timeout=None, **options)
+    def _select(self, sql: str, params: Mapping[str, Any]) -> list[tuple[Any, ...]]:
+        """Runs a pipeline query to its end, however long it takes; returns its rows."""
+        return self._bq.query(sql, _used(sql, params), timeout=None)
 
     async def create_as(
         self, table: str, sql: str, params: Mapping[str, Any], into: Publication | None = None
     ) -> int:
         def create() -> int:
-            self._select(
+            self._bq.job(
                 sql,
-                params,
+                _used(sql, params),
+                timeout=None,
                 destination=self._ref(table),
                 write_disposition=bigquery.WriteDisposition.WRITE_TRUNCATE,
             )
@@ -198,23 +199,21 @@ class BigQueryWarehouse:
                 sql, job_config=job_config(_used(sql, params), dry_run=True), retry=RETRY
             )
             names = ", ".join(f"`{f.name}`" for f in dry.schema or [])
-            job = self._select(
-                f"INSERT INTO {self._q(table)} ({names}) SELECT {names} FROM ({sql})", params
-            )
-            return int(job.num_dml_affected_rows or 0)
+            insert = f"INSERT INTO {self._q(table)} ({names}) SELECT {names} FROM ({sql})"
+            return self._bq.execute(insert, _used(sql, params), timeout=None)
 
         return int(await self._call(insert))
 
     async def count(self, sql: str, params: Mapping[str, Any]) -> int:
         def count() -> int:
-            rows = list(self._select(sql, params).result(retry=RETRY))
+            rows = self._select(sql, params)
             return int(rows[0][0]) if rows else 0
 
         return int(await self._call(count))
 
     async def rows(self, sql: str, params: Mapping[str, Any]) -> list[tuple[Any, ...]]:
         def rows() -> list[tuple[Any, ...]]:
-            return [tuple(row.values()) for row in self._select(sql, params).result(retry=RETRY)]
+            return self._select(sql, params)
 
         return list(await self._call(rows))
 
@@ -289,7 +288,7 @@ class BigQueryWarehouse:
                     if write.union_view is not None:
                         self._refresh_union_view(*write.union_view, write.schema)
                     for view, sql in write.views:
-                        self._bq.job(f"CREATE OR REPLACE VIEW {self._q(view)} AS {sql}")
+                        self._bq.execute(f"CREATE OR REPLACE VIEW {self._q(view)} AS {sql}")
                 for write in writes:
                     if write.write_mode == "truncate" and not write.schema:
                         self._replace_with(write.stage, write.destination)
@@ -316,12 +315,12 @@ class BigQueryWarehouse:
         total = f"`{write.total_column}`" if write.total_column else "0"
         day = f"CAST(`{write.partition_column}` AS DATE) = @partition_day"
         published = f"FROM {self._q(write.destination)} WHERE {day}"
-        (found,) = self._bq.job(
+        (found,) = self._bq.query(
             f"SELECT (SELECT COUNT(*) {published}), (SELECT SUM({total}) {published}), "
             f"(SELECT COUNT(*) FROM {self._q(write.stage)}), "
             f"(SELECT SUM({total}) FROM {self._q(write.stage)})",
             {"partition_day": write.partition_value},
-        ).result(retry=RETRY)
+        )
         refusal = write.shrink_refusal((found[0], found[1]), (found[2], found[3]))
         if refusal:
             raise PublishRefused(refusal)
@@ -341,7 +340,7 @@ class BigQueryWarehouse:
             existing = None
         if existing is not None and existing.table_type != "VIEW":
             self._bq.client.delete_table(self._ref(destination), not_found_ok=True, retry=RETRY)
-        self._bq.job(
+        self._bq.execute(
             f"CREATE OR REPLACE VIEW {self._q(destination)} AS SELECT * FROM {self._q(table)}"
         )
 
@@ -383,10 +382,10 @@ class BigQueryWarehouse:
             elif kind in ("TIMESTAMP", "DATETIME"):
                 partition = f" PARTITION BY DATE({column})"
         if write.schema:
-            self._bq.job(f"CREATE TABLE IF NOT EXISTS {destination} {body}{partition}")
+            self._bq.execute(f"CREATE TABLE IF NOT EXISTS {destination} {body}{partition}")
             self._add_columns(write.destination, write.schema)
         else:
-            self._bq.job(f"CREATE TABLE IF NOT EXISTS {destination}{partition} {body}")
+            self._bq.execute(f"CREATE TABLE IF NOT EXISTS {destination}{partition} {body}")
 
     def _refresh_union_view(
         self, view: str, tables: Sequence[str], columns: Sequence[SchemaColumn]
@@ -397,7 +396,7 @@ class BigQueryWarehouse:
                 self._add_columns(table, columns)
         names = ", ".join(f"`{c.name}`" for c in columns)
         selects = [f"SELECT {names} FROM {self._q(t)}" for t in tables if t in existing]
-        self._bq.job(f"CREATE OR REPLACE VIEW {self._q(view)} AS {' UNION ALL '.join(selects)}")
+        self._bq.execute(f"CREATE OR REPLACE VIEW {self._q(view)} AS {' UNION ALL '.join(selects)}")
 
     async def drop(self, tables: Sequence[str]) -> None:
         def drop() -> None:
