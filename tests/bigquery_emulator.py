@@ -68,6 +68,25 @@ class Emulator:
         finally:
             client.close()  # type: ignore[no-untyped-call]
 
+    def datasets(self) -> set[str]:
+        """The ids of the datasets the emulator holds."""
+        client = self.client()
+        try:
+            return {d.dataset_id for d in client.list_datasets()}
+        finally:
+            client.close()  # type: ignore[no-untyped-call]
+
+    def drop_datasets_except(self, kept: set[str]) -> None:
+        """Drops every dataset but `kept`, with its tables: each of the emulator's calls
+        slows with the number of tables it holds (it lists them all; 3-7 ms a table here)."""
+        client = self.client()
+        try:
+            for dataset in client.list_datasets():
+                if dataset.dataset_id not in kept:
+                    client.delete_dataset(dataset, delete_contents=True, not_found_ok=True)
+        finally:
+            client.close()  # type: ignore[no-untyped-call]
+
     def stop(self) -> None:
         terminate(self.process, 10)
         self.log.close()

@@ -65,6 +65,10 @@ def stack_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackFac
         stack.stop()
 
 
+# The module's emulator while it runs (this process's; each xdist worker has its own).
+_EMULATORS: list[Emulator] = []
+
+
 @pytest.fixture(scope="module")
 def emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Emulator]:
     """One local BigQuery emulator per test module; each user takes its own dataset prefix.
@@ -73,8 +77,23 @@ def emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Emulator]:
     calls slows with it (after the other BigQuery modules, a module's runs took 6 to 8 times
     as long as on a fresh emulator)."""
     started = start_emulator(tmp_path_factory.mktemp("emulator"))
+    _EMULATORS.append(started)
     yield started
+    _EMULATORS.remove(started)
     started.stop()
+
+
+@pytest.fixture(autouse=True)
+def _drop_the_tests_datasets() -> Iterator[None]:
+    """After each test, drops the datasets it made on the module's emulator (those its
+    module's fixtures made before it stay): each of the emulator's calls slows with the
+    tables it holds, so without this a module's later tests ran on a catalogue grown by
+    every test before them."""
+    running = list(_EMULATORS)
+    kept = [emulator.datasets() for emulator in running]
+    yield
+    for emulator, datasets in zip(running, kept, strict=True):
+        emulator.drop_datasets_except(datasets)
 
 
 def new_prefix() -> str:

@@ -7,6 +7,7 @@ a load balancer would.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -29,37 +30,37 @@ DAILY = "test/runs/daily"  # the ledger's publication without checks: fewer emul
 PROFESSIONAL_CONCURRENT = 5
 
 
-@pytest.fixture(scope="module")
-def clock(tmp_path_factory: pytest.TempPathFactory) -> Clock:
-    clock = Clock(tmp_path_factory.mktemp("replicas") / "clock")
-    clock.path.write_text("0")  # the real time, until a test moves it
-    return clock
+@contextlib.contextmanager
+def replicas(stack_factory: StackFactory, **env: str) -> Iterator[list[httpx.Client]]:
+    """Two replicas on one BigQuery store (`env` names it). Workers are off, so admitted
+    runs stay PENDING and keep their slots all along."""
+    started = [stack_factory(**env, CONVERGENCE_WORKERS="0") for _ in range(2)]
+    opened = [httpx.Client(base_url=s.http_url, timeout=300) for s in started]
+    try:
+        yield opened
+    finally:
+        for client in opened:
+            client.close()
+        for replica in started:
+            replica.stop()
 
 
 @pytest.fixture(scope="module")
 def clients(
-    stack_factory: StackFactory, pipeline_env: dict[str, str], emulator: Emulator, clock: Clock
+    stack_factory: StackFactory, pipeline_env: dict[str, str], emulator: Emulator
 ) -> Iterator[list[httpx.Client]]:
-    """Two replicas on one BigQuery store, their schedule tickers on. Workers are off, so
-    admitted runs stay PENDING and keep their slots all along."""
+    """Two replicas, their schedule tickers off (each tick is a query on the shared
+    emulator: two replicas ticking slowed every other test of the module)."""
     env = {
         **pipeline_env,
         **emulator.env(new_prefix()),
-        "CONVERGENCE_WORKERS": "0",
-        "CONVERGENCE_CLOCK_OFFSET_FILE": str(clock.path),
-        "CONVERGENCE_SCHEDULER_TICK_SECONDS": "0.2",
         # Key records stay cached for an hour: only the sync of changed keys (every
         # CONVERGENCE_KEY_SYNC_SECONDS, 5 by default) can end a revoked key's use sooner.
         "CONVERGENCE_KEY_CACHE_SECONDS": "3600",
         "CONVERGENCE_KEY_SYNC_SECONDS": "5",
     }
-    replicas = [stack_factory(**env), stack_factory(**env)]
-    opened = [httpx.Client(base_url=s.http_url, timeout=300) for s in replicas]
-    yield opened
-    for client in opened:
-        client.close()
-    for replica in replicas:
-        replica.stop()
+    with replicas(stack_factory, **env) as opened:
+        yield opened
 
 
 def test_two_replicas_admit_exactly_the_concurrent_limit(clients: list[httpx.Client]) -> None:
@@ -93,22 +94,34 @@ def test_two_replicas_admit_exactly_the_concurrent_limit(clients: list[httpx.Cli
 
 
 def test_two_replicas_with_their_tickers_start_each_slot_once(
-    clients: list[httpx.Client], clock: Clock
+    stack_factory: StackFactory,
+    pipeline_env: dict[str, str],
+    emulator: Emulator,
+    tmp_path: Path,
 ) -> None:
     """Both replicas tick, and are triggered, on one store: each slot runs once."""
-    _, key = onboard(clients[0], plan=UNMETERED)
-    clock.set(BASE)
-    schedule = create(clients[0], key, cron="* * * * *", catch_up="all", catch_up_max=100)
-    first = datetime.fromisoformat(str(schedule["next_slot_time"]))
-    clock.set(first + timedelta(minutes=2, seconds=1))  # 3 slots due; the 4th in 59 s
-    with ThreadPoolExecutor(4) as pool:
-        list(pool.map(lambda i: fire(clients[i % 2], key), range(4)))
-    deadline = time.monotonic() + 120
-    while len(slot_times(clients[1], key)) < 3 and time.monotonic() < deadline:
-        time.sleep(0.5)
-    time.sleep(2)  # more ticks of both replicas: none may add a run
-    for client in clients:
-        assert_each_slot_once(slot_times(client, key), first, at_least=3)
+    clock = Clock(tmp_path / "clock")
+    clock.path.write_text("0")  # the real time, until the test moves it
+    with replicas(
+        stack_factory,
+        **pipeline_env,
+        **emulator.env(new_prefix()),
+        CONVERGENCE_CLOCK_OFFSET_FILE=str(clock.path),
+        CONVERGENCE_SCHEDULER_TICK_SECONDS="0.2",
+    ) as clients:
+        _, key = onboard(clients[0], plan=UNMETERED)
+        clock.set(BASE)
+        schedule = create(clients[0], key, cron="* * * * *", catch_up="all", catch_up_max=100)
+        first = datetime.fromisoformat(str(schedule["next_slot_time"]))
+        clock.set(first + timedelta(minutes=2, seconds=1))  # 3 slots due; the 4th in 59 s
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(lambda i: fire(clients[i % 2], key), range(4)))
+        deadline = time.monotonic() + 120
+        while len(slot_times(clients[1], key)) < 3 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        time.sleep(2)  # more ticks of both replicas: none may add a run
+        for client in clients:
+            assert_each_slot_once(slot_times(client, key), first, at_least=3)
 
 
 def test_a_killed_replicas_run_is_taken_over_by_another(
