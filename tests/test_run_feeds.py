@@ -5,11 +5,11 @@ watcher that takes its next update after the run ended gets the end too."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-from convergence_server.domain.runs import RunEvents, RunFeeds
+from convergence_server.domain.runs import RunEvents, RunFeeds, Snapshot
 from convergence_server.storage.duckdb_store import DuckDBStore
 from convergence_server.storage.records import ApiKeyRecord, RunLimits, RunRecord, TenantRecord
 from tests.test_store_contract import LONG_AGO, new_run
@@ -40,29 +40,38 @@ def play(tmp_path: Path, scenario: Scenario) -> None:
     asyncio.run(run())
 
 
-async def cancel(store: DuckDBStore, events: RunEvents, run: RunRecord) -> None:
-    """Ends the PENDING run (FAILED) and announces it."""
+async def watch_then_cancel(
+    store: DuckDBStore, events: RunEvents, feeds: RunFeeds, run: RunRecord
+) -> AsyncGenerator[Snapshot, None]:
+    """A watcher of the PENDING run, after its first update; then the run is ended (FAILED)
+    and that announced."""
+    stream = feeds.follow(TENANT, run.pipeline_logging_id)
+    snapshot = await asyncio.wait_for(anext(stream), DEADLINE)
+    assert snapshot[0].status == "PENDING"
     await store.request_cancel(TENANT, run.pipeline_logging_id, datetime.now(UTC))
     events.publish(run.pipeline_logging_id)
+    return stream
+
+
+async def assert_ended(*streams: AsyncGenerator[Snapshot, None]) -> None:
+    """Each stream has nothing more, and is closed."""
+    for stream in streams:
+        assert [s async for s in stream] == []
+        await stream.aclose()
 
 
 def test_a_watcher_joining_after_the_end_gets_the_end(tmp_path: Path) -> None:
     async def scenario(
         store: DuckDBStore, events: RunEvents, feeds: RunFeeds, run: RunRecord
     ) -> None:
-        first = feeds.follow(TENANT, run.pipeline_logging_id)
-        snapshot = await asyncio.wait_for(anext(first), DEADLINE)
-        assert snapshot[0].status == "PENDING"
-        await cancel(store, events, run)
+        first = await watch_then_cancel(store, events, feeds, run)
         ended = await asyncio.wait_for(anext(first), DEADLINE)
         assert ended[0].status == "FAILED"
         # `first` still holds the feed (its stream has not ended yet) when `second` joins.
         second = feeds.follow(TENANT, run.pipeline_logging_id)
         seen = await asyncio.wait_for(anext(second), DEADLINE)
         assert seen[0].status == "FAILED"
-        for stream in (first, second):
-            assert [s async for s in stream] == []
-            await stream.aclose()
+        await assert_ended(first, second)
 
     play(tmp_path, scenario)
 
@@ -74,10 +83,7 @@ def test_a_watcher_that_takes_its_next_update_late_still_gets_the_end(tmp_path: 
     async def scenario(
         store: DuckDBStore, events: RunEvents, feeds: RunFeeds, run: RunRecord
     ) -> None:
-        slow = feeds.follow(TENANT, run.pipeline_logging_id)
-        snapshot = await asyncio.wait_for(anext(slow), DEADLINE)
-        assert snapshot[0].status == "PENDING"
-        await cancel(store, events, run)
+        slow = await watch_then_cancel(store, events, feeds, run)
         # Another watcher's first update comes from a read made after it asked: once it has
         # the end, so has the feed, while `slow` still waits at its last update.
         other = feeds.follow(TENANT, run.pipeline_logging_id)
@@ -85,8 +91,6 @@ def test_a_watcher_that_takes_its_next_update_late_still_gets_the_end(tmp_path: 
         ended = await asyncio.wait_for(anext(slow, None), DEADLINE)
         assert ended is not None, "the stream ended without the run's end"
         assert ended[0].status == "FAILED"
-        for stream in (slow, other):
-            assert [s async for s in stream] == []
-            await stream.aclose()
+        await assert_ended(slow, other)
 
     play(tmp_path, scenario)

@@ -757,13 +757,23 @@ def query_jobs(store: Store) -> Iterator[list[str]]:
             setattr(client, name, start)
 
 
+@contextlib.contextmanager
+def replicas(emulator: Emulator, tmp_path: Path) -> Iterator[tuple[Store, Store]]:
+    """Two BigQuery stores on one dataset prefix, as two server processes would have."""
+    prefix = new_prefix()
+    first, second = (open_store("bigquery", tmp_path, emulator, prefix) for _ in range(2))
+    try:
+        yield first, second
+    finally:
+        run(first.close())
+        run(second.close())
+
+
 def test_each_bigquery_replica_reads_an_ended_run_once(emulator: Emulator, tmp_path: Path) -> None:
     """An ended run never changes again, so a replica answers it from memory after one
     query job (the one that ended it, none at all); a run still going elsewhere is read
     every time, and a cached run is still another tenant's secret."""
-    prefix = new_prefix()
-    ending, reading = (open_store("bigquery", tmp_path, emulator, prefix) for _ in range(2))
-    try:
+    with replicas(emulator, tmp_path) as (ending, reading):
         tenant_id = tenant(ending)
         made = new_run(tenant_id)
         run(ending.create_run(made, LONG_AGO, RunLimits(10, 10)))
@@ -783,9 +793,6 @@ def test_each_bigquery_replica_reads_an_ended_run_once(emulator: Emulator, tmp_p
         with query_jobs(ending) as jobs:
             assert run(ending.get_run(tenant_id, made.pipeline_logging_id)) == ended
         assert jobs == []
-    finally:
-        run(ending.close())
-        run(reading.close())
 
 
 def test_a_bigquery_replica_answers_the_runs_it_executes(
@@ -794,9 +801,7 @@ def test_a_bigquery_replica_answers_the_runs_it_executes(
     """The replica executing a run answers it without a query job, exact for the changes
     made there (its claim, its warnings, a cancel asked there); another replica's cancel
     or recovery shows from its next heartbeat, which reads them back."""
-    prefix = new_prefix()
-    executing, other = (open_store("bigquery", tmp_path, emulator, prefix) for _ in range(2))
-    try:
+    with replicas(emulator, tmp_path) as (executing, other):
         tenant_id = tenant(executing)
         made, now = new_run(tenant_id), datetime.now(UTC)
         run_id = made.pipeline_logging_id
@@ -838,9 +843,6 @@ def test_a_bigquery_replica_answers_the_runs_it_executes(
         with query_jobs(executing) as jobs:
             assert run(executing.get_run(tenant_id, let_go.pipeline_logging_id)) == let_go
         assert len(jobs) == 1
-    finally:
-        run(executing.close())
-        run(other.close())
 
 
 def test_a_bigquery_replica_answers_the_steps_of_runs_it_executes(
@@ -850,9 +852,7 @@ def test_a_bigquery_replica_answers_the_steps_of_runs_it_executes(
     run's steps from memory, exactly as BigQuery would: after reading once the steps the
     attempt had before its claim (a run handed back keeps its attempt). A step write that
     failed (it may be stored or not) sends reads to BigQuery again."""
-    prefix = new_prefix()
-    executing, other = (open_store("bigquery", tmp_path, emulator, prefix) for _ in range(2))
-    try:
+    with replicas(emulator, tmp_path) as (executing, other):
         tenant_id = tenant(executing)
         made, started = new_run(tenant_id), datetime.now(UTC)
         run_id = made.pipeline_logging_id
@@ -902,9 +902,6 @@ def test_a_bigquery_replica_answers_the_steps_of_runs_it_executes(
         client.query_and_wait = query
         assert listed(1) == [*before, restarted]
         assert listed(1) == [*before, restarted]
-    finally:
-        run(executing.close())
-        run(other.close())
 
 
 def test_concurrent_bigquery_reads_share_a_query_job_begun_after_them(
