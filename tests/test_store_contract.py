@@ -904,6 +904,41 @@ def test_a_bigquery_replica_answers_the_steps_of_runs_it_executes(
         assert listed(1) == [*before, restarted]
 
 
+def test_a_bigquery_replica_reads_only_the_partitions_of_runs_not_ended(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    """Claim polls read the run events from a horizon on (their partitioning column is
+    `created_at`), learnt from the runs not ended at most once a minute and from every
+    partition once an hour: a run that a replica whose clock is days behind admitted is
+    not read by another replica until then, and is claimed then."""
+    with replicas(emulator, tmp_path) as (admitting, claiming):
+        tenant_id = tenant(admitting)
+        now = datetime.now(UTC)
+        first = new_run(tenant_id)
+        run(admitting.create_run(first, LONG_AGO, None))
+        with query_jobs(claiming) as jobs:
+            claimed = run(claiming.claim_next_run("worker-b", now))
+        assert claimed is not None and claimed.pipeline_logging_id == first.pipeline_logging_id
+        assert "@horizon" not in jobs[0] and "@horizon" in jobs[1], jobs  # learnt, then bound
+        run(claiming.finish_run(claimed, "COMPLETE", now))
+
+        behind = new_run(tenant_id, now - timedelta(days=3))
+        run(admitting.create_run(behind, LONG_AGO, None))
+        for later in (timedelta(seconds=1), timedelta(minutes=2)):  # bound, then learnt bound
+            assert run(claiming.claim_next_run("worker-b", now + later)) is None
+            assert run(claiming.pending_runs(now + later))[0] == 0
+        assert run(admitting.pending_runs(now)) == (1, behind.created_at)  # its own admission
+
+        an_hour_on = now + timedelta(minutes=61)  # every partition again
+        assert run(claiming.pending_runs(an_hour_on)) == (1, behind.created_at)
+        late = run(claiming.claim_next_run("worker-b", an_hour_on))
+        assert late is not None and late.pipeline_logging_id == behind.pipeline_logging_id
+        assert run(claiming.cancel_requested(late.pipeline_logging_id)) is False
+        run(claiming.heartbeat([late.pipeline_logging_id], "worker-b"))
+        ended = run(claiming.finish_run(late, "COMPLETE", an_hour_on))
+        assert ended is not None and ended.status == "COMPLETE"
+
+
 def test_concurrent_bigquery_reads_share_a_query_job_begun_after_them(
     emulator: Emulator, tmp_path: Path
 ) -> None:
@@ -1226,16 +1261,16 @@ def test_pages_of_runs_far_apart_in_time_miss_none(store: Store) -> None:
 
 
 def test_pending_runs_are_counted_with_the_oldest_creation(store: Store) -> None:
-    count, _ = run(store.pending_runs())
+    count, _ = run(store.pending_runs(datetime.now(UTC)))
     tenant_id = tenant(store)
     oldest = datetime(2001, 1, 1, tzinfo=UTC)
     made = [new_run(tenant_id, oldest), new_run(tenant_id, oldest + timedelta(hours=1))]
     for r in made:
         run(store.create_run(r, LONG_AGO, None))
-    assert run(store.pending_runs()) == (count + 2, oldest)
+    assert run(store.pending_runs(datetime.now(UTC))) == (count + 2, oldest)
     for r in made:
         run(store.request_cancel(tenant_id, r.pipeline_logging_id, datetime.now(UTC)))
-    assert run(store.pending_runs())[0] == count
+    assert run(store.pending_runs(datetime.now(UTC)))[0] == count
 
 
 def test_bigquery_refuses_a_known_tenant_whose_dataset_is_gone(emulator: Emulator) -> None:

@@ -174,7 +174,7 @@ class ConvergenceServer:
         """The queue's gauges, from the store (on BigQuery one query per sample)."""
         while True:
             try:
-                pending, oldest = await self.store.pending_runs()
+                pending, oldest = await self.store.pending_runs(self.clock())
             except Exception as exc:
                 log.warning("cannot sample the queue for the metrics: %s", exc)
             else:

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 import statistics
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from google.api_core import exceptions as api_exceptions
@@ -34,6 +35,7 @@ from convergence_server.storage.bigquery_schema import (
     latest_events_sql,
     latest_steps_sql,
     next_seq_sql,
+    runs_sql,
 )
 from convergence_server.storage.locks import GroupCommit
 from convergence_server.storage.records import (
@@ -63,6 +65,13 @@ SELECT_RUN = RUN_COLUMNS.replace("parameters", "TO_JSON_STRING(parameters) AS pa
 RUN_EVENT_NAMES = [c.name for c in RUN_EVENTS.columns]
 STEP_EVENT_NAMES = [c.name for c in STEP_EVENTS.columns]
 OWNER_GUARD = "status = 'RUNNING' AND IFNULL(worker_id, '') = @worker_id AND attempt = @attempt"
+# The events of one run, named as BigQuery finds them cheapest: its partition (every event
+# of a run holds the run's `created_at`) and its cluster (tenant, then run).
+OF_RUN = "tenant_id = @tenant_id AND created_at = @created_at AND pipeline_logging_id = @run_id"
+RUNS_NAMED = (
+    "tenant_id IN UNNEST(@tenants) AND created_at >= @oldest "
+    "AND pipeline_logging_id IN UNNEST(@ids)"
+)
 INTERRUPTED = "Interrupted: the run stopped while this step was running"
 
 
@@ -149,6 +158,15 @@ async def _admit_in_order(db: Central, triggers: list[Trigger]) -> list[Admissio
 
 def _day(run: RunRecord) -> date:
     return run.created_at.astimezone(UTC).date()
+
+
+def _of(run: RunRecord) -> dict[str, Any]:
+    """The parameters of `OF_RUN`."""
+    return {
+        "tenant_id": run.tenant_id,
+        "created_at": run.created_at,
+        "run_id": run.pipeline_logging_id,
+    }
 
 
 async def create_runs(
@@ -338,8 +356,8 @@ async def active_runs(db: Central, tenant_id: str) -> int:
 async def typical_run_ms(db: Central, tenant_id: str) -> int | None:
     rows = await db.call(
         lambda: db.query(
-            f"SELECT duration_ms FROM {db.table('tenant_pipeline_runs')} "
-            "WHERE tenant_id = @t AND status IN ('COMPLETE', 'FAILED') "
+            f"SELECT duration_ms FROM ({latest_events_sql(db, 'tenant_id = @t')}) "
+            "WHERE status IN ('COMPLETE', 'FAILED') "
             "AND start_time IS NOT NULL ORDER BY end_time DESC LIMIT 20",
             t=tenant_id,
         )
@@ -352,13 +370,9 @@ async def typical_run_ms(db: Central, tenant_id: str) -> int | None:
 
 
 async def get_run(db: Central, tenant_id: str, run_id: str) -> RunRecord | None:
+    latest = latest_events_sql(db, "tenant_id = @t AND pipeline_logging_id = @id")
     rows = await db.call(
-        lambda: db.query(
-            f"SELECT {SELECT_RUN} FROM {db.table('tenant_pipeline_runs')} "
-            "WHERE pipeline_logging_id = @id AND tenant_id = @t",
-            id=run_id,
-            t=tenant_id,
-        )
+        lambda: db.query(f"SELECT {SELECT_RUN} FROM ({latest})", id=run_id, t=tenant_id)
     )
     return run_from_row(rows[0]) if rows else None
 
@@ -366,7 +380,9 @@ async def get_run(db: Central, tenant_id: str, run_id: str) -> RunRecord | None:
 async def list_runs(
     db: Central, where: RunFilter, after: RunCursor | None, limit: int
 ) -> list[RunRecord]:
-    conditions = ["tenant_id = @tenant_id"]
+    # Conditions on what every event of a run holds (its tenant and creation) go to the
+    # event table, where BigQuery prunes by them; the rest to each run's newest state.
+    conditions, events = [], ["tenant_id = @tenant_id"]
     params: dict[str, Any] = {"tenant_id": where.tenant_id}
     if where.status:
         conditions.append("status = @status")
@@ -375,49 +391,135 @@ async def list_runs(
         conditions.append("pipeline_id = @pipeline_id")
         params["pipeline_id"] = where.pipeline_id
     if where.created_from:
-        conditions.append("created_at >= @created_from")
+        events.append("created_at >= @created_from")
         params["created_from"] = where.created_from
     if where.created_before:
-        conditions.append("created_at < @created_before")
+        events.append("created_at < @created_before")
         params["created_before"] = where.created_before
     if after is not None:
+        events.append("created_at <= @after_at")
         conditions.append(
             "(created_at < @after_at OR (created_at = @after_at AND pipeline_logging_id < "
             "@after_id))"
         )
         params.update(after_at=after.created_at, after_id=after.pipeline_logging_id)
     sql = (
-        f"SELECT {SELECT_RUN} FROM {db.table('tenant_pipeline_runs')} "
-        f"WHERE {' AND '.join(conditions)} "
+        f"SELECT {SELECT_RUN} FROM ({latest_events_sql(db, ' AND '.join(events))}) "
+        f"WHERE {' AND '.join(conditions or ['TRUE'])} "
         f"ORDER BY created_at DESC, pipeline_logging_id DESC LIMIT {int(limit)}"
     )
     rows = await db.call(lambda: db.runner.query(sql, params))
     return [run_from_row(row) for row in rows]
 
 
-async def cancel_requested(db: Central, run_id: str) -> bool:
-    latest = latest_events_sql(db, "pipeline_logging_id = @id")
-    rows = await db.call(lambda: db.query(f"SELECT cancel_requested FROM ({latest})", id=run_id))
+async def cancel_requested(db: Central, run: RunRecord | None, run_id: str) -> bool:
+    """Whether a cancel of the run was asked; `run`, its record if known, lets BigQuery
+    read its partition and cluster alone."""
+    where, params = ("pipeline_logging_id = @run_id", {"run_id": run_id})
+    if run is not None:
+        where, params = OF_RUN, _of(run)
+    latest = latest_events_sql(db, where)
+    rows = await db.call(lambda: db.query(f"SELECT cancel_requested FROM ({latest})", **params))
     return bool(rows and rows[0][0])
 
 
-async def pending_runs(db: Central) -> tuple[int, datetime | None]:
-    rows = await db.call(
-        lambda: db.query(
-            f"SELECT COUNT(*), MIN(created_at) FROM {db.table('tenant_pipeline_runs')} "
-            "WHERE status = 'PENDING'"
+# -- the runs not ended ---------------------------------------------------------------------
+
+# Each run's `created_at` is its admitting replica's clock: replicas' clocks must agree
+# within half of this.
+HORIZON_MARGIN = timedelta(days=1)
+HORIZON_LEARN = timedelta(minutes=1)
+HORIZON_RESCAN = timedelta(hours=1)
+ACTIVE = "status IN ('PENDING', 'RUNNING')"
+
+
+class Horizon:
+    """How far back a replica's reads of the runs not ended look: its claim polls (every
+    second while idle), recovery (every heartbeat) and the queue's gauges (every 10 s).
+    Without a bound each would read every partition of `tenant_run_events`, a cost that
+    grows with every tenant's history.
+
+    Every event row of a run holds its `created_at`, the table's partitioning column. At
+    most once a minute a read learns the oldest `created_at` of the runs not ended. Until
+    the next, the runs not ended are among those, and among the runs admitted since the
+    learning began, whose `created_at` (their admitting replica's clock) is no earlier than
+    that beginning, give or take the clocks' disagreement: reads need only the partitions
+    from the earliest of those instants (or of now, for a clock set back), less
+    `HORIZON_MARGIN`. The runs this replica admits lower the bound to their `created_at`
+    themselves, whatever it is. A learning reads within the bound it replaces; the first,
+    and one an hour, read every partition: a run that another replica whose clock is off by
+    more than the margin admitted below the bound waits at most that long."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._oldest: datetime | None = None  # of the runs not ended, or the learning's start
+        self._learned_at: datetime | None = None
+        self._rescanned_at: datetime | None = None
+        self._admitted: datetime | None = None  # the oldest admitted here since it began
+
+    def admitted(self, created_at: datetime) -> None:
+        """A run this replica admitted (called once its admission is committed)."""
+        with self._lock:
+            if self._oldest is not None:
+                self._oldest = min(self._oldest, created_at)
+            self._admitted = min(self._admitted or created_at, created_at)
+
+    def where(self, now: datetime) -> tuple[str, dict[str, Any]]:
+        """The condition on the run events of a read of runs not ended, at `now`, and its
+        parameters: TRUE until the first learning."""
+        if self._oldest is None:
+            return "TRUE", {}
+        return "created_at >= @horizon", {"horizon": min(self._oldest, now) - HORIZON_MARGIN}
+
+    def learn(self, db: Central, now: datetime) -> None:
+        """Learns the oldest run not ended, if a minute has passed since the last time
+        (blocking; a clock set back counts as due)."""
+        if (
+            self._learned_at is not None
+            and self._learned_at <= now < self._learned_at + HORIZON_LEARN
+        ):
+            return
+        rescan = self._rescanned_at is None or not (
+            self._rescanned_at <= now < self._rescanned_at + HORIZON_RESCAN
         )
-    )
-    return int(rows[0][0]), rows[0][1]
+        where, params = ("TRUE", {}) if rescan else self.where(now)
+        with self._lock:
+            self._admitted = None
+        ((oldest,),) = db.query(
+            f"SELECT MIN(created_at) FROM ({latest_events_sql(db, where)}) WHERE {ACTIVE}",
+            **params,
+        )
+        with self._lock:
+            self._oldest = min(oldest or now, now, self._admitted or now)
+            self._learned_at = now
+            if rescan:
+                self._rescanned_at = now
 
 
-async def stale_runs(db: Central, stale_before: datetime) -> list[RunRecord]:
+async def pending_runs(db: Central, horizon: Horizon, now: datetime) -> tuple[int, datetime | None]:
+    def pending() -> list[tuple[Any, ...]]:
+        horizon.learn(db, now)
+        where, params = horizon.where(now)
+        return db.query(
+            f"SELECT COUNT(*), MIN(created_at) FROM ({latest_events_sql(db, where)}) "
+            "WHERE status = 'PENDING'",
+            **params,
+        )
+
+    ((count, oldest),) = await db.call(pending)
+    return int(count), oldest
+
+
+async def stale_runs(db: Central, horizon: Horizon, stale_before: datetime) -> list[RunRecord]:
+    where, params = horizon.where(stale_before)
     rows = await db.call(
         lambda: db.query(
-            f"SELECT {SELECT_RUN} FROM {db.table('tenant_pipeline_runs')} "
+            # Only beats since `before` can make a run not stale.
+            f"SELECT {SELECT_RUN} FROM ({runs_sql(db, where, 'beat_at >= @before')}) "
             "WHERE status = 'RUNNING' AND (heartbeat_at IS NULL OR heartbeat_at < @before) "
             "ORDER BY created_at",
             before=stale_before,
+            **params,
         )
     )
     return [run_from_row(row) for row in rows]
@@ -445,11 +547,11 @@ def _change(
     values[RUN_EVENT_NAMES.index("event_seq")] = "next_seq"
     values[RUN_EVENT_NAMES.index("event")] = f"'{event}'"
     values[RUN_EVENT_NAMES.index("event_time")] = "CURRENT_TIMESTAMP()"
-    latest = latest_events_sql(db, "pipeline_logging_id = @run_id AND tenant_id = @tenant_id")
+    latest = latest_events_sql(db, OF_RUN)
     then_block = (
         f"""
             SET changed = EXISTS (SELECT 1 FROM {db.table(RUN_EVENTS.name)}
-                                  WHERE pipeline_logging_id = @run_id AND event_seq = next_seq);
+                                  WHERE {OF_RUN} AND event_seq = next_seq);
             IF changed THEN {then} END IF;"""
         if then
         else ""
@@ -465,22 +567,24 @@ def _change(
             {then_block}
             COMMIT TRANSACTION;
             SELECT {SELECT_RUN} FROM {db.table(RUN_EVENTS.name)}
-            WHERE pipeline_logging_id = @run_id AND event_seq = next_seq;
+            WHERE {OF_RUN} AND event_seq = next_seq;
         """
-    rows = db.transaction(
-        script,
-        {"run_id": run.pipeline_logging_id, "tenant_id": run.tenant_id, **params},
-    )
+    rows = db.transaction(script, {**_of(run), **params})
     return run_from_row(rows[0]) if rows else None
 
 
-async def claim_next_run(db: Central, worker_id: str, now: datetime) -> RunRecord | None:
+async def claim_next_run(
+    db: Central, horizon: Horizon, worker_id: str, now: datetime
+) -> RunRecord | None:
     def claim() -> RunRecord | None:
         # The head of the fair queue, then the runs the queue would give after it: a
         # run another replica claims first fails the guard below, and the next is tried.
-        waiting = db.query(
-            FAIR_QUEUE.format(columns=SELECT_RUN, runs=f"({latest_events_sql(db)})") + " LIMIT 10"
-        )
+        # Runs that ended before the horizon no longer weigh in the tenants' order (the
+        # end of a run that lasted longer than `HORIZON_MARGIN`).
+        horizon.learn(db, now)
+        where, params = horizon.where(now)
+        runs = f"({latest_events_sql(db, where)})"
+        waiting = db.query(FAIR_QUEUE.format(columns=SELECT_RUN, runs=runs) + " LIMIT 10", **params)
         for row in waiting:
             claimed = _change(
                 db,
@@ -602,15 +706,16 @@ async def heartbeat(db: Central, run_ids: list[str], worker_id: str) -> None:
     )
 
 
-async def runs_now(db: Central, run_ids: list[str]) -> list[RunRecord]:
+async def runs_now(db: Central, runs: list[RunRecord]) -> list[RunRecord]:
     """The newest state of each of the runs (of any tenant) that exists."""
-    if not run_ids:
+    if not runs:
         return []
     rows = await db.call(
         lambda: db.query(
-            f"SELECT {SELECT_RUN} FROM {db.table('tenant_pipeline_runs')} "
-            "WHERE pipeline_logging_id IN UNNEST(@ids)",
-            ids=list(run_ids),
+            f"SELECT {SELECT_RUN} FROM ({latest_events_sql(db, RUNS_NAMED)})",
+            tenants=sorted({run.tenant_id for run in runs}),
+            ids=[run.pipeline_logging_id for run in runs],
+            oldest=min(run.created_at for run in runs),
         )
     )
     return [run_from_row(row) for row in rows]
@@ -668,7 +773,7 @@ def publish(
     requeue: a replica whose lease ran out cannot publish next to the one that took the
     run over."""
     publications = db.table(schema.TENANT_RUN_PUBLICATIONS.name)
-    latest = latest_events_sql(db, "pipeline_logging_id = @run_id AND tenant_id = @tenant_id")
+    latest = latest_events_sql(db, OF_RUN)
     body = "\n".join(statements)
     script = f"""
             DECLARE next_seq INT64;
@@ -692,8 +797,7 @@ def publish(
         script,
         {
             **params,
-            "run_id": run.pipeline_logging_id,
-            "tenant_id": run.tenant_id,
+            **_of(run),
             "worker_id": run.worker_id,
             "attempt": run.attempt,
         },

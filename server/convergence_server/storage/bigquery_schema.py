@@ -146,7 +146,17 @@ def migrate(db: Central) -> None:
 
 
 def runs_view_sql(db: Central) -> str:
-    """Each run's newest state, its heartbeat the newest of its current worker's."""
+    return f"CREATE OR REPLACE VIEW {db.table(schema.TENANT_PIPELINE_RUNS.name)} AS {runs_sql(db)}"
+
+
+def runs_sql(db: Central, where: str = "TRUE", beats: str = "TRUE") -> str:
+    """Each run's newest state among the run events passing `where`, its heartbeat the
+    newest of its current worker's among the beats passing `beats`: the view
+    `tenant_pipeline_runs`, with both conditions applied to the tables themselves, where
+    BigQuery can prune partitions by them (a filter on the view is not pushed below its
+    window). `where` must keep or drop a run's events together: every event of a run holds
+    its `tenant_id` and `created_at`. The store's reads that need no heartbeat read
+    `latest_events_sql` alone."""
     columns = [
         "IF(b.beat_at > e.heartbeat_at OR e.heartbeat_at IS NULL, b.beat_at, e.heartbeat_at)"
         " AS heartbeat_at"
@@ -155,10 +165,10 @@ def runs_view_sql(db: Central) -> str:
         for c in schema.TENANT_PIPELINE_RUNS.columns
     ]
     return (
-        f"CREATE OR REPLACE VIEW {db.table(schema.TENANT_PIPELINE_RUNS.name)} AS "
-        f"SELECT {', '.join(columns)} FROM ({latest_events_sql(db)}) AS e "
+        f"SELECT {', '.join(columns)} FROM ({latest_events_sql(db, where)}) AS e "
         "LEFT JOIN (SELECT pipeline_logging_id, worker_id, MAX(beat_at) AS beat_at "
-        f"FROM {db.table(HEARTBEATS.name)} GROUP BY pipeline_logging_id, worker_id) AS b "
+        f"FROM {db.table(HEARTBEATS.name)} WHERE {beats} "
+        "GROUP BY pipeline_logging_id, worker_id) AS b "
         "ON b.pipeline_logging_id = e.pipeline_logging_id AND b.worker_id = e.worker_id"
     )
 

@@ -126,6 +126,8 @@ class BigQueryStore:
         self._publish_locks = KeyedLocks()
         self._db = Central(self._bq, self.central)
         self._admissions = runs.AdmissionTurns()
+        # How far back the reads of the runs not ended look (see `runs.Horizon`).
+        self._horizon = runs.Horizon()
         # Runs that ended, as read or written here: an ended run never changes again (every
         # change of a run is guarded by PENDING or RUNNING), so each replica reads it once.
         self._ended: Lru[RunRecord] = Lru(CAPACITY)
@@ -674,7 +676,10 @@ class BigQueryStore:
         limits: RunLimits | None = None,
         progress: ScheduleRecord | None = None,
     ) -> Admission:
-        return await self._admissions.admit(self._db, run, keys_valid_from, limits, progress)
+        try:
+            return await self._admissions.admit(self._db, run, keys_valid_from, limits, progress)
+        finally:  # stored or not (a failed commit may have landed), the claims must see it
+            self._horizon.admitted(run.created_at)
 
     async def get_usage(self, tenant_id: str, day: date) -> UsageRecord | None:
         return await self._reads.read(
@@ -717,7 +722,7 @@ class BigQueryStore:
         mine = self._executing.get(run_id)
         if mine is not None and mine.cancel_requested:
             return True
-        requested = await runs.cancel_requested(self._db, run_id)
+        requested = await runs.cancel_requested(self._db, mine, run_id)
         if requested:
             self._cancelled(run_id)
         return requested
@@ -729,14 +734,14 @@ class BigQueryStore:
         if mine is not None:
             self._executing[run_id] = replace(mine, cancel_requested=True)
 
-    async def pending_runs(self) -> tuple[int, datetime | None]:
-        return await runs.pending_runs(self._db)
+    async def pending_runs(self, now: datetime) -> tuple[int, datetime | None]:
+        return await runs.pending_runs(self._db, self._horizon, now)
 
     async def stale_runs(self, stale_before: datetime) -> list[RunRecord]:
-        return await runs.stale_runs(self._db, stale_before)
+        return await runs.stale_runs(self._db, self._horizon, stale_before)
 
     async def claim_next_run(self, worker_id: str, now: datetime) -> RunRecord | None:
-        run = await runs.claim_next_run(self._db, worker_id, now)
+        run = await runs.claim_next_run(self._db, self._horizon, worker_id, now)
         if run is not None:
             self._executing[run.pipeline_logging_id] = run
             self._steps[run.pipeline_logging_id] = _Steps(run.attempt)
@@ -766,9 +771,8 @@ class BigQueryStore:
                 self._let_go(run_id)
         try:
             await runs.heartbeat(self._db, run_ids, worker_id)
-            stored = {
-                run.pipeline_logging_id: run for run in await runs.runs_now(self._db, run_ids)
-            }
+            served = [self._executing[r] for r in run_ids if r in self._executing]
+            stored = {run.pipeline_logging_id: run for run in await runs.runs_now(self._db, served)}
         except BaseException:  # not refreshed: reads of these runs go to BigQuery
             for run_id in run_ids:
                 self._let_go(run_id)

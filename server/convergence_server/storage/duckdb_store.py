@@ -973,7 +973,7 @@ class DuckDBStore:
     async def stale_runs(self, stale_before: datetime) -> list[RunRecord]:
         return await self._call(lambda cur: runs.stale_runs(cur, stale_before))
 
-    async def pending_runs(self) -> tuple[int, datetime | None]:
+    async def pending_runs(self, now: datetime) -> tuple[int, datetime | None]:
         return await self._call(runs.pending_runs)
 
     async def requeue_run(self, run: RunRecord, now: datetime, count_attempt: bool) -> bool:

@@ -235,8 +235,9 @@ class Store(Protocol):
     async def stale_runs(self, stale_before: datetime) -> list[RunRecord]:
         """RUNNING runs whose last heartbeat is older than `stale_before`."""
 
-    async def pending_runs(self) -> tuple[int, datetime | None]:
-        """How many runs of every tenant are PENDING, and the oldest one's creation time."""
+    async def pending_runs(self, now: datetime) -> tuple[int, datetime | None]:
+        """How many runs of every tenant are PENDING, and the oldest one's creation time;
+        `now` is the caller's clock (by which BigQuery bounds the partitions it reads)."""
 
     async def requeue_run(self, run: RunRecord, now: datetime, count_attempt: bool) -> bool:
         """Puts `run` back to PENDING if it is still RUNNING for the same worker and attempt;
