@@ -68,6 +68,11 @@ OWNER_GUARD = "status = 'RUNNING' AND IFNULL(worker_id, '') = @worker_id AND att
 # The events of one run, named as BigQuery finds them cheapest: its partition (every event
 # of a run holds the run's `created_at`) and its cluster (tenant, then run).
 OF_RUN = "tenant_id = @tenant_id AND created_at = @created_at AND pipeline_logging_id = @run_id"
+# Its steps: they start after the run was created, by clocks that agree within the margin.
+STEPS_OF_RUN = (
+    "tenant_id = @tenant_id AND pipeline_logging_id = @run_id "
+    "AND step_start_time >= TIMESTAMP_SUB(@created_at, INTERVAL 1 DAY)"
+)
 RUNS_NAMED = (
     "tenant_id IN UNNEST(@tenants) AND created_at >= @oldest "
     "AND pipeline_logging_id IN UNNEST(@ids)"
@@ -666,7 +671,7 @@ def _interrupt_steps_sql(db: Central) -> str:
     return f"""
             INSERT INTO {db.table(STEP_EVENTS.name)} ({", ".join(STEP_EVENT_NAMES)})
             SELECT {", ".join(columns)}
-            FROM ({latest_steps_sql(db, "pipeline_logging_id = @run_id")})
+            FROM ({latest_steps_sql(db, STEPS_OF_RUN)})
             WHERE status = 'RUNNING';
         """
 
@@ -828,10 +833,10 @@ async def save_step(db: Central, step: StepRecord) -> None:
 
 
 async def list_steps(db: Central, tenant_id: str, run_id: str) -> list[StepRecord]:
+    latest = latest_steps_sql(db, "tenant_id = @t AND pipeline_logging_id = @id")
     rows = await db.call(
         lambda: db.query(
-            f"SELECT {STEP_COLUMNS} FROM {db.table('tenant_step_logs')} "
-            "WHERE tenant_id = @t AND pipeline_logging_id = @id AND run_attempt = ("
+            f"SELECT {STEP_COLUMNS} FROM ({latest}) WHERE run_attempt = ("
             f"SELECT MAX(run_attempt) FROM {db.table(STEP_EVENTS.name)} "
             "WHERE tenant_id = @t AND pipeline_logging_id = @id) "
             "ORDER BY step_index, step_start_time",
