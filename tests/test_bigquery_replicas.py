@@ -128,7 +128,8 @@ def test_a_killed_replicas_run_is_taken_over_by_another(
     stack_factory: StackFactory, pipeline_env: dict[str, str], emulator: Emulator
 ) -> None:
     """Replica A dies (kill -9) mid-run; replica B sees the run's heartbeats stop, puts it
-    back to PENDING after the lease, runs it again and publishes it once."""
+    back to PENDING after the lease, runs it again and publishes it once. B looks for
+    runs on its own once an hour only: the run it put back wakes its workers."""
     prefix = new_prefix()
     env = {
         **pipeline_env,
@@ -146,7 +147,7 @@ def test_a_killed_replicas_run_is_taken_over_by_another(
         assert wait_for_run(http, key, run_id, ("RUNNING",), timeout=60)["status"] == "RUNNING"
     first.kill_server()  # mid-run: its heartbeats stop, the run stays RUNNING
     first.stop()
-    second = stack_factory(**env)
+    second = stack_factory(**env, CONVERGENCE_CLAIM_POLL_SECONDS="3600")
     try:
         with httpx.Client(base_url=second.http_url, timeout=300) as http:
             ended = wait_for_run(http, key, run_id, timeout=240)

@@ -290,6 +290,7 @@ def create_server(
             workers=config.workers,
             heartbeat_seconds=config.heartbeat_seconds,
             lease_seconds=config.lease_seconds,
+            poll_seconds=config.claim_poll_seconds,
             sample_data=config.sample_data_dir,
             source_roots=config.source_roots,
             gcs_source_roots=config.gcs_source_roots,

@@ -76,6 +76,7 @@ class Config:
     log_level: str = "INFO"
     # A stop (SIGTERM) ends within this; Cloud Run allows 10 s before SIGKILL.
     shutdown_seconds: float = 8.0
+    claim_poll_seconds: float = 1.0
     # Bounds the server's memory on large loads (they spill to the data directory).
     duckdb_memory_limit: str = "256MB"
     # The operator token of the all-tenant scheduler trigger (`x-scheduler-token`); empty:
@@ -162,6 +163,9 @@ class Config:
             ),
             bigquery_endpoint=env.get("CONVERGENCE_BIGQUERY_ENDPOINT", defaults.bigquery_endpoint),
             heartbeat_seconds=_int(env, "CONVERGENCE_RUN_HEARTBEAT_SECONDS", 5),
+            claim_poll_seconds=_seconds(
+                env, "CONVERGENCE_CLAIM_POLL_SECONDS", defaults.claim_poll_seconds
+            ),
             lease_seconds=_int(env, "CONVERGENCE_RUN_LEASE_SECONDS", 30),
             clock_offset_file=env.get("CONVERGENCE_CLOCK_OFFSET_FILE", ""),
             open_requests_per_minute_per_client=_int(

@@ -57,7 +57,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MAX_ATTEMPTS = 3
-IDLE_POLL_SECONDS = 1.0
 # A run's end or hand-back that the store refuses is tried again after 0.2 s, doubling to this.
 MAX_PERSIST_BACKOFF = 10.0
 # While stopping, running statements are interrupted again this often (an interrupt that
@@ -71,6 +70,9 @@ class ExecutorSettings:
     workers: int = 4
     heartbeat_seconds: float = 5.0
     lease_seconds: float = 30.0
+    # How often idle workers look for runs they were not woken for (another replica's
+    # admissions, runs put back by recovery); on BigQuery each look is a query job.
+    poll_seconds: float = 1.0
     sample_data: Path = Path("configs/sample_data")
     source_roots: tuple[Path, ...] = ()
     gcs_source_roots: tuple[str, ...] = ()
@@ -272,6 +274,7 @@ class Executor:
                 ended = None
                 if await self._store.requeue_run(run, self._clock(), count_attempt=True):
                     log.warning("run %s requeued: its execution was lost", run.pipeline_logging_id)
+                    self._wakeup.set()  # not left to the next poll
             else:
                 ended = await self._store.finish_run(
                     run,
@@ -306,7 +309,7 @@ class Executor:
                     return
                 self._wakeup.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wakeup.wait(), IDLE_POLL_SECONDS)
+                    await asyncio.wait_for(self._wakeup.wait(), self._settings.poll_seconds)
                 continue
             self._wakeup.set()  # there may be more: let another idle worker look
             await self._execute(run)
@@ -322,13 +325,13 @@ class Executor:
         finally:
             self._queued.discard(worker)
         try:
-            # Idle workers take turns: the store sees one poll a second per server (on
-            # BigQuery each is a billed query), and a wake-up at once.
+            # Idle workers take turns: the store sees one poll per `poll_seconds` per
+            # server (on BigQuery each is a billed query), and a wake-up at once.
             if self._stopping.is_set() or (
                 not self._wakeup.is_set() and time.monotonic() < self._next_poll
             ):
                 return None
-            self._next_poll = time.monotonic() + IDLE_POLL_SECONDS
+            self._next_poll = time.monotonic() + self._settings.poll_seconds
             try:
                 run = await self._store.claim_next_run(self._worker_id, self._clock())
             except Exception as exc:
