@@ -457,13 +457,15 @@ class Horizon:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self._learning = threading.Lock()
         self._oldest: datetime | None = None  # of the runs not ended, or the learning's start
         self._learned_at: datetime | None = None
         self._rescanned_at: datetime | None = None
         self._admitted: datetime | None = None  # the oldest admitted here since it began
 
     def admitted(self, created_at: datetime) -> None:
-        """A run this replica admitted (called once its admission is committed)."""
+        """A run this replica admitted, or may have: called after its admission's
+        transaction, whatever came of it."""
         with self._lock:
             if self._oldest is not None:
                 self._oldest = min(self._oldest, created_at)
@@ -478,27 +480,28 @@ class Horizon:
 
     def learn(self, db: Central, now: datetime) -> None:
         """Learns the oldest run not ended, if a minute has passed since the last time
-        (blocking; a clock set back counts as due)."""
-        if (
-            self._learned_at is not None
-            and self._learned_at <= now < self._learned_at + HORIZON_LEARN
-        ):
-            return
-        rescan = self._rescanned_at is None or not (
-            self._rescanned_at <= now < self._rescanned_at + HORIZON_RESCAN
-        )
-        where, params = ("TRUE", {}) if rescan else self.where(now)
-        with self._lock:
-            self._admitted = None
-        ((oldest,),) = db.query(
-            f"SELECT MIN(created_at) FROM ({latest_events_sql(db, where)}) WHERE {ACTIVE}",
-            **params,
-        )
-        with self._lock:
-            self._oldest = min(oldest or now, now, self._admitted or now)
-            self._learned_at = now
-            if rescan:
-                self._rescanned_at = now
+        (blocking; a clock set back counts as due; one learning at a time)."""
+        with self._learning:
+            if (
+                self._learned_at is not None
+                and self._learned_at <= now < self._learned_at + HORIZON_LEARN
+            ):
+                return
+            rescan = self._rescanned_at is None or not (
+                self._rescanned_at <= now < self._rescanned_at + HORIZON_RESCAN
+            )
+            with self._lock:  # admissions from here on are in `_admitted`, the rest in the bound
+                self._admitted = None
+                where, params = ("TRUE", {}) if rescan else self.where(now)
+            ((oldest,),) = db.query(
+                f"SELECT MIN(created_at) FROM ({latest_events_sql(db, where)}) WHERE {ACTIVE}",
+                **params,
+            )
+            with self._lock:
+                self._oldest = min(oldest or now, now, self._admitted or now)
+                self._learned_at = now
+                if rescan:
+                    self._rescanned_at = now
 
 
 async def pending_runs(db: Central, horizon: Horizon, now: datetime) -> tuple[int, datetime | None]:
