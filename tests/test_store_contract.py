@@ -939,6 +939,38 @@ def test_a_bigquery_replica_reads_only_the_partitions_of_runs_not_ended(
         assert ended is not None and ended.status == "COMPLETE"
 
 
+def test_a_bigquery_first_page_of_runs_reads_from_where_the_last_one_ended(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    """A replica reads a filter's first page from the partitions where its last full first
+    page ended (one query job), and the older ones too when runs left the filter since;
+    every page is the one a replica without that memory reads."""
+    with replicas(emulator, tmp_path) as (listing, fresh):
+        tenant_id = tenant(listing)
+        base = datetime.now(UTC) - timedelta(days=30)
+        made = [new_run(tenant_id, base + timedelta(days=i)) for i in range(4)]
+        for r in made:
+            run(listing.create_run(r, LONG_AGO, None))
+
+        def page(where: RunFilter, jobs: int) -> list[str]:
+            with query_jobs(listing) as started:
+                found = ids(run(listing.list_runs(where, None, 2)))
+            assert found == ids(run(fresh.list_runs(where, None, 2)))
+            assert len(started) == jobs, started
+            return found
+
+        everything, pending = RunFilter(tenant_id), RunFilter(tenant_id, status="PENDING")
+        assert page(everything, 1) == ids(made[:1:-1])
+        assert page(everything, 1) == ids(made[:1:-1])  # from made[2]'s partition on
+        newer = new_run(tenant_id)
+        run(listing.create_run(newer, LONG_AGO, None))
+        assert page(everything, 1) == ids([newer, made[3]])
+        assert page(pending, 1) == ids([newer, made[3]])
+        for r in (newer, made[3]):  # they leave the filter: the older partitions are read
+            run(listing.request_cancel(tenant_id, r.pipeline_logging_id, datetime.now(UTC)))
+        assert page(pending, 2) == ids([made[2], made[1]])
+
+
 def test_concurrent_bigquery_reads_share_a_query_job_begun_after_them(
     emulator: Emulator, tmp_path: Path
 ) -> None:

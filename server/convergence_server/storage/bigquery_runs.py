@@ -383,12 +383,19 @@ async def get_run(db: Central, tenant_id: str, run_id: str) -> RunRecord | None:
 
 
 async def list_runs(
-    db: Central, where: RunFilter, after: RunCursor | None, limit: int
+    db: Central,
+    where: RunFilter,
+    after: RunCursor | None,
+    limit: int,
+    since: datetime | None = None,
 ) -> list[RunRecord]:
+    """A page of runs, newest first. With `since`, the partitions from `since` on are read
+    first, and the older ones only when those hold fewer than `limit` runs: a page that
+    ended at `since` before holds at least as many now, unless runs left its filter."""
     # Conditions on what every event of a run holds (its tenant and creation) go to the
     # event table, where BigQuery prunes by them; the rest to each run's newest state.
     conditions, events = [], ["tenant_id = @tenant_id"]
-    params: dict[str, Any] = {"tenant_id": where.tenant_id}
+    params: dict[str, Any] = {"tenant_id": where.tenant_id, "since": since}
     if where.status:
         conditions.append("status = @status")
         params["status"] = where.status
@@ -408,13 +415,25 @@ async def list_runs(
             "@after_id))"
         )
         params.update(after_at=after.created_at, after_id=after.pipeline_logging_id)
-    sql = (
-        f"SELECT {SELECT_RUN} FROM ({latest_events_sql(db, ' AND '.join(events))}) "
-        f"WHERE {' AND '.join(conditions or ['TRUE'])} "
-        f"ORDER BY created_at DESC, pipeline_logging_id DESC LIMIT {int(limit)}"
-    )
-    rows = await db.call(lambda: db.runner.query(sql, params))
-    return [run_from_row(row) for row in rows]
+
+    def page(window: str, count: int) -> list[RunRecord]:
+        sql = (
+            f"SELECT {SELECT_RUN} FROM ({latest_events_sql(db, ' AND '.join([*events, window]))}) "
+            f"WHERE {' AND '.join(conditions or ['TRUE'])} "
+            f"ORDER BY created_at DESC, pipeline_logging_id DESC LIMIT {int(count)}"
+        )
+        used = {k: v for k, v in params.items() if f"@{k}" in sql}
+        return [run_from_row(row) for row in db.runner.query(sql, used)]
+
+    def read() -> list[RunRecord]:
+        if since is None:
+            return page("TRUE", limit)
+        found = page("created_at >= @since", limit)
+        if len(found) < limit:
+            found += page("created_at < @since", limit - len(found))
+        return found
+
+    return await db.call(read)
 
 
 async def cancel_requested(db: Central, run: RunRecord | None, run_id: str) -> bool:

@@ -131,6 +131,8 @@ class BigQueryStore:
         # Runs that ended, as read or written here: an ended run never changes again (every
         # change of a run is guarded by PENDING or RUNNING), so each replica reads it once.
         self._ended: Lru[RunRecord] = Lru(CAPACITY)
+        # Where the last full first page of each filter ended (see `list_runs`).
+        self._first_pages: Lru[datetime] = Lru(CAPACITY)
         # Runs executing here, as last written here. Only their worker changes them, but for
         # a cancel asked on another replica and a recovery by another replica after lost
         # heartbeats: each heartbeat reads those back (`heartbeat`), so reads served from
@@ -711,9 +713,16 @@ class BigQueryStore:
     async def list_runs(
         self, where: RunFilter, after: RunCursor | None, limit: int
     ) -> list[RunRecord]:
+        # A first page is read from where this filter's last full first page ended: runs
+        # are never deleted, so it holds a full page again unless runs left the filter.
+        first = f"{where!r}/{limit}" if after is None else None
+        since = self._first_pages.get(first) if first else None
         found = await self._reads.read(
-            ("runs", where, after, limit), lambda: runs.list_runs(self._db, where, after, limit)
+            ("runs", where, after, limit),
+            lambda: runs.list_runs(self._db, where, after, limit, since),
         )
+        if first and len(found) == limit:
+            self._first_pages.put(first, found[-1].created_at)
         for run in found:
             self._keep(run)
         return list(found)
