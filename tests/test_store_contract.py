@@ -971,6 +971,27 @@ def test_a_bigquery_first_page_of_runs_reads_from_where_the_last_one_ended(
         assert page(pending, 2) == ids([made[2], made[1]])
 
 
+def test_a_bigquery_replica_reads_a_tenants_typical_run_once_a_minute(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    """Each concurrency refusal's Retry-After reads the tenant's median run, over its
+    history: a replica reads it once and keeps it a minute."""
+    store = open_store("bigquery", tmp_path, emulator, new_prefix())
+    try:
+        tenant_id = tenant(store)
+        run(store.create_run(new_run(tenant_id), LONG_AGO, None))
+        claimed = claim(store, tenant_id)
+        ended = run(store.finish_run(claimed, "COMPLETE", claimed.start_time + timedelta(7)))
+        assert ended is not None and ended.duration_ms == 7 * 86_400_000
+        with query_jobs(store) as jobs:
+            assert [run(store.typical_run_ms(tenant_id)) for _ in range(3)] == [
+                ended.duration_ms
+            ] * 3
+        assert len(jobs) == 1, jobs
+    finally:
+        run(store.close())
+
+
 def test_concurrent_bigquery_reads_share_a_query_job_begun_after_them(
     emulator: Emulator, tmp_path: Path
 ) -> None:

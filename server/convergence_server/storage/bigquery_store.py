@@ -104,6 +104,7 @@ log = logging.getLogger(__name__)
 THREADS = 16
 ENDED = ("COMPLETE", "FAILED")
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+TYPICAL_RUN_SECONDS = 60.0
 
 
 class BigQueryStore:
@@ -133,6 +134,8 @@ class BigQueryStore:
         self._ended: Lru[RunRecord] = Lru(CAPACITY)
         # Where the last full first page of each filter ended (see `list_runs`).
         self._first_pages: Lru[datetime] = Lru(CAPACITY)
+        # Each tenant's median run, until when it is kept (see `typical_run_ms`).
+        self._typical: Lru[tuple[float, int | None]] = Lru(CAPACITY)
         # Runs executing here, as last written here. Only their worker changes them, but for
         # a cancel asked on another replica and a recovery by another replica after lost
         # heartbeats: each heartbeat reads those back (`heartbeat`), so reads served from
@@ -692,7 +695,16 @@ class BigQueryStore:
         return await runs.active_runs(self._db, tenant_id)
 
     async def typical_run_ms(self, tenant_id: str) -> int | None:
-        return await runs.typical_run_ms(self._db, tenant_id)
+        # Read on every concurrency refusal (its Retry-After), over the tenant's history:
+        # kept a minute, so that refusals cost a tenant one query a minute at most.
+        kept = self._typical.get(tenant_id)
+        if kept is not None and time.monotonic() < kept[0]:
+            return kept[1]
+        typical = await self._reads.read(
+            ("typical", tenant_id), lambda: runs.typical_run_ms(self._db, tenant_id)
+        )
+        self._typical.put(tenant_id, (time.monotonic() + TYPICAL_RUN_SECONDS, typical))
+        return typical
 
     async def get_run(self, tenant_id: str, run_id: str) -> RunRecord | None:
         run = self._ended.get(run_id) or self._executing.get(run_id)
