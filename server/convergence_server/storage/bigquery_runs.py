@@ -65,13 +65,16 @@ SELECT_RUN = RUN_COLUMNS.replace("parameters", "TO_JSON_STRING(parameters) AS pa
 RUN_EVENT_NAMES = [c.name for c in RUN_EVENTS.columns]
 STEP_EVENT_NAMES = [c.name for c in STEP_EVENTS.columns]
 OWNER_GUARD = "status = 'RUNNING' AND IFNULL(worker_id, '') = @worker_id AND attempt = @attempt"
+# Each run's `created_at` is its admitting replica's clock: replicas' clocks must agree
+# within half of this (see `Horizon`).
+HORIZON_MARGIN = timedelta(days=1)
 # The events of one run, named as BigQuery finds them cheapest: its partition (every event
 # of a run holds the run's `created_at`) and its cluster (tenant, then run).
 OF_RUN = "tenant_id = @tenant_id AND created_at = @created_at AND pipeline_logging_id = @run_id"
 # Its steps: they start after the run was created, by clocks that agree within the margin.
 STEPS_OF_RUN = (
     "tenant_id = @tenant_id AND pipeline_logging_id = @run_id "
-    "AND step_start_time >= TIMESTAMP_SUB(@created_at, INTERVAL 1 DAY)"
+    f"AND step_start_time >= TIMESTAMP_SUB(@created_at, INTERVAL {HORIZON_MARGIN.days} DAY)"
 )
 RUNS_NAMED = (
     "tenant_id IN UNNEST(@tenants) AND created_at >= @oldest "
@@ -395,7 +398,7 @@ async def list_runs(
     # Conditions on what every event of a run holds (its tenant and creation) go to the
     # event table, where BigQuery prunes by them; the rest to each run's newest state.
     conditions, events = [], ["tenant_id = @tenant_id"]
-    params: dict[str, Any] = {"tenant_id": where.tenant_id, "since": since}
+    params: dict[str, Any] = {"tenant_id": where.tenant_id}
     if where.status:
         conditions.append("status = @status")
         params["status"] = where.status
@@ -422,8 +425,8 @@ async def list_runs(
             f"WHERE {' AND '.join(conditions or ['TRUE'])} "
             f"ORDER BY created_at DESC, pipeline_logging_id DESC LIMIT {int(count)}"
         )
-        used = {k: v for k, v in params.items() if f"@{k}" in sql}
-        return [run_from_row(row) for row in db.runner.query(sql, used)]
+        bound = {**params, "since": since} if since is not None else params
+        return [run_from_row(row) for row in db.runner.query(sql, bound)]
 
     def read() -> list[RunRecord]:
         if since is None:
@@ -449,9 +452,6 @@ async def cancel_requested(db: Central, run: RunRecord | None, run_id: str) -> b
 
 # -- the runs not ended ---------------------------------------------------------------------
 
-# Each run's `created_at` is its admitting replica's clock: replicas' clocks must agree
-# within half of this.
-HORIZON_MARGIN = timedelta(days=1)
 HORIZON_LEARN = timedelta(minutes=1)
 HORIZON_RESCAN = timedelta(hours=1)
 ACTIVE = "status IN ('PENDING', 'RUNNING')"
@@ -501,14 +501,9 @@ class Horizon:
         """Learns the oldest run not ended, if a minute has passed since the last time
         (blocking; a clock set back counts as due; one learning at a time)."""
         with self._learning:
-            if (
-                self._learned_at is not None
-                and self._learned_at <= now < self._learned_at + HORIZON_LEARN
-            ):
+            if _within(self._learned_at, HORIZON_LEARN, now):
                 return
-            rescan = self._rescanned_at is None or not (
-                self._rescanned_at <= now < self._rescanned_at + HORIZON_RESCAN
-            )
+            rescan = not _within(self._rescanned_at, HORIZON_RESCAN, now)
             with self._lock:  # admissions from here on are in `_admitted`, the rest in the bound
                 self._admitted = None
                 where, params = ("TRUE", {}) if rescan else self.where(now)
@@ -521,6 +516,11 @@ class Horizon:
                 self._learned_at = now
                 if rescan:
                     self._rescanned_at = now
+
+
+def _within(since: datetime | None, span: timedelta, now: datetime) -> bool:
+    """Whether `now` is less than `span` after `since` (not before it: a clock set back)."""
+    return since is not None and since <= now < since + span
 
 
 async def pending_runs(db: Central, horizon: Horizon, now: datetime) -> tuple[int, datetime | None]:
