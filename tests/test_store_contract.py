@@ -37,6 +37,7 @@ from convergence_server.storage.records import (
     RunRecord,
     StepRecord,
     TenantRecord,
+    UsageRecord,
     WebhookRecord,
 )
 from tests.bigquery_emulator import PROJECT, Emulator
@@ -558,6 +559,31 @@ def test_a_burst_of_tenants_keys_and_limits_is_admitted_exactly(store: Store) ->
             run(store.request_cancel(tenant_id, waiting.pipeline_logging_id, datetime.now(UTC)))
 
 
+def test_a_run_ending_days_after_it_was_created_counts_on_both_days(store: Store) -> None:
+    """Its creation and its success count on the day it was created; its end sets the
+    concurrency of the day it ends, whose row takes the tenant's last limits."""
+    tenant_id = tenant(store)
+    today = datetime.now(UTC)
+    old = new_run(tenant_id, today - timedelta(days=2))
+    assert run(store.create_run(old, LONG_AGO, RunLimits(daily=10, concurrent=5))).created
+    claimed = claim(store, tenant_id)
+    assert run(store.finish_run(claimed, "COMPLETE", today)) is not None
+    assert run(store.get_usage(tenant_id, today.date() - timedelta(days=1))) is None
+    assert run(store.get_usage(tenant_id, today.date())) == UsageRecord(
+        tenant_id, today.date(), 0, 0, 0, 0, 0, 10, 5
+    )
+    assert run(store.create_run(new_run(tenant_id), LONG_AGO, RunLimits(20, 8))).created
+    assert run(store.get_usage(tenant_id, today.date())) == UsageRecord(
+        tenant_id, today.date(), 1, 0, 0, 1, 1, 20, 8
+    )
+    assert run(store.get_usage(tenant_id, old.created_at.date())) == UsageRecord(
+        tenant_id, old.created_at.date(), 1, 1, 0, 1, 1, 10, 5
+    )
+    assert run(store.get_usage(tenant_id, today.date() + timedelta(days=1))) is None
+    cancelled = run(store.list_runs(RunFilter(tenant_id, status="PENDING"), None, 10))
+    run(store.request_cancel(tenant_id, cancelled[0].pipeline_logging_id, today))
+
+
 # -- execution --------------------------------------------------------------------------
 
 
@@ -937,6 +963,81 @@ def test_a_bigquery_replica_reads_only_the_partitions_of_runs_not_ended(
         run(claiming.heartbeat([late.pipeline_logging_id], "worker-b"))
         ended = run(claiming.finish_run(late, "COMPLETE", an_hour_on))
         assert ended is not None and ended.status == "COMPLETE"
+
+
+def assert_usage_from_counters(store: Store, expected: UsageRecord) -> None:
+    """The BigQuery `store` reads `expected` with one query job, not from the usage view."""
+    with query_jobs(store) as jobs:
+        assert run(store.get_usage(expected.tenant_id, expected.usage_date)) == expected
+    assert len(jobs) == 1 and "tenant_usage_quotas" not in jobs[0], jobs
+
+
+def test_a_bigquery_replica_reads_todays_usage_from_the_counters_and_todays_partition(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    """Today's usage is one query job over the tenant's counters and today's partition of
+    the run events: an event in an older partition (here one made up, which the usage
+    view counts) is not read."""
+    store = open_store("bigquery", tmp_path, emulator, new_prefix())
+    try:
+        tenant_id = tenant(store)
+        made = new_run(tenant_id)
+        run(store.create_run(made, LONG_AGO, RunLimits(daily=10, concurrent=5)))
+        events = store._db.table("tenant_run_events")  # type: ignore[attr-defined]
+        store._query(  # type: ignore[attr-defined]
+            f"INSERT INTO {events} SELECT * REPLACE ('ghost' AS pipeline_logging_id, "
+            "TIMESTAMP_SUB(created_at, INTERVAL 30 DAY) AS created_at, 'finished' AS event, "
+            f"99 AS active_after) FROM {events} WHERE tenant_id = @t",
+            t=tenant_id,
+        )
+        today = made.created_at.date()
+        view = store._query(  # type: ignore[attr-defined]
+            "SELECT max_concurrent_reached FROM "
+            f"{store._db.table('tenant_usage_quotas')} "  # type: ignore[attr-defined]
+            "WHERE tenant_id = @t AND usage_date = @d",
+            t=tenant_id,
+            d=today,
+        )
+        assert view == [(99,)]
+        assert_usage_from_counters(store, UsageRecord(tenant_id, today, 1, 0, 0, 1, 1, 10, 5))
+        run(store.request_cancel(tenant_id, made.pipeline_logging_id, datetime.now(UTC)))
+    finally:
+        run(store.close())
+
+
+def test_a_bigquery_store_of_schema_9_fills_the_tenants_usage_counters(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    """Migration 10 adds the usage columns to the counters of the tenants there are and
+    fills them from the usage view: today's usage reads the same after it."""
+    prefix = new_prefix()
+    store = open_store("bigquery", tmp_path, emulator, prefix)
+    tenant_id = tenant(store)
+    made = new_run(tenant_id)
+    try:
+        for _ in range(2):
+            run(store.create_run(new_run(tenant_id), LONG_AGO, RunLimits(10, 5)))
+        run(store.create_run(made, LONG_AGO, RunLimits(10, 5)))
+        for waiting in run(store.list_runs(RunFilter(tenant_id, status="PENDING"), None, 10)):
+            if waiting.pipeline_logging_id != made.pipeline_logging_id:
+                run(store.request_cancel(tenant_id, waiting.pipeline_logging_id, datetime.now(UTC)))
+        today = made.created_at.date()
+        expected = UsageRecord(tenant_id, today, 3, 0, 2, 1, 3, 10, 5)
+        assert run(store.get_usage(tenant_id, today)) == expected
+        db = store._db  # type: ignore[attr-defined]
+        counters = db.table(f"tenant_run_counters_{tenant_id}")
+        for name in ("usage_day", "usage_peak", "daily_limit", "concurrent_limit"):
+            db.query(f"ALTER TABLE {counters} DROP COLUMN {name}")
+        db.query(f"DELETE FROM {db.table('schema_migrations')} WHERE version = 10")
+    finally:
+        run(store.close())
+    store = open_store("bigquery", tmp_path, emulator, prefix)
+    try:
+        assert run(store.schema_version()) == schema.SCHEMA_VERSION
+        assert_usage_from_counters(store, expected)
+        run(store.request_cancel(tenant_id, made.pipeline_logging_id, datetime.now(UTC)))
+    finally:
+        run(store.close())
 
 
 def test_a_bigquery_first_page_of_runs_reads_from_where_the_last_one_ended(

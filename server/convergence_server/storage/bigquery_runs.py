@@ -36,6 +36,7 @@ from convergence_server.storage.bigquery_schema import (
     latest_steps_sql,
     next_seq_sql,
     runs_sql,
+    usage_touch_sql,
 )
 from convergence_server.storage.locks import GroupCommit
 from convergence_server.storage.records import (
@@ -216,7 +217,7 @@ async def create_runs(
               SELECT {columns} FROM ({" UNION ALL ".join(rows)}) WHERE i < admitted;
               UPDATE {counters} SET active_runs = active_runs + admitted,
                 runs_today = IF(runs_day = @day, runs_today + admitted, admitted),
-                runs_day = @day
+                runs_day = @day, {_admitted_sql("active_runs + admitted")}
               WHERE TRUE;
             END IF;
             COMMIT TRANSACTION;
@@ -236,6 +237,13 @@ async def create_runs(
         )
         answers += [refusal] * (len(made) - admitted)
     return answers
+
+
+def _admitted_sql(after: str) -> str:
+    """The counters' SET clauses of an admission that brings the active runs to `after`."""
+    return f"""{usage_touch_sql(after)},
+                daily_limit = IF(@limited, @daily_limit, daily_limit),
+                concurrent_limit = IF(@limited, @concurrent_limit, concurrent_limit)"""
 
 
 def _created_event(prefix: str, index: int) -> dict[str, str]:
@@ -306,7 +314,8 @@ async def create_run(
               INSERT INTO {db.table(RUN_EVENTS.name)} ({", ".join(RUN_EVENT_NAMES)})
               VALUES ({", ".join(values.values())});
               UPDATE {counters} SET active_runs = active_runs + 1,
-                runs_today = IF(runs_day = @day, runs_today + 1, 1), runs_day = @day
+                runs_today = IF(runs_day = @day, runs_today + 1, 1), runs_day = @day,
+                {_admitted_sql("active_runs + 1")}
               WHERE TRUE;
             END IF;
             {progress_sql(db) if progress is not None else ""}
@@ -337,6 +346,34 @@ async def create_run(
 
 
 async def get_usage(db: Central, tenant_id: str, day: date) -> UsageRecord | None:
+    """The tenant's usage row of `day`. The newest usage day (today, as the API asks) is
+    read from the tenant's counters and the run events of that day's partition (its runs'
+    ends), so a poll of it reads no more as the history grows; an older day from the usage
+    view, which reads the tenant's whole history."""
+
+    def newest() -> list[tuple[Any, ...]]:
+        try:
+            return db.query(
+                "SELECT c.usage_day, IF(c.runs_day = @d, c.runs_today, 0), e.ok, e.bad, "
+                "c.active_runs, c.usage_peak, IFNULL(c.daily_limit, 0), "
+                f"IFNULL(c.concurrent_limit, 0) FROM {counters_table(db, tenant_id)} AS c "
+                "CROSS JOIN (SELECT COUNTIF(status = 'COMPLETE') AS ok, "
+                "COUNTIF(status != 'COMPLETE') AS bad "
+                f"FROM {db.table(RUN_EVENTS.name)} WHERE tenant_id = @t AND event = 'finished' "
+                "AND created_at >= @since AND created_at < @until) AS e",
+                t=tenant_id,
+                d=day,
+                since=_start_of(day),
+                until=_start_of(day + timedelta(days=1)),
+            )
+        except api_exceptions.NotFound:  # no such tenant
+            return []
+
+    rows = await db.call(newest)
+    if not rows or rows[0][0] is None or rows[0][0] < day:  # no change that day
+        return None
+    if rows[0][0] == day:
+        return UsageRecord(tenant_id, day, *(int(v) for v in rows[0][1:]))
     rows = await db.call(
         lambda: db.query(
             "SELECT tenant_id, usage_date, pipelines_run_today, pipelines_succeeded_today, "
@@ -348,6 +385,10 @@ async def get_usage(db: Central, tenant_id: str, day: date) -> UsageRecord | Non
         )
     )
     return UsageRecord(*rows[0]) if rows else None
+
+
+def _start_of(day: date) -> datetime:
+    return datetime(day.year, day.month, day.day, tzinfo=UTC)
 
 
 async def active_runs(db: Central, tenant_id: str) -> int:
@@ -650,7 +691,9 @@ def _finish(
     the run was created, and sets today's concurrency, as the embedded store does."""
     counters = counters_table(db, run.tenant_id)
     then = f"""
-            UPDATE {counters} SET active_runs = active_runs - 1 WHERE TRUE;
+            UPDATE {counters} SET active_runs = active_runs - 1,
+              {usage_touch_sql("active_runs - 1")}
+            WHERE TRUE;
             {_interrupt_steps_sql(db) if owned else ""}
         """
     return _change(

@@ -70,8 +70,17 @@ COUNTERS = schema.Table(
         schema.Column("runs_day", "DATE"),
         schema.Column("runs_today", "INT64", required=True),
         schema.Column("updated_at", "TIMESTAMP", required=True),
+        # What `get_usage` answers the newest usage day from without reading the events:
+        # that day (of the newest admission or end), the tenant's highest concurrency after
+        # a change of that day, and the last admission's limits (NULL: none yet).
+        schema.Column("usage_day", "DATE"),
+        schema.Column("usage_peak", "INT64"),
+        schema.Column("daily_limit", "INT64"),
+        schema.Column("concurrent_limit", "INT64"),
     ),
 )
+# The counters' columns each migration adds to the tables of the tenants that exist.
+COUNTERS_ADDS = {10: ("usage_day", "usage_peak", "daily_limit", "concurrent_limit")}
 # Tables that the embedded store keeps as tables and this one derives, as views, from
 # append-only tables (created in their place).
 EVENT_BACKED = {
@@ -131,6 +140,8 @@ def migrate(db: Central) -> None:
                     f"ALTER TABLE {db.table(physical.name)} "
                     f"ADD COLUMN IF NOT EXISTS {name} {types[name]}"
                 )
+        if migration.version in COUNTERS_ADDS:
+            _add_counters_columns(db, COUNTERS_ADDS[migration.version])
         db.query(
             f"INSERT INTO {db.table('schema_migrations')} (version, description, applied_at) "
             "SELECT @v, @d, CURRENT_TIMESTAMP() FROM UNNEST([1]) "
@@ -143,6 +154,47 @@ def migrate(db: Central) -> None:
     db.query(steps_view_sql(db))
     db.query(usage_view_sql(db))
     db.query(schedules_view_sql(db))
+
+
+def _add_counters_columns(db: Central, names: tuple[str, ...]) -> None:
+    """Adds `names` to every tenant's counters table, and fills the usage columns from
+    the usage view (once: a table whose `usage_day` is set is left alone). Replicas of an
+    older version that change runs meanwhile do not keep the new columns: a rolling
+    upgrade's day may show a lower `max_concurrent_reached` until the next day."""
+    types = {c.name: c.type for c in COUNTERS.columns}
+    prefix = f"{COUNTERS.name}_"
+    for table in db.runner.client.list_tables(db.name, retry=STARTUP_RETRY):
+        if not table.table_id.startswith(prefix):
+            continue
+        counters = db.table(table.table_id)
+        for name in names:
+            db.query(f"ALTER TABLE {counters} ADD COLUMN IF NOT EXISTS {name} {types[name]}")
+        newest = db.query(
+            "SELECT usage_date, max_concurrent_reached, daily_limit, concurrent_limit "
+            f"FROM {db.table(schema.TENANT_USAGE_QUOTAS.name)} WHERE tenant_id = @t "
+            "ORDER BY usage_date DESC LIMIT 1",
+            t=table.table_id.removeprefix(prefix),
+        )
+        if newest:
+            day, peak, daily, concurrent = newest[0]
+            db.query(
+                f"UPDATE {counters} SET usage_day = @day, usage_peak = @peak, "
+                "daily_limit = @daily, concurrent_limit = @concurrent WHERE usage_day IS NULL",
+                day=day,
+                peak=peak,
+                daily=daily,
+                concurrent=concurrent,
+            )
+
+
+def usage_touch_sql(after: str) -> str:
+    """The SET clauses that count a change of the tenant's active runs to `after` on the
+    usage day `@day` in its counters row: a newer day starts over, an older one (a clock
+    behind) is left to the usage view."""
+    return f"""
+              usage_peak = CASE WHEN usage_day = @day THEN GREATEST(usage_peak, {after})
+                                WHEN usage_day > @day THEN usage_peak ELSE {after} END,
+              usage_day = IF(usage_day > @day, usage_day, @day)"""
 
 
 def runs_view_sql(db: Central) -> str:

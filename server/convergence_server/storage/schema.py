@@ -409,6 +409,9 @@ MIGRATIONS: tuple[Migration, ...] = (
         creates=(TENANT_WEBHOOKS,),
         adds=((TENANT_PIPELINE_RUNS, ("trace_id",)),),
     ),
+    # The embedded store keeps usage in its table; the BigQuery store adds the tenants'
+    # counters columns that answer a day's usage without reading the run events.
+    Migration(10, "usage of the newest day kept with each tenant's run counters"),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1].version
