@@ -1005,6 +1005,25 @@ def test_a_bigquery_replica_reads_todays_usage_from_the_counters_and_todays_part
         run(store.close())
 
 
+@contextlib.contextmanager
+def migrated_from(
+    version: int, store: Store, prefix: str, emulator: Emulator, tmp_path: Path
+) -> Iterator[Store]:
+    """The BigQuery `store` (of dataset `prefix`) closed as a store of schema `version`
+    (its later migrations forgotten), and opened again: migrated to the newest."""
+    db = store._db  # type: ignore[attr-defined]
+    try:
+        db.query(f"DELETE FROM {db.table('schema_migrations')} WHERE version > @v", v=version)
+    finally:
+        run(store.close())
+    again = open_store("bigquery", tmp_path, emulator, prefix)
+    try:
+        assert run(again.schema_version()) == schema.SCHEMA_VERSION
+        yield again
+    finally:
+        run(again.close())
+
+
 def test_a_bigquery_store_of_schema_9_fills_the_tenants_usage_counters(
     emulator: Emulator, tmp_path: Path
 ) -> None:
@@ -1014,30 +1033,52 @@ def test_a_bigquery_store_of_schema_9_fills_the_tenants_usage_counters(
     store = open_store("bigquery", tmp_path, emulator, prefix)
     tenant_id = tenant(store)
     made = new_run(tenant_id)
-    try:
-        for _ in range(2):
-            run(store.create_run(new_run(tenant_id), LONG_AGO, RunLimits(10, 5)))
-        run(store.create_run(made, LONG_AGO, RunLimits(10, 5)))
-        for waiting in run(store.list_runs(RunFilter(tenant_id, status="PENDING"), None, 10)):
-            if waiting.pipeline_logging_id != made.pipeline_logging_id:
-                run(store.request_cancel(tenant_id, waiting.pipeline_logging_id, datetime.now(UTC)))
-        today = made.created_at.date()
-        expected = UsageRecord(tenant_id, today, 3, 0, 2, 1, 3, 10, 5)
-        assert run(store.get_usage(tenant_id, today)) == expected
-        db = store._db  # type: ignore[attr-defined]
-        counters = db.table(f"tenant_run_counters_{tenant_id}")
-        for name in ("usage_day", "usage_peak", "daily_limit", "concurrent_limit"):
-            db.query(f"ALTER TABLE {counters} DROP COLUMN {name}")
-        db.query(f"DELETE FROM {db.table('schema_migrations')} WHERE version = 10")
-    finally:
-        run(store.close())
-    store = open_store("bigquery", tmp_path, emulator, prefix)
-    try:
-        assert run(store.schema_version()) == schema.SCHEMA_VERSION
+    for _ in range(2):
+        run(store.create_run(new_run(tenant_id), LONG_AGO, RunLimits(10, 5)))
+    run(store.create_run(made, LONG_AGO, RunLimits(10, 5)))
+    for waiting in run(store.list_runs(RunFilter(tenant_id, status="PENDING"), None, 10)):
+        if waiting.pipeline_logging_id != made.pipeline_logging_id:
+            run(store.request_cancel(tenant_id, waiting.pipeline_logging_id, datetime.now(UTC)))
+    today = made.created_at.date()
+    expected = UsageRecord(tenant_id, today, 3, 0, 2, 1, 3, 10, 5)
+    assert run(store.get_usage(tenant_id, today)) == expected
+    db = store._db  # type: ignore[attr-defined]
+    counters = db.table(f"tenant_run_counters_{tenant_id}")
+    for name in ("usage_day", "usage_peak", "daily_limit", "concurrent_limit"):
+        db.query(f"ALTER TABLE {counters} DROP COLUMN {name}")
+    with migrated_from(9, store, prefix, emulator, tmp_path) as store:
         assert_usage_from_counters(store, expected)
         run(store.request_cancel(tenant_id, made.pipeline_logging_id, datetime.now(UTC)))
-    finally:
-        run(store.close())
+
+
+def test_a_bigquery_store_of_schema_10_clusters_publications_and_idempotency_keys(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    """Both are read by the columns they are clustered by (a publication by its run, a key
+    by its tenant and key), created so, or changed so by migration 11."""
+    prefix = new_prefix()
+    clustered = {
+        schema.TENANT_RUN_PUBLICATIONS.name: ["pipeline_logging_id"],
+        schema.TENANT_IDEMPOTENCY_KEYS.name: ["tenant_id", "idempotency_key"],
+    }
+
+    def clustering(store: Store) -> dict[str, list[str] | None]:
+        db = store._db  # type: ignore[attr-defined]
+        return {
+            name: db.runner.client.get_table(f"{db.name}.{name}").clustering_fields
+            for name in clustered
+        }
+
+    store = open_store("bigquery", tmp_path, emulator, prefix)
+    assert clustering(store) == clustered
+    db = store._db  # type: ignore[attr-defined]
+    for name in clustered:
+        table = db.runner.client.get_table(f"{db.name}.{name}")
+        table.clustering_fields = None
+        db.runner.client.update_table(table, ["clustering_fields"])
+    assert clustering(store) == dict.fromkeys(clustered)
+    with migrated_from(10, store, prefix, emulator, tmp_path) as store:
+        assert clustering(store) == clustered
 
 
 def test_a_bigquery_first_page_of_runs_reads_from_where_the_last_one_ended(

@@ -273,7 +273,8 @@ async def create_run(
     day = _day(run)
     counters, keys = counters_table(db, run.tenant_id), db.table("tenant_idempotency_keys")
     values = _created_event("", 0)
-    # Idempotency keys are only appended: the newest row of a key is its state.
+    # Idempotency keys are only appended: the newest row of a key is its state. A key's
+    # row holds its run's created_at, so the run is looked for from `keys_valid_from` on.
     script = f"""
             DECLARE next_seq INT64;
             DECLARE active_now INT64;
@@ -296,6 +297,7 @@ async def create_run(
                 WHERE k.created_at >= @keys_valid_from
                   AND EXISTS (SELECT 1 FROM {db.table(RUN_EVENTS.name)} AS e
                               WHERE e.tenant_id = @tenant_id
+                                AND e.created_at >= @keys_valid_from
                                 AND e.pipeline_logging_id = k.pipeline_logging_id));
             END IF;
             IF existing_run IS NOT NULL THEN

@@ -140,6 +140,11 @@ def migrate(db: Central) -> None:
                     f"ALTER TABLE {db.table(physical.name)} "
                     f"ADD COLUMN IF NOT EXISTS {name} {types[name]}"
                 )
+        for table in migration.clusters:
+            if table.name not in created:
+                found = client.get_table(f"{db.name}.{table.name}", retry=STARTUP_RETRY)
+                found.clustering_fields = list(table.cluster_by)
+                client.update_table(found, ["clustering_fields"], retry=STARTUP_RETRY)
         if migration.version in COUNTERS_ADDS:
             _add_counters_columns(db, COUNTERS_ADDS[migration.version])
         db.query(
