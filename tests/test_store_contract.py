@@ -930,6 +930,49 @@ def test_a_bigquery_replica_answers_the_steps_of_runs_it_executes(
         assert listed(1) == [*before, restarted]
 
 
+def test_a_bigquery_admission_that_fails_fails_its_own_triggers_only(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    """Triggers of a tenant that arrive together are admitted in order, a transaction for
+    consecutive plain ones and one for a trigger with an idempotency key: when the keyed
+    one's transaction fails, its caller alone sees the failure, and the triggers before and
+    after it are admitted."""
+    store = open_store("bigquery", tmp_path, emulator, new_prefix())
+    try:
+        tenant_id = tenant(store)
+        client = store._bq.client  # type: ignore[attr-defined]
+        send = client.query_and_wait
+
+        def query(sql: str, *args: Any, **kwargs: Any) -> Any:
+            values = {p.name: p.value for p in kwargs["job_config"].query_parameters}
+            if values.get("idempotency_key") == "k1":
+                raise ServiceUnavailable("the keyed admission's transaction")
+            return send(sql, *args, **kwargs)
+
+        client.query_and_wait = query
+        made = [new_run(tenant_id), new_run(tenant_id), new_run(tenant_id, key="k1")]
+        made.append(new_run(tenant_id))
+
+        async def together() -> list[Any]:
+            limits = RunLimits(10, 10)
+            admissions = (store.create_run(r, LONG_AGO, limits) for r in made)
+            return await asyncio.gather(*admissions, return_exceptions=True)
+
+        with query_jobs(store) as jobs:
+            answers = run(together())
+        client.query_and_wait = send
+        assert [a.created for a in answers[:2]] == [True, True], answers
+        assert isinstance(answers[2], Unavailable) and answers[3].created, answers
+        assert len(jobs) == 3, jobs  # the first two together, the keyed one, the last
+        pending = run(store.list_runs(RunFilter(tenant_id, status="PENDING"), None, 10))
+        assert sorted(ids(pending)) == sorted(ids([made[0], made[1], made[3]]))
+        assert run(store.active_runs(tenant_id)) == 3
+        for waiting in pending:
+            run(store.request_cancel(tenant_id, waiting.pipeline_logging_id, datetime.now(UTC)))
+    finally:
+        run(store.close())
+
+
 def test_a_bigquery_replica_reads_only_the_partitions_of_runs_not_ended(
     emulator: Emulator, tmp_path: Path
 ) -> None:
