@@ -311,10 +311,17 @@ class DuckDBWarehouse:
 
     @staticmethod
     def _day_total(
-        cur: duckdb.DuckDBPyConnection, table: str, day: str, total_column: str
+        cur: duckdb.DuckDBPyConnection,
+        table: str,
+        day: str,
+        total_column: str,
+        params: Mapping[str, Any] | None = None,
     ) -> tuple[int, Any]:
+        """The rows of `table` passing `day`, and the sum of their `total_column`."""
         total = quote_identifier_any(total_column) if total_column else "NULL"
-        (found,) = cur.execute(f"SELECT COUNT(*), SUM({total}) FROM {table} WHERE {day}").fetchall()
+        (found,) = cur.execute(
+            f"SELECT COUNT(*), SUM({total}) FROM {table} WHERE {day}", params
+        ).fetchall()
         return int(found[0]), found[1]
 
     async def insert_into(self, table: str, sql: str, params: Mapping[str, Any]) -> int:
@@ -457,12 +464,10 @@ class DuckDBWarehouse:
             cur.execute(f"DELETE FROM {destination}")
         elif write.write_mode == "replace_partition":
             day = f"CAST({quote_identifier_any(write.partition_column)} AS DATE) = $day"
-            total = quote_identifier_any(write.total_column) if write.total_column else "NULL"
-            (old,) = cur.execute(
-                f"SELECT COUNT(*), SUM({total}) FROM {destination} WHERE {day}",
-                {"day": write.partition_value},
-            ).fetchall()
-            (new,) = cur.execute(f"SELECT COUNT(*), SUM({total}) FROM {stage}").fetchall()
+            old = self._day_total(
+                cur, destination, day, write.total_column, {"day": write.partition_value}
+            )
+            new = self._day_total(cur, stage, "TRUE", write.total_column)
             refusal = write.shrink_refusal(old, new)
             if refusal:
                 raise PublishRefused(refusal)
