@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from datetime import date
 
@@ -95,9 +96,12 @@ class Accounts:
         authorize_tenant(caller, tenant_id)
         plan = await self._plans.plan_of(tenant_id)
         today = self._clock().date()
-        row = await self._store.get_usage(tenant_id, today)
-        members = await self._store.list_members(tenant_id)
-        active = await self._store.active_runs(tenant_id)
+        # Three reads at once: on BigQuery each is a query job of its own.
+        row, members, active = await asyncio.gather(
+            self._store.get_usage(tenant_id, today),
+            self._store.list_members(tenant_id),
+            self._store.active_runs(tenant_id),
+        )
         return Usage(
             tenant_id=tenant_id,
             usage_date=today,
