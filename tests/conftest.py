@@ -49,16 +49,53 @@ def stack_env(data_dir: Path, **extra: str) -> dict[str, str]:
 StackFactory = Callable[..., Stack]
 
 
+# The stacks running for the current module and test, in the order they started: each
+# stops at the end of the test that started it, or of the module whose fixture did (an
+# idle stack still polls its queue and holds a server and Envoy in memory).
+_STACKS: list[Stack] = []
+
+
 @pytest.fixture(scope="session")
-def stack_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackFactory]:
-    """Starts stacks on demand; every one still running is stopped at the end."""
-    started: list[Stack] = []
+def stack_factory(tmp_path_factory: pytest.TempPathFactory) -> StackFactory:
+    """Starts a stack, stopped at the end of the test or module fixture that started it."""
 
     def make(data_dir: Path | None = None, **extra: str) -> Stack:
         data_dir = data_dir or tmp_path_factory.mktemp("data")
         stack = start_stack(stack_env(data_dir, **extra), log_dir=data_dir / "logs")
-        started.append(stack)
+        _STACKS.append(stack)
         return stack
+
+    return make
+
+
+def _stop_stacks_started_after(count: int) -> None:
+    while len(_STACKS) > count:
+        _STACKS.pop().stop()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _stop_the_modules_stacks() -> Iterator[None]:
+    count = len(_STACKS)
+    yield
+    _stop_stacks_started_after(count)
+
+
+@pytest.fixture(autouse=True)
+def _stop_the_tests_stacks() -> Iterator[None]:
+    count = len(_STACKS)
+    yield
+    _stop_stacks_started_after(count)
+
+
+@pytest.fixture(scope="session")
+def _session_stacks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackFactory]:
+    """Starts the stacks that session fixtures share; they stop at the session's end."""
+    started: list[Stack] = []
+
+    def make(**extra: str) -> Stack:
+        data_dir = tmp_path_factory.mktemp("data")
+        started.append(start_stack(stack_env(data_dir, **extra), log_dir=data_dir / "logs"))
+        return started[-1]
 
     yield make
     for stack in started:
@@ -78,7 +115,9 @@ def emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Emulator]:
     as long as on a fresh emulator)."""
     started = start_emulator(tmp_path_factory.mktemp("emulator"))
     _EMULATORS.append(started)
+    stacks = len(_STACKS)
     yield started
+    _stop_stacks_started_after(stacks)  # while they can still reach it
     _EMULATORS.remove(started)
     started.stop()
 
@@ -102,9 +141,9 @@ def new_prefix() -> str:
 
 
 @pytest.fixture(scope="session")
-def stack(stack_factory: StackFactory) -> Stack:
+def stack(_session_stacks: StackFactory) -> Stack:
     """The shared stack most tests use; tests keep to their own tenants."""
-    return stack_factory()
+    return _session_stacks()
 
 
 @pytest.fixture(scope="session")
@@ -203,9 +242,9 @@ def pipeline_env(config_dir: Path, sources_dir: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def pipelines(stack_factory: StackFactory, pipeline_env: dict[str, str]) -> Stack:
+def pipelines(_session_stacks: StackFactory, pipeline_env: dict[str, str]) -> Stack:
     """A stack that runs pipelines (the shipped templates and the test ones)."""
-    return stack_factory(**pipeline_env)
+    return _session_stacks(**pipeline_env)
 
 
 @pytest.fixture(scope="session")
