@@ -215,9 +215,10 @@ async def create_runs(
             IF admitted > 0 THEN
               INSERT INTO {db.table(RUN_EVENTS.name)} ({columns})
               SELECT {columns} FROM ({" UNION ALL ".join(rows)}) WHERE i < admitted;
-              UPDATE {counters} SET active_runs = active_runs + admitted,
+              UPDATE {counters} SET {_admitted_sql("active_runs + admitted")},
+                active_runs = active_runs + admitted,
                 runs_today = IF(runs_day = @day, runs_today + admitted, admitted),
-                runs_day = @day, {_admitted_sql("active_runs + admitted")}
+                runs_day = @day
               WHERE TRUE;
             END IF;
             COMMIT TRANSACTION;
@@ -315,9 +316,9 @@ async def create_run(
               END IF;
               INSERT INTO {db.table(RUN_EVENTS.name)} ({", ".join(RUN_EVENT_NAMES)})
               VALUES ({", ".join(values.values())});
-              UPDATE {counters} SET active_runs = active_runs + 1,
-                runs_today = IF(runs_day = @day, runs_today + 1, 1), runs_day = @day,
-                {_admitted_sql("active_runs + 1")}
+              UPDATE {counters} SET {_admitted_sql("active_runs + 1")},
+                active_runs = active_runs + 1,
+                runs_today = IF(runs_day = @day, runs_today + 1, 1), runs_day = @day
               WHERE TRUE;
             END IF;
             {progress_sql(db) if progress is not None else ""}
@@ -693,8 +694,8 @@ def _finish(
     the run was created, and sets today's concurrency, as the embedded store does."""
     counters = counters_table(db, run.tenant_id)
     then = f"""
-            UPDATE {counters} SET active_runs = active_runs - 1,
-              {usage_touch_sql("active_runs - 1")}
+            UPDATE {counters} SET {usage_touch_sql("active_runs - 1")},
+              active_runs = active_runs - 1
             WHERE TRUE;
             {_interrupt_steps_sql(db) if owned else ""}
         """

@@ -195,7 +195,9 @@ def _add_counters_columns(db: Central, names: tuple[str, ...]) -> None:
 def usage_touch_sql(after: str) -> str:
     """The SET clauses that count a change of the tenant's active runs to `after` on the
     usage day `@day` in its counters row: a newer day starts over, an older one (a clock
-    behind) is left to the usage view."""
+    behind) is left to the usage view. They come first in the UPDATE's SET list, before
+    the change of `active_runs`, so that `after` reads the row as it was whether the
+    clauses see the row before the UPDATE (standard SQL) or each one the last's result."""
     return f"""
               usage_peak = CASE WHEN usage_day = @day THEN GREATEST(usage_peak, {after})
                                 WHEN usage_day > @day THEN usage_peak ELSE {after} END,
