@@ -60,12 +60,14 @@ def stack_factory(tmp_path_factory: pytest.TempPathFactory) -> StackFactory:
     """Starts a stack, stopped at the end of the test or module fixture that started it."""
 
     def make(data_dir: Path | None = None, **extra: str) -> Stack:
-        data_dir = data_dir or tmp_path_factory.mktemp("data")
-        stack = start_stack(stack_env(data_dir, **extra), log_dir=data_dir / "logs")
-        _STACKS.append(stack)
-        return stack
+        _STACKS.append(_start(data_dir or tmp_path_factory.mktemp("data"), **extra))
+        return _STACKS[-1]
 
     return make
+
+
+def _start(data_dir: Path, **extra: str) -> Stack:
+    return start_stack(stack_env(data_dir, **extra), log_dir=data_dir / "logs")
 
 
 def _stop_stacks_started_after(count: int) -> None:
@@ -93,8 +95,7 @@ def _session_stacks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackF
     started: list[Stack] = []
 
     def make(**extra: str) -> Stack:
-        data_dir = tmp_path_factory.mktemp("data")
-        started.append(start_stack(stack_env(data_dir, **extra), log_dir=data_dir / "logs"))
+        started.append(_start(tmp_path_factory.mktemp("data"), **extra))
         return started[-1]
 
     yield make
