@@ -1071,10 +1071,11 @@ def test_a_bigquery_store_of_schema_9_fills_the_tenants_usage_counters(
     emulator: Emulator, tmp_path: Path
 ) -> None:
     """Migration 10 adds the usage columns to the counters of the tenants there are and
-    fills them from the usage view: today's usage reads the same after it."""
+    fills them from the usage view: today's usage reads the same after it (and a tenant
+    with no run yet has none)."""
     prefix = new_prefix()
     store = open_store("bigquery", tmp_path, emulator, prefix)
-    tenant_id = tenant(store)
+    tenant_id, idle = tenant(store), tenant(store)
     made = new_run(tenant_id)
     for _ in range(2):
         run(store.create_run(new_run(tenant_id), LONG_AGO, RunLimits(10, 5)))
@@ -1086,11 +1087,13 @@ def test_a_bigquery_store_of_schema_9_fills_the_tenants_usage_counters(
     expected = UsageRecord(tenant_id, today, 3, 0, 2, 1, 3, 10, 5)
     assert run(store.get_usage(tenant_id, today)) == expected
     db = store._db  # type: ignore[attr-defined]
-    counters = db.table(f"tenant_run_counters_{tenant_id}")
-    for name in ("usage_day", "usage_peak", "daily_limit", "concurrent_limit"):
-        db.query(f"ALTER TABLE {counters} DROP COLUMN {name}")
+    for owner in (tenant_id, idle):
+        counters = db.table(f"tenant_run_counters_{owner}")
+        for name in ("usage_day", "usage_peak", "daily_limit", "concurrent_limit"):
+            db.query(f"ALTER TABLE {counters} DROP COLUMN {name}")
     with migrated_from(9, store, prefix, emulator, tmp_path) as store:
         assert_usage_from_counters(store, expected)
+        assert run(store.get_usage(idle, today)) is None
         run(store.request_cancel(tenant_id, made.pipeline_logging_id, datetime.now(UTC)))
 
 
