@@ -11,6 +11,7 @@ import asyncio
 import uuid
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any, TypeVar
 
 from convergence_server.storage import Store, schema
@@ -19,6 +20,8 @@ from convergence_server.storage.duckdb_store import DuckDBStore
 from convergence_server.storage.records import RunLimits, ScheduleRecord, SkipRecord
 from convergence_server.storage.rows import aware
 from tests import test_store_contract as contract
+from tests.bigquery_emulator import Emulator
+from tests.conftest import new_prefix
 from tests.test_store_contract import LONG_AGO, run, tenant
 
 # The contract's fixtures: the same two adapters, opened the same way.
@@ -369,3 +372,72 @@ def test_a_slot_run_and_its_schedule_progress_are_written_together(store: Store)
     refused = run(store.create_run(other, LONG_AGO, full, third))
     assert (refused.refused, refused.progressed) == ("concurrent", False)
     assert run(store.get_schedule(tenant_id, original.schedule_id)) == second
+
+
+# -- BigQuery: superseded versions ------------------------------------------------------
+
+
+def versions(store: BigQueryStore) -> dict[str, list[int]]:
+    """Each schedule's stored versions in `tenant_schedule_events`, oldest first."""
+    rows = store._query(
+        "SELECT schedule_id, version FROM "
+        f"{store._t('tenant_schedule_events')} ORDER BY schedule_id, version"
+    )
+    stored: dict[str, list[int]] = {}
+    for schedule_id, version in rows:
+        stored.setdefault(schedule_id, []).append(version)
+    return stored
+
+
+def test_a_bigquery_store_deletes_superseded_schedule_versions_once_an_hour(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    """Every slot run appends a schedule's version, and reads of schedules read every
+    version stored: the first page of due schedules deletes the superseded ones first, at
+    most once an hour, keeping each schedule's newest (a deleted one's too), so every read
+    and every version check answers as before."""
+    store = contract.open_store("bigquery", tmp_path, emulator, new_prefix())
+    assert isinstance(store, BigQueryStore)
+    try:
+        tenant_id, other = tenant(store), tenant(store)
+        now = BASE + timedelta(days=10)
+        moving = new_schedule(tenant_id, next_slot=now - timedelta(hours=1))
+        gone = new_schedule(tenant_id, BASE + timedelta(minutes=1))
+        elsewhere = new_schedule(other, next_slot=now - timedelta(hours=1))
+        create(store, moving, gone, elsewhere)
+        for slot in range(1, 4):
+            moving = next_version(moving, last_slot=BASE + timedelta(days=slot))
+            assert run(store.save_schedule(moving))
+        assert run(store.save_schedule(next_version(gone, deleted=True)))
+        elsewhere = next_version(elsewhere, paused=True)
+        assert run(store.save_schedule(elsewhere))
+        assert versions(store) == {
+            moving.schedule_id: [1, 2, 3, 4],
+            gone.schedule_id: [1, 2],
+            elsewhere.schedule_id: [1, 2],
+        }
+
+        due = run(store.due_schedules(None, now, 100))
+        assert due == sorted([moving, elsewhere], key=lambda s: s.tenant_id)
+        newest = {moving.schedule_id: [4], gone.schedule_id: [2], elsewhere.schedule_id: [2]}
+        assert versions(store) == newest
+        assert run(store.get_schedule(tenant_id, moving.schedule_id)) == moving
+        assert run(store.get_schedule(tenant_id, gone.schedule_id)) is None
+        assert run(store.list_schedules(tenant_id, None, 10)) == [moving]
+        # A change made from a deleted version is still refused; from the newest, written.
+        assert not run(store.save_schedule(replace(moving, version=3, skipped_slots=9)))
+        moving = next_version(moving, skipped_slots=1)
+        assert run(store.save_schedule(moving))
+
+        # Within the hour, and for pages after the first: nothing deleted.
+        later = run(store.due_schedules(None, now + timedelta(minutes=59), 100))
+        assert later == sorted([moving, elsewhere], key=lambda s: s.tenant_id)
+        cursor = (other, elsewhere.created_at, elsewhere.schedule_id)
+        run(store.due_schedules(None, now + timedelta(hours=2), 100, cursor))
+        assert versions(store)[moving.schedule_id] == [4, 5]
+        # An hour on, a tenant's own trigger deletes them (of every tenant) as well.
+        run(store.due_schedules(other, now + timedelta(hours=1), 100))
+        assert versions(store) == {**newest, moving.schedule_id: [5]}
+        assert run(store.get_schedule(tenant_id, moving.schedule_id)) == moving
+    finally:
+        run(store.close())

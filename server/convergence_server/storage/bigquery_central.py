@@ -12,6 +12,7 @@ import random
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from google.api_core import exceptions as api_exceptions
@@ -74,6 +75,11 @@ class Central:
                     raise
                 time.sleep(random.uniform(0.01, 0.05) * min(2**attempt, 16))
         raise AssertionError("unreachable")  # pragma: no cover
+
+
+def within(since: datetime | None, span: timedelta, now: datetime) -> bool:
+    """Whether `now` is less than `span` after `since` (not before it: a clock set back)."""
+    return since is not None and since <= now < since + span
 
 
 def typed(table: schema.Table, values: Mapping[str, Any]) -> dict[str, Any]:

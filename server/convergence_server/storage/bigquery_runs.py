@@ -19,7 +19,7 @@ from typing import Any
 from google.api_core import exceptions as api_exceptions
 
 from convergence_server.storage import schema
-from convergence_server.storage.bigquery_central import Central, typed
+from convergence_server.storage.bigquery_central import Central, typed, within
 from convergence_server.storage.bigquery_client import PUBLISH_TIMEOUT, Runner
 from convergence_server.storage.bigquery_schedules import (
     fresh_sql,
@@ -545,9 +545,9 @@ class Horizon:
         """Learns the oldest run not ended, if a minute has passed since the last time
         (blocking; a clock set back counts as due; one learning at a time)."""
         with self._learning:
-            if _within(self._learned_at, HORIZON_LEARN, now):
+            if within(self._learned_at, HORIZON_LEARN, now):
                 return
-            rescan = not _within(self._rescanned_at, HORIZON_RESCAN, now)
+            rescan = not within(self._rescanned_at, HORIZON_RESCAN, now)
             with self._lock:  # admissions from here on are in `_admitted`, the rest in the bound
                 self._admitted = None
                 where, params = ("TRUE", {}) if rescan else self.where(now)
@@ -560,11 +560,6 @@ class Horizon:
                 self._learned_at = now
                 if rescan:
                     self._rescanned_at = now
-
-
-def _within(since: datetime | None, span: timedelta, now: datetime) -> bool:
-    """Whether `now` is less than `span` after `since` (not before it: a clock set back)."""
-    return since is not None and since <= now < since + span
 
 
 async def pending_runs(db: Central, horizon: Horizon, now: datetime) -> tuple[int, datetime | None]:

@@ -26,13 +26,16 @@ Written for BigQuery's strengths and limits rather than as a port of the embedde
   step boundary and one per heartbeat tick of its server. A `dq` step's results are one
   INSERT too, or, when `warn` checks failed, one transaction that also appends the run's
   new `warnings`. The only UPDATEs in transactions hit the tenant's counters row; outside
-  them, plan changes update `tenant_profiles` and member removals delete from
-  `tenant_members`.
+  them, plan changes update `tenant_profiles`, member removals delete from
+  `tenant_members`, and superseded schedule versions are deleted (below).
 - **Schedules are versioned rows.** Every change of a schedule appends its whole state,
   one `version` higher, to `tenant_schedule_events`; the view `tenant_schedules` shows each
   schedule's newest version. A change is appended, in the tenant's transaction, only when
   the newest stored version is the one it was made from, so of two replicas recording the
   same progress exactly one writes it (and its skipped slots, `tenant_schedule_skips`).
+  The versions a newer one superseded are deleted at most once an hour
+  (`bigquery_schedules.Compaction`), so reading schedules costs what the live ones hold,
+  not every slot they ever ran.
 """
 
 from __future__ import annotations
@@ -129,6 +132,7 @@ class BigQueryStore:
         self._admissions = runs.AdmissionTurns()
         # How far back the reads of the runs not ended look (see `runs.Horizon`).
         self._horizon = runs.Horizon()
+        self._compaction = schedules.Compaction()
         # Runs that ended, as read or written here: an ended run never changes again (every
         # change of a run is guarded by PENDING or RUNNING), so each replica reads it once.
         self._ended: Lru[RunRecord] = Lru(CAPACITY)
@@ -670,7 +674,9 @@ class BigQueryStore:
         after: tuple[str, datetime, str] | None = None,
         paused: bool = True,
     ) -> list[ScheduleRecord]:
-        return await schedules.due_schedules(self._db, tenant_id, now, limit, after, paused)
+        return await schedules.due_schedules(
+            self._db, self._compaction, tenant_id, now, limit, after, paused
+        )
 
     # -- runs -------------------------------------------------------------------------------
 
