@@ -14,6 +14,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
+from google.api_core.exceptions import Forbidden
+
 from convergence_server.storage import Store, schema
 from convergence_server.storage.bigquery_store import BigQueryStore
 from convergence_server.storage.duckdb_store import DuckDBStore
@@ -439,5 +441,28 @@ def test_a_bigquery_store_deletes_superseded_schedule_versions_once_an_hour(
         run(store.due_schedules(other, now + timedelta(hours=1), 100))
         assert versions(store) == {**newest, moving.schedule_id: [5]}
         assert run(store.get_schedule(tenant_id, moving.schedule_id)) == moving
+
+        # A DELETE that fails (here refused at the BigQuery client): the read goes on, and
+        # the next try is an hour later.
+        moving = next_version(moving, skipped_slots=2)
+        assert run(store.save_schedule(moving))
+        client = store._bq.client
+        send = client.query_and_wait
+
+        def refuse_deletes(sql: str, *args: Any, **kwargs: Any) -> Any:
+            if sql.startswith("DELETE"):
+                raise Forbidden("not allowed to delete")
+            return send(sql, *args, **kwargs)
+
+        client.query_and_wait = refuse_deletes
+        try:
+            due = run(store.due_schedules(None, now + timedelta(hours=3), 100))
+        finally:
+            client.query_and_wait = send
+        assert due == sorted([moving, elsewhere], key=lambda s: s.tenant_id)
+        run(store.due_schedules(None, now + timedelta(hours=3, minutes=59), 100))
+        assert versions(store)[moving.schedule_id] == [5, 6]
+        run(store.due_schedules(None, now + timedelta(hours=4), 100))
+        assert versions(store)[moving.schedule_id] == [6]
     finally:
         run(store.close())

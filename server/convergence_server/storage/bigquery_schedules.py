@@ -26,6 +26,9 @@ from convergence_server.storage.rows import SCHEDULE_COLUMNS, schedule_from_row,
 SELECT_SCHEDULE = SCHEDULE_COLUMNS.replace("parameters", "TO_JSON_STRING(parameters) AS parameters")
 SCHEDULE_NAMES = SCHEDULE_COLUMNS.split(", ")
 COMPACT_EVERY = timedelta(hours=1)
+# How long a read of due schedules waits for the DELETE (the first after a long history
+# may take longer: BigQuery finishes the job whether or not anyone waits).
+COMPACT_WAIT = 30.0
 
 
 class Compaction:
@@ -44,7 +47,8 @@ class Compaction:
     answer as before. The DELETE runs outside the tenants' transactions, which only append
     to this table; BigQuery lets INSERTs run beside a DELETE, and a version appended
     meanwhile is newer than all the DELETE saw. Replicas' DELETEs that meet are queued by
-    BigQuery. A failure is logged and tried again an hour later."""
+    BigQuery. A failure, or a DELETE still running after `COMPACT_WAIT`, is logged; the
+    next is an hour later."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -61,10 +65,11 @@ class Compaction:
             return db.runner.execute(
                 f"DELETE FROM {events} AS old WHERE EXISTS ("
                 f"SELECT 1 FROM {events} AS newer WHERE newer.tenant_id = old.tenant_id"
-                " AND newer.schedule_id = old.schedule_id AND newer.version > old.version)"
+                " AND newer.schedule_id = old.schedule_id AND newer.version > old.version)",
+                timeout=COMPACT_WAIT,
             )
-        except Exception as exc:  # the reads go on; the next try is an hour later
-            log.warning("Superseded schedule versions not deleted: %s", exc)
+        except Exception as exc:  # the reads go on
+            log.warning("Deleting superseded schedule versions failed or goes on: %r", exc)
             return 0
 
 
