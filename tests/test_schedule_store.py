@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 from google.api_core.exceptions import Forbidden
 
-from convergence_server.storage import Store, schema
+from convergence_server.storage import Store, bigquery_schedules, schema
 from convergence_server.storage.bigquery_store import BigQueryStore
 from convergence_server.storage.duckdb_store import DuckDBStore
 from convergence_server.storage.records import RunLimits, ScheduleRecord, SkipRecord
@@ -391,18 +391,27 @@ def versions(store: BigQueryStore) -> dict[str, list[int]]:
     return stored
 
 
+def compacted(store: BigQueryStore, at: datetime) -> None:
+    """Waits for the job deleting superseded versions in the hour of `at` to end."""
+    job_id = bigquery_schedules.compaction_job_id(store._db, at)
+    store._bq.client.get_job(job_id).result(timeout=120)
+
+
 def test_a_bigquery_store_deletes_superseded_schedule_versions_once_an_hour(
     emulator: Emulator, tmp_path: Path
 ) -> None:
     """Every slot run appends a schedule's version, and reads of schedules read every
-    version stored: the first page of due schedules deletes the superseded ones first, at
-    most once an hour, keeping each schedule's newest (a deleted one's too), so every read
-    and every version check answers as before."""
-    store = contract.open_store("bigquery", tmp_path, emulator, new_prefix())
-    assert isinstance(store, BigQueryStore)
+    version stored: a replica's first page of due schedules starts a DELETE of the
+    superseded ones, if it did not within the hour and no replica did in that clock hour.
+    Each schedule's newest version stays (a deleted one's too), so every read and every
+    version check answers as before."""
+    prefix = new_prefix()
+    store = contract.open_store("bigquery", tmp_path, emulator, prefix)
+    replica = contract.open_store("bigquery", tmp_path, emulator, prefix)
+    assert isinstance(store, BigQueryStore) and isinstance(replica, BigQueryStore)
     try:
         tenant_id, other = tenant(store), tenant(store)
-        now = BASE + timedelta(days=10)
+        now = BASE + timedelta(days=10, minutes=30)  # 06:30: 59 minutes on is in 07:00's hour
         moving = new_schedule(tenant_id, next_slot=now - timedelta(hours=1))
         gone = new_schedule(tenant_id, BASE + timedelta(minutes=1))
         elsewhere = new_schedule(other, next_slot=now - timedelta(hours=1))
@@ -419,50 +428,61 @@ def test_a_bigquery_store_deletes_superseded_schedule_versions_once_an_hour(
             elsewhere.schedule_id: [1, 2],
         }
 
-        due = run(store.due_schedules(None, now, 100))
-        assert due == sorted([moving, elsewhere], key=lambda s: s.tenant_id)
+        def due(at: datetime, on: Store = store, **options: Any) -> list[ScheduleRecord]:
+            return run(on.due_schedules(options.pop("tenant", None), at, 100, **options))
+
+        both = sorted([moving, elsewhere], key=lambda s: s.tenant_id)
+        assert due(now) == both
+        compacted(store, now)
         newest = {moving.schedule_id: [4], gone.schedule_id: [2], elsewhere.schedule_id: [2]}
         assert versions(store) == newest
         assert run(store.get_schedule(tenant_id, moving.schedule_id)) == moving
         assert run(store.get_schedule(tenant_id, gone.schedule_id)) is None
         assert run(store.list_schedules(tenant_id, None, 10)) == [moving]
-        # A change made from a deleted version is still refused; from the newest, written.
-        assert not run(store.save_schedule(replace(moving, version=3, skipped_slots=9)))
+        assert due(now) == both
+        # A change from the newest version is written.
         moving = next_version(moving, skipped_slots=1)
         assert run(store.save_schedule(moving))
+        both = sorted([moving, elsewhere], key=lambda s: s.tenant_id)
 
-        # Within the hour, and for pages after the first: nothing deleted.
-        later = run(store.due_schedules(None, now + timedelta(minutes=59), 100))
-        assert later == sorted([moving, elsewhere], key=lambda s: s.tenant_id)
+        # Nothing more within the hour, for pages after the first, or by another replica
+        # in the same clock hour (the hour's job is started already).
+        assert due(now + timedelta(minutes=59)) == both
         cursor = (other, elsewhere.created_at, elsewhere.schedule_id)
-        run(store.due_schedules(None, now + timedelta(hours=2), 100, cursor))
+        due(now + timedelta(hours=2), after=cursor)
+        assert due(now + timedelta(minutes=20), replica) == both
         assert versions(store)[moving.schedule_id] == [4, 5]
-        # An hour on, a tenant's own trigger deletes them (of every tenant) as well.
-        run(store.due_schedules(other, now + timedelta(hours=1), 100))
+        # An hour on, a tenant's own trigger starts it (for every tenant), as would the
+        # other replica, in the next clock hour.
+        later = now + timedelta(hours=1)
+        due(later, tenant=other)
+        compacted(store, later)
         assert versions(store) == {**newest, moving.schedule_id: [5]}
         assert run(store.get_schedule(tenant_id, moving.schedule_id)) == moving
 
-        # A DELETE that fails (here refused at the BigQuery client): the read goes on, and
-        # the next try is an hour later.
+        # A DELETE refused (here at the BigQuery client): the read goes on, and the next
+        # try is an hour later.
         moving = next_version(moving, skipped_slots=2)
         assert run(store.save_schedule(moving))
+        both = sorted([moving, elsewhere], key=lambda s: s.tenant_id)
         client = store._bq.client
-        send = client.query_and_wait
+        send = client.query
 
         def refuse_deletes(sql: str, *args: Any, **kwargs: Any) -> Any:
             if sql.startswith("DELETE"):
                 raise Forbidden("not allowed to delete")
             return send(sql, *args, **kwargs)
 
-        client.query_and_wait = refuse_deletes
+        client.query = refuse_deletes  # type: ignore[method-assign]
         try:
-            due = run(store.due_schedules(None, now + timedelta(hours=3), 100))
+            assert due(now + timedelta(hours=3)) == both
         finally:
-            client.query_and_wait = send
-        assert due == sorted([moving, elsewhere], key=lambda s: s.tenant_id)
-        run(store.due_schedules(None, now + timedelta(hours=3, minutes=59), 100))
+            client.query = send  # type: ignore[method-assign]
+        assert due(now + timedelta(hours=3, minutes=59)) == both
         assert versions(store)[moving.schedule_id] == [5, 6]
-        run(store.due_schedules(None, now + timedelta(hours=4), 100))
+        due(now + timedelta(hours=4))
+        compacted(store, now + timedelta(hours=4))
         assert versions(store)[moving.schedule_id] == [6]
     finally:
+        run(replica.close())
         run(store.close())

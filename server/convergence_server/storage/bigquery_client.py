@@ -260,6 +260,12 @@ class Runner:
         job.result(retry=RETRY, timeout=timeout, job_retry=JOB_RETRY if rerun else None)
         return job
 
+    def start(self, sql: str, job_id: str) -> None:
+        """Inserts the query job `job_id` and returns without waiting for it (blocking for
+        the insert only): BigQuery runs it to its end whoever waits. A job of that id
+        inserted before, here or by another replica, raises `Conflict`."""
+        self.client.query(sql, job_id=job_id, retry=RETRY, timeout=REQUEST_TIMEOUT, job_retry=None)
+
     def query(
         self,
         sql: str,

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Mapping
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
+
+from google.api_core import exceptions as api_exceptions
 
 from convergence_server.storage import schema
 from convergence_server.storage.bigquery_central import Central, log, typed, within
@@ -26,14 +28,12 @@ from convergence_server.storage.rows import SCHEDULE_COLUMNS, schedule_from_row,
 SELECT_SCHEDULE = SCHEDULE_COLUMNS.replace("parameters", "TO_JSON_STRING(parameters) AS parameters")
 SCHEDULE_NAMES = SCHEDULE_COLUMNS.split(", ")
 COMPACT_EVERY = timedelta(hours=1)
-# How long a read of due schedules waits for the DELETE (the first after a long history
-# may take longer: BigQuery finishes the job whether or not anyone waits).
-COMPACT_WAIT = 30.0
 
 
 class Compaction:
-    """Deletes the versions of every schedule that a newer one superseded, at most once
-    an hour per replica, before a first page of due schedules is read.
+    """Deletes the versions of every schedule that a newer one superseded, once an hour,
+    started by the first read of due schedules of a replica that has not started it in
+    the last hour.
 
     Every slot a schedule runs appends its whole state as a new version, and each read of
     schedules reads every version stored (the table is clustered by tenant and schedule,
@@ -46,31 +46,42 @@ class Compaction:
     deleted schedule's tombstone too) stays: reads, and the version check of a change,
     answer as before. The DELETE runs outside the tenants' transactions, which only append
     to this table; BigQuery lets INSERTs run beside a DELETE, and a version appended
-    meanwhile is newer than all the DELETE saw. Replicas' DELETEs that meet are queued by
-    BigQuery. A failure, or a DELETE still running after `COMPACT_WAIT`, is logged; the
-    next is an hour later."""
+    meanwhile is newer than all the DELETE saw. Nobody waits for it: the job is named by
+    the dataset and the hour (UTC), so the replicas start one a clock hour between them
+    (the others find it started: `Conflict`), and BigQuery runs it to its end however
+    long it takes. A job that failed is logged; the next is an hour later."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._ran_at: datetime | None = None
 
-    def run(self, db: Central, now: datetime) -> int:
-        """How many versions it deleted (0 when it was not due: blocking)."""
+    def run(self, db: Central, now: datetime) -> str | None:
+        """The id of the hour's job if this replica was due to start it (blocking for the
+        job's insert only), else None."""
         with self._lock:
             if within(self._ran_at, COMPACT_EVERY, now):
-                return 0
+                return None
             self._ran_at = now
         events = db.table(SCHEDULE_EVENTS.name)
+        job_id = compaction_job_id(db, now)
         try:
-            return db.runner.execute(
+            db.runner.start(
                 f"DELETE FROM {events} AS old WHERE EXISTS ("
                 f"SELECT 1 FROM {events} AS newer WHERE newer.tenant_id = old.tenant_id"
                 " AND newer.schedule_id = old.schedule_id AND newer.version > old.version)",
-                timeout=COMPACT_WAIT,
+                job_id,
             )
+        except api_exceptions.Conflict:
+            pass  # started this hour already, by another replica or an earlier try here
         except Exception as exc:  # the reads go on
-            log.warning("Deleting superseded schedule versions failed or goes on: %r", exc)
-            return 0
+            log.warning("Superseded schedule versions not deleted: %r", exc)
+            return None
+        return job_id
+
+
+def compaction_job_id(db: Central, now: datetime) -> str:
+    """The id of the job that deletes superseded versions in the hour of `now`."""
+    return f"compact_{db.name}_schedule_events_{now.astimezone(UTC):%Y%m%d%H}"
 
 
 def schedule_params(schedule: ScheduleRecord) -> dict[str, Any]:
@@ -207,9 +218,9 @@ async def due_schedules(
     paused: bool,
 ) -> list[ScheduleRecord]:
     params: dict[str, Any] = {"now": now}
-    within = "TRUE"
+    scope = "TRUE"
     if tenant_id is not None:
-        within = "tenant_id = @tenant_id"
+        scope = "tenant_id = @tenant_id"
         params["tenant_id"] = tenant_id
     then = "(next_slot <= @now OR backfill_left > 0)"
     if not paused:
@@ -223,21 +234,21 @@ async def due_schedules(
         params.update(after_tenant=after[0], after_at=after[1], after_id=after[2])
     else:
         await db.call(lambda: compaction.run(db, now))
-    return await _schedules(db, within, params, then, "tenant_id, created_at, schedule_id", limit)
+    return await _schedules(db, scope, params, then, "tenant_id, created_at, schedule_id", limit)
 
 
 async def _schedules(
     db: Central,
-    within: str,
+    scope: str,
     params: Mapping[str, Any],
     then: str = "TRUE",
     order: str = "",
     limit: int | None = None,
 ) -> list[ScheduleRecord]:
-    """The newest versions of the schedules `within` selects (by tenant or id) that are
+    """The newest versions of the schedules `scope` selects (by tenant or id) that are
     not deleted and pass `then`."""
     sql = (
-        f"SELECT {SELECT_SCHEDULE} FROM ({latest_schedules_sql(db, within)}) "
+        f"SELECT {SELECT_SCHEDULE} FROM ({latest_schedules_sql(db, scope)}) "
         f"WHERE NOT deleted AND {then}"
     )
     if order:
