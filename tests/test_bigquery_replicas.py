@@ -147,7 +147,7 @@ def test_a_killed_replicas_run_is_taken_over_by_another(
         assert wait_for_run(http, key, run_id, ("RUNNING",), timeout=60)["status"] == "RUNNING"
     first.kill_server()  # mid-run: its heartbeats stop, the run stays RUNNING
     first.stop()
-    second = stack_factory(**env, CONVERGENCE_CLAIM_POLL_SECONDS="3600")
+    second = stack_factory(**{**env, "CONVERGENCE_CLAIM_POLL_SECONDS": "3600"})
     try:
         with httpx.Client(base_url=second.http_url, timeout=300) as http:
             ended = wait_for_run(http, key, run_id, timeout=240)
