@@ -174,6 +174,22 @@ def test_a_killed_replicas_run_is_taken_over_by_another(
         second.stop()
 
 
+def test_a_run_another_replica_admitted_is_found_by_the_claim_poll(
+    stack_factory: StackFactory, pipeline_env: dict[str, str], emulator: Emulator
+) -> None:
+    """Replica A admits a run and has no workers; replica B, whose workers were never woken
+    for it and looked at their start before it existed, finds it by their claim poll (once
+    a second here) and runs it."""
+    env = {**pipeline_env, **emulator.env(new_prefix())}
+    admitting = stack_factory(**env, CONVERGENCE_WORKERS="0")
+    stack_factory(**{**env, "CONVERGENCE_WORKERS": "1", "CONVERGENCE_CLAIM_POLL_SECONDS": "1"})
+    with httpx.Client(base_url=admitting.http_url, timeout=300) as http:
+        tenant_id, key = onboard(http, plan=UNMETERED)
+        run_id = trigger(http, key, tenant_id, "test/runs/quick")["pipeline_logging_id"]
+        ended = wait_for_run(http, key, run_id, timeout=240)
+    assert ended["status"] == "COMPLETE", ended
+
+
 def test_a_day_another_replica_publishes_meanwhile_is_not_shrunk(
     stack_factory: StackFactory,
     pipeline_env: dict[str, str],
