@@ -55,28 +55,24 @@ class Compaction:
         self._lock = threading.Lock()
         self._ran_at: datetime | None = None
 
-    def run(self, db: Central, now: datetime) -> str | None:
-        """The id of the hour's job if this replica was due to start it (blocking for the
-        job's insert only), else None."""
+    def run(self, db: Central, now: datetime) -> None:
+        """Starts the hour's job if this replica is due to (blocking for its insert only)."""
         with self._lock:
             if within(self._ran_at, COMPACT_EVERY, now):
-                return None
+                return
             self._ran_at = now
         events = db.table(SCHEDULE_EVENTS.name)
-        job_id = compaction_job_id(db, now)
         try:
             db.runner.start(
                 f"DELETE FROM {events} AS old WHERE EXISTS ("
                 f"SELECT 1 FROM {events} AS newer WHERE newer.tenant_id = old.tenant_id"
                 " AND newer.schedule_id = old.schedule_id AND newer.version > old.version)",
-                job_id,
+                compaction_job_id(db, now),
             )
         except api_exceptions.Conflict:
             pass  # started this hour already, by another replica or an earlier try here
         except Exception as exc:  # the reads go on
             log.warning("Superseded schedule versions not deleted: %r", exc)
-            return None
-        return job_id
 
 
 def compaction_job_id(db: Central, now: datetime) -> str:
