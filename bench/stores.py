@@ -113,8 +113,9 @@ async def burst(store: Store, size: int, concurrent: int) -> tuple[list[float], 
 async def jobs_per_read(executing: Store, other: Store, n: int = 5) -> dict[str, float]:
     """Query jobs per call of GetRun and of a WatchRun update (`get_run` and `list_steps`)
     of one run, on `executing` (which claims it) and on `other`, over the run's life; per
-    heartbeat of the executing replica; and per call of GetRun and ListRuns when `4 * n`
-    callers ask at once (they share query jobs: `storage/shared_reads.py`)."""
+    cancel check (as the executor makes between steps) and heartbeat of the executing
+    replica; and per call of GetRun and ListRuns when `4 * n` callers ask at once (they
+    share query jobs: `storage/shared_reads.py`)."""
     tenant_id = f"jobs_{uuid.uuid4().hex[:8]}"
     now = datetime.now(UTC)
     await executing.create_tenant(
@@ -171,6 +172,11 @@ async def jobs_per_read(executing: Store, other: Store, n: int = 5) -> dict[str,
             f"GetRun of a RUNNING run, {name}", store, lambda s=store: s.get_run(tenant_id, run_id)
         )
         await count(f"WatchRun update of a RUNNING run, {name}", store, lambda s=store: update(s))
+    await count(
+        "cancel check at a step boundary, executing replica",
+        executing,
+        lambda: executing.cancel_requested(run_id),
+    )
     await count(
         "heartbeat (any number of runs), executing replica",
         executing,

@@ -824,9 +824,10 @@ def test_each_bigquery_replica_reads_an_ended_run_once(emulator: Emulator, tmp_p
 def test_a_bigquery_replica_answers_the_runs_it_executes(
     emulator: Emulator, tmp_path: Path
 ) -> None:
-    """The replica executing a run answers it without a query job, exact for the changes
-    made there (its claim, its warnings, a cancel asked there); another replica's cancel
-    or recovery shows from its next heartbeat, which reads them back."""
+    """The replica executing a run answers it, and whether its cancel was asked, without a
+    query job, exact for the changes made there (its claim, its warnings, a cancel asked
+    there); another replica's cancel or recovery shows from its next heartbeat, which reads
+    them back."""
     with replicas(emulator, tmp_path) as (executing, other):
         tenant_id = tenant(executing)
         made, now = new_run(tenant_id), datetime.now(UTC)
@@ -839,13 +840,17 @@ def test_a_bigquery_replica_answers_the_runs_it_executes(
             for _ in range(3):
                 assert run(executing.get_run(tenant_id, run_id)) == replace(claimed, warnings=1)
             assert run(executing.get_run("another_tenant", run_id)) is None
-            assert not run(executing.cancel_requested(run_id)) and len(jobs) == 1
+            assert not run(executing.cancel_requested(run_id))
+        assert jobs == []
         assert run(other.get_run(tenant_id, run_id)) == replace(claimed, warnings=1)
 
         asked = run(other.request_cancel(tenant_id, run_id, now))
         assert asked is not None and asked.cancel_requested
-        before = run(executing.get_run(tenant_id, run_id))
-        assert before is not None and not before.cancel_requested  # one heartbeat behind
+        with query_jobs(executing) as jobs:  # one heartbeat behind
+            before = run(executing.get_run(tenant_id, run_id))
+            assert before is not None and not before.cancel_requested
+            assert not run(executing.cancel_requested(run_id))
+        assert jobs == []
         run(executing.heartbeat([run_id], "worker-a"))
         with query_jobs(executing) as jobs:
             assert run(executing.get_run(tenant_id, run_id)) == replace(asked, warnings=1)

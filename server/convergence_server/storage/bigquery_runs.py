@@ -483,14 +483,13 @@ async def list_runs(
     return await db.call(read)
 
 
-async def cancel_requested(db: Central, run: RunRecord | None, run_id: str) -> bool:
-    """Whether a cancel of the run was asked; `run`, its record if known, lets BigQuery
-    read its partition and cluster alone."""
-    where, params = ("pipeline_logging_id = @run_id", {"run_id": run_id})
-    if run is not None:
-        where, params = OF_RUN, _of(run)
-    latest = latest_events_sql(db, where)
-    rows = await db.call(lambda: db.query(f"SELECT cancel_requested FROM ({latest})", **params))
+async def cancel_requested(db: Central, run_id: str) -> bool:
+    """Whether a cancel of the run was asked (for a run not executing on this replica: the
+    ones that do are answered from memory)."""
+    latest = latest_events_sql(db, "pipeline_logging_id = @run_id")
+    rows = await db.call(
+        lambda: db.query(f"SELECT cancel_requested FROM ({latest})", run_id=run_id)
+    )
     return bool(rows and rows[0][0])
 
 

@@ -746,10 +746,13 @@ class BigQueryStore:
         return list(found)
 
     async def cancel_requested(self, run_id: str) -> bool:
+        """A run executing here answers from memory: a cancel asked here sets its flag at
+        once, one asked on another replica shows from this replica's next heartbeat, which
+        reads the run back. So a step boundary costs no query job."""
         mine = self._executing.get(run_id)
-        if mine is not None and mine.cancel_requested:
-            return True
-        requested = await runs.cancel_requested(self._db, mine, run_id)
+        if mine is not None:
+            return mine.cancel_requested
+        requested = await runs.cancel_requested(self._db, run_id)
         if requested:
             self._cancelled(run_id)
         return requested
