@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 from collections.abc import Iterator
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -14,6 +15,7 @@ import httpx
 import pytest
 
 from convergence.v1 import run_pb2, run_service_pb2, run_service_pb2_grpc
+from convergence_server import faults
 from convergence_server.stack import Stack
 from tests.bigquery_emulator import Emulator
 from tests.conftest import (
@@ -31,8 +33,10 @@ pytestmark = pytest.mark.timeout(900)
 
 
 class BigQueryStack:
-    def __init__(self, stack: Stack, prefix: str, emulator: Emulator) -> None:
+    def __init__(self, stack: Stack, prefix: str, emulator: Emulator, hold: Path) -> None:
         self.stack, self.prefix, self.emulator = stack, prefix, emulator
+        # While this file exists, runs wait before each check for a cancel.
+        self.hold_between_steps = hold / faults.BETWEEN_STEPS
 
     def query(self, sql: str) -> list[dict[str, Any]]:
         """Runs BigQuery SQL; `{prefix}` is the stack's dataset prefix."""
@@ -44,10 +48,18 @@ def bq(
     stack_factory: StackFactory,
     pipeline_env: dict[str, str],
     emulator: Emulator,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[BigQueryStack]:
     prefix = new_prefix()
-    stack = stack_factory(**pipeline_env, **emulator.env(prefix))
-    yield BigQueryStack(stack, prefix, emulator)
+    data_dir = tmp_path_factory.mktemp("data")
+    (data_dir / "hold").mkdir()
+    stack = stack_factory(
+        data_dir,
+        **pipeline_env,
+        **emulator.env(prefix),
+        CONVERGENCE_FAULT_POINTS=faults.BETWEEN_STEPS,
+    )
+    yield BigQueryStack(stack, prefix, emulator, data_dir / "hold")
     stack.stop()
 
 
@@ -102,20 +114,24 @@ def test_every_template_runs_to_complete(bq: BigQueryStack, http: httpx.Client) 
     assert [s["status"] for s in steps] == ["COMPLETE"] * 5
 
 
-def test_quota_refusals(http: httpx.Client) -> None:
+def test_quota_refusals(bq: BigQueryStack, http: httpx.Client) -> None:
     tenant_id, key = onboard(http, plan="STARTER")  # one run at a time
-    first = trigger(http, key, tenant_id, "test/runs/slow", parameters={"size": "400"})
-    refused = http.post(
-        f"/api/v1/pipelines/run/{tenant_id}/test/runs/quick",
-        headers={"X-API-Key": key},
-        json={},
-    )
-    assert refused.status_code == 429, refused.text
-    assert "concurrent" in refused.text.lower()
-    http.post(
-        f"/api/v1/pipelines/runs/{first['pipeline_logging_id']}:cancel",
-        headers={"X-API-Key": key},
-    )
+    bq.hold_between_steps.touch()  # the run waits until it is cancelled, however quick
+    try:
+        first = trigger(http, key, tenant_id, "test/runs/slow", parameters={"size": "400"})
+        refused = http.post(
+            f"/api/v1/pipelines/run/{tenant_id}/test/runs/quick",
+            headers={"X-API-Key": key},
+            json={},
+        )
+        assert refused.status_code == 429, refused.text
+        assert "concurrent" in refused.text.lower()
+        http.post(
+            f"/api/v1/pipelines/runs/{first['pipeline_logging_id']}:cancel",
+            headers={"X-API-Key": key},
+        )
+    finally:
+        bq.hold_between_steps.unlink()
     assert wait_for_run(http, key, first["pipeline_logging_id"], timeout=300)["status"] == "FAILED"
     usage = http.get(f"/api/v1/tenants/{tenant_id}/usage", headers={"X-API-Key": key}).json()
     assert (

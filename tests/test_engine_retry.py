@@ -1,5 +1,6 @@
 """Per-step retry: transient warehouse errors are retried with exponential backoff,
-others fail the step at once. The warehouse here is a scripted stand-in for the port."""
+others fail the step at once; and what the engine reports at a step boundary. The
+warehouse here is a scripted stand-in for the port."""
 
 from __future__ import annotations
 
@@ -12,7 +13,13 @@ from typing import Any
 
 import pytest
 
-from convergence_server.engine.runner import DqResult, PipelineRun, StepFailed, StepOutcome
+from convergence_server.engine.runner import (
+    DqResult,
+    PipelineRun,
+    RunCancelled,
+    StepFailed,
+    StepOutcome,
+)
 from convergence_server.engine.templates import Catalog, Step, parse_template
 from convergence_server.storage.warehouse import Publication, TransientError, WarehouseError
 
@@ -68,34 +75,52 @@ class ScriptedWarehouse:
 
 
 class Recorder:
-    def __init__(self) -> None:
+    def __init__(self, cancelled_at_check: int = 0) -> None:
         self.outcomes: list[StepOutcome] = []
+        # What was reported, in order: ("started", index) or ("finished", index, the next
+        # step's index when its start was reported with this end).
+        self.reports: list[tuple[object, ...]] = []
+        self._cancelled_at = cancelled_at_check  # 0: never; 1: before the first step...
+        self._checks = 0
 
     async def cancel_requested(self) -> bool:
-        return False
+        self._checks += 1
+        return self._checks == self._cancelled_at
 
     def stopping(self) -> bool:
         return False
 
     async def step_started(self, index: int, step: Step, at: datetime) -> None:
-        pass
+        self.reports.append(("started", index))
 
     async def step_finished(
-        self, index: int, step: Step, started: datetime, outcome: StepOutcome
+        self,
+        index: int,
+        step: Step,
+        started: datetime,
+        outcome: StepOutcome,
+        following: tuple[Step, datetime] | None = None,
     ) -> None:
         self.outcomes.append(outcome)
+        self.reports.append(("finished", index, None if following is None else index + 1))
 
     async def dq_checked(self, step: Step, results: list[DqResult]) -> None:
         pass
 
 
 def run(
-    tmp_path: Path, failures: list[Exception]
+    tmp_path: Path,
+    failures: list[Exception],
+    text: str = TEMPLATE,
+    recorder: Recorder | None = None,
+    warehouse: ScriptedWarehouse | None = None,
 ) -> tuple[ScriptedWarehouse, Recorder, list[float]]:
     path = tmp_path / "template.yml"
-    path.write_text(TEMPLATE)
+    path.write_text(text)
     template = parse_template(path, "test", "retry", "template")
-    warehouse, recorder, sleeps = ScriptedWarehouse(failures), Recorder(), []
+    recorder = recorder or Recorder()
+    warehouse = warehouse or ScriptedWarehouse(failures)
+    sleeps: list[float] = []
 
     async def sleep(seconds: float) -> None:
         sleeps.append(seconds)
@@ -138,4 +163,32 @@ def test_other_errors_are_not_retried(tmp_path: Path, error: Exception) -> None:
     warehouse, recorder, sleeps = run(tmp_path, [error])
     assert recorder.outcomes == [StepOutcome(0, 1, "Binder Error: no column x")]
     assert sleeps == []
+    assert warehouse.published == []
+
+
+THREE_STEPS = "description: Three queries.\nsteps:\n" + "".join(
+    f"  - {{name: s{i}, kind: query, sql: SELECT 1 AS n, destination: t{i}, "
+    "write_mode: truncate}\n"
+    for i in range(3)
+)
+
+
+def test_a_steps_end_and_the_next_ones_start_are_reported_together(tmp_path: Path) -> None:
+    warehouse, recorder, _ = run(tmp_path, [], THREE_STEPS)
+    assert recorder.reports == [
+        ("started", 0),
+        ("finished", 0, 1),
+        ("finished", 1, 2),
+        ("finished", 2, None),
+    ]
+    assert len(warehouse.published) == 3
+
+
+def test_a_cancel_at_a_boundary_reports_the_end_alone_and_publishes_nothing(
+    tmp_path: Path,
+) -> None:
+    recorder, warehouse = Recorder(cancelled_at_check=2), ScriptedWarehouse([])
+    with pytest.raises(RunCancelled):
+        run(tmp_path, [], THREE_STEPS, recorder, warehouse)
+    assert recorder.reports == [("started", 0), ("finished", 0, None)]
     assert warehouse.published == []

@@ -690,8 +690,9 @@ def test_steps_and_dq_results_are_kept_per_attempt(store: Store) -> None:
         return step_of(made, index, status, started, attempt)
 
     run(store.save_step(step(0, "RUNNING")))
-    run(store.save_step(replace(step(0, "COMPLETE"), rows_processed=7, attempts=1)))
-    run(store.save_step(step(1, "RUNNING")))
+    # A step boundary: the end of one and the start of the next, written together.
+    ended = replace(step(0, "COMPLETE"), rows_processed=7, attempts=1)
+    run(store.save_steps([ended, step(1, "RUNNING")]))
     # The server crashes mid-step: the run goes back to PENDING, its RUNNING step closes.
     assert run(store.requeue_run(claimed, datetime.now(UTC), count_attempt=True))
     steps = run(store.list_steps(tenant_id, made.pipeline_logging_id))
@@ -747,8 +748,7 @@ def test_a_step_has_one_row_however_it_is_saved(store: Store) -> None:
     claimed = claim(store, tenant_id)
     run(store.save_step(replace(step(0, "COMPLETE"), rows_processed=3)))
     run(store.save_step(step(1, "RUNNING")))
-    run(store.save_step(replace(step(1, "COMPLETE"), rows_processed=4)))
-    run(store.save_step(step(2, "RUNNING")))
+    run(store.save_steps([replace(step(1, "COMPLETE"), rows_processed=4), step(2, "RUNNING")]))
     assert run(store.finish_run(claimed, "FAILED", datetime.now(UTC), "boom")) is not None
     steps = run(store.list_steps(tenant_id, made.pipeline_logging_id))
     assert [(s.step_name, s.status, s.rows_processed) for s in steps] == [
@@ -904,8 +904,10 @@ def test_a_bigquery_replica_answers_the_steps_of_runs_it_executes(
         first = step(0, "RUNNING")
         run(executing.save_step(first))
         assert listed(1) == [first]  # the attempt's earlier steps, read once
-        run(executing.save_step(ended := replace(first, status="COMPLETE", rows_processed=5)))
-        run(executing.save_step(second := step(1, "RUNNING")))
+        ended, second = replace(first, status="COMPLETE", rows_processed=5), step(1, "RUNNING")
+        with query_jobs(executing) as jobs:  # a step boundary: one INSERT
+            run(executing.save_steps([ended, second]))
+        assert len(jobs) == 1
         assert listed(0) == [ended, second]
         assert run(executing.list_steps("another_tenant", run_id)) == []
 

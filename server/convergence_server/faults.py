@@ -33,8 +33,18 @@ HOLD_CALLS = "hold_calls"
 # BigQuery store: after a publication compared a day with the one published, before its
 # transaction (held: another replica may publish the day meanwhile).
 BEFORE_PUBLISH_TRANSACTION = "before_publish_transaction"
+# Before a run checks, between its steps, whether a cancel was asked (held: the run waits
+# there, however quick its steps, until the test has asked).
+BETWEEN_STEPS = "between_steps"
 KNOWN = frozenset(
-    {AFTER_PUBLISH, AFTER_SLOT_RUN, BEFORE_PUBLISH, HOLD_CALLS, BEFORE_PUBLISH_TRANSACTION}
+    {
+        AFTER_PUBLISH,
+        AFTER_SLOT_RUN,
+        BEFORE_PUBLISH,
+        HOLD_CALLS,
+        BEFORE_PUBLISH_TRANSACTION,
+        BETWEEN_STEPS,
+    }
 )
 # Long enough for the slowest test to release its hold itself (a shared emulator on a
 # busy machine takes minutes), short enough that a forgotten hold ends on its own.

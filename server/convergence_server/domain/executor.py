@@ -93,6 +93,7 @@ class _Observer:
         self._warnings: dict[str, int] = {}
 
     async def cancel_requested(self) -> bool:
+        await faults.held(faults.BETWEEN_STEPS)
         return await self._store.cancel_requested(self._run.pipeline_logging_id)
 
     def stopping(self) -> bool:
@@ -118,9 +119,15 @@ class _Observer:
         self._events.publish(self._run.pipeline_logging_id)
 
     async def step_finished(
-        self, index: int, step: Step, started: datetime, outcome: StepOutcome
+        self,
+        index: int,
+        step: Step,
+        started: datetime,
+        outcome: StepOutcome,
+        following: tuple[Step, datetime] | None = None,
     ) -> None:
-        ended = datetime.now(UTC)
+        # At a boundary, the step ends when the next one starts.
+        ended = following[1] if following is not None else datetime.now(UTC)
         record = replace(
             self._record(index, step, started),
             status=FAILED if outcome.error else COMPLETE,
@@ -131,7 +138,10 @@ class _Observer:
             attempts=outcome.attempts,
             warnings=self._warnings.get(step.name, 0),
         )
-        await self._store.save_step(record)
+        records = [record]
+        if following is not None:
+            records.append(self._record(index + 1, *following))
+        await self._store.save_steps(records)
         metrics.STEP_SECONDS.labels(step.kind, record.status).observe(
             (ended - started).total_seconds()
         )

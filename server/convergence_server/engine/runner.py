@@ -191,8 +191,15 @@ class RunObserver(Protocol):
     async def step_started(self, index: int, step: Step, at: datetime) -> None: ...
 
     async def step_finished(
-        self, index: int, step: Step, started: datetime, outcome: StepOutcome
-    ) -> None: ...
+        self,
+        index: int,
+        step: Step,
+        started: datetime,
+        outcome: StepOutcome,
+        following: tuple[Step, datetime] | None = None,
+    ) -> None:
+        """Step `index` ended; with `following`, step `index + 1` starts at that time (one
+        write for both, at the boundary)."""
 
     async def dq_checked(self, step: Step, results: list[DqResult]) -> None: ...
 
@@ -225,14 +232,8 @@ class PipelineRun:
         """Runs every step, then publishes; raises StepFailed, RunCancelled or Interrupted
         (the server is stopping: nothing was published)."""
         try:
-            for index, step in enumerate(self.template.steps):
-                await self._between_steps()
-                started = datetime.now(UTC)
-                await self.observer.step_started(index, step, started)
-                outcome = await self._attempt(step)
-                await self.observer.step_finished(index, step, started, outcome)
-                if outcome.error:
-                    raise StepFailed(f"step {step.name} failed: {outcome.error}")
+            if self.template.steps:
+                await self._steps(self.template.steps)
             await self._between_steps()
             try:
                 await self._retrying(lambda: self.publish(self.publications), 3)
@@ -247,6 +248,28 @@ class PipelineRun:
                 await self.warehouse.drop(sorted(stages))
             except Exception:
                 log.warning("run %s: cannot drop its staging tables", self.run_id, exc_info=True)
+
+    async def _steps(self, steps: Sequence[Step]) -> None:
+        """Runs the steps in order. A step's end and the next one's start are reported
+        together, once the checks between them passed (else its end alone)."""
+        await self._between_steps()
+        started = datetime.now(UTC)
+        await self.observer.step_started(0, steps[0], started)
+        for index, step in enumerate(steps):
+            outcome = await self._attempt(step)
+            following = None
+            if not outcome.error and index + 1 < len(steps):
+                try:
+                    await self._between_steps()
+                except BaseException:
+                    await self.observer.step_finished(index, step, started, outcome)
+                    raise
+                following = (steps[index + 1], datetime.now(UTC))
+            await self.observer.step_finished(index, step, started, outcome, following)
+            if outcome.error:
+                raise StepFailed(f"step {step.name} failed: {outcome.error}")
+            if following is not None:
+                started = following[1]
 
     async def _between_steps(self) -> None:
         if self.observer.stopping():

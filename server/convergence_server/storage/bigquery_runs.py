@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import statistics
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -877,19 +877,21 @@ def publish(
 # -- steps and data quality -----------------------------------------------------------------
 
 
-async def save_step(db: Central, step: StepRecord) -> None:
+async def save_steps(db: Central, steps: Sequence[StepRecord]) -> None:
+    """Appends a row for each of `steps`, in one INSERT."""
     names = STEP_COLUMNS.split(", ")
+    params: dict[str, Any] = {}
+    rows = []
+    for i, step in enumerate(steps):
+        values = {n: getattr(step, n) for n in names}
+        values["error_message"] = step.error_message or None
+        params |= {f"{n}_{i}": v for n, v in typed(schema.TENANT_STEP_LOGS, values).items()}
+        rows.append(f"({', '.join(f'@{n}_{i}' for n in names)}, CURRENT_TIMESTAMP())")
     await db.call(
         lambda: db.runner.query(
             f"INSERT INTO {db.table(STEP_EVENTS.name)} ({STEP_COLUMNS}, recorded_at) "
-            f"VALUES ({', '.join('@' + n for n in names)}, CURRENT_TIMESTAMP())",
-            typed(
-                schema.TENANT_STEP_LOGS,
-                {
-                    **{n: getattr(step, n) for n in names},
-                    "error_message": step.error_message or None,
-                },
-            ),
+            f"VALUES {', '.join(rows)}",
+            params,
         )
     )
 

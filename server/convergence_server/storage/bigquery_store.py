@@ -23,7 +23,8 @@ Written for BigQuery's strengths and limits rather than as a port of the embedde
 - **Bounded DML.** A run costs one transaction to be created (shared with the tenant's
   triggers that arrive together: `bigquery_runs.AdmissionTurns`), one to be claimed, one to
   publish its writes (with its publication record) and one to end, plus one INSERT per
-  step boundary and one per heartbeat tick of its server. A `dq` step's results are one
+  step boundary (a step's end and the next one's start together: a run of n steps makes
+  n + 1) and one per heartbeat tick of its server. A `dq` step's results are one
   INSERT too, or, when `warn` checks failed, one transaction that also appends the run's
   new `warnings`. The only UPDATEs in transactions hit the tenant's counters row; outside
   them, plan changes update `tenant_profiles`, member removals delete from
@@ -831,18 +832,25 @@ class BigQueryStore:
         return None  # BigQuery's failures surface per call, as Unavailable
 
     async def save_step(self, step: StepRecord) -> None:
-        run_id = step.pipeline_logging_id
-        steps = self._steps.get(run_id)
-        if steps is None or steps.attempt != step.run_attempt:
-            await runs.save_step(self._db, step)
+        await self.save_steps([step])
+
+    async def save_steps(self, steps: Sequence[StepRecord]) -> None:
+        """One INSERT for all of `steps` (of one run)."""
+        if not steps:
             return
-        steps.writing.add(step.step_logging_id)
+        run_id = steps[0].pipeline_logging_id
+        mine = self._steps.get(run_id)
+        if mine is None or any(step.run_attempt != mine.attempt for step in steps):
+            await runs.save_steps(self._db, steps)
+            return
+        mine.writing.update(step.step_logging_id for step in steps)
         try:
-            await runs.save_step(self._db, step)
-        except BaseException:  # it may be stored or not: reads of the run go to BigQuery
+            await runs.save_steps(self._db, steps)
+        except BaseException:  # they may be stored or not: reads of the run go to BigQuery
             self._steps.pop(run_id, None)
             raise
-        steps.written[step.step_logging_id] = step
+        for step in steps:
+            mine.written[step.step_logging_id] = step
 
     async def list_steps(self, tenant_id: str, run_id: str) -> list[StepRecord]:
         mine, steps = self._executing.get(run_id), self._steps.get(run_id)

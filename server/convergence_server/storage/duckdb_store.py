@@ -1000,6 +1000,11 @@ class DuckDBStore:
         if rows is not None:
             rows[step.step_logging_id] = step.status
 
+    async def save_steps(self, steps: Sequence[StepRecord]) -> None:
+        # One write per step here: DuckDB's cost is per statement, not per commit.
+        for step in steps:
+            await self.save_step(step)
+
     async def list_steps(self, tenant_id: str, run_id: str) -> list[StepRecord]:
         steps = self._cache.steps(run_id)
         if steps is None:

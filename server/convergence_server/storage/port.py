@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import date, datetime
 from typing import Protocol
 
@@ -252,6 +253,10 @@ class Store(Protocol):
 
     async def save_step(self, step: StepRecord) -> None:
         """Inserts or replaces a step log row (by its id)."""
+
+    async def save_steps(self, steps: Sequence[StepRecord]) -> None:
+        """`save_step` for steps of one run at once (a step boundary: one step's end and
+        the next one's start), as one write where the store can."""
 
     async def list_steps(self, tenant_id: str, run_id: str) -> list[StepRecord]: ...
 
