@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import socket
 import subprocess
 import time
 import urllib.error
@@ -23,6 +22,7 @@ from google.cloud import bigquery
 from convergence_server.config import REPO_ROOT
 from convergence_server.stack import terminate, tied_to_this_process
 from convergence_server.storage.bigquery_client import make_client
+from tests.ports import free_loopback_port
 
 EMULATOR_DIR = REPO_ROOT / "build" / "bigquery-emulator"
 PROJECT = "test-project"
@@ -96,18 +96,11 @@ class Emulator:
         self.log.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 def start_emulator(data_dir: Path) -> Emulator:
     binary = EMULATOR_DIR / "venv" / "bin" / "local-bigquery"
     if not binary.exists():
         raise RuntimeError(f"{binary} is missing: run `make install`")
-    port = _free_port()
+    port = free_loopback_port()
     log = (data_dir / "emulator.log").open("wb")
     process = subprocess.Popen(
         tied_to_this_process(
@@ -119,7 +112,7 @@ def start_emulator(data_dir: Path) -> Emulator:
                 "--port",
                 str(port),
                 "--grpc-port",
-                str(_free_port()),
+                str(free_loopback_port()),
                 "--project",
                 PROJECT,
                 "--data-dir",

@@ -15,7 +15,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,6 +31,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from convergence_server.config import REPO_ROOT
 from convergence_server.stack import START_TIMEOUT
 from tests.conftest import stack_env
+from tests.ports import free_loopback_port
 
 DOCKERFILE = REPO_ROOT / "Dockerfile"
 DOCKERIGNORE = REPO_ROOT / ".dockerignore"
@@ -49,13 +49,6 @@ linux_only = pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
 
 
 # ---- The entrypoint, as Cloud Run starts and stops it ---------------------------------------
-
-
-def free_loopback_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def entrypoint_env(data_dir: Path, **extra: str) -> dict[str, str]:
