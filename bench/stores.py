@@ -175,7 +175,7 @@ async def jobs_per_read(executing: Store, other: Store, n: int = 5) -> dict[str,
     await count(
         "cancel check at a step boundary, executing replica",
         executing,
-        lambda: executing.cancel_requested(run_id),
+        lambda: executing.cancel_requested(claimed),
     )
     await count(
         "heartbeat (any number of runs), executing replica",

@@ -15,6 +15,7 @@ import pytest
 
 from convergence_server.engine.runner import (
     DqResult,
+    Interrupted,
     PipelineRun,
     RunCancelled,
     StepFailed,
@@ -75,23 +76,24 @@ class ScriptedWarehouse:
 
 
 class Recorder:
-    def __init__(self, cancelled_at_check: int = 0) -> None:
+    def __init__(self, stop_at_check: int = 0, stop: str = "cancel") -> None:
         self.outcomes: list[StepOutcome] = []
-        # What was reported, in order: ("started", index) or ("finished", index, the next
-        # step's index when its start was reported with this end).
+        # What was reported, in order: ("started", step name) or ("finished", step name,
+        # the next step's name when its start was reported with this end).
         self.reports: list[tuple[object, ...]] = []
-        self._cancelled_at = cancelled_at_check  # 0: never; 1: before the first step...
-        self._checks = 0
+        # At which check between steps (1: before the first step) a cancel or a stop of
+        # the server shows (0: never).
+        self._stop_at, self._stop, self._checks = stop_at_check, stop, 0
 
     async def cancel_requested(self) -> bool:
-        self._checks += 1
-        return self._checks == self._cancelled_at
+        return self._stop == "cancel" and self._checks == self._stop_at
 
     def stopping(self) -> bool:
-        return False
+        self._checks += 1  # asked first at each check
+        return self._stop == "stop" and self._checks == self._stop_at
 
     async def step_started(self, index: int, step: Step, at: datetime) -> None:
-        self.reports.append(("started", index))
+        self.reports.append(("started", step.name))
 
     async def step_finished(
         self,
@@ -102,7 +104,7 @@ class Recorder:
         following: tuple[Step, datetime] | None = None,
     ) -> None:
         self.outcomes.append(outcome)
-        self.reports.append(("finished", index, None if following is None else index + 1))
+        self.reports.append(("finished", step.name, following and following[0].name))
 
     async def dq_checked(self, step: Step, results: list[DqResult]) -> None:
         pass
@@ -176,19 +178,20 @@ THREE_STEPS = "description: Three queries.\nsteps:\n" + "".join(
 def test_a_steps_end_and_the_next_ones_start_are_reported_together(tmp_path: Path) -> None:
     warehouse, recorder, _ = run(tmp_path, [], THREE_STEPS)
     assert recorder.reports == [
-        ("started", 0),
-        ("finished", 0, 1),
-        ("finished", 1, 2),
-        ("finished", 2, None),
+        ("started", "s0"),
+        ("finished", "s0", "s1"),
+        ("finished", "s1", "s2"),
+        ("finished", "s2", None),
     ]
     assert len(warehouse.published) == 3
 
 
-def test_a_cancel_at_a_boundary_reports_the_end_alone_and_publishes_nothing(
-    tmp_path: Path,
+@pytest.mark.parametrize(("stop", "raised"), [("cancel", RunCancelled), ("stop", Interrupted)])
+def test_a_cancel_or_stop_at_a_boundary_reports_the_end_alone_and_publishes_nothing(
+    tmp_path: Path, stop: str, raised: type[Exception]
 ) -> None:
-    recorder, warehouse = Recorder(cancelled_at_check=2), ScriptedWarehouse([])
-    with pytest.raises(RunCancelled):
+    recorder, warehouse = Recorder(stop_at_check=2, stop=stop), ScriptedWarehouse([])
+    with pytest.raises(raised):
         run(tmp_path, [], THREE_STEPS, recorder, warehouse)
-    assert recorder.reports == [("started", 0), ("finished", 0, None)]
+    assert recorder.reports == [("started", "s0"), ("finished", "s0", None)]
     assert warehouse.published == []

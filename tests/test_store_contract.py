@@ -652,10 +652,10 @@ def test_a_running_run_is_flagged_for_cancellation(store: Store) -> None:
     made = new_run(tenant_id)
     run(store.create_run(made, LONG_AGO, RunLimits(10, 10)))
     claimed = claim(store, tenant_id)
-    assert not run(store.cancel_requested(made.pipeline_logging_id))
+    assert not run(store.cancel_requested(claimed))
     flagged = run(store.request_cancel(tenant_id, made.pipeline_logging_id, datetime.now(UTC)))
     assert flagged is not None and (flagged.status, flagged.cancel_requested) == ("RUNNING", True)
-    assert run(store.cancel_requested(made.pipeline_logging_id))
+    assert run(store.cancel_requested(claimed))
     ended = run(store.finish_run(claimed, "FAILED", datetime.now(UTC), "Cancelled"))
     assert ended is not None and ended.status == "FAILED"
     assert run(store.request_cancel(tenant_id, "no-such-run", datetime.now(UTC))) is None
@@ -840,21 +840,25 @@ def test_a_bigquery_replica_answers_the_runs_it_executes(
             for _ in range(3):
                 assert run(executing.get_run(tenant_id, run_id)) == replace(claimed, warnings=1)
             assert run(executing.get_run("another_tenant", run_id)) is None
-            assert not run(executing.cancel_requested(run_id))
+            assert not run(executing.cancel_requested(claimed))
         assert jobs == []
         assert run(other.get_run(tenant_id, run_id)) == replace(claimed, warnings=1)
+        with query_jobs(other) as jobs:  # not executing it there: read from its partition
+            assert not run(other.cancel_requested(claimed))
+        assert len(jobs) == 1 and "@created_at" in jobs[0]
 
         asked = run(other.request_cancel(tenant_id, run_id, now))
         assert asked is not None and asked.cancel_requested
+        assert run(other.cancel_requested(claimed))
         with query_jobs(executing) as jobs:  # one heartbeat behind
             before = run(executing.get_run(tenant_id, run_id))
             assert before is not None and not before.cancel_requested
-            assert not run(executing.cancel_requested(run_id))
+            assert not run(executing.cancel_requested(claimed))
         assert jobs == []
         run(executing.heartbeat([run_id], "worker-a"))
         with query_jobs(executing) as jobs:
             assert run(executing.get_run(tenant_id, run_id)) == replace(asked, warnings=1)
-            assert run(executing.cancel_requested(run_id))
+            assert run(executing.cancel_requested(claimed))
         assert jobs == []
 
         assert run(other.requeue_run(asked, now, count_attempt=True))  # its lease ran out
@@ -1009,7 +1013,7 @@ def test_a_bigquery_replica_reads_only_the_partitions_of_runs_not_ended(
         assert run(claiming.pending_runs(an_hour_on)) == (1, behind.created_at)
         late = run(claiming.claim_next_run("worker-b", an_hour_on))
         assert late is not None and late.pipeline_logging_id == behind.pipeline_logging_id
-        assert run(claiming.cancel_requested(late.pipeline_logging_id)) is False
+        assert run(claiming.cancel_requested(late)) is False
         run(claiming.heartbeat([late.pipeline_logging_id], "worker-b"))
         ended = run(claiming.finish_run(late, "COMPLETE", an_hour_on))
         assert ended is not None and ended.status == "COMPLETE"

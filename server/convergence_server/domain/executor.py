@@ -94,7 +94,7 @@ class _Observer:
 
     async def cancel_requested(self) -> bool:
         await faults.held(faults.BETWEEN_STEPS)
-        return await self._store.cancel_requested(self._run.pipeline_logging_id)
+        return await self._store.cancel_requested(self._run)
 
     def stopping(self) -> bool:
         return self._stopping.is_set()
@@ -126,7 +126,7 @@ class _Observer:
         outcome: StepOutcome,
         following: tuple[Step, datetime] | None = None,
     ) -> None:
-        # At a boundary, the step ends when the next one starts.
+        # At a boundary, the next step starts when this one ended.
         ended = following[1] if following is not None else datetime.now(UTC)
         record = replace(
             self._record(index, step, started),

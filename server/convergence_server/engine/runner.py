@@ -250,8 +250,10 @@ class PipelineRun:
                 log.warning("run %s: cannot drop its staging tables", self.run_id, exc_info=True)
 
     async def _steps(self, steps: Sequence[Step]) -> None:
-        """Runs the steps in order. A step's end and the next one's start are reported
-        together, once the checks between them passed (else its end alone)."""
+        """Runs the steps in order. A step's end and the next one's start (the same moment)
+        are reported together once the checks between them passed, else its end alone: a
+        crash during those checks leaves the step RUNNING, closed as interrupted when the
+        run is recovered (on BigQuery the checks read memory; embedded, one cheap read)."""
         await self._between_steps()
         started = datetime.now(UTC)
         await self.observer.step_started(0, steps[0], started)
@@ -259,17 +261,30 @@ class PipelineRun:
             outcome = await self._attempt(step)
             following = None
             if not outcome.error and index + 1 < len(steps):
+                boundary = datetime.now(UTC)
                 try:
                     await self._between_steps()
-                except BaseException:
-                    await self.observer.step_finished(index, step, started, outcome)
+                except Exception:  # a cancel or a stop: the step's end alone, then that
+                    await self._report_end(index, step, started, outcome)
                     raise
-                following = (steps[index + 1], datetime.now(UTC))
+                following = (steps[index + 1], boundary)
             await self.observer.step_finished(index, step, started, outcome, following)
             if outcome.error:
                 raise StepFailed(f"step {step.name} failed: {outcome.error}")
             if following is not None:
                 started = following[1]
+
+    async def _report_end(
+        self, index: int, step: Step, started: datetime, outcome: StepOutcome
+    ) -> None:
+        """Reports a step's end while another exception is raised: a failure to write it
+        is logged, so that exception is what the run ends with."""
+        try:
+            await self.observer.step_finished(index, step, started, outcome)
+        except Exception:
+            log.warning(
+                "run %s: cannot record the end of step %s", self.run_id, step.name, exc_info=True
+            )
 
     async def _between_steps(self) -> None:
         if self.observer.stopping():

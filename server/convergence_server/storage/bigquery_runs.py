@@ -483,13 +483,11 @@ async def list_runs(
     return await db.call(read)
 
 
-async def cancel_requested(db: Central, run_id: str) -> bool:
-    """Whether a cancel of the run was asked (for a run not executing on this replica: the
-    ones that do are answered from memory)."""
-    latest = latest_events_sql(db, "pipeline_logging_id = @run_id")
-    rows = await db.call(
-        lambda: db.query(f"SELECT cancel_requested FROM ({latest})", run_id=run_id)
-    )
+async def cancel_requested(db: Central, run: RunRecord) -> bool:
+    """Whether a cancel of the run was asked, read from its partition and cluster (for a
+    run not held by this replica: the ones it holds are answered from memory)."""
+    latest = latest_events_sql(db, OF_RUN)
+    rows = await db.call(lambda: db.query(f"SELECT cancel_requested FROM ({latest})", **_of(run)))
     return bool(rows and rows[0][0])
 
 

@@ -746,14 +746,16 @@ class BigQueryStore:
             self._keep(run)
         return list(found)
 
-    async def cancel_requested(self, run_id: str) -> bool:
+    async def cancel_requested(self, run: RunRecord) -> bool:
         """A run executing here answers from memory: a cancel asked here sets its flag at
         once, one asked on another replica shows from this replica's next heartbeat, which
-        reads the run back. So a step boundary costs no query job."""
+        reads the run back. So a step boundary costs no query job. Others (a run let go
+        after a failed heartbeat) are read from the run's partition."""
+        run_id = run.pipeline_logging_id
         mine = self._executing.get(run_id)
         if mine is not None:
             return mine.cancel_requested
-        requested = await runs.cancel_requested(self._db, run_id)
+        requested = await runs.cancel_requested(self._db, run)
         if requested:
             self._cancelled(run_id)
         return requested

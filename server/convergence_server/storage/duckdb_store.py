@@ -961,10 +961,11 @@ class DuckDBStore:
                 self._committed(run)
             return run
 
-    async def cancel_requested(self, run_id: str) -> bool:
-        run = self._cache.run(run_id)  # as last committed: a cancel drops it until then
-        if run is not None:
-            return run.cancel_requested
+    async def cancel_requested(self, run: RunRecord) -> bool:
+        run_id = run.pipeline_logging_id
+        known = self._cache.run(run_id)  # as last committed: a cancel drops it until then
+        if known is not None:
+            return known.cancel_requested
         return await self._call(lambda cur: runs.cancel_requested(cur, run_id))
 
     async def heartbeat(self, run_ids: list[str], worker_id: str) -> None:

@@ -227,7 +227,8 @@ class Store(Protocol):
     async def request_cancel(self, tenant_id: str, run_id: str, now: datetime) -> RunRecord | None:
         """Ends a PENDING run FAILED, or flags a RUNNING one to stop; returns it."""
 
-    async def cancel_requested(self, run_id: str) -> bool: ...
+    async def cancel_requested(self, run: RunRecord) -> bool:
+        """Whether a cancel of `run` (as its worker claimed it) was asked."""
 
     async def heartbeat(self, run_ids: list[str], worker_id: str) -> None:
         """Marks the runs `worker_id` executes as alive, with the store's current time (all
