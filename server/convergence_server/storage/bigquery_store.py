@@ -751,14 +751,10 @@ class BigQueryStore:
         once, one asked on another replica shows from this replica's next heartbeat, which
         reads the run back. So a step boundary costs no query job. Others (a run let go
         after a failed heartbeat) are read from the run's partition."""
-        run_id = run.pipeline_logging_id
-        mine = self._executing.get(run_id)
+        mine = self._executing.get(run.pipeline_logging_id)
         if mine is not None:
             return mine.cancel_requested
-        requested = await runs.cancel_requested(self._db, run)
-        if requested:
-            self._cancelled(run_id)
-        return requested
+        return await runs.cancel_requested(self._db, run)
 
     def _cancelled(self, run_id: str) -> None:
         """Flags a run executing here as cancel-requested (a flag that is never taken back:
