@@ -19,8 +19,11 @@ import pytest
 
 from tests.bigquery_emulator import Emulator
 from tests.conftest import UNMETERED, StackFactory, new_prefix, onboard, trigger, wait_for_run
+from tests.test_metrics import Samples, eventually, value
 from tests.test_publish_guards import CLEAN, DAY
 from tests.test_schedules import BASE, Clock, assert_each_slot_once, create, fire, slot_times
+
+STORE_CALLS = "convergence_store_operation_seconds_count"
 
 # The local emulator runs every job in one Python process: slow on a busy machine.
 pytestmark = pytest.mark.timeout(900)
@@ -179,15 +182,35 @@ def test_a_run_another_replica_admitted_is_found_by_the_claim_poll(
 ) -> None:
     """Replica A admits a run and has no workers; replica B, whose workers were never woken
     for it and looked at their start before it existed, finds it by their claim poll (once
-    a second here) and runs it."""
+    a second here, slowing to every 4 s while it finds nothing) and runs it.
+
+    B beats every second and looks for other replicas' runs to recover every half lease
+    (every second beat here), not at each beat: each look is a query job."""
     env = {**pipeline_env, **emulator.env(new_prefix())}
     admitting = stack_factory(**env, CONVERGENCE_WORKERS="0")
-    stack_factory(**{**env, "CONVERGENCE_WORKERS": "1", "CONVERGENCE_CLAIM_POLL_SECONDS": "1"})
+    polling = stack_factory(
+        **{
+            **env,
+            "CONVERGENCE_WORKERS": "1",
+            "CONVERGENCE_CLAIM_POLL_SECONDS": "1",
+            "CONVERGENCE_CLAIM_POLL_MAX_SECONDS": "4",
+            "CONVERGENCE_RUN_HEARTBEAT_SECONDS": "1",
+            "CONVERGENCE_RUN_LEASE_SECONDS": "4",
+            "CONVERGENCE_METRICS_PORT": "0",
+        }
+    )
     with httpx.Client(base_url=admitting.http_url, timeout=300) as http:
         tenant_id, key = onboard(http, plan=UNMETERED)
         run_id = trigger(http, key, tenant_id, "test/runs/quick")["pipeline_logging_id"]
         ended = wait_for_run(http, key, run_id, timeout=240)
     assert ended["status"] == "COMPLETE", ended
+
+    def calls(samples: Samples, operation: str) -> float:
+        return value(samples, STORE_CALLS, operation=operation, adapter="bigquery")
+
+    samples = eventually(polling, lambda s: calls(s, "heartbeat") >= 6)
+    beats, looks = calls(samples, "heartbeat"), calls(samples, "stale_runs")
+    assert 1 <= looks <= beats // 2, (beats, looks)
 
 
 def test_a_day_another_replica_publishes_meanwhile_is_not_shrunk(

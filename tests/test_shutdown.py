@@ -40,7 +40,7 @@ EXIT_ALLOWANCE = 20
 def frozen_with_a_request_waiting(emulator: Emulator) -> Iterator[None]:
     """Stops the emulator (SIGSTOP) so that its connections hang instead of failing, as a
     BigQuery that stopped answering does, at a moment when a request then arrives and waits
-    (a claim poll or a heartbeat: there is one a second). It runs again (SIGCONT) however
+    (a look for runs to recover: there is one a second). It runs again (SIGCONT) however
     the block ends."""
     deadline = time.monotonic() + 120
     try:
@@ -96,6 +96,7 @@ def test_sigterm_stops_a_server_whose_bigquery_hangs(
         **own_emulator.env(new_prefix()),
         CONVERGENCE_WORKERS="2",
         CONVERGENCE_RUN_HEARTBEAT_SECONDS="1",
+        CONVERGENCE_RUN_LEASE_SECONDS="2",  # a look for runs to recover every half lease
         CONVERGENCE_SHUTDOWN_SECONDS=str(SHUTDOWN_SECONDS),
     )
     stack = start_stack(env, log_dir=tmp_path / "logs")

@@ -291,6 +291,7 @@ def create_server(
             heartbeat_seconds=config.heartbeat_seconds,
             lease_seconds=config.lease_seconds,
             poll_seconds=config.claim_poll_seconds,
+            poll_max_seconds=config.claim_poll_max_seconds,
             sample_data=config.sample_data_dir,
             source_roots=config.source_roots,
             gcs_source_roots=config.gcs_source_roots,

@@ -77,6 +77,7 @@ class Config:
     # A stop (SIGTERM) ends within this; Cloud Run allows 10 s before SIGKILL.
     shutdown_seconds: float = 8.0
     claim_poll_seconds: float = 1.0
+    claim_poll_max_seconds: float = 30.0
     # Bounds the server's memory on large loads (they spill to the data directory).
     duckdb_memory_limit: str = "256MB"
     # The operator token of the all-tenant scheduler trigger (`x-scheduler-token`); empty:
@@ -165,6 +166,9 @@ class Config:
             heartbeat_seconds=_int(env, "CONVERGENCE_RUN_HEARTBEAT_SECONDS", 5),
             claim_poll_seconds=_seconds(
                 env, "CONVERGENCE_CLAIM_POLL_SECONDS", defaults.claim_poll_seconds
+            ),
+            claim_poll_max_seconds=_seconds(
+                env, "CONVERGENCE_CLAIM_POLL_MAX_SECONDS", defaults.claim_poll_max_seconds
             ),
             lease_seconds=_int(env, "CONVERGENCE_RUN_LEASE_SECONDS", 30),
             clock_offset_file=env.get("CONVERGENCE_CLOCK_OFFSET_FILE", ""),

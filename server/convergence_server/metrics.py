@@ -71,6 +71,13 @@ QUEUE_OLDEST_SECONDS = Gauge(
     "Age of the oldest PENDING run (0 when none), as last sampled from the store.",
     registry=REGISTRY,
 )
+CLAIM_POLL_SECONDS = Gauge(
+    "convergence_claim_poll_interval_seconds",
+    "How long this server's idle workers wait before they look again for runs they were not "
+    "woken for: CONVERGENCE_CLAIM_POLL_SECONDS after they last found or were given one, "
+    "doubling with each look that finds none, up to CONVERGENCE_CLAIM_POLL_MAX_SECONDS.",
+    registry=REGISTRY,
+)
 WEBHOOK_EVENTS = Counter(
     "convergence_webhook_events_total",
     "Tenants' webhook events (run.failed, schedule.slots_skipped), by type and outcome: "

@@ -62,6 +62,8 @@ MAX_PERSIST_BACKOFF = 10.0
 # While stopping, running statements are interrupted again this often (an interrupt that
 # falls between two statements has no effect).
 INTERRUPT_EVERY_SECONDS = 0.1
+# An idle worker never waits less than this before it looks again (no busy loop).
+MIN_WAIT_SECONDS = 0.01
 CANCELLED_MESSAGE = "Cancelled by request while running; its changes were rolled back"
 
 
@@ -70,9 +72,12 @@ class ExecutorSettings:
     workers: int = 4
     heartbeat_seconds: float = 5.0
     lease_seconds: float = 30.0
-    # How often idle workers look for runs they were not woken for (another replica's
-    # admissions, runs put back by recovery); on BigQuery each look is a query job.
+    # How soon idle workers look for runs they were not woken for (another replica's
+    # admissions, runs put back by recovery) after they last found one or were woken;
+    # each look that finds nothing doubles the wait, up to `poll_max_seconds`. On
+    # BigQuery each look is a query job.
     poll_seconds: float = 1.0
+    poll_max_seconds: float = 30.0
     sample_data: Path = Path("configs/sample_data")
     source_roots: tuple[Path, ...] = ()
     gcs_source_roots: tuple[str, ...] = ()
@@ -216,9 +221,18 @@ class Executor:
         # Workers waiting for their turn to claim: they have no store call to wait for.
         self._queued: set[asyncio.Task[None]] = set()
         self._next_poll = 0.0
+        self._poll_interval = settings.poll_seconds  # the wait after the next empty look
+        self._longest_poll = max(settings.poll_seconds, settings.poll_max_seconds)
+        metrics.CLAIM_POLL_SECONDS.set(self._poll_interval)
 
     def wake(self) -> None:
+        """A run to claim (admitted here, or put back): look now, and poll soon again."""
+        self._poll_sooner()
         self._wakeup.set()
+
+    def _poll_sooner(self) -> None:
+        self._poll_interval = self._settings.poll_seconds
+        metrics.CLAIM_POLL_SECONDS.set(self._poll_interval)
 
     async def start(self) -> None:
         if self._store.exclusive:
@@ -284,7 +298,7 @@ class Executor:
                 ended = None
                 if await self._store.requeue_run(run, self._clock(), count_attempt=True):
                     log.warning("run %s requeued: its execution was lost", run.pipeline_logging_id)
-                    self._wakeup.set()  # not left to the next poll
+                    self.wake()  # not left to the next poll
             else:
                 ended = await self._store.finish_run(
                     run,
@@ -298,8 +312,14 @@ class Executor:
 
     async def _keep_alive(self) -> None:
         lease = timedelta(seconds=self._settings.lease_seconds)
+        # Shared stores: other replicas' runs go stale a lease after their last beat, so
+        # looking for them every half lease (not at every beat) finds them at most half a
+        # lease later, for a third of the reads at the defaults (each a query on BigQuery).
+        every = max(1, round(self._settings.lease_seconds / 2 / self._settings.heartbeat_seconds))
+        beats = 0
         while True:
             await asyncio.sleep(self._settings.heartbeat_seconds)
+            beats += 1
             try:
                 if self._store.exclusive:
                     # No other process can hold a run: any RUNNING run no worker here holds
@@ -307,7 +327,8 @@ class Executor:
                     await self.recover(datetime.max.replace(tzinfo=UTC))
                 else:
                     await self._store.heartbeat(sorted(self._in_flight), self._worker_id)
-                    await self.recover(self._clock() - lease)
+                    if beats % every == 0:
+                        await self.recover(self._clock() - lease)
             except Exception:
                 log.exception("heartbeat or recovery failed")
 
@@ -318,8 +339,9 @@ class Executor:
                 if self._stopping.is_set():
                     return
                 self._wakeup.clear()
+                due = max(self._next_poll - time.monotonic(), MIN_WAIT_SECONDS)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wakeup.wait(), self._settings.poll_seconds)
+                    await asyncio.wait_for(self._wakeup.wait(), due)
                 continue
             self._wakeup.set()  # there may be more: let another idle worker look
             await self._execute(run)
@@ -335,20 +357,26 @@ class Executor:
         finally:
             self._queued.discard(worker)
         try:
-            # Idle workers take turns: the store sees one poll per `poll_seconds` per
-            # server (on BigQuery each is a billed query), and a wake-up at once.
+            # Idle workers take turns: the store sees one poll per interval per server
+            # (on BigQuery each is a billed query), and a wake-up at once. An idle
+            # server's interval doubles with each poll that finds nothing.
             if self._stopping.is_set() or (
                 not self._wakeup.is_set() and time.monotonic() < self._next_poll
             ):
                 return None
-            self._next_poll = time.monotonic() + self._settings.poll_seconds
             try:
                 run = await self._store.claim_next_run(self._worker_id, self._clock())
             except Exception as exc:
                 log.warning("cannot claim a run: %s", exc)
+                run = None
+            if run is None:
+                self._next_poll = time.monotonic() + self._poll_interval
+                metrics.CLAIM_POLL_SECONDS.set(self._poll_interval)
+                self._poll_interval = min(self._poll_interval * 2, self._longest_poll)
                 return None
-            if run is not None:
-                self._in_flight[run.pipeline_logging_id] = None
+            self._poll_sooner()
+            self._next_poll = time.monotonic() + self._poll_interval
+            self._in_flight[run.pipeline_logging_id] = None
             return run
         finally:
             self._claiming.release()

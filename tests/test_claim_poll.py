@@ -1,0 +1,73 @@
+"""Idle workers' claim poll: it slows down while it finds nothing (on BigQuery each look is
+a billed query job) and comes back to its first interval as soon as there is work."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from convergence_server import faults
+from convergence_server.stack import Stack
+from tests.conftest import StackFactory, onboard, trigger, wait_for_run
+from tests.test_metrics import Samples, eventually, scrape, value
+
+INTERVAL = "convergence_claim_poll_interval_seconds"
+CLAIMS = "convergence_store_operation_seconds_count"
+
+
+def claims(samples: Samples) -> float:
+    return value(samples, CLAIMS, operation="claim_next_run", adapter="embedded")
+
+
+@pytest.fixture
+def held(tmp_path: Path) -> Path:
+    """A data directory whose runs wait before their first step while `hold` exists."""
+    (tmp_path / "hold").mkdir()
+    return tmp_path
+
+
+@pytest.fixture
+def polling(
+    stack_factory: StackFactory, pipeline_env: dict[str, str], held: Path
+) -> Iterator[Stack]:
+    stack = stack_factory(
+        held,
+        **pipeline_env,
+        CONVERGENCE_METRICS_PORT="0",
+        CONVERGENCE_WORKERS="1",
+        CONVERGENCE_CLAIM_POLL_SECONDS="0.05",
+        CONVERGENCE_CLAIM_POLL_MAX_SECONDS="0.4",
+        CONVERGENCE_FAULT_POINTS=faults.BETWEEN_STEPS,
+    )
+    yield stack
+    stack.stop()
+
+
+def test_an_idle_servers_poll_slows_to_its_longest_interval_and_quickens_with_work(
+    polling: Stack, held: Path
+) -> None:
+    # Idle: each empty look doubles the wait, 0.05 s to 0.4 s, and the looks go on there.
+    at_cap = eventually(polling, lambda s: value(s, INTERVAL) == 0.4)
+    assert value(at_cap, INTERVAL) == 0.4
+    more = eventually(polling, lambda s: claims(s) >= claims(at_cap) + 2)
+    assert claims(more) >= claims(at_cap) + 2
+    assert value(more, INTERVAL) == 0.4
+
+    hold = held / "hold" / faults.BETWEEN_STEPS
+    hold.touch()
+    with httpx.Client(base_url=polling.http_url, timeout=120) as http:
+        tenant_id, key = onboard(http)
+        run_id = trigger(http, key, tenant_id, "test/runs/quick")["pipeline_logging_id"]
+        assert wait_for_run(http, key, run_id, ("RUNNING",))["status"] == "RUNNING"
+        # Woken by the admission and given a run: back to the first interval, where it
+        # stays while its one worker is busy (no look finds nothing meanwhile).
+        busy = eventually(polling, lambda s: value(s, INTERVAL) == 0.05)
+        assert value(busy, INTERVAL) == 0.05
+        assert value(scrape(polling), INTERVAL) == 0.05
+        hold.unlink()
+        assert wait_for_run(http, key, run_id)["status"] == "COMPLETE"
+    idle_again = eventually(polling, lambda s: value(s, INTERVAL) == 0.4)
+    assert value(idle_again, INTERVAL) == 0.4
