@@ -112,7 +112,8 @@ async def burst(store: Store, size: int, concurrent: int) -> tuple[list[float], 
 
 async def jobs_per_read(executing: Store, other: Store, n: int = 5) -> dict[str, float]:
     """Query jobs per call of GetRun and of a WatchRun update (`get_run` and `list_steps`)
-    of one run, on `executing` (which claims it) and on `other`, over the run's life; per
+    of one run, on `executing` (which claims it) and on `other`, over the run's life; of
+    GetUsage (`usage`: the day's row, the runs in use, the team); per
     cancel check (as the executor makes between steps) and heartbeat of the executing
     replica; and per call of GetRun and ListRuns when `4 * n` callers ask at once (they
     share query jobs: `storage/shared_reads.py`)."""
@@ -146,6 +147,8 @@ async def jobs_per_read(executing: Store, other: Store, n: int = 5) -> dict[str,
         "GetRun of a PENDING run, any replica", other, lambda: other.get_run(tenant_id, run_id)
     )
     await together("GetRun of a PENDING run", lambda: other.get_run(tenant_id, run_id), 4 * n)
+    today = now.date()
+    await count("GetUsage, any replica", other, lambda: other.usage(tenant_id, today))
     listed = RunFilter(tenant_id)
     await together("ListRuns, first page", lambda: other.list_runs(listed, None, 50), 4 * n)
     claimed = await executing.claim_next_run("bench-worker", now)

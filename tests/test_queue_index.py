@@ -181,7 +181,7 @@ def test_admissions_count_as_the_database_does(tmp_path: Path, seed: int) -> Non
                             )
                         )
                 if gone is not None:
-                    usage = asyncio.run(store.get_usage(gone.tenant_id, clock.date()))
+                    usage = asyncio.run(store.usage(gone.tenant_id, clock.date())).row
                     active, _ = counted(store, gone.tenant_id, clock)
                     assert usage is not None and usage.concurrent_pipelines_running == active
             elif action == "hand back" and running:

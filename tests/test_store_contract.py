@@ -14,7 +14,7 @@ import threading
 import uuid
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 from unittest.mock import Mock
@@ -37,6 +37,7 @@ from convergence_server.storage.records import (
     RunRecord,
     StepRecord,
     TenantRecord,
+    TenantUsage,
     UsageRecord,
     WebhookRecord,
 )
@@ -108,6 +109,14 @@ def new_run(tenant_id: str, created_at: datetime | None = None, key: str = "") -
         created_at=created_at or datetime.now(UTC),
         idempotency_key=key,
     )
+
+
+def usage_row(store: Store, tenant_id: str, day: date) -> UsageRecord | None:
+    return run(store.usage(tenant_id, day)).row
+
+
+def active_runs(store: Store, tenant_id: str) -> int:
+    return run(store.usage(tenant_id, datetime.now(UTC).date())).active_runs
 
 
 def claim(store: Store, tenant_id: str) -> RunRecord:
@@ -197,6 +206,32 @@ def test_team_members_are_admitted_up_to_the_team_size(store: Store) -> None:
 
 
 # -- API keys and the audit log ----------------------------------------------------------
+
+
+def test_usage_reads_the_days_row_the_runs_in_use_and_the_team_together(store: Store) -> None:
+    """What GetUsage shows, in one read: on BigQuery one query job."""
+    tenant_id = tenant(store)
+    today = datetime.now(UTC).date()
+    assert run(store.usage(tenant_id, today)) == TenantUsage(None, 0, 0)
+    now = datetime.now(UTC)
+    for user_id in ("ann", "bob"):
+        run(store.admit_member(tenant_id, user_id, 5, now))
+    made = [new_run(tenant_id) for _ in range(2)]
+    for one in made:
+        assert run(store.create_run(one, LONG_AGO, RunLimits(daily=5, concurrent=5))).created
+    if isinstance(store, BigQueryStore):
+        with query_jobs(store) as jobs:
+            usage = run(store.usage(tenant_id, today))
+        assert len(jobs) == 1, jobs
+    else:
+        usage = run(store.usage(tenant_id, today))
+    assert (usage.active_runs, usage.team_members) == (2, 2)
+    assert usage.row is not None
+    assert (usage.row.pipelines_run_today, usage.row.concurrent_pipelines_running) == (2, 2)
+    assert run(store.usage("c_nobody", today)) == TenantUsage(None, 0, 0)
+    for one in made:
+        run(store.request_cancel(tenant_id, one.pipeline_logging_id, datetime.now(UTC)))
+    assert run(store.usage(tenant_id, today)).active_runs == 0
 
 
 def new_key(tenant_id: str, created_at: datetime, **fields: Any) -> ApiKeyRecord:
@@ -451,7 +486,7 @@ def test_admission_refuses_over_the_concurrent_then_the_daily_limit(store: Store
         2,
         None,
     )
-    assert run(store.active_runs(tenant_id)) == 2
+    assert active_runs(store, tenant_id) == 2
     cancelled = run(store.request_cancel(tenant_id, first.pipeline_logging_id, datetime.now(UTC)))
     assert cancelled is not None and cancelled.status == "FAILED"
     assert cancelled.error_message == "Cancelled before it started"
@@ -460,14 +495,14 @@ def test_admission_refuses_over_the_concurrent_then_the_daily_limit(store: Store
     daily = run(store.create_run(new_run(tenant_id), LONG_AGO, limits))
     assert (daily.refused, daily.used) == ("daily", 3)
 
-    usage = run(store.get_usage(tenant_id, datetime.now(UTC).date()))
+    usage = usage_row(store, tenant_id, datetime.now(UTC).date())
     assert usage is not None
     assert (usage.pipelines_run_today, usage.pipelines_failed_today) == (3, 2)
     assert (usage.concurrent_pipelines_running, usage.max_concurrent_reached) == (1, 2)
     assert (usage.daily_limit, usage.concurrent_limit) == (3, 2)
     for waiting in run(store.list_runs(RunFilter(tenant_id, status="PENDING"), None, 10)):
         run(store.request_cancel(tenant_id, waiting.pipeline_logging_id, datetime.now(UTC)))
-    assert run(store.active_runs(tenant_id)) == 0
+    assert active_runs(store, tenant_id) == 0
 
 
 def test_an_idempotency_key_replays_its_run_uncounted_until_it_expires(store: Store) -> None:
@@ -482,7 +517,7 @@ def test_an_idempotency_key_replays_its_run_uncounted_until_it_expires(store: St
     later = datetime.now(UTC) + timedelta(seconds=1)
     fresh = new_run(tenant_id, key="nightly-2026-01-02")
     assert run(store.create_run(fresh, later, limits)).created
-    usage = run(store.get_usage(tenant_id, datetime.now(UTC).date()))
+    usage = usage_row(store, tenant_id, datetime.now(UTC).date())
     assert usage is not None and usage.pipelines_run_today == 2
     for made in (original, fresh):
         run(store.request_cancel(tenant_id, made.pipeline_logging_id, datetime.now(UTC)))
@@ -498,8 +533,8 @@ def test_parallel_triggers_admit_exactly_the_concurrent_limit(store: Store) -> N
         return [a.created for a in results]
 
     assert sum(run(burst())) == 3
-    assert run(store.active_runs(tenant_id)) == 3
-    usage = run(store.get_usage(tenant_id, datetime.now(UTC).date()))
+    assert active_runs(store, tenant_id) == 3
+    usage = usage_row(store, tenant_id, datetime.now(UTC).date())
     assert usage is not None and usage.pipelines_run_today == 3
     for waiting in run(store.list_runs(RunFilter(tenant_id), None, 10)):
         run(store.request_cancel(tenant_id, waiting.pipeline_logging_id, datetime.now(UTC)))
@@ -551,9 +586,9 @@ def test_a_burst_of_tenants_keys_and_limits_is_admitted_exactly(store: Store) ->
         ]
     today = datetime.now(UTC).date()
     for tenant_id, runs_today in ((first, 4), (second, 2), (third, 2)):
-        usage = run(store.get_usage(tenant_id, today))
+        usage = usage_row(store, tenant_id, today)
         assert usage is not None and usage.pipelines_run_today == runs_today, tenant_id
-        assert run(store.active_runs(tenant_id)) == runs_today
+        assert active_runs(store, tenant_id) == runs_today
         assert usage.concurrent_pipelines_running == runs_today
         for waiting in run(store.list_runs(RunFilter(tenant_id), None, 10)):
             run(store.request_cancel(tenant_id, waiting.pipeline_logging_id, datetime.now(UTC)))
@@ -568,18 +603,18 @@ def test_a_run_ending_days_after_it_was_created_counts_on_both_days(store: Store
     assert run(store.create_run(old, LONG_AGO, RunLimits(daily=10, concurrent=5))).created
     claimed = claim(store, tenant_id)
     assert run(store.finish_run(claimed, "COMPLETE", today)) is not None
-    assert run(store.get_usage(tenant_id, today.date() - timedelta(days=1))) is None
-    assert run(store.get_usage(tenant_id, today.date())) == UsageRecord(
+    assert usage_row(store, tenant_id, today.date() - timedelta(days=1)) is None
+    assert usage_row(store, tenant_id, today.date()) == UsageRecord(
         tenant_id, today.date(), 0, 0, 0, 0, 0, 10, 5
     )
     assert run(store.create_run(new_run(tenant_id), LONG_AGO, RunLimits(20, 8))).created
-    assert run(store.get_usage(tenant_id, today.date())) == UsageRecord(
+    assert usage_row(store, tenant_id, today.date()) == UsageRecord(
         tenant_id, today.date(), 1, 0, 0, 1, 1, 20, 8
     )
-    assert run(store.get_usage(tenant_id, old.created_at.date())) == UsageRecord(
+    assert usage_row(store, tenant_id, old.created_at.date()) == UsageRecord(
         tenant_id, old.created_at.date(), 1, 1, 0, 1, 1, 10, 5
     )
-    assert run(store.get_usage(tenant_id, today.date() + timedelta(days=1))) is None
+    assert usage_row(store, tenant_id, today.date() + timedelta(days=1)) is None
     cancelled = run(store.list_runs(RunFilter(tenant_id, status="PENDING"), None, 10))
     run(store.request_cancel(tenant_id, cancelled[0].pipeline_logging_id, today))
 
@@ -609,7 +644,7 @@ def test_a_claimed_run_ends_only_for_its_worker_and_once(store: Store) -> None:
     stored = run(store.get_run(tenant_id, made.pipeline_logging_id))
     assert stored == ended
     assert run(store.get_run("c_someone_else", made.pipeline_logging_id)) is None
-    usage = run(store.get_usage(tenant_id, datetime.now(UTC).date()))
+    usage = usage_row(store, tenant_id, datetime.now(UTC).date())
     assert usage is not None
     assert (usage.pipelines_succeeded_today, usage.concurrent_pipelines_running) == (1, 0)
     assert run(store.typical_run_ms(tenant_id)) == 1500
@@ -977,7 +1012,7 @@ def test_a_bigquery_admission_that_fails_fails_its_own_triggers_only(
         assert len(jobs) == 3, jobs  # the first two together, the keyed one, the last
         pending = run(store.list_runs(RunFilter(tenant_id, status="PENDING"), None, 10))
         assert sorted(ids(pending)) == sorted(ids([made[0], made[1], made[3]]))
-        assert run(store.active_runs(tenant_id)) == 3
+        assert active_runs(store, tenant_id) == 3
         for waiting in pending:
             run(store.request_cancel(tenant_id, waiting.pipeline_logging_id, datetime.now(UTC)))
     finally:
@@ -1022,7 +1057,7 @@ def test_a_bigquery_replica_reads_only_the_partitions_of_runs_not_ended(
 def assert_usage_from_counters(store: Store, expected: UsageRecord) -> None:
     """The BigQuery `store` reads `expected` with one query job, not from the usage view."""
     with query_jobs(store) as jobs:
-        assert run(store.get_usage(expected.tenant_id, expected.usage_date)) == expected
+        assert usage_row(store, expected.tenant_id, expected.usage_date) == expected
     assert len(jobs) == 1 and "tenant_usage_quotas" not in jobs[0], jobs
 
 
@@ -1096,7 +1131,7 @@ def test_a_bigquery_store_of_schema_9_fills_the_tenants_usage_counters(
             run(store.request_cancel(tenant_id, waiting.pipeline_logging_id, datetime.now(UTC)))
     today = made.created_at.date()
     expected = UsageRecord(tenant_id, today, 3, 0, 2, 1, 3, 10, 5)
-    assert run(store.get_usage(tenant_id, today)) == expected
+    assert usage_row(store, tenant_id, today) == expected
     db = store._db  # type: ignore[attr-defined]
     for owner in (tenant_id, idle):
         counters = db.table(f"tenant_run_counters_{owner}")
@@ -1104,7 +1139,7 @@ def test_a_bigquery_store_of_schema_9_fills_the_tenants_usage_counters(
             db.query(f"ALTER TABLE {counters} DROP COLUMN {name}")
     with migrated_from(9, store, prefix, emulator, tmp_path) as store:
         assert_usage_from_counters(store, expected)
-        assert run(store.get_usage(idle, today)) is None
+        assert usage_row(store, idle, today) is None
         run(store.request_cancel(tenant_id, made.pipeline_logging_id, datetime.now(UTC)))
 
 
@@ -1270,7 +1305,7 @@ def test_a_burst_of_triggers_is_admitted_in_few_bigquery_transactions(
         for tenant_id, created in ((plain_tenant, 3), (keyed_tenant, 4)):
             listed = run(store.list_runs(RunFilter(tenant_id), None, 50))
             assert len(listed) == created
-            usage = run(store.get_usage(tenant_id, datetime.now(UTC).date()))
+            usage = usage_row(store, tenant_id, datetime.now(UTC).date())
             assert usage is not None
             assert (
                 usage.pipelines_run_today,

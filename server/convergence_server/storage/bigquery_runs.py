@@ -48,6 +48,7 @@ from convergence_server.storage.records import (
     RunRecord,
     ScheduleRecord,
     StepRecord,
+    TenantUsage,
     UsageRecord,
 )
 from convergence_server.storage.rows import (
@@ -348,18 +349,22 @@ async def create_run(
     return Admission(run, created=True, progressed=bool(progressed))
 
 
-async def get_usage(db: Central, tenant_id: str, day: date) -> UsageRecord | None:
-    """The tenant's usage row of `day`. The newest usage day (today, as the API asks) is
-    read from the tenant's counters and the run events of that day's partition (its runs'
-    ends), so a poll of it reads no more as the history grows; an older day from the usage
-    view, which reads the tenant's whole history."""
+async def usage(db: Central, tenant_id: str, day: date) -> TenantUsage:
+    """The tenant's usage row of `day`, runs in use and team size, in one query. The newest
+    usage day (today, as the API asks) is read from the tenant's counters and the run events
+    of that day's partition (its runs' ends), so a poll of it reads no more as the history
+    grows; an older day from the usage view (a second query), which reads the tenant's
+    whole history."""
 
     def newest() -> list[tuple[Any, ...]]:
         try:
             return db.query(
                 "SELECT c.usage_day, IF(c.runs_day = @d, c.runs_today, 0), e.ok, e.bad, "
                 "c.active_runs, c.usage_peak, IFNULL(c.daily_limit, 0), "
-                f"IFNULL(c.concurrent_limit, 0) FROM {counters_table(db, tenant_id)} AS c "
+                "IFNULL(c.concurrent_limit, 0), m.n "
+                f"FROM (SELECT COUNT(*) AS n FROM {db.table('tenant_members')} "
+                "WHERE tenant_id = @t) AS m "
+                f"LEFT JOIN {counters_table(db, tenant_id)} AS c ON TRUE "
                 "CROSS JOIN (SELECT COUNTIF(status = 'COMPLETE') AS ok, "
                 "COUNTIF(status != 'COMPLETE') AS bad "
                 f"FROM {db.table(RUN_EVENTS.name)} WHERE tenant_id = @t AND event = 'finished' "
@@ -373,36 +378,29 @@ async def get_usage(db: Central, tenant_id: str, day: date) -> UsageRecord | Non
             return []
 
     rows = await db.call(newest)
-    if not rows or rows[0][0] is None or rows[0][0] < day:  # no change that day
-        return None
-    if rows[0][0] == day:
-        return UsageRecord(tenant_id, day, *(int(v) for v in rows[0][1:]))
-    rows = await db.call(
-        lambda: db.query(
-            "SELECT tenant_id, usage_date, pipelines_run_today, pipelines_succeeded_today, "
-            "pipelines_failed_today, concurrent_pipelines_running, max_concurrent_reached, "
-            f"daily_limit, concurrent_limit FROM {db.table('tenant_usage_quotas')} "
-            "WHERE tenant_id = @t AND usage_date = @d",
-            t=tenant_id,
-            d=day,
+    if not rows:
+        return TenantUsage(None, 0, 0)
+    usage_day, *counts, team = rows[0]
+    active, row = int(counts[3] or 0), None
+    if usage_day == day:
+        row = UsageRecord(tenant_id, day, *(int(v) for v in counts))
+    elif usage_day is not None and usage_day > day:  # an older day than the counters'
+        older = await db.call(
+            lambda: db.query(
+                "SELECT tenant_id, usage_date, pipelines_run_today, pipelines_succeeded_today, "
+                "pipelines_failed_today, concurrent_pipelines_running, max_concurrent_reached, "
+                f"daily_limit, concurrent_limit FROM {db.table('tenant_usage_quotas')} "
+                "WHERE tenant_id = @t AND usage_date = @d",
+                t=tenant_id,
+                d=day,
+            )
         )
-    )
-    return UsageRecord(*rows[0]) if rows else None
+        row = UsageRecord(*older[0]) if older else None
+    return TenantUsage(row, active, int(team))
 
 
 def _start_of(day: date) -> datetime:
     return datetime(day.year, day.month, day.day, tzinfo=UTC)
-
-
-async def active_runs(db: Central, tenant_id: str) -> int:
-    def active() -> int:
-        try:
-            rows = db.query(f"SELECT active_runs FROM {counters_table(db, tenant_id)}")
-        except api_exceptions.NotFound:  # no such tenant
-            return 0
-        return int(rows[0][0]) if rows else 0
-
-    return await db.call(active)
 
 
 async def typical_run_ms(db: Central, tenant_id: str) -> int | None:

@@ -86,7 +86,7 @@ from convergence_server.storage.records import (
     SkipRecord,
     StepRecord,
     TenantRecord,
-    UsageRecord,
+    TenantUsage,
     WebhookRecord,
 )
 from convergence_server.storage.rows import (
@@ -693,13 +693,10 @@ class BigQueryStore:
         finally:  # stored or not (a failed commit may have landed), the claims must see it
             self._horizon.admitted(run.created_at)
 
-    async def get_usage(self, tenant_id: str, day: date) -> UsageRecord | None:
+    async def usage(self, tenant_id: str, day: date) -> TenantUsage:
         return await self._reads.read(
-            ("usage", tenant_id, day), lambda: runs.get_usage(self._db, tenant_id, day)
+            ("usage", tenant_id, day), lambda: runs.usage(self._db, tenant_id, day)
         )
-
-    async def active_runs(self, tenant_id: str) -> int:
-        return await runs.active_runs(self._db, tenant_id)
 
     async def typical_run_ms(self, tenant_id: str) -> int | None:
         # Read on every concurrency refusal (its Retry-After), over the tenant's history:

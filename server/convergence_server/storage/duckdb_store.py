@@ -55,7 +55,7 @@ from convergence_server.storage.records import (
     SkipRecord,
     StepRecord,
     TenantRecord,
-    UsageRecord,
+    TenantUsage,
     WebhookRecord,
 )
 from convergence_server.storage.rows import (
@@ -737,14 +737,17 @@ class DuckDBStore:
                 self._created[tenant_id] = (day, count)
         return answers
 
-    async def get_usage(self, tenant_id: str, day: date) -> UsageRecord | None:
-        return await self._call(lambda cur: runs.get_usage(cur, tenant_id, day))
+    async def usage(self, tenant_id: str, day: date) -> TenantUsage:
+        known = self._queue.active(tenant_id)
 
-    async def active_runs(self, tenant_id: str) -> int:
-        active = self._queue.active(tenant_id)
-        if active is not None:
-            return active
-        return await self._call(lambda cur: runs.active_runs(cur, tenant_id))
+        def read(cur: duckdb.DuckDBPyConnection) -> TenantUsage:
+            active = runs.active_runs(cur, tenant_id) if known is None else known
+            team = cur.execute(
+                f"SELECT COUNT(*) FROM {MEMBERS} WHERE tenant_id = ?", [tenant_id]
+            ).fetchone()
+            return TenantUsage(runs.get_usage(cur, tenant_id, day), active, team[0] if team else 0)
+
+        return await self._call(read)
 
     # -- webhooks ---------------------------------------------------------------------------
 

@@ -21,7 +21,7 @@ from convergence_server.storage.records import (
     SkipRecord,
     StepRecord,
     TenantRecord,
-    UsageRecord,
+    TenantUsage,
     WebhookRecord,
 )
 from convergence_server.storage.warehouse import Warehouse
@@ -152,11 +152,9 @@ class Store(Protocol):
         new run is not stored when its progress is stale: refused "stale" (a run found by
         its key is returned all the same)."""
 
-    async def get_usage(self, tenant_id: str, day: date) -> UsageRecord | None:
-        """The tenant's usage row of a UTC day."""
-
-    async def active_runs(self, tenant_id: str) -> int:
-        """The tenant's PENDING and RUNNING runs: its concurrency slots in use."""
+    async def usage(self, tenant_id: str, day: date) -> TenantUsage:
+        """The tenant's usage row of a UTC day, its runs in use and its team's size, read
+        together (on BigQuery one query job)."""
 
     async def update_plan(self, tenant_id: str, plan: str, now: datetime) -> bool:
         """Sets the tenant's plan; False when there is no such tenant."""

@@ -229,6 +229,17 @@ class UsageRecord:
 
 
 @dataclass(frozen=True)
+class TenantUsage:
+    """A tenant's usage as GetUsage shows it: its usage row of the day (None before the
+    day's first change), its PENDING and RUNNING runs (its concurrency slots in use), and
+    the size of its team."""
+
+    row: UsageRecord | None
+    active_runs: int
+    team_members: int
+
+
+@dataclass(frozen=True)
 class MemberRecord:
     """A row of `tenants.tenant_members`."""
 
