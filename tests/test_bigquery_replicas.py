@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from convergence_server import faults
 from tests.bigquery_emulator import Emulator
 from tests.conftest import UNMETERED, StackFactory, new_prefix, onboard, trigger, wait_for_run
 from tests.test_metrics import Samples, eventually, value
@@ -24,6 +25,7 @@ from tests.test_publish_guards import CLEAN, DAY
 from tests.test_schedules import BASE, Clock, assert_each_slot_once, create, fire, slot_times
 
 STORE_CALLS = "convergence_store_operation_seconds_count"
+POLL_INTERVAL = "convergence_claim_poll_interval_seconds"
 
 # The local emulator runs every job in one Python process: slow on a busy machine.
 pytestmark = pytest.mark.timeout(900)
@@ -178,17 +180,21 @@ def test_a_killed_replicas_run_is_taken_over_by_another(
 
 
 def test_a_run_another_replica_admitted_is_found_by_the_claim_poll(
-    stack_factory: StackFactory, pipeline_env: dict[str, str], emulator: Emulator
+    stack_factory: StackFactory, pipeline_env: dict[str, str], emulator: Emulator, tmp_path: Path
 ) -> None:
     """Replica A admits a run and has no workers; replica B, whose workers were never woken
     for it and looked at their start before it existed, finds it by their claim poll (once
-    a second here, slowing to every 4 s while it finds nothing) and runs it.
+    a second here, slowing to every 4 s while it finds nothing), runs it (held before its
+    first step until the test lets it go) and polls every second again from then.
 
     B beats every second and looks for other replicas' runs to recover every half lease
     (every second beat here), not at each beat: each look is a query job."""
     env = {**pipeline_env, **emulator.env(new_prefix())}
     admitting = stack_factory(**env, CONVERGENCE_WORKERS="0")
+    hold = tmp_path / "hold" / faults.BETWEEN_STEPS
+    hold.parent.mkdir()
     polling = stack_factory(
+        tmp_path,
         **{
             **env,
             "CONVERGENCE_WORKERS": "1",
@@ -197,11 +203,19 @@ def test_a_run_another_replica_admitted_is_found_by_the_claim_poll(
             "CONVERGENCE_RUN_HEARTBEAT_SECONDS": "1",
             "CONVERGENCE_RUN_LEASE_SECONDS": "4",
             "CONVERGENCE_METRICS_PORT": "0",
-        }
+            "CONVERGENCE_FAULT_POINTS": faults.BETWEEN_STEPS,
+        },
     )
+    assert value(eventually(polling, lambda s: value(s, POLL_INTERVAL) == 4), POLL_INTERVAL) == 4
+    hold.touch()
     with httpx.Client(base_url=admitting.http_url, timeout=300) as http:
         tenant_id, key = onboard(http, plan=UNMETERED)
         run_id = trigger(http, key, tenant_id, "test/runs/quick")["pipeline_logging_id"]
+        assert wait_for_run(http, key, run_id, ("RUNNING",), timeout=240)["status"] == "RUNNING"
+        # Found by a poll, not woken: its one worker busy, B looks at nothing meanwhile.
+        found = eventually(polling, lambda s: value(s, POLL_INTERVAL) == 1)
+        assert value(found, POLL_INTERVAL) == 1
+        hold.unlink()
         ended = wait_for_run(http, key, run_id, timeout=240)
     assert ended["status"] == "COMPLETE", ended
 
@@ -210,7 +224,7 @@ def test_a_run_another_replica_admitted_is_found_by_the_claim_poll(
 
     samples = eventually(polling, lambda s: calls(s, "heartbeat") >= 6)
     beats, looks = calls(samples, "heartbeat"), calls(samples, "stale_runs")
-    assert 1 <= looks <= beats // 2, (beats, looks)
+    assert 1 <= looks <= (beats + 1) // 2, (beats, looks)
 
 
 def test_a_day_another_replica_publishes_meanwhile_is_not_shrunk(

@@ -1,8 +1,12 @@
 """Idle workers' claim poll: it slows down while it finds nothing (on BigQuery each look is
-a billed query job) and comes back to its first interval as soon as there is work."""
+a billed query job) and comes back to its first interval as soon as there is work. The
+workers' timing settings out of range stop the server before it starts."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,7 +15,7 @@ import pytest
 
 from convergence_server import faults
 from convergence_server.stack import Stack
-from tests.conftest import StackFactory, onboard, trigger, wait_for_run
+from tests.conftest import StackFactory, onboard, stack_env, trigger, wait_for_run
 from tests.test_metrics import Samples, eventually, scrape, value
 
 INTERVAL = "convergence_claim_poll_interval_seconds"
@@ -71,3 +75,26 @@ def test_an_idle_servers_poll_slows_to_its_longest_interval_and_quickens_with_wo
         assert wait_for_run(http, key, run_id)["status"] == "COMPLETE"
     idle_again = eventually(polling, lambda s: value(s, INTERVAL) == 0.4)
     assert value(idle_again, INTERVAL) == 0.4
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("CONVERGENCE_RUN_HEARTBEAT_SECONDS", "0"),
+        ("CONVERGENCE_RUN_LEASE_SECONDS", "-30"),
+        ("CONVERGENCE_CLAIM_POLL_MAX_SECONDS", "0"),
+        ("CONVERGENCE_CLAIM_POLL_SECONDS", "soon"),
+    ],
+)
+def test_a_timing_setting_out_of_range_stops_the_server_with_its_name(
+    name: str, value: str, tmp_path: Path
+) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "convergence_server", "serve"],
+        env={**os.environ, **stack_env(tmp_path), name: value},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode != 0
+    assert name in result.stderr, result.stderr

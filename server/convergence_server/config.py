@@ -163,14 +163,14 @@ class Config:
                 "CONVERGENCE_BIGQUERY_DATASET_PREFIX", defaults.bigquery_dataset_prefix
             ),
             bigquery_endpoint=env.get("CONVERGENCE_BIGQUERY_ENDPOINT", defaults.bigquery_endpoint),
-            heartbeat_seconds=_int(env, "CONVERGENCE_RUN_HEARTBEAT_SECONDS", 5),
+            heartbeat_seconds=_whole_seconds(env, "CONVERGENCE_RUN_HEARTBEAT_SECONDS", 5),
             claim_poll_seconds=_seconds(
                 env, "CONVERGENCE_CLAIM_POLL_SECONDS", defaults.claim_poll_seconds
             ),
             claim_poll_max_seconds=_seconds(
                 env, "CONVERGENCE_CLAIM_POLL_MAX_SECONDS", defaults.claim_poll_max_seconds
             ),
-            lease_seconds=_int(env, "CONVERGENCE_RUN_LEASE_SECONDS", 30),
+            lease_seconds=_whole_seconds(env, "CONVERGENCE_RUN_LEASE_SECONDS", 30),
             clock_offset_file=env.get("CONVERGENCE_CLOCK_OFFSET_FILE", ""),
             open_requests_per_minute_per_client=_int(
                 env,
@@ -217,6 +217,13 @@ def _int(env: dict[str, str], name: str, default: int) -> int:
         return int(raw)
     except ValueError:
         raise SystemExit(f"{name} must be an integer, got {raw!r}") from None
+
+
+def _whole_seconds(env: dict[str, str], name: str, default: int) -> int:
+    value = _int(env, name, default)
+    if not 1 <= value <= 86400:
+        raise SystemExit(f"{name} must be a whole number of seconds in [1, 86400], got {value}")
+    return value
 
 
 def _seconds(env: dict[str, str], name: str, default: float) -> float:

@@ -95,8 +95,8 @@ class Accounts:
         authorize_tenant(caller, tenant_id)
         plan = await self._plans.plan_of(tenant_id)
         today = self._clock().date()
-        now = await self._store.usage(tenant_id, today)
-        row = now.row
+        current = await self._store.usage(tenant_id, today)
+        row = current.row
         return Usage(
             tenant_id=tenant_id,
             usage_date=today,
@@ -104,13 +104,13 @@ class Accounts:
             run_today=row.pipelines_run_today if row else 0,
             succeeded_today=row.pipelines_succeeded_today if row else 0,
             failed_today=row.pipelines_failed_today if row else 0,
-            concurrent_running=now.active_runs,
+            concurrent_running=current.active_runs,
             max_concurrent=row.max_concurrent_reached if row else 0,
             daily_limit=plan.daily_pipeline_runs,
             concurrent_limit=plan.concurrent_pipeline_runs,
             requests_per_minute=plan.requests_per_minute,
             team_size=plan.team_size,
-            team_members=now.team_members,
+            team_members=current.team_members,
         )
 
     async def change_plan(self, caller: Caller, tenant_id: str, plan_name: str) -> str:

@@ -223,7 +223,7 @@ class Executor:
         self._next_poll = 0.0
         self._poll_interval = settings.poll_seconds  # the wait after the next empty look
         self._longest_poll = max(settings.poll_seconds, settings.poll_max_seconds)
-        metrics.CLAIM_POLL_SECONDS.set(self._poll_interval)
+        self._poll_sooner()
 
     def wake(self) -> None:
         """A run to claim (admitted here, or put back): look now, and poll soon again."""
@@ -232,7 +232,8 @@ class Executor:
 
     def _poll_sooner(self) -> None:
         self._poll_interval = self._settings.poll_seconds
-        metrics.CLAIM_POLL_SECONDS.set(self._poll_interval)
+        if self._settings.workers:  # a server without workers does not poll
+            metrics.CLAIM_POLL_SECONDS.set(self._poll_interval)
 
     async def start(self) -> None:
         if self._store.exclusive:
@@ -313,24 +314,30 @@ class Executor:
     async def _keep_alive(self) -> None:
         lease = timedelta(seconds=self._settings.lease_seconds)
         # Shared stores: other replicas' runs go stale a lease after their last beat, so
-        # looking for them every half lease (not at every beat) finds them at most half a
-        # lease later, for a third of the reads at the defaults (each a query on BigQuery).
-        every = max(1, round(self._settings.lease_seconds / 2 / self._settings.heartbeat_seconds))
+        # looking for them every half lease (in beats: at the first beat, then every
+        # `every`-th) rather than at every beat finds them at most about half a lease
+        # later, for a third of the reads at the defaults (each a query on BigQuery).
+        every = max(1, int(self._settings.lease_seconds / 2 // self._settings.heartbeat_seconds))
         beats = 0
         while True:
             await asyncio.sleep(self._settings.heartbeat_seconds)
             beats += 1
-            try:
-                if self._store.exclusive:
-                    # No other process can hold a run: any RUNNING run no worker here holds
-                    # is orphaned (its end could not be written, or its worker failed).
-                    await self.recover(datetime.max.replace(tzinfo=UTC))
-                else:
+            if self._store.exclusive:
+                # No other process can hold a run: any RUNNING run no worker here holds is
+                # orphaned (its end could not be written, or its worker failed).
+                stale_before = datetime.max.replace(tzinfo=UTC)
+            else:
+                try:
                     await self._store.heartbeat(sorted(self._in_flight), self._worker_id)
-                    if beats % every == 0:
-                        await self.recover(self._clock() - lease)
+                except Exception:
+                    log.exception("heartbeat failed")
+                if (beats - 1) % every:
+                    continue
+                stale_before = self._clock() - lease
+            try:
+                await self.recover(stale_before)
             except Exception:
-                log.exception("heartbeat or recovery failed")
+                log.exception("recovery failed")
 
     async def _work(self) -> None:
         while not self._stopping.is_set():

@@ -367,7 +367,13 @@ class Runs:
         the same transaction (see `Store.create_run`), and wakes the executor."""
         plan = await self._plans.plan_of(run.tenant_id)
         limits = RunLimits(plan.daily_pipeline_runs, plan.concurrent_pipeline_runs)
-        admission = await self._store.create_run(run, keys_valid_from, limits, progress)
+        try:
+            admission = await self._store.create_run(run, keys_valid_from, limits, progress)
+        except Exception:
+            # A commit that failed as seen from here may have landed: look all the same
+            # (a replay of its idempotency key would not say it was created).
+            self._wake_executor()
+            raise
         if admission.created:
             self._wake_executor()
         return admission

@@ -350,7 +350,7 @@ async def create_run(
 
 
 async def usage(db: Central, tenant_id: str, day: date) -> TenantUsage:
-    """The tenant's usage row of `day`, runs in use and team size, in one query. The newest
+    """The tenant's usage row of `day`, runs in use and team size. The newest
     usage day (today, as the API asks) is read from the tenant's counters and the run events
     of that day's partition (its runs' ends), so a poll of it reads no more as the history
     grows; an older day from the usage view (a second query), which reads the tenant's

@@ -72,7 +72,7 @@ COUNTERS = schema.Table(
         schema.Column("runs_day", "DATE"),
         schema.Column("runs_today", "INT64", required=True),
         schema.Column("updated_at", "TIMESTAMP", required=True),
-        # What `get_usage` answers the newest usage day from without reading the events:
+        # What `usage` answers the newest usage day from without reading the events:
         # that day (of the newest admission or end), the tenant's highest concurrency after
         # a change of that day, and the last admission's limits (NULL: none yet).
         schema.Column("usage_day", "DATE"),

@@ -153,8 +153,8 @@ class Store(Protocol):
         its key is returned all the same)."""
 
     async def usage(self, tenant_id: str, day: date) -> TenantUsage:
-        """The tenant's usage row of a UTC day, its runs in use and its team's size, read
-        together (on BigQuery one query job)."""
+        """The tenant's usage row of a UTC day, its runs in use and its team's size (on
+        BigQuery one query job for today's row)."""
 
     async def update_plan(self, tenant_id: str, plan: str, now: datetime) -> bool:
         """Sets the tenant's plan; False when there is no such tenant."""
