@@ -111,7 +111,7 @@ async def burst(store: Store, size: int, concurrent: int) -> tuple[list[float], 
 
 
 async def jobs_per_read(executing: Store, other: Store, n: int = 5) -> dict[str, float]:
-    """Query jobs per call of GetRun and of a WatchRun update (`get_run` and `list_steps`)
+    """Query jobs per call of GetRun and of a WatchRun update (`run_with_steps`)
     of one run, on `executing` (which claims it) and on `other`, over the run's life; of
     GetUsage (`usage`: the day's row, the runs in use, the team); per
     cancel check (as the executor makes between steps) and heartbeat of the executing
@@ -140,8 +140,7 @@ async def jobs_per_read(executing: Store, other: Store, n: int = 5) -> dict[str,
         counts[f"{label}, {callers} callers at once, any replica"] = len(jobs) / callers
 
     async def update(store: Store) -> None:
-        await store.get_run(tenant_id, run_id)
-        await store.list_steps(tenant_id, run_id)
+        await store.run_with_steps(tenant_id, run_id)
 
     await count(
         "GetRun of a PENDING run, any replica", other, lambda: other.get_run(tenant_id, run_id)

@@ -856,6 +856,34 @@ def test_each_bigquery_replica_reads_an_ended_run_once(emulator: Emulator, tmp_p
         assert jobs == []
 
 
+def test_a_run_is_read_with_its_steps(store: Store) -> None:
+    tenant_id = tenant(store)
+    made = new_run(tenant_id)
+    run_id = made.pipeline_logging_id
+    run(store.create_run(made, LONG_AGO, RunLimits(10, 10)))
+    assert run(store.run_with_steps(tenant_id, run_id)) == (
+        run(store.get_run(tenant_id, run_id)),
+        [],
+    )
+    claimed = claim(store, tenant_id)
+    first = step_of(claimed, 0, "RUNNING", datetime.now(UTC), claimed.attempt)
+    run(store.save_step(first))
+    ended = replace(first, status="COMPLETE", rows_processed=3, step_end_time=datetime.now(UTC))
+    run(
+        store.save_steps(
+            [ended, step_of(claimed, 1, "RUNNING", datetime.now(UTC), claimed.attempt)]
+        )
+    )
+    run(store.finish_run(claimed, "COMPLETE", datetime.now(UTC)))
+    got, steps = run(store.run_with_steps(tenant_id, run_id))
+    assert got == run(store.get_run(tenant_id, run_id)) and got is not None
+    assert got.status == "COMPLETE"
+    assert steps == run(store.list_steps(tenant_id, run_id))
+    assert [(s.step_index, s.status) for s in steps] == [(0, "COMPLETE"), (1, "FAILED")]
+    assert run(store.run_with_steps("another_tenant", run_id)) == (None, [])
+    assert run(store.run_with_steps(tenant_id, str(uuid.uuid4()))) == (None, [])
+
+
 def test_a_bigquery_replica_answers_the_runs_it_executes(
     emulator: Emulator, tmp_path: Path
 ) -> None:
@@ -949,6 +977,11 @@ def test_a_bigquery_replica_answers_the_steps_of_runs_it_executes(
         assert len(jobs) == 1
         assert listed(0) == [ended, second]
         assert run(executing.list_steps("another_tenant", run_id)) == []
+        for store, jobs in ((executing, 0), (other, 1)):  # a WatchRun update
+            with query_jobs(store) as sent:
+                found = run(store.run_with_steps(tenant_id, run_id))
+            assert len(sent) == jobs, sent
+            assert found == (run(other.get_run(tenant_id, run_id)), [ended, second])
 
         # A stopping server hands the run back: the same attempt, its RUNNING step closed.
         assert run(executing.requeue_run(claimed, started, count_attempt=False))

@@ -231,8 +231,7 @@ class RunFeeds:
         while True:
             feed.reading = True
             try:
-                run = await self._store.get_run(tenant_id, run_id)
-                steps = await self._store.list_steps(tenant_id, run_id)
+                run, steps = await self._store.run_with_steps(tenant_id, run_id)
                 if run is None:
                     raise NotFound(f"No run {run_id}")
             except Exception as exc:

@@ -892,19 +892,38 @@ async def save_steps(db: Central, steps: Sequence[StepRecord]) -> None:
     )
 
 
-async def list_steps(db: Central, tenant_id: str, run_id: str) -> list[StepRecord]:
+def _steps_sql(db: Central, columns: str) -> str:
+    """The steps of run `@id` of tenant `@t` (its newest attempt's), in order."""
     latest = latest_steps_sql(db, "tenant_id = @t AND pipeline_logging_id = @id")
+    return (
+        f"SELECT {columns} FROM ({latest}) WHERE run_attempt = ("
+        f"SELECT MAX(run_attempt) FROM {db.table(STEP_EVENTS.name)} "
+        "WHERE tenant_id = @t AND pipeline_logging_id = @id) "
+        "ORDER BY step_index, step_start_time"
+    )
+
+
+async def list_steps(db: Central, tenant_id: str, run_id: str) -> list[StepRecord]:
+    rows = await db.call(lambda: db.query(_steps_sql(db, STEP_COLUMNS), t=tenant_id, id=run_id))
+    return [step_from_row(row) for row in rows]
+
+
+async def run_with_steps(
+    db: Central, tenant_id: str, run_id: str
+) -> tuple[RunRecord | None, list[StepRecord]]:
+    """The run and its steps in one query: the steps as an array of the run's row."""
+    latest = latest_events_sql(db, "tenant_id = @t AND pipeline_logging_id = @id")
+    steps = _steps_sql(db, f"AS STRUCT {STEP_COLUMNS}")
     rows = await db.call(
         lambda: db.query(
-            f"SELECT {STEP_COLUMNS} FROM ({latest}) WHERE run_attempt = ("
-            f"SELECT MAX(run_attempt) FROM {db.table(STEP_EVENTS.name)} "
-            "WHERE tenant_id = @t AND pipeline_logging_id = @id) "
-            "ORDER BY step_index, step_start_time",
-            t=tenant_id,
-            id=run_id,
+            f"SELECT {SELECT_RUN}, ARRAY({steps}) AS steps FROM ({latest})", t=tenant_id, id=run_id
         )
     )
-    return [step_from_row(row) for row in rows]
+    if not rows:
+        return None, []
+    *run, steps_found = rows[0]
+    names = STEP_COLUMNS.split(", ")
+    return run_from_row(run), [step_from_row([s[n] for n in names]) for s in steps_found]
 
 
 async def add_dq_results(db: Central, run: RunRecord, results: list[DqRecord]) -> RunRecord | None:

@@ -867,6 +867,17 @@ class BigQueryStore:
             key=lambda s: (s.step_index, s.step_start_time),
         )
 
+    async def run_with_steps(
+        self, tenant_id: str, run_id: str
+    ) -> tuple[RunRecord | None, list[StepRecord]]:
+        if run_id in self._executing:  # answered here, from memory once its steps are
+            return await self.get_run(tenant_id, run_id), await self.list_steps(tenant_id, run_id)
+        run, steps = await self._reads.read(
+            ("run and steps", tenant_id, run_id),
+            lambda: runs.run_with_steps(self._db, tenant_id, run_id),
+        )
+        return self._keep(run), list(steps)
+
     async def _read_steps(self, tenant_id: str, run_id: str) -> list[StepRecord]:
         return list(
             await self._reads.read(

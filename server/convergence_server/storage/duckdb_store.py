@@ -1009,6 +1009,11 @@ class DuckDBStore:
         for step in steps:
             await self.save_step(step)
 
+    async def run_with_steps(
+        self, tenant_id: str, run_id: str
+    ) -> tuple[RunRecord | None, list[StepRecord]]:
+        return await self.get_run(tenant_id, run_id), await self.list_steps(tenant_id, run_id)
+
     async def list_steps(self, tenant_id: str, run_id: str) -> list[StepRecord]:
         steps = self._cache.steps(run_id)
         if steps is None:

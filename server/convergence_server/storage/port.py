@@ -259,6 +259,12 @@ class Store(Protocol):
 
     async def list_steps(self, tenant_id: str, run_id: str) -> list[StepRecord]: ...
 
+    async def run_with_steps(
+        self, tenant_id: str, run_id: str
+    ) -> tuple[RunRecord | None, list[StepRecord]]:
+        """`get_run` and `list_steps` of one run (a WatchRun update), read together where
+        the store can: on BigQuery one query job for a run this replica does not execute."""
+
     async def add_dq_results(self, run: RunRecord, results: list[DqRecord]) -> None:
         """Appends the results of one `dq` step of an execution of `run` and, in the same
         transaction, adds their failed `warn` checks to the run's `warnings` if the run is
