@@ -101,6 +101,7 @@ bench: $(GEN_STAMP) $(EMULATOR_DIR)/.installed ## Run the benchmarks and print t
 	$(PY) -m bench.pipelines
 	$(PY) -m bench.interceptors
 	$(PY) -m bench.stores
+	$(PY) -m bench.api_jobs
 	$(PY) -m bench.noisy
 	$(PY) -m bench.scheduler
 	$(PY) -m bench.observability

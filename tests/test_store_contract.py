@@ -219,12 +219,8 @@ def test_usage_reads_the_days_row_the_runs_in_use_and_the_team_together(store: S
     made = [new_run(tenant_id) for _ in range(2)]
     for one in made:
         assert run(store.create_run(one, LONG_AGO, RunLimits(daily=5, concurrent=5))).created
-    if isinstance(store, BigQueryStore):
-        with query_jobs(store) as jobs:
-            usage = run(store.usage(tenant_id, today))
-        assert len(jobs) == 1, jobs
-    else:
-        usage = run(store.usage(tenant_id, today))
+    usage, jobs = jobs_of(store, lambda: store.usage(tenant_id, today))
+    assert jobs in (None, 1)
     assert (usage.active_runs, usage.team_members) == (2, 2)
     assert usage.row is not None
     assert (usage.row.pipelines_run_today, usage.row.concurrent_pipelines_running) == (2, 2)
@@ -794,6 +790,16 @@ def test_a_step_has_one_row_however_it_is_saved(store: Store) -> None:
     assert steps[2].error_message.startswith("Interrupted")
 
 
+def jobs_of(store: Store, call: Callable[[], Coroutine[Any, Any, T]]) -> tuple[T, int | None]:
+    """`call()`'s answer, and the query jobs it started on BigQuery (None: the embedded
+    store, which has no jobs)."""
+    if not isinstance(store, BigQueryStore):
+        return run(call()), None
+    with query_jobs(store) as sent:
+        answer = run(call())
+    return answer, len(sent)
+
+
 @contextlib.contextmanager
 def query_jobs(store: Store) -> Iterator[list[str]]:
     """The SQL of each query job the BigQuery `store` starts meanwhile (by `jobs.insert`
@@ -854,6 +860,31 @@ def test_each_bigquery_replica_reads_an_ended_run_once(emulator: Emulator, tmp_p
         with query_jobs(ending) as jobs:
             assert run(ending.get_run(tenant_id, made.pipeline_logging_id)) == ended
         assert jobs == []
+
+
+def test_a_cancel_of_a_run_the_caller_read_changes_it_in_one_job(store: Store) -> None:
+    """CancelRun reads the run, then asks the store to cancel it as read: on BigQuery the
+    change names the run's partition and answers its state after, with no read of its
+    own (one transaction job to end a PENDING run, two to flag a RUNNING one)."""
+    tenant_id = tenant(store)
+    first = new_run(tenant_id)
+    run(store.create_run(first, LONG_AGO, RunLimits(10, 10)))
+    claimed = claim(store, tenant_id)
+    waiting = new_run(tenant_id)
+    run(store.create_run(waiting, LONG_AGO, RunLimits(10, 10)))
+    read = run(store.get_run(tenant_id, waiting.pipeline_logging_id))
+    now = datetime.now(UTC)
+    # A record of another tenant's run is not taken for the run named.
+    assert run(store.request_cancel("another_tenant", read.pipeline_logging_id, now, read)) is None
+    cases = ((read, "FAILED", False, 1), (claimed, "RUNNING", True, 2))
+    for known, status, flagged, jobs in cases:
+        after, sent = jobs_of(
+            store, lambda k=known: store.request_cancel(tenant_id, k.pipeline_logging_id, now, k)
+        )
+        assert after is not None and (after.status, after.cancel_requested) == (status, flagged)
+        assert after == run(store.get_run(tenant_id, known.pipeline_logging_id))
+        assert sent in (None, jobs)
+    assert run(store.finish_run(claimed, "FAILED", now, "Cancelled")) is not None
 
 
 def test_a_run_is_read_with_its_steps(store: Store) -> None:

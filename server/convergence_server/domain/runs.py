@@ -408,18 +408,17 @@ class Runs:
     # -- reading ------------------------------------------------------------------------
 
     async def get(self, caller: Caller, run_id: str) -> RunRecord:
-        if not ID_PATTERN.fullmatch(run_id.lower()):
-            raise invalid(
-                "pipeline_logging_id", "must be a run id (a UUID, as the trigger returns it)"
-            )
-        run = await self._store.get_run(caller.tenant_id, run_id.lower())
+        run = await self._store.get_run(caller.tenant_id, _run_id(run_id))
         if run is None:
             raise NotFound(f"No run {run_id}")
         return run
 
     async def steps(self, caller: Caller, run_id: str) -> list[StepRecord]:
-        run = await self.get(caller, run_id)
-        return await self._store.list_steps(caller.tenant_id, run.pipeline_logging_id)
+        # One read of both where the store can (on BigQuery one query job).
+        run, steps = await self._store.run_with_steps(caller.tenant_id, _run_id(run_id))
+        if run is None:
+            raise NotFound(f"No run {run_id}")
+        return steps
 
     async def checks(self, caller: Caller, run_id: str) -> list[DqRecord]:
         """The data-quality results of the run's current attempt (the one its `warnings`
@@ -463,7 +462,7 @@ class Runs:
         run_id = run.pipeline_logging_id
         if run.status in TERMINAL:
             raise FailedPrecondition(f"Run {run_id} has already ended ({run.status})")
-        updated = await self._store.request_cancel(caller.tenant_id, run_id, self._clock())
+        updated = await self._store.request_cancel(caller.tenant_id, run_id, self._clock(), run)
         self._events.publish(run_id)
         if run.status == PENDING and updated is not None and updated.status == FAILED:
             metrics.run_ended(run.provider, run.domain, run.template, FAILED, None)  # never ran
@@ -517,6 +516,13 @@ def _parameterinvalid(name: str, issue: str) -> InvalidArgument:
         return invalid("parameters", f"{echo(name)!r} {issue}", f"Invalid parameter {echo(name)!r}")
     field = name if name == "date" else f"parameters.{name}"
     return invalid(field, issue, f"Invalid parameter {name}")
+
+
+def _run_id(run_id: str) -> str:
+    """The run id as stored (lower case), or INVALID_ARGUMENT."""
+    if not ID_PATTERN.fullmatch(run_id.lower()):
+        raise invalid("pipeline_logging_id", "must be a run id (a UUID, as the trigger returns it)")
+    return run_id.lower()
 
 
 def _day_start(value: str, field: str) -> datetime | None:

@@ -735,16 +735,19 @@ def _interrupt_steps_sql(db: Central) -> str:
 
 
 async def request_cancel(
-    db: Central, tenant_id: str, run_id: str, now: datetime
+    db: Central, tenant_id: str, run_id: str, now: datetime, known: RunRecord | None = None
 ) -> RunRecord | None:
-    run = await get_run(db, tenant_id, run_id)
+    """Ends the run FAILED if PENDING, else flags it if RUNNING (each change guarded by that
+    state, in its transaction); its state after. `known` names the run's partition."""
+    run = known or await get_run(db, tenant_id, run_id)
     if run is None:
         return None
 
-    def cancel() -> None:
-        if _finish(db, run, "FAILED", now, "Cancelled before it started", owned=False):
-            return
-        _change(
+    def cancel() -> RunRecord | None:
+        ended = _finish(db, run, "FAILED", now, "Cancelled before it started", owned=False)
+        if ended is not None:
+            return ended
+        return _change(
             db,
             run,
             "cancel_requested",
@@ -753,8 +756,8 @@ async def request_cancel(
             {},
         )
 
-    await db.call(cancel)
-    return await get_run(db, tenant_id, run_id)
+    changed = await db.call(cancel)
+    return changed if changed is not None else await get_run(db, tenant_id, run_id)
 
 
 async def heartbeat(db: Central, run_ids: list[str], worker_id: str) -> None:

@@ -784,8 +784,15 @@ class BigQueryStore:
         self._let_go(run.pipeline_logging_id)
         return self._keep(await runs.finish_run(self._db, run, status, now, error_message))
 
-    async def request_cancel(self, tenant_id: str, run_id: str, now: datetime) -> RunRecord | None:
-        changed = self._keep(await runs.request_cancel(self._db, tenant_id, run_id, now))
+    async def request_cancel(
+        self, tenant_id: str, run_id: str, now: datetime, known: RunRecord | None = None
+    ) -> RunRecord | None:
+        if known is not None and (known.tenant_id, known.pipeline_logging_id) != (
+            tenant_id,
+            run_id,
+        ):
+            known = None
+        changed = self._keep(await runs.request_cancel(self._db, tenant_id, run_id, now, known))
         if changed is not None and changed.cancel_requested:
             self._cancelled(run_id)
         return changed

@@ -954,7 +954,9 @@ class DuckDBStore:
                 self._committed(ended)
             return ended
 
-    async def request_cancel(self, tenant_id: str, run_id: str, now: datetime) -> RunRecord | None:
+    async def request_cancel(
+        self, tenant_id: str, run_id: str, now: datetime, known: RunRecord | None = None
+    ) -> RunRecord | None:
         async with self._tenant_turns.get(tenant_id), self._changing(run_id):
             active = self._queue.active(tenant_id)  # exact in the tenant's turn
             run = await self._call(

@@ -222,8 +222,12 @@ class Store(Protocol):
         """Ends `run` COMPLETE or FAILED if it is still RUNNING for the same worker and
         attempt (closing any step left RUNNING); None when it is not."""
 
-    async def request_cancel(self, tenant_id: str, run_id: str, now: datetime) -> RunRecord | None:
-        """Ends a PENDING run FAILED, or flags a RUNNING one to stop; returns it."""
+    async def request_cancel(
+        self, tenant_id: str, run_id: str, now: datetime, known: RunRecord | None = None
+    ) -> RunRecord | None:
+        """Ends a PENDING run FAILED, or flags a RUNNING one to stop; returns it. `known`:
+        the run as the caller just read it (BigQuery then names its partition without
+        reading it again; its state is checked in the change itself)."""
 
     async def cancel_requested(self, run: RunRecord) -> bool:
         """Whether a cancel of `run` (as its worker claimed it) was asked."""
