@@ -6,8 +6,8 @@ configs and the `BENCH` plan of `bench.pipelines`), onboards a tenant, then make
 `--repeat` times and counts the jobs the emulator was asked to start meanwhile (its request
 log: `jobs.query` and `jobs.insert`). The server's own background reads (the key sync, the
 health probe, audit flushes) fall between calls now and then: the table shows the fewest
-and the most jobs seen per call; the fewest is the call's own cost. The heartbeat and the
-claim poll are set to an hour, so that they do not.
+and the most jobs seen per call; the fewest is the call's own cost. The server has no
+workers (no claim poll) and beats once an hour (no recovery reads between calls).
 """
 
 from __future__ import annotations
@@ -69,8 +69,8 @@ def calls(http: httpx.Client, tenant_id: str) -> list[Call]:
         ("RunPipeline (a new PENDING run)", nothing, lambda _: http.post(trigger, json={})),
         ("GetRun (PENDING)", nothing, lambda _: http.get(f"{runs}/{run_id}")),
         ("ListRuns (first page of 50)", nothing, lambda _: http.get(runs, params={"limit": 50})),
-        ("ListRunSteps", nothing, lambda _: http.get(f"{runs}/{run_id}/steps")),
-        ("ListRunChecks", nothing, lambda _: http.get(f"{runs}/{run_id}/checks")),
+        ("ListRunSteps (a PENDING run)", nothing, lambda _: http.get(f"{runs}/{run_id}/steps")),
+        ("ListRunChecks (a PENDING run)", nothing, lambda _: http.get(f"{runs}/{run_id}/checks")),
         ("GetUsage", nothing, lambda _: http.get(f"{tenant}/usage")),
         ("ListMembers", nothing, lambda _: http.get(f"{tenant}/members")),
         ("ListApiKeys", nothing, lambda _: http.get(f"{tenant}/api-keys")),

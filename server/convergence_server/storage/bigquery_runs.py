@@ -738,12 +738,15 @@ async def request_cancel(
     db: Central, tenant_id: str, run_id: str, now: datetime, known: RunRecord | None = None
 ) -> RunRecord | None:
     """Ends the run FAILED if PENDING, else flags it if RUNNING (each change guarded by that
-    state, in its transaction); its state after. `known` names the run's partition."""
+    state, in its transaction); its state after. `known`, the run as the caller read it
+    from this store, names the run's partition without a read."""
+    if known is not None and (known.tenant_id, known.pipeline_logging_id) != (tenant_id, run_id):
+        known = None
     run = known or await get_run(db, tenant_id, run_id)
     if run is None:
         return None
 
-    def cancel() -> RunRecord | None:
+    def cancel(run: RunRecord) -> RunRecord | None:
         ended = _finish(db, run, "FAILED", now, "Cancelled before it started", owned=False)
         if ended is not None:
             return ended
@@ -756,8 +759,15 @@ async def request_cancel(
             {},
         )
 
-    changed = await db.call(cancel)
-    return changed if changed is not None else await get_run(db, tenant_id, run_id)
+    changed = await db.call(lambda: cancel(run))
+    if changed is not None:
+        return changed
+    # Neither guard held: the run has ended since, unless `known` named it wrongly.
+    found = await get_run(db, tenant_id, run_id)
+    if known is not None and found is not None and found.status in ("PENDING", "RUNNING"):
+        changed = await db.call(lambda: cancel(found))
+        return changed if changed is not None else await get_run(db, tenant_id, run_id)
+    return found
 
 
 async def heartbeat(db: Central, run_ids: list[str], worker_id: str) -> None:
@@ -926,7 +936,7 @@ async def run_with_steps(
         return None, []
     *run, steps_found = rows[0]
     names = STEP_COLUMNS.split(", ")
-    return run_from_row(run), [step_from_row([s[n] for n in names]) for s in steps_found]
+    return run_from_row(run), [step_from_row([s[n] for n in names]) for s in steps_found or []]
 
 
 async def add_dq_results(db: Central, run: RunRecord, results: list[DqRecord]) -> RunRecord | None:

@@ -787,11 +787,6 @@ class BigQueryStore:
     async def request_cancel(
         self, tenant_id: str, run_id: str, now: datetime, known: RunRecord | None = None
     ) -> RunRecord | None:
-        if known is not None and (known.tenant_id, known.pipeline_logging_id) != (
-            tenant_id,
-            run_id,
-        ):
-            known = None
         changed = self._keep(await runs.request_cancel(self._db, tenant_id, run_id, now, known))
         if changed is not None and changed.cancel_requested:
             self._cancelled(run_id)
@@ -878,7 +873,8 @@ class BigQueryStore:
         self, tenant_id: str, run_id: str
     ) -> tuple[RunRecord | None, list[StepRecord]]:
         if run_id in self._executing:  # answered here, from memory once its steps are
-            return await self.get_run(tenant_id, run_id), await self.list_steps(tenant_id, run_id)
+            run = await self.get_run(tenant_id, run_id)
+            return (run, await self.list_steps(tenant_id, run_id)) if run else (None, [])
         run, steps = await self._reads.read(
             ("run and steps", tenant_id, run_id),
             lambda: runs.run_with_steps(self._db, tenant_id, run_id),

@@ -1014,7 +1014,8 @@ class DuckDBStore:
     async def run_with_steps(
         self, tenant_id: str, run_id: str
     ) -> tuple[RunRecord | None, list[StepRecord]]:
-        return await self.get_run(tenant_id, run_id), await self.list_steps(tenant_id, run_id)
+        run = await self.get_run(tenant_id, run_id)
+        return (run, await self.list_steps(tenant_id, run_id)) if run else (None, [])
 
     async def list_steps(self, tenant_id: str, run_id: str) -> list[StepRecord]:
         steps = self._cache.steps(run_id)

@@ -226,8 +226,9 @@ class Store(Protocol):
         self, tenant_id: str, run_id: str, now: datetime, known: RunRecord | None = None
     ) -> RunRecord | None:
         """Ends a PENDING run FAILED, or flags a RUNNING one to stop; returns it. `known`:
-        the run as the caller just read it (BigQuery then names its partition without
-        reading it again; its state is checked in the change itself)."""
+        the run as the caller just read it from this store (BigQuery then names its
+        partition without reading it again; its state is checked in the change itself; a
+        record of another run or tenant is ignored)."""
 
     async def cancel_requested(self, run: RunRecord) -> bool:
         """Whether a cancel of `run` (as its worker claimed it) was asked."""
@@ -266,8 +267,9 @@ class Store(Protocol):
     async def run_with_steps(
         self, tenant_id: str, run_id: str
     ) -> tuple[RunRecord | None, list[StepRecord]]:
-        """`get_run` and `list_steps` of one run (a WatchRun update), read together where
-        the store can: on BigQuery one query job for a run this replica does not execute."""
+        """`get_run` and `list_steps` of one run (a WatchRun update, ListRunSteps), read
+        together where the store can: on BigQuery one query job for a run this replica
+        does not execute. No steps are read for a run not found."""
 
     async def add_dq_results(self, run: RunRecord, results: list[DqRecord]) -> None:
         """Appends the results of one `dq` step of an execution of `run` and, in the same
