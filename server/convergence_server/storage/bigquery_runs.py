@@ -760,14 +760,13 @@ async def request_cancel(
         )
 
     changed = await db.call(lambda: cancel(run))
-    if changed is not None:
-        return changed
-    # Neither guard held: the run has ended since, unless `known` named it wrongly.
-    found = await get_run(db, tenant_id, run_id)
-    if known is not None and found is not None and found.status in ("PENDING", "RUNNING"):
+    if changed is None and known is not None:
+        # Neither guard held: the run has ended since, unless `known` named it wrongly.
+        found = await get_run(db, tenant_id, run_id)
+        if found is None or found.status not in ("PENDING", "RUNNING"):
+            return found
         changed = await db.call(lambda: cancel(found))
-        return changed if changed is not None else await get_run(db, tenant_id, run_id)
-    return found
+    return changed if changed is not None else await get_run(db, tenant_id, run_id)
 
 
 async def heartbeat(db: Central, run_ids: list[str], worker_id: str) -> None:
