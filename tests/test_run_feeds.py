@@ -1,6 +1,7 @@
 """WatchRun's shared feeds, driven on a real embedded store: a watcher that joins while
 another still holds the feed of a run that has just ended gets the end, not a wait; a
-watcher that takes its next update after the run ended gets the end too."""
+watcher that takes its next update after the run ended gets the end too, and so does one
+that joins while the read that finds the end is in flight."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import asyncio
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from convergence_server.domain.runs import RunEvents, RunFeeds, Snapshot
 from convergence_server.storage.duckdb_store import DuckDBStore
@@ -20,8 +22,28 @@ TENANT = "feeds_t"
 Scenario = Callable[[DuckDBStore, RunEvents, RunFeeds, RunRecord], Awaitable[None]]
 
 
-def play(tmp_path: Path, scenario: Scenario) -> None:
-    """`scenario` on a PENDING run of a fresh store, its changes announced as events."""
+class HeldReads:
+    """The store, its feeds' reads of a run held while `release` is clear: a read in
+    flight, for as long as the test needs."""
+
+    def __init__(self, store: DuckDBStore) -> None:
+        self._store = store
+        self.release = asyncio.Event()
+        self.release.set()
+        self.reading = asyncio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def run_with_steps(self, tenant_id: str, run_id: str) -> Any:
+        self.reading.set()
+        await self.release.wait()
+        return await self._store.run_with_steps(tenant_id, run_id)
+
+
+def play(tmp_path: Path, scenario: Scenario, held: bool = False) -> None:
+    """`scenario` on a PENDING run of a fresh store, its changes announced as events; with
+    `held`, the feeds read through `HeldReads` (the scenario gets it as `store`)."""
 
     async def run() -> None:
         store = DuckDBStore.open(tmp_path / "store.duckdb")
@@ -32,8 +54,9 @@ def play(tmp_path: Path, scenario: Scenario) -> None:
             made = new_run(TENANT)
             await store.create_run(made, LONG_AGO, RunLimits(10, 10))
             events = RunEvents()
-            feeds = RunFeeds(store, events, poll_seconds=3600)  # changes come as events
-            await scenario(store, events, feeds, made)
+            reads: Any = HeldReads(store) if held else store
+            feeds = RunFeeds(reads, events, poll_seconds=3600)  # changes come as events
+            await scenario(reads, events, feeds, made)
         finally:
             await store.close()
 
@@ -94,3 +117,30 @@ def test_a_watcher_that_takes_its_next_update_late_still_gets_the_end(tmp_path: 
         await assert_ended(slow, other)
 
     play(tmp_path, scenario)
+
+
+def test_a_watcher_that_joins_while_the_end_is_being_read_gets_it(tmp_path: Path) -> None:
+    """A watcher joins while the feed's read is in flight: it waits for a read begun after
+    it, unless that read finds the run ended, which nothing can come after (the feed stops
+    there: no other read would come)."""
+
+    async def scenario(
+        store: HeldReads, events: RunEvents, feeds: RunFeeds, run: RunRecord
+    ) -> None:
+        first = feeds.follow(TENANT, run.pipeline_logging_id)
+        assert (await asyncio.wait_for(anext(first), DEADLINE))[0].status == "PENDING"
+        await store.request_cancel(TENANT, run.pipeline_logging_id, datetime.now(UTC))
+        store.release.clear()
+        store.reading.clear()
+        events.publish(run.pipeline_logging_id)
+        await asyncio.wait_for(store.reading.wait(), DEADLINE)  # the end's read, held
+        other = feeds.follow(TENANT, run.pipeline_logging_id)
+        joined = asyncio.create_task(anext(other))
+        for _ in range(3):
+            await asyncio.sleep(0)  # `other` joins while the read is in flight
+        store.release.set()
+        assert (await asyncio.wait_for(joined, DEADLINE))[0].status == "FAILED"
+        assert (await asyncio.wait_for(anext(first), DEADLINE))[0].status == "FAILED"
+        await assert_ended(first, other)
+
+    play(tmp_path, scenario, held=True)  # type: ignore[arg-type]

@@ -207,7 +207,12 @@ class RunFeeds:
             while True:
                 changed = feed.changed
                 snapshot = feed.snapshot
-                if feed.reads >= fresh and feed.version > seen and snapshot is not None:
+                # An end is final: however early its read began, nothing came after it.
+                if (
+                    snapshot is not None
+                    and feed.version > seen
+                    and (feed.reads >= fresh or snapshot[0].status in TERMINAL)
+                ):
                     seen = feed.version
                     yield snapshot
                     # The one this watcher got: the feed may have read the end meanwhile,
