@@ -73,10 +73,10 @@ def test_claims_follow_the_fair_queue_query(tmp_path: Path, seed: int) -> None:
                 assert asyncio.run(store.finish_run(ended, status, clock)) is not None
             elif action == "cancel" and pending:
                 gone = pending.pop(rng.randrange(len(pending)))
-                cancelled = asyncio.run(
+                cancel = asyncio.run(
                     store.request_cancel(gone.tenant_id, gone.pipeline_logging_id, clock)
                 )
-                assert cancelled is not None and cancelled.status == "FAILED"
+                assert cancel.ended and cancel.run is not None and cancel.run.status == "FAILED"
             elif action == "hand back" and running:
                 back = running.pop(rng.randrange(len(running)))
                 assert asyncio.run(store.requeue_run(back, clock, count_attempt=False))
@@ -179,7 +179,7 @@ def test_admissions_count_as_the_database_does(tmp_path: Path, seed: int) -> Non
                             store.request_cancel(
                                 victim.tenant_id, victim.pipeline_logging_id, clock
                             )
-                        )
+                        ).run
                 if gone is not None:
                     usage = asyncio.run(store.usage(gone.tenant_id, clock.date())).row
                     active, _ = counted(store, gone.tenant_id, clock)

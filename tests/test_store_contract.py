@@ -483,8 +483,9 @@ def test_admission_refuses_over_the_concurrent_then_the_daily_limit(store: Store
         None,
     )
     assert active_runs(store, tenant_id) == 2
-    cancelled = run(store.request_cancel(tenant_id, first.pipeline_logging_id, datetime.now(UTC)))
-    assert cancelled is not None and cancelled.status == "FAILED"
+    cancel = run(store.request_cancel(tenant_id, first.pipeline_logging_id, datetime.now(UTC)))
+    cancelled = cancel.run
+    assert cancel.ended and cancelled is not None and cancelled.status == "FAILED"
     assert cancelled.error_message == "Cancelled before it started"
     assert run(store.create_run(new_run(tenant_id), LONG_AGO, limits)).created
     run(store.request_cancel(tenant_id, second.pipeline_logging_id, datetime.now(UTC)))
@@ -684,12 +685,14 @@ def test_a_running_run_is_flagged_for_cancellation(store: Store) -> None:
     run(store.create_run(made, LONG_AGO, RunLimits(10, 10)))
     claimed = claim(store, tenant_id)
     assert not run(store.cancel_requested(claimed))
-    flagged = run(store.request_cancel(tenant_id, made.pipeline_logging_id, datetime.now(UTC)))
+    cancel = run(store.request_cancel(tenant_id, made.pipeline_logging_id, datetime.now(UTC)))
+    flagged = cancel.run
     assert flagged is not None and (flagged.status, flagged.cancel_requested) == ("RUNNING", True)
+    assert not cancel.ended
     assert run(store.cancel_requested(claimed))
     ended = run(store.finish_run(claimed, "FAILED", datetime.now(UTC), "Cancelled"))
     assert ended is not None and ended.status == "FAILED"
-    assert run(store.request_cancel(tenant_id, "no-such-run", datetime.now(UTC))) is None
+    assert run(store.request_cancel(tenant_id, "no-such-run", datetime.now(UTC))).run is None
 
 
 def step_of(
@@ -865,7 +868,8 @@ def test_each_bigquery_replica_reads_an_ended_run_once(emulator: Emulator, tmp_p
 def test_a_cancel_of_a_run_the_caller_read_changes_it_in_one_job(store: Store) -> None:
     """CancelRun reads the run, then asks the store to cancel it as read: on BigQuery the
     change names the run's partition and answers its state after, with no read of its
-    own (one transaction job to end a PENDING run, two to flag a RUNNING one)."""
+    own (one transaction job to end a PENDING run, two to flag a RUNNING one). It says
+    whether it ended the run: of two cancels of a run both read PENDING, the first."""
     tenant_id = tenant(store)
     first = new_run(tenant_id)
     run(store.create_run(first, LONG_AGO, RunLimits(10, 10)))
@@ -878,18 +882,27 @@ def test_a_cancel_of_a_run_the_caller_read_changes_it_in_one_job(store: Store) -
     run(store.create_run(misnamed, LONG_AGO, RunLimits(10, 10)))
     now = datetime.now(UTC)
     # A record of another tenant's run is not taken for the run named.
-    assert run(store.request_cancel("another_tenant", read.pipeline_logging_id, now, read)) is None
+    other = run(store.request_cancel("another_tenant", read.pipeline_logging_id, now, read))
+    assert other.run is None and not other.ended
     cases = (
-        (read, "FAILED", False, 1),
-        (claimed, "RUNNING", True, 2),
+        (read, "FAILED", False, True, 1),
+        (claimed, "RUNNING", True, False, 2),
         # A record naming another partition changes nothing there: read, then cancelled.
-        (replace(misnamed, created_at=misnamed.created_at - timedelta(days=3)), "FAILED", False, 4),
+        (
+            replace(misnamed, created_at=misnamed.created_at - timedelta(days=3)),
+            *("FAILED", False, True, 4),
+        ),
+        # A second cancel of a run read PENDING (two cancels at once): the first one ended
+        # it, this one did not (it alone would alert and count the end twice).
+        (read, "FAILED", False, False, 3),
     )
-    for known, status, flagged, jobs in cases:
-        after, sent = jobs_of(
+    for known, status, flagged, ended, jobs in cases:
+        cancel, sent = jobs_of(
             store, lambda k=known: store.request_cancel(tenant_id, k.pipeline_logging_id, now, k)
         )
+        after = cancel.run
         assert after is not None and (after.status, after.cancel_requested) == (status, flagged)
+        assert cancel.ended is ended
         assert after == stored_run(store, tenant_id, known.pipeline_logging_id)
         assert sent in (None, jobs)
     assert run(store.finish_run(claimed, "FAILED", now, "Cancelled")) is not None
@@ -956,7 +969,7 @@ def test_a_bigquery_replica_answers_the_runs_it_executes(
             assert not run(other.cancel_requested(claimed))
         assert len(jobs) == 1 and "@created_at" in jobs[0]
 
-        asked = run(other.request_cancel(tenant_id, run_id, now))
+        asked = run(other.request_cancel(tenant_id, run_id, now)).run
         assert asked is not None and asked.cancel_requested
         assert run(other.cancel_requested(claimed))
         with query_jobs(executing) as jobs:  # one heartbeat behind

@@ -12,6 +12,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -25,7 +26,7 @@ from convergence_server.domain import webhooks
 from convergence_server.domain.webhooks import Attempt, Delivery, post_event
 from convergence_server.stack import Stack
 from convergence_server.storage.records import WebhookRecord
-from tests.conftest import UNMETERED, StackFactory, dump_store, onboard, wait_for_run
+from tests.conftest import UNMETERED, StackFactory, dump_store, onboard, trigger, wait_for_run
 from tests.test_metrics import scrape, value
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -243,6 +244,53 @@ def test_a_failed_run_is_posted_signed_and_retried(
         line["logging.googleapis.com/trace"] == f"projects/your-project/traces/{TRACE}"
         for line in run_lines
     )
+
+
+def test_two_cancels_of_one_pending_run_count_and_post_its_end_once(
+    stack_factory: StackFactory, pipeline_env: dict[str, str], receiver: Receiver
+) -> None:
+    """Both cancels read the run PENDING before either changes it (held between the two):
+    one ends it, the other finds it ended. The end is counted and posted once."""
+    stack = stack_factory(
+        **pipeline_env,
+        CONVERGENCE_WORKERS="0",  # the run stays PENDING
+        CONVERGENCE_WEBHOOK_ALLOW_PRIVATE="1",
+        CONVERGENCE_METRICS_PORT="0",
+        CONVERGENCE_FAULT_POINTS="before_cancel",
+    )
+    hold = stack.run_dir.parent / "hold" / "before_cancel"
+    log = stack.run_dir.parent / "logs" / "server.log"
+    with httpx.Client(base_url=stack.http_url, timeout=60) as http:
+        tenant_id, key = onboard(http, plan=UNMETERED)
+        assert set_webhook(http, key, tenant_id, url=f"{receiver.url}/alerts").status_code == 200
+        run_id = trigger(http, key, tenant_id, "test/runs/quick")["pipeline_logging_id"]
+        before = scrape(stack)
+        receiver.expect()
+        hold.parent.mkdir(exist_ok=True)
+        hold.touch()
+
+        def cancel() -> httpx.Response:
+            with httpx.Client(base_url=stack.http_url, timeout=120) as own:
+                return own.post(
+                    f"/api/v1/pipelines/runs/{run_id}:cancel", headers={"X-API-Key": key}
+                )
+
+        with ThreadPoolExecutor(2) as pool:
+            cancels = [pool.submit(cancel) for _ in range(2)]
+            deadline = time.monotonic() + 120
+            while log.read_text().count("fault point before_cancel: holding") < 2:
+                assert time.monotonic() < deadline, "the cancels did not both reach the hold"
+                time.sleep(0.05)
+            hold.unlink()
+            answers = [future.result() for future in cancels]
+    assert [a.status_code for a in answers] == [200, 200], [a.text for a in answers]
+    assert [a.json()["run"]["status"] for a in answers] == ["FAILED", "FAILED"]
+    ended = {"template": "test/runs/quick", "status": "FAILED"}
+    counted = value(scrape(stack), "convergence_runs_ended_total", **ended)
+    assert counted - value(before, "convergence_runs_ended_total", **ended) == 1
+    [(headers, body)] = receiver.wait_for(1)
+    assert json.loads(body)["data"]["run"]["pipeline_logging_id"] == run_id
+    assert receiver.wait_for(2, timeout=2) == [(headers, body)]  # no second alert
 
 
 def test_a_delivery_that_keeps_failing_is_audited(

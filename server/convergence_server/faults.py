@@ -36,10 +36,14 @@ BEFORE_PUBLISH_TRANSACTION = "before_publish_transaction"
 # Before a run checks, between its steps, whether a cancel was asked (held: the run waits
 # there, however quick its steps, until the test has asked).
 BETWEEN_STEPS = "between_steps"
+# In CancelRun, after the run was read, before it is changed (held: another cancel of
+# the same run reads it meanwhile).
+BEFORE_CANCEL = "before_cancel"
 KNOWN = frozenset(
     {
         AFTER_PUBLISH,
         AFTER_SLOT_RUN,
+        BEFORE_CANCEL,
         BEFORE_PUBLISH,
         HOLD_CALLS,
         BEFORE_PUBLISH_TRANSACTION,

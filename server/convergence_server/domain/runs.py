@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
-from convergence_server import logs, metrics
+from convergence_server import faults, logs, metrics
 from convergence_server.domain.auth import Caller, authorize_tenant
 from convergence_server.domain.quotas import (
     PlanBook,
@@ -467,12 +467,13 @@ class Runs:
         run_id = run.pipeline_logging_id
         if run.status in TERMINAL:
             raise FailedPrecondition(f"Run {run_id} has already ended ({run.status})")
-        updated = await self._store.request_cancel(caller.tenant_id, run_id, self._clock(), run)
+        await faults.held(faults.BEFORE_CANCEL)
+        cancel = await self._store.request_cancel(caller.tenant_id, run_id, self._clock(), run)
         self._events.publish(run_id)
-        if run.status == PENDING and updated is not None and updated.status == FAILED:
+        if cancel.ended and cancel.run is not None:  # by this call: another cancel alerts alone
             metrics.run_ended(run.provider, run.domain, run.template, FAILED, None)  # never ran
-            self._on_failed(updated)
-        return updated or run
+            self._on_failed(cancel.run)
+        return cancel.run or run
 
     async def watch(self, caller: Caller, run_id: str) -> AsyncIterator[Snapshot]:
         """The run and its steps now, then at every change, until it has ended."""

@@ -41,6 +41,7 @@ from convergence_server.storage.bigquery_schema import (
 from convergence_server.storage.locks import GroupCommit
 from convergence_server.storage.records import (
     Admission,
+    Cancellation,
     DqRecord,
     RunCursor,
     RunFilter,
@@ -736,7 +737,7 @@ def _interrupt_steps_sql(db: Central) -> str:
 
 async def request_cancel(
     db: Central, tenant_id: str, run_id: str, now: datetime, known: RunRecord | None = None
-) -> RunRecord | None:
+) -> Cancellation:
     """Ends the run FAILED if PENDING, else flags it if RUNNING (each change guarded by that
     state, in its transaction); its state after. `known`, the run as the caller read it
     from this store, names the run's partition without a read."""
@@ -744,13 +745,13 @@ async def request_cancel(
         known = None
     run = known or await get_run(db, tenant_id, run_id)
     if run is None:
-        return None
+        return Cancellation(None)
 
-    def cancel(run: RunRecord) -> RunRecord | None:
+    def cancel(run: RunRecord) -> Cancellation | None:
         ended = _finish(db, run, "FAILED", now, "Cancelled before it started", owned=False)
         if ended is not None:
-            return ended
-        return _change(
+            return Cancellation(ended, ended=True)
+        flagged = _change(
             db,
             run,
             "cancel_requested",
@@ -758,15 +759,16 @@ async def request_cancel(
             {"cancel_requested": "TRUE"},
             {},
         )
+        return None if flagged is None else Cancellation(flagged)
 
     changed = await db.call(lambda: cancel(run))
     if changed is None and known is not None:
         # Neither guard held: the run has ended since, unless `known` named it wrongly.
         found = await get_run(db, tenant_id, run_id)
         if found is None or found.status not in ("PENDING", "RUNNING"):
-            return found
+            return Cancellation(found)
         changed = await db.call(lambda: cancel(found))
-    return changed if changed is not None else await get_run(db, tenant_id, run_id)
+    return changed or Cancellation(await get_run(db, tenant_id, run_id))
 
 
 async def heartbeat(db: Central, run_ids: list[str], worker_id: str) -> None:

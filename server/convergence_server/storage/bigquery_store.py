@@ -76,6 +76,7 @@ from convergence_server.storage.records import (
     ApiKeyRecord,
     AuditFilter,
     AuditRecord,
+    Cancellation,
     DqRecord,
     MemberRecord,
     RunCursor,
@@ -786,11 +787,12 @@ class BigQueryStore:
 
     async def request_cancel(
         self, tenant_id: str, run_id: str, now: datetime, known: RunRecord | None = None
-    ) -> RunRecord | None:
-        changed = self._keep(await runs.request_cancel(self._db, tenant_id, run_id, now, known))
+    ) -> Cancellation:
+        cancel = await runs.request_cancel(self._db, tenant_id, run_id, now, known)
+        changed = self._keep(cancel.run)
         if changed is not None and changed.cancel_requested:
             self._cancelled(run_id)
-        return changed
+        return cancel
 
     async def heartbeat(self, run_ids: list[str], worker_id: str) -> None:
         named = set(run_ids)

@@ -19,6 +19,7 @@ from convergence_server import faults
 from convergence_server.storage.identifiers import quote_identifier
 from convergence_server.storage.records import (
     Admission,
+    Cancellation,
     DqRecord,
     RunCursor,
     RunFilter,
@@ -715,21 +716,21 @@ def request_cancel(
     run_id: str,
     now: datetime,
     active: int | None = None,
-) -> RunRecord | None:
+) -> Cancellation:
     """A PENDING run ends FAILED now; a RUNNING one is flagged to stop at its next step.
     `active` as for `finish_run`."""
     if get_run(cur, tenant_id, run_id) is None:
-        return None
+        return Cancellation(None)
     message = "Cancelled before it started"
     cancelled = finish_run(cur, run_id, "FAILED", now, message, None, active)
     if cancelled is not None:
-        return cancelled
+        return Cancellation(cancelled, ended=True)
     cur.execute(
         f"UPDATE {RUNS} SET cancel_requested = TRUE "
         "WHERE pipeline_logging_id = ? AND tenant_id = ? AND status = 'RUNNING'",
         [run_id, tenant_id],
     )
-    return get_run(cur, tenant_id, run_id)
+    return Cancellation(get_run(cur, tenant_id, run_id))
 
 
 def cancel_requested(cur: duckdb.DuckDBPyConnection, run_id: str) -> bool:

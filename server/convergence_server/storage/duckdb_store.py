@@ -45,6 +45,7 @@ from convergence_server.storage.records import (
     ApiKeyRecord,
     AuditFilter,
     AuditRecord,
+    Cancellation,
     DqRecord,
     MemberRecord,
     RunCursor,
@@ -956,15 +957,15 @@ class DuckDBStore:
 
     async def request_cancel(
         self, tenant_id: str, run_id: str, now: datetime, known: RunRecord | None = None
-    ) -> RunRecord | None:
+    ) -> Cancellation:
         async with self._tenant_turns.get(tenant_id), self._changing(run_id):
             active = self._queue.active(tenant_id)  # exact in the tenant's turn
-            run = await self._call(
+            cancel = await self._call(
                 lambda cur: runs.request_cancel(cur, tenant_id, run_id, now, active)
             )
-            if run is not None:
-                self._committed(run)
-            return run
+            if cancel.run is not None:
+                self._committed(cancel.run)
+            return cancel
 
     async def cancel_requested(self, run: RunRecord) -> bool:
         run_id = run.pipeline_logging_id

@@ -11,6 +11,7 @@ from convergence_server.storage.records import (
     ApiKeyRecord,
     AuditFilter,
     AuditRecord,
+    Cancellation,
     DqRecord,
     MemberRecord,
     RunCursor,
@@ -224,8 +225,9 @@ class Store(Protocol):
 
     async def request_cancel(
         self, tenant_id: str, run_id: str, now: datetime, known: RunRecord | None = None
-    ) -> RunRecord | None:
-        """Ends a PENDING run FAILED, or flags a RUNNING one to stop; returns it. `known`:
+    ) -> Cancellation:
+        """Ends a PENDING run FAILED, or flags a RUNNING one to stop; the run after, and
+        whether this call ended it (of concurrent cancels of a PENDING run, one). `known`:
         the run as the caller just read it from this store (BigQuery then names its
         partition without reading it again; its state is checked in the change itself; a
         record of another run or tenant is ignored)."""

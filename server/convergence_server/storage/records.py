@@ -240,6 +240,16 @@ class TenantUsage:
 
 
 @dataclass(frozen=True)
+class Cancellation:
+    """What a cancel did: the run after it (None: the tenant has no such run), and whether
+    this cancel ended it (a PENDING run ended FAILED here, not by a cancel that came first,
+    which alone alerts and counts its end)."""
+
+    run: RunRecord | None
+    ended: bool = False
+
+
+@dataclass(frozen=True)
 class MemberRecord:
     """A row of `tenants.tenant_members`."""
 
