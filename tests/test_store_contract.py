@@ -943,6 +943,37 @@ def test_a_run_is_read_with_its_steps(store: Store) -> None:
     assert run(store.run_with_steps(tenant_id, str(uuid.uuid4()))) == (None, [])
 
 
+def test_a_run_is_read_with_the_checks_of_its_attempt(store: Store) -> None:
+    """ListRunChecks: the run and its current attempt's checks (on BigQuery one query job
+    for a run this replica does not execute)."""
+    tenant_id = tenant(store)
+    made = new_run(tenant_id)
+    run_id = made.pipeline_logging_id
+    run(store.create_run(made, LONG_AGO, RunLimits(10, 10)))
+    assert run(store.run_with_checks(tenant_id, run_id)) == (
+        run(store.get_run(tenant_id, run_id)),
+        [],
+    )
+    first, now = claim(store, tenant_id), datetime.now(UTC)
+    run(store.add_dq_results(first, [dq_result(first, "checks", 0, "rows", now)]))
+    assert run(store.requeue_run(first, now, count_attempt=True))
+    again = claim(store, tenant_id)
+    checks = [
+        dq_result(again, "checks", i, name, now + timedelta(seconds=1))
+        for i, name in enumerate(("rows", "labels"))
+    ]
+    run(store.add_dq_results(again, checks))
+    assert run(store.finish_run(again, "COMPLETE", now)) is not None
+    (got, found), jobs = jobs_of(store, lambda: store.run_with_checks(tenant_id, run_id))
+    assert got == stored_run(store, tenant_id, run_id) and got is not None
+    assert (got.status, got.attempt) == ("COMPLETE", 2)
+    assert found == run(store.list_dq_results(tenant_id, run_id, 2))
+    assert [(c.check_name, c.run_attempt) for c in found] == [("rows", 2), ("labels", 2)]
+    assert jobs in (None, 1)
+    assert run(store.run_with_checks("another_tenant", run_id)) == (None, [])
+    assert run(store.run_with_checks(tenant_id, str(uuid.uuid4()))) == (None, [])
+
+
 def test_a_bigquery_replica_answers_the_runs_it_executes(
     emulator: Emulator, tmp_path: Path
 ) -> None:

@@ -428,10 +428,11 @@ class Runs:
     async def checks(self, caller: Caller, run_id: str) -> list[DqRecord]:
         """The data-quality results of the run's current attempt (the one its `warnings`
         counts), in the order they ran."""
-        run = await self.get(caller, run_id)
-        return await self._store.list_dq_results(
-            caller.tenant_id, run.pipeline_logging_id, run.attempt
-        )
+        # One read of both where the store can (on BigQuery one query job).
+        run, checks = await self._store.run_with_checks(caller.tenant_id, _run_id(run_id))
+        if run is None:
+            raise NotFound(f"No run {run_id}")
+        return checks
 
     async def list_runs(self, caller: Caller, query: RunQuery) -> RunPage:
         limit = query.limit or DEFAULT_LIMIT

@@ -53,8 +53,8 @@ from convergence_server.storage.records import (
     UsageRecord,
 )
 from convergence_server.storage.rows import (
+    DQ_CHECKS,
     DQ_COLUMNS,
-    DQ_OF_ATTEMPT,
     FAIR_QUEUE,
     RUN_COLUMNS,
     STEP_COLUMNS,
@@ -974,12 +974,41 @@ async def add_dq_results(db: Central, run: RunRecord, results: list[DqRecord]) -
     )
 
 
-async def list_dq_results(db: Central, tenant_id: str, run_id: str, attempt: int) -> list[DqRecord]:
-    sql = DQ_OF_ATTEMPT.format(
-        results=db.table(schema.TENANT_DQ_RESULTS.name), tenant="@t", run="@id", attempt="@a"
+def _checks_sql(db: Central, columns: str, attempts: str) -> str:
+    """The checks of run `@id` of tenant `@t` of `attempts`, in the order they ran."""
+    results = db.table(schema.TENANT_DQ_RESULTS.name)
+    return DQ_CHECKS.format(
+        columns=columns, results=results, tenant="@t", run="@id", attempts=attempts
     )
+
+
+async def list_dq_results(db: Central, tenant_id: str, run_id: str, attempt: int) -> list[DqRecord]:
+    sql = _checks_sql(db, DQ_COLUMNS, "IFNULL(run_attempt, 1) = @a")
     rows = await db.call(lambda: db.query(sql, t=tenant_id, id=run_id, a=attempt))
     return [dq_from_row(row) for row in rows]
+
+
+async def run_with_checks(
+    db: Central, tenant_id: str, run_id: str
+) -> tuple[RunRecord | None, list[DqRecord]]:
+    """The run and its current attempt's checks in one query: the checks of every attempt
+    as an array of the run's row (rarely more than one), those of its attempt kept."""
+    latest = latest_events_sql(db, "tenant_id = @t AND pipeline_logging_id = @id")
+    checks = _checks_sql(db, f"AS STRUCT {DQ_COLUMNS}", "TRUE")
+    rows = await db.call(
+        lambda: db.query(
+            f"SELECT {SELECT_RUN}, ARRAY({checks}) AS checks FROM ({latest})",
+            t=tenant_id,
+            id=run_id,
+        )
+    )
+    if not rows:
+        return None, []
+    *found, every = rows[0]
+    run = run_from_row(found)
+    names = DQ_COLUMNS.split(", ")
+    checks_found = (dq_from_row([c[n] for n in names]) for c in every or [])
+    return run, [check for check in checks_found if check.run_attempt == run.attempt]
 
 
 def _run_params(run: RunRecord) -> dict[str, Any]:

@@ -897,6 +897,20 @@ class BigQueryStore:
             warnings = max(mine.warnings, changed.warnings)
             self._executing[run.pipeline_logging_id] = replace(mine, warnings=warnings)
 
+    async def run_with_checks(
+        self, tenant_id: str, run_id: str
+    ) -> tuple[RunRecord | None, list[DqRecord]]:
+        if run_id in self._executing:  # the run from memory, its checks from BigQuery
+            run = await self.get_run(tenant_id, run_id)
+            if run is None:
+                return None, []
+            return run, await self.list_dq_results(tenant_id, run_id, run.attempt)
+        run, checks = await self._reads.read(
+            ("run and checks", tenant_id, run_id),
+            lambda: runs.run_with_checks(self._db, tenant_id, run_id),
+        )
+        return self._keep(run), list(checks)
+
     async def list_dq_results(self, tenant_id: str, run_id: str, attempt: int) -> list[DqRecord]:
         return list(
             await self._reads.read(

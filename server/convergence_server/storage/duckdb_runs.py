@@ -29,8 +29,8 @@ from convergence_server.storage.records import (
     UsageRecord,
 )
 from convergence_server.storage.rows import (
+    DQ_CHECKS,
     DQ_COLUMNS,
-    DQ_OF_ATTEMPT,
     FAIR_QUEUE,
     RUN_COLUMNS,
     STEP_COLUMNS,
@@ -875,7 +875,13 @@ def list_dq_results(
     cur: duckdb.DuckDBPyConnection, tenant_id: str, run_id: str, attempt: int
 ) -> list[DqRecord]:
     rows = cur.execute(
-        DQ_OF_ATTEMPT.format(results=DQ_RESULTS, tenant="?", run="?", attempt="?"),
+        DQ_CHECKS.format(
+            columns=DQ_COLUMNS,
+            results=DQ_RESULTS,
+            tenant="?",
+            run="?",
+            attempts="IFNULL(run_attempt, 1) = ?",
+        ),
         [tenant_id, run_id, attempt],
     ).fetchall()
     return [dq_from_row(row) for row in rows]

@@ -1031,6 +1031,14 @@ class DuckDBStore:
             async with self._cache.change(run.pipeline_logging_id):
                 await self._call(lambda cur: runs.add_dq_results(cur, run, results))
 
+    async def run_with_checks(
+        self, tenant_id: str, run_id: str
+    ) -> tuple[RunRecord | None, list[DqRecord]]:
+        run = await self.get_run(tenant_id, run_id)
+        if run is None:
+            return None, []
+        return run, await self.list_dq_results(tenant_id, run_id, run.attempt)
+
     async def list_dq_results(self, tenant_id: str, run_id: str, attempt: int) -> list[DqRecord]:
         return await self._call(lambda cur: runs.list_dq_results(cur, tenant_id, run_id, attempt))
 

@@ -278,6 +278,13 @@ class Store(Protocol):
         transaction, adds their failed `warn` checks to the run's `warnings` if the run is
         still RUNNING for the same worker and attempt (`requeue_run` sets it back to 0)."""
 
+    async def run_with_checks(
+        self, tenant_id: str, run_id: str
+    ) -> tuple[RunRecord | None, list[DqRecord]]:
+        """`get_run` and `list_dq_results` of the run's current attempt (ListRunChecks),
+        read together where the store can: on BigQuery one query job for a run this replica
+        does not execute. No checks are read for a run not found."""
+
     async def list_dq_results(self, tenant_id: str, run_id: str, attempt: int) -> list[DqRecord]:
         """The run's results of `attempt`, in the order they ran (by step, then by
         `check_index`); a check recorded twice in the attempt (an execution handed back

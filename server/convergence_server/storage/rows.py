@@ -232,15 +232,17 @@ def dq_from_row(row: Sequence[Any]) -> DqRecord:
     )
 
 
-# The run's checks of one attempt, in the order they ran: a step's results share their
-# creation time and keep their position. A check recorded twice in one attempt (its
-# execution was handed back at a stop and run again) is listed as recorded last.
-DQ_OF_ATTEMPT = f"""
-    SELECT {DQ_COLUMNS} FROM {{results}}
-    WHERE tenant_id = {{tenant}} AND pipeline_logging_id = {{run}}
-      AND IFNULL(run_attempt, 1) = {{attempt}}
+# The run's checks of the attempts `{attempts}` selects, in the order they ran: a step's
+# results share their creation time and keep their position. A check recorded twice in one
+# attempt (its execution was handed back at a stop and run again) is listed as recorded
+# last. `{columns}`: `DQ_COLUMNS`, or on BigQuery `AS STRUCT` and them (an array of the
+# run's row: uncorrelated, which BigQuery requires of a subquery reading another table).
+DQ_CHECKS = """
+    SELECT {columns} FROM {results}
+    WHERE tenant_id = {tenant} AND pipeline_logging_id = {run} AND {attempts}
     QUALIFY ROW_NUMBER() OVER (
-      PARTITION BY step_name, check_name ORDER BY created_at DESC, dq_result_id DESC) = 1
+      PARTITION BY IFNULL(run_attempt, 1), step_name, check_name
+      ORDER BY created_at DESC, dq_result_id DESC) = 1
     ORDER BY created_at, check_index
 """
 
