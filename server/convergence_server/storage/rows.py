@@ -236,7 +236,8 @@ def dq_from_row(row: Sequence[Any]) -> DqRecord:
 # results share their creation time and keep their position. A check recorded twice in one
 # attempt (its execution was handed back at a stop and run again) is listed as recorded
 # last. `{columns}`: `DQ_COLUMNS`, or on BigQuery `AS STRUCT` and them (an array of the
-# run's row: uncorrelated, which BigQuery requires of a subquery reading another table).
+# run's row: uncorrelated, as BigQuery refuses a correlated subquery over another table
+# that it cannot turn into a join).
 DQ_CHECKS = """
     SELECT {columns} FROM {results}
     WHERE tenant_id = {tenant} AND pipeline_logging_id = {run} AND {attempts}
