@@ -84,6 +84,7 @@ def test_an_idle_servers_poll_slows_to_its_longest_interval_and_quickens_with_wo
         ("CONVERGENCE_RUN_LEASE_SECONDS", "-30"),
         ("CONVERGENCE_CLAIM_POLL_MAX_SECONDS", "0"),
         ("CONVERGENCE_CLAIM_POLL_SECONDS", "soon"),
+        ("CONVERGENCE_QUEUE_SAMPLE_SECONDS", "0"),
     ],
 )
 def test_a_timing_setting_out_of_range_stops_the_server_with_its_name(

@@ -115,3 +115,35 @@ def test_metrics_are_not_on_the_public_listener(measured: Stack) -> None:
 
 def test_no_metrics_port_unless_configured(stack: Stack, tmp_path: Path) -> None:
     assert stack.metrics_port is None
+
+
+def test_the_oldest_pending_runs_age_grows_between_samples(
+    stack_factory: StackFactory,
+    pipeline_env: dict[str, str],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """The queue is read from the store once an hour here: the oldest PENDING run's age
+    still grows with the clock, at each scrape."""
+    data_dir = tmp_path_factory.mktemp("queue")
+    clock = tmp_path_factory.mktemp("clock") / "offset"
+    clock.write_text("0")
+    env = {**pipeline_env, "CONVERGENCE_WORKERS": "0", "CONVERGENCE_CLOCK_OFFSET_FILE": str(clock)}
+    first = stack_factory(data_dir=data_dir, **env)
+    with httpx.Client(base_url=first.http_url, timeout=60) as http:
+        tenant_id, key = onboard(http, plan=UNMETERED)
+        trigger(http, key, tenant_id, "test/runs/quick")
+    first.stop()
+    # Restarted with the run PENDING: its first sample, at start, sees it.
+    stack = stack_factory(
+        data_dir=data_dir,
+        **env,
+        CONVERGENCE_METRICS_PORT="0",
+        CONVERGENCE_QUEUE_SAMPLE_SECONDS="3600",
+    )
+    sampled = eventually(stack, lambda s: value(s, "convergence_queue_pending_runs") == 1)
+    assert value(sampled, "convergence_queue_pending_runs") == 1
+    assert value(sampled, "convergence_queue_oldest_pending_seconds") < 3600
+    clock.write_text("7200")  # two hours on, and no sample since
+    later = scrape(stack)
+    assert value(later, "convergence_queue_pending_runs") == 1
+    assert value(later, "convergence_queue_oldest_pending_seconds") >= 7200

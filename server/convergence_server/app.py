@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import grpc
@@ -76,7 +77,6 @@ STORE_PROBE_SECONDS = 30.0
 STORE_PROBE_TIMEOUT = 10.0
 LATEST_SCHEMA = MIGRATIONS[-1].version
 # How often the queue's gauges are read from the store.
-QUEUE_SAMPLE_SECONDS = 10.0
 MAX_METADATA_BYTES = 64 * 1024
 
 SERVICE_NAMES = tuple(
@@ -109,6 +109,7 @@ class ConvergenceServer:
     shutdown_seconds: float = 8.0
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = None
+    queue_sample_seconds: float = 10.0
     clock: Clock = system_clock
     store_state: StoreState = field(default_factory=StoreState)
     _monitor: asyncio.Task[None] | None = None
@@ -171,7 +172,15 @@ class ConvergenceServer:
         return None
 
     async def _sample_queue(self) -> None:
-        """The queue's gauges, from the store (on BigQuery one query per sample)."""
+        """The queue's gauges, from the store every `queue_sample_seconds` (on BigQuery one
+        query per sample). The oldest run's age is taken when scraped: it grows between
+        samples as the run waits."""
+        oldest: datetime | None = None
+
+        def age() -> float:
+            return 0.0 if oldest is None else max(0.0, (self.clock() - oldest).total_seconds())
+
+        metrics.QUEUE_OLDEST_SECONDS.set_function(age)
         while True:
             try:
                 pending, oldest = await self.store.pending_runs(self.clock())
@@ -179,9 +188,7 @@ class ConvergenceServer:
                 log.warning("cannot sample the queue for the metrics: %s", exc)
             else:
                 metrics.QUEUE_PENDING.set(pending)
-                age = 0.0 if oldest is None else (self.clock() - oldest).total_seconds()
-                metrics.QUEUE_OLDEST_SECONDS.set(max(0.0, age))
-            await asyncio.sleep(QUEUE_SAMPLE_SECONDS)
+            await asyncio.sleep(self.queue_sample_seconds)
 
     async def stop(self) -> None:
         """Stops within `shutdown_seconds`: refuses new calls, lets calls in progress end,
@@ -429,6 +436,7 @@ def create_server(
         config.shutdown_seconds,
         config.metrics_host,
         config.metrics_port,
+        config.queue_sample_every,
         clock=clock,
         store_state=store_state,
     )

@@ -86,6 +86,9 @@ class Config:
     # How often the server's own ticker starts due slots; 0 turns it off. None: every
     # 30 s on the embedded store, off on BigQuery (Cloud Scheduler calls the trigger).
     scheduler_tick_seconds: float | None = None
+    # How often the queue's gauges are read from the store (with metrics on). None: every
+    # 10 s on the embedded store, every 60 s on BigQuery (a query job each).
+    queue_sample_seconds: float | None = None
     # Testing only: `name` or `name,name` of fault points that kill the server (faults.py).
     fault_points: tuple[str, ...] = ()
 
@@ -94,6 +97,12 @@ class Config:
         if self.scheduler_tick_seconds is not None:
             return self.scheduler_tick_seconds
         return DEFAULT_TICK_SECONDS if self.store == "embedded" else 0.0
+
+    @property
+    def queue_sample_every(self) -> float:
+        if self.queue_sample_seconds is not None:
+            return self.queue_sample_seconds
+        return 10.0 if self.store == "embedded" else 60.0
 
     @property
     def database_path(self) -> Path:
@@ -203,6 +212,8 @@ class Config:
             ),
             scheduler_token=_scheduler_token(env.get("CONVERGENCE_SCHEDULER_TOKEN", "")),
             scheduler_tick_seconds=_tick(env.get("CONVERGENCE_SCHEDULER_TICK_SECONDS", "")),
+            # Unset: 0, the store's default.
+            queue_sample_seconds=_seconds(env, "CONVERGENCE_QUEUE_SAMPLE_SECONDS", 0.0) or None,
             fault_points=tuple(
                 p.strip() for p in env.get("CONVERGENCE_FAULT_POINTS", "").split(",") if p.strip()
             ),
