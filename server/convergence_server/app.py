@@ -76,7 +76,6 @@ HEALTH_CHECK_SECONDS = 1.0
 STORE_PROBE_SECONDS = 30.0
 STORE_PROBE_TIMEOUT = 10.0
 LATEST_SCHEMA = MIGRATIONS[-1].version
-# How often the queue's gauges are read from the store.
 MAX_METADATA_BYTES = 64 * 1024
 
 SERVICE_NAMES = tuple(
