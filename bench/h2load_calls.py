@@ -12,6 +12,11 @@ after a warm-up of W requests on the same settings.
 - GetRun + API key, gRPC via Envoy;
 - GET run + API key, REST via Envoy, over HTTP/2 (h2c) and over HTTP/1.1 (`--h1`).
 
+With `--rounds R` the scenarios are measured R times, their order reversed every other round
+(the machine's drift between scenarios measured minutes apart moved the echo alone 2-3
+times more than the code did); each row is then the scenario's round of median req/s, and
+GetRun's ratio to the echo is given round by round, with its median.
+
 With `--triggers` it measures instead, on a stack with no workers (`CONVERGENCE_WORKERS=0`)
 and the configs of `bench.pipelines` (the `test/runs/quick` template, the BENCH plan whose
 limits never bind): the authenticated GetHealth (the baseline), then RunPipeline of
@@ -280,7 +285,9 @@ def render(
     return "\n".join(rows)
 
 
-def measure_calls(args: argparse.Namespace) -> tuple[list[Outcome], list[str]]:
+def measure_calls(args: argparse.Namespace) -> tuple[list[list[Outcome]], list[str]]:
+    """Each scenario's outcome in each round (the scenarios' order reversed every other
+    round, so that a machine getting faster or slower moves every scenario alike)."""
     with contextlib.ExitStack() as resources:
         work = Path(resources.enter_context(tempfile.TemporaryDirectory(prefix="bench-")))
         configs = work / "configs"
@@ -295,11 +302,26 @@ def measure_calls(args: argparse.Namespace) -> tuple[list[Outcome], list[str]]:
         log_dir = data_dir / "logs"
         logs_before = log_sizes(log_dir)
         pids = (echo_pid, stack.server.pid, stack.envoy.pid)
-        outcomes = [
-            measure(s, args, work, log_dir, pids)
-            for s in scenarios(echo, stack.grpc_target, stack.http_url, api_key, run_id)
-        ]
-        return outcomes, log_problems(log_dir, logs_before)
+        measured = scenarios(echo, stack.grpc_target, stack.http_url, api_key, run_id)
+        rounds: list[list[Outcome]] = []
+        for number in range(args.rounds):
+            order = measured if number % 2 == 0 else measured[::-1]
+            outcome = {s.name: measure(s, args, work, log_dir, pids) for s in order}
+            rounds.append([outcome[s.name] for s in measured])
+        return rounds, log_problems(log_dir, logs_before)
+
+
+def median_outcomes(rounds: Sequence[Sequence[Outcome]]) -> list[Outcome]:
+    """Each scenario's round of median rate (the lower of the two middle ones)."""
+    return [
+        sorted(each, key=lambda o: o.rate)[(len(each) - 1) // 2]
+        for each in zip(*rounds, strict=True)
+    ]
+
+
+def ratios_to_baseline(rounds: Sequence[Sequence[Outcome]], index: int) -> list[float]:
+    """Scenario `index`'s rate over the baseline's, round by round."""
+    return [r[index].rate / r[0].rate if r[0].rate else 0.0 for r in rounds]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -310,17 +332,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--triggers", action="store_true", help="GetHealth and RunPipeline (see above)"
     )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="rounds of the calls' scenarios, alternating their order; medians reported",
+    )
     args = parser.parse_args(argv)
-    if args.requests < 2 or args.concurrency < 1 or args.warmup < 1:
-        parser.error("--requests must be at least 2, --concurrency and --warmup positive")
+    if args.requests < 2 or args.concurrency < 1 or args.warmup < 1 or args.rounds < 1:
+        parser.error("--requests must be at least 2, --concurrency, --warmup and --rounds positive")
+    if args.triggers and args.rounds != 1:
+        parser.error("--rounds is for the calls' scenarios, not --triggers")
     if shutil.which(H2LOAD) is None:
         parser.error("h2load is not installed (Debian: apt-get install nghttp2-client)")
     if args.triggers:
         outcomes, problems = measure_triggers(args)
         table = render(outcomes, "GetHealth", None)
     else:
-        outcomes, problems = measure_calls(args)
-        table = render(outcomes)
+        rounds, problems = measure_calls(args)
+        outcomes = [o for each in rounds for o in each]
+        table = render(median_outcomes(rounds))
+        if args.rounds > 1:
+            ratios = ratios_to_baseline(rounds, 1)
+            table = (
+                f"Each row: the scenario's round of median req/s, of {args.rounds}.\n\n{table}\n\n"
+                f"GetRun gRPC direct / the echo, round by round: "
+                f"{', '.join(f'{r:.2f}' for r in ratios)}; median {statistics.median(ratios):.2f}"
+            )
     version = subprocess.run([H2LOAD, "--version"], capture_output=True, text=True, check=False)
     print(
         f"{args.requests} requests per scenario, {args.concurrency} connections with one call "
