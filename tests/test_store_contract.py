@@ -915,11 +915,16 @@ def stored_run(store: Store, tenant_id: str, run_id: str) -> RunRecord | None:
     return run(store.get_run(tenant_id, run_id))
 
 
-def test_a_run_is_read_with_its_steps(store: Store) -> None:
+def pending_run(store: Store) -> tuple[str, str]:
+    """A new tenant with one PENDING run: their ids."""
     tenant_id = tenant(store)
     made = new_run(tenant_id)
-    run_id = made.pipeline_logging_id
     run(store.create_run(made, LONG_AGO, RunLimits(10, 10)))
+    return tenant_id, made.pipeline_logging_id
+
+
+def test_a_run_is_read_with_its_steps(store: Store) -> None:
+    tenant_id, run_id = pending_run(store)
     assert run(store.run_with_steps(tenant_id, run_id)) == (
         run(store.get_run(tenant_id, run_id)),
         [],
@@ -946,10 +951,7 @@ def test_a_run_is_read_with_its_steps(store: Store) -> None:
 def test_a_run_is_read_with_the_checks_of_its_attempt(store: Store) -> None:
     """ListRunChecks: the run and its current attempt's checks (on BigQuery one query job
     for a run this replica does not execute)."""
-    tenant_id = tenant(store)
-    made = new_run(tenant_id)
-    run_id = made.pipeline_logging_id
-    run(store.create_run(made, LONG_AGO, RunLimits(10, 10)))
+    tenant_id, run_id = pending_run(store)
     assert run(store.run_with_checks(tenant_id, run_id)) == (
         run(store.get_run(tenant_id, run_id)),
         [],
