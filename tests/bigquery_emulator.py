@@ -25,6 +25,8 @@ from convergence_server.storage.bigquery_client import make_client
 from tests.ports import free_loopback_port
 
 EMULATOR_DIR = REPO_ROOT / "build" / "bigquery-emulator"
+# `local-bigquery` with its lookup of one table made cheap (see the file).
+LAUNCHER = REPO_ROOT / "tests" / "fixtures" / "bigquery_emulator_main.py"
 PROJECT = "test-project"
 # Its start on a loaded machine can take many times the usual few seconds.
 START_TIMEOUT = 180.0
@@ -97,15 +99,18 @@ class Emulator:
 
 
 def start_emulator(data_dir: Path) -> Emulator:
-    binary = EMULATOR_DIR / "venv" / "bin" / "local-bigquery"
-    if not binary.exists():
-        raise RuntimeError(f"{binary} is missing: run `make install`")
+    python = EMULATOR_DIR / "venv" / "bin" / "python"
+    if not (EMULATOR_DIR / "venv" / "bin" / "local-bigquery").exists():
+        raise RuntimeError(
+            f"the BigQuery emulator is missing from {EMULATOR_DIR}: run `make install`"
+        )
     port = free_loopback_port()
     log = (data_dir / "emulator.log").open("wb")
     process = subprocess.Popen(
         tied_to_this_process(
             [
-                str(binary),
+                str(python),
+                str(LAUNCHER),
                 "serve",
                 "--host",
                 "127.0.0.1",
