@@ -868,12 +868,19 @@ def test_each_bigquery_replica_reads_an_ended_run_once(emulator: Emulator, tmp_p
 def test_a_cancel_of_a_run_the_caller_read_changes_it_in_one_job(store: Store) -> None:
     """CancelRun reads the run, then asks the store to cancel it as read: on BigQuery the
     change names the run's partition and answers its state after, with no read of its
-    own (one transaction job to end a PENDING run, two to flag a RUNNING one). It says
-    whether it ended the run: of two cancels of a run both read PENDING, the first."""
+    own (one transaction job to end a PENDING run or flag a RUNNING one, two if it was
+    claimed since it was read). It says whether it ended the run: of two cancels of a run
+    both read PENDING, the first."""
     tenant_id = tenant(store)
     first = new_run(tenant_id)
     run(store.create_run(first, LONG_AGO, RunLimits(10, 10)))
     claimed = claim(store, tenant_id)
+    started_since = new_run(tenant_id)
+    run(store.create_run(started_since, LONG_AGO, RunLimits(10, 10)))
+    read_pending = run(store.get_run(tenant_id, started_since.pipeline_logging_id))
+    assert read_pending is not None
+    started = claim(store, tenant_id)
+    assert started.pipeline_logging_id == started_since.pipeline_logging_id
     waiting = new_run(tenant_id)
     run(store.create_run(waiting, LONG_AGO, RunLimits(10, 10)))
     read = run(store.get_run(tenant_id, waiting.pipeline_logging_id))
@@ -886,7 +893,8 @@ def test_a_cancel_of_a_run_the_caller_read_changes_it_in_one_job(store: Store) -
     assert other.run is None and not other.ended
     cases = (
         (read, "FAILED", False, True, 1),
-        (claimed, "RUNNING", True, False, 2),
+        (claimed, "RUNNING", True, False, 1),
+        (read_pending, "RUNNING", True, False, 2),
         # A record naming another partition changes nothing there: read, then cancelled.
         (
             replace(misnamed, created_at=misnamed.created_at - timedelta(days=3)),
@@ -905,7 +913,8 @@ def test_a_cancel_of_a_run_the_caller_read_changes_it_in_one_job(store: Store) -
         assert cancel.ended is ended
         assert after == stored_run(store, tenant_id, known.pipeline_logging_id)
         assert sent in (None, jobs)
-    assert run(store.finish_run(claimed, "FAILED", now, "Cancelled")) is not None
+    for running in (claimed, started):
+        assert run(store.finish_run(running, "FAILED", now, "Cancelled")) is not None
 
 
 def stored_run(store: Store, tenant_id: str, run_id: str) -> RunRecord | None:

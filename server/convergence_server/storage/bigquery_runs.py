@@ -740,26 +740,26 @@ async def request_cancel(
 ) -> Cancellation:
     """Ends the run FAILED if PENDING, else flags it if RUNNING (each change guarded by that
     state, in its transaction); its state after. `known`, the run as the caller read it
-    from this store, names the run's partition without a read."""
+    from this store, names the run's partition without a read. The change for the state
+    it was read in is tried first: one transaction unless the run changed since."""
     if known is not None and (known.tenant_id, known.pipeline_logging_id) != (tenant_id, run_id):
         known = None
     run = known or await get_run(db, tenant_id, run_id)
     if run is None:
         return Cancellation(None)
 
-    def cancel(run: RunRecord) -> Cancellation | None:
+    def end(run: RunRecord) -> Cancellation | None:
         ended = _finish(db, run, "FAILED", now, "Cancelled before it started", owned=False)
-        if ended is not None:
-            return Cancellation(ended, ended=True)
-        flagged = _change(
-            db,
-            run,
-            "cancel_requested",
-            "status = 'RUNNING'",
-            {"cancel_requested": "TRUE"},
-            {},
-        )
+        return None if ended is None else Cancellation(ended, ended=True)
+
+    def flag(run: RunRecord) -> Cancellation | None:
+        changes = {"cancel_requested": "TRUE"}
+        flagged = _change(db, run, "cancel_requested", "status = 'RUNNING'", changes, {})
         return None if flagged is None else Cancellation(flagged)
+
+    def cancel(run: RunRecord) -> Cancellation | None:
+        first, then = (flag, end) if run.status == "RUNNING" else (end, flag)
+        return first(run) or then(run)
 
     changed = await db.call(lambda: cancel(run))
     if changed is None and known is not None:
