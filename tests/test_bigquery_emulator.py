@@ -1,5 +1,5 @@
-"""The tests' BigQuery emulator: its cheap lookup of one table answers as the emulator's own
-lookup does (tests/fixtures/bigquery_emulator_main.py)."""
+"""The tests' BigQuery emulator (tests/fixtures/bigquery_emulator_main.py): its cheap lookup
+of one table answers as the emulator's own lookup does, and its DuckDB uses one thread."""
 
 from __future__ import annotations
 
@@ -45,6 +45,7 @@ print(json.dumps({
     "emulator": [launcher._listing(*n) for n in names],
     "launcher": [database.objects(*n) for n in names],
     "listing": [database.objects("p", "d"), launcher._listing("p", "d")],
+    "threads": database.fetch("SELECT current_setting('threads')")[0][0],
 }))
 """
 
@@ -78,3 +79,4 @@ def test_the_one_table_lookup_answers_as_the_emulators_own(tmp_path: Path) -> No
     listing, emulators_listing = found["listing"]
     assert listing == emulators_listing
     assert [name for name, _, _ in listing] == ["Mixed", "changed", "empty", "pending", "runs"]
+    assert found["threads"] == 1
