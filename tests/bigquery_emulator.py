@@ -25,7 +25,8 @@ from convergence_server.storage.bigquery_client import make_client
 from tests.ports import free_loopback_port
 
 EMULATOR_DIR = REPO_ROOT / "build" / "bigquery-emulator"
-# `local-bigquery` with its lookup of one table made cheap (see the file).
+EMULATOR_PYTHON = EMULATOR_DIR / "venv" / "bin" / "python"
+# Starts `local-bigquery`, made cheaper for the tests (see the file).
 LAUNCHER = REPO_ROOT / "tests" / "fixtures" / "bigquery_emulator_main.py"
 PROJECT = "test-project"
 # Its start on a loaded machine can take many times the usual few seconds.
@@ -99,7 +100,6 @@ class Emulator:
 
 
 def start_emulator(data_dir: Path) -> Emulator:
-    python = EMULATOR_DIR / "venv" / "bin" / "python"
     if not (EMULATOR_DIR / "venv" / "bin" / "local-bigquery").exists():
         raise RuntimeError(
             f"the BigQuery emulator is missing from {EMULATOR_DIR}: run `make install`"
@@ -109,7 +109,7 @@ def start_emulator(data_dir: Path) -> Emulator:
     process = subprocess.Popen(
         tied_to_this_process(
             [
-                str(python),
+                str(EMULATOR_PYTHON),
                 str(LAUNCHER),
                 "serve",
                 "--host",

@@ -7,7 +7,7 @@ import json
 import subprocess
 from pathlib import Path
 
-from tests.bigquery_emulator import EMULATOR_DIR, LAUNCHER
+from tests.bigquery_emulator import EMULATOR_DIR, EMULATOR_PYTHON, LAUNCHER
 
 # Run by the emulator's Python: makes tables and views, then asks both lookups about each
 # name (the launcher's `_listing` is the emulator's own `objects`).
@@ -50,10 +50,12 @@ print(json.dumps({
 """
 
 
-def test_the_one_table_lookup_answers_as_the_emulators_own(tmp_path: Path) -> None:
+def test_the_emulator_looks_up_one_table_as_its_own_lookup_does_on_one_thread(
+    tmp_path: Path,
+) -> None:
     answered = subprocess.run(
         [
-            str(EMULATOR_DIR / "venv" / "bin" / "python"),
+            str(EMULATOR_PYTHON),
             "-c",
             COMPARE,
             str(LAUNCHER),
