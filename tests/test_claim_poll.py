@@ -77,6 +77,40 @@ def test_an_idle_servers_poll_slows_to_its_longest_interval_and_quickens_with_wo
     assert value(idle_again, INTERVAL) == 0.4
 
 
+def test_a_run_admitted_while_its_answer_was_lost_starts_without_waiting_for_the_poll(
+    stack_factory: StackFactory, pipeline_env: dict[str, str], held: Path
+) -> None:
+    """A trigger whose commit landed but whose call failed (the store's answer lost on the
+    way) still wakes the workers: the run starts now, not at the next poll, an hour away."""
+    stack = stack_factory(
+        held,
+        **pipeline_env,
+        CONVERGENCE_WORKERS="1",
+        CONVERGENCE_CLAIM_POLL_SECONDS="3600",
+        CONVERGENCE_CLAIM_POLL_MAX_SECONDS="3600",
+        CONVERGENCE_FAULT_POINTS=faults.AFTER_ADMISSION,
+    )
+    lost = held / "hold" / faults.AFTER_ADMISSION
+    try:
+        with httpx.Client(base_url=stack.http_url, timeout=120) as http:
+            tenant_id, key = onboard(http)
+            lost.touch()
+            failed = http.post(
+                f"/api/v1/pipelines/run/{tenant_id}/test/runs/quick",
+                headers={"X-API-Key": key},
+                json={},
+            )
+            lost.unlink()
+            assert failed.status_code == 503, failed.text
+            assert failed.json()["error"] == "Service unavailable"
+            listed = http.get("/api/v1/pipelines/runs", headers={"X-API-Key": key}).json()
+            (stored,) = listed["runs"]  # admitted all the same
+            run_id = stored["pipeline_logging_id"]
+            assert wait_for_run(http, key, run_id)["status"] == "COMPLETE"
+    finally:
+        stack.stop()
+
+
 @pytest.mark.parametrize(
     ("name", "value"),
     [

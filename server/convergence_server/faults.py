@@ -5,7 +5,9 @@ window deterministically:
 - `reached(point)`: the server kills itself with SIGKILL, leaving the store exactly as a
   power cut there would;
 - `await held(point)`: the call waits while the file `<data dir>/hold/<point>` exists
-  (at most `HOLD_SECONDS`), so a test can keep calls in progress as long as it needs.
+  (at most `HOLD_SECONDS`), so a test can keep calls in progress as long as it needs;
+- `failing(point)`: true while that file exists, for the call to fail there as if the
+  store's answer had been lost.
 Unset in production, where reaching a point costs one set lookup.
 """
 
@@ -39,8 +41,12 @@ BETWEEN_STEPS = "between_steps"
 # In CancelRun, after the run was read, before it is changed (held: another cancel of
 # the same run reads it meanwhile).
 BEFORE_CANCEL = "before_cancel"
+# After a run's admission committed, before it is answered (failing: the call fails as if
+# the store's answer had been lost on the way, the run stored all the same).
+AFTER_ADMISSION = "after_admission"
 KNOWN = frozenset(
     {
+        AFTER_ADMISSION,
         AFTER_PUBLISH,
         AFTER_SLOT_RUN,
         BEFORE_CANCEL,
@@ -85,6 +91,11 @@ async def held(point: str) -> None:
     deadline = time.monotonic() + HOLD_SECONDS
     while (_hold_dir / point).exists() and time.monotonic() < deadline:  # noqa: ASYNC110 - a file, polled
         await asyncio.sleep(0.02)
+
+
+def failing(point: str) -> bool:
+    """Whether a call should fail at `point` now: it is armed and its file exists."""
+    return point in _armed and (_hold_dir / point).exists()
 
 
 def held_here(point: str) -> None:

@@ -44,6 +44,7 @@ from convergence_server.errors import (
     InvalidArgument,
     NotFound,
     QuotaExceeded,
+    Unavailable,
     echo,
 )
 from convergence_server.storage import Store
@@ -373,6 +374,8 @@ class Runs:
         limits = RunLimits(plan.daily_pipeline_runs, plan.concurrent_pipeline_runs)
         try:
             admission = await self._store.create_run(run, keys_valid_from, limits, progress)
+            if faults.failing(faults.AFTER_ADMISSION):
+                raise Unavailable(f"fault point {faults.AFTER_ADMISSION}: the answer was lost")
         except Exception:
             # A commit that failed as seen from here may have landed: look all the same
             # (a replay of its idempotency key would not say it was created).
