@@ -32,13 +32,15 @@ for statement in (
     'CREATE TABLE p.d.changed AS SELECT range AS id FROM range(10)',
     'DELETE FROM p.d.changed WHERE id < 3',
     'UPDATE p.d.changed SET id = 100 WHERE id = 5',
+    'CREATE TABLE emulator._results."p:job_1" AS SELECT 1 AS x UNION ALL SELECT 2',
 ):
     database.execute(statement)
 names = [
     ("p", "d", "runs"), ("p", "d", "Mixed"), ("p", "d", "mixed"), ("p", "d", "empty"),
     ("p", "d", "pending"), ("p", "d", "missing"), ("p", "other", "runs"),
     ("p", "other", "pending"), ("p", "gone", "runs"), ("q", "d", "runs"),
-    ("p", "d", "changed"),
+    ("p", "d", "changed"), ("emulator", "_results", "p:job_1"),
+    ("emulator", "_results", "p:job_2"),
 ]
 print(json.dumps({
     "names": names,
@@ -77,6 +79,8 @@ def test_the_emulator_looks_up_one_table_as_its_own_lookup_does_on_one_thread(
     assert by_name == emulators
     assert by_name[("p", "d", "runs")] == [["runs", "TABLE", 5]]
     assert by_name[("p", "d", "pending")] == [["pending", "VIEW", 0]]
+    # A query job's result (stored by the emulator in its own database).
+    assert by_name[("emulator", "_results", "p:job_1")] == [["p:job_1", "TABLE", 2]]
     assert by_name[("p", "d", "mixed")] == by_name[("p", "d", "missing")] == []
     listing, emulators_listing = found["listing"]
     assert listing == emulators_listing

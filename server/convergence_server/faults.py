@@ -41,8 +41,8 @@ BETWEEN_STEPS = "between_steps"
 # In CancelRun, after the run was read, before it is changed (held: another cancel of
 # the same run reads it meanwhile).
 BEFORE_CANCEL = "before_cancel"
-# After a run's admission committed, before it is answered (failing: the call fails as if
-# the store's answer had been lost on the way, the run stored all the same).
+# After an admission's store call, before it is answered (failing: the call fails as if
+# the store's answer had been lost on the way; a run it admitted is stored all the same).
 AFTER_ADMISSION = "after_admission"
 KNOWN = frozenset(
     {
