@@ -179,6 +179,17 @@ def measure(
     return Outcome(scenario.name, args.requests, succeeded, seconds, latencies, client, servers)
 
 
+def echo_scenario(echo: str) -> Scenario:
+    """The bare grpc.aio echo at `echo` (host:port): the baseline."""
+    headers = {"content-type": "application/grpc", "te": "trailers"}
+    return Scenario(
+        "baseline: bare grpc.aio echo",
+        f"http://{echo}{ECHO_METHOD}",
+        headers,
+        grpc_frame(ECHO_PAYLOAD),
+    )
+
+
 def scenarios(
     echo: str, grpc_target: str, http_url: str, api_key: str, run_id: str
 ) -> list[Scenario]:
@@ -191,12 +202,7 @@ def scenarios(
     envoy = http_url.removeprefix("http://")
     rest = f"{http_url}/api/v1/pipelines/runs/{run_id}"
     return [
-        Scenario(
-            "baseline: bare grpc.aio echo",
-            f"http://{echo}{ECHO_METHOD}",
-            grpc_headers,
-            grpc_frame(ECHO_PAYLOAD),
-        ),
+        echo_scenario(echo),
         Scenario(
             "GetRun + API key, gRPC direct",
             f"http://{grpc_target}{GET_RUN}",

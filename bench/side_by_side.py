@@ -17,6 +17,10 @@ A SIDE is a source tree (the server is started from `TREE/server`), optionally f
   worker, which runs the run first);
 - `triggers`: RunPipeline of `test/runs/quick`, concurrency 16, no workers.
 
+With `--echo`, the bare grpc.aio echo of `bench.api_overhead` is measured in every round
+too (before the sides in even rounds, after them in odd ones), and each side's median
+GetRun is given as a ratio to the echo's median.
+
 The server's CPU per call comes from /proc. This measures relative costs only: the
 absolute rates are those of several stacks sharing the machine. h2load counts a call that
 gRPC answered with an error as done (HTTP 200); `bench.h2load_calls` counts only the calls
@@ -36,11 +40,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench import pipelines
-from bench.api_overhead import _cpu_seconds
+from bench.api_overhead import _cpu_seconds, start_echo_server
 from bench.h2load_calls import (
     GET_RUN,
     H2LOAD,
     Scenario,
+    echo_scenario,
     grpc_frame,
     h2load,
     parse,
@@ -49,6 +54,7 @@ from bench.h2load_calls import (
 from convergence.v1 import pipeline_service_pb2_grpc, run_service_pb2
 
 WARMUP = 1000
+ECHO = "bare grpc.aio echo"
 RATE = r"finished in [\d.]+m?s, ([\d.]+) req/s"
 
 
@@ -103,26 +109,41 @@ def measure(args: argparse.Namespace) -> list[str]:
                 **{"PYTHONPATH": path, **side.env},
             )
             plans[side.label] = (session.stack.server.pid, _scenarios(session, args.calls))
-            for _, scenario in plans[side.label][1]:
+        labels = [side.label for side in sides]
+        if args.echo:
+            echo, echo_pid = start_echo_server(resources)
+            plans[ECHO] = (echo_pid, [("echo", echo_scenario(echo))])
+            labels.insert(0, ECHO)
+        for _, scenarios in plans.values():
+            for _, scenario in scenarios:
                 h2load(scenario, WARMUP, concurrency, workspace.root, None)
         for round_ in range(args.rounds):
-            for side in sides if round_ % 2 == 0 else sides[::-1]:
-                pid, scenarios = plans[side.label]
+            for label in labels if round_ % 2 == 0 else labels[::-1]:
+                pid, scenarios = plans[label]
                 for name, scenario in scenarios:
                     before = _cpu_seconds(pid)
                     output = h2load(scenario, args.requests, concurrency, workspace.root, None)
                     spent = _cpu_seconds(pid) - before
-                    rates.setdefault((name, side.label), []).append(parse(output, RATE))
-                    cpu.setdefault((name, side.label), []).append(1000 * spent / args.requests)
+                    rates.setdefault((name, label), []).append(parse(output, RATE))
+                    cpu.setdefault((name, label), []).append(1000 * spent / args.requests)
     rows = [
         "| call | side | req/s, median | server CPU ms per call, median | req/s in each round |",
         "|---|---|---:|---:|---|",
     ]
-    for name, label in sorted(rates, key=lambda key: (key[0] != "GetHealth", key[0])):
+    order = {"echo": 0, "GetHealth": 1}
+    for name, label in sorted(rates, key=lambda key: (order.get(key[0], 2), key[0])):
         each = rates[name, label]
         rows.append(
             f"| {name} | `{label}` | {statistics.median(each):,.0f} | "
             f"{statistics.median(cpu[name, label]):.3f} | {', '.join(f'{r:.0f}' for r in each)} |"
+        )
+    if ("echo", ECHO) in rates and args.calls == "getrun":
+        echo_rate = statistics.median(rates["echo", ECHO])
+        rows.append("")
+        rows.extend(
+            f"GetRun of `{label}` / the echo: {statistics.median(each) / echo_rate:.2f}"
+            for (name, label), each in rates.items()
+            if name == "GetRun"
         )
     return rows
 
@@ -131,6 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.side_by_side", description=__doc__)
     parser.add_argument("sides", nargs="+", help="TREE or TREE:NAME=VALUE,...")
     parser.add_argument("--calls", choices=("getrun", "triggers"), default="getrun")
+    parser.add_argument("--echo", action="store_true", help="measure the echo in every round")
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--requests", type=int, default=8000, help="calls per scenario a round")
     args = parser.parse_args(argv)
