@@ -9,6 +9,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import duckdb
 import grpc
@@ -20,6 +21,7 @@ from convergence_server.stack import Stack, start_stack
 from tests.bigquery_emulator import Emulator, start_emulator
 
 FIXTURES = Path(__file__).parent / "fixtures"
+T = TypeVar("T")
 TERMINAL = ("COMPLETE", "FAILED")
 
 GUIDE_TENANT = {
@@ -264,6 +266,22 @@ def trigger(
     assert response.status_code == 200, response.text
     body_out: dict[str, object] = response.json()
     return body_out
+
+
+def eventually(
+    condition: Callable[[], T],
+    what: str = "the condition",
+    timeout: float = 120,
+    interval: float = 0.1,
+) -> T:
+    """Polls `condition()` until it returns something true, and returns that; fails the
+    test after `timeout` seconds (generous: the machine may be loaded)."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} did not hold within {timeout:.0f} s")
+        time.sleep(interval)
+    return value
 
 
 def wait_for_run(

@@ -13,7 +13,7 @@ import statistics
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -32,7 +32,14 @@ from convergence.v1 import (
 )
 from convergence_server.domain import keys
 from convergence_server.stack import Stack
-from tests.conftest import GUIDE_TENANT, StackFactory, new_tenant_id, onboard, trigger
+from tests.conftest import (
+    GUIDE_TENANT,
+    StackFactory,
+    eventually,
+    new_tenant_id,
+    onboard,
+    trigger,
+)
 
 BILLING = "gcp/cost/cost_billing"
 RUN_METHOD = "/convergence.v1.RunService/GetRun"
@@ -258,13 +265,6 @@ def watch(channel: grpc.Channel, key: str, run_id: object) -> Iterator[object]:
         timeout=300,
     )
     return stream
-
-
-def eventually(condition: Callable[[], bool], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.05)
 
 
 def get_run_latencies(channel: grpc.Channel, key: str, run_id: object, count: int) -> list[float]:

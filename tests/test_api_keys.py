@@ -7,7 +7,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -23,6 +22,7 @@ from tests.conftest import (
     StackFactory,
     database_path,
     dump_store,
+    eventually,
     onboard,
     stack_env,
     trigger,
@@ -50,16 +50,6 @@ def audit(http: httpx.Client, key: str, tenant_id: str, **params: Any) -> list[d
     )
     assert response.status_code == 200, response.text
     return list(response.json().get("events", []))
-
-
-def wait_until(condition: Any, what: str, timeout: float = 60, interval: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def assert_refused(response: httpx.Response, status: int, error: str, *words: str) -> None:
@@ -101,7 +91,7 @@ def test_create_list_get_revoke_and_the_audit_trail(keyed: Any) -> None:
     got = http.get(keys_path(tenant_id, f"/{first_id}"), headers={"X-API-Key": secret})
     assert got.status_code == 200 and got.json()["created_by"] == "onboarding"
     # Last use is written in batches; both keys have been used.
-    wait_until(
+    eventually(
         lambda: all(
             k.get("last_used_at")
             for k in http.get(keys_path(tenant_id), headers={"X-API-Key": secret}).json()["keys"]
@@ -129,7 +119,7 @@ def test_create_list_get_revoke_and_the_audit_trail(keyed: Any) -> None:
     assert_refused(last, 409, "Conflict", "last active key")
     assert usage(http, secret, tenant_id).status_code == 200
 
-    events = wait_until(
+    events = eventually(
         lambda: (
             (rows := audit(http, secret, tenant_id))
             and any(r["event"] == "auth.failed" for r in rows)
@@ -324,7 +314,7 @@ def test_rotation_grace_and_expiry_follow_the_clock(
         assert revoke.status_code == 200, revoke.text
         assert_refused(usage(http, new, tenant_id), 401, "Authentication failed", "revoked")
         # The expired keys' use is in the audit log, counted per key.
-        wait_until(
+        eventually(
             lambda: (
                 {e["target"] for e in audit(http, newest, tenant_id, event="api_key.expired")}
                 == {old_id, short_id}
@@ -544,7 +534,7 @@ def test_account_changes_quota_refusals_and_schedules_are_audited(keyed: Any) ->
         rows = audit(http, reader, tenant_id)
         return [e["event"] for e in reversed(rows)]
 
-    seen = wait_until(
+    seen = eventually(
         lambda: (found := events()) and "quota.refused" in found and found,
         "the quota refusal",
         interval=1.0,  # the reading key has 60 requests a minute too

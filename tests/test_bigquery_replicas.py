@@ -19,8 +19,16 @@ import pytest
 
 from convergence_server import faults
 from tests.bigquery_emulator import Emulator
-from tests.conftest import UNMETERED, StackFactory, new_prefix, onboard, trigger, wait_for_run
-from tests.test_metrics import Samples, eventually, value
+from tests.conftest import (
+    UNMETERED,
+    StackFactory,
+    eventually,
+    new_prefix,
+    onboard,
+    trigger,
+    wait_for_run,
+)
+from tests.test_metrics import Samples, scrape_until, value
 from tests.test_publish_guards import CLEAN, DAY
 from tests.test_schedules import BASE, Clock, assert_each_slot_once, create, fire, slot_times
 
@@ -121,9 +129,7 @@ def test_two_replicas_with_their_tickers_start_each_slot_once(
         clock.set(first + timedelta(minutes=2, seconds=1))  # 3 slots due; the 4th in 59 s
         with ThreadPoolExecutor(4) as pool:
             list(pool.map(lambda i: fire(clients[i % 2], key), range(4)))
-        deadline = time.monotonic() + 120
-        while len(slot_times(clients[1], key)) < 3 and time.monotonic() < deadline:
-            time.sleep(0.5)
+        eventually(lambda: len(slot_times(clients[1], key)) >= 3, "3 slots", interval=0.5)
         time.sleep(2)  # more ticks of both replicas: none may add a run
         for client in clients:
             assert_each_slot_once(slot_times(client, key), first, at_least=3)
@@ -206,14 +212,14 @@ def test_a_run_another_replica_admitted_is_found_by_the_claim_poll(
             "CONVERGENCE_FAULT_POINTS": faults.BETWEEN_STEPS,
         },
     )
-    assert value(eventually(polling, lambda s: value(s, POLL_INTERVAL) == 4), POLL_INTERVAL) == 4
+    assert value(scrape_until(polling, lambda s: value(s, POLL_INTERVAL) == 4), POLL_INTERVAL) == 4
     hold.touch()
     with httpx.Client(base_url=admitting.http_url, timeout=300) as http:
         tenant_id, key = onboard(http, plan=UNMETERED)
         run_id = trigger(http, key, tenant_id, "test/runs/quick")["pipeline_logging_id"]
         assert wait_for_run(http, key, run_id, ("RUNNING",), timeout=240)["status"] == "RUNNING"
         # Found by a poll, not woken: its one worker busy, B looks at nothing meanwhile.
-        found = eventually(polling, lambda s: value(s, POLL_INTERVAL) == 1)
+        found = scrape_until(polling, lambda s: value(s, POLL_INTERVAL) == 1)
         assert value(found, POLL_INTERVAL) == 1
         hold.unlink()
         ended = wait_for_run(http, key, run_id, timeout=240)
@@ -222,7 +228,7 @@ def test_a_run_another_replica_admitted_is_found_by_the_claim_poll(
     def calls(samples: Samples, operation: str) -> float:
         return value(samples, STORE_CALLS, operation=operation, adapter="bigquery")
 
-    samples = eventually(polling, lambda s: calls(s, "heartbeat") >= 6)
+    samples = scrape_until(polling, lambda s: calls(s, "heartbeat") >= 6)
     beats, looks = calls(samples, "heartbeat"), calls(samples, "stale_runs")
     assert 1 <= looks <= (beats + 1) // 2, (beats, looks)
 
@@ -313,12 +319,11 @@ def test_a_key_revoked_through_one_replica_is_refused_by_the_other(
     # The replica that revoked it refuses it at once; the other within the sync bound
     # (5 s plus a query; waited for generously here, far below the cache's hour).
     assert clients[0].get(usage, headers={"X-API-Key": other}).status_code == 401
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        refused = clients[1].get(usage, headers={"X-API-Key": other})
-        if refused.status_code == 401:
-            break
-        time.sleep(0.5)
-    assert refused.status_code == 401, refused.text
+    refused = eventually(
+        lambda: (r := clients[1].get(usage, headers={"X-API-Key": other})).status_code == 401 and r,
+        "the revocation on the other replica",
+        timeout=180,
+        interval=0.5,
+    )
     assert "revoked" in refused.json()["message"]
     assert clients[1].get(usage, headers={"X-API-Key": key}).status_code == 200

@@ -16,7 +16,7 @@ import pytest
 from convergence_server import faults
 from convergence_server.stack import Stack
 from tests.conftest import StackFactory, onboard, stack_env, trigger, wait_for_run
-from tests.test_metrics import Samples, eventually, scrape, value
+from tests.test_metrics import Samples, scrape, scrape_until, value
 
 INTERVAL = "convergence_claim_poll_interval_seconds"
 CLAIMS = "convergence_store_operation_seconds_count"
@@ -54,9 +54,9 @@ def test_an_idle_servers_poll_slows_to_its_longest_interval_and_quickens_with_wo
     polling: Stack, held: Path
 ) -> None:
     # Idle: each empty look doubles the wait, 0.05 s to 0.4 s, and the looks go on there.
-    at_cap = eventually(polling, lambda s: value(s, INTERVAL) == 0.4)
+    at_cap = scrape_until(polling, lambda s: value(s, INTERVAL) == 0.4)
     assert value(at_cap, INTERVAL) == 0.4
-    more = eventually(polling, lambda s: claims(s) >= claims(at_cap) + 2)
+    more = scrape_until(polling, lambda s: claims(s) >= claims(at_cap) + 2)
     assert claims(more) >= claims(at_cap) + 2
     assert value(more, INTERVAL) == 0.4
 
@@ -68,12 +68,12 @@ def test_an_idle_servers_poll_slows_to_its_longest_interval_and_quickens_with_wo
         assert wait_for_run(http, key, run_id, ("RUNNING",))["status"] == "RUNNING"
         # Woken by the admission and given a run: back to the first interval, where it
         # stays while its one worker is busy (no look finds nothing meanwhile).
-        busy = eventually(polling, lambda s: value(s, INTERVAL) == 0.05)
+        busy = scrape_until(polling, lambda s: value(s, INTERVAL) == 0.05)
         assert value(busy, INTERVAL) == 0.05
         assert value(scrape(polling), INTERVAL) == 0.05
         hold.unlink()
         assert wait_for_run(http, key, run_id)["status"] == "COMPLETE"
-    idle_again = eventually(polling, lambda s: value(s, INTERVAL) == 0.4)
+    idle_again = scrape_until(polling, lambda s: value(s, INTERVAL) == 0.4)
     assert value(idle_again, INTERVAL) == 0.4
 
 

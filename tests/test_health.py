@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -16,9 +15,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from convergence_server.stack import Stack
 from tests.bigquery_emulator import Emulator, start_emulator
-from tests.conftest import StackFactory, new_prefix
+from tests.conftest import StackFactory, eventually, new_prefix
 
 pytestmark = pytest.mark.timeout(900)
+# How long a state may take to follow the store (its calls time out first).
+STORE_WAIT = 300
 
 
 @pytest.fixture
@@ -43,13 +44,6 @@ def envoy_clusters(stack: Stack) -> str:
     return "\n".join(line for line in text.splitlines() if "::health_flags::" in line)
 
 
-def eventually(condition: Callable[[], bool], seconds: float = 300) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "the condition did not hold in time"
-        time.sleep(0.5)
-
-
 def test_a_store_that_stops_answering_makes_the_server_not_serving_until_it_is_back(
     stack_factory: StackFactory, own_emulator: Emulator
 ) -> None:
@@ -63,17 +57,17 @@ def test_a_store_that_stops_answering_makes_the_server_not_serving_until_it_is_b
         assert http.get("/health").status_code == 200
 
         os.kill(own_emulator.process.pid, signal.SIGSTOP)  # BigQuery stops answering
-        eventually(lambda: grpc_health(stack) == not_serving)
+        eventually(lambda: grpc_health(stack) == not_serving, timeout=STORE_WAIT)
         # Envoy's active health check sees it too (with one server, its panic mode still
         # routes there: there is nothing to fail over to).
-        eventually(lambda: "/failed_active_hc" in envoy_clusters(stack))
+        eventually(lambda: "/failed_active_hc" in envoy_clusters(stack), timeout=STORE_WAIT)
         down = http.get("/health")
         assert down.status_code == 503, down.text
         assert down.json()["error"] == "Service unavailable"
         assert "The store is unavailable" in down.json()["message"], down.text
 
         os.kill(own_emulator.process.pid, signal.SIGCONT)
-        eventually(lambda: grpc_health(stack) == serving)
-        eventually(lambda: http.get("/health").status_code == 200)
-        eventually(lambda: "/failed_active_hc" not in envoy_clusters(stack))
+        eventually(lambda: grpc_health(stack) == serving, timeout=STORE_WAIT)
+        eventually(lambda: http.get("/health").status_code == 200, timeout=STORE_WAIT)
+        eventually(lambda: "/failed_active_hc" not in envoy_clusters(stack), timeout=STORE_WAIT)
     stack.stop()

@@ -38,7 +38,7 @@ def value(samples: Samples, name: str, **labels: str) -> float:
     return samples.get((name, frozenset(labels.items())), 0.0)
 
 
-def eventually(stack: Stack, check: Callable[[Samples], bool]) -> Samples:
+def scrape_until(stack: Stack, check: Callable[[Samples], bool]) -> Samples:
     """The metrics once `check` holds (a run's end is counted just after it is stored)."""
     deadline = time.monotonic() + 120
     while True:
@@ -82,7 +82,7 @@ def test_the_counts_match_the_workload(measured: Stack) -> None:
 
     quick_ends = {"template": "test/runs/quick", "status": "COMPLETE"}
     slow_ends = {"template": "test/runs/slow", "status": "FAILED"}
-    after = eventually(
+    after = scrape_until(
         measured,
         lambda s: grown(s, ended, **quick_ends) >= 2 and grown(s, ended, **slow_ends) >= 1,
     )
@@ -140,7 +140,7 @@ def test_the_oldest_pending_runs_age_grows_between_samples(
         CONVERGENCE_METRICS_PORT="0",
         CONVERGENCE_QUEUE_SAMPLE_SECONDS="3600",
     )
-    sampled = eventually(stack, lambda s: value(s, "convergence_queue_pending_runs") == 1)
+    sampled = scrape_until(stack, lambda s: value(s, "convergence_queue_pending_runs") == 1)
     assert value(sampled, "convergence_queue_pending_runs") == 1
     assert value(sampled, "convergence_queue_oldest_pending_seconds") < 3600
     clock.write_text("7200")  # two hours on, and no sample since

@@ -28,8 +28,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from convergence_server.stack import spawn, start_stack, tied_to_this_process
 from tests.bigquery_emulator import Emulator, start_emulator
-from tests.conftest import new_prefix, onboard, stack_env
-from tests.test_crash_safety import eventually, wait_for_exit
+from tests.conftest import eventually, new_prefix, onboard, stack_env
+from tests.test_crash_safety import wait_for_exit
 
 SHUTDOWN_SECONDS = 8  # the default bound
 # Beyond the bound, what a loaded machine may add before the process is gone.

@@ -26,7 +26,15 @@ from convergence_server.domain import webhooks
 from convergence_server.domain.webhooks import Attempt, Delivery, post_event
 from convergence_server.stack import Stack
 from convergence_server.storage.records import WebhookRecord
-from tests.conftest import UNMETERED, StackFactory, dump_store, onboard, trigger, wait_for_run
+from tests.conftest import (
+    UNMETERED,
+    StackFactory,
+    dump_store,
+    eventually,
+    onboard,
+    trigger,
+    wait_for_run,
+)
 from tests.test_metrics import scrape, value
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -223,17 +231,12 @@ def test_a_failed_run_is_posted_signed_and_retried(
         # The trigger's trace: on the run, in its alert, on its log lines.
         assert run["trace_id"] == data["trace_id"] == TRACE
         assert receiver.wait_for(4, timeout=1) == attempts  # delivered: no fourth attempt
-        deadline = time.monotonic() + 60
-        while value(
-            scrape(hooks),
-            "convergence_webhook_events_total",
-            event="run.failed",
-            outcome="delivered",
-        ) <= value(
-            before, "convergence_webhook_events_total", event="run.failed", outcome="delivered"
-        ):
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
+        delivered = {"event": "run.failed", "outcome": "delivered"}
+        counted = value(before, "convergence_webhook_events_total", **delivered)
+        eventually(
+            lambda: value(scrape(hooks), "convergence_webhook_events_total", **delivered) > counted,
+            "the delivery's count",
+        )
     log = hooks.run_dir.parent / "logs" / "server.log"
     run_lines = [
         json.loads(line)
@@ -303,11 +306,7 @@ def test_a_delivery_that_keeps_failing_is_audited(
         run = failing_run(http, key, tenant_id, sources_dir)
         assert run["trace_id"] == ""
         assert len(receiver.wait_for(3)) == 3
-        deadline = time.monotonic() + 60
-        while not (failed := events(http, key, tenant_id, "webhook.failed")):
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
-        [row] = failed
+        [row] = eventually(lambda: events(http, key, tenant_id, "webhook.failed"), "webhook.failed")
         assert row["detail"] == "run.failed to http://127.0.0.1: 3 attempts, the last: HTTP 500"
         assert str(row["target"]).startswith("evt_")
         assert len(receiver.wait_for(4, timeout=1)) == 3  # no attempt beyond the retries
