@@ -13,8 +13,6 @@ import os
 import shutil
 import signal
 import subprocess
-import time
-from collections.abc import Callable
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 
@@ -24,6 +22,7 @@ import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from convergence_server import faults
 from convergence_server.stack import Stack, start_stack
 from convergence_server.storage.warehouse import STAGE_PREFIX
 from tests.bigquery_emulator import Emulator
@@ -32,6 +31,7 @@ from tests.conftest import (
     UNMETERED,
     StackFactory,
     database_path,
+    eventually,
     fill,
     new_prefix,
     onboard,
@@ -322,22 +322,62 @@ def test_sigterm_interrupts_a_long_step_and_hands_its_run_back(
     assert stored_run(restarted, run_id)["attempt"] == 1
 
 
+def test_a_run_claimed_as_the_server_stops_is_handed_back_unstarted(
+    stack_factory: StackFactory,
+    pipeline_env: dict[str, str],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """The worker's claim commits, then the server is asked to stop before the run starts
+    (held there by the `after_claim` fault point): the run is handed back PENDING with its
+    attempt unused, not left RUNNING for the next start to count as a crash. An idle
+    worker, waiting in an hour-long poll for runs, does not hold a stop up either."""
+    data_dir = tmp_path_factory.mktemp("claimed")
+    hold = data_dir / "hold" / faults.AFTER_CLAIM
+    hold.parent.mkdir()
+    hold.touch()
+    env = {
+        **pipeline_env,
+        "CONVERGENCE_WORKERS": "1",
+        "CONVERGENCE_FAULT_POINTS": faults.AFTER_CLAIM,
+        "CONVERGENCE_SHUTDOWN_SECONDS": "60",
+        "CONVERGENCE_CLAIM_POLL_SECONDS": "3600",
+    }
+    stack = stack_factory(data_dir=data_dir, **env)
+    server_log = data_dir / "logs" / "server.log"
+    with httpx.Client(base_url=stack.http_url, timeout=30) as http:
+        tenant_id, key = onboard(http, plan=UNMETERED)
+        run_id = trigger(http, key, tenant_id, "test/runs/quick")["pipeline_logging_id"]
+        eventually(lambda: f"fault point {faults.AFTER_CLAIM}: holding" in server_log.read_text())
+        assert wait_for_run(http, key, run_id, ("RUNNING",))["status"] == "RUNNING"
+
+    stack.server.send_signal(signal.SIGTERM)
+    eventually(lambda: '"message": "stopping"' in server_log.read_text())
+    hold.unlink()
+    assert wait_for_exit(stack.server) == 0
+    stack.stop()
+    run = stored_run(stack, run_id)
+    assert (run["status"], run["attempt"], run["worker_id"]) == ("PENDING", 1, None)
+    assert f"run {run_id} handed back" in server_log.read_text()
+
+    restarted = stack_factory(data_dir=data_dir, **env)
+    with httpx.Client(base_url=restarted.http_url, timeout=30) as http:
+        final = wait_for_run(http, key, run_id)
+    restarted.server.send_signal(signal.SIGTERM)  # its worker idle, its next look an hour away
+    assert wait_for_exit(restarted.server) == 0
+    restarted.stop()
+    # Neither stop left a worker behind at its bound (which logs an ERROR and exits 0 all
+    # the same).
+    errors = [line for line in server_log.read_text().splitlines() if '"severity": "ERROR"' in line]
+    assert errors == []
+    assert (final["status"], stored_run(restarted, run_id)["attempt"]) == ("COMPLETE", 1), final
+
+
 def grpc_health(stack: Stack) -> int:
     with grpc.insecure_channel(stack.grpc_target) as channel:
         reply = health_pb2_grpc.HealthStub(channel).Check(
             health_pb2.HealthCheckRequest(), timeout=30
         )
     return int(reply.status)
-
-
-def eventually(check: Callable[[], bool], timeout: float = 120) -> None:
-    """Waits until `check()` is true (bounded, generously: the machine may be loaded);
-    fails the test otherwise."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"condition not met within {timeout} s: {check}")
-        time.sleep(0.1)
 
 
 def test_a_full_disk_strands_no_run_and_answers_503(

@@ -44,9 +44,13 @@ BEFORE_CANCEL = "before_cancel"
 # After an admission's store call, before it is answered (failing: the call fails as if
 # the store's answer had been lost on the way; a run it admitted is stored all the same).
 AFTER_ADMISSION = "after_admission"
+# In the executor, after a claim's store call returned a run, before the run starts (held:
+# the server is asked to stop meanwhile).
+AFTER_CLAIM = "after_claim"
 KNOWN = frozenset(
     {
         AFTER_ADMISSION,
+        AFTER_CLAIM,
         AFTER_PUBLISH,
         AFTER_SLOT_RUN,
         BEFORE_CANCEL,

@@ -384,6 +384,7 @@ class Executor:
             self._poll_sooner()
             self._next_poll = time.monotonic() + self._poll_interval
             self._in_flight[run.pipeline_logging_id] = None
+            await faults.held(faults.AFTER_CLAIM)
             return run
         finally:
             self._claiming.release()
