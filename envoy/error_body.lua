@@ -12,6 +12,10 @@
 --     here as gRPC statuses): generic {"error": <its title>, "message":
 --     <grpc-message>, "request_id": <x-request-id>} body; a 429 also gets
 --     "retry_after": 1 and Retry-After: 1, as the contract promises.
+--   * REST 400 from Envoy itself (the transcoder refused the request; the
+--     local_reply_config mapper gave it the documented body with a generic
+--     "details"): details names the field the transcoder's message starts
+--     with, or "body" when the JSON does not parse.
 --   * REST success: strip grpc-* headers that would leak.
 -- Envoy's Lua has no JSON library: escaping is done by hand below.
 
@@ -116,11 +120,50 @@ local function generic_body(status, grpc_message, request_id)
   return body .. ',"request_id":' .. json_string(request_id or "") .. '}'
 end
 
+-- The field and issue of the transcoder's message (JSON-escaped, as it stands
+-- in the body): "limit: invalid value ..." names limit; an unknown query
+-- parameter, a body field contradicting the path and a header name this
+-- filter refused name theirs; anything else
+-- is about the body as a whole (JSON that does not parse, a wrong shape).
+local function field_and_issue(message)
+  local field, issue = message:match("^([%w_]+[%w_.%[%]]*): (.+)$")
+  if field ~= nil then return field, issue end
+  field = message:match('^Could not find field \\"([%w_.]+)\\"')
+  if field ~= nil then return field, "is not a parameter of this request" end
+  field, issue = message:match("^Header name '([^'\\\"]+)' (is not accepted.*)$")
+  if field ~= nil then return field, issue end
+  field = message:match("^: invalid value .- for type ([%w_.]+)$")
+  if field ~= nil then return field, "has the wrong JSON type" end
+  field = message:match("of the field ([%w_.]+) is conflicting")
+  if field ~= nil then return field, "must match the path (or be left out of the body)" end
+  return "body", message
+end
+
+-- Envoy's own 400 body {"details", "error", "message", "request_id"} (the
+-- mapper's, keys in order) with "details" naming the field.
+local function name_the_field(handle)
+  local buffer = handle:body(true)
+  if buffer == nil then return end
+  local body = buffer:getBytes(0, buffer:length())
+  local message, rest = body:match('"message":"(.-)"(,"request_id":"[^"]*"}%s*)$')
+  if message == nil then return end
+  local field, issue = field_and_issue(message)
+  local shaped = '{"error":' .. json_string(title(400)) .. ',"message":"' .. message
+    .. '","details":{"field":' .. json_string(field) .. ',"issue":"' .. issue .. '"}' .. rest
+  local headers = handle:headers()
+  headers:replace("content-length", tostring(#shaped))
+  buffer:setBytes(shaped)
+end
+
 local function shape_response(handle, request_id)
   local headers = handle:headers()
   local grpc_status = tonumber(headers:get("grpc-status") or "0") or 2
 
   local error_body = headers:get("x-error-body")
+  if error_body == nil and grpc_status == 0 and headers:get(":status") == "400" then
+    name_the_field(handle)
+    return
+  end
   if error_body == nil and grpc_status == 0 then
     -- Success: no buffering, only strip the grpc-* headers that leak.
     for _, name in ipairs(STRIP) do headers:remove(name) end

@@ -38,7 +38,14 @@ BAD_TENANT_IDS = [
 ]
 ONBOARDING_PATHS = ["/api/v1/tenants/dryrun", "/api/v1/tenants/onboard"]
 RESERVED = ["tenants", "information_schema", "SELECT", "table", "_hidden"]
-MALFORMED_JSON = [b'{"tenant_id": "acme_corp",', b"not json", b'{"tenant_id": {"a": 1}}', b"[1]"]
+# Bodies the transcoder refuses, and the field each 400 names.
+MALFORMED_JSON = [
+    (b'{"tenant_id": "acme_corp",', "body"),
+    (b"not json", "body"),
+    (b'{"tenant_id": {"a": 1}}', "tenant_id"),
+    (b'{"tenant_id": 7}', "tenant_id"),
+    (b"[1]", "body"),
+]
 BAD_FIELDS = [
     ("company_name", ""),
     ("company_name", "Acme\u0000Corp"),
@@ -75,14 +82,20 @@ def state(stack_factory: StackFactory, tmp_path_factory: pytest.TempPathFactory)
         yield s
 
 
-def assert_envoy_error(response: httpx.Response, status: int, error: str) -> None:
+def assert_envoy_error(
+    response: httpx.Response, status: int, error: str, field: str | None = None
+) -> None:
+    """Envoy's own refusal, in the documented shape: a 400 names the `field` at fault."""
     assert response.status_code == status, response.text
     assert response.headers["content-type"] == "application/json"
     body = response.json()
-    assert body.keys() == {"error", "message", "request_id"}
+    assert body.keys() == {"error", "message", "request_id"} | ({"details"} if field else set())
     assert body["error"] == error
     assert body["message"]
     assert body["request_id"] == response.headers["x-request-id"]
+    if field:
+        assert body["details"]["field"] == field, body
+        assert body["details"]["issue"], body
 
 
 @pytest.mark.parametrize("path", ONBOARDING_PATHS)
@@ -116,18 +129,36 @@ def test_bad_fields(state: State, field: str, value: str) -> None:
     assert body["details"]["issue"]
 
 
-@pytest.mark.parametrize("raw", MALFORMED_JSON)
-def test_malformed_json(state: State, raw: bytes) -> None:
+@pytest.mark.parametrize(("raw", "field"), MALFORMED_JSON)
+def test_malformed_json(state: State, raw: bytes, field: str) -> None:
     response = state.http.post(
         "/api/v1/tenants/onboard", content=raw, headers={"content-type": "application/json"}
     )
-    assert_envoy_error(response, 400, "Validation error")
+    assert_envoy_error(response, 400, "Validation error", field)
 
 
 def test_unknown_query_parameter(state: State) -> None:
-    assert_envoy_error(state.http.get("/health?verbose=1"), 400, "Validation error")
+    assert_envoy_error(state.http.get("/health?verbose=1"), 400, "Validation error", "verbose")
     response = state.http.get("/api/v1/pipelines/runs?limit=10&colour=red")
-    assert_envoy_error(response, 400, "Validation error")
+    assert_envoy_error(response, 400, "Validation error", "colour")
+
+
+@pytest.mark.parametrize(
+    ("query", "field"),
+    [("status=complete", "status"), ("status=DONE", "status"), ("limit=ten", "limit")],
+)
+def test_a_query_parameter_of_the_wrong_type_is_named(state: State, query: str, field: str) -> None:
+    response = state.http.get(f"/api/v1/pipelines/runs?{query}", headers={"X-API-Key": state.key})
+    assert_envoy_error(response, 400, "Validation error", field)
+
+
+def test_a_body_field_of_the_wrong_type_is_named(state: State) -> None:
+    response = state.http.post(
+        f"/api/v1/pipelines/run/{state.tenant_id}/gcp/cost/cost_billing",
+        headers={"X-API-Key": state.key},
+        json={"trigger_by": "john@acme.com", "date": 20240101},
+    )
+    assert_envoy_error(response, 400, "Validation error", "date")
 
 
 @pytest.mark.parametrize(
@@ -156,7 +187,7 @@ def test_body_field_contradicting_path(state: State) -> None:
         headers={"X-API-Key": state.key},
         json={"tenant_id": "someone_else", "trigger_by": "john@acme.com"},
     )
-    assert_envoy_error(response, 400, "Validation error")
+    assert_envoy_error(response, 400, "Validation error", "tenant_id")
     assert "conflicting" in response.json()["message"]
 
 
@@ -175,7 +206,7 @@ def every_bad_request(state: State) -> Iterator[httpx.Response]:
             yield http.post(path, json={"tenant_id": tenant_id, **GUIDE_TENANT})
         for field, value in BAD_FIELDS:
             yield http.post(path, json={"tenant_id": "new_tenant", **GUIDE_TENANT, field: value})
-        for raw in MALFORMED_JSON:
+        for raw, _ in MALFORMED_JSON:
             yield http.post(path, content=raw, headers={"content-type": "application/json"})
         yield http.post(path, json={"tenant_id": "x" * (2 << 20)})
         yield http.post(f"{path}?dry=1", json={"tenant_id": "new_tenant", **GUIDE_TENANT})

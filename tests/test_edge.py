@@ -110,11 +110,16 @@ def get(path: str, *headers: str, version: str = "HTTP/1.1") -> bytes:
 
 
 def assert_documented(reply: Reply, status: int, error: str) -> dict[str, Any]:
-    """The documented body, with a request id (the x-request-id, when Envoy made one)."""
+    """The documented body, with a request id (the x-request-id, when Envoy made one); a
+    400's names the field at fault (`request` when Envoy cannot tell which)."""
     assert reply.status == status, reply
     assert reply.headers["content-type"] == "application/json"
     body = reply.json()
-    assert body.keys() == {"error", "message", "request_id"}, body
+    details = {"details"} if status == 400 else set()
+    assert body.keys() == {"error", "message", "request_id", *details}, body
+    if details:
+        assert body["details"].keys() == {"field", "issue"}, body
+        assert body["details"]["field"] and body["details"]["issue"], body
     assert body["error"] == error
     assert isinstance(body["message"], str) and body["message"]
     uuid.UUID(body["request_id"])
@@ -310,6 +315,7 @@ def test_a_header_name_grpc_refuses_is_400_naming_it(http: httpx.Client, name: s
     body = response.json()
     assert body["error"] == "Validation error"
     assert body["message"].startswith(f"Header name '{name}' is not accepted"), body
+    assert body["details"]["field"] == name, body
 
 
 def test_connect_is_refused_with_the_request_id(stack: Stack) -> None:
