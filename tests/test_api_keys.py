@@ -556,6 +556,50 @@ def test_account_changes_quota_refusals_and_schedules_are_audited(keyed: Any) ->
     ], seen
 
 
+def test_a_key_replaced_by_a_rotation_does_not_keep_its_tenant_in(keyed: Any) -> None:
+    """Revoking the new key while the rotated one is in its grace period would leave only
+    a key about to stop working: refused like revoking the last active key."""
+    _, http = keyed
+    tenant_id, key = onboard(http)
+    headers = {"X-API-Key": key}
+    old_id = http.get(keys_path(tenant_id), headers=headers).json()["keys"][0]["key_id"]
+    rotated = http.post(
+        keys_path(tenant_id, f"/{old_id}:rotate"), headers=headers, json={"grace_seconds": 60}
+    )
+    assert rotated.status_code == 200, rotated.text
+    new_id = rotated.json()["key"]["key_id"]
+    refused = http.post(keys_path(tenant_id, f"/{new_id}:revoke"), headers=headers)
+    assert_refused(refused, 409, "Conflict", "last active key", "rotation")
+    states = {
+        k["key_id"]: k["state"]
+        for k in http.get(keys_path(tenant_id), headers=headers).json()["keys"]
+    }
+    assert states == {old_id: "ACTIVE", new_id: "ACTIVE"}
+    # The key being replaced may go at once: its replacement stays.
+    assert http.post(keys_path(tenant_id, f"/{old_id}:revoke"), headers=headers).status_code == 200
+    assert usage(http, rotated.json()["api_key"], tenant_id).status_code == 200
+
+
+def test_a_key_that_expires_at_the_end_of_time_can_be_rotated(keyed: Any) -> None:
+    """Its replacement lives as long, from now, as far as a timestamp goes: not a 500 (the
+    old key's lifetime, from a later moment, ends after the last time Python can hold)."""
+    _, http = keyed
+    tenant_id, key = onboard(http)
+    last = "9999-12-31T23:59:59.999999Z"
+    far = create_key(http, key, tenant_id, name="far", expires_at=last)
+    assert far.status_code == 200, far.text
+    far_id = far.json()["key"]["key_id"]
+    rotated = http.post(keys_path(tenant_id, f"/{far_id}:rotate"), headers={"X-API-Key": key})
+    assert rotated.status_code == 200, rotated.text
+    assert rotated.json()["key"]["expires_at"] == "9999-12-31T23:59:59Z"
+    again = http.post(
+        keys_path(tenant_id, f"/{rotated.json()['key']['key_id']}:rotate"),
+        headers={"X-API-Key": key},
+    )
+    assert again.status_code == 200, again.text
+    assert again.json()["key"]["expires_at"] == "9999-12-31T23:59:59Z"
+
+
 def test_the_longest_key_lifetime_applies_to_new_keys(
     stack_factory: StackFactory, pipeline_env: dict[str, str]
 ) -> None:

@@ -383,6 +383,11 @@ def test_api_keys_rotate_within_a_grace_period_and_record_their_last_use(store: 
     )
     assert kept == replace(first, replaced_by=second.key_id)
 
+    # Keys replaced by a rotation (working until their grace ends) do not keep the tenant
+    # in: the revocation of their last replacement is refused, and it stays as it was.
+    refusal = audit_row(tenant_id, "api_key.revoked", later, second.key_id)
+    assert run(store.revoke_api_key(tenant_id, second.key_id, later, refusal)) == second
+
     # A revoked key is not rotated: returned as it is, and no new key is stored.
     revoked_at = later + timedelta(seconds=1)
     run(

@@ -20,7 +20,7 @@ import re
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from convergence_server import logs
 from convergence_server.clock import Clock
@@ -43,6 +43,8 @@ SCOPES = ("FULL", "READ_ONLY")
 DEFAULT_AUDIT_PAGE, MAX_AUDIT_PAGE = 100, 1000
 DEFAULT_GRACE = timedelta(hours=24)
 MAX_GRACE = timedelta(days=30)
+# The latest expiry a key can have: the end of the last day a protobuf Timestamp holds.
+LATEST_EXPIRY = datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC)
 _NAME = re.compile(r"[A-Za-z0-9._-]{1,64}", re.ASCII)
 # Distinct (tenant, event, target) counters kept per minute; beyond it, counted under "*".
 MAX_COUNTERS = 10_000
@@ -266,6 +268,17 @@ class Keys:
             )
         return requested
 
+    def _renewed_expiry(self, old: ApiKeyRecord, now: datetime) -> datetime | None:
+        """A rotation's new key lives as long as the old one did, from `now`: no later than
+        the last time a timestamp can hold, nor than the longest life keys may have now."""
+        if old.expires_at is None:
+            return None
+        lifetime = old.expires_at - old.created_at
+        expires = now + lifetime if LATEST_EXPIRY - now > lifetime else LATEST_EXPIRY
+        if self._max_days > 0:
+            expires = min(expires, now + timedelta(days=self._max_days))
+        return expires
+
     async def create(
         self,
         caller: Caller,
@@ -366,9 +379,10 @@ class Keys:
             raise NotFound(f"No API key {echo(key_id)}")
         if record.revoked_at is None:
             raise FailedPrecondition(
-                f"API key {key_id} is the tenant's last active key with scope FULL: create "
-                "another key "
-                f"(POST /api/v1/tenants/{tenant_id}/api-keys) before revoking this one"
+                f"API key {key_id} is the tenant's last active key with scope FULL (a key "
+                "replaced by a rotation does not count: it stops working when its grace ends): "
+                f"create another key (POST /api/v1/tenants/{tenant_id}/api-keys) before "
+                "revoking this one"
             )
         return record
 
@@ -400,14 +414,8 @@ class Keys:
                 f"API key {key_id} is {old.state(now).lower()}: only an active key can be "
                 "rotated; create a new key instead"
             )
-        lifetime = None if old.expires_at is None else old.expires_at - old.created_at
         new = self.new_key(
-            tenant_id,
-            old.name,
-            old.scope,
-            actor.label,
-            now,
-            None if lifetime is None else now + lifetime,
+            tenant_id, old.name, old.scope, actor.label, now, self._renewed_expiry(old, now)
         )
         detail = f"replaced by {new.record.key_id}; grace until {(now + grace).isoformat()}"
         audit = self._access.row(tenant_id, "api_key.rotated", actor, key_id, detail)

@@ -438,7 +438,7 @@ class BigQueryStore:
         another = f"""
               AND EXISTS (SELECT 1 FROM {keys} AS other
                           WHERE other.tenant_id = @tenant_id AND other.key_id != @key_id
-                            AND other.revoked_at IS NULL
+                            AND other.revoked_at IS NULL AND other.replaced_by IS NULL
                             AND IFNULL(other.scope, 'FULL') != 'READ_ONLY'
                             AND (other.expires_at IS NULL OR other.expires_at > @now))"""
         script = f"""

@@ -575,7 +575,7 @@ class DuckDBStore:
         another = (
             f"AND EXISTS (SELECT 1 FROM {KEYS} AS other WHERE other.tenant_id = $tenant "
             "AND other.key_id <> $key AND other.revoked_at IS NULL "
-            "AND other.scope IS DISTINCT FROM 'READ_ONLY' "
+            "AND other.replaced_by IS NULL AND other.scope IS DISTINCT FROM 'READ_ONLY' "
             "AND (other.expires_at IS NULL OR other.expires_at > $now)) "
         )
         statement = (
