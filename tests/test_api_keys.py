@@ -40,6 +40,19 @@ def create_key(http: httpx.Client, key: str, tenant_id: str, **body: Any) -> htt
     return http.post(keys_path(tenant_id), headers={"X-API-Key": key}, json=body)
 
 
+def rotate(
+    http: httpx.Client, key: str, tenant_id: str, key_id: str, **body: Any
+) -> httpx.Response:
+    return http.post(
+        keys_path(tenant_id, f"/{key_id}:rotate"), headers={"X-API-Key": key}, json=body
+    )
+
+
+def onboarding_key_id(http: httpx.Client, key: str, tenant_id: str) -> str:
+    listed = http.get(keys_path(tenant_id), headers={"X-API-Key": key}).json()["keys"]
+    return str(listed[-1]["key_id"])
+
+
 def usage(http: httpx.Client, key: str, tenant_id: str) -> httpx.Response:
     return http.get(f"/api/v1/tenants/{tenant_id}/usage", headers={"X-API-Key": key})
 
@@ -262,10 +275,8 @@ def test_rotation_grace_and_expiry_follow_the_clock(
     with httpx.Client(base_url=stack.http_url, timeout=30) as http:
         tenant_id, old = onboard(http)
         headers = {"X-API-Key": old}
-        old_id = http.get(keys_path(tenant_id), headers=headers).json()["keys"][0]["key_id"]
-        rotated = http.post(
-            keys_path(tenant_id, f"/{old_id}:rotate"), headers=headers, json={"grace_seconds": 3600}
-        )
+        old_id = onboarding_key_id(http, old, tenant_id)
+        rotated = rotate(http, old, tenant_id, old_id, grace_seconds=3600)
         assert rotated.status_code == 200, rotated.text
         new = rotated.json()["api_key"]
         assert rotated.json()["key"]["name"] == "onboarding"
@@ -562,10 +573,8 @@ def test_a_key_replaced_by_a_rotation_does_not_keep_its_tenant_in(keyed: Any) ->
     _, http = keyed
     tenant_id, key = onboard(http)
     headers = {"X-API-Key": key}
-    old_id = http.get(keys_path(tenant_id), headers=headers).json()["keys"][0]["key_id"]
-    rotated = http.post(
-        keys_path(tenant_id, f"/{old_id}:rotate"), headers=headers, json={"grace_seconds": 60}
-    )
+    old_id = onboarding_key_id(http, key, tenant_id)
+    rotated = rotate(http, key, tenant_id, old_id, grace_seconds=60)
     assert rotated.status_code == 200, rotated.text
     new_id = rotated.json()["key"]["key_id"]
     refused = http.post(keys_path(tenant_id, f"/{new_id}:revoke"), headers=headers)
@@ -589,13 +598,10 @@ def test_a_key_that_expires_at_the_end_of_time_can_be_rotated(keyed: Any) -> Non
     far = create_key(http, key, tenant_id, name="far", expires_at=last)
     assert far.status_code == 200, far.text
     far_id = far.json()["key"]["key_id"]
-    rotated = http.post(keys_path(tenant_id, f"/{far_id}:rotate"), headers={"X-API-Key": key})
+    rotated = rotate(http, key, tenant_id, far_id)
     assert rotated.status_code == 200, rotated.text
     assert rotated.json()["key"]["expires_at"] == "9999-12-31T23:59:59Z"
-    again = http.post(
-        keys_path(tenant_id, f"/{rotated.json()['key']['key_id']}:rotate"),
-        headers={"X-API-Key": key},
-    )
+    again = rotate(http, key, tenant_id, rotated.json()["key"]["key_id"])
     assert again.status_code == 200, again.text
     assert again.json()["key"]["expires_at"] == "9999-12-31T23:59:59Z"
 
