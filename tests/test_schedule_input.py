@@ -186,6 +186,19 @@ def test_schedules_are_managed_over_rest_and_grpc(
         assert_refused(api.patch(f"/api/v1/schedules/{sid}", headers=auth(key), json=body), field)
     assert api.get(f"/api/v1/schedules/{sid}", headers=auth(key)).json() == before
 
+    # A schedule read and sent back whole, its cron changed: the fields that cannot change
+    # are sent with the values they have, and only the cron changes.
+    whole = api.patch(
+        f"/api/v1/schedules/{sid}", headers=auth(key), json={**before, "cron": "0 7 * * *"}
+    )
+    assert whole.status_code == 200, whole.text
+    moved = ("cron", "updated_at", "next_slot_time", "last_slot_time")  # a new cron moves these
+    assert whole.json()["cron"] == "0 7 * * *"
+    assert {k: v for k, v in whole.json().items() if k not in moved} == {
+        k: v for k, v in before.items() if k not in moved
+    }
+    before = whole.json()
+
     # Ids: malformed is 400, unknown is 404.
     assert_refused(api.get("/api/v1/schedules/not-a-uuid", headers=auth(key)), "schedule_id")
     missing = api.get(f"/api/v1/schedules/{uuid.uuid4()}", headers=auth(key))

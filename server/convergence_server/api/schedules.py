@@ -10,8 +10,7 @@ from convergence.v1 import schedule_pb2, schedule_service_pb2, schedule_service_
 from convergence_server import logs
 from convergence_server.api import convert
 from convergence_server.api.context import require_caller
-from convergence_server.domain.schedules import UPDATABLE, Schedules, ScheduleSpec
-from convergence_server.errors import FieldViolation, InvalidArgument
+from convergence_server.domain.schedules import Schedules, ScheduleSpec
 
 
 class ScheduleServicer(schedule_service_pb2_grpc.ScheduleServiceServicer):
@@ -69,19 +68,12 @@ class ScheduleServicer(schedule_service_pb2_grpc.ScheduleServiceServicer):
             paths = [f.name for f, _ in given.ListFields()]
         changes: dict[str, Any] = {}
         for path in paths:
-            if path not in UPDATABLE:
-                raise InvalidArgument(
-                    f"Invalid update_mask: {path[:64]!r} cannot be changed",
-                    [
-                        FieldViolation(
-                            "update_mask",
-                            f"only {', '.join(UPDATABLE)} can change; "
-                            "create another schedule for another pipeline",
-                        )
-                    ],
-                )
-            value = getattr(given, path)
-            changes[path] = dict(value) if path == "parameters" else value
+            if path not in given.DESCRIPTOR.fields_by_name:
+                changes[path] = None  # refused by the domain, as any field that cannot change
+            elif path == "parameters":
+                changes[path] = dict(given.parameters)
+            else:
+                changes[path] = getattr(given, path)
         updated = await self._schedules.update(caller, request.schedule_id, changes)
         return convert.schedule(updated)
 

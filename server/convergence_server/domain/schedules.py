@@ -90,6 +90,16 @@ _SLOT_KEY = re.compile(
 )
 log = logging.getLogger(__name__)
 UPDATABLE = ("cron", "time_zone", "parameters", "catch_up", "catch_up_max")
+# Fields an update may carry only with their current value (a schedule read and sent back
+# whole), by their names in the API and in the record.
+FIXED = {
+    "provider": "provider",
+    "domain": "domain",
+    "template": "template",
+    "created_by": "created_by",
+    "paused": "paused",
+    "backfill_slots_left": "backfill_left",
+}
 
 STARTED, ALREADY_STARTED, QUOTA_EXCEEDED, PAUSED, SKIPPED, FAILED = (
     "STARTED",
@@ -273,16 +283,21 @@ class Schedules:
     async def update(
         self, caller: Caller, schedule_id: str, changes: dict[str, Any]
     ) -> ScheduleRecord:
-        """Applies `changes` (field name to value; the fields of `UPDATABLE`)."""
+        """Applies `changes` (field name to value): the fields of `UPDATABLE`, and those of
+        `FIXED` with the value they have (sent back as read; another value is refused)."""
         for field in changes:
-            if field not in UPDATABLE:
-                raise invalid(
-                    field,
-                    f"cannot be changed (only {', '.join(UPDATABLE)}); "
-                    "create another schedule instead",
-                )
-        schedule = await self._change(caller, schedule_id, lambda s: self._updated(s, changes))
-        return await self._audited(caller, "schedule.updated", schedule, ", ".join(changes))
+            if field not in UPDATABLE and field not in FIXED:
+                raise _unchangeable(field)
+        updates = {k: v for k, v in changes.items() if k in UPDATABLE}
+
+        def updated(schedule: ScheduleRecord) -> ScheduleRecord:
+            for field, value in changes.items():
+                if field in FIXED and getattr(schedule, FIXED[field]) != value:
+                    raise _unchangeable(field)
+            return self._updated(schedule, updates)
+
+        schedule = await self._change(caller, schedule_id, updated)
+        return await self._audited(caller, "schedule.updated", schedule, ", ".join(updates))
 
     async def delete(self, caller: Caller, schedule_id: str) -> ScheduleRecord:
         schedule = await self._change(caller, schedule_id, lambda s: replace(s, deleted=True))
@@ -746,3 +761,16 @@ class Ticker:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+
+
+def _unchangeable(field: str) -> InvalidArgument:
+    return InvalidArgument(
+        f"Invalid update_mask: {field[:64]!r} cannot be changed",
+        [
+            FieldViolation(
+                "update_mask",
+                f"only {', '.join(UPDATABLE)} can change; "
+                "create another schedule for another pipeline",
+            )
+        ],
+    )
