@@ -340,6 +340,9 @@ def test_parameters_are_bounded(api: httpx.Client) -> None:
     ]
     for body, field, issue in cases:
         assert_refused(post_trigger(api, key, tenant_id, SLOW, **body), field, issue)
+    # A number within the template's bounds only (max_row_cost: min 0).
+    negative = post_trigger(api, key, tenant_id, AWS, parameters={"max_row_cost": "-0.5"})
+    assert_refused(negative, "parameters.max_row_cost", "must be at least 0")
     assert_nothing_spent(api, tenant_id, key)
 
 

@@ -60,6 +60,19 @@ def catalog_with(tmp_path: Path, text: str) -> Path:
             "parameters.date.default: must be a date YYYY-MM-DD",
         ),
         (
+            "description: x\nparameters: {n: {type: string, min: 1}}\nsteps:\n" + GOOD_STEP,
+            "parameters.n.min: applies to integer and number parameters only",
+        ),
+        (
+            "description: x\nparameters: {n: {type: integer, max: ten}}\nsteps:\n" + GOOD_STEP,
+            "parameters.n.max: must be a number",
+        ),
+        (
+            "description: x\nparameters: {n: {type: number, default: 5, max: 4.5}}\nsteps:\n"
+            + GOOD_STEP,
+            "parameters.n.default: must be at most 4.5",
+        ),
+        (
             "description: x\nsteps:\n  - {name: q, kind: query, sql: 'SELECT 1', destination: t,"
             " write_mode: append, retry: {attempts: 99}}\n",
             "steps[0].retry.attempts: must be a whole number from 1 to 10",

@@ -111,6 +111,9 @@ class Parameter:
     type: str
     default: Any = None
     description: str = ""
+    # An integer's or a number's bounds (inclusive), when the template gives them.
+    minimum: float | None = None
+    maximum: float | None = None
 
     def resolve(self, raw: str | None, today: date) -> Any:
         """The typed value of `raw` (the default when None); ValueError says why not."""
@@ -128,17 +131,24 @@ class Parameter:
         if self.type == "integer":
             if isinstance(value, bool) or not _INTEGER.fullmatch(str(value)):
                 raise ValueError("must be an integer")
-            return int(value)
+            return self._bounded(int(value))
         if self.type == "number":
             number = float(value) if _NUMBER.fullmatch(str(value)) else math.nan
             if not math.isfinite(number):
                 raise ValueError("must be a number")
-            return number
+            return self._bounded(number)
         if self.type == "boolean":
             if str(value).lower() not in ("true", "false"):
                 raise ValueError("must be true or false")
             return str(value).lower() == "true"
         return str(value)
+
+    def _bounded(self, value: float) -> Any:
+        if self.minimum is not None and value < self.minimum:
+            raise ValueError(f"must be at least {self.minimum:g}")
+        if self.maximum is not None and value > self.maximum:
+            raise ValueError(f"must be at most {self.maximum:g}")
+        return value
 
 
 @dataclass(frozen=True)
@@ -308,9 +318,21 @@ def _parameters(r: _Reader, document: dict[str, Any]) -> dict[str, Parameter]:
         where = f"parameters.{name}"
         r.name(name, where)
         spec = r.mapping(spec, where)
-        r.only(spec, where, {"type", "default", "description"})
+        r.only(spec, where, {"type", "default", "description", "min", "max"})
         kind = r.choice(spec.get("type"), f"{where}.type", PARAMETER_TYPES)
-        parameter = Parameter(name, kind, spec.get("default"), str(spec.get("description", "")))
+        bounds = {}
+        for bound in ("min", "max"):
+            value = spec.get(bound)
+            if value is None:
+                continue
+            if kind not in ("integer", "number"):
+                raise r.fail(f"{where}.{bound}", "applies to integer and number parameters only")
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise r.fail(f"{where}.{bound}", "must be a number")
+            bounds["minimum" if bound == "min" else "maximum"] = value
+        parameter = Parameter(
+            name, kind, spec.get("default"), str(spec.get("description", "")), **bounds
+        )
         if parameter.default is not None:
             try:
                 parameter.resolve(None, today_utc())
