@@ -12,10 +12,10 @@
 --     here as gRPC statuses): generic {"error": <its title>, "message":
 --     <grpc-message>, "request_id": <x-request-id>} body; a 429 also gets
 --     "retry_after": 1 and Retry-After: 1, as the contract promises.
---   * REST 400 from Envoy itself (the transcoder refused the request; the
---     local_reply_config mapper gave it the documented body with a generic
---     "details"): details names the field the transcoder's message starts
---     with, or "body" when the JSON does not parse.
+--   * REST 400 from Envoy itself (the transcoder, or this filter, refused the
+--     request; the local_reply_config mapper gave it the documented body with
+--     a generic "details"): details names the field the message is about, or
+--     "body" when the JSON does not parse.
 --   * REST success: strip grpc-* headers that would leak.
 -- Envoy's Lua has no JSON library: escaping is done by hand below.
 
@@ -120,11 +120,11 @@ local function generic_body(status, grpc_message, request_id)
   return body .. ',"request_id":' .. json_string(request_id or "") .. '}'
 end
 
--- The field and issue of the transcoder's message (JSON-escaped, as it stands
--- in the body): "limit: invalid value ..." names limit; an unknown query
--- parameter, a body field contradicting the path and a header name this
--- filter refused name theirs; anything else
--- is about the body as a whole (JSON that does not parse, a wrong shape).
+-- The field and issue of Envoy's message (JSON-escaped, as it stands in the
+-- body): "limit: invalid value ..." names limit; an unknown query parameter, a
+-- body field contradicting the path and a header name this filter refused name
+-- theirs; anything else is about the body as a whole (JSON that does not
+-- parse, a wrong shape).
 local function field_and_issue(message)
   local field, issue = message:match("^([%w_]+[%w_.%[%]]*): (.+)$")
   if field ~= nil then return field, issue end

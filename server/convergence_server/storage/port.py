@@ -91,10 +91,10 @@ class Store(Protocol):
     ) -> ApiKeyRecord | None:
         """Revokes the key (with its audit row, in one transaction) unless it is revoked
         already or, with `keep_one`, no other FULL key of the tenant would stay active (not
-        revoked, not expired at `now`, not replaced by a rotation, whose grace ends: a
-        read-only key cannot manage keys); returns the key
-        as stored after, None when the tenant has no such key. The caller tells a refusal
-        from the key's state. Atomic per tenant: two revokes cannot both pass the check."""
+        revoked, not expired at `now`, not replaced by a rotation, whose grace ends; a
+        read-only key cannot manage keys); returns the key as stored after, None when the
+        tenant has no such key. The caller tells a refusal from the key's state. Atomic per
+        tenant: two revokes cannot both pass the check."""
 
     async def rotate_api_key(
         self,
