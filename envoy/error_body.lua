@@ -132,9 +132,11 @@ local function field_and_issue(message)
   if field ~= nil then return field, "is not a parameter of this request" end
   field, issue = message:match("^Header name '([^'\\\"]+)' (is not accepted.*)$")
   if field ~= nil then return field, issue end
-  field = message:match("^: invalid value .- for type ([%w_.]+)$")
+  -- A field name here, though the message says "type" (a message type or
+  -- TYPE_STRING is not a field: those fall through to "body").
+  field = message:match("^: invalid value .- for type ([a-z][a-z0-9_]*)$")
   if field ~= nil then return field, "has the wrong JSON type" end
-  field = message:match("of the field ([%w_.]+) is conflicting")
+  field = message:match("^The binding value .- of the field ([%w_.]+) is conflicting")
   if field ~= nil then return field, "must match the path (or be left out of the body)" end
   return "body", message
 end

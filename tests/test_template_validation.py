@@ -73,6 +73,19 @@ def catalog_with(tmp_path: Path, text: str) -> Path:
             "parameters.n.default: must be at most 4.5",
         ),
         (
+            "description: x\nparameters: {n: {type: integer, default: 1234568, max: 1234567}}\n"
+            "steps:\n" + GOOD_STEP,
+            "parameters.n.default: must be at most 1234567",
+        ),
+        (
+            "description: x\nparameters: {n: {type: number, min: 2, max: 1}}\nsteps:\n" + GOOD_STEP,
+            "parameters.n.max: must not be less than min",
+        ),
+        (
+            "description: x\nparameters: {n: {type: number, max: .inf}}\nsteps:\n" + GOOD_STEP,
+            "parameters.n.max: must be a finite number",
+        ),
+        (
             "description: x\nsteps:\n  - {name: q, kind: query, sql: 'SELECT 1', destination: t,"
             " write_mode: append, retry: {attempts: 99}}\n",
             "steps[0].retry.attempts: must be a whole number from 1 to 10",

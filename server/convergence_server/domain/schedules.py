@@ -91,15 +91,17 @@ _SLOT_KEY = re.compile(
 log = logging.getLogger(__name__)
 UPDATABLE = ("cron", "time_zone", "parameters", "catch_up", "catch_up_max")
 # Fields an update may carry only with their current value (a schedule read and sent back
-# whole), by their names in the API and in the record.
+# whole), by their names in the API and in the record; `paused` changes by pause and resume.
 FIXED = {
     "provider": "provider",
     "domain": "domain",
     "template": "template",
     "created_by": "created_by",
     "paused": "paused",
-    "backfill_slots_left": "backfill_left",
 }
+# What the ticker counts down as a backfill runs: a copy read a moment ago may be behind,
+# so an update's value is ignored, as OUTPUT_ONLY fields are.
+IGNORED = frozenset({"backfill_slots_left"})
 
 STARTED, ALREADY_STARTED, QUOTA_EXCEEDED, PAUSED, SKIPPED, FAILED = (
     "STARTED",
@@ -286,7 +288,7 @@ class Schedules:
         """Applies `changes` (field name to value): the fields of `UPDATABLE`, and those of
         `FIXED` with the value they have (sent back as read; another value is refused)."""
         for field in changes:
-            if field not in UPDATABLE and field not in FIXED:
+            if field not in UPDATABLE and field not in FIXED and field not in IGNORED:
                 raise _unchangeable(field)
         updates = {k: v for k, v in changes.items() if k in UPDATABLE}
 

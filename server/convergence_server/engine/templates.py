@@ -145,10 +145,15 @@ class Parameter:
 
     def _bounded(self, value: float) -> Any:
         if self.minimum is not None and value < self.minimum:
-            raise ValueError(f"must be at least {self.minimum:g}")
+            raise ValueError(f"must be at least {_shown(self.minimum)}")
         if self.maximum is not None and value > self.maximum:
-            raise ValueError(f"must be at most {self.maximum:g}")
+            raise ValueError(f"must be at most {_shown(self.maximum)}")
         return value
+
+
+def _shown(bound: float) -> str:
+    """A bound as the template wrote it (1234567, not 1.23457e+06)."""
+    return str(int(bound)) if float(bound).is_integer() else repr(float(bound))
 
 
 @dataclass(frozen=True)
@@ -329,7 +334,11 @@ def _parameters(r: _Reader, document: dict[str, Any]) -> dict[str, Parameter]:
                 raise r.fail(f"{where}.{bound}", "applies to integer and number parameters only")
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise r.fail(f"{where}.{bound}", "must be a number")
+            if not math.isfinite(value):
+                raise r.fail(f"{where}.{bound}", "must be a finite number")
             bounds["minimum" if bound == "min" else "maximum"] = value
+        if bounds.get("minimum", -math.inf) > bounds.get("maximum", math.inf):
+            raise r.fail(f"{where}.max", "must not be less than min")
         parameter = Parameter(
             name, kind, spec.get("default"), str(spec.get("description", "")), **bounds
         )
