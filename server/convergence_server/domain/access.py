@@ -253,7 +253,7 @@ class Keys:
         self._forget = forget
 
     def _expiry(self, requested: datetime | None, now: datetime) -> datetime | None:
-        cap = now + timedelta(days=self._max_days) if self._max_days > 0 else None
+        cap = self._longest_expiry(now)
         if requested is None:
             return cap
         if requested <= now:
@@ -275,9 +275,12 @@ class Keys:
             return None
         lifetime = old.expires_at - old.created_at
         expires = now + lifetime if LATEST_EXPIRY - now > lifetime else LATEST_EXPIRY
-        if self._max_days > 0:
-            expires = min(expires, now + timedelta(days=self._max_days))
-        return expires
+        cap = self._longest_expiry(now)
+        return expires if cap is None else min(expires, cap)
+
+    def _longest_expiry(self, now: datetime) -> datetime | None:
+        """The latest expiry a key made `now` may have (`CONVERGENCE_KEY_MAX_DAYS`)."""
+        return now + timedelta(days=self._max_days) if self._max_days > 0 else None
 
     async def create(
         self,

@@ -91,14 +91,8 @@ _SLOT_KEY = re.compile(
 log = logging.getLogger(__name__)
 UPDATABLE = ("cron", "time_zone", "parameters", "catch_up", "catch_up_max")
 # Fields an update may carry only with their current value (a schedule read and sent back
-# whole), by their names in the API and in the record; `paused` changes by pause and resume.
-FIXED = {
-    "provider": "provider",
-    "domain": "domain",
-    "template": "template",
-    "created_by": "created_by",
-    "paused": "paused",
-}
+# whole), named as in the record too; `paused` changes by pause and resume.
+FIXED = frozenset({"provider", "domain", "template", "created_by", "paused"})
 # What the ticker counts down as a backfill runs: a copy read a moment ago may be behind,
 # so an update's value is ignored, as OUTPUT_ONLY fields are.
 IGNORED = frozenset({"backfill_slots_left"})
@@ -294,7 +288,7 @@ class Schedules:
 
         def updated(schedule: ScheduleRecord) -> ScheduleRecord:
             for field, value in changes.items():
-                if field in FIXED and getattr(schedule, FIXED[field]) != value:
+                if field in FIXED and getattr(schedule, field) != value:
                     raise _unchangeable(field)
             return self._updated(schedule, updates)
 
