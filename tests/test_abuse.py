@@ -351,6 +351,99 @@ def test_calls_in_progress_are_capped_per_tenant(busy: Stack) -> None:
         hold.unlink(missing_ok=True)
 
 
+def test_a_refused_call_takes_no_team_seat(busy: Stack) -> None:
+    """A new X-User-ID is seated before its call runs (concurrent new users cannot exceed
+    the team) and the seat is given back when the call is refused: while the call is held,
+    the seat counts; after, the team is as if the call had never been made."""
+    hold = busy.run_dir.parent / "hold" / "hold_calls"
+    missing = f"/api/v1/pipelines/runs/{uuid.uuid4()}"
+    with client(busy) as http:
+        tenant_id, key = onboard(http, plan="STARTER")  # a team of 2, 10 calls at once
+        other_id, _ = onboard(http, plan="STARTER")
+
+        def call(user: str, path: str = "/api/v1/pipelines") -> httpx.Response:
+            return http.get(path, headers={"X-API-Key": key, "X-User-ID": user})
+
+        def members() -> list[str]:
+            team = http.get(f"/api/v1/tenants/{tenant_id}/members", headers={"X-API-Key": key})
+            return [m["user_id"] for m in team.json()["members"]]
+
+        def holding() -> int:
+            return server_log(busy).count("fault point hold_calls: holding")
+
+        assert call("ann").status_code == 200
+        # Refused calls of every kind: none takes a seat.
+        assert call("bob", missing).status_code == 404
+        assert call("bob", f"/api/v1/tenants/{other_id}/audit-log").status_code == 403
+        bad = http.post(
+            f"/api/v1/pipelines/run/{tenant_id}/{BILLING}",
+            headers={"X-API-Key": key, "X-User-ID": "bob"},
+            json={"parameters": {"no_such_parameter": "1"}},
+        )
+        assert bad.status_code == 400, bad.text
+        with grpc.insecure_channel(busy.grpc_target) as channel:
+            watch = run_service_pb2_grpc.RunServiceStub(channel).WatchRun(
+                run_service_pb2.WatchRunRequest(pipeline_logging_id=str(uuid.uuid4())),
+                metadata=[("x-api-key", key), ("x-user-id", "bob")],
+                timeout=60,
+            )
+            with pytest.raises(grpc.RpcError) as unknown:
+                next(watch)
+            assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+        assert members() == ["ann"]
+
+        hold.parent.mkdir(exist_ok=True)
+        hold.touch()
+        try:
+            with ThreadPoolExecutor(10) as pool, client(busy) as held_http:
+                # bob's call is held in progress: it has the second seat, carl none.
+                before = holding()
+                refused = pool.submit(
+                    held_http.get, missing, headers={"X-API-Key": key, "X-User-ID": "bob"}
+                )
+                eventually(lambda: holding() > before, "bob's call held")
+                full = call("carl")
+                assert full.status_code == 403, full.text
+                assert full.json()["message"].startswith("Team size limit reached")
+                hold.unlink()
+                assert refused.result(60).status_code == 404
+                # ... and gave it back.
+                assert call("carl").status_code == 200
+                assert members() == ["ann", "carl"]
+
+                # A user's refused call does not unseat its call still in progress: dave's
+                # first call is held, his second refused (ten calls are in progress).
+                removed = http.delete(
+                    f"/api/v1/tenants/{tenant_id}/members/carl", headers={"X-API-Key": key}
+                )
+                assert removed.status_code == 200
+                hold.touch()
+                before = holding()
+                calls = [
+                    pool.submit(
+                        held_http.get,
+                        "/api/v1/pipelines",
+                        headers={"X-API-Key": key, "X-User-ID": user},
+                    )
+                    for user in ["dave"] + ["ann"] * 9
+                ]
+                eventually(lambda: holding() >= before + 10, "ten calls held")
+                assert_429(call("dave"), "Too many calls in progress")
+                hold.unlink()
+                assert [f.result(60).status_code for f in calls] == [200] * 10
+        finally:
+            hold.unlink(missing_ok=True)
+        assert members() == ["ann", "dave"]
+        assert call("erin").status_code == 403
+        events = http.get(
+            f"/api/v1/tenants/{tenant_id}/audit-log",
+            headers={"X-API-Key": key},
+            params={"event": "member.added"},
+        )
+        assert events.status_code == 200, events.text
+        assert sorted(e["target"] for e in events.json()["events"]) == ["ann", "carl", "dave"]
+
+
 def test_a_tenant_holding_its_streams_and_hammering_does_not_slow_another(busy: Stack) -> None:
     with client(busy) as http:
         tenant_id, key = onboard(http, plan="STARTER")  # 5 streams, 60 requests a minute

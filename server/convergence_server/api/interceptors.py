@@ -41,7 +41,7 @@ from convergence_server.api.context import caller_var, operator_var
 from convergence_server.api.errors import Abort, to_abort
 from convergence_server.clock import Clock, system_clock
 from convergence_server.domain.access import AccessLog, Actor
-from convergence_server.domain.accounts import Accounts
+from convergence_server.domain.accounts import Accounts, Seat
 from convergence_server.domain.auth import (
     EXPIRY_WARNING,
     INVALID_KEY_MESSAGE,
@@ -544,12 +544,15 @@ class QuotaInterceptor(_WrappingInterceptor):
         self._stream_max_seconds = stream_max_seconds
         self._clock = clock
 
-    async def _admit(self, kind: str) -> tuple[str | None, tuple[tuple[str, str], ...]]:
+    async def _admit(
+        self, kind: str
+    ) -> tuple[str | None, Seat | None, tuple[tuple[str, str], ...]]:
         """Applies the caller's plan and takes its tenant a place of `kind` (calls in
-        progress or open streams): the tenant id, to `leave` after, and the rate headers."""
+        progress or open streams): the tenant id, to `leave` after, the team seat of a
+        user not known yet, to `_settle` after, and the rate headers."""
         caller = caller_var.get()
         if caller is None:
-            return None, ()
+            return None, None, ()
         plan = await self._plans.plan_of(caller.tenant_id)
         allowed, left, wait = self._limiter.take(caller.key_id, plan.requests_per_minute)
         if not allowed:
@@ -560,9 +563,14 @@ class QuotaInterceptor(_WrappingInterceptor):
                 wait,
             )
         user_id = logs.user_id_var.get()
+        seat = None
         if user_id and logs.method_var.get() not in ACCOUNT_METHODS:
-            await self._accounts.admit_user(caller, user_id)
-        self._load.enter(caller.tenant_id, kind, getattr(plan, kind), plan.name)
+            seat = await self._accounts.admit_user(caller, user_id)
+        try:
+            self._load.enter(caller.tenant_id, kind, getattr(plan, kind), plan.name)
+        except Exception:
+            await self._settle(seat, refused=True)
+            raise
         headers: tuple[tuple[str, str], ...] = (
             ("x-ratelimit-limit", str(plan.requests_per_minute)),
             ("x-ratelimit-remaining", str(left)),
@@ -577,16 +585,27 @@ class QuotaInterceptor(_WrappingInterceptor):
                     'create a new key and revoke this one"',
                 ),
             )
-        return caller.tenant_id, headers
+        return caller.tenant_id, seat, headers
+
+    async def _settle(self, seat: Seat | None, refused: bool) -> None:
+        """A refused call gives its seat back; any other outcome (a cancelled call may
+        have done its work) keeps it."""
+        if seat is not None:
+            await (self._accounts.give_back if refused else self._accounts.keep)(seat)
 
     async def around(self, call: Call, context: ServicerContext[Any, Any]) -> Any:
-        tenant_id, headers = await self._admit("requests_in_flight")
+        tenant_id, seat, headers = await self._admit("requests_in_flight")
+        refused = False
         try:
             await faults.held(faults.HOLD_CALLS)
             result = await call()
+        except Exception:
+            refused = True
+            raise
         finally:
             if tenant_id is not None:
                 self._load.leave(tenant_id, "requests_in_flight")
+            await self._settle(seat, refused)
         if headers:
             if is_transcoded(context):
                 await context.send_initial_metadata(headers)
@@ -597,9 +616,11 @@ class QuotaInterceptor(_WrappingInterceptor):
     async def around_stream(
         self, call: StreamCall, context: ServicerContext[Any, Any]
     ) -> AsyncIterator[Any]:
-        tenant_id, _ = await self._admit("open_streams")
+        """A stream keeps its seat once it has sent something (or ended without error)."""
+        tenant_id, seat, _ = await self._admit("open_streams")
         deadline = asyncio.get_running_loop().time() + self._stream_max_seconds
         items = call().__aiter__()
+        refused = False
         try:
             while True:
                 try:
@@ -612,10 +633,16 @@ class QuotaInterceptor(_WrappingInterceptor):
                         f"The stream reached its longest life ({self._stream_max_seconds:.0f} s);"
                         " open it again to go on"
                     ) from None
+                except Exception:
+                    refused = True
+                    raise
+                await self._settle(seat, refused=False)
+                seat = None
                 yield item
         finally:
             if tenant_id is not None:
                 self._load.leave(tenant_id, "open_streams")
+            await self._settle(seat, refused)
             close = getattr(items, "aclose", None)
             if close is not None:
                 await close()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+import logging
+from dataclasses import dataclass, field
 from datetime import date
 
 from convergence_server.clock import Clock
@@ -19,6 +21,8 @@ from convergence_server.errors import (
 )
 from convergence_server.storage import Store
 from convergence_server.storage.records import MemberRecord
+
+log = logging.getLogger(__name__)
 
 
 class TeamSizeExceeded(PermissionDenied):
@@ -52,6 +56,24 @@ class Usage:
         return max(0, self.concurrent_limit - self.concurrent_running)
 
 
+@dataclass(frozen=True)
+class Seat:
+    """A team seat taken for one call, until its outcome keeps it or gives it back."""
+
+    caller: Caller
+    user_id: str
+    removals: int  # the tenant's member removals when it was taken
+
+
+@dataclass
+class _Pending:
+    """The calls in progress of a user not known to be a member yet."""
+
+    calls: int = 0
+    added: bool = False  # one of them added the user: the first to succeed audits it
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
 class Accounts:
     def __init__(
         self, store: Store, plans: PlanBook, clock: Clock, access: AccessLog | None = None
@@ -64,28 +86,70 @@ class Accounts:
         self._members: set[tuple[str, str]] = set()
         # Removals per tenant: a member admitted while one was removed is not cached.
         self._removals: dict[str, int] = {}
+        # Users seated for calls in progress, not yet known to be members.
+        self._pending: dict[tuple[str, str], _Pending] = {}
 
-    async def admit_user(self, caller: Caller, user_id: str) -> None:
-        """Counts `user_id` in the caller's team, refusing a new one beyond the plan."""
-        if (caller.tenant_id, user_id) in self._members:
-            return
-        removals = self._removals.get(caller.tenant_id, 0)
-        plan = await self._plans.plan_of(caller.tenant_id)
-        known = {m.user_id for m in await self._store.list_members(caller.tenant_id)}
-        admitted, _ = await self._store.admit_member(
-            caller.tenant_id, user_id, plan.team_size, self._clock()
-        )
-        if not admitted:
-            raise TeamSizeExceeded(
-                f"Team size limit reached: plan {plan.name} allows {plan.team_size} team "
-                f"members (distinct X-User-ID values) and '{echo(user_id)}' would be one more. "
-                f"Remove a member (DELETE /api/v1/tenants/{caller.tenant_id}/members/USER_ID) "
-                "or change the plan."
-            )
-        if user_id not in known:
-            await self._audit(caller, "member.added", user_id)
-        if self._removals.get(caller.tenant_id, 0) == removals:  # none removed meanwhile
-            self._members.add((caller.tenant_id, user_id))
+    async def admit_user(self, caller: Caller, user_id: str) -> Seat | None:
+        """Seats `user_id` in the caller's team for the call about to run, refusing a new
+        one beyond the plan. The seat is taken before the call, so that concurrent new
+        users never exceed the team; the call's outcome then keeps it (`keep`) or gives
+        it back (`give_back`): a refused call takes no seat. None: a known member."""
+        pair = (caller.tenant_id, user_id)
+        if pair in self._members:
+            return None
+        pending = self._pending.setdefault(pair, _Pending())
+        pending.calls += 1
+        try:
+            async with pending.lock:
+                removals = self._removals.get(caller.tenant_id, 0)
+                plan = await self._plans.plan_of(caller.tenant_id)
+                known = {m.user_id for m in await self._store.list_members(caller.tenant_id)}
+                admitted, _ = await self._store.admit_member(
+                    caller.tenant_id, user_id, plan.team_size, self._clock()
+                )
+                if not admitted:
+                    raise TeamSizeExceeded(
+                        f"Team size limit reached: plan {plan.name} allows {plan.team_size} "
+                        f"team members (distinct X-User-ID values) and '{echo(user_id)}' "
+                        f"would be one more. Remove a member (DELETE /api/v1/tenants/"
+                        f"{caller.tenant_id}/members/USER_ID) or change the plan."
+                    )
+                pending.added |= user_id not in known
+        except BaseException:
+            self._done(pair, pending)
+            raise
+        return Seat(caller, user_id, removals)
+
+    async def keep(self, seat: Seat) -> None:
+        """The seated call succeeded: its user is a member (audited once, when new)."""
+        pair = (seat.caller.tenant_id, seat.user_id)
+        pending = self._pending[pair]
+        if pending.added:
+            pending.added = False
+            await self._audit(seat.caller, "member.added", seat.user_id)
+        if self._removals.get(pair[0], 0) == seat.removals:  # none removed meanwhile
+            self._members.add(pair)
+        self._done(pair, pending)
+
+    async def give_back(self, seat: Seat) -> None:
+        """The seated call was refused: a user it added, and that no other call of the
+        user's has kept or still holds, is no member after all."""
+        pair = (seat.caller.tenant_id, seat.user_id)
+        pending = self._pending[pair]
+        try:
+            async with pending.lock:
+                if pending.calls == 1 and pending.added:
+                    pending.added = False
+                    await self._store.remove_member(*pair)
+        except Exception:  # the call's own error is what its caller must see
+            log.exception("team seat of %s in %s not given back", *reversed(pair))
+        finally:
+            self._done(pair, pending)
+
+    def _done(self, pair: tuple[str, str], pending: _Pending) -> None:
+        pending.calls -= 1
+        if not pending.calls:
+            del self._pending[pair]
 
     async def _audit(self, caller: Caller, event: str, target: str, detail: str = "") -> None:
         if self._access is not None:
