@@ -239,6 +239,12 @@ function envoy_on_request(request_handle)
       .. "' is not accepted: use letters, digits, '-' and '.'")
     return
   end
+  -- HEAD is GET without the body (RFC 9110): the transcoder knows only GET
+  -- routes, so it is passed on as one, and its response's body is dropped.
+  if headers:get(":method") == "HEAD" then
+    headers:replace(":method", "GET")
+    metadata:set(META_NS, "head", true)
+  end
   -- The id Envoy generated (the response's x-request-id is only added after
   -- this filter has run on the response).
   metadata:set(META_NS, "request_id", headers:get("x-request-id") or "")
@@ -254,5 +260,14 @@ function envoy_on_response(response_handle)
   local ok, err = pcall(shape_response, response_handle, request_id)
   if not ok then
     response_handle:logErr("error_body.lua: " .. tostring(err))
+  end
+  if meta ~= nil and meta["head"] then
+    local buffer = response_handle:body(true)
+    if buffer ~= nil then
+      -- The length stays that of the body a GET would have had.
+      local length = buffer:length()
+      buffer:setBytes("")
+      response_handle:headers():replace("content-length", tostring(length))
+    end
   end
 end

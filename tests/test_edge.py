@@ -325,6 +325,27 @@ def test_connect_is_refused_with_the_request_id(stack: Stack) -> None:
     assert body["message"] == "CONNECT is not supported"
 
 
+@pytest.mark.parametrize("http2", [False, True], ids=["http1", "http2"])
+def test_head_is_get_without_the_body(stack: Stack, http2: bool) -> None:
+    """Load balancers probe with HEAD: each GET path answers it with GET's status and
+    headers, and no body."""
+    with httpx.Client(base_url=stack.http_url, timeout=30, http1=not http2, http2=http2) as http:
+        _, key = onboard(http)
+        for path, headers, status in [
+            ("/health", {}, 200),
+            ("/api/v1/pipelines", {"X-API-Key": key}, 200),
+            ("/api/v1/pipelines", {}, 401),
+            (f"/api/v1/pipelines/runs/{uuid.uuid4()}", {"X-API-Key": key}, 404),
+        ]:
+            get = http.get(path, headers=headers)
+            head = http.head(path, headers=headers)
+            assert head.http_version == ("HTTP/2" if http2 else "HTTP/1.1")
+            assert (get.status_code, head.status_code) == (status, status), head.headers
+            assert head.content == b""
+            assert head.headers["content-type"] == "application/json"
+            assert head.headers["content-length"] == str(len(get.content))
+
+
 def test_the_limits_are_in_the_message(stack: Stack) -> None:
     body = exchange(stack.http_port, REFUSED["too many headers"][0]).json()
     assert f"{MAX_REQUEST_HEADERS_KB} KiB" in body["message"]
