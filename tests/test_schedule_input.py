@@ -198,6 +198,23 @@ def test_schedules_are_managed_over_rest_and_grpc(
         k: v for k, v in before.items() if k not in moved
     }
     before = whole.json()
+    # The audit names the fields whose value changed; a change of nothing is no event.
+    again = api.patch(f"/api/v1/schedules/{sid}", headers=auth(key), json=before)
+    assert again.status_code == 200, again.text
+    assert again.json() == before
+    same = api.patch(f"/api/v1/schedules/{sid}", headers=auth(key), json={"catch_up": "all"})
+    assert same.status_code == 200, same.text
+    log = api.get(
+        f"/api/v1/tenants/{tenant_id}/audit-log",
+        headers=auth(key),
+        params={"event": "schedule.updated"},
+    )
+    assert log.status_code == 200, log.text
+    assert [(e["target"], e["detail"]) for e in log.json()["events"]] == [
+        (sid, "cron"),
+        (sid, "catch_up, catch_up_max"),
+        (sid, "cron, time_zone"),
+    ]
 
     # Ids: malformed is 400, unknown is 404.
     assert_refused(api.get("/api/v1/schedules/not-a-uuid", headers=auth(key)), "schedule_id")

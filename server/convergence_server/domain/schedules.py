@@ -285,15 +285,21 @@ class Schedules:
             if field not in UPDATABLE and field not in FIXED and field not in IGNORED:
                 raise _unchangeable(field)
         updates = {k: v for k, v in changes.items() if k in UPDATABLE}
+        before: list[ScheduleRecord] = []
 
         def updated(schedule: ScheduleRecord) -> ScheduleRecord:
             for field, value in changes.items():
                 if field in FIXED and getattr(schedule, field) != value:
                     raise _unchangeable(field)
+            before[:] = [schedule]
             return self._updated(schedule, updates)
 
         schedule = await self._change(caller, schedule_id, updated)
-        return await self._audited(caller, "schedule.updated", schedule, ", ".join(updates))
+        # The audit names the fields whose value changed; a change of nothing is no event.
+        changed = [f for f in updates if getattr(before[0], f) != getattr(schedule, f)]
+        if not changed:
+            return schedule
+        return await self._audited(caller, "schedule.updated", schedule, ", ".join(changed))
 
     async def delete(self, caller: Caller, schedule_id: str) -> ScheduleRecord:
         schedule = await self._change(caller, schedule_id, lambda s: replace(s, deleted=True))
