@@ -71,6 +71,8 @@ def clients(
         # CONVERGENCE_KEY_SYNC_SECONDS, 5 by default) can end a revoked key's use sooner.
         "CONVERGENCE_KEY_CACHE_SECONDS": "3600",
         "CONVERGENCE_KEY_SYNC_SECONDS": "5",
+        # A member removed through one replica is seen by the other within a second.
+        "CONVERGENCE_MEMBER_CACHE_SECONDS": "1",
     }
     with replicas(stack_factory, **env) as opened:
         yield opened
@@ -327,3 +329,30 @@ def test_a_key_revoked_through_one_replica_is_refused_by_the_other(
     )
     assert "revoked" in refused.json()["message"]
     assert clients[1].get(usage, headers={"X-API-Key": key}).status_code == 200
+
+
+def test_a_member_removed_through_one_replica_is_no_member_of_the_other(
+    clients: list[httpx.Client],
+) -> None:
+    tenant_id, key = onboard(clients[0], plan="STARTER")  # a team of 2
+
+    def call(replica: int, user: str) -> httpx.Response:
+        headers = {"X-API-Key": key, "X-User-ID": user}
+        return clients[replica].get("/api/v1/pipelines", headers=headers)
+
+    assert call(1, "ann").status_code == 200  # the second replica knows ann now
+    removed = clients[0].delete(
+        f"/api/v1/tenants/{tenant_id}/members/ann", headers={"X-API-Key": key}
+    )
+    assert removed.status_code == 200, removed.text
+    for user in ("bob", "carl"):  # the team is full without ann
+        assert call(0, user).status_code == 200
+    refused = eventually(
+        lambda: (r := call(1, "ann")).status_code == 403 and r,
+        "ann refused by the other replica",
+        timeout=180,
+        interval=0.5,
+    )
+    assert refused.json()["message"].startswith("Team size limit reached")
+    team = clients[1].get(f"/api/v1/tenants/{tenant_id}/members", headers={"X-API-Key": key})
+    assert [m["user_id"] for m in team.json()["members"]] == ["bob", "carl"]

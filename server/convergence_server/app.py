@@ -307,7 +307,7 @@ def create_server(
     )
     plan_book = PlanBook(store, plans)
     page_tokens = PageTokens(page_token_key(config.key_pepper))
-    accounts = Accounts(store, plan_book, clock, access)
+    accounts = Accounts(store, plan_book, clock, access, config.member_cache_seconds)
     runs = Runs(
         store,
         catalog,

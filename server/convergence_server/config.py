@@ -41,6 +41,9 @@ class Config:
     # Servers of a shared store (BigQuery) look this often for keys revoked or rotated
     # through another server: the bound on how long such a key still works here.
     key_sync_seconds: float = 5.0
+    # How long a server takes a user it has served for a team member without reading the
+    # store: the bound on how long a member removed through another server is still served.
+    member_cache_seconds: float = 30.0
     # The longest lifetime of a new key, in days (0: keys may never expire).
     key_max_days: int = 0
     # Counted audit rows (quota refusals, failed authentications) and keys' last use are
@@ -149,6 +152,9 @@ class Config:
             ),
             key_sync_seconds=_seconds(
                 env, "CONVERGENCE_KEY_SYNC_SECONDS", defaults.key_sync_seconds
+            ),
+            member_cache_seconds=_seconds(
+                env, "CONVERGENCE_MEMBER_CACHE_SECONDS", defaults.member_cache_seconds
             ),
             key_max_days=_int(env, "CONVERGENCE_KEY_MAX_DAYS", defaults.key_max_days),
             audit_flush_seconds=_seconds(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date
 
@@ -76,14 +78,23 @@ class _Pending:
 
 class Accounts:
     def __init__(
-        self, store: Store, plans: PlanBook, clock: Clock, access: AccessLog | None = None
+        self,
+        store: Store,
+        plans: PlanBook,
+        clock: Clock,
+        access: AccessLog | None = None,
+        member_cache_seconds: float = 30.0,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._access = access
         self._store = store
         self._plans = plans
         self._clock = clock
-        # (tenant, user) pairs known to be members: most calls need no store read.
-        self._members: set[tuple[str, str]] = set()
+        self._member_cache_seconds = member_cache_seconds
+        self._monotonic = monotonic
+        # (tenant, user) pairs known to be members, until when: most calls need no store
+        # read, and a member removed through another server is seen within the bound.
+        self._members: dict[tuple[str, str], float] = {}
         # Removals per tenant: a member admitted while one was removed is not cached.
         self._removals: dict[str, int] = {}
         # Users seated for calls in progress, not yet known to be members.
@@ -95,7 +106,7 @@ class Accounts:
         users never exceed the team; the call's outcome then keeps it (`keep`) or gives
         it back (`give_back`): a refused call takes no seat. None: a known member."""
         pair = (caller.tenant_id, user_id)
-        if pair in self._members:
+        if self._members.get(pair, 0.0) > self._monotonic():
             return None
         pending = self._pending.setdefault(pair, _Pending())
         pending.calls += 1
@@ -104,9 +115,11 @@ class Accounts:
                 removals = self._removals.get(caller.tenant_id, 0)
                 plan = await self._plans.plan_of(caller.tenant_id)
                 known = {m.user_id for m in await self._store.list_members(caller.tenant_id)}
-                admitted, _ = await self._store.admit_member(
-                    caller.tenant_id, user_id, plan.team_size, self._clock()
-                )
+                admitted = user_id in known
+                if not admitted:
+                    admitted, _ = await self._store.admit_member(
+                        caller.tenant_id, user_id, plan.team_size, self._clock()
+                    )
                 if not admitted:
                     raise TeamSizeExceeded(
                         f"Team size limit reached: plan {plan.name} allows {plan.team_size} "
@@ -128,7 +141,7 @@ class Accounts:
             pending.added = False
             await self._audit(seat.caller, "member.added", seat.user_id)
         if self._removals.get(pair[0], 0) == seat.removals:  # none removed meanwhile
-            self._members.add(pair)
+            self._members[pair] = self._monotonic() + self._member_cache_seconds
         self._done(pair, pending)
 
     async def give_back(self, seat: Seat) -> None:
@@ -213,5 +226,5 @@ class Accounts:
         if not await self._store.remove_member(tenant_id, user_id):
             raise NotFound(f"No member {echo(user_id)}")
         self._removals[tenant_id] = self._removals.get(tenant_id, 0) + 1
-        self._members.discard((tenant_id, user_id))
+        self._members.pop((tenant_id, user_id), None)
         await self._audit(caller, "member.removed", user_id)
