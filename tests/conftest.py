@@ -241,7 +241,12 @@ def sources_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def pipeline_env(config_dir: Path, sources_dir: Path) -> dict[str, str]:
-    return {"CONVERGENCE_CONFIG_DIR": str(config_dir), "CONVERGENCE_SOURCE_ROOTS": str(sources_dir)}
+    return {
+        "CONVERGENCE_CONFIG_DIR": str(config_dir),
+        "CONVERGENCE_SOURCE_ROOTS": str(sources_dir),
+        # The copy's samples: a test may add one.
+        "CONVERGENCE_SAMPLE_DATA_DIR": str(config_dir / "sample_data"),
+    }
 
 
 @pytest.fixture(scope="session")

@@ -31,9 +31,18 @@ from convergence.v1 import (
     tenant_service_pb2,
     tenant_service_pb2_grpc,
 )
+from convergence_server import faults
 from convergence_server.config import REPO_ROOT
 from convergence_server.stack import Stack
-from tests.conftest import GUIDE_TENANT, UNMETERED, onboard, trigger, wait_for_run
+from tests.conftest import (
+    GUIDE_TENANT,
+    UNMETERED,
+    StackFactory,
+    eventually,
+    onboard,
+    trigger,
+    wait_for_run,
+)
 
 QUICK = "test/runs/quick"
 SLOW = "test/runs/slow"
@@ -281,6 +290,9 @@ def test_sources_are_checked_before_a_run_is_created(
         "file:///etc/passwd": SCHEME,
         "gs://someone-elses-bucket/cur.csv": OUTSIDE,
         str(own / "missing.csv"): NOT_A_FILE,
+        "{sample_data}/missing.csv": NOT_A_FILE,
+        "{sample_data}": NOT_A_FILE,
+        "{sample_data}://x": SCHEME,
         str(own): NOT_A_FILE,
         f"{own}/{'n' * 300}.csv": NOT_A_FILE,  # a name too long for the file system
         "": "is empty",
@@ -290,6 +302,8 @@ def test_sources_are_checked_before_a_run_is_created(
         response = post_trigger(api, key, tenant_id, AWS, date=DAY, parameters={"source_uri": uri})
         body = assert_refused(response, "parameters.source_uri", issue)
         assert body["message"] == "Invalid parameter source_uri"
+        # The source as sent: the server's own folders are not shown.
+        assert str(SAMPLE.parent) not in response.text
     error = run_pipeline(
         grpc_channel,
         key,
@@ -307,6 +321,55 @@ def test_sources_are_checked_before_a_run_is_created(
         run = trigger(api, key, tenant_id, AWS, date=DAY, parameters={"source_uri": uri})
         done = wait_for_run(api, key, run["pipeline_logging_id"])
         assert done["status"] == "COMPLETE", done
+
+
+def test_a_run_shows_a_sample_as_its_source_named_it(api: httpx.Client, config_dir: Path) -> None:
+    """`{sample_data}` stands for a folder of the server's: a run reading a sample, and
+    one failing to, show the source as it was written, never where the server keeps it."""
+    tenant_id, key = onboard(api, plan=UNMETERED)
+    for name in ("aws_cur_sample.csv", f"broken_{tenant_id}.csv"):
+        if name.startswith("broken"):
+            (config_dir / "sample_data" / name).write_bytes(b'"unclosed\n' + b"\xff\x00" * 64)
+        source = f"{{sample_data}}/{name}"
+        run = trigger(api, key, tenant_id, AWS, date=DAY, parameters={"source_uri": source})
+        run_id = run["pipeline_logging_id"]
+        done = wait_for_run(api, key, run_id)
+        steps = api.get(f"/api/v1/pipelines/runs/{run_id}/steps", headers={"X-API-Key": key})
+        assert steps.status_code == 200, steps.text
+        assert done["status"] == ("COMPLETE" if name.startswith("aws") else "FAILED"), done
+        assert str(config_dir) not in json.dumps(done) + steps.text, (done, steps.text)
+
+
+def test_a_sample_gone_before_its_run_reads_it_is_shown_as_its_source_named_it(
+    stack_factory: StackFactory,
+    pipeline_env: dict[str, str],
+    config_dir: Path,
+    tmp_path: Path,
+) -> None:
+    """The run checks its source again when its load step starts: a sample removed since
+    the trigger fails the run, which shows the source as written (a server's folder was
+    shown before)."""
+    data = tmp_path / "data"
+    hold = data / "hold" / faults.BETWEEN_STEPS
+    hold.parent.mkdir(parents=True)
+    hold.touch()  # runs wait before their first step
+    stack = stack_factory(data_dir=data, **pipeline_env, CONVERGENCE_FAULT_POINTS=hold.name)
+    sample = config_dir / "sample_data" / f"vanishing_{uuid.uuid4().hex}.csv"
+    shutil.copy(SAMPLE, sample)
+    source = f"{{sample_data}}/{sample.name}"
+    with httpx.Client(base_url=stack.http_url, timeout=30) as http:
+        tenant_id, key = onboard(http, plan=UNMETERED)
+        run = trigger(http, key, tenant_id, AWS, date=DAY, parameters={"source_uri": source})
+        log = data / "logs" / "server.log"
+        eventually(lambda: f"fault point {hold.name}: holding" in log.read_text(), "the hold")
+        sample.unlink()
+        hold.unlink()
+        run_id = run["pipeline_logging_id"]
+        done = wait_for_run(http, key, run_id)
+        steps = http.get(f"/api/v1/pipelines/runs/{run_id}/steps", headers={"X-API-Key": key})
+    assert done["status"] == "FAILED", done
+    assert f"source '{source}' names a file that does not exist" in done["error_message"]
+    assert str(config_dir) not in json.dumps(done) + steps.text, (done, steps.text)
 
 
 # -- parameters, labels, nested JSON ------------------------------------------------------------

@@ -128,33 +128,34 @@ def resolve_source(template: str, parameters: Mapping[str, Any], folders: Source
         raise SourceRefused(filled, HIDDEN_ISSUE)
     if ".." in filled.split("/"):
         raise SourceRefused(filled, "must not climb out of its folder with '..'")
+    # Messages show the source as the caller wrote it: never the server's own folders.
     uri = filled.replace("{sample_data}", str(folders.sample_data))
     if "://" in uri:
-        return _remote_source(uri, folders)
+        return _remote_source(uri, filled, folders)
     try:
         path = Path(uri).resolve()
     except (OSError, RuntimeError, ValueError):  # e.g. a symlink loop
-        raise SourceRefused(uri, "cannot be resolved to a file") from None
+        raise SourceRefused(filled, "cannot be resolved to a file") from None
     if not any(path.is_relative_to(root.resolve()) for root in folders.local_roots):
-        raise SourceRefused(uri, OUTSIDE_ISSUE)
+        raise SourceRefused(filled, OUTSIDE_ISSUE)
     try:
         exists = path.is_file()
     except OSError:  # e.g. a name too long for the file system
         exists = False
     if not exists:
-        raise SourceRefused(uri, "names a file that does not exist")
+        raise SourceRefused(filled, "names a file that does not exist")
     return str(path)
 
 
-def _remote_source(uri: str, folders: SourceFolders) -> str:
+def _remote_source(uri: str, shown: str, folders: SourceFolders) -> str:
     if not uri.startswith("gs://"):
-        raise SourceRefused(uri, "must be a local path or a gs:// URI")
+        raise SourceRefused(shown, "must be a local path or a gs:// URI")
     if any(part in (".", "..") for part in uri[5:].split("/")) or not any(
         uri.startswith(root) for root in folders.remote_roots
     ):
-        raise SourceRefused(uri, OUTSIDE_ISSUE)
+        raise SourceRefused(shown, OUTSIDE_ISSUE)
     if not folders.reads_remote:
-        raise SourceRefused(uri, "needs the BigQuery store (only its load jobs read gs://)")
+        raise SourceRefused(shown, "needs the BigQuery store (only its load jobs read gs://)")
     return uri
 
 
@@ -300,12 +301,21 @@ class PipelineRun:
                 return StepOutcome(rows=rows, attempts=attempts)
             except TransientError as exc:
                 if attempts == step.retry.attempts:
-                    return StepOutcome(0, attempts, f"{exc} (after {attempts} attempts)")
+                    return StepOutcome(
+                        0, attempts, self._shown(f"{exc} (after {attempts} attempts)")
+                    )
                 await self.sleep(min(MAX_BACKOFF, step.retry.backoff_seconds * 2 ** (attempts - 1)))
                 await self._between_steps()
             except (StepFailed, WarehouseError) as exc:
-                return StepOutcome(0, attempts, str(exc))
+                return StepOutcome(0, attempts, self._shown(str(exc)))
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _shown(self, error: str) -> str:
+        """A step's error as its tenant sees it: the samples' folder (the server's own, which
+        a reader's message may name) as sources name it, `{sample_data}`."""
+        for folder in {str(self.sample_data.resolve()), str(self.sample_data)}:
+            error = error.replace(folder, "{sample_data}")
+        return error
 
     async def _retrying(self, action: Callable[[], Awaitable[None]], attempts: int) -> None:
         for attempt in range(1, attempts + 1):
