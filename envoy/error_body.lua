@@ -263,8 +263,9 @@ function envoy_on_response(response_handle)
   end
   if meta ~= nil and meta["head"] then
     local buffer = response_handle:body(true)
-    if buffer ~= nil then
-      -- The length stays that of the body a GET would have had.
+    if buffer ~= nil and buffer:length() > 0 then
+      -- The length stays that of the body a GET would have had. (Envoy's own
+      -- replies to a HEAD come without their body already, and keep theirs.)
       local length = buffer:length()
       buffer:setBytes("")
       response_handle:headers():replace("content-length", tostring(length))

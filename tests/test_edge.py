@@ -333,6 +333,7 @@ def test_head_is_get_without_the_body(stack: Stack, http2: bool) -> None:
         _, key = onboard(http)
         for path, headers, status in [
             ("/health", {}, 200),
+            ("/openapi.json", {}, 200),
             ("/api/v1/pipelines", {"X-API-Key": key}, 200),
             ("/api/v1/pipelines", {}, 401),
             (f"/api/v1/pipelines/runs/{uuid.uuid4()}", {"X-API-Key": key}, 404),
