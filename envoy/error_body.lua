@@ -130,7 +130,7 @@ local function field_and_issue(message)
   if field ~= nil then return field, issue end
   field = message:match('^Could not find field \\"([%w_.]+)\\"')
   if field ~= nil then return field, "is not a parameter of this request" end
-  field, issue = message:match("^Header name '([^'\\\"]+)' (is not accepted.*)$")
+  field, issue = message:match("^Header name '([^\\\"]-)' (is not accepted.*)$")
   if field ~= nil then return field, issue end
   -- A field name here, though the message says "type" (a message type or
   -- TYPE_STRING is not a field: those fall through to "body").
