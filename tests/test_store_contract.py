@@ -195,14 +195,16 @@ def test_a_plan_change_is_stored(store: Store) -> None:
 def test_team_members_are_admitted_up_to_the_team_size(store: Store) -> None:
     tenant_id = tenant(store)
     now = datetime.now(UTC)
-    assert run(store.admit_member(tenant_id, "ann", 2, now)) == (True, 1)
-    assert run(store.admit_member(tenant_id, "ann", 2, now)) == (True, 1)
-    assert run(store.admit_member(tenant_id, "bob", 2, now)) == (True, 2)
-    assert run(store.admit_member(tenant_id, "cat", 2, now)) == (False, 2)
+    # (a member now, added by this call)
+    assert run(store.admit_member(tenant_id, "ann", 2, now)) == (True, True)
+    assert run(store.admit_member(tenant_id, "ann", 2, now)) == (True, False)
+    assert run(store.admit_member(tenant_id, "bob", 2, now)) == (True, True)
+    assert run(store.admit_member(tenant_id, "cat", 2, now)) == (False, False)
+    assert run(store.admit_member(tenant_id, "ann", 2, now)) == (True, False)  # the team full
     assert [m.user_id for m in run(store.list_members(tenant_id))] == ["ann", "bob"]
     assert run(store.remove_member(tenant_id, "ann"))
     assert not run(store.remove_member(tenant_id, "ann"))
-    assert run(store.admit_member(tenant_id, "cat", 2, now)) == (True, 2)
+    assert run(store.admit_member(tenant_id, "cat", 2, now)) == (True, True)
 
 
 # -- API keys and the audit log ----------------------------------------------------------

@@ -69,10 +69,11 @@ class Seat:
 
 @dataclass
 class _Pending:
-    """The calls in progress of a user not known to be a member yet."""
+    """A user not known to be a member, while calls of theirs are in progress here."""
 
-    calls: int = 0
-    added: bool = False  # one of them added the user: the first to succeed audits it
+    calls: int = 0  # in progress (seated, or waiting for `lock`): the entry lives as long
+    seats: int = 0  # seated on the row one of them added, until their outcomes
+    added: bool = False  # that row is not kept yet: the first call to succeed keeps it
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
@@ -101,63 +102,88 @@ class Accounts:
         self._pending: dict[tuple[str, str], _Pending] = {}
 
     async def admit_user(self, caller: Caller, user_id: str) -> Seat | None:
-        """Seats `user_id` in the caller's team for the call about to run, refusing a new
+        """Seats a new `user_id` in the caller's team for the call about to run, refusing
         one beyond the plan. The seat is taken before the call, so that concurrent new
         users never exceed the team; the call's outcome then keeps it (`keep`) or gives
-        it back (`give_back`): a refused call takes no seat. None: a known member."""
+        it back (`give_back`): a refused call takes no seat. None: a member already."""
         pair = (caller.tenant_id, user_id)
-        if self._members.get(pair, 0.0) > self._monotonic():
+        if self._is_member(pair):
             return None
         pending = self._pending.setdefault(pair, _Pending())
         pending.calls += 1
+        seat = None
         try:
             async with pending.lock:
-                removals = self._removals.get(caller.tenant_id, 0)
-                plan = await self._plans.plan_of(caller.tenant_id)
-                known = {m.user_id for m in await self._store.list_members(caller.tenant_id)}
-                admitted = user_id in known
-                if not admitted:
-                    admitted, _ = await self._store.admit_member(
-                        caller.tenant_id, user_id, plan.team_size, self._clock()
-                    )
-                if not admitted:
-                    raise TeamSizeExceeded(
-                        f"Team size limit reached: plan {plan.name} allows {plan.team_size} "
-                        f"team members (distinct X-User-ID values) and '{echo(user_id)}' "
-                        f"would be one more. Remove a member (DELETE /api/v1/tenants/"
-                        f"{caller.tenant_id}/members/USER_ID) or change the plan."
-                    )
-                pending.added |= user_id not in known
-        except BaseException:
-            self._done(pair, pending)
-            raise
+                seat = await self._seat(caller, user_id, pending)
+        finally:
+            if seat is None:
+                self._done(pair, pending)
+        return seat
+
+    async def _seat(self, caller: Caller, user_id: str, pending: _Pending) -> Seat | None:
+        """`admit_user` in the user's turn: the seat another call of theirs took here is
+        shared; otherwise the store says whether the user is a member or may become one."""
+        pair = (caller.tenant_id, user_id)
+        removals = self._removals.get(caller.tenant_id, 0)
+        if self._is_member(pair):
+            return None
+        if not pending.added:
+            known = await self._store.list_members(caller.tenant_id)
+            if any(m.user_id == user_id for m in known):  # a recheck: no write
+                self._remember(pair, removals)
+                return None
+            plan = await self._plans.plan_of(caller.tenant_id)
+            admitted, added = await self._store.admit_member(
+                caller.tenant_id, user_id, plan.team_size, self._clock()
+            )
+            if not admitted:
+                raise TeamSizeExceeded(
+                    f"Team size limit reached: plan {plan.name} allows {plan.team_size} team "
+                    f"members (distinct X-User-ID values) and '{echo(user_id)}' would be one "
+                    f"more. Remove a member (DELETE /api/v1/tenants/{caller.tenant_id}/"
+                    "members/USER_ID) or change the plan."
+                )
+            if not added:  # another server added the user meanwhile
+                self._remember(pair, removals)
+                return None
+            pending.added = True
+        pending.seats += 1
         return Seat(caller, user_id, removals)
 
     async def keep(self, seat: Seat) -> None:
-        """The seated call succeeded: its user is a member (audited once, when new)."""
+        """The seated call succeeded: its user is a member (audited once)."""
         pair = (seat.caller.tenant_id, seat.user_id)
         pending = self._pending[pair]
+        pending.seats -= 1
         if pending.added:
             pending.added = False
             await self._audit(seat.caller, "member.added", seat.user_id)
-        if self._removals.get(pair[0], 0) == seat.removals:  # none removed meanwhile
-            self._members[pair] = self._monotonic() + self._member_cache_seconds
+        self._remember(pair, seat.removals)
         self._done(pair, pending)
 
     async def give_back(self, seat: Seat) -> None:
-        """The seated call was refused: a user it added, and that no other call of the
-        user's has kept or still holds, is no member after all."""
+        """The seated call was refused: the user it added is no member after all, unless
+        another call of theirs kept the seat or still holds it."""
         pair = (seat.caller.tenant_id, seat.user_id)
         pending = self._pending[pair]
+        pending.seats -= 1
         try:
             async with pending.lock:
-                if pending.calls == 1 and pending.added:
+                if not pending.seats and pending.added:
                     pending.added = False
                     await self._store.remove_member(*pair)
         except Exception:  # the call's own error is what its caller must see
             log.exception("team seat of %s in %s not given back", *reversed(pair))
         finally:
             self._done(pair, pending)
+
+    def _is_member(self, pair: tuple[str, str]) -> bool:
+        return self._members.get(pair, 0.0) > self._monotonic()
+
+    def _remember(self, pair: tuple[str, str], removals: int) -> None:
+        """Takes the user for a member for a while, unless one was removed meanwhile."""
+        if self._removals.get(pair[0], 0) == removals:
+            self._members[pair] = self._monotonic() + self._member_cache_seconds
 
     def _done(self, pair: tuple[str, str], pending: _Pending) -> None:
         pending.calls -= 1

@@ -606,13 +606,14 @@ class BigQueryStore:
 
     async def admit_member(
         self, tenant_id: str, user_id: str, team_size: int, now: datetime
-    ) -> tuple[bool, int]:
+    ) -> tuple[bool, bool]:
         members = self._t("tenant_members")
         rows = await self._call(
             lambda: self._db.transaction(
                 f"""
                 DECLARE known INT64;
                 DECLARE total INT64;
+                DECLARE added BOOL DEFAULT FALSE;
                 BEGIN TRANSACTION;
                 UPDATE {counters_table(self._db, tenant_id)} SET seq = seq + 1, updated_at = @now
                 WHERE TRUE;
@@ -623,15 +624,15 @@ class BigQueryStore:
                   INSERT INTO {members} (tenant_id, user_id, first_seen_at)
                   VALUES (@tenant_id, @user_id, @now);
                   SET known = 1;
-                  SET total = total + 1;
+                  SET added = TRUE;
                 END IF;
                 COMMIT TRANSACTION;
-                SELECT known, total;
+                SELECT known, added;
                 """,
                 {"tenant_id": tenant_id, "user_id": user_id, "team_size": team_size, "now": now},
             )
         )
-        return bool(rows[0][0]), int(rows[0][1])
+        return bool(rows[0][0]), bool(rows[0][1])
 
     async def list_members(self, tenant_id: str) -> list[MemberRecord]:
         rows = await self._call(

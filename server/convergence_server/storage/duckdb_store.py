@@ -802,22 +802,22 @@ class DuckDBStore:
 
     async def admit_member(
         self, tenant_id: str, user_id: str, team_size: int, now: datetime
-    ) -> tuple[bool, int]:
-        def admit(cur: duckdb.DuckDBPyConnection) -> tuple[bool, int]:
+    ) -> tuple[bool, bool]:
+        def admit(cur: duckdb.DuckDBPyConnection) -> tuple[bool, bool]:
             known = cur.execute(
                 f"SELECT COUNT(*) FILTER (WHERE user_id = ?), COUNT(*) FROM {MEMBERS} "
                 "WHERE tenant_id = ?",
                 [user_id, tenant_id],
             ).fetchone() or (0, 0)
             if known[0]:
-                return True, int(known[1])
+                return True, False
             if known[1] >= team_size:
-                return False, int(known[1])
+                return False, False
             cur.execute(
                 f"INSERT INTO {MEMBERS} VALUES (?, ?, ?)",
                 [tenant_id, user_id, _utc_naive(now)],
             )
-            return True, int(known[1]) + 1
+            return True, True
 
         async with self._tenant_turns.get(tenant_id):
             return await self._call(admit)

@@ -163,9 +163,9 @@ class Store(Protocol):
 
     async def admit_member(
         self, tenant_id: str, user_id: str, team_size: int, now: datetime
-    ) -> tuple[bool, int]:
+    ) -> tuple[bool, bool]:
         """Adds the user to the tenant's team unless that would exceed `team_size`;
-        returns (member now, team size now). Atomic per tenant."""
+        returns (member now, added by this call). Atomic per tenant."""
 
     async def list_members(self, tenant_id: str) -> list[MemberRecord]: ...
 
