@@ -145,31 +145,33 @@ end
 -- mapper's, keys in order) with "details" naming the field.
 local function name_the_field(handle)
   local buffer = handle:body(true)
-  if buffer == nil then return end
+  if buffer == nil then return nil end
   local body = buffer:getBytes(0, buffer:length())
   local message, rest = body:match('"message":"(.-)"(,"request_id":"[^"]*"}%s*)$')
-  if message == nil then return end
+  if message == nil then return buffer end
   local field, issue = field_and_issue(message)
   local shaped = '{"error":' .. json_string(title(400)) .. ',"message":"' .. message
     .. '","details":{"field":' .. json_string(field) .. ',"issue":"' .. issue .. '"}' .. rest
   local headers = handle:headers()
   headers:replace("content-length", tostring(#shaped))
   buffer:setBytes(shaped)
+  return buffer
 end
 
+-- Shapes the response; returns its body's buffer when it read the whole body (an
+-- error), nil when the body streams through (a success).
 local function shape_response(handle, request_id)
   local headers = handle:headers()
   local grpc_status = tonumber(headers:get("grpc-status") or "0") or 2
 
   local error_body = headers:get("x-error-body")
   if error_body == nil and grpc_status == 0 and headers:get(":status") == "400" then
-    name_the_field(handle)
-    return
+    return name_the_field(handle)
   end
   if error_body == nil and grpc_status == 0 then
     -- Success: no buffering, only strip the grpc-* headers that leak.
     for _, name in ipairs(STRIP) do headers:remove(name) end
-    return
+    return nil
   end
 
   local wanted = headers:get("x-http-status")
@@ -205,11 +207,25 @@ local function shape_response(handle, request_id)
     -- The status is right, the body stays empty.
     headers:remove("content-type")
     headers:replace("content-length", "0")
-    return
+    return nil
   end
   headers:replace("content-type", "application/json")
   headers:replace("content-length", tostring(#body))
   buffer:setBytes(body)
+  return buffer
+end
+
+-- A HEAD's response without its body: a body read whole is emptied (its length
+-- kept); one streaming through is dropped chunk by chunk, never buffered. (Envoy's
+-- own replies to a HEAD come without their body already, and keep their length.)
+local function drop_body(handle, buffer)
+  if buffer == nil then
+    for chunk in handle:bodyChunks() do chunk:setBytes("") end
+  elseif buffer:length() > 0 then
+    local length = buffer:length()
+    buffer:setBytes("")
+    handle:headers():replace("content-length", tostring(length))
+  end
 end
 
 -- The first header whose name gRPC refuses as a metadata key (HTTP allows
@@ -240,8 +256,13 @@ function envoy_on_request(request_handle)
     return
   end
   -- HEAD is GET without the body (RFC 9110): the transcoder knows only GET
-  -- routes, so it is passed on as one, and its response's body is dropped.
+  -- routes, so it is passed on as one, and its response's body is dropped. Not
+  -- a watch: its response is a stream that lasts as long as the run.
   if headers:get(":method") == "HEAD" then
+    if (headers:get(":path") or ""):find(":watch", 1, true) then
+      request_handle:respond({[":status"] = "405"}, "HEAD is not supported on a watch: use GET")
+      return
+    end
     headers:replace(":method", "GET")
     metadata:set(META_NS, "head", true)
   end
@@ -256,19 +277,13 @@ function envoy_on_response(response_handle)
     return
   end
   local request_id = meta and meta["request_id"]
+  local head = meta ~= nil and meta["head"]
   -- A script error must never leave the response hanging: contain it.
-  local ok, err = pcall(shape_response, response_handle, request_id)
+  local ok, err = pcall(function()
+    local buffer = shape_response(response_handle, request_id)
+    if head then drop_body(response_handle, buffer) end
+  end)
   if not ok then
     response_handle:logErr("error_body.lua: " .. tostring(err))
-  end
-  if meta ~= nil and meta["head"] then
-    local buffer = response_handle:body(true)
-    if buffer ~= nil and buffer:length() > 0 then
-      -- The length stays that of the body a GET would have had. (Envoy's own
-      -- replies to a HEAD come without their body already, and keep theirs.)
-      local length = buffer:length()
-      buffer:setBytes("")
-      response_handle:headers():replace("content-length", tostring(length))
-    end
   end
 end

@@ -347,6 +347,30 @@ def test_head_is_get_without_the_body(stack: Stack, http2: bool) -> None:
             assert head.headers["content-length"] == str(len(get.content))
 
 
+def test_head_of_a_response_beyond_envoys_buffers_and_of_a_watch(stack: Stack) -> None:
+    """A body beyond a connection's buffer (32 KiB) is dropped as well; a watch, whose
+    response lasts as long as its run, refuses HEAD (405) rather than hold it."""
+    with httpx.Client(base_url=stack.http_url, timeout=60) as http:
+        _, key = onboard(http, plan="SCALE")  # 200 schedules
+        auth = {"X-API-Key": key}
+        body = {"provider": "gcp", "domain": "cost", "template": "cost_billing"}
+        for _ in range(100):
+            assert http.post("/api/v1/schedules", headers=auth, json=body).status_code == 200
+        page = "/api/v1/schedules?limit=100"
+        size = len(http.get(page, headers=auth).content)
+        assert size > 32 * 1024
+        watch = f"/api/v1/pipelines/runs/{uuid.uuid4()}:watch"
+        for http2 in (False, True):
+            with httpx.Client(
+                base_url=stack.http_url, timeout=60, http1=not http2, http2=http2
+            ) as client:
+                head = client.head(page, headers=auth)
+                assert head.status_code == 200, head.headers
+                assert (head.content, head.headers["content-length"]) == (b"", str(size))
+                refused = client.head(watch, headers=auth)
+                assert refused.status_code == 405, refused.headers
+
+
 def test_the_limits_are_in_the_message(stack: Stack) -> None:
     body = exchange(stack.http_port, REFUSED["too many headers"][0]).json()
     assert f"{MAX_REQUEST_HEADERS_KB} KiB" in body["message"]
