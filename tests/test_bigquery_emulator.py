@@ -52,6 +52,7 @@ for statement in (
     'CREATE TABLE p.d.again (id INTEGER NOT NULL)',
     'DROP TABLE p.d.again',
     'CREATE TABLE p.d.again (other VARCHAR, "_PARTITIONTIME" TIMESTAMPTZ)',
+    'CREATE VIEW p.d.again_view AS SELECT * FROM p.d.again',
     'CREATE VIEW p.d.replaced AS SELECT 1 AS x',
     'DROP VIEW p.d.replaced',
     'CREATE TABLE p.d.replaced (x INTEGER NOT NULL)',
@@ -68,6 +69,7 @@ names = [
     ("emulator", "_results", "p:job_2"), ("p", "d", "strict"), ("p", "d", "grown"),
     ("p", "d", "dropped"), ("p", "d", "again"), ("p", "d", "replaced"), ("p", "d", "unhidden"),
     ("p", "d", "vanished"),
+    ("p", "d", "again_view"),
 ]
 logical = [("p", "_results", n[2][2:]) if n[0] == "emulator" else n for n in names]
 
@@ -89,6 +91,10 @@ print(json.dumps({
     "listing": [database.objects("p", "d"), launcher._own_objects("p", "d")],
     "columns": [[fields(tables.columns, n), fields(launcher._own_columns, n)] for n in logical],
     "hidden": [[hidden(partitions._hidden, n), hidden(launcher._own_hidden, n)] for n in names],
+    "unsized": [launcher._without_sizes(database.objects)(*n) for n in names],
+    "exists": [
+        [tables.exists(*l), launcher._own_objects(*n) != []] for l, n in zip(logical, names)
+    ],
     "threads": database.fetch("SELECT current_setting('threads')")[0][0],
 }))
 """
@@ -130,6 +136,7 @@ def test_the_emulator_looks_up_one_table_as_its_own_lookup_does_on_one_thread(
     assert [name for name, _, _ in listing] == [
         "Mixed",
         "again",
+        "again_view",
         "changed",
         "empty",
         "grown",
@@ -154,5 +161,13 @@ def test_the_emulator_looks_up_one_table_as_its_own_lookup_does_on_one_thread(
     ]
     assert "Not found" in columns[("p", "d", "dropped")][0]
     hidden = dict(zip(map(tuple, found["names"]), found["hidden"], strict=True))
-    assert [name for name, (ours, _) in hidden.items() if ours] == [("p", "d", "again")]
+    assert [name for name, (ours, _) in hidden.items() if ours] == [
+        ("p", "d", "again"),
+        ("p", "d", "again_view"),
+    ]
+    # A check that a table exists reads no size; its answer is the emulator's own.
+    for ours, emulators in zip(found["unsized"], found["emulator"], strict=True):
+        assert ours == [[name, kind, 0] for name, kind, _ in emulators]
+    for ours, emulators in found["exists"]:
+        assert ours == emulators
     assert found["threads"] == 1

@@ -263,7 +263,7 @@ def test_page_tokens_are_signed_and_bounded(api: httpx.Client, grpc_channel: grp
 
 
 def test_sources_are_checked_before_a_run_is_created(
-    api: httpx.Client, sources_dir: Path, grpc_channel: grpc.Channel
+    api: httpx.Client, sources_dir: Path, config_dir: Path, grpc_channel: grpc.Channel
 ) -> None:
     tenant_id, key = onboard(api, plan=UNMETERED)
     other_id, _ = onboard(api, plan=UNMETERED)
@@ -303,7 +303,7 @@ def test_sources_are_checked_before_a_run_is_created(
         body = assert_refused(response, "parameters.source_uri", issue)
         assert body["message"] == "Invalid parameter source_uri"
         # The source as sent: the server's own folders are not shown.
-        assert str(SAMPLE.parent) not in response.text
+        assert str(config_dir) not in response.text
     error = run_pipeline(
         grpc_channel,
         key,

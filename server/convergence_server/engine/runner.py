@@ -313,7 +313,10 @@ class PipelineRun:
     def _shown(self, error: str) -> str:
         """A step's error as its tenant sees it: the samples' folder (the server's own, which
         a reader's message may name) as sources name it, `{sample_data}`."""
-        for folder in {str(self.sample_data.resolve()), str(self.sample_data)}:
+        folders = {str(self.sample_data.resolve())}
+        if self.sample_data.is_absolute():
+            folders.add(str(self.sample_data))
+        for folder in sorted(folders, key=len, reverse=True):  # a longer one may hold another
             error = error.replace(folder, "{sample_data}")
         return error
 
