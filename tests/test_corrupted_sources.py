@@ -206,3 +206,20 @@ def test_a_tenant_reads_only_its_own_source_folder(
                 assert details["issue"] == "is outside the allowed source folders", what
         runs = http.get("/api/v1/pipelines/runs", headers={"X-API-Key": key_b}).json()["runs"]
         assert runs == []
+
+
+def test_a_header_no_format_has_fails_its_load_saying_why(
+    api: httpx.Client, sources_dir: Path
+) -> None:
+    """A file of another format read as CSV (a JSON line taken for a header) fails its
+    load step with what is wrong, not an internal error."""
+    tenant_id, key = onboard(api, plan=UNMETERED)
+    folder = sources_dir / tenant_id
+    folder.mkdir()
+    source = folder / "one_long_header.csv"
+    source.write_text("x" * 2000 + "\n1\n")
+    triggered = trigger(api, key, tenant_id, AWS, date=DAY, parameters={"source_uri": str(source)})
+    done = wait_for_run(api, key, triggered["pipeline_logging_id"])
+    assert done["status"] == "FAILED", done
+    assert done["error_message"].startswith("step load_export failed: a column name is 2000 "), done
+    assert "(at most 300)" in done["error_message"]

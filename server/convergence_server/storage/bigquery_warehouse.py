@@ -30,7 +30,6 @@ from convergence_server.storage.bigquery_client import (
     job_config,
     message,
 )
-from convergence_server.storage.identifiers import sanitize
 from convergence_server.storage.records import RunRecord
 from convergence_server.storage.warehouse import (
     STAGE_PREFIX,
@@ -40,6 +39,7 @@ from convergence_server.storage.warehouse import (
     SchemaColumn,
     TransientError,
     WarehouseError,
+    column_names,
 )
 
 _FORMATS = {
@@ -416,11 +416,7 @@ class BigQueryWarehouse:
 
 def _csv_header(path: str) -> list[str]:
     with open(path, newline="", encoding="utf-8-sig") as source:
-        header = next(csv.reader(source), [])
-    names = [sanitize(name) for name in header]
-    if len(set(names)) != len(names):
-        raise WarehouseError("two columns have the same name once sanitized")
-    return names
+        return column_names(next(csv.reader(source), []))
 
 
 def _columns_sql(columns: Sequence[SchemaColumn]) -> str:

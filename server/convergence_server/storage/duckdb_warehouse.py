@@ -34,7 +34,7 @@ from typing import Any, TypeVar
 import duckdb
 
 from convergence_server.storage import duckdb_runs as runs
-from convergence_server.storage.identifiers import quote_identifier, sanitize
+from convergence_server.storage.identifiers import quote_identifier
 from convergence_server.storage.locks import KeyedTurns
 from convergence_server.storage.records import RunRecord
 from convergence_server.storage.sql import SqlError, quote, to_duckdb
@@ -46,6 +46,7 @@ from convergence_server.storage.warehouse import (
     SchemaColumn,
     TransientError,
     WarehouseError,
+    column_names,
 )
 
 T = TypeVar("T")
@@ -221,9 +222,7 @@ class DuckDBWarehouse:
                 d[0]
                 for d in cur.execute(f"SELECT * FROM {reader} LIMIT 0", {"source": uri}).description
             ]
-            renamed = [sanitize(n) for n in names]
-            if len(set(renamed)) != len(renamed):
-                raise WarehouseError("two columns have the same name once sanitized")
+            renamed = column_names(names)
             select = ", ".join(
                 f"{quote_identifier_any(n)} AS {quote_identifier(r)}"
                 for n, r in zip(names, renamed, strict=True)

@@ -13,6 +13,7 @@ from datetime import date
 from decimal import Decimal
 from typing import Any, Protocol
 
+from convergence_server.storage.identifiers import sanitize
 from convergence_server.storage.records import RunRecord
 
 # Every staging table of a run starts with this; tables left by interrupted runs are
@@ -35,6 +36,25 @@ class TransientError(Exception):
 
 class WarehouseError(Exception):
     """A failure that retrying cannot fix (bad SQL, a missing file, wrong types)."""
+
+
+# BigQuery's longest column name; a file's header beyond it is no header of a known format.
+MAX_COLUMN_NAME = 300
+
+
+def column_names(header: Sequence[str]) -> list[str]:
+    """A local file's column names as a load names them (`sanitize`d): two that become one,
+    or one longer than BigQuery takes, fail the load with a message that says so."""
+    names = [sanitize(name) for name in header]
+    if len(set(names)) != len(names):
+        raise WarehouseError("two columns have the same name once sanitized")
+    for name in names:
+        if len(name) > MAX_COLUMN_NAME:
+            raise WarehouseError(
+                f"a column name is {len(name)} characters long (at most {MAX_COLUMN_NAME}): "
+                f"'{name[:40]}...'; is the file in the format the template reads?"
+            )
+    return names
 
 
 class PublishRefused(Exception):
