@@ -259,7 +259,8 @@ function envoy_on_request(request_handle)
   -- routes, so it is passed on as one, and its response's body is dropped. Not
   -- a watch: its response is a stream that lasts as long as the run.
   if headers:get(":method") == "HEAD" then
-    if (headers:get(":path") or ""):find(":watch", 1, true) then
+    local path = (headers:get(":path") or ""):match("^[^?]*")
+    if path:sub(-6) == ":watch" then
       request_handle:respond({[":status"] = "405"}, "HEAD is not supported on a watch: use GET")
       return
     end

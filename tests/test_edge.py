@@ -369,6 +369,9 @@ def test_head_of_a_response_beyond_envoys_buffers_and_of_a_watch(stack: Stack) -
                 assert (head.content, head.headers["content-length"]) == (b"", str(size))
                 refused = client.head(watch, headers=auth)
                 assert refused.status_code == 405, refused.headers
+                # ":watch" in a query is no watch.
+                listed = client.head("/api/v1/pipelines/runs?pipeline_id=a:watch", headers=auth)
+                assert listed.status_code == 200, listed.headers
 
 
 def test_the_limits_are_in_the_message(stack: Stack) -> None:
