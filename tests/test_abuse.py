@@ -13,7 +13,7 @@ import statistics
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -25,11 +25,14 @@ from grpc_status import rpc_status
 from convergence.v1 import (
     health_service_pb2,
     health_service_pb2_grpc,
+    pipeline_service_pb2,
+    pipeline_service_pb2_grpc,
     run_service_pb2,
     run_service_pb2_grpc,
     tenant_service_pb2,
     tenant_service_pb2_grpc,
 )
+from convergence_server import faults
 from convergence_server.domain import keys
 from convergence_server.stack import Stack
 from tests.conftest import (
@@ -250,12 +253,32 @@ def test_a_stream_ends_after_its_longest_life(guarded: Guarded) -> None:
 @pytest.fixture(scope="module")
 def busy(stack_factory: StackFactory, tmp_path_factory: pytest.TempPathFactory) -> Stack:
     """A stack that runs nothing (runs stay PENDING, so watches stay open) and can hold
-    calls in progress (the `hold_calls` fault point)."""
+    calls in progress, and new members' admissions (fault points)."""
     return stack_factory(
         data_dir=tmp_path_factory.mktemp("busy"),
         CONVERGENCE_WORKERS="0",
-        CONVERGENCE_FAULT_POINTS="hold_calls",
+        CONVERGENCE_FAULT_POINTS=",".join(
+            (faults.HOLD_CALLS, faults.BEFORE_MEMBER_ADMISSION, faults.AFTER_MEMBER_ADMISSION)
+        ),
     )
+
+
+@contextlib.contextmanager
+def holding(stack: Stack, point: str) -> Iterator[Callable[[int], None]]:
+    """Holds `point` while in the block; gives a wait for the server's n-th hold there."""
+    hold = stack.run_dir.parent / "hold" / point
+    hold.parent.mkdir(exist_ok=True)
+    before = server_log(stack).count(f"fault point {point}: holding")
+
+    def held(n: int = 1) -> None:
+        line = f"fault point {point}: holding"
+        eventually(lambda: server_log(stack).count(line) >= before + n, f"{point} held")
+
+    hold.touch()
+    try:
+        yield held
+    finally:
+        hold.unlink(missing_ok=True)
 
 
 def watch(channel: grpc.Channel, key: str, run_id: object) -> Iterator[object]:
@@ -442,6 +465,74 @@ def test_a_refused_call_takes_no_team_seat(busy: Stack) -> None:
         )
         assert events.status_code == 200, events.text
         assert sorted(e["target"] for e in events.json()["events"]) == ["ann", "carl", "dave"]
+
+
+def test_a_call_cancelled_while_its_user_is_admitted_leaves_no_member(busy: Stack) -> None:
+    """The store's admission of a new user finishes even if the call is cancelled meanwhile
+    (a deadline, a client gone): the call never runs, so the user is no member."""
+    with client(busy) as http:
+        tenant_id, key = onboard(http, plan="STARTER")
+        with (
+            holding(busy, faults.AFTER_MEMBER_ADMISSION) as held,
+            grpc.insecure_channel(busy.grpc_target) as channel,
+            ThreadPoolExecutor(1) as pool,
+        ):
+            call = pool.submit(
+                pipeline_service_pb2_grpc.PipelineServiceStub(channel).ListPipelines,
+                pipeline_service_pb2.ListPipelinesRequest(),
+                metadata=[("x-api-key", key), ("x-user-id", "zed")],
+                timeout=3,
+            )
+            held()
+            with pytest.raises(grpc.RpcError) as late:
+                call.result(120)
+            assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        auth = {"X-API-Key": key}
+        team = f"/api/v1/tenants/{tenant_id}/members"
+
+        def members() -> list[object] | None:
+            listed = http.get(team, headers=auth)
+            return listed.json()["members"] if listed.status_code == 200 else None
+
+        # The removal follows the call's end: looked for once a second (60 calls a minute).
+        eventually(lambda: members() == [], "no member", timeout=60, interval=1.0)
+        assert call_with(http, key, "ann").status_code == 200  # both seats free
+        assert call_with(http, key, "bob").status_code == 200
+        events = http.get(
+            f"/api/v1/tenants/{tenant_id}/audit-log", headers=auth, params={"event": "member.added"}
+        ).json()["events"]
+        assert sorted(e["target"] for e in events) == ["ann", "bob"]
+
+
+def test_a_plan_change_waits_for_a_new_members_admission(busy: Stack) -> None:
+    """A new user admitted under the old plan while a smaller plan is chosen: the change
+    is refused (the team would be too large), never both accepted."""
+    with client(busy) as http:
+        tenant_id, key = onboard(http)  # PROFESSIONAL: a team of 6
+        for user in ("ann", "bob"):
+            assert call_with(http, key, user).status_code == 200
+        with ThreadPoolExecutor(2) as pool:
+            with holding(busy, faults.BEFORE_MEMBER_ADMISSION) as held:
+                carl = pool.submit(call_with, http, key, "carl")  # the plan read: a team of 6
+                held()
+                change = pool.submit(
+                    http.put,
+                    f"/api/v1/tenants/{tenant_id}/subscription",
+                    headers={"X-API-Key": key},
+                    json={"subscription_plan": "STARTER"},  # a team of 2
+                )
+                with contextlib.suppress(TimeoutError):
+                    change.result(2)  # it may not end while the admission is held
+            assert carl.result(60).status_code == 200
+            refused = change.result(60)
+        assert refused.status_code == 409, refused.text
+        assert "Your team has 3 members and plan STARTER allows 2" in refused.json()["message"]
+        usage = http.get(f"/api/v1/tenants/{tenant_id}/usage", headers={"X-API-Key": key})
+        assert usage.json()["subscription_plan"] == "PROFESSIONAL"
+
+
+def call_with(http: httpx.Client, key: str, user: str) -> httpx.Response:
+    return http.get("/api/v1/pipelines", headers={"X-API-Key": key, "X-User-ID": user})
 
 
 def test_a_tenant_holding_its_streams_and_hammering_does_not_slow_another(busy: Stack) -> None:

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date
 
+from convergence_server import faults
 from convergence_server.clock import Clock
 from convergence_server.domain.access import AccessLog, actor_of
 from convergence_server.domain.auth import Caller, authorize_tenant
+from convergence_server.domain.plans import Plan
 from convergence_server.domain.quotas import PlanBook
 from convergence_server.errors import (
     FailedPrecondition,
@@ -22,6 +25,7 @@ from convergence_server.errors import (
     echo,
 )
 from convergence_server.storage import Store
+from convergence_server.storage.locks import KeyedTurns
 from convergence_server.storage.records import MemberRecord
 
 log = logging.getLogger(__name__)
@@ -100,6 +104,8 @@ class Accounts:
         self._removals: dict[str, int] = {}
         # Users seated for calls in progress, not yet known to be members.
         self._pending: dict[tuple[str, str], _Pending] = {}
+        # Per tenant: admissions of new members and plan changes take turns.
+        self._teams = KeyedTurns()
 
     async def admit_user(self, caller: Caller, user_id: str) -> Seat | None:
         """Seats a new `user_id` in the caller's team for the call about to run, refusing
@@ -132,10 +138,9 @@ class Accounts:
             if any(m.user_id == user_id for m in known):  # a recheck: no write
                 self._remember(pair, removals)
                 return None
-            plan = await self._plans.plan_of(caller.tenant_id)
-            admitted, added = await self._store.admit_member(
-                caller.tenant_id, user_id, plan.team_size, self._clock()
-            )
+            async with self._teams.get(caller.tenant_id):  # not during a plan change
+                plan = await self._plans.plan_of(caller.tenant_id)
+                admitted, added = await self._admit_member(caller.tenant_id, user_id, plan)
             if not admitted:
                 raise TeamSizeExceeded(
                     f"Team size limit reached: plan {plan.name} allows {plan.team_size} team "
@@ -149,6 +154,27 @@ class Accounts:
             pending.added = True
         pending.seats += 1
         return Seat(caller, user_id, removals)
+
+    async def _admit_member(self, tenant_id: str, user_id: str, plan: Plan) -> tuple[bool, bool]:
+        """The store's admission, seen through: a call cancelled meanwhile (its client gone)
+        never runs, so a user the store added for it is removed again."""
+
+        async def admit() -> tuple[bool, bool]:
+            await faults.held(faults.BEFORE_MEMBER_ADMISSION)
+            answer = await self._store.admit_member(
+                tenant_id, user_id, plan.team_size, self._clock()
+            )
+            await faults.held(faults.AFTER_MEMBER_ADMISSION)
+            return answer
+
+        admission = asyncio.ensure_future(admit())
+        try:
+            return await asyncio.shield(admission)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                if (await admission)[1]:
+                    await self._store.remove_member(tenant_id, user_id)
+            raise
 
     async def keep(self, seat: Seat) -> None:
         """The seated call succeeded: its user is a member (audited once)."""
@@ -228,17 +254,24 @@ class Accounts:
                     )
                 ],
             )
-        team = len(await self._store.list_members(tenant_id))
-        allowed = self._plans.plans[plan_name].team_size
-        if team > allowed:
-            raise FailedPrecondition(
-                f"Your team has {team} members and plan {plan_name} allows {allowed}: "
-                "remove members first"
-            )
-        old = (await self._plans.plan_of(tenant_id)).name
-        if not await self._store.update_plan(tenant_id, plan_name, self._clock()):
-            raise NotFound(f"No tenant {tenant_id}")
-        self._plans.forget(tenant_id)
+        # In the team's turn: no new member is admitted under the old plan meanwhile.
+        async with self._teams.get(tenant_id):
+            tenant = await self._store.get_tenant(tenant_id)
+            if tenant is None:
+                raise NotFound(f"No tenant {tenant_id}")
+            old = tenant.subscription_plan
+            if old == plan_name:  # no change, no event
+                return plan_name
+            team = len(await self._store.list_members(tenant_id))
+            allowed = self._plans.plans[plan_name].team_size
+            if team > allowed:
+                raise FailedPrecondition(
+                    f"Your team has {team} members and plan {plan_name} allows {allowed}: "
+                    "remove members first"
+                )
+            if not await self._store.update_plan(tenant_id, plan_name, self._clock()):
+                raise NotFound(f"No tenant {tenant_id}")
+            self._plans.forget(tenant_id)
         await self._audit(caller, "subscription.changed", plan_name, f"{old} -> {plan_name}")
         return plan_name
 
