@@ -378,7 +378,6 @@ def test_a_refused_call_takes_no_team_seat(busy: Stack) -> None:
     """A new X-User-ID is seated before its call runs (concurrent new users cannot exceed
     the team) and the seat is given back when the call is refused: while the call is held,
     the seat counts; after, the team is as if the call had never been made."""
-    hold = busy.run_dir.parent / "hold" / "hold_calls"
     missing = f"/api/v1/pipelines/runs/{uuid.uuid4()}"
     with client(busy) as http:
         tenant_id, key = onboard(http, plan="STARTER")  # a team of 2, 10 calls at once
@@ -390,9 +389,6 @@ def test_a_refused_call_takes_no_team_seat(busy: Stack) -> None:
         def members() -> list[str]:
             team = http.get(f"/api/v1/tenants/{tenant_id}/members", headers={"X-API-Key": key})
             return [m["user_id"] for m in team.json()["members"]]
-
-        def holding() -> int:
-            return server_log(busy).count("fault point hold_calls: holding")
 
         assert call("ann").status_code == 200
         # Refused calls of every kind: none takes a seat.
@@ -415,33 +411,28 @@ def test_a_refused_call_takes_no_team_seat(busy: Stack) -> None:
             assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
         assert members() == ["ann"]
 
-        hold.parent.mkdir(exist_ok=True)
-        hold.touch()
-        try:
-            with ThreadPoolExecutor(10) as pool, client(busy) as held_http:
-                # bob's call is held in progress: it has the second seat, carl none.
-                before = holding()
+        with ThreadPoolExecutor(10) as pool, client(busy) as held_http:
+            # bob's call is held in progress: it has the second seat, carl none.
+            with holding(busy, faults.HOLD_CALLS) as held:
                 refused = pool.submit(
                     held_http.get, missing, headers={"X-API-Key": key, "X-User-ID": "bob"}
                 )
-                eventually(lambda: holding() > before, "bob's call held")
+                held()
                 full = call("carl")
                 assert full.status_code == 403, full.text
                 assert full.json()["message"].startswith("Team size limit reached")
-                hold.unlink()
-                assert refused.result(60).status_code == 404
-                # ... and gave it back.
-                assert call("carl").status_code == 200
-                assert members() == ["ann", "carl"]
+            assert refused.result(60).status_code == 404
+            # ... and gave it back.
+            assert call("carl").status_code == 200
+            assert members() == ["ann", "carl"]
 
-                # A user's refused call does not unseat its call still in progress: dave's
-                # first call is held, his second refused (ten calls are in progress).
-                removed = http.delete(
-                    f"/api/v1/tenants/{tenant_id}/members/carl", headers={"X-API-Key": key}
-                )
-                assert removed.status_code == 200
-                hold.touch()
-                before = holding()
+            # A user's refused call does not unseat its call still in progress: dave's
+            # first call is held, his second refused (ten calls are in progress).
+            removed = http.delete(
+                f"/api/v1/tenants/{tenant_id}/members/carl", headers={"X-API-Key": key}
+            )
+            assert removed.status_code == 200
+            with holding(busy, faults.HOLD_CALLS) as held:
                 calls = [
                     pool.submit(
                         held_http.get,
@@ -450,12 +441,9 @@ def test_a_refused_call_takes_no_team_seat(busy: Stack) -> None:
                     )
                     for user in ["dave"] + ["ann"] * 9
                 ]
-                eventually(lambda: holding() >= before + 10, "ten calls held")
+                held(10)
                 assert_429(call("dave"), "Too many calls in progress")
-                hold.unlink()
-                assert [f.result(60).status_code for f in calls] == [200] * 10
-        finally:
-            hold.unlink(missing_ok=True)
+            assert [f.result(60).status_code for f in calls] == [200] * 10
         assert members() == ["ann", "dave"]
         assert call("erin").status_code == 403
         events = http.get(
@@ -502,6 +490,24 @@ def test_a_call_cancelled_while_its_user_is_admitted_leaves_no_member(busy: Stac
             f"/api/v1/tenants/{tenant_id}/audit-log", headers=auth, params={"event": "member.added"}
         ).json()["events"]
         assert sorted(e["target"] for e in events) == ["ann", "bob"]
+
+
+def test_a_user_removed_during_their_first_call_is_not_audited_as_added(busy: Stack) -> None:
+    with client(busy) as http:
+        tenant_id, key = onboard(http, plan="STARTER")
+        auth = {"X-API-Key": key}
+        with ThreadPoolExecutor(1) as pool:
+            with holding(busy, faults.AFTER_MEMBER_ADMISSION) as held:
+                first = pool.submit(call_with, http, key, "eve")
+                held()  # eve is stored, her call not run yet
+                removed = http.delete(f"/api/v1/tenants/{tenant_id}/members/eve", headers=auth)
+                assert removed.status_code == 200, removed.text
+            assert first.result(60).status_code == 200
+        events = http.get(f"/api/v1/tenants/{tenant_id}/audit-log", headers=auth).json()
+        assert [e["event"] for e in events["events"] if e["target"] == "eve"] == ["member.removed"]
+        assert (
+            http.get(f"/api/v1/tenants/{tenant_id}/members", headers=auth).json()["members"] == []
+        )
 
 
 def test_a_plan_change_waits_for_a_new_members_admission(busy: Stack) -> None:

@@ -183,7 +183,11 @@ class Accounts:
         pending.seats -= 1
         if pending.added:
             pending.added = False
-            await self._audit(seat.caller, "member.added", seat.user_id)
+            # Not when the user was removed while the call ran: its row is gone.
+            if self._removals.get(pair[0], 0) == seat.removals or any(
+                m.user_id == seat.user_id for m in await self._store.list_members(pair[0])
+            ):
+                await self._audit(seat.caller, "member.added", seat.user_id)
         self._remember(pair, seat.removals)
         self._done(pair, pending)
 
