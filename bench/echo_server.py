@@ -33,6 +33,11 @@ async def serve() -> None:
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(SERVICE, {METHOD: handler}),)
     )
+    await serve_on_free_port(server)
+
+
+async def serve_on_free_port(server: grpc.aio.Server) -> None:
+    """Binds 127.0.0.1 on a free port, prints the port, serves until SIGTERM/SIGINT."""
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     print(port, flush=True)
