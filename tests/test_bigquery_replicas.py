@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 from convergence_server import faults
+from convergence_server.stack import Stack
 from tests.bigquery_emulator import Emulator
 from tests.conftest import (
     UNMETERED,
@@ -28,6 +29,7 @@ from tests.conftest import (
     trigger,
     wait_for_run,
 )
+from tests.test_abuse import call_with, holding
 from tests.test_metrics import Samples, scrape_until, value
 from tests.test_publish_guards import CLEAN, DAY
 from tests.test_schedules import BASE, Clock, assert_each_slot_once, create, fire, slot_times
@@ -47,10 +49,19 @@ PROFESSIONAL_CONCURRENT = 5
 def replicas(stack_factory: StackFactory, **env: str) -> Iterator[list[httpx.Client]]:
     """Two replicas on one BigQuery store (`env` names it). Workers are off, so admitted
     runs stay PENDING and keep their slots all along."""
+    with replica_stacks(stack_factory, **env) as (_, opened):
+        yield opened
+
+
+@contextlib.contextmanager
+def replica_stacks(
+    stack_factory: StackFactory, **env: str
+) -> Iterator[tuple[list[Stack], list[httpx.Client]]]:
+    """`replicas`, with their stacks."""
     started = [stack_factory(**env, CONVERGENCE_WORKERS="0") for _ in range(2)]
     opened = [httpx.Client(base_url=s.http_url, timeout=300) for s in started]
     try:
-        yield opened
+        yield started, opened
     finally:
         for client in opened:
             client.close()
@@ -59,9 +70,9 @@ def replicas(stack_factory: StackFactory, **env: str) -> Iterator[list[httpx.Cli
 
 
 @pytest.fixture(scope="module")
-def clients(
+def pair(
     stack_factory: StackFactory, pipeline_env: dict[str, str], emulator: Emulator
-) -> Iterator[list[httpx.Client]]:
+) -> Iterator[tuple[list[Stack], list[httpx.Client]]]:
     """Two replicas, their schedule tickers off (each tick is a query on the shared
     emulator: two replicas ticking slowed every other test of the module)."""
     env = {
@@ -73,9 +84,15 @@ def clients(
         "CONVERGENCE_KEY_SYNC_SECONDS": "5",
         # A member removed through one replica is seen by the other within a second.
         "CONVERGENCE_MEMBER_CACHE_SECONDS": "1",
+        "CONVERGENCE_FAULT_POINTS": faults.BEFORE_MEMBER_ADMISSION,
     }
-    with replicas(stack_factory, **env) as opened:
-        yield opened
+    with replica_stacks(stack_factory, **env) as both:
+        yield both
+
+
+@pytest.fixture(scope="module")
+def clients(pair: tuple[list[Stack], list[httpx.Client]]) -> list[httpx.Client]:
+    return pair[1]
 
 
 def test_two_replicas_admit_exactly_the_concurrent_limit(clients: list[httpx.Client]) -> None:
@@ -356,3 +373,30 @@ def test_a_member_removed_through_one_replica_is_no_member_of_the_other(
     assert refused.json()["message"].startswith("Team size limit reached")
     team = clients[1].get(f"/api/v1/tenants/{tenant_id}/members", headers={"X-API-Key": key})
     assert [m["user_id"] for m in team.json()["members"]] == ["bob", "carl"]
+
+
+def test_a_plan_lowered_through_one_replica_bounds_the_team_on_the_other(
+    pair: tuple[list[Stack], list[httpx.Client]],
+) -> None:
+    """A replica admitting a new user under the plan it read, while another lowers the
+    plan: the store finds the plan changed, and the user is admitted, or refused, under the
+    new one (here the team is full by then)."""
+    stacks, clients = pair
+    tenant_id, key = onboard(clients[0])  # PROFESSIONAL: a team of 6
+    assert call_with(clients[1], key, "ann").status_code == 200
+    with ThreadPoolExecutor(1) as pool:
+        with holding(stacks[1], faults.BEFORE_MEMBER_ADMISSION) as held:
+            bob = pool.submit(call_with, clients[1], key, "bob")
+            held()  # bob's admission has read PROFESSIONAL
+            lowered = clients[0].put(
+                f"/api/v1/tenants/{tenant_id}/subscription",
+                headers={"X-API-Key": key},
+                json={"subscription_plan": "STARTER"},  # a team of 2
+            )
+            assert lowered.status_code == 200, lowered.text
+            assert call_with(clients[0], key, "carl").status_code == 200  # the team full
+        refused = bob.result(300)
+    assert refused.status_code == 403, refused.text
+    assert "plan STARTER allows 2 team members" in refused.json()["message"]
+    team = clients[1].get(f"/api/v1/tenants/{tenant_id}/members", headers={"X-API-Key": key})
+    assert [m["user_id"] for m in team.json()["members"]] == ["ann", "carl"]

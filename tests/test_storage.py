@@ -73,7 +73,7 @@ def test_a_database_invalidated_by_a_full_disk_is_reopened(tmp_path: Path) -> No
             assert await store.write_failure() is not None
             os.remove(filler)
             assert await store.write_failure() is None
-            assert await store.update_plan("acme_corp", "SCALE", datetime.now(UTC))
+            assert await store.update_plan("acme_corp", "SCALE", 3, datetime.now(UTC)) == 0
             assert (await store.get_tenant("acme_corp")).subscription_plan == "SCALE"  # type: ignore[union-attr]
             await store.close()
 

@@ -31,6 +31,7 @@ from convergence_server.storage.records import (
     AuditFilter,
     AuditRecord,
     DqRecord,
+    MemberAdmission,
     RunCursor,
     RunFilter,
     RunLimits,
@@ -186,25 +187,62 @@ def test_the_api_key_record_round_trips(store: Store) -> None:
 
 def test_a_plan_change_is_stored(store: Store) -> None:
     tenant_id = tenant(store)
-    assert run(store.update_plan(tenant_id, "SCALE", datetime.now(UTC)))
+    assert run(store.update_plan(tenant_id, "SCALE", 3, datetime.now(UTC))) == 0
     stored = run(store.get_tenant(tenant_id))
     assert stored is not None and stored.subscription_plan == "SCALE"
-    assert not run(store.update_plan("c_nobody", "SCALE", datetime.now(UTC)))
+    assert run(store.update_plan("c_nobody", "SCALE", 3, datetime.now(UTC))) is None
+
+
+def test_a_plan_change_is_refused_for_a_team_beyond_its_size(store: Store) -> None:
+    """The team is counted with the change, in one step: the plan stays when it is larger
+    than the new plan allows, and the caller learns its size."""
+    tenant_id = tenant(store)
+    now = datetime.now(UTC)
+    for user_id in ("ann", "bob", "cat"):
+        assert run(store.admit_member(tenant_id, user_id, "PROFESSIONAL", 5, now)).added
+    assert run(store.update_plan(tenant_id, "STARTER", 2, now)) == 3
+    stored = run(store.get_tenant(tenant_id))
+    assert stored is not None and stored.subscription_plan == "PROFESSIONAL"
+    assert run(store.update_plan(tenant_id, "STARTER", 3, now)) == 3  # exactly full: allowed
+    stored = run(store.get_tenant(tenant_id))
+    assert stored is not None and stored.subscription_plan == "STARTER"
 
 
 def test_team_members_are_admitted_up_to_the_team_size(store: Store) -> None:
     tenant_id = tenant(store)
     now = datetime.now(UTC)
-    # (a member now, added by this call)
-    assert run(store.admit_member(tenant_id, "ann", 2, now)) == (True, True)
-    assert run(store.admit_member(tenant_id, "ann", 2, now)) == (True, False)
-    assert run(store.admit_member(tenant_id, "bob", 2, now)) == (True, True)
-    assert run(store.admit_member(tenant_id, "cat", 2, now)) == (False, False)
-    assert run(store.admit_member(tenant_id, "ann", 2, now)) == (True, False)  # the team full
+
+    def admit(user_id: str) -> tuple[bool, bool]:
+        """(a member now, added by this call)"""
+        answer = run(store.admit_member(tenant_id, user_id, "PROFESSIONAL", 2, now))
+        assert answer.plan == "PROFESSIONAL"
+        return answer.member, answer.added
+
+    assert admit("ann") == (True, True)
+    assert admit("ann") == (True, False)
+    assert admit("bob") == (True, True)
+    assert admit("cat") == (False, False)
+    assert admit("ann") == (True, False)  # the team full
     assert [m.user_id for m in run(store.list_members(tenant_id))] == ["ann", "bob"]
     assert run(store.remove_member(tenant_id, "ann"))
     assert not run(store.remove_member(tenant_id, "ann"))
-    assert run(store.admit_member(tenant_id, "cat", 2, now)) == (True, True)
+    assert admit("cat") == (True, True)
+
+
+def test_no_member_is_admitted_under_a_plan_the_tenant_no_longer_has(store: Store) -> None:
+    """A server whose copy of the plan is out of date (changed through another) offers
+    the old plan's size: the store refuses, whatever the size, adds no one, and names the
+    plan the tenant has now."""
+    tenant_id = tenant(store)
+    now = datetime.now(UTC)
+    assert run(store.admit_member(tenant_id, "ann", "PROFESSIONAL", 5, now)).added
+    assert run(store.update_plan(tenant_id, "STARTER", 3, now)) == 1
+    stale = run(store.admit_member(tenant_id, "bob", "PROFESSIONAL", 5, now))
+    assert stale == MemberAdmission(member=False, added=False, plan="STARTER")
+    known = run(store.admit_member(tenant_id, "ann", "PROFESSIONAL", 5, now))
+    assert known == MemberAdmission(member=True, added=False, plan="STARTER")
+    assert [m.user_id for m in run(store.list_members(tenant_id))] == ["ann"]
+    assert run(store.admit_member(tenant_id, "bob", "STARTER", 3, now)).added
 
 
 # -- API keys and the audit log ----------------------------------------------------------
@@ -217,7 +255,7 @@ def test_usage_reads_the_days_row_the_runs_in_use_and_the_team_together(store: S
     assert run(store.usage(tenant_id, today)) == TenantUsage(None, 0, 0)
     now = datetime.now(UTC)
     for user_id in ("ann", "bob"):
-        run(store.admit_member(tenant_id, user_id, 5, now))
+        run(store.admit_member(tenant_id, user_id, "PROFESSIONAL", 5, now))
     made = [new_run(tenant_id) for _ in range(2)]
     for one in made:
         assert run(store.create_run(one, LONG_AGO, RunLimits(daily=5, concurrent=5))).created

@@ -47,8 +47,9 @@ AFTER_ADMISSION = "after_admission"
 # In the executor, after a claim's store call returned a run, before the run starts (held:
 # the server is asked to stop meanwhile).
 AFTER_CLAIM = "after_claim"
-# In the admission of a new team member, before its store call (held: a plan change
-# comes meanwhile) and after it (held: the call is cancelled meanwhile).
+# In the admission of a new team member, after its plan was read, before its store call
+# (held: a plan change comes meanwhile), and after it (held: the call is cancelled
+# meanwhile).
 BEFORE_MEMBER_ADMISSION = "before_member_admission"
 AFTER_MEMBER_ADMISSION = "after_member_admission"
 KNOWN = frozenset(

@@ -29,6 +29,9 @@ from convergence_server.storage.locks import KeyedTurns
 from convergence_server.storage.records import MemberRecord
 
 log = logging.getLogger(__name__)
+# An admission the store refused because the plan had changed is asked again under the new
+# plan, this many times at most (each a plan change between a read and the admission).
+PLAN_CHANGES_AWAITED = 3
 
 
 class TeamSizeExceeded(PermissionDenied):
@@ -139,8 +142,7 @@ class Accounts:
                 self._remember(pair, removals)
                 return None
             async with self._teams.get(caller.tenant_id):  # not during a plan change
-                plan = await self._plans.plan_of(caller.tenant_id)
-                admitted, added = await self._admit_member(caller.tenant_id, user_id, plan)
+                plan, admitted, added = await self._admit_member(caller.tenant_id, user_id)
             if not admitted:
                 raise TeamSizeExceeded(
                     f"Team size limit reached: plan {plan.name} allows {plan.team_size} team "
@@ -155,24 +157,32 @@ class Accounts:
         pending.seats += 1
         return Seat(caller, user_id, removals)
 
-    async def _admit_member(self, tenant_id: str, user_id: str, plan: Plan) -> tuple[bool, bool]:
-        """The store's admission, seen through: a call cancelled meanwhile (its client gone)
-        never runs, so a user the store added for it is removed again."""
+    async def _admit_member(self, tenant_id: str, user_id: str) -> tuple[Plan, bool, bool]:
+        """The store's admission under the tenant's plan, asked again when the store finds
+        the plan changed (through another server: this one's copy was out of date). Seen
+        through: a call cancelled meanwhile (its client gone) never runs, so a user the
+        store added for it is removed again."""
 
-        async def admit() -> tuple[bool, bool]:
+        async def admit() -> tuple[Plan, bool, bool]:
+            name, plan = await self._plans.stored_plan(tenant_id)
             await faults.held(faults.BEFORE_MEMBER_ADMISSION)
-            answer = await self._store.admit_member(
-                tenant_id, user_id, plan.team_size, self._clock()
-            )
+            for _ in range(PLAN_CHANGES_AWAITED):
+                answer = await self._store.admit_member(
+                    tenant_id, user_id, name, plan.team_size, self._clock()
+                )
+                if answer.member or answer.plan == name:  # else: the plan has changed
+                    break
+                self._plans.forget(tenant_id)
+                name, plan = await self._plans.stored_plan(tenant_id)
             await faults.held(faults.AFTER_MEMBER_ADMISSION)
-            return answer
+            return plan, answer.member, answer.added
 
         admission = asyncio.ensure_future(admit())
         try:
             return await asyncio.shield(admission)
         except asyncio.CancelledError:
             with contextlib.suppress(Exception):
-                if (await admission)[1]:
+                if (await admission)[2]:
                     await self._store.remove_member(tenant_id, user_id)
             raise
 
@@ -266,15 +276,15 @@ class Accounts:
             old = tenant.subscription_plan
             if old == plan_name:  # no change, no event
                 return plan_name
-            team = len(await self._store.list_members(tenant_id))
             allowed = self._plans.plans[plan_name].team_size
+            team = await self._store.update_plan(tenant_id, plan_name, allowed, self._clock())
+            if team is None:
+                raise NotFound(f"No tenant {tenant_id}")
             if team > allowed:
                 raise FailedPrecondition(
                     f"Your team has {team} members and plan {plan_name} allows {allowed}: "
                     "remove members first"
                 )
-            if not await self._store.update_plan(tenant_id, plan_name, self._clock()):
-                raise NotFound(f"No tenant {tenant_id}")
             self._plans.forget(tenant_id)
         await self._audit(caller, "subscription.changed", plan_name, f"{old} -> {plan_name}")
         return plan_name

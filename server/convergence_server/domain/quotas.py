@@ -140,7 +140,9 @@ def concurrency_wait(typical_run_ms: int | None) -> int:
 class PlanBook:
     """Each tenant's plan, read from the store and kept a few seconds.
 
-    A plan change made through this server takes effect on the next call (`forget`).
+    A plan change made through this server takes effect on the next call (`forget`), one
+    made through another within the few seconds; a team's admission is checked against
+    the stored plan itself (`Store.admit_member`).
     """
 
     def __init__(
@@ -154,26 +156,32 @@ class PlanBook:
         self.plans = plans
         self._ttl = ttl
         self._monotonic = monotonic
-        self._cache: dict[str, tuple[float, Plan]] = {}
+        self._cache: dict[str, tuple[float, str, Plan]] = {}
         self._generations: dict[str, int] = {}
 
     async def plan_of(self, tenant_id: str) -> Plan:
+        return (await self.stored_plan(tenant_id))[1]
+
+    async def stored_plan(self, tenant_id: str) -> tuple[str, Plan]:
+        """The plan's name in the tenant's profile, and the plan that applies: the same
+        but for a plan withdrawn from plans.yml."""
         cached = self._cache.get(tenant_id)
         if cached is not None and cached[0] > self._monotonic():
-            return cached[1]
+            return cached[1], cached[2]
         generation = self._generations.get(tenant_id, 0)
         tenant = await self._store.get_tenant(tenant_id)
         if tenant is None:
             raise NotFound(f"No tenant {tenant_id}")
-        plan = self.plans.get(tenant.subscription_plan)
+        name = tenant.subscription_plan
+        plan = self.plans.get(name)
         if plan is None:
             # A plan withdrawn from plans.yml: the most restrictive one applies until the
             # tenant chooses another (it must still be able to call UpdateSubscription).
-            log.warning("tenant %s has the unknown plan %s", tenant_id, tenant.subscription_plan)
+            log.warning("tenant %s has the unknown plan %s", tenant_id, name)
             plan = min(self.plans.values(), key=lambda p: p.daily_pipeline_runs)
         if self._generations.get(tenant_id, 0) == generation:  # no change meanwhile
-            self._cache[tenant_id] = (self._monotonic() + self._ttl, plan)
-        return plan
+            self._cache[tenant_id] = (self._monotonic() + self._ttl, name, plan)
+        return name, plan
 
     def forget(self, tenant_id: str) -> None:
         """The tenant's plan changed: the next call reads it again."""

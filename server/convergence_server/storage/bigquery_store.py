@@ -26,9 +26,10 @@ Written for BigQuery's strengths and limits rather than as a port of the embedde
   step boundary (a step's end and the next one's start together: a run of n steps makes
   n + 1) and one per heartbeat tick of its server. A `dq` step's results are one
   INSERT too, or, when `warn` checks failed, one transaction that also appends the run's
-  new `warnings`. The only UPDATEs in transactions hit the tenant's counters row; outside
-  them, plan changes update `tenant_profiles`, member removals delete from
-  `tenant_members`, and superseded schedule versions are deleted (below).
+  new `warnings`. The UPDATEs in transactions hit the tenant's counters row, and a plan
+  change's its `tenant_profiles` row (with the count of its team); outside them, member
+  removals delete from `tenant_members`, and superseded schedule versions are deleted
+  (below).
 - **Schedules are versioned rows.** Every change of a schedule appends its whole state,
   one `version` higher, to `tenant_schedule_events`; the view `tenant_schedules` shows each
   schedule's newest version. A change is appended, in the tenant's transaction, only when
@@ -78,6 +79,7 @@ from convergence_server.storage.records import (
     AuditRecord,
     Cancellation,
     DqRecord,
+    MemberAdmission,
     MemberRecord,
     RunCursor,
     RunFilter,
@@ -592,27 +594,49 @@ class BigQueryStore:
         params = {**{f"w_{k}": v for k, v in values.items()}, **_audit_params([audit], "a_")}
         await self._call(lambda: self._db.transaction(script, params))
 
-    async def update_plan(self, tenant_id: str, plan: str, now: datetime) -> bool:
-        changed = await self._call(
-            lambda: self._bq.execute(
-                f"UPDATE {self._t('tenant_profiles')} SET subscription_plan = @plan, "
-                "updated_at = @now WHERE tenant_id = @t",
-                {"plan": plan, "now": now, "t": tenant_id},
+    async def update_plan(
+        self, tenant_id: str, plan: str, team_size: int, now: datetime
+    ) -> int | None:
+        if await self.get_tenant(tenant_id) is None:  # nor its counters table
+            return None
+        # The counters row's UPDATE makes this and `admit_member` of the tenant conflict:
+        # on every server, the team counted here is the team the new plan applies to.
+        rows = await self._call(
+            lambda: self._db.transaction(
+                f"""
+                DECLARE team INT64;
+                DECLARE found BOOL;
+                BEGIN TRANSACTION;
+                UPDATE {counters_table(self._db, tenant_id)} SET seq = seq + 1, updated_at = @now
+                WHERE TRUE;
+                SET found = EXISTS (SELECT 1 FROM {self._t("tenant_profiles")}
+                                    WHERE tenant_id = @t);
+                SET team = (SELECT COUNT(*) FROM {self._t("tenant_members")}
+                            WHERE tenant_id = @t);
+                IF found AND team <= @team_size THEN
+                  UPDATE {self._t("tenant_profiles")} SET subscription_plan = @plan,
+                    updated_at = @now WHERE tenant_id = @t;
+                END IF;
+                COMMIT TRANSACTION;
+                SELECT found, team;
+                """,
+                {"plan": plan, "team_size": team_size, "now": now, "t": tenant_id},
             )
         )
-        return changed > 0
+        return int(rows[0][1]) if rows[0][0] else None
 
     # -- team members -----------------------------------------------------------------------
 
     async def admit_member(
-        self, tenant_id: str, user_id: str, team_size: int, now: datetime
-    ) -> tuple[bool, bool]:
+        self, tenant_id: str, user_id: str, plan: str, team_size: int, now: datetime
+    ) -> MemberAdmission:
         members = self._t("tenant_members")
         rows = await self._call(
             lambda: self._db.transaction(
                 f"""
                 DECLARE known INT64;
                 DECLARE total INT64;
+                DECLARE current STRING;
                 DECLARE added BOOL DEFAULT FALSE;
                 BEGIN TRANSACTION;
                 UPDATE {counters_table(self._db, tenant_id)} SET seq = seq + 1, updated_at = @now
@@ -620,19 +644,27 @@ class BigQueryStore:
                 SET known = (SELECT COUNT(*) FROM {members}
                              WHERE tenant_id = @tenant_id AND user_id = @user_id);
                 SET total = (SELECT COUNT(*) FROM {members} WHERE tenant_id = @tenant_id);
-                IF known = 0 AND total < @team_size THEN
+                SET current = (SELECT subscription_plan FROM {self._t("tenant_profiles")}
+                               WHERE tenant_id = @tenant_id);
+                IF known = 0 AND total < @team_size AND current = @plan THEN
                   INSERT INTO {members} (tenant_id, user_id, first_seen_at)
                   VALUES (@tenant_id, @user_id, @now);
                   SET known = 1;
                   SET added = TRUE;
                 END IF;
                 COMMIT TRANSACTION;
-                SELECT known, added;
+                SELECT known, added, current;
                 """,
-                {"tenant_id": tenant_id, "user_id": user_id, "team_size": team_size, "now": now},
+                {
+                    "tenant_id": tenant_id,
+                    "user_id": user_id,
+                    "plan": plan,
+                    "team_size": team_size,
+                    "now": now,
+                },
             )
         )
-        return bool(rows[0][0]), bool(rows[0][1])
+        return MemberAdmission(bool(rows[0][0]), bool(rows[0][1]), rows[0][2] or "")
 
     async def list_members(self, tenant_id: str) -> list[MemberRecord]:
         rows = await self._call(

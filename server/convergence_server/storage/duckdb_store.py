@@ -47,6 +47,7 @@ from convergence_server.storage.records import (
     AuditRecord,
     Cancellation,
     DqRecord,
+    MemberAdmission,
     MemberRecord,
     RunCursor,
     RunFilter,
@@ -787,37 +788,49 @@ class DuckDBStore:
 
         await self._call(save)
 
-    async def update_plan(self, tenant_id: str, plan: str, now: datetime) -> bool:
-        def update(cur: duckdb.DuckDBPyConnection) -> bool:
-            return bool(
-                runs.changed(
-                    cur,
+    async def update_plan(
+        self, tenant_id: str, plan: str, team_size: int, now: datetime
+    ) -> int | None:
+        def update(cur: duckdb.DuckDBPyConnection) -> int | None:
+            row = cur.execute(
+                f"SELECT (SELECT COUNT(*) FROM {MEMBERS} WHERE tenant_id = $t) "
+                f"FROM {CENTRAL}.tenant_profiles WHERE tenant_id = $t",
+                {"t": tenant_id},
+            ).fetchone()
+            if row is None:
+                return None
+            if row[0] <= team_size:
+                cur.execute(
                     f"UPDATE {CENTRAL}.tenant_profiles SET subscription_plan = ?, updated_at = ? "
                     "WHERE tenant_id = ?",
                     [plan, _utc_naive(now), tenant_id],
                 )
-            )
+            return int(row[0])
 
-        return await self._call(update)
+        # In the tenant's turn, as admissions are: no member joins while the team is counted.
+        async with self._tenant_turns.get(tenant_id):
+            return await self._call(update)
 
     async def admit_member(
-        self, tenant_id: str, user_id: str, team_size: int, now: datetime
-    ) -> tuple[bool, bool]:
-        def admit(cur: duckdb.DuckDBPyConnection) -> tuple[bool, bool]:
-            known = cur.execute(
-                f"SELECT COUNT(*) FILTER (WHERE user_id = ?), COUNT(*) FROM {MEMBERS} "
-                "WHERE tenant_id = ?",
-                [user_id, tenant_id],
-            ).fetchone() or (0, 0)
-            if known[0]:
-                return True, False
-            if known[1] >= team_size:
-                return False, False
+        self, tenant_id: str, user_id: str, plan: str, team_size: int, now: datetime
+    ) -> MemberAdmission:
+        def admit(cur: duckdb.DuckDBPyConnection) -> MemberAdmission:
+            known, team, current = cur.execute(
+                f"SELECT COUNT(*) FILTER (WHERE user_id = $u), COUNT(*), "
+                f"(SELECT subscription_plan FROM {CENTRAL}.tenant_profiles WHERE tenant_id = $t) "
+                f"FROM {MEMBERS} WHERE tenant_id = $t",
+                {"u": user_id, "t": tenant_id},
+            ).fetchone() or (0, 0, None)
+            current = current or ""
+            if known:
+                return MemberAdmission(True, False, current)
+            if team >= team_size or current != plan:
+                return MemberAdmission(False, False, current)
             cur.execute(
                 f"INSERT INTO {MEMBERS} VALUES (?, ?, ?)",
                 [tenant_id, user_id, _utc_naive(now)],
             )
-            return True, True
+            return MemberAdmission(True, True, current)
 
         async with self._tenant_turns.get(tenant_id):
             return await self._call(admit)

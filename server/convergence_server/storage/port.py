@@ -13,6 +13,7 @@ from convergence_server.storage.records import (
     AuditRecord,
     Cancellation,
     DqRecord,
+    MemberAdmission,
     MemberRecord,
     RunCursor,
     RunFilter,
@@ -158,14 +159,20 @@ class Store(Protocol):
         """The tenant's usage row of a UTC day, its runs in use and its team's size (on
         BigQuery one query job for today's row)."""
 
-    async def update_plan(self, tenant_id: str, plan: str, now: datetime) -> bool:
-        """Sets the tenant's plan; False when there is no such tenant."""
+    async def update_plan(
+        self, tenant_id: str, plan: str, team_size: int, now: datetime
+    ) -> int | None:
+        """Sets the tenant's plan unless its team has more than `team_size` members (the
+        new plan's); returns the team's size, None when there is no such tenant. Atomic
+        with the tenant's `admit_member`: no member is admitted under the old plan while
+        the team is counted."""
 
     async def admit_member(
-        self, tenant_id: str, user_id: str, team_size: int, now: datetime
-    ) -> tuple[bool, bool]:
-        """Adds the user to the tenant's team unless that would exceed `team_size`;
-        returns (member now, added by this call). Atomic per tenant."""
+        self, tenant_id: str, user_id: str, plan: str, team_size: int, now: datetime
+    ) -> MemberAdmission:
+        """Adds the user to the tenant's team unless that would exceed `team_size`, the size
+        of `plan`, or the tenant's plan is no longer `plan` (changed meanwhile, perhaps by
+        another server: the answer names the new one). Atomic per tenant."""
 
     async def list_members(self, tenant_id: str) -> list[MemberRecord]: ...
 

@@ -250,6 +250,16 @@ class Cancellation:
 
 
 @dataclass(frozen=True)
+class MemberAdmission:
+    """What `Store.admit_member` did: whether the user is a member now, whether this call
+    added them, and the tenant's plan as stored ("" for no tenant)."""
+
+    member: bool
+    added: bool
+    plan: str
+
+
+@dataclass(frozen=True)
 class MemberRecord:
     """A row of `tenants.tenant_members`."""
 
