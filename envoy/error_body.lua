@@ -142,10 +142,16 @@ local function field_and_issue(message)
 end
 
 -- Envoy's own 400 body {"details", "error", "message", "request_id"} (the
--- mapper's, keys in order) with "details" naming the field.
-local function name_the_field(handle)
+-- mapper's, keys in order) with "details" naming the field. A HEAD's comes
+-- without its body already: the length of the body a GET would get is not
+-- known, so none is given (RFC 9110 allows a HEAD's response to leave it out).
+local function name_the_field(handle, head)
   local buffer = handle:body(true)
   if buffer == nil then return nil end
+  if head and buffer:length() == 0 then
+    handle:headers():remove("content-length")
+    return buffer
+  end
   local body = buffer:getBytes(0, buffer:length())
   local message, rest = body:match('"message":"(.-)"(,"request_id":"[^"]*"}%s*)$')
   if message == nil then return buffer end
@@ -160,13 +166,13 @@ end
 
 -- Shapes the response; returns its body's buffer when it read the whole body (an
 -- error), nil when the body streams through (a success).
-local function shape_response(handle, request_id)
+local function shape_response(handle, request_id, head)
   local headers = handle:headers()
   local grpc_status = tonumber(headers:get("grpc-status") or "0") or 2
 
   local error_body = headers:get("x-error-body")
   if error_body == nil and grpc_status == 0 and headers:get(":status") == "400" then
-    return name_the_field(handle)
+    return name_the_field(handle, head)
   end
   if error_body == nil and grpc_status == 0 then
     -- Success: no buffering, only strip the grpc-* headers that leak.
@@ -217,7 +223,8 @@ end
 
 -- A HEAD's response without its body: a body read whole is emptied (its length
 -- kept); one streaming through is dropped chunk by chunk, never buffered. (Envoy's
--- own replies to a HEAD come without their body already, and keep their length.)
+-- own replies to a HEAD come without their body already; their length is kept,
+-- but for the 400s that name_the_field reshapes.)
 local function drop_body(handle, buffer)
   if buffer == nil then
     for chunk in handle:bodyChunks() do chunk:setBytes("") end
@@ -281,7 +288,7 @@ function envoy_on_response(response_handle)
   local head = meta ~= nil and meta["head"]
   -- A script error must never leave the response hanging: contain it.
   local ok, err = pcall(function()
-    local buffer = shape_response(response_handle, request_id)
+    local buffer = shape_response(response_handle, request_id, head)
     if head then drop_body(response_handle, buffer) end
   end)
   if not ok then
