@@ -22,6 +22,7 @@ from convergence_server.errors import (
     InvalidArgument,
     NotFound,
     PermissionDenied,
+    Unavailable,
     echo,
 )
 from convergence_server.storage import Store
@@ -109,6 +110,8 @@ class Accounts:
         self._pending: dict[tuple[str, str], _Pending] = {}
         # Per tenant: admissions of new members and plan changes take turns.
         self._teams = KeyedTurns()
+        # Removals of users admitted for calls cancelled meanwhile, in progress.
+        self._undoing: set[asyncio.Future[None]] = set()
 
     async def admit_user(self, caller: Caller, user_id: str) -> Seat | None:
         """Seats a new `user_id` in the caller's team for the call about to run, refusing
@@ -170,21 +173,35 @@ class Accounts:
                 answer = await self._store.admit_member(
                     tenant_id, user_id, name, plan.team_size, self._clock()
                 )
-                if answer.member or answer.plan == name:  # else: the plan has changed
-                    break
+                if answer.member or answer.plan == name:
+                    await faults.held(faults.AFTER_MEMBER_ADMISSION)
+                    return plan, answer.member, answer.added
+                # The plan has changed (through another server): this one's copy is out
+                # of date; the admission is asked again under the plan the store has.
                 self._plans.forget(tenant_id)
-                name, plan = await self._plans.stored_plan(tenant_id)
-            await faults.held(faults.AFTER_MEMBER_ADMISSION)
-            return plan, answer.member, answer.added
+                name, plan = answer.plan, self._plans.plan_named(answer.plan)
+            raise Unavailable(
+                "The tenant's plan kept changing while a new team member was admitted; try again"
+            )
 
         admission = asyncio.ensure_future(admit())
         try:
             return await asyncio.shield(admission)
         except asyncio.CancelledError:
-            with contextlib.suppress(Exception):
-                if (await admission)[2]:
-                    await self._store.remove_member(tenant_id, user_id)
+            # The call is gone: a user the store added for it is removed again, even when
+            # this call is cancelled once more while that is done.
+            undo = asyncio.ensure_future(self._undo(admission, tenant_id, user_id))
+            self._undoing.add(undo)
+            undo.add_done_callback(self._undoing.discard)
+            await asyncio.shield(undo)
             raise
+
+    async def _undo(
+        self, admission: asyncio.Future[tuple[Plan, bool, bool]], tenant_id: str, user_id: str
+    ) -> None:
+        with contextlib.suppress(Exception):
+            if (await admission)[2]:
+                await self._store.remove_member(tenant_id, user_id)
 
     async def keep(self, seat: Seat) -> None:
         """The seated call succeeded: its user is a member (audited once)."""

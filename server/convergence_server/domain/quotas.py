@@ -173,15 +173,20 @@ class PlanBook:
         if tenant is None:
             raise NotFound(f"No tenant {tenant_id}")
         name = tenant.subscription_plan
-        plan = self.plans.get(name)
-        if plan is None:
-            # A plan withdrawn from plans.yml: the most restrictive one applies until the
-            # tenant chooses another (it must still be able to call UpdateSubscription).
-            log.warning("tenant %s has the unknown plan %s", tenant_id, name)
-            plan = min(self.plans.values(), key=lambda p: p.daily_pipeline_runs)
+        plan = self.plan_named(name)
         if self._generations.get(tenant_id, 0) == generation:  # no change meanwhile
             self._cache[tenant_id] = (self._monotonic() + self._ttl, name, plan)
         return name, plan
+
+    def plan_named(self, name: str) -> Plan:
+        """The plan that applies to a tenant whose profile names `name`: that plan, or for
+        one withdrawn from plans.yml the most restrictive one, until the tenant chooses
+        another (it must still be able to call UpdateSubscription)."""
+        plan = self.plans.get(name)
+        if plan is None:
+            log.warning("a tenant has the unknown plan %s", name)
+            plan = min(self.plans.values(), key=lambda p: p.daily_pipeline_runs)
+        return plan
 
     def forget(self, tenant_id: str) -> None:
         """The tenant's plan changed: the next call reads it again."""

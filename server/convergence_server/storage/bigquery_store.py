@@ -14,7 +14,9 @@ Written for BigQuery's strengths and limits rather than as a port of the embedde
   runs today). Two transactions of one tenant therefore conflict; BigQuery aborts one, and
   it runs again (`Central.transaction`). BigQuery detects conflicts per table, and no
   transaction updates or deletes rows of any other table (the rest is appends), so
-  different tenants never wait on each other. Admission (daily and concurrent limits,
+  different tenants never wait on each other; but for plan changes, which update the
+  tenant's `tenant_profiles` row in the transaction that counts its team (rare: two at
+  once conflict, and one runs again). Admission (daily and concurrent limits,
   idempotency key, the PENDING row) is thus exact across any number of server processes,
   and a run's events have a total order (`event_seq`).
 - **Usage is derived.** `tenant_usage_quotas` is a view over the `created` and `finished`
@@ -636,7 +638,7 @@ class BigQueryStore:
                 f"""
                 DECLARE known INT64;
                 DECLARE total INT64;
-                DECLARE current STRING;
+                DECLARE stored_plan STRING;
                 DECLARE added BOOL DEFAULT FALSE;
                 BEGIN TRANSACTION;
                 UPDATE {counters_table(self._db, tenant_id)} SET seq = seq + 1, updated_at = @now
@@ -644,16 +646,16 @@ class BigQueryStore:
                 SET known = (SELECT COUNT(*) FROM {members}
                              WHERE tenant_id = @tenant_id AND user_id = @user_id);
                 SET total = (SELECT COUNT(*) FROM {members} WHERE tenant_id = @tenant_id);
-                SET current = (SELECT subscription_plan FROM {self._t("tenant_profiles")}
-                               WHERE tenant_id = @tenant_id);
-                IF known = 0 AND total < @team_size AND current = @plan THEN
+                SET stored_plan = (SELECT subscription_plan FROM {self._t("tenant_profiles")}
+                                   WHERE tenant_id = @tenant_id);
+                IF known = 0 AND total < @team_size AND stored_plan = @plan THEN
                   INSERT INTO {members} (tenant_id, user_id, first_seen_at)
                   VALUES (@tenant_id, @user_id, @now);
                   SET known = 1;
                   SET added = TRUE;
                 END IF;
                 COMMIT TRANSACTION;
-                SELECT known, added, current;
+                SELECT known, added, stored_plan;
                 """,
                 {
                     "tenant_id": tenant_id,

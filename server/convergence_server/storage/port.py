@@ -170,9 +170,10 @@ class Store(Protocol):
     async def admit_member(
         self, tenant_id: str, user_id: str, plan: str, team_size: int, now: datetime
     ) -> MemberAdmission:
-        """Adds the user to the tenant's team unless that would exceed `team_size`, the size
-        of `plan`, or the tenant's plan is no longer `plan` (changed meanwhile, perhaps by
-        another server: the answer names the new one). Atomic per tenant."""
+        """Adds the user to the (existing) tenant's team unless that would exceed
+        `team_size`, the team size under `plan`, or the tenant's plan is no longer `plan`
+        (changed meanwhile, perhaps through another server: the answer names the new one).
+        Atomic per tenant."""
 
     async def list_members(self, tenant_id: str) -> list[MemberRecord]: ...
 

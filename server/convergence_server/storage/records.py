@@ -252,7 +252,7 @@ class Cancellation:
 @dataclass(frozen=True)
 class MemberAdmission:
     """What `Store.admit_member` did: whether the user is a member now, whether this call
-    added them, and the tenant's plan as stored ("" for no tenant)."""
+    added them, and the tenant's plan as stored."""
 
     member: bool
     added: bool
