@@ -508,6 +508,14 @@ def test_account_changes_quota_refusals_and_schedules_are_audited(keyed: Any) ->
         json={"subscription_plan": "SCALE"},
     )
     assert plan.status_code == 200, plan.text
+    assert plan.json()["message"].startswith("Plan changed to SCALE")
+    same = http.put(  # the plan it has: nothing changes, no event
+        f"/api/v1/tenants/{tenant_id}/subscription",
+        headers=auth,
+        json={"subscription_plan": "SCALE"},
+    )
+    assert same.status_code == 200, same.text
+    assert same.json()["message"] == "The plan is SCALE already: nothing changed."
     body = {"provider": "test", "domain": "runs", "template": "quick", "cron": "0 6 * * *"}
     schedule = http.post("/api/v1/schedules", headers=auth, json=body)
     assert schedule.status_code == 200, schedule.text
@@ -522,9 +530,10 @@ def test_account_changes_quota_refusals_and_schedules_are_audited(keyed: Any) ->
         json={"start_date": "2024-01-01", "end_date": "2024-01-02"},
     )
     assert backfill.status_code == 200, backfill.text
-    for verb in ("pause", "resume"):
+    for verb in ("pause", "pause", "resume", "resume"):  # each second one: no change, no event
         changed = http.post(f"/api/v1/schedules/{schedule_id}:{verb}", headers=auth)
         assert changed.status_code == 200, changed.text
+        assert changed.json()["paused"] is (verb == "pause")
     assert http.delete(f"/api/v1/schedules/{schedule_id}", headers=auth).status_code == 200
     back = http.put(
         f"/api/v1/tenants/{tenant_id}/subscription",

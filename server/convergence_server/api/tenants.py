@@ -67,13 +67,14 @@ class TenantServicer(tenant_service_pb2_grpc.TenantServiceServicer):
         request: tenant_service_pb2.UpdateSubscriptionRequest,
         context: ServicerContext[Any, Any],
     ) -> tenant_service_pb2.UpdateSubscriptionResponse:
-        plan = await self._accounts.change_plan(
-            require_caller(), request.tenant_id, request.subscription_plan
-        )
+        plan = request.subscription_plan
+        changed = await self._accounts.change_plan(require_caller(), request.tenant_id, plan)
         return tenant_service_pb2.UpdateSubscriptionResponse(
             tenant_id=request.tenant_id,
             subscription_plan=plan,
-            message=f"Plan changed to {plan}; its limits apply from the next call.",
+            message=f"Plan changed to {plan}; its limits apply from the next call."
+            if changed
+            else f"The plan is {plan} already: nothing changed.",
         )
 
     async def ListMembers(

@@ -273,7 +273,8 @@ class Accounts:
             team_members=current.team_members,
         )
 
-    async def change_plan(self, caller: Caller, tenant_id: str, plan_name: str) -> str:
+    async def change_plan(self, caller: Caller, tenant_id: str, plan_name: str) -> bool:
+        """Moves the tenant to `plan_name`; False when it has that plan already."""
         authorize_tenant(caller, tenant_id)
         if plan_name not in self._plans.plans:
             raise InvalidArgument(
@@ -292,7 +293,7 @@ class Accounts:
                 raise NotFound(f"No tenant {tenant_id}")
             old = tenant.subscription_plan
             if old == plan_name:  # no change, no event
-                return plan_name
+                return False
             allowed = self._plans.plans[plan_name].team_size
             team = await self._store.update_plan(tenant_id, plan_name, allowed, self._clock())
             if team is None:
@@ -304,7 +305,7 @@ class Accounts:
                 )
             self._plans.forget(tenant_id)
         await self._audit(caller, "subscription.changed", plan_name, f"{old} -> {plan_name}")
-        return plan_name
+        return True
 
     async def members(self, caller: Caller, tenant_id: str) -> tuple[list[MemberRecord], int]:
         authorize_tenant(caller, tenant_id)

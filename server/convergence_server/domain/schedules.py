@@ -306,17 +306,31 @@ class Schedules:
         return await self._audited(caller, "schedule.deleted", schedule)
 
     async def pause(self, caller: Caller, schedule_id: str) -> ScheduleRecord:
-        schedule = await self._change(caller, schedule_id, lambda s: replace(s, paused=True))
+        """Pauses; pausing a paused schedule changes nothing and is no event."""
+        was_paused: list[bool] = []
+
+        def paused(s: ScheduleRecord) -> ScheduleRecord:
+            was_paused.append(s.paused)
+            return replace(s, paused=True)
+
+        schedule = await self._change(caller, schedule_id, paused)
+        if was_paused[-1]:
+            return schedule
         return await self._audited(caller, "schedule.paused", schedule)
 
     async def resume(self, caller: Caller, schedule_id: str) -> ScheduleRecord:
         """Unpauses. Only `catch_up: all` replays the paused period (up to its maximum):
-        with `none` and `latest` the slots that came due while paused are skipped."""
+        with `none` and `latest` the slots that came due while paused are skipped.
+        Resuming a schedule that is not paused changes nothing and is no event."""
+        was_paused: list[bool] = []
 
         def resumed(s: ScheduleRecord) -> ScheduleRecord:
+            was_paused.append(s.paused)
             return replace(s, paused=False) if s.paused else s
 
         schedule = await self._change(caller, schedule_id, resumed, skip_paused=True)
+        if not was_paused[-1]:
+            return schedule
         return await self._audited(caller, "schedule.resumed", schedule)
 
     async def backfill(
