@@ -52,8 +52,15 @@ AFTER_CLAIM = "after_claim"
 # meanwhile).
 BEFORE_MEMBER_ADMISSION = "before_member_admission"
 AFTER_MEMBER_ADMISSION = "after_member_admission"
+# A run's publication, after its last check for a cancel (held: a cancel comes before the
+# publication), and after the publication committed, before the run's end is written
+# (held: a cancel comes too late).
+BEFORE_PUBLICATION = "before_publication"
+AFTER_PUBLICATION = "after_publication"
 KNOWN = frozenset(
     {
+        AFTER_PUBLICATION,
+        BEFORE_PUBLICATION,
         AFTER_MEMBER_ADMISSION,
         BEFORE_MEMBER_ADMISSION,
         AFTER_ADMISSION,

@@ -441,10 +441,17 @@ class Executor:
     async def _publish(
         self, run: RunRecord, warehouse: Warehouse, writes: Sequence[Publication]
     ) -> None:
+        await faults.held(faults.BEFORE_PUBLICATION)
         faults.reached(faults.BEFORE_PUBLISH)
         if not await warehouse.publish(writes, run):
+            # Refused: the run is no longer this execution's, or a cancel came after its
+            # last step boundary (the publication checks it, and a cancel that comes
+            # after the publication is refused: never both).
+            if await self._store.cancel_requested(run):
+                raise RunCancelled
             raise _Lost
         faults.reached(faults.AFTER_PUBLISH)
+        await faults.held(faults.AFTER_PUBLICATION)
 
     async def _sleep(self, seconds: float) -> None:
         """A retry backoff that a stop cuts short."""

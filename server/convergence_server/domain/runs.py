@@ -473,6 +473,11 @@ class Runs:
             raise FailedPrecondition(f"Run {run_id} has already ended ({run.status})")
         await faults.held(faults.BEFORE_CANCEL)
         cancel = await self._store.request_cancel(caller.tenant_id, run_id, self._clock(), run)
+        if cancel.published:
+            raise FailedPrecondition(
+                f"Run {run_id} has published its results and is ending (COMPLETE): "
+                "too late to cancel"
+            )
         self._events.publish(run_id)
         if cancel.ended and cancel.run is not None:  # by this call: another cancel alerts alone
             metrics.run_ended(run.provider, run.domain, run.template, FAILED, None)  # never ran

@@ -754,7 +754,12 @@ async def request_cancel(
 
     def flag(run: RunRecord) -> Cancellation | None:
         changes = {"cancel_requested": "TRUE"}
-        flagged = _change(db, run, "cancel_requested", "status = 'RUNNING'", changes, {})
+        publications = db.table(schema.TENANT_RUN_PUBLICATIONS.name)
+        guard = (
+            "status = 'RUNNING' AND NOT EXISTS "
+            f"(SELECT 1 FROM {publications} WHERE pipeline_logging_id = @run_id)"
+        )
+        flagged = _change(db, run, "cancel_requested", guard, changes, {})
         return None if flagged is None else Cancellation(flagged)
 
     def cancel(run: RunRecord) -> Cancellation | None:
@@ -768,7 +773,12 @@ async def request_cancel(
         if found is None or found.status not in ("PENDING", "RUNNING"):
             return Cancellation(found)
         changed = await db.call(lambda: cancel(found))
-    return changed or Cancellation(await get_run(db, tenant_id, run_id))
+    if changed is not None:
+        return changed
+    after = await get_run(db, tenant_id, run_id)
+    # RUNNING, yet not flagged: it has published its results (it ends COMPLETE).
+    too_late = after is not None and after.status == "RUNNING" and not after.cancel_requested
+    return Cancellation(after, published=too_late and await published(db, run_id))
 
 
 async def heartbeat(db: Central, run_ids: list[str], worker_id: str) -> None:
@@ -845,10 +855,11 @@ def publish(
 ) -> bool:
     """The publishing transaction (see `Warehouse.publish`), blocking, on the `pipelines`
     runner: the staged writes and the publication record commit together, only while the
-    run is RUNNING for this worker and attempt. It takes the tenant's sequence like every
-    run change, so it conflicts with (and is ordered against) a concurrent claim or
-    requeue: a replica whose lease ran out cannot publish next to the one that took the
-    run over."""
+    run is RUNNING for this worker and attempt, and no cancel was asked. It takes the
+    tenant's sequence like every run change, so it conflicts with (and is ordered against)
+    a concurrent claim, requeue or cancel: a replica whose lease ran out cannot publish
+    next to the one that took the run over, and a cancel flags a run that has not
+    published (`request_cancel`) or none."""
     publications = db.table(schema.TENANT_RUN_PUBLICATIONS.name)
     latest = latest_events_sql(db, OF_RUN)
     body = "\n".join(statements)
@@ -857,7 +868,8 @@ def publish(
             DECLARE owned BOOL;
             BEGIN TRANSACTION;
             {next_seq_sql(db, run.tenant_id)}
-            SET owned = EXISTS (SELECT 1 FROM ({latest}) WHERE {OWNER_GUARD})
+            SET owned = EXISTS (SELECT 1 FROM ({latest})
+                                WHERE {OWNER_GUARD} AND NOT IFNULL(cancel_requested, FALSE))
               AND NOT EXISTS (SELECT 1 FROM {publications} WHERE pipeline_logging_id = @run_id);
             IF owned THEN
               INSERT INTO {publications}

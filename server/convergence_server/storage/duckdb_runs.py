@@ -679,13 +679,14 @@ def finish_run(
 
 def record_publication(cur: duckdb.DuckDBPyConnection, run: RunRecord, now: datetime) -> bool:
     """Inside the publishing transaction: records that this execution of `run` publishes;
-    False when the run is no longer RUNNING for this worker and attempt."""
+    False when the run is no longer RUNNING for this worker and attempt, or a cancel was
+    asked (the caller serializes the two: `request_cancel`)."""
     return bool(
         changed(
             cur,
             f"INSERT INTO {PUBLICATIONS} SELECT pipeline_logging_id, tenant_id, attempt, "
             f"worker_id, ? FROM {RUNS} WHERE pipeline_logging_id = ? AND status = 'RUNNING' "
-            "AND worker_id = ? AND attempt = ?",
+            "AND worker_id = ? AND attempt = ? AND NOT coalesce(cancel_requested, FALSE)",
             [naive(now), run.pipeline_logging_id, run.worker_id, run.attempt],
         )
     )
@@ -717,14 +718,16 @@ def request_cancel(
     now: datetime,
     active: int | None = None,
 ) -> Cancellation:
-    """A PENDING run ends FAILED now; a RUNNING one is flagged to stop at its next step.
-    `active` as for `finish_run`."""
+    """A PENDING run ends FAILED now; a RUNNING one is flagged to stop at its next step,
+    unless it has published its results (it ends COMPLETE). `active` as for `finish_run`."""
     if get_run(cur, tenant_id, run_id) is None:
         return Cancellation(None)
     message = "Cancelled before it started"
     cancelled = finish_run(cur, run_id, "FAILED", now, message, None, active)
     if cancelled is not None:
         return Cancellation(cancelled, ended=True)
+    if published_by(cur, run_id) is not None:
+        return Cancellation(get_run(cur, tenant_id, run_id), published=True)
     cur.execute(
         f"UPDATE {RUNS} SET cancel_requested = TRUE "
         "WHERE pipeline_logging_id = ? AND tenant_id = ? AND status = 'RUNNING'",

@@ -199,6 +199,8 @@ class DuckDBStore:
             warehouse_threads, thread_name_prefix="duckdb-pipelines"
         )
         self._publish_turns = KeyedTurns()
+        # Per tenant: a publication's transaction and a cancel of a run take turns.
+        self._publications = KeyedTurns()
         self._tenant_turns = KeyedTurns()
         # DuckDB's catalog changes (CREATE SCHEMA ...) are serialized here: onboarding is rare.
         self._ddl_lock = threading.Lock()
@@ -971,6 +973,13 @@ class DuckDBStore:
     async def request_cancel(
         self, tenant_id: str, run_id: str, now: datetime, known: RunRecord | None = None
     ) -> Cancellation:
+        # Not during a publication of the tenant's: a publication checks that no cancel
+        # was asked, a cancel that the run has not published (neither sees the other's
+        # uncommitted write).
+        async with self._publications.get(tenant_id):
+            return await self._request_cancel(tenant_id, run_id, now)
+
+    async def _request_cancel(self, tenant_id: str, run_id: str, now: datetime) -> Cancellation:
         async with self._tenant_turns.get(tenant_id), self._changing(run_id):
             active = self._queue.active(tenant_id)  # exact in the tenant's turn
             cancel = await self._call(
@@ -1069,6 +1078,7 @@ class DuckDBStore:
             self._warehouse_executor,
             self._publish_turns,
             lambda exc: self._fault(exc, generation),
+            self._publications,
         )
 
     async def drop_stage_tables(self) -> int:

@@ -145,6 +145,7 @@ class DuckDBWarehouse:
         executor: ThreadPoolExecutor,
         publish_turns: KeyedTurns,
         on_fault: Callable[[BaseException], Exception | None] = lambda exc: None,
+        publications: KeyedTurns | None = None,
     ) -> None:
         self.dataset = dataset
         # The store's judgement of an error: a storage fault (disk full...) comes back as the
@@ -162,6 +163,9 @@ class DuckDBWarehouse:
         # the turn until its publication. Taken on the event loop: a run waiting for it
         # holds no pool thread.
         self._publish_turn = publish_turns.get(dataset)
+        # Per tenant, the turns its publications' transactions and its cancels take (the
+        # store's: `DuckDBStore.request_cancel`).
+        self._publications = publications or KeyedTurns()
         self._holds_turn = False
         # The stage this run wrote into place, while its transaction is open; and one
         # whose transaction a failed publication rolled back (not to be retried).
@@ -423,7 +427,8 @@ class DuckDBWarehouse:
         if in_place is None:
             await self._take_turn()
         try:
-            return await self._call(publish)
+            async with self._publications.get(run.tenant_id):
+                return await self._call(publish)
         finally:
             self._give_turn()
 

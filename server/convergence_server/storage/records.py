@@ -241,12 +241,14 @@ class TenantUsage:
 
 @dataclass(frozen=True)
 class Cancellation:
-    """What a cancel did: the run after it (None: the tenant has no such run), and whether
-    this cancel ended it (a PENDING run ended FAILED here, not by a cancel that came first,
-    which alone alerts and counts its end)."""
+    """What a cancel did: the run after it (None: the tenant has no such run), whether this
+    cancel ended it (a PENDING run ended FAILED here, not by a cancel that came first,
+    which alone alerts and counts its end), and whether it came too late (the RUNNING run
+    has published its results: it ends COMPLETE, not flagged)."""
 
     run: RunRecord | None
     ended: bool = False
+    published: bool = False
 
 
 @dataclass(frozen=True)
