@@ -120,6 +120,36 @@ local function generic_body(status, grpc_message, request_id)
   return body .. ',"request_id":' .. json_string(request_id or "") .. '}'
 end
 
+-- At most MAX_ECHO bytes of a JSON-escaped text, then "...": never an escape
+-- sequence or a UTF-8 character cut in two.
+local MAX_ECHO = 64
+local function echo(escaped)
+  if #escaped <= MAX_ECHO then return escaped end
+  local i = 1
+  while i <= #escaped do
+    local c = escaped:byte(i)
+    local len
+    if c == 92 then len = (escaped:sub(i + 1, i + 1) == "u") and 6 or 2  -- \uXXXX, \n...
+    elseif c < 0x80 then len = 1
+    elseif c >= 0xF0 then len = 4
+    elseif c >= 0xE0 then len = 3
+    else len = 2 end
+    if i + len - 1 > MAX_ECHO then break end
+    i = i + len
+  end
+  return escaped:sub(1, i - 1) .. "..."
+end
+
+-- Envoy's text with what it quotes of the input (its \"...\" parts) cut to
+-- MAX_ECHO, as the server's own messages are, and bytes that are not UTF-8
+-- (echoed from a body that is not) replaced.
+local function shortened(text)
+  if not valid_utf8(text) then text = text:gsub("[\128-\255]", "?") end
+  return (text:gsub('\\"(.-[^\\])\\"', function(quoted)
+    return '\\"' .. echo(quoted) .. '\\"'
+  end))
+end
+
 -- The field and issue of Envoy's message (JSON-escaped, as it stands in the
 -- body): "limit: invalid value ..." names limit; an unknown query parameter, a
 -- body field contradicting the path and a header name this filter refused name
@@ -156,6 +186,7 @@ local function name_the_field(handle, head)
   local message, rest = body:match('"message":"(.-)"(,"request_id":"[^"]*"}%s*)$')
   if message == nil then return buffer end
   local field, issue = field_and_issue(message)
+  message, issue, field = shortened(message), shortened(issue), echo(field)
   local shaped = '{"error":' .. json_string(title(400)) .. ',"message":"' .. message
     .. '","details":{"field":' .. json_string(field) .. ',"issue":"' .. issue .. '"}' .. rest
   local headers = handle:headers()

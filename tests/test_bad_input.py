@@ -152,6 +152,29 @@ def test_a_query_parameter_of_the_wrong_type_is_named(state: State, query: str, 
     assert_envoy_error(response, 400, "Validation error", field)
 
 
+def test_envoys_messages_quote_at_most_64_characters_of_the_input(state: State) -> None:
+    """As the server's own: a long value or parameter name is cut, and bytes of a body
+    that is not UTF-8 are not echoed (the answer stays valid JSON)."""
+    auth = {"X-API-Key": state.key}
+    value = state.http.get(f"/api/v1/pipelines/runs?status={'B' * 500}", headers=auth)
+    assert_envoy_error(value, 400, "Validation error", "status")
+    assert "B" * 64 + "..." in value.json()["message"]
+    name = state.http.get(f"/api/v1/pipelines/runs?{'C' * 300}=1", headers=auth)
+    assert_envoy_error(name, 400, "Validation error", "C" * 64 + "...")
+    for response in (value, name):
+        body = response.json()
+        quoted = body["message"] + body["details"]["issue"] + body["details"]["field"]
+        assert "B" * 65 not in quoted and "C" * 65 not in quoted, body
+        assert int(response.headers["content-length"]) == len(response.content)
+    raw = state.http.post(
+        "/api/v1/tenants/onboard",
+        content=b'{"tenant_id": "\xff\xfe' + "\u00e9".encode() + b'"}',
+        headers={"content-type": "application/json"},
+    )
+    assert_envoy_error(raw, 400, "Validation error", "body")
+    raw.content.decode("utf-8")  # strictly UTF-8
+
+
 def test_a_body_field_of_the_wrong_type_is_named(state: State) -> None:
     response = state.http.post(
         f"/api/v1/pipelines/run/{state.tenant_id}/gcp/cost/cost_billing",
