@@ -157,7 +157,13 @@ end
 -- parse, a wrong shape).
 local function field_and_issue(message)
   local field, issue = message:match("^([%w_]+[%w_.%[%]]*): (.+)$")
-  if field ~= nil then return field, issue end
+  if field ~= nil then
+    -- A map's entry is named by its place ("parameters[0].value"), which the
+    -- caller never wrote: the map is named instead.
+    local map = field:match("^([%w_]+)%[%d+%]%.value$")
+    if map ~= nil then return map, "each value must be a JSON string (" .. issue .. ")" end
+    return field, issue
+  end
   field = message:match('^Could not find field \\"([%w_.]+)\\"')
   if field ~= nil then return field, "is not a parameter of this request" end
   field, issue = message:match("^Header name '([^\\\"]-)' (is not accepted.*)$")

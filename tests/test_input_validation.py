@@ -416,8 +416,9 @@ def test_parameters_are_bounded(api: httpx.Client) -> None:
         {"source_uri": {}},
         {"source_uri": [1, 2]},
         {"source_uri": 1},
+        {"source_uri": True},
     ],
-    ids=["nested object", "empty object", "array", "number"],
+    ids=["nested object", "empty object", "array", "number", "boolean"],
 )
 def test_a_parameter_that_is_not_a_string_is_refused(
     api: httpx.Client, parameters: dict[str, object]
@@ -431,6 +432,9 @@ def test_a_parameter_that_is_not_a_string_is_refused(
     assert body["error"] == "Validation error"
     assert body["message"]
     assert set(body) <= {"error", "message", "details", "request_id"}
+    # Named as the caller wrote it: the map, not Envoy's place of the entry in it.
+    assert "[" not in body["details"]["field"], body
+    assert body["details"]["field"] in ("parameters", "body"), body
     assert_nothing_spent(api, tenant_id, key)
 
 
