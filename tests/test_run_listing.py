@@ -94,6 +94,7 @@ def test_default_and_maximum_limits(idle: Listing) -> None:
         ("start_date=2025-13-01", "start_date"),
         ("end_date=9999-12-31", "end_date"),
         ("end_date=yesterday", "end_date"),
+        ("start_date=2025-12-03&end_date=2025-12-01", "end_date"),  # reversed, as elsewhere
         ("status=DONE", None),
     ],
 )

@@ -450,6 +450,12 @@ class Runs:
             created_from=_day_start(query.start_date, "start_date"),
             created_before=_day_end(query.end_date, "end_date"),
         )
+        if (
+            where.created_from
+            and where.created_before
+            and where.created_before <= where.created_from
+        ):
+            raise invalid("end_date", "must not be before start_date")
         after = None
         if query.page_token:
             after = RunCursor(*self._page_tokens.read(query.page_token, _scope(where)))
