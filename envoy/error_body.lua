@@ -129,7 +129,13 @@ local function echo(escaped)
   while i <= #escaped do
     local c = escaped:byte(i)
     local len
-    if c == 92 then len = (escaped:sub(i + 1, i + 1) == "u") and 6 or 2  -- \uXXXX, \n...
+    if c == 92 then  -- \n..., \uXXXX, or a surrogate pair \uD8xx\uDCxx kept whole
+      len = 2
+      if escaped:sub(i + 1, i + 1) == "u" then
+        local code = tonumber(escaped:sub(i + 2, i + 5), 16) or 0
+        local pair = code >= 0xD800 and code <= 0xDBFF and escaped:sub(i + 6, i + 7) == "\\u"
+        len = pair and 12 or 6
+      end
     elseif c < 0x80 then len = 1
     elseif c >= 0xF0 then len = 4
     elseif c >= 0xE0 then len = 3
@@ -161,8 +167,10 @@ local function field_and_issue(message)
     -- A map's entry is named by its place ("parameters[0].value"), which the
     -- caller never wrote: the map is named instead.
     local map = field:match("^([%w_]+)%[%d+%]%.value$")
-    if map ~= nil then return map, "each value must be a JSON string (" .. issue .. ")" end
-    return field, issue
+    if map ~= nil and issue:find("for type TYPE_STRING$") then
+      issue = "each value must be a JSON string (" .. issue .. ")"
+    end
+    return map or field, issue
   end
   field = message:match('^Could not find field \\"([%w_.]+)\\"')
   if field ~= nil then return field, "is not a parameter of this request" end

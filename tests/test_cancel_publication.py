@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import httpx
 import pytest
@@ -32,17 +32,38 @@ from tests.test_crash_safety import stored_count, table_exists
 
 pytestmark = pytest.mark.timeout(900)
 
-QUICK = "test/runs/quick"  # one row into `quick_rows`
-DAY = "2025-11-19"
+
+# (template, day, parameters, destination): a staged publication, and rows written into
+# place by their step (the embedded store's CUR normalization: a transaction left open
+# from the step to the publication).
+class Pipeline(NamedTuple):
+    template: str
+    day: str
+    parameters: dict[str, str]
+    table: str
+
+
+PIPELINES = [
+    pytest.param(Pipeline("test/runs/quick", "2025-11-19", {}, "quick_rows"), id="staged"),
+    pytest.param(
+        Pipeline(
+            "aws/cost/cost_usage",
+            "2023-11-04",
+            {"source_uri": "{sample_data}/aws_cur_sample.csv"},
+            "focus_aws_cost",
+        ),
+        id="in_place",
+    ),
+]
 POINTS = f"{faults.BEFORE_PUBLICATION},{faults.AFTER_PUBLICATION}"
 
 
 class Held:
     """A stack whose runs can be held before or after their publication."""
 
-    def __init__(self, stack: Stack, rows: Callable[[str], int]) -> None:
+    def __init__(self, stack: Stack, rows: Callable[[str, str], int]) -> None:
         self.stack = stack
-        self.rows = rows  # the rows of a tenant's `quick_rows`, at the end of a test
+        self.rows = rows  # the rows of a tenant's table, at the end of a test
         self.holds = stack.run_dir.parent / "hold"
         self.holds.mkdir(exist_ok=True)
 
@@ -57,11 +78,11 @@ def held(
     if request.param == "embedded":
         stack = stack_factory(tmp_path, **pipeline_env, CONVERGENCE_FAULT_POINTS=POINTS)
 
-        def rows(tenant_id: str) -> int:
+        def rows(tenant_id: str, table: str) -> int:
             stack.stop()  # the server holds the file while it runs
-            if not table_exists(stack, tenant_id, "quick_rows"):
+            if not table_exists(stack, tenant_id, table):
                 return 0
-            return stored_count(stack, f'SELECT COUNT(*) FROM "{tenant_id}".quick_rows')
+            return stored_count(stack, f'SELECT COUNT(*) FROM "{tenant_id}"."{table}"')
 
         yield Held(stack, rows)
     else:
@@ -71,21 +92,28 @@ def held(
             tmp_path, **pipeline_env, **emulator.env(prefix), CONVERGENCE_FAULT_POINTS=POINTS
         )
 
-        def published(tenant_id: str) -> int:
+        def published(tenant_id: str, table: str) -> int:
             dataset = f"{prefix}{tenant_id}"
             tables = emulator.query(
                 f"SELECT COUNT(*) AS n FROM `{dataset}.INFORMATION_SCHEMA.TABLES` "
-                "WHERE table_name = 'quick_rows'"
+                f"WHERE table_name = '{table}'"
             )
             if not tables[0]["n"]:
                 return 0
-            return int(emulator.query(f"SELECT COUNT(*) AS n FROM `{dataset}.quick_rows`")[0]["n"])
+            return int(emulator.query(f"SELECT COUNT(*) AS n FROM `{dataset}.{table}`")[0]["n"])
 
         yield Held(stack, published)
     stack.stop()
 
 
-def cancel_held_at(held: Held, point: str) -> tuple[str, httpx.Response, dict[str, Any]]:
+@pytest.fixture(params=PIPELINES)
+def pipeline(request: pytest.FixtureRequest) -> Pipeline:
+    return request.param
+
+
+def cancel_held_at(
+    held: Held, point: str, pipeline: Pipeline
+) -> tuple[str, httpx.Response, dict[str, Any]]:
     """A new tenant's run held at `point`, cancelled there, then let go: the tenant, the
     cancel's answer and the run once it has ended."""
     log_line = f"fault point {point}: holding"
@@ -94,7 +122,15 @@ def cancel_held_at(held: Held, point: str) -> tuple[str, httpx.Response, dict[st
         tenant_id, key = onboard(http, plan=UNMETERED)
         (held.holds / point).touch()
         try:
-            run_id = trigger(http, key, tenant_id, QUICK, date=DAY)["pipeline_logging_id"]
+            run = trigger(
+                http,
+                key,
+                tenant_id,
+                pipeline.template,
+                date=pipeline.day,
+                parameters=pipeline.parameters,
+            )
+            run_id = run["pipeline_logging_id"]
             eventually(
                 lambda: server_log(held.stack).count(log_line) > before,
                 f"the run held at {point}",
@@ -108,18 +144,18 @@ def cancel_held_at(held: Held, point: str) -> tuple[str, httpx.Response, dict[st
         return tenant_id, answer, wait_for_run(http, key, run_id)
 
 
-def test_a_cancel_before_the_publication_stops_it(held: Held) -> None:
-    tenant_id, accepted, ended = cancel_held_at(held, faults.BEFORE_PUBLICATION)
+def test_a_cancel_before_the_publication_stops_it(held: Held, pipeline: Pipeline) -> None:
+    tenant_id, accepted, ended = cancel_held_at(held, faults.BEFORE_PUBLICATION, pipeline)
     assert accepted.status_code == 200, accepted.text
     assert accepted.json()["run"]["status"] == "RUNNING"
     assert ended["status"] == "FAILED", ended
     assert ended["error_message"].startswith("Cancelled"), ended
-    assert held.rows(tenant_id) == 0
+    assert held.rows(tenant_id, pipeline.table) == 0
 
 
-def test_a_cancel_after_the_publication_is_refused(held: Held) -> None:
-    tenant_id, refused, ended = cancel_held_at(held, faults.AFTER_PUBLICATION)
+def test_a_cancel_after_the_publication_is_refused(held: Held, pipeline: Pipeline) -> None:
+    tenant_id, refused, ended = cancel_held_at(held, faults.AFTER_PUBLICATION, pipeline)
     assert refused.status_code == 409, refused.text
     assert "too late to cancel" in refused.json()["message"]
     assert ended["status"] == "COMPLETE", ended
-    assert held.rows(tenant_id) == 1
+    assert held.rows(tenant_id, pipeline.table) > 0

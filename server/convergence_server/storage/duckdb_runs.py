@@ -677,19 +677,36 @@ def finish_run(
     return None if row is None else run_from_row(row)
 
 
+# This execution of the run may publish: the run is RUNNING for its worker and attempt,
+# and no cancel was asked.
+_PUBLISHABLE = (
+    "pipeline_logging_id = ? AND status = 'RUNNING' AND worker_id = ? AND attempt = ? "
+    "AND NOT coalesce(cancel_requested, FALSE)"
+)
+
+
 def record_publication(cur: duckdb.DuckDBPyConnection, run: RunRecord, now: datetime) -> bool:
     """Inside the publishing transaction: records that this execution of `run` publishes;
-    False when the run is no longer RUNNING for this worker and attempt, or a cancel was
-    asked (the caller serializes the two: `request_cancel`)."""
+    False when it may not (`publishable`; the caller serializes this with
+    `request_cancel`)."""
     return bool(
         changed(
             cur,
             f"INSERT INTO {PUBLICATIONS} SELECT pipeline_logging_id, tenant_id, attempt, "
-            f"worker_id, ? FROM {RUNS} WHERE pipeline_logging_id = ? AND status = 'RUNNING' "
-            "AND worker_id = ? AND attempt = ? AND NOT coalesce(cancel_requested, FALSE)",
+            f"worker_id, ? FROM {RUNS} WHERE {_PUBLISHABLE}",
             [naive(now), run.pipeline_logging_id, run.worker_id, run.attempt],
         )
     )
+
+
+def publishable(cur: duckdb.DuckDBPyConnection, run: RunRecord) -> bool:
+    """Whether this execution of `run` may publish, as last committed (`cur` in no
+    transaction of its own)."""
+    row = cur.execute(
+        f"SELECT COUNT(*) FROM {RUNS} WHERE {_PUBLISHABLE}",
+        [run.pipeline_logging_id, run.worker_id, run.attempt],
+    ).fetchone()
+    return bool(row and row[0])
 
 
 def published_by(cur: duckdb.DuckDBPyConnection, run_id: str) -> tuple[int, str] | None:

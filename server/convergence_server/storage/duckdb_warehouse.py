@@ -406,6 +406,9 @@ class DuckDBWarehouse:
                 )
             if in_place is None:
                 cur.begin()
+            elif not self._still_publishable(run):
+                runs.rollback(cur)  # the rows written into place, undone
+                return False
             try:
                 done = runs.published_by(cur, run.pipeline_logging_id)
                 if done is not None or not runs.record_publication(cur, run, datetime.now(UTC)):
@@ -428,9 +431,25 @@ class DuckDBWarehouse:
             await self._take_turn()
         try:
             async with self._publications.get(run.tenant_id):
-                return await self._call(publish)
+                try:
+                    return await self._call(publish)
+                except asyncio.CancelledError:
+                    # The transaction goes on in its thread: the turn waits for it.
+                    if self._running is not None:
+                        await asyncio.wait([self._running])
+                    raise
         finally:
             self._give_turn()
+
+    def _still_publishable(self, run: RunRecord) -> bool:
+        """For rows written into place: their transaction began with their step, so it
+        does not see a cancel asked since. The run is read through a cursor of its own (a
+        cancel waits for the publication's turn meanwhile)."""
+        fresh = self._connect()
+        try:
+            return runs.publishable(fresh, run)
+        finally:
+            fresh.close()
 
     def _publish_in_place(self, cur: duckdb.DuckDBPyConnection, in_place: _InPlace) -> None:
         write = in_place.publication
