@@ -10,6 +10,7 @@ meets the publication every time (the window is otherwise a few milliseconds).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -55,7 +56,7 @@ PIPELINES = [
         id="in_place",
     ),
 ]
-POINTS = f"{faults.BEFORE_PUBLICATION},{faults.AFTER_PUBLICATION}"
+POINTS = f"{faults.BEFORE_PUBLICATION},{faults.AFTER_PUBLICATION},{faults.BEFORE_CANCEL}"
 
 
 class Held:
@@ -159,3 +160,36 @@ def test_a_cancel_after_the_publication_is_refused(held: Held, pipeline: Pipelin
     assert "too late to cancel" in refused.json()["message"]
     assert ended["status"] == "COMPLETE", ended
     assert held.rows(tenant_id, pipeline.table) > 0
+
+
+def test_a_cancel_of_a_run_that_ended_meanwhile_is_refused(held: Held) -> None:
+    """The cancel read the run RUNNING; the run ended COMPLETE before the cancel changed
+    it: 409 on both stores (BigQuery answered 200 with the ended run)."""
+    staged = PIPELINES[0].values[0]
+    cancelling = held.holds / faults.BEFORE_CANCEL
+    line = f"fault point {faults.BEFORE_CANCEL}: holding"
+    before = server_log(held.stack).count(line)
+    with httpx.Client(base_url=held.stack.http_url, timeout=300) as http:
+        tenant_id, key = onboard(http, plan=UNMETERED)
+        (held.holds / faults.AFTER_PUBLICATION).touch()
+        cancelling.touch()
+        try:
+            run = trigger(http, key, tenant_id, staged.template, date=staged.day)
+            run_id = run["pipeline_logging_id"]
+            wait_for_run(http, key, run_id, ("RUNNING",))
+            with ThreadPoolExecutor(1) as pool:
+                answer = pool.submit(
+                    http.post,
+                    f"/api/v1/pipelines/runs/{run_id}:cancel",
+                    headers={"X-API-Key": key},
+                    json={},
+                )
+                eventually(lambda: server_log(held.stack).count(line) > before, "the cancel held")
+                (held.holds / faults.AFTER_PUBLICATION).unlink()
+                assert wait_for_run(http, key, run_id)["status"] == "COMPLETE"
+                cancelling.unlink()
+                refused = answer.result(300)
+        finally:
+            for hold in (cancelling, held.holds / faults.AFTER_PUBLICATION):
+                hold.unlink(missing_ok=True)
+    assert refused.status_code == 409, refused.text

@@ -484,6 +484,8 @@ class Runs:
                 f"Run {run_id} has published its results and is ending (COMPLETE): "
                 "too late to cancel"
             )
+        if cancel.run is not None and cancel.run.status == COMPLETE:  # ended meanwhile
+            raise FailedPrecondition(f"Run {run_id} has already ended (COMPLETE)")
         self._events.publish(run_id)
         if cancel.ended and cancel.run is not None:  # by this call: another cancel alerts alone
             metrics.run_ended(run.provider, run.domain, run.template, FAILED, None)  # never ran
