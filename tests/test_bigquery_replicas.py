@@ -29,7 +29,7 @@ from tests.conftest import (
     trigger,
     wait_for_run,
 )
-from tests.test_abuse import call_with, holding
+from tests.test_abuse import call_with, holding, server_log
 from tests.test_metrics import Samples, scrape_until, value
 from tests.test_publish_guards import CLEAN, DAY
 from tests.test_schedules import BASE, Clock, assert_each_slot_once, create, fire, slot_times
@@ -400,3 +400,53 @@ def test_a_plan_lowered_through_one_replica_bounds_the_team_on_the_other(
     assert "plan STARTER allows 2 team members" in refused.json()["message"]
     team = clients[1].get(f"/api/v1/tenants/{tenant_id}/members", headers={"X-API-Key": key})
     assert [m["user_id"] for m in team.json()["members"]] == ["ann", "carl"]
+
+
+def test_a_cancel_asked_of_another_replica_stops_a_run_at_its_publication(
+    stack_factory: StackFactory, pipeline_env: dict[str, str], emulator: Emulator
+) -> None:
+    """The replica executing the run learns of a cancel asked elsewhere at its next
+    heartbeat (an hour here); its publication, refused for the cancel, reads the stored
+    flag and ends the run FAILED at once, rather than leave it RUNNING until its lease
+    ran out (an hour too)."""
+    env = {
+        **pipeline_env,
+        **emulator.env(new_prefix()),
+        "CONVERGENCE_WORKERS": "1",
+        "CONVERGENCE_FAULT_POINTS": faults.BEFORE_PUBLICATION,
+        "CONVERGENCE_RUN_LEASE_SECONDS": "3600",
+        "CONVERGENCE_RUN_HEARTBEAT_SECONDS": "3600",
+    }
+    stacks = [stack_factory(**env) for _ in range(2)]
+    holds = [s.run_dir.parent / "hold" / faults.BEFORE_PUBLICATION for s in stacks]
+    for hold in holds:
+        hold.parent.mkdir(exist_ok=True)
+        hold.touch()
+    line = f"fault point {faults.BEFORE_PUBLICATION}: holding"
+    clients = [httpx.Client(base_url=s.http_url, timeout=300) for s in stacks]
+    try:
+        tenant_id, key = onboard(clients[0], plan=UNMETERED)
+        run_id = trigger(clients[0], key, tenant_id, "test/runs/quick")["pipeline_logging_id"]
+        executing = (
+            eventually(
+                lambda: [i + 1 for i, s in enumerate(stacks) if line in server_log(s)],
+                "the run held before its publication",
+                timeout=300,
+            )[0]
+            - 1
+        )
+        other = clients[1 - executing]
+        cancelled = other.post(
+            f"/api/v1/pipelines/runs/{run_id}:cancel", headers={"X-API-Key": key}, json={}
+        )
+        assert cancelled.status_code == 200, cancelled.text
+        for hold in holds:
+            hold.unlink()
+        ended = wait_for_run(other, key, run_id, timeout=300)
+    finally:
+        for client in clients:
+            client.close()
+        for stack in stacks:
+            stack.stop()
+    assert ended["status"] == "FAILED", ended
+    assert str(ended["error_message"]).startswith("Cancelled"), ended

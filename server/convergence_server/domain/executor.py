@@ -447,7 +447,7 @@ class Executor:
             # Refused: the run is no longer this execution's, or a cancel came after its
             # last step boundary (the publication checks it, and a cancel that comes
             # after the publication is refused: never both).
-            if await self._store.cancel_requested(run):
+            if await self._store.cancel_requested(run, stored=True):
                 raise RunCancelled
             raise _Lost
         faults.reached(faults.AFTER_PUBLISH)

@@ -779,15 +779,18 @@ class BigQueryStore:
             self._keep(run)
         return list(found)
 
-    async def cancel_requested(self, run: RunRecord) -> bool:
+    async def cancel_requested(self, run: RunRecord, stored: bool = False) -> bool:
         """A run executing here answers from memory: a cancel asked here sets its flag at
         once, one asked on another replica shows from this replica's next heartbeat, which
         reads the run back. So a step boundary costs no query job. Others (a run let go
         after a failed heartbeat) are read from the run's partition."""
         mine = self._executing.get(run.pipeline_logging_id)
-        if mine is not None:
+        if mine is not None and (mine.cancel_requested or not stored):
             return mine.cancel_requested
-        return await runs.cancel_requested(self._db, run)
+        if await runs.cancel_requested(self._db, run):
+            self._cancelled(run.pipeline_logging_id)
+            return True
+        return False
 
     def _cancelled(self, run_id: str) -> None:
         """Flags a run executing here as cancel-requested (a flag that is never taken back:

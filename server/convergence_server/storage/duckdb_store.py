@@ -989,7 +989,8 @@ class DuckDBStore:
                 self._committed(cancel.run)
             return cancel
 
-    async def cancel_requested(self, run: RunRecord) -> bool:
+    async def cancel_requested(self, run: RunRecord, stored: bool = False) -> bool:
+        # One process owns the file: what it keeps of a run is as stored.
         run_id = run.pipeline_logging_id
         known = self._cache.run(run_id)  # as last committed: a cancel drops it until then
         if known is not None:

@@ -241,8 +241,10 @@ class Store(Protocol):
         partition without reading it again; its state is checked in the change itself; a
         record of another run or tenant is ignored)."""
 
-    async def cancel_requested(self, run: RunRecord) -> bool:
-        """Whether a cancel of `run` (as its worker claimed it) was asked."""
+    async def cancel_requested(self, run: RunRecord, stored: bool = False) -> bool:
+        """Whether a cancel of `run` (as its worker claimed it) was asked; with `stored`, as
+        the store has it now (a replica's memory of a run it executes learns of a cancel
+        asked on another replica only at its next heartbeat)."""
 
     async def heartbeat(self, run_ids: list[str], worker_id: str) -> None:
         """Marks the runs `worker_id` executes as alive, with the store's current time (all
