@@ -197,6 +197,7 @@ def test_a_killed_replicas_run_is_taken_over_by_another(
             ("claimed", 1),
             ("requeued", 2),
             ("claimed", 2),
+            ("publishing", 2),
             ("finished", 2),
         ]
         assert history[1]["worker_id"] != history[3]["worker_id"]  # claimed by A, then B

@@ -56,7 +56,14 @@ PIPELINES = [
         id="in_place",
     ),
 ]
-POINTS = f"{faults.BEFORE_PUBLICATION},{faults.AFTER_PUBLICATION},{faults.BEFORE_CANCEL}"
+POINTS = ",".join(
+    [
+        faults.BEFORE_PUBLICATION,
+        faults.AFTER_PUBLICATION,
+        faults.BEFORE_CANCEL,
+        faults.BEFORE_PUBLISH_TRANSACTION,
+    ]
+)
 
 
 class Held:
@@ -193,3 +200,18 @@ def test_a_cancel_of_a_run_that_ended_meanwhile_is_refused(held: Held) -> None:
             for hold in (cancelling, held.holds / faults.AFTER_PUBLICATION):
                 hold.unlink(missing_ok=True)
     assert refused.status_code == 409, refused.text
+
+
+@pytest.mark.parametrize("held", ["bigquery"], indirect=True)
+def test_a_cancel_while_bigquery_publishes_outside_its_transaction_is_refused(
+    held: Held,
+) -> None:
+    """BigQuery creates destinations and replaces landing tables and views before the
+    publication's transaction (DDL cannot be in one): from then on a cancel is refused,
+    since those changes would not be rolled back."""
+    staged = PIPELINES[0].values[0]
+    tenant_id, refused, ended = cancel_held_at(held, faults.BEFORE_PUBLISH_TRANSACTION, staged)
+    assert refused.status_code == 409, refused.text
+    assert "too late to cancel" in refused.json()["message"]
+    assert ended["status"] == "COMPLETE", ended
+    assert held.rows(tenant_id, staged.table) > 0

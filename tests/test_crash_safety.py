@@ -262,6 +262,7 @@ def test_a_crash_after_publication_on_bigquery_never_publishes_the_run_again(
     assert [(h["event"], h["attempt"]) for h in history] == [
         ("created", 1),
         ("claimed", 1),
+        ("publishing", 1),
         ("finished", 1),
     ]
 

@@ -120,6 +120,8 @@ def held_here(point: str) -> None:
     """`held` for code running on a worker thread (it blocks the thread)."""
     if point not in _armed:
         return
+    if (_hold_dir / point).exists():
+        log.warning("fault point %s: holding", point)
     deadline = time.monotonic() + HOLD_SECONDS
     while (_hold_dir / point).exists() and time.monotonic() < deadline:
         time.sleep(0.02)

@@ -68,6 +68,8 @@ SELECT_RUN = RUN_COLUMNS.replace("parameters", "TO_JSON_STRING(parameters) AS pa
 RUN_EVENT_NAMES = [c.name for c in RUN_EVENTS.columns]
 STEP_EVENT_NAMES = [c.name for c in STEP_EVENTS.columns]
 OWNER_GUARD = "status = 'RUNNING' AND IFNULL(worker_id, '') = @worker_id AND attempt = @attempt"
+# The event of a run whose publication has begun (`begin_publication`).
+PUBLISHING = "publishing"
 # Each run's `created_at` is its admitting replica's clock: replicas' clocks must agree
 # within half of this (see `Horizon`).
 HORIZON_MARGIN = timedelta(days=1)
@@ -599,10 +601,12 @@ def _change(
     params: Mapping[str, Any],
     then: str = "",
     before: str = "",
+    runner: Runner | None = None,
 ) -> RunRecord | None:
     """Appends the run's next state if its newest one passes `guard`, and runs `then`
     in the same transaction (and `before`, first, whether or not the guard passes);
-    returns the new state, or None when the guard failed."""
+    returns the new state, or None when the guard failed. Blocking, on `runner` (the
+    store's by default)."""
     # The usage columns are set only by the changes the usage view counts.
     unset = {c: f"CAST(NULL AS {t})" for c, t in USAGE_COLUMNS.items()}
     values = [{**unset, **changes}.get(c, c) for c in RUN_EVENT_NAMES]
@@ -631,7 +635,7 @@ def _change(
             SELECT {SELECT_RUN} FROM {db.table(RUN_EVENTS.name)}
             WHERE {OF_RUN} AND event_seq = next_seq;
         """
-    rows = db.transaction(script, {**_of(run), **params})
+    rows = db.transaction(script, {**_of(run), **params}, runner)
     return run_from_row(rows[0]) if rows else None
 
 
@@ -756,7 +760,7 @@ async def request_cancel(
         changes = {"cancel_requested": "TRUE"}
         publications = db.table(schema.TENANT_RUN_PUBLICATIONS.name)
         guard = (
-            "status = 'RUNNING' AND NOT EXISTS "
+            f"status = 'RUNNING' AND event != '{PUBLISHING}' AND NOT EXISTS "
             f"(SELECT 1 FROM {publications} WHERE pipeline_logging_id = @run_id)"
         )
         flagged = _change(db, run, "cancel_requested", guard, changes, {})
@@ -776,9 +780,9 @@ async def request_cancel(
     if changed is not None:
         return changed
     after = await get_run(db, tenant_id, run_id)
-    # RUNNING, yet not flagged: it has published its results (it ends COMPLETE).
+    # RUNNING, yet not flagged: it is publishing or has published (it ends COMPLETE).
     too_late = after is not None and after.status == "RUNNING" and not after.cancel_requested
-    return Cancellation(after, published=too_late and await published(db, run_id))
+    return Cancellation(after, published=too_late)
 
 
 async def heartbeat(db: Central, run_ids: list[str], worker_id: str) -> None:
@@ -844,6 +848,16 @@ async def published(db: Central, run_id: str) -> bool:
         )
     )
     return bool(rows and rows[0][0])
+
+
+def begin_publication(db: Central, pipelines: Runner, run: RunRecord) -> bool:
+    """Before a publication's writes that cannot be in its transaction (tables created,
+    truncated tables replaced by copy jobs, views): marks the run publishing, if this
+    execution may publish (RUNNING for its worker and attempt, no cancel asked). A cancel
+    is refused from then on, as once the run has published. Blocking, on `pipelines`."""
+    guard = f"{OWNER_GUARD} AND NOT IFNULL(cancel_requested, FALSE)"
+    params = {"worker_id": run.worker_id, "attempt": run.attempt}
+    return _change(db, run, PUBLISHING, guard, {}, params, runner=pipelines) is not None
 
 
 def publish(

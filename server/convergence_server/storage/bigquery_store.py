@@ -3,10 +3,10 @@
 Written for BigQuery's strengths and limits rather than as a port of the embedded store:
 
 - **Run state is append-only.** Every change of a run (created, claimed, finished, requeued,
-  cancel requested) is a row of `tenant_run_events` holding the run's whole state after the
-  change; the view `tenant_pipeline_runs` shows each run's newest row. Step logs work the
-  same way (`tenant_step_events`, view `tenant_step_logs`), heartbeats are rows of
-  `tenant_run_heartbeats`. No row is ever updated in place, so nothing waits on the
+  cancel requested, publishing) is a row of `tenant_run_events` holding the run's whole
+  state after the change; the view `tenant_pipeline_runs` shows each run's newest row.
+  Step logs work the same way (`tenant_step_events`, view `tenant_step_logs`), heartbeats
+  are rows of `tenant_run_heartbeats`. No row is ever updated in place, so nothing waits on the
   streaming buffer and no table takes an UPDATE per heartbeat.
 - **One transaction per change, serialized per tenant only.** Each change is one
   multi-statement transaction that first updates the tenant's own one-row table
@@ -24,7 +24,8 @@ Written for BigQuery's strengths and limits rather than as a port of the embedde
   Idempotency keys are appended; a key's newest row is its state.
 - **Bounded DML.** A run costs one transaction to be created (shared with the tenant's
   triggers that arrive together: `bigquery_runs.AdmissionTurns`), one to be claimed, one to
-  publish its writes (with its publication record) and one to end, plus one INSERT per
+  begin its publication and one to publish its writes (with its publication record), one to
+  end, plus one INSERT per
   step boundary (a step's end and the next one's start together: a run of n steps makes
   n + 1) and one per heartbeat tick of its server. A `dq` step's results are one
   INSERT too, or, when `warn` checks failed, one transaction that also appends the run's
@@ -965,6 +966,7 @@ class BigQueryStore:
             self.dataset_of(dataset),
             self._publish_locks.get(dataset),
             functools.partial(runs.publish, self._db, self._pipelines),
+            functools.partial(runs.begin_publication, self._db, self._pipelines),
         )
 
     async def drop_stage_tables(self) -> int:

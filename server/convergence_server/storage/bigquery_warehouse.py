@@ -82,6 +82,7 @@ class BigQueryWarehouse:
         dataset: str,
         publish_lock: threading.Lock,
         transaction: Callable[[RunRecord, list[str], Mapping[str, Any]], bool],
+        begin: Callable[[RunRecord], bool],
     ) -> None:
         self.dataset = dataset
         self._bq = runner
@@ -91,6 +92,8 @@ class BigQueryWarehouse:
         # The store's publishing transaction: the row writes given, with the run's
         # publication record, if the run is still this execution's.
         self._transaction = transaction
+        # The store's mark that the run's publication begins, if it still may publish.
+        self._begin = begin
         self._interrupted = threading.Event()
 
     def _ref(self, table: str) -> str:
@@ -261,6 +264,8 @@ class BigQueryWarehouse:
 
         def publish() -> bool:
             with self._publish_lock:
+                if not self._begin(run):  # cancelled, or no longer this execution's
+                    return False
                 statements: list[str] = []
                 params: dict[str, Any] = {}
                 for write in writes:
