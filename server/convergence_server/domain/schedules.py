@@ -285,36 +285,30 @@ class Schedules:
             if field not in UPDATABLE and field not in FIXED and field not in IGNORED:
                 raise _unchangeable(field)
         updates = {k: v for k, v in changes.items() if k in UPDATABLE}
-        before: list[ScheduleRecord] = []
 
         def updated(schedule: ScheduleRecord) -> ScheduleRecord:
             for field, value in changes.items():
                 if field in FIXED and getattr(schedule, field) != value:
                     raise _unchangeable(field)
-            before[:] = [schedule]
             return self._updated(schedule, updates)
 
-        schedule = await self._change(caller, schedule_id, updated)
+        before, schedule = await self._change(caller, schedule_id, updated)
         # The audit names the fields whose value changed; a change of nothing is no event.
-        changed = [f for f in updates if getattr(before[0], f) != getattr(schedule, f)]
+        changed = [f for f in updates if getattr(before, f) != getattr(schedule, f)]
         if not changed:
             return schedule
         return await self._audited(caller, "schedule.updated", schedule, ", ".join(changed))
 
     async def delete(self, caller: Caller, schedule_id: str) -> ScheduleRecord:
-        schedule = await self._change(caller, schedule_id, lambda s: replace(s, deleted=True))
+        _, schedule = await self._change(caller, schedule_id, lambda s: replace(s, deleted=True))
         return await self._audited(caller, "schedule.deleted", schedule)
 
     async def pause(self, caller: Caller, schedule_id: str) -> ScheduleRecord:
         """Pauses; pausing a paused schedule changes nothing and is no event."""
-        was_paused: list[bool] = []
-
-        def paused(s: ScheduleRecord) -> ScheduleRecord:
-            was_paused.append(s.paused)
-            return replace(s, paused=True)
-
-        schedule = await self._change(caller, schedule_id, paused)
-        if was_paused[-1]:
+        before, schedule = await self._change(
+            caller, schedule_id, lambda s: replace(s, paused=True)
+        )
+        if before.paused:
             return schedule
         return await self._audited(caller, "schedule.paused", schedule)
 
@@ -322,14 +316,12 @@ class Schedules:
         """Unpauses. Only `catch_up: all` replays the paused period (up to its maximum):
         with `none` and `latest` the slots that came due while paused are skipped.
         Resuming a schedule that is not paused changes nothing and is no event."""
-        was_paused: list[bool] = []
 
         def resumed(s: ScheduleRecord) -> ScheduleRecord:
-            was_paused.append(s.paused)
             return replace(s, paused=False) if s.paused else s
 
-        schedule = await self._change(caller, schedule_id, resumed, skip_paused=True)
-        if not was_paused[-1]:
+        before, schedule = await self._change(caller, schedule_id, resumed, skip_paused=True)
+        if not before.paused:
             return schedule
         return await self._audited(caller, "schedule.resumed", schedule)
 
@@ -379,7 +371,7 @@ class Schedules:
                 s, backfill_after=after, backfill_until=slots[-1], backfill_left=len(slots)
             )
 
-        schedule = await self._change(caller, schedule_id, backfilled)
+        _, schedule = await self._change(caller, schedule_id, backfilled)
         detail = f"{start_date}..{end_date}: {counted} slots"
         return await self._audited(caller, "schedule.backfilled", schedule, detail), counted
 
@@ -389,16 +381,17 @@ class Schedules:
         schedule_id: str,
         change: Callable[[ScheduleRecord], ScheduleRecord],
         skip_paused: bool = False,
-    ) -> ScheduleRecord:
+    ) -> tuple[ScheduleRecord, ScheduleRecord]:
         """Applies `change` to the stored schedule, in its tenant's turn (so it waits for a
         trigger of this process to finish with the tenant rather than racing it), again if
-        another process's trigger recorded progress first."""
+        another process's trigger recorded progress first. Returns the schedule as `change`
+        last found it, and after (the same when nothing changed)."""
         async with self._turns.get(caller.tenant_id):
             for _ in range(20):
                 current = await self.get(caller, schedule_id)
                 changed = change(current)
                 if changed == current:
-                    return current
+                    return current, current
                 now = self._clock()
                 skip = None
                 if skip_paused and current.paused and changed.catch_up != "all":
@@ -414,7 +407,7 @@ class Schedules:
                 changed = replace(changed, version=current.version + 1, updated_at=now)
                 if await self._store.save_schedule(changed, skip):
                     self._turn_ended(caller.tenant_id)
-                    return changed
+                    return current, changed
             raise FailedPrecondition(
                 f"Schedule {schedule_id} kept changing concurrently; try again"
             )

@@ -973,14 +973,14 @@ class DuckDBStore:
     async def request_cancel(
         self, tenant_id: str, run_id: str, now: datetime, known: RunRecord | None = None
     ) -> Cancellation:
-        # Not during a publication of the tenant's: a publication checks that no cancel
-        # was asked, a cancel that the run has not published (neither sees the other's
-        # uncommitted write).
-        async with self._publications.get(tenant_id):
-            return await self._request_cancel(tenant_id, run_id, now)
-
-    async def _request_cancel(self, tenant_id: str, run_id: str, now: datetime) -> Cancellation:
-        async with self._tenant_turns.get(tenant_id), self._changing(run_id):
+        # Not during a publication of the tenant's (the first turn): a publication checks
+        # that no cancel was asked, a cancel that the run has not published (neither sees
+        # the other's uncommitted write).
+        async with (
+            self._publications.get(tenant_id),
+            self._tenant_turns.get(tenant_id),
+            self._changing(run_id),
+        ):
             active = self._queue.active(tenant_id)  # exact in the tenant's turn
             cancel = await self._call(
                 lambda cur: runs.request_cancel(cur, tenant_id, run_id, now, active)
