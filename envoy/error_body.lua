@@ -120,11 +120,12 @@ local function generic_body(status, grpc_message, request_id)
   return body .. ',"request_id":' .. json_string(request_id or "") .. '}'
 end
 
--- At most MAX_ECHO bytes of a JSON-escaped text, then "...": never an escape
--- sequence or a UTF-8 character cut in two.
-local MAX_ECHO = 64
-local function echo(escaped)
-  if #escaped <= MAX_ECHO then return escaped end
+-- At most `limit` (MAX_ECHO) bytes of a JSON-escaped text, then "...": never
+-- an escape sequence or a UTF-8 character cut in two.
+local MAX_ECHO, MAX_MESSAGE = 64, 512
+local function echo(escaped, limit)
+  limit = limit or MAX_ECHO
+  if #escaped <= limit then return escaped end
   local i = 1
   while i <= #escaped do
     local c = escaped:byte(i)
@@ -140,20 +141,38 @@ local function echo(escaped)
     elseif c >= 0xF0 then len = 4
     elseif c >= 0xE0 then len = 3
     else len = 2 end
-    if i + len - 1 > MAX_ECHO then break end
+    if i + len - 1 > limit then break end
     i = i + len
   end
   return escaped:sub(1, i - 1) .. "..."
 end
 
--- Envoy's text with what it quotes of the input (its \"...\" parts) cut to
--- MAX_ECHO, as the server's own messages are, and bytes that are not UTF-8
--- (echoed from a body that is not) replaced.
+-- Envoy's messages that quote the input (JSON-escaped, as they stand in the
+-- body), as text, input, text (, input, text). An input is matched greedily:
+-- it may hold quotes and backslashes of its own.
+local QUOTING = {
+  '^(.-invalid value \\")(.*)(\\" for type [^"\\]*)$',
+  '^(Could not find field \\")(.*)(\\" in the type \\"[%w_.]*\\"%.)$',
+  '^(The binding value \\")(.*)(\\" of the field [%w_.]+ is conflicting with the value \\")'
+    .. '(.*)(\\" in the body%.)$',
+}
+
+-- The parts of a message that quotes the input (the inputs at even places), or nil.
+local function quoted_parts(message)
+  for _, shape in ipairs(QUOTING) do
+    local parts = { message:match(shape) }
+    if #parts > 0 then return parts end
+  end
+  return nil
+end
+
+-- Envoy's text with each input it quotes cut to MAX_ECHO, as the server's own
+-- messages are; any other text cut to MAX_MESSAGE.
 local function shortened(text)
-  if not valid_utf8(text) then text = text:gsub("[\128-\255]", "?") end
-  return (text:gsub('\\"(.-[^\\])\\"', function(quoted)
-    return '\\"' .. echo(quoted) .. '\\"'
-  end))
+  local parts = quoted_parts(text)
+  if parts == nil then return echo(text, MAX_MESSAGE) end
+  for i = 2, #parts, 2 do parts[i] = echo(parts[i]) end
+  return table.concat(parts)
 end
 
 -- The field and issue of Envoy's message (JSON-escaped, as it stands in the
@@ -172,8 +191,10 @@ local function field_and_issue(message)
     end
     return map or field, issue
   end
-  field = message:match('^Could not find field \\"([%w_.]+)\\"')
-  if field ~= nil then return field, "is not a parameter of this request" end
+  local parts = quoted_parts(message)
+  if parts ~= nil and parts[1] == 'Could not find field \\"' then
+    return parts[2], "is not a parameter of this request"
+  end
   field, issue = message:match("^Header name '([^\\\"]-)' (is not accepted.*)$")
   if field ~= nil then return field, issue end
   -- A field name here, though the message says "type" (a message type or
@@ -199,10 +220,13 @@ local function name_the_field(handle, head)
   local body = buffer:getBytes(0, buffer:length())
   local message, rest = body:match('"message":"(.-)"(,"request_id":"[^"]*"}%s*)$')
   if message == nil then return buffer end
+  -- Bytes that are not UTF-8 (echoed from a body that is not) are replaced.
+  if not valid_utf8(message) then message = message:gsub("[\128-\255]", "?") end
+  -- Each part is JSON-escaped text taken from the message.
   local field, issue = field_and_issue(message)
   message, issue, field = shortened(message), shortened(issue), echo(field)
   local shaped = '{"error":' .. json_string(title(400)) .. ',"message":"' .. message
-    .. '","details":{"field":' .. json_string(field) .. ',"issue":"' .. issue .. '"}' .. rest
+    .. '","details":{"field":"' .. field .. '","issue":"' .. issue .. '"}' .. rest
   local headers = handle:headers()
   headers:replace("content-length", tostring(#shaped))
   buffer:setBytes(shaped)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import socket
 import subprocess
 import time
 import uuid
@@ -174,6 +175,27 @@ def onboard(
     response = http.post("/api/v1/tenants/onboard", json=payload)
     assert response.status_code == 200, response.text
     return tenant_id, response.json()["api_key"]
+
+
+def raw_http(port: int, request: bytes) -> bytes:
+    """The whole answer to `request`, sent as it is (no client normalizes it)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
+        conn.sendall(request)
+        chunks = []
+        while chunk := conn.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def raw_get(port: int, target: bytes) -> httpx.Response:
+    """GET `target` sent byte for byte (httpx would percent-encode quotes)."""
+    answer = raw_http(
+        port, b"GET " + target + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = [tuple(part.strip() for part in line.split(":", 1)) for line in lines]
+    return httpx.Response(int(status_line.split()[1]), headers=headers, content=body)
 
 
 def database_path(stack: Stack) -> Path:

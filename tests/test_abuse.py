@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import socket
 import statistics
 import threading
 import time
@@ -41,6 +40,7 @@ from tests.conftest import (
     eventually,
     new_tenant_id,
     onboard,
+    raw_http,
     trigger,
 )
 
@@ -579,15 +579,6 @@ def test_a_tenant_holding_its_streams_and_hammering_does_not_slow_another(busy: 
 
 
 # -- secrets and malformed requests -----------------------------------------------------
-
-
-def raw_http(port: int, request: bytes) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
-        conn.sendall(request)
-        chunks = []
-        while chunk := conn.recv(65536):
-            chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def test_keys_never_reach_logs_or_bodies(stack: Stack) -> None:

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from convergence_server.stack import Stack
-from tests.conftest import GUIDE_TENANT, StackFactory, dump_store, onboard, schemas
+from tests.conftest import GUIDE_TENANT, StackFactory, dump_store, onboard, raw_get, schemas
 
 PATTERN_BODY = {
     "error": "Validation error",
@@ -145,6 +145,28 @@ def test_unknown_query_parameter(state: State) -> None:
 
 @pytest.mark.parametrize(
     ("query", "field"),
+    [
+        (b"a\\=1", "a\\"),
+        (b'a"b=1', 'a"b'),
+        (b'""=1', '""'),
+        (b"a%5C=1", "a%5C"),
+        (b"D" * 100 + b"\\=1", "D" * 64 + "..."),
+    ],
+)
+def test_an_unknown_query_parameter_is_named_whatever_its_characters(
+    state: State, query: bytes, field: str
+) -> None:
+    """Sent as they are (quotes and backslashes are not percent-encoded here): the rest of
+    the message stays whole."""
+    response = raw_get(state.stack.http_port, b"/health?" + query)
+    assert_envoy_error(response, 400, "Validation error", field)
+    message = response.json()["message"]
+    assert message.endswith('" in the type "convergence.v1.GetHealthRequest".'), message
+    assert "D" * 65 not in message
+
+
+@pytest.mark.parametrize(
+    ("query", "field"),
     [("status=complete", "status"), ("status=DONE", "status"), ("limit=ten", "limit")],
 )
 def test_a_query_parameter_of_the_wrong_type_is_named(state: State, query: str, field: str) -> None:
@@ -153,18 +175,28 @@ def test_a_query_parameter_of_the_wrong_type_is_named(state: State, query: str, 
 
 
 def test_envoys_messages_quote_at_most_64_characters_of_the_input(state: State) -> None:
-    """As the server's own: a long value or parameter name is cut, and bytes of a body
-    that is not UTF-8 are not echoed (the answer stays valid JSON)."""
+    """As the server's own: a long value or parameter name is cut (even one that begins
+    with quotes of its own), and bytes of a body that is not UTF-8 are not echoed (the
+    answer stays valid JSON)."""
     auth = {"X-API-Key": state.key}
     value = state.http.get(f"/api/v1/pipelines/runs?status={'B' * 500}", headers=auth)
     assert_envoy_error(value, 400, "Validation error", "status")
     assert "B" * 64 + "..." in value.json()["message"]
+    quoted = state.http.get(f'/api/v1/pipelines/runs?status=""{"B" * 500}', headers=auth)
+    assert_envoy_error(quoted, 400, "Validation error", "status")
     name = state.http.get(f"/api/v1/pipelines/runs?{'C' * 300}=1", headers=auth)
     assert_envoy_error(name, 400, "Validation error", "C" * 64 + "...")
-    for response in (value, name):
+    conflicting = state.http.post(
+        f"/api/v1/pipelines/run/{state.tenant_id}/gcp/cost/cost_billing",
+        headers=auth,
+        json={"tenant_id": "B" * 500 + '"', "trigger_by": "john@acme.com"},
+    )
+    assert_envoy_error(conflicting, 400, "Validation error", "tenant_id")
+    assert conflicting.json()["message"].endswith('"' + "B" * 64 + '..." in the body.')
+    for response in (value, quoted, name, conflicting):
         body = response.json()
-        quoted = body["message"] + body["details"]["issue"] + body["details"]["field"]
-        assert "B" * 65 not in quoted and "C" * 65 not in quoted, body
+        echoed = body["message"] + body["details"]["issue"] + body["details"]["field"]
+        assert "B" * 65 not in echoed and "C" * 65 not in echoed, body
         assert int(response.headers["content-length"]) == len(response.content)
     raw = state.http.post(
         "/api/v1/tenants/onboard",
