@@ -340,6 +340,23 @@ def test_a_run_shows_a_sample_as_its_source_named_it(api: httpx.Client, config_d
         assert str(config_dir) not in json.dumps(done) + steps.text, (done, steps.text)
 
 
+def test_a_run_shows_a_number_parameter_in_its_shortest_form(api: httpx.Client) -> None:
+    tenant_id, key = onboard(api, plan=UNMETERED)
+    shown = {}
+    for given in (None, "1e9", "2.50", "1e16", "0.0025"):
+        parameters = {} if given is None else {"max_row_cost": given}
+        run = trigger(api, key, tenant_id, AWS, date=DAY, parameters=parameters)
+        got = api.get(f"/api/v1/pipelines/runs/{run['pipeline_logging_id']}", headers=auth(key))
+        shown[given] = got.json()["parameters"]["max_row_cost"]
+    assert shown == {
+        None: "1000000000",
+        "1e9": "1000000000",
+        "2.50": "2.5",
+        "1e16": "1e+16",
+        "0.0025": "0.0025",
+    }
+
+
 def test_a_sample_gone_before_its_run_reads_it_is_shown_as_its_source_named_it(
     stack_factory: StackFactory,
     pipeline_env: dict[str, str],

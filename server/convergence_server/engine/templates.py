@@ -95,9 +95,12 @@ def in_date_range(day: date) -> date:
 
 def parameter_text(value: Any) -> str:
     """A parameter's value as runs record it and the API shows it: dates ISO, booleans
-    true/false."""
+    true/false, numbers in their shortest form (1e9 as 1000000000, not 1000000000.0)."""
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, float):
+        text = repr(value)
+        return text.removesuffix(".0")
     return value.isoformat() if isinstance(value, date) else str(value)
 
 
