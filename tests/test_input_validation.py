@@ -53,6 +53,7 @@ DATE_ISSUE = "must be a date YYYY-MM-DD from 2000-01-01 to 2099-12-31"
 HIDDEN = "must not contain control or invisible format characters"
 OUTSIDE = "is outside the allowed source folders"
 CLIMBS = "must not climb out of its folder with '..'"
+WILDCARD = "must name one file: a local path holds no wildcard (*, ? or [)"
 NOT_A_FILE = "names a file that does not exist"
 SCHEME = "must be a local path or a gs:// URI"
 FOREIGN_TOKEN = "is not a token this server issued"
@@ -275,7 +276,17 @@ def test_sources_are_checked_before_a_run_is_created(
     secret = theirs / "private.csv"
     shutil.copy(SAMPLE, secret)
     (own / "link.csv").symlink_to(secret)
+    # A folder named like a pattern beside a link to the other tenant's folder: DuckDB
+    # would expand the pattern, and follow the link.
+    (own / "e*").mkdir()
+    shutil.copy(SAMPLE, own / "e*" / "private.csv")
+    (own / "elink").symlink_to(theirs)
+    (own / "star.csv").symlink_to(own / "e*" / "private.csv")
     attempts = {
+        f"{own}/e*/private.csv": WILDCARD,
+        f"{own}/e?/private.csv": WILDCARD,
+        f"{own}/e[lx]ink/private.csv": WILDCARD,
+        str(own / "star.csv"): WILDCARD,
         f"{good}\x00.csv": HIDDEN,  # once ended its run with an internal error
         f"{good}\n": HIDDEN,
         f"{own}/\u202evsc.csv": HIDDEN,

@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -63,6 +64,8 @@ _CHECKED: dict[tuple[str, str, tuple[DqCheck, ...]], list[DqResult]] = {}
 MAX_CHECKED = 1000
 log = logging.getLogger(__name__)
 OUTSIDE_ISSUE = "is outside the allowed source folders"
+WILDCARDS = re.compile(r"[*?\[]")
+WILDCARD_ISSUE = "must name one file: a local path holds no wildcard (*, ? or [)"
 
 
 class StepFailed(Exception):
@@ -138,6 +141,10 @@ def resolve_source(template: str, parameters: Mapping[str, Any], folders: Source
         raise SourceRefused(filled, "cannot be resolved to a file") from None
     if not any(path.is_relative_to(root.resolve()) for root in folders.local_roots):
         raise SourceRefused(filled, OUTSIDE_ISSUE)
+    # DuckDB's readers expand these in a path (with no escape) and follow the symlinks
+    # they meet: a pattern would read files this check never saw.
+    if WILDCARDS.search(uri) or WILDCARDS.search(str(path)):
+        raise SourceRefused(filled, WILDCARD_ISSUE)
     try:
         exists = path.is_file()
     except OSError:  # e.g. a name too long for the file system
