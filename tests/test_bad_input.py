@@ -37,7 +37,19 @@ BAD_TENANT_IDS = [
     "acme_corp\n",
 ]
 ONBOARDING_PATHS = ["/api/v1/tenants/dryrun", "/api/v1/tenants/onboard"]
-RESERVED = ["tenants", "information_schema", "SELECT", "table", "_hidden"]
+RESERVED = [
+    "tenants",
+    "information_schema",
+    "SELECT",
+    "table",
+    "_hidden",
+    # The embedded store's own databases (DuckDB catalogs): a dataset named like one
+    # cannot be told apart from it.
+    "memory",
+    "convergence_store",
+    "convergence_stages",
+    "Convergence_Next",
+]
 # Bodies the transcoder refuses, and the field each 400 names.
 MALFORMED_JSON = [
     (b'{"tenant_id": "acme_corp",', "body"),

@@ -39,11 +39,13 @@ MIN_PEPPER_BYTES = 32
 MAX_COMPANY_NAME = 200
 _TENANT_ID = re.compile(IDENTIFIER_PATTERN.strip("^$"), re.ASCII)
 
-# Names a tenant dataset may not take: the service's own datasets, the backends' system
-# schemas, and the reserved words (3+ letters) of BigQuery and of DuckDB.
+# Names a tenant dataset may not take: the service's own datasets and databases (and
+# whatever begins with RESERVED_PREFIXES), the backends' system schemas and databases,
+# and the reserved words (3+ letters) of BigQuery and of DuckDB.
+RESERVED_PREFIXES = ("_", "pg_", "duckdb_", "convergence_")
 RESERVED_TENANT_IDS = frozenset(
     """
-    tenants information_schema main temp system pg_catalog sys public default admin root
+    tenants information_schema main temp system memory pg_catalog sys public default admin root
     convergence api health null none all and any array asc assert_rows_modified between case
     cast collate contains create cross cube current define desc distinct else end enum
     escape except exclude exists extract false fetch following for from full group grouping
@@ -334,7 +336,7 @@ class Onboarding:
 
     async def _tenant_id_not_reserved(self, app: TenantApplication) -> CheckResult:
         lowered = app.tenant_id.lower()
-        if lowered in RESERVED_TENANT_IDS or lowered.startswith(("_", "pg_", "duckdb_")):
+        if lowered in RESERVED_TENANT_IDS or lowered.startswith(RESERVED_PREFIXES):
             return _failed(
                 f"tenant_id '{echo(app.tenant_id)}' is reserved",
                 FailureKind.INVALID,
