@@ -25,12 +25,17 @@ def sample_rows() -> list[dict[str, str]]:
         return list(csv.DictReader(source))
 
 
-def corrupt(target: Path, *, drop: str = "", bad_cost: bool = False) -> Path:
+# Amounts BigQuery's SAFE_CAST refuses that DuckDB's TRY_CAST would take (as 1000, 12,
+# 1e10): each must fail its run as "twelve dollars" does, on either store.
+LAX_COSTS = ("1_000", " 12 ", "1e1_0")
+
+
+def corrupt(target: Path, *, drop: str = "", bad_cost: str = "") -> Path:
     rows = sample_rows()
     columns = [c for c in rows[0] if c != drop]
     if bad_cost:
         first_of_day = next(r for r in rows if r["lineItem/UsageStartDate"].startswith(DAY))
-        first_of_day["lineItem/UnblendedCost"] = "twelve dollars"
+        first_of_day["lineItem/UnblendedCost"] = bad_cost
     out = io.StringIO()
     writer = csv.DictWriter(out, columns, extrasaction="ignore")
     writer.writeheader()
@@ -45,6 +50,7 @@ class Story:
     good: dict[str, object]
     missing_column: dict[str, object]
     bad_cost: dict[str, object]
+    lax_costs: dict[str, dict[str, object]]
     steps: dict[str, list[dict[str, object]]]
 
 
@@ -62,7 +68,7 @@ def story(
         folder = sources_dir / s.tenant_id  # a tenant reads only its own folder
         folder.mkdir()
         missing = corrupt(folder / "cur_missing_cost.csv", drop="lineItem/UnblendedCost")
-        bad = corrupt(folder / "cur_bad_cost.csv", bad_cost=True)
+        bad = corrupt(folder / "cur_bad_cost.csv", bad_cost="twelve dollars")
 
         def run(**parameters: str) -> dict[str, object]:
             triggered = trigger(http, key, s.tenant_id, AWS, date=DAY, parameters=parameters)
@@ -71,6 +77,10 @@ def story(
         s.good = run()
         s.missing_column = run(source_uri=str(missing))
         s.bad_cost = run(source_uri=str(bad))
+        s.lax_costs = {
+            cost: run(source_uri=str(corrupt(folder / f"cur_lax_{i}.csv", bad_cost=cost)))
+            for i, cost in enumerate(LAX_COSTS)
+        }
         s.steps = {
             name: http.get(
                 f"/api/v1/pipelines/runs/{r['pipeline_logging_id']}/steps",
@@ -108,6 +118,18 @@ def test_a_non_numeric_cost_fails_the_quality_step(story: Story) -> None:
     states = step_states(story.steps["bad"])
     assert states[-1] == ("quality", "FAILED")
     assert all(status == "COMPLETE" for _, status in states[:-1])
+
+
+def test_an_amount_bigquery_would_not_read_as_a_number_fails_the_run(story: Story) -> None:
+    for cost, run in story.lax_costs.items():
+        assert run["status"] == "FAILED", (cost, run)
+        assert "billed_cost_present (1 rows with NULL BilledCost)" in str(run["error_message"])
+    with duckdb.connect(str(database_path(story.stack)), read_only=True) as db:
+        published = db.execute(
+            "SELECT pipeline_logging_id FROM tenants.tenant_run_publications WHERE tenant_id = ?",
+            [story.tenant_id],
+        ).fetchall()
+    assert published == [(story.good["pipeline_logging_id"],)]
 
 
 def test_failed_checks_are_dq_rows(story: Story) -> None:

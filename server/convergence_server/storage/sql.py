@@ -1,8 +1,9 @@
 """BigQuery SQL, the language of templates and of integrators' queries, run on DuckDB.
 
 `to_duckdb` transpiles with sqlglot, mapping BigQuery's bare NUMERIC to DECIMAL(38, 9)
-(its real precision; DuckDB's bare DECIMAL keeps 3 decimals) and dropping the configured
-project from `project.dataset.table` names. Named parameters (`@date`) become DuckDB's
+(its real precision; DuckDB's bare DECIMAL keeps 3 decimals), taking for a number in
+SAFE_CAST only the text BigQuery takes, and dropping the configured project from
+`project.dataset.table` names. Named parameters (`@date`) become DuckDB's
 `$date` and are always bound, never formatted into the text.
 """
 
@@ -15,6 +16,16 @@ import sqlglot
 from sqlglot import exp
 
 _BIGQUERY_NUMERIC = exp.DataType.build("DECIMAL(38, 9)", dialect="duckdb")
+_DECIMAL_TEXT = r"[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?"
+# The text BigQuery's SAFE_CAST takes for a number of each type: its literals (and, for
+# FLOAT64, inf and nan; for INT64, hexadecimal). DuckDB's TRY_CAST takes more ("1_000" as
+# 1000, " 12 ", ".5" as the integer 1): a corrupted amount must be NULL, as on BigQuery.
+_NUMBER_TEXT = {
+    exp.DataType.Type.DECIMAL: _DECIMAL_TEXT,
+    exp.DataType.Type.BIGDECIMAL: _DECIMAL_TEXT,
+    exp.DataType.Type.DOUBLE: f"{_DECIMAL_TEXT}|[+-]?(?i:inf|infinity|nan)",
+    exp.DataType.Type.BIGINT: r"[+-]?([0-9]+|0[xX][0-9a-fA-F]+)",
+}
 
 
 class SqlError(ValueError):
@@ -30,6 +41,18 @@ def _fix(
         and not node.expressions
     ):
         return _BIGQUERY_NUMERIC.copy()
+    if isinstance(node, exp.TryCast) and node.to.this in _NUMBER_TEXT:
+        # Only text is checked: a number of another type converts as on BigQuery.
+        value = node.this
+        pattern = exp.Literal.string(f"({_NUMBER_TEXT[node.to.this]})")
+        matches = exp.func(
+            "regexp_full_match", exp.cast(value.copy(), "VARCHAR"), pattern, dialect="duckdb"
+        )
+        text = exp.EQ(
+            this=exp.func("typeof", value.copy(), dialect="duckdb"),
+            expression=exp.Literal.string("VARCHAR"),
+        )
+        node.set("this", exp.If(this=exp.or_(exp.not_(text), matches), true=value))
     if isinstance(node, exp.Table) and project and node.catalog == project:
         node.set("catalog", None)
     if isinstance(node, exp.Table) and not node.catalog and (node.db, node.name) in moved:
