@@ -137,6 +137,51 @@ def test_a_bad_store_setting_stops_the_server_with_a_reason(
     assert not (tmp_path / "key_pepper").exists() or settings.get("CONVERGENCE_STORE") != "bigquery"
 
 
+@pytest.mark.parametrize(
+    ("name", "value", "complaint"),
+    [
+        # Each was taken once: a division by zero at the first dry-run, a port wrapped
+        # around (70000 served on 4464), runs that never start, every caller refused...
+        ("CONVERGENCE_OPEN_REQUESTS_PER_MINUTE_PER_CLIENT", "0", "an integer in [1, 1000000]"),
+        ("CONVERGENCE_GRPC_PORT", "70000", "an integer in [0, 65535]"),
+        ("CONVERGENCE_METRICS_PORT", "-5", "an integer in [0, 65535]"),
+        ("CONVERGENCE_WORKERS", "-1", "an integer in [0, 256]"),
+        ("CONVERGENCE_KEY_MAX_DAYS", "-1", "an integer in [0, 36500]"),
+        ("CONVERGENCE_AUTH_FAILURES_PER_MINUTE", "-1", "an integer in [1, 1000000]"),
+        ("CONVERGENCE_XFF_TRUSTED_HOPS", "-1", "an integer in [0, 16]"),
+        ("CONVERGENCE_REQUEST_LOG", "maybe", "one of on, off"),
+        ("CONVERGENCE_LOG_LEVEL", "LOUD", "one of DEBUG, INFO, WARNING, ERROR, CRITICAL"),
+        ("CONVERGENCE_TRUSTED_PROXIES", "127.0.0.1,notanip", "IP addresses only"),
+        ("CONVERGENCE_GRPC_HOST", "notanip", "IP addresses only"),
+        ("CONVERGENCE_SOURCE_ROOTS", "/nonexistent/roots", "is not a folder"),
+    ],
+)
+def test_a_bad_setting_stops_the_server_naming_it(
+    tmp_path: Path, name: str, value: str, complaint: str
+) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "convergence_server", "serve"],
+        env={
+            **os.environ,
+            "CONVERGENCE_DATA_DIR": str(tmp_path),
+            "CONVERGENCE_GRPC_PORT": "0",
+            name: value,
+        },
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode != 0
+    assert name in result.stderr and complaint in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+
+
+def test_settings_of_words_take_any_letter_case() -> None:
+    env = {"CONVERGENCE_REQUEST_LOG": "OFF", "CONVERGENCE_LOG_LEVEL": "debug"}
+    config = Config.from_env(env, local_pepper=False)
+    assert (config.request_log, config.log_level) == (False, "DEBUG")
+
+
 @pytest.mark.parametrize("command", ["validate", "envoy-config"])
 def test_commands_that_see_no_key_make_no_pepper(tmp_path: Path, command: str) -> None:
     """The embedded store's local pepper is made by the first start of the server (or a key

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import secrets
@@ -12,6 +13,9 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 LOCAL_PEPPER_BYTES = 32
 MIN_SCHEDULER_TOKEN = 32
+PORTS = (0, 65535)  # 0: a port the OS picks
+PER_MINUTE = (1, 1_000_000)
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 DEFAULT_TICK_SECONDS = 30.0
 # About 43 minutes from the first attempt to the sixth and last.
 DEFAULT_WEBHOOK_RETRY_SECONDS = (5.0, 30.0, 120.0, 600.0, 1800.0)
@@ -126,16 +130,25 @@ class Config:
         pepper = env.get("CONVERGENCE_KEY_PEPPER", "")
         store = env.get("CONVERGENCE_STORE", defaults.store)
         return cls(
-            grpc_host=env.get("CONVERGENCE_GRPC_HOST", defaults.grpc_host),
-            grpc_port=_int(env, "CONVERGENCE_GRPC_PORT", defaults.grpc_port),
-            http_host=env.get("CONVERGENCE_HTTP_HOST", defaults.http_host),
-            http_port=_int(env, "CONVERGENCE_HTTP_PORT", defaults.http_port),
-            envoy_admin_port=_int(env, "CONVERGENCE_ENVOY_ADMIN_PORT", defaults.envoy_admin_port),
-            metrics_host=env.get("CONVERGENCE_METRICS_HOST", defaults.metrics_host),
-            metrics_port=_int(env, "CONVERGENCE_METRICS_PORT", 0)
+            grpc_host=_address(
+                "CONVERGENCE_GRPC_HOST", env.get("CONVERGENCE_GRPC_HOST", defaults.grpc_host)
+            ),
+            grpc_port=_int(env, "CONVERGENCE_GRPC_PORT", defaults.grpc_port, PORTS),
+            http_host=_address(
+                "CONVERGENCE_HTTP_HOST", env.get("CONVERGENCE_HTTP_HOST", defaults.http_host)
+            ),
+            http_port=_int(env, "CONVERGENCE_HTTP_PORT", defaults.http_port, PORTS),
+            envoy_admin_port=_int(
+                env, "CONVERGENCE_ENVOY_ADMIN_PORT", defaults.envoy_admin_port, PORTS
+            ),
+            metrics_host=_address(
+                "CONVERGENCE_METRICS_HOST",
+                env.get("CONVERGENCE_METRICS_HOST", defaults.metrics_host),
+            ),
+            metrics_port=_int(env, "CONVERGENCE_METRICS_PORT", 0, PORTS)
             if env.get("CONVERGENCE_METRICS_PORT")
             else None,
-            request_log=env.get("CONVERGENCE_REQUEST_LOG", "on") != "off",
+            request_log=_choice(env, "CONVERGENCE_REQUEST_LOG", "on", ("on", "off")) == "on",
             store=store,
             data_dir=data_dir,
             config_dir=Path(env.get("CONVERGENCE_CONFIG_DIR", str(defaults.config_dir))),
@@ -145,10 +158,10 @@ class Config:
             if pepper or store == "bigquery" or not local_pepper
             else _local_pepper(data_dir),
             max_request_bytes=_int(
-                env, "CONVERGENCE_MAX_REQUEST_BYTES", defaults.max_request_bytes
+                env, "CONVERGENCE_MAX_REQUEST_BYTES", defaults.max_request_bytes, (1, 1 << 30)
             ),
             key_cache_seconds=_int(
-                env, "CONVERGENCE_KEY_CACHE_SECONDS", defaults.key_cache_seconds
+                env, "CONVERGENCE_KEY_CACHE_SECONDS", defaults.key_cache_seconds, (0, 86400)
             ),
             key_sync_seconds=_seconds(
                 env, "CONVERGENCE_KEY_SYNC_SECONDS", defaults.key_sync_seconds
@@ -156,7 +169,7 @@ class Config:
             member_cache_seconds=_seconds(
                 env, "CONVERGENCE_MEMBER_CACHE_SECONDS", defaults.member_cache_seconds
             ),
-            key_max_days=_int(env, "CONVERGENCE_KEY_MAX_DAYS", defaults.key_max_days),
+            key_max_days=_int(env, "CONVERGENCE_KEY_MAX_DAYS", defaults.key_max_days, (0, 36500)),
             audit_flush_seconds=_seconds(
                 env, "CONVERGENCE_AUDIT_FLUSH_SECONDS", defaults.audit_flush_seconds
             ),
@@ -164,12 +177,15 @@ class Config:
                 env.get("CONVERGENCE_WEBHOOK_RETRY_SECONDS", ""), defaults.webhook_retry_seconds
             ),
             webhook_allow_private=_flag(env, "CONVERGENCE_WEBHOOK_ALLOW_PRIVATE"),
-            workers=_int(env, "CONVERGENCE_WORKERS", defaults.workers),
-            sample_data_dir=Path(
-                env.get("CONVERGENCE_SAMPLE_DATA_DIR", str(defaults.sample_data_dir))
+            workers=_int(env, "CONVERGENCE_WORKERS", defaults.workers, (0, 256)),
+            sample_data_dir=_folder(
+                "CONVERGENCE_SAMPLE_DATA_DIR",
+                env.get("CONVERGENCE_SAMPLE_DATA_DIR", str(defaults.sample_data_dir)),
             ),
             source_roots=tuple(
-                Path(p) for p in env.get("CONVERGENCE_SOURCE_ROOTS", "").split(os.pathsep) if p
+                _folder("CONVERGENCE_SOURCE_ROOTS", p)
+                for p in env.get("CONVERGENCE_SOURCE_ROOTS", "").split(os.pathsep)
+                if p
             ),
             gcs_source_roots=_gcs_roots(env.get("CONVERGENCE_GCS_SOURCE_ROOTS", "")),
             project=env.get("CONVERGENCE_PROJECT", defaults.project),
@@ -191,25 +207,34 @@ class Config:
                 env,
                 "CONVERGENCE_OPEN_REQUESTS_PER_MINUTE_PER_CLIENT",
                 defaults.open_requests_per_minute_per_client,
+                PER_MINUTE,
             ),
             open_requests_per_minute=_int(
-                env, "CONVERGENCE_OPEN_REQUESTS_PER_MINUTE", defaults.open_requests_per_minute
+                env,
+                "CONVERGENCE_OPEN_REQUESTS_PER_MINUTE",
+                defaults.open_requests_per_minute,
+                PER_MINUTE,
             ),
             auth_failures_per_minute=_int(
-                env, "CONVERGENCE_AUTH_FAILURES_PER_MINUTE", defaults.auth_failures_per_minute
+                env,
+                "CONVERGENCE_AUTH_FAILURES_PER_MINUTE",
+                defaults.auth_failures_per_minute,
+                PER_MINUTE,
             ),
             trusted_proxies=tuple(
-                p.strip()
+                _address("CONVERGENCE_TRUSTED_PROXIES", p.strip())
                 for p in env.get(
                     "CONVERGENCE_TRUSTED_PROXIES", ",".join(defaults.trusted_proxies)
                 ).split(",")
                 if p.strip()
             ),
-            xff_trusted_hops=_int(env, "CONVERGENCE_XFF_TRUSTED_HOPS", defaults.xff_trusted_hops),
+            xff_trusted_hops=_int(
+                env, "CONVERGENCE_XFF_TRUSTED_HOPS", defaults.xff_trusted_hops, (0, 16)
+            ),
             stream_max_seconds=_seconds(
                 env, "CONVERGENCE_STREAM_MAX_SECONDS", defaults.stream_max_seconds
             ),
-            log_level=env.get("CONVERGENCE_LOG_LEVEL", defaults.log_level).upper(),
+            log_level=_choice(env, "CONVERGENCE_LOG_LEVEL", defaults.log_level, LOG_LEVELS),
             shutdown_seconds=_seconds(
                 env, "CONVERGENCE_SHUTDOWN_SECONDS", defaults.shutdown_seconds
             ),
@@ -226,21 +251,47 @@ class Config:
         )
 
 
-def _int(env: dict[str, str], name: str, default: int) -> int:
+def _int(env: dict[str, str], name: str, default: int, bounds: tuple[int, int]) -> int:
     raw = env.get(name)
     if raw is None or raw == "":
         return default
+    low, high = bounds
     try:
-        return int(raw)
+        value = int(raw)
     except ValueError:
-        raise SystemExit(f"{name} must be an integer, got {raw!r}") from None
+        value = low - 1
+    if not low <= value <= high:
+        raise SystemExit(f"{name} must be an integer in [{low}, {high}], got {raw!r}")
+    return value
+
+
+def _address(name: str, value: str) -> str:
+    """`value` (the variable's, or its default) when it is an IP address."""
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        raise SystemExit(f"{name} must name IP addresses only, got {value!r}") from None
+    return value
+
+
+def _folder(name: str, value: str) -> Path:
+    """`value` when it is a folder that exists (a typo would refuse every source in it)."""
+    if not Path(value).is_dir():
+        raise SystemExit(f"{name}: {value!r} is not a folder")
+    return Path(value)
+
+
+def _choice(env: dict[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
+    """The variable's value, in any letter case, when it is one of `choices`."""
+    raw = env.get(name, "").strip() or default
+    for choice in choices:
+        if raw.lower() == choice.lower():
+            return choice
+    raise SystemExit(f"{name} must be one of {', '.join(choices)}, got {raw!r}")
 
 
 def _whole_seconds(env: dict[str, str], name: str, default: int) -> int:
-    value = _int(env, name, default)
-    if not 1 <= value <= 86400:
-        raise SystemExit(f"{name} must be a whole number of seconds in [1, 86400], got {value}")
-    return value
+    return _int(env, name, default, (1, 86400))
 
 
 def _seconds(env: dict[str, str], name: str, default: float) -> float:
@@ -317,9 +368,14 @@ def _local_pepper(data_dir: Path) -> bytes:
     pepper never lives with the hashes it protects.
     """
     path = data_dir / "key_pepper"
-    if not path.exists():
-        data_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as out:
-            out.write(secrets.token_hex(LOCAL_PEPPER_BYTES))
-    return path.read_text().strip().encode()
+    try:
+        if not path.exists():
+            data_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as out:
+                out.write(secrets.token_hex(LOCAL_PEPPER_BYTES))
+        return path.read_text().strip().encode()
+    except OSError as exc:
+        raise SystemExit(
+            f"CONVERGENCE_DATA_DIR: cannot keep the key pepper in {str(data_dir)!r}: {exc.strerror}"
+        ) from None
