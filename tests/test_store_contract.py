@@ -811,6 +811,39 @@ def test_steps_and_dq_results_are_kept_per_attempt(store: Store) -> None:
     ]
 
 
+def test_a_run_handed_back_lists_the_steps_of_its_latest_execution(store: Store) -> None:
+    """A stop hands the run back in its attempt; once its next execution has begun, the
+    steps the interrupted one began are no longer listed (the step log keeps them)."""
+    tenant_id = tenant(store)
+    made = new_run(tenant_id)
+    run_id = made.pipeline_logging_id
+    run(store.create_run(made, LONG_AGO, RunLimits(10, 10)))
+    claimed = claim(store, tenant_id)
+    started = datetime.now(UTC)
+    run(store.save_step(step_of(made, 0, "RUNNING", started)))
+    run(
+        store.save_steps(
+            [step_of(made, 0, "COMPLETE", started), step_of(made, 1, "RUNNING", started)]
+        )
+    )
+    assert run(store.requeue_run(claimed, started, count_attempt=False))
+    interrupted = run(store.list_steps(tenant_id, run_id))
+    assert [(s.step_index, s.status) for s in interrupted] == [(0, "COMPLETE"), (1, "FAILED")]
+
+    again = claim(store, tenant_id)
+    assert again.attempt == claimed.attempt
+    later = started + timedelta(minutes=1)
+    first = replace(step_of(made, 0, "RUNNING", later), step_logging_id=str(uuid.uuid4()))
+    run(store.save_step(first))
+    assert run(store.list_steps(tenant_id, run_id)) == [first]
+    assert run(store.run_with_steps(tenant_id, run_id))[1] == [first]
+    assert run(store.finish_run(again, "FAILED", later, "step_0 failed")) is not None
+    ended = run(store.list_steps(tenant_id, run_id))
+    assert [(s.step_logging_id, s.step_index, s.status) for s in ended] == [
+        (first.step_logging_id, 0, "FAILED")
+    ]
+
+
 def test_a_step_has_one_row_however_it_is_saved(store: Store) -> None:
     """A step saved before its run was claimed, then by the run's worker; another closed
     by its worker; a third left RUNNING: one row each, and only the third is closed as

@@ -102,6 +102,7 @@ from convergence_server.storage.rows import (
     WEBHOOK_COLUMNS,
     audit_from_row,
     key_from_row,
+    latest_execution,
     webhook_from_row,
 )
 from convergence_server.storage.run_cache import CAPACITY, Lru
@@ -905,9 +906,11 @@ class BigQueryStore:
                 for s in found
                 if s.run_attempt == steps.attempt and s.step_logging_id not in steps.writing
             ]
-        return sorted(
-            [*steps.earlier, *steps.written.values()],
-            key=lambda s: (s.step_index, s.step_start_time),
+        return latest_execution(
+            sorted(
+                [*steps.earlier, *steps.written.values()],
+                key=lambda s: (s.step_index, s.step_start_time),
+            )
         )
 
     async def run_with_steps(

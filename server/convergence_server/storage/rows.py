@@ -181,6 +181,17 @@ def step_from_row(row: Sequence[Any]) -> StepRecord:
     )
 
 
+def latest_execution(steps: Sequence[StepRecord]) -> list[StepRecord]:
+    """The steps of an attempt (in order) that its latest execution wrote. A run handed back
+    at a stop keeps its attempt and is executed again from its first step: the steps the
+    interrupted execution began are left out once the next one has begun its first."""
+    if not steps:
+        return []
+    first = min(step.step_index for step in steps)
+    began = max(step.step_start_time for step in steps if step.step_index == first)
+    return [step for step in steps if step.step_start_time >= began]
+
+
 def dq_values(result: DqRecord, created_at: datetime | None = None) -> list[Any]:
     """The result's values in `DQ_COLUMNS` order: its samples as one JSON array of
     objects (None when there are none), its creation time as given in `created_at` (as
