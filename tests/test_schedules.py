@@ -141,6 +141,14 @@ def test_an_every_minute_schedule_starts_one_run_per_simulated_minute(
     assert run["schedule_id"] == schedule["schedule_id"]
     assert run["trigger_by"] == "ops@acme.com"
     settle(http, key)
+    # Its steps were timed by the server's clock, as the run was (2026-06-01, not today).
+    path, headers = f"/api/v1/pipelines/runs/{run['pipeline_logging_id']}", {"X-API-Key": key}
+    ended = http.get(path, headers=headers).json()
+    steps = http.get(f"{path}/steps", headers=headers).json()["steps"]
+    assert steps
+    for step in steps:
+        assert ended["start_time"] <= step["step_start_time"] <= step["step_end_time"], step
+        assert step["step_end_time"] <= ended["end_time"], (ended, step)
 
 
 def test_twenty_concurrent_triggers_start_each_slot_once(http: httpx.Client, clock: Clock) -> None:

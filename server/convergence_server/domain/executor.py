@@ -87,12 +87,18 @@ class _Observer:
     """Persists a run's progress as the engine reports it."""
 
     def __init__(
-        self, store: Store, run: RunRecord, events: RunEvents, stopping: asyncio.Event
+        self,
+        store: Store,
+        run: RunRecord,
+        events: RunEvents,
+        stopping: asyncio.Event,
+        clock: Callable[[], datetime],
     ) -> None:
         self._store = store
         self._run = run
         self._events = events
         self._stopping = stopping
+        self._clock = clock
         self._step_ids: dict[int, str] = {}
         # The failed `warn` checks of each dq step, by step name (names are unique).
         self._warnings: dict[str, int] = {}
@@ -132,7 +138,7 @@ class _Observer:
         following: tuple[Step, datetime] | None = None,
     ) -> None:
         # At a boundary, the next step starts when this one ended.
-        ended = following[1] if following is not None else datetime.now(UTC)
+        ended = following[1] if following is not None else self._clock()
         record = replace(
             self._record(index, step, started),
             status=FAILED if outcome.error else COMPLETE,
@@ -153,7 +159,7 @@ class _Observer:
         self._events.publish(self._run.pipeline_logging_id)
 
     async def dq_checked(self, step: Step, results: list[DqResult]) -> None:
-        now = datetime.now(UTC)
+        now = self._clock()
         day = self._run.parameters.get("date")
         records = [
             DqRecord(
@@ -478,7 +484,7 @@ class Executor:
                 catalog=self._catalog,
                 parameters=parameters,
                 warehouse=warehouse,
-                observer=_Observer(self._store, run, self._events, self._stopping),
+                observer=_Observer(self._store, run, self._events, self._stopping, self._clock),
                 run_id=run.pipeline_logging_id,
                 attempt=run.attempt,
                 sample_data=self._settings.sample_data,
@@ -492,6 +498,7 @@ class Executor:
                     f"{root}/{run.tenant_id}/" for root in self._settings.gcs_source_roots
                 ),
                 sleep=self._sleep,
+                clock=self._clock,
             ).execute()
         except StepFailed as exc:
             return FAILED, str(exc)

@@ -231,6 +231,8 @@ class PipelineRun:
     # gs:// prefixes the run may read (each ends with the tenant's own folder).
     remote_roots: tuple[str, ...] = ()
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+    # What time it is (the server's clock: steps and runs are timed alike).
+    clock: Callable[[], datetime] = lambda: datetime.now(UTC)
     staged: dict[str, str] = field(default_factory=dict)
     # The loaded file versions this run reads (`reuse: true` load steps).
     reused: set[str] = field(default_factory=set)
@@ -263,13 +265,13 @@ class PipelineRun:
         crash during those checks leaves the step RUNNING, closed as interrupted when the
         run is recovered (on BigQuery the checks read memory; embedded, one cheap read)."""
         await self._between_steps()
-        started = datetime.now(UTC)
+        started = self.clock()
         await self.observer.step_started(0, steps[0], started)
         for index, step in enumerate(steps):
             outcome = await self._attempt(step)
             following = None
             if not outcome.error and index + 1 < len(steps):
-                boundary = datetime.now(UTC)
+                boundary = self.clock()
                 try:
                     await self._between_steps()
                 except Exception:  # a cancel or a stop: the step's end alone, then that
