@@ -274,8 +274,8 @@ class Executor:
             task.cancel()
         if pending:
             log.error(
-                "stopped with %d worker(s) still in a store call after %.0f s, holding %d "
-                "run(s); they will be recovered",
+                "stopped with %d worker(s) still busy after %.0f s (a store call, or a "
+                "wait that does not end at a stop), holding %d run(s); they will be recovered",
                 len(pending),
                 seconds,
                 len(self._in_flight),
