@@ -192,6 +192,8 @@ def test_runs_json_lists_the_runs(cli_stack: Stack, tenant: Tenant) -> None:
     assert runs.keys() == {completed, failed}
     assert runs[completed]["status"] == "COMPLETE"
     assert runs[completed]["parameters"]["date"] == "2024-01-02"
+    # Every field, zero values too, as over REST.
+    assert (runs[completed]["warnings"], runs[completed]["schedule_id"]) == (0, "")
     assert runs[failed]["status"] == "FAILED"
 
     only_failed = convergence(cli_stack, "runs", "--status", "FAILED", "--json", api_key=key)
@@ -283,6 +285,12 @@ def test_run_wait_timeout_stops_waiting_and_the_run_goes_on(
     alone = convergence(cli_stack, "run", "test/runs/quick", "--timeout", "5", api_key=key)
     assert alone.returncode == 2
     assert "--wait" in alone.stderr
+    # Usage errors, click's own included, are one line too.
+    for args in (("run", "test/runs/quick", "--wait", "--timeout", "0"), ("runs", "--nope")):
+        usage = convergence(cli_stack, *args, api_key=key)
+        assert usage.returncode == 2
+        assert usage.stderr.startswith("error: ") and len(usage.stderr.splitlines()) == 1, usage
+    assert convergence(cli_stack, "--help").returncode == 0
 
 
 def test_runs_checks_shows_each_check_and_its_outcome(cli_stack: Stack, tenant: Tenant) -> None:

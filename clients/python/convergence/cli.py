@@ -127,10 +127,16 @@ def pipeline_path(value: str) -> tuple[str, str, str]:
     return parts[0], parts[1], parts[2]
 
 
+def as_dict(found: message.Message) -> dict[str, object]:
+    """A message as the REST API shows it: its field names, zero values included."""
+    return json_format.MessageToDict(
+        found, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+
+
 def print_json(messages: Iterable[message.Message]) -> None:
-    """Messages as one JSON array, with the API's field names."""
-    items = [json_format.MessageToDict(m, preserving_proto_field_name=True) for m in messages]
-    click.echo(json.dumps(items, indent=2))
+    """Messages as one JSON array, as the REST API shows them."""
+    click.echo(json.dumps([as_dict(m) for m in messages], indent=2))
 
 
 def print_fields(title: str, fields: Mapping[str, object]) -> None:
@@ -405,7 +411,7 @@ def run_show(settings: Settings, run_id: str, as_json: bool) -> None:
     with settings.client() as client:
         found = client.get_run(run_id)
     if as_json:
-        click.echo(json.dumps(json_format.MessageToDict(found, preserving_proto_field_name=True)))
+        click.echo(json.dumps(as_dict(found)))
         return
     print_fields(
         f"Run {found.pipeline_logging_id}",
@@ -815,14 +821,21 @@ def fail(text: str) -> NoReturn:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """The console script: refusals and transport failures end in one line on stderr."""
+    """The console script: usage errors, refusals and transport failures end in one line
+    on stderr."""
     try:
-        cli.main(args=argv, prog_name="convergence")
+        code = cli.main(args=argv, prog_name="convergence", standalone_mode=False)
+    except click.ClickException as error:  # a usage error, a file option naming no file
+        fail(error.format_message())
+    except click.Abort:  # Ctrl-C at a prompt
+        fail("aborted")
     except ConvergenceError as error:
         suffix = f" (request_id {error.request_id})" if error.request_id else ""
         fail(f"{error.message or error.code.name}{suffix}")
     except TimeoutError as error:
         fail(str(error))
+    if isinstance(code, int):  # --help, or a command that ended with a status of its own
+        sys.exit(code)
 
 
 if __name__ == "__main__":
