@@ -289,9 +289,13 @@ def test_a_stopping_stack_still_answers_the_rest_call_in_progress(tmp_path: Path
         tmp_path / "launcher.log",
         CONVERGENCE_FAULT_POINTS="hold_calls",
         CONVERGENCE_SHUTDOWN_SECONDS="60",
+        CONVERGENCE_METRICS_PORT="0",
     )
     try:
         launcher.wait_until_up()
+        # The port the OS picked for the metrics is in the banner.
+        metrics = httpx.get(launcher._printed(r"Metrics:\s+(http://127\.0\.0\.1:\d+/metrics)"))
+        assert metrics.status_code == 200 and "convergence_" in metrics.text
         with httpx.Client(base_url=launcher.http_url(), timeout=120) as http:
             _, key = onboard(http)
             hold.parent.mkdir(exist_ok=True)

@@ -318,11 +318,12 @@ def run_stack(config: Config) -> int:
             stack.stop()
         print("Convergence stopped while starting.", flush=True)
         return 0
+    metrics = "" if stack.metrics_port is None else f"  Metrics:        {stack.metrics_url}\n"
     print(
         f"Convergence is up (store: {config.store}, data: {config.data_dir})\n"
         f"  REST via Envoy: {stack.http_url}   e.g. curl {stack.http_url}/health\n"
         f"  gRPC:           {stack.grpc_target} (also through Envoy at {stack.envoy_grpc_target})\n"
-        "Press Ctrl-C to stop.",
+        f"{metrics}Press Ctrl-C to stop.",
         flush=True,
     )
     while not stopping and stack.server.poll() is None and stack.envoy.poll() is None:
