@@ -245,3 +245,46 @@ def test_a_header_no_format_has_fails_its_load_saying_why(
     assert done["status"] == "FAILED", done
     assert done["error_message"].startswith("step load_export failed: a column name is 2000 "), done
     assert "(at most 300)" in done["error_message"]
+
+
+def test_a_file_that_is_not_valid_csv_fails_its_load_naming_the_line(
+    api: httpx.Client, sources_dir: Path
+) -> None:
+    """Read as BigQuery's load jobs read CSV: no dialect is guessed (a file with one short
+    row was once taken for a file of one column), a bad row is named by its line, and two
+    columns of one name are refused rather than one of them read."""
+    tenant_id, key = onboard(api, plan=UNMETERED)
+    folder = sources_dir / tenant_id
+    folder.mkdir()
+    text = SAMPLE.read_text()
+    header, first, *rest = text.splitlines(keepends=True)
+    cases = {
+        "short_row": (header + first.rsplit(",", 3)[0] + "\n" + "".join(rest)).encode(),
+        "extra_field": (header + first.rstrip("\n") + ",extra\n" + "".join(rest)).encode(),
+        "unterminated_quote": (header + '"' + first + "".join(rest)).encode(),
+        "latin1": (header + first).encode() + "Caf\u00e9\n".encode("latin-1"),
+        "utf16": text.encode("utf-16"),
+        "empty": b"",
+        "duplicate_column": (header.rstrip("\n") + ",lineItem/UnblendedCost\n").encode()
+        + "".join(line.rstrip("\n") + ",1\n" for line in [first, *rest]).encode(),
+    }
+    expected = {
+        "short_row": "the file is not valid CSV: line 2: Expected Number of Columns",
+        "extra_field": "the file is not valid CSV: line 2: Expected Number of Columns",
+        "unterminated_quote": "the file is not valid CSV: line 2",
+        "latin1": "the file is not valid CSV: line 3: Invalid unicode",
+        "utf16": "the file is not UTF-8 text",
+        "empty": "the file is empty: it has no header row",
+        "duplicate_column": "two columns have the same name once sanitized: "
+        "'lineItem_UnblendedCost'",
+    }
+    for name, content in cases.items():
+        source = folder / f"{name}.csv"
+        source.write_bytes(content)
+        run = trigger(api, key, tenant_id, AWS, date=DAY, parameters={"source_uri": str(source)})
+        done = wait_for_run(api, key, run["pipeline_logging_id"])
+        assert done["status"] == "FAILED", (name, done)
+        assert done["error_message"].startswith(f"step load_export failed: {expected[name]}"), (
+            name,
+            done["error_message"],
+        )

@@ -11,7 +11,6 @@ table replaced whole (`truncate`, no shared schema) is copied over by a copy job
 
 from __future__ import annotations
 
-import csv
 import re
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -39,7 +38,7 @@ from convergence_server.storage.warehouse import (
     SchemaColumn,
     TransientError,
     WarehouseError,
-    column_names,
+    csv_header,
 )
 
 _FORMATS = {
@@ -136,7 +135,7 @@ class BigQueryWarehouse:
                     config.autodetect = True
                 else:
                     config.schema = [
-                        bigquery.SchemaField(name, "STRING") for name in _csv_header(uri)
+                        bigquery.SchemaField(name, "STRING") for name in csv_header(uri)
                     ]
             elif fmt == "ndjson":
                 config.autodetect = True
@@ -417,11 +416,6 @@ class BigQueryWarehouse:
 
     async def close(self) -> None:
         """Nothing to release: the store's client serves every run."""
-
-
-def _csv_header(path: str) -> list[str]:
-    with open(path, newline="", encoding="utf-8-sig") as source:
-        return column_names(next(csv.reader(source), []))
 
 
 def _columns_sql(columns: Sequence[SchemaColumn]) -> str:

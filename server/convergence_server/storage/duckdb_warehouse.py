@@ -47,15 +47,22 @@ from convergence_server.storage.warehouse import (
     TransientError,
     WarehouseError,
     column_names,
+    csv_header,
 )
 
 T = TypeVar("T")
 
 _READERS = {
-    "csv": "read_csv($source, header = true, all_varchar = true)",
+    # RFC 4180, as BigQuery's load jobs read it: no dialect guessed (DuckDB's sniffer took
+    # a file with one short row for a file of one column), every column text, named from
+    # the header as read here (`$columns`: c0, c1, ...), every row as long as the header.
+    "csv": "read_csv($source, header = true, auto_detect = false, delim = ',', quote = '\"', "
+    "escape = '\"', columns = $columns)",
     "ndjson": "read_json($source, format = 'newline_delimited')",
     "parquet": "read_parquet($source)",
 }
+# DuckDB's refusal of a CSV row: its line, then (after the line itself) why.
+_CSV_ERROR = re.compile(r"CSV Error on Line: (\d+)\n(?:Original Line:[^\n]*\n)?([^\n]+)")
 _TYPES = {
     "STRING": "VARCHAR",
     "NUMERIC": "DECIMAL(38, 9)",
@@ -222,19 +229,32 @@ class DuckDBWarehouse:
         reader = _READERS[fmt]
 
         def load(cur: duckdb.DuckDBPyConnection) -> int:
-            names = [
-                d[0]
-                for d in cur.execute(f"SELECT * FROM {reader} LIMIT 0", {"source": uri}).description
-            ]
-            renamed = column_names(names)
+            params: dict[str, Any] = {"source": uri}
+            if fmt == "csv":
+                renamed = csv_header(uri)
+                names = [f"c{i}" for i in range(len(renamed))]
+                params["columns"] = dict.fromkeys(names, "VARCHAR")
+            else:
+                described = cur.execute(f"SELECT * FROM {reader} LIMIT 0", params).description
+                names = [d[0] for d in described]
+                renamed = column_names(names)
             select = ", ".join(
                 f"{quote_identifier_any(n)} AS {quote_identifier(r)}"
                 for n, r in zip(names, renamed, strict=True)
             )
-            cur.execute(
-                f"CREATE OR REPLACE TABLE {self._table(table)} AS SELECT {select} FROM {reader}",
-                {"source": uri},
-            )
+            try:
+                cur.execute(
+                    f"CREATE OR REPLACE TABLE {self._table(table)} AS SELECT {select} "
+                    f"FROM {reader}",
+                    params,
+                )
+            except duckdb.InvalidInputException as exc:
+                refused = _CSV_ERROR.search(str(exc))
+                if refused is None:
+                    raise
+                raise WarehouseError(
+                    f"the file is not valid CSV: line {refused[1]}: {refused[2].strip()}"
+                ) from None
             return _count(cur, self._table(table))
 
         return await self._call(load)

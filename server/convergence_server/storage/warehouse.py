@@ -7,6 +7,7 @@ tenant's dataset, already checked against the template name pattern.
 
 from __future__ import annotations
 
+import csv
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date
@@ -40,6 +41,24 @@ class WarehouseError(Exception):
 
 # BigQuery's longest column name; a file's header beyond it is no header of a known format.
 MAX_COLUMN_NAME = 300
+# A header row is read up to this far (a file with no line break is not read whole).
+MAX_HEADER_BYTES = 1 << 20
+
+
+def csv_header(path: str) -> list[str]:
+    """A local CSV file's column names as a load names them (`column_names`), from its first
+    row; a file with no header row, or not UTF-8, fails the load saying so."""
+    with open(path, "rb") as source:
+        first = source.readline(MAX_HEADER_BYTES)
+    try:
+        header = next(csv.reader([first.decode("utf-8-sig")]), [])
+    except UnicodeDecodeError:
+        raise WarehouseError("the file is not UTF-8 text (its header row cannot be read)") from None
+    except csv.Error as exc:
+        raise WarehouseError(f"the file's header row is not valid CSV: {exc}") from None
+    if not header:
+        raise WarehouseError("the file is empty: it has no header row")
+    return column_names(header)
 
 
 def column_names(header: Sequence[str]) -> list[str]:
@@ -47,7 +66,8 @@ def column_names(header: Sequence[str]) -> list[str]:
     or one longer than BigQuery takes, fail the load with a message that says so."""
     names = [sanitize(name) for name in header]
     if len(set(names)) != len(names):
-        raise WarehouseError("two columns have the same name once sanitized")
+        twice = next(name for name in names if names.count(name) > 1)
+        raise WarehouseError(f"two columns have the same name once sanitized: {twice[:40]!r}")
     for name in names:
         if len(name) > MAX_COLUMN_NAME:
             raise WarehouseError(
