@@ -176,11 +176,15 @@ local function shortened(text)
 end
 
 -- The field and issue of Envoy's message (JSON-escaped, as it stands in the
--- body): "limit: invalid value ..." names limit; an unknown query parameter, a
+-- body): "limit: invalid value ..." names limit; a path Envoy cannot normalize is
+-- "path"; an unknown query parameter, a
 -- body field contradicting the path and a header name this filter refused name
 -- theirs; anything else is about the body as a whole (JSON that does not
 -- parse, a wrong shape).
 local function field_and_issue(message)
+  if message == "Malformed request (path_normalization_failed)" then
+    return "path", "is not a valid URL path (it holds an encoded NUL, %00)"
+  end
   local field, issue = message:match("^([%w_]+[%w_.%[%]]*): (.+)$")
   if field ~= nil then
     -- A map's entry is named by its place ("parameters[0].value"), which the
@@ -229,6 +233,10 @@ local function name_the_field(handle, head)
     .. '","details":{"field":"' .. field .. '","issue":"' .. issue .. '"}' .. rest
   local headers = handle:headers()
   headers:replace("content-length", tostring(#shaped))
+  -- A request refused before any filter saw it (a path Envoy cannot normalize) has
+  -- its id in the body only: the header says it too, as on every other reply.
+  local id = rest:match('"request_id":"([^"]+)"')
+  if id ~= nil and headers:get("x-request-id") == nil then headers:add("x-request-id", id) end
   buffer:setBytes(shaped)
   return buffer
 end

@@ -219,6 +219,13 @@ def test_envoys_messages_quote_at_most_64_characters_of_the_input(state: State) 
     raw.content.decode("utf-8")  # strictly UTF-8
 
 
+def test_a_path_envoy_cannot_normalize_is_named(state: State) -> None:
+    for path in ("/api/v1/pipelines/runs/%00", f"/api/v1/tenants/{state.tenant_id}%00/usage"):
+        response = state.http.get(path, headers={"X-API-Key": state.key})
+        assert_envoy_error(response, 400, "Validation error", "path")
+        assert "%00" in response.json()["details"]["issue"]
+
+
 def test_a_body_field_of_the_wrong_type_is_named(state: State) -> None:
     response = state.http.post(
         f"/api/v1/pipelines/run/{state.tenant_id}/gcp/cost/cost_billing",
