@@ -168,11 +168,8 @@ def test_a_crash_before_publication_leaves_the_published_day_as_it_was(
     restarted = stack_factory(data_dir=data_dir, **pipeline_env)
     with httpx.Client(base_url=restarted.http_url, timeout=30) as http:
         final = wait_for_run(http, key, run_id, timeout=120)
-        listed = http.get(f"/api/v1/pipelines/runs/{run_id}/steps", headers={"X-API-Key": key})
     restarted.stop()
     assert final["status"] == "COMPLETE", final
-    # The steps of the execution that completed it, not those the stop cut short.
-    assert [s["status"] for s in listed.json()["steps"]] == ["COMPLETE"], listed.text
     doubled = sum(
         Decimal(r["lineItem/UnblendedCost"]).quantize(Decimal("1e-9"), ROUND_HALF_UP)
         for r in rows
@@ -207,11 +204,8 @@ def test_a_crash_after_publication_never_publishes_the_run_again(
     restarted = stack_factory(data_dir=data_dir, **pipeline_env)
     with httpx.Client(base_url=restarted.http_url, timeout=30) as http:
         final = wait_for_run(http, key, run_id, timeout=120)
-        listed = http.get(f"/api/v1/pipelines/runs/{run_id}/steps", headers={"X-API-Key": key})
     restarted.stop()
     assert final["status"] == "COMPLETE", final
-    # The steps of the execution that completed it, not those the stop cut short.
-    assert [s["status"] for s in listed.json()["steps"]] == ["COMPLETE"], listed.text
     # Its rows exactly once, and no attempt was spent running it again.
     assert stored_count(restarted, f'SELECT COUNT(*) FROM "{tenant_id}"."{table}"') == rows
     assert stored_run(restarted, run_id)["attempt"] == 1
