@@ -224,6 +224,10 @@ local function name_the_field(handle, head)
   local body = buffer:getBytes(0, buffer:length())
   local message, rest = body:match('"message":"(.-)"(,"request_id":"[^"]*"}%s*)$')
   if message == nil then return buffer end
+  if message == "" then  -- no text of Envoy's own: why it refused (the mapper's details)
+    local why = body:match('"issue":"([%w_.-]*)"')
+    message = "Malformed request (" .. (why or "unknown") .. ")"
+  end
   -- Bytes that are not UTF-8 (echoed from a body that is not) are replaced.
   if not valid_utf8(message) then message = message:gsub("[\128-\255]", "?") end
   -- Each part is JSON-escaped text taken from the message.

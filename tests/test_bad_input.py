@@ -220,10 +220,13 @@ def test_envoys_messages_quote_at_most_64_characters_of_the_input(state: State) 
 
 
 def test_a_path_envoy_cannot_normalize_is_named(state: State) -> None:
+    """Whether the client sent its own request id or not (Envoy's reply differs)."""
     for path in ("/api/v1/pipelines/runs/%00", f"/api/v1/tenants/{state.tenant_id}%00/usage"):
-        response = state.http.get(path, headers={"X-API-Key": state.key})
-        assert_envoy_error(response, 400, "Validation error", "path")
-        assert "%00" in response.json()["details"]["issue"]
+        for headers in ({}, {"X-Request-Id": "client-chosen-id"}):
+            response = state.http.get(path, headers={"X-API-Key": state.key, **headers})
+            assert_envoy_error(response, 400, "Validation error", "path")
+            assert "%00" in response.json()["details"]["issue"]
+            assert response.json()["message"] == "Malformed request (path_normalization_failed)"
 
 
 def test_a_body_field_of_the_wrong_type_is_named(state: State) -> None:

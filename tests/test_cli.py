@@ -291,6 +291,8 @@ def test_run_wait_timeout_stops_waiting_and_the_run_goes_on(
         assert usage.returncode == 2
         assert usage.stderr.startswith("error: ") and len(usage.stderr.splitlines()) == 1, usage
     assert convergence(cli_stack, "--help").returncode == 0
+    group = convergence(cli_stack, "keys", api_key=key)  # a group alone: its help, as click's
+    assert group.returncode == 2 and "Usage:" in group.stderr and "error:" not in group.stderr
 
 
 def test_runs_checks_shows_each_check_and_its_outcome(cli_stack: Stack, tenant: Tenant) -> None:

@@ -142,15 +142,15 @@ def test_a_bad_store_setting_stops_the_server_with_a_reason(
     [
         # Each was taken once: a division by zero at the first dry-run, a port wrapped
         # around (70000 served on 4464), runs that never start, every caller refused...
-        ("CONVERGENCE_OPEN_REQUESTS_PER_MINUTE_PER_CLIENT", "0", "an integer in [1, 1000000]"),
+        ("CONVERGENCE_OPEN_REQUESTS_PER_MINUTE_PER_CLIENT", "0", "an integer in [1, 1000000000]"),
         ("CONVERGENCE_GRPC_PORT", "70000", "an integer in [0, 65535]"),
         ("CONVERGENCE_METRICS_PORT", "-5", "an integer in [0, 65535]"),
         ("CONVERGENCE_WORKERS", "-1", "an integer in [0, 256]"),
         ("CONVERGENCE_KEY_MAX_DAYS", "-1", "an integer in [0, 36500]"),
-        ("CONVERGENCE_AUTH_FAILURES_PER_MINUTE", "-1", "an integer in [1, 1000000]"),
+        ("CONVERGENCE_AUTH_FAILURES_PER_MINUTE", "-1", "an integer in [1, 1000000000]"),
         ("CONVERGENCE_XFF_TRUSTED_HOPS", "-1", "an integer in [0, 16]"),
         ("CONVERGENCE_REQUEST_LOG", "maybe", "one of on, off"),
-        ("CONVERGENCE_LOG_LEVEL", "LOUD", "one of DEBUG, INFO, WARNING, ERROR, CRITICAL"),
+        ("CONVERGENCE_LOG_LEVEL", "LOUD", "one of DEBUG, INFO, WARNING, WARN, ERROR, CRITICAL"),
         ("CONVERGENCE_TRUSTED_PROXIES", "127.0.0.1,notanip", "IP addresses only"),
         ("CONVERGENCE_GRPC_HOST", "notanip", "IP addresses only"),
         ("CONVERGENCE_SOURCE_ROOTS", "/nonexistent/roots", "is not a folder"),
@@ -177,9 +177,14 @@ def test_a_bad_setting_stops_the_server_naming_it(
 
 
 def test_settings_of_words_take_any_letter_case() -> None:
-    env = {"CONVERGENCE_REQUEST_LOG": "OFF", "CONVERGENCE_LOG_LEVEL": "debug"}
+    env = {
+        "CONVERGENCE_REQUEST_LOG": "OFF",
+        "CONVERGENCE_LOG_LEVEL": "debug",
+        "CONVERGENCE_TRUSTED_PROXIES": "0:0:0:0:0:0:0:1, 127.0.0.1",
+    }
     config = Config.from_env(env, local_pepper=False)
     assert (config.request_log, config.log_level) == (False, "DEBUG")
+    assert config.trusted_proxies == ("::1", "127.0.0.1")  # as gRPC shows a peer
 
 
 @pytest.mark.parametrize("command", ["validate", "envoy-config"])

@@ -167,3 +167,33 @@ def test_usage_queries_return_the_right_figures(history: History) -> None:
     assert row["concurrent_pipelines_running"] == 0
     assert len(monthly) == 1
     assert monthly[0]["total_pipelines"] == 2
+
+
+def test_safe_cast_reads_text_as_bigquery_does(history: History) -> None:
+    """SAFE_CAST of text to a number takes what BigQuery takes (spaces around a literal),
+    not what DuckDB alone would ("1_000", ".5" as an integer), under every name BigQuery
+    gives INT64; a cast of a cast is checked once, however deep."""
+    env = history[0]
+    if env.get("CONVERGENCE_STORE") == "bigquery":
+        pytest.skip('the local emulator casts as DuckDB does ("1_000" as 1000), not as BigQuery')
+    deep = "' 7 '"
+    for depth in range(12):
+        deep = f"SAFE_CAST({deep} AS {'FLOAT64' if depth % 2 else 'NUMERIC'})"
+    (row,) = sql(
+        env,
+        "SELECT SAFE_CAST('1_000' AS NUMERIC) AS underscore, "
+        "SAFE_CAST(' 12 ' AS NUMERIC) AS spaced, SAFE_CAST('.5' AS INT64) AS half, "
+        "SAFE_CAST('1_0' AS INTEGER) AS integer_alias, SAFE_CAST('0x10' AS INT64) AS hex, "
+        "SAFE_CAST('-inf' AS FLOAT64) < 0 AS minus_inf, "
+        f"SAFE_CAST(SAFE_CAST('2.0' AS FLOAT64) AS INT64) AS of_a_float, {deep} = 7 AS deep",
+    )
+    assert row == {
+        "underscore": None,
+        "spaced": "12.000000000",
+        "half": None,
+        "integer_alias": None,
+        "hex": 16,
+        "minus_inf": True,
+        "of_a_float": 2,
+        "deep": True,
+    }

@@ -14,8 +14,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 LOCAL_PEPPER_BYTES = 32
 MIN_SCHEDULER_TOKEN = 32
 PORTS = (0, 65535)  # 0: a port the OS picks
-PER_MINUTE = (1, 1_000_000)
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+PER_MINUTE = (1, 1_000_000_000)
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "WARN", "ERROR", "CRITICAL")  # WARN: WARNING
 DEFAULT_TICK_SECONDS = 30.0
 # About 43 minutes from the first attempt to the sixth and last.
 DEFAULT_WEBHOOK_RETRY_SECONDS = (5.0, 30.0, 120.0, 600.0, 1800.0)
@@ -266,12 +266,12 @@ def _int(env: dict[str, str], name: str, default: int, bounds: tuple[int, int]) 
 
 
 def _address(name: str, value: str) -> str:
-    """`value` (the variable's, or its default) when it is an IP address."""
+    """`value` (the variable's, or its default) when it is an IP address, as gRPC shows a
+    peer's (`0:0:0:0:0:0:0:1` as `::1`)."""
     try:
-        ipaddress.ip_address(value)
+        return str(ipaddress.ip_address(value))
     except ValueError:
         raise SystemExit(f"{name} must name IP addresses only, got {value!r}") from None
-    return value
 
 
 def _folder(name: str, value: str) -> Path:

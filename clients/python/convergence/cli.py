@@ -825,10 +825,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     on stderr."""
     try:
         code = cli.main(args=argv, prog_name="convergence", standalone_mode=False)
-    except click.ClickException as error:  # a usage error, a file option naming no file
-        fail(error.format_message())
-    except click.Abort:  # Ctrl-C at a prompt
-        fail("aborted")
+    except click.exceptions.NoArgsIsHelpError as error:  # a group named alone: its help
+        error.show()
+        sys.exit(error.exit_code)
+    except click.ClickException as error:  # a usage error (2), a file option's file (1)
+        click.echo(f"error: {error.format_message()}", err=True)
+        sys.exit(error.exit_code)
+    except click.Abort:  # Ctrl-C
+        click.echo("Aborted!", err=True)
+        sys.exit(1)
     except ConvergenceError as error:
         suffix = f" (request_id {error.request_id})" if error.request_id else ""
         fail(f"{error.message or error.code.name}{suffix}")

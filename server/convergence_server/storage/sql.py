@@ -17,15 +17,28 @@ from sqlglot import exp
 
 _BIGQUERY_NUMERIC = exp.DataType.build("DECIMAL(38, 9)", dialect="duckdb")
 _DECIMAL_TEXT = r"[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?"
-# The text BigQuery's SAFE_CAST takes for a number of each type: its literals (and, for
-# FLOAT64, inf and nan; for INT64, hexadecimal). DuckDB's TRY_CAST takes more ("1_000" as
-# 1000, " 12 ", ".5" as the integer 1): a corrupted amount must be NULL, as on BigQuery.
+_INTEGER_TEXT = r"[+-]?([0-9]+|0[xX][0-9a-fA-F]+)"
+# The text BigQuery's SAFE_CAST takes for a number of each type: its literals, with spaces
+# around (and, for FLOAT64, inf and nan; for INT64, hexadecimal). DuckDB's TRY_CAST takes
+# more ("1_000" as 1000, ".5" as the integer 1): a corrupted amount must be NULL, as on
+# BigQuery. BigQuery's INTEGER, INT, SMALLINT, TINYINT and BYTEINT are all INT64.
 _NUMBER_TEXT = {
     exp.DataType.Type.DECIMAL: _DECIMAL_TEXT,
     exp.DataType.Type.BIGDECIMAL: _DECIMAL_TEXT,
     exp.DataType.Type.DOUBLE: f"{_DECIMAL_TEXT}|[+-]?(?i:inf|infinity|nan)",
-    exp.DataType.Type.BIGINT: r"[+-]?([0-9]+|0[xX][0-9a-fA-F]+)",
+    **dict.fromkeys(
+        (
+            exp.DataType.Type.BIGINT,
+            exp.DataType.Type.INT,
+            exp.DataType.Type.SMALLINT,
+            exp.DataType.Type.TINYINT,
+        ),
+        _INTEGER_TEXT,
+    ),
 }
+_INTEGERS = frozenset(
+    {exp.DataType.Type.INT, exp.DataType.Type.SMALLINT, exp.DataType.Type.TINYINT}
+)
 
 
 class SqlError(ValueError):
@@ -41,10 +54,13 @@ def _fix(
         and not node.expressions
     ):
         return _BIGQUERY_NUMERIC.copy()
-    if isinstance(node, exp.TryCast) and node.to.this in _NUMBER_TEXT:
-        # Only text is checked: a number of another type converts as on BigQuery.
+    if isinstance(node, exp.DataType) and node.this in _INTEGERS:
+        return exp.DataType.build("BIGINT")
+    if isinstance(node, exp.TryCast) and node.to.this in _NUMBER_TEXT and _text_to_check(node.this):
+        # Only text is checked (the operand is read three times here: a column, in
+        # practice): a number of another type converts as on BigQuery.
         value = node.this
-        pattern = exp.Literal.string(f"({_NUMBER_TEXT[node.to.this]})")
+        pattern = exp.Literal.string(rf"\s*({_NUMBER_TEXT[node.to.this]})\s*")
         matches = exp.func(
             "regexp_full_match", exp.cast(value.copy(), "VARCHAR"), pattern, dialect="duckdb"
         )
@@ -59,6 +75,16 @@ def _fix(
         node.set("catalog", exp.to_identifier(moved[node.db, node.name]))
         node.set("db", exp.to_identifier("main"))
     return node
+
+
+def _text_to_check(value: exp.Expression) -> bool:
+    """Whether SAFE_CAST's operand may be text to check: not a number a cast already made
+    (nor holding one: a nested cast is checked once, where it reads text), and no query
+    (which the check would run again)."""
+    for inner in value.find_all(exp.Cast, exp.Subquery, exp.Select):
+        if not isinstance(inner, exp.Cast) or inner.to.this in _NUMBER_TEXT:
+            return False
+    return True
 
 
 def to_duckdb(
