@@ -265,6 +265,7 @@ def test_a_file_that_is_not_valid_csv_fails_its_load_naming_the_line(
         "latin1": (header + first).encode() + "Caf\u00e9\n".encode("latin-1"),
         "utf16": text.encode("utf-16"),
         "empty": b"",
+        "blank_first_row": b"\n" + text.encode(),
         "duplicate_column": (header.rstrip("\n") + ",lineItem/UnblendedCost\n").encode()
         + "".join(line.rstrip("\n") + ",1\n" for line in [first, *rest]).encode(),
     }
@@ -272,9 +273,10 @@ def test_a_file_that_is_not_valid_csv_fails_its_load_naming_the_line(
         "short_row": "the file is not valid CSV: line 2: Expected Number of Columns",
         "extra_field": "the file is not valid CSV: line 2: Expected Number of Columns",
         "unterminated_quote": "the file is not valid CSV: line 2",
-        "latin1": "the file is not valid CSV: line 3: Invalid unicode",
-        "utf16": "the file is not UTF-8 text",
-        "empty": "the file is empty: it has no header row",
+        "latin1": "the file is not UTF-8 text (line 3)",
+        "utf16": "the file is not UTF-8 text (line 1)",
+        "empty": "the file is empty or begins with an empty row",
+        "blank_first_row": "the file is empty or begins with an empty row",
         "duplicate_column": "two columns have the same name once sanitized: "
         "'lineItem_UnblendedCost'",
     }
@@ -288,3 +290,24 @@ def test_a_file_that_is_not_valid_csv_fails_its_load_naming_the_line(
             name,
             done["error_message"],
         )
+
+
+def test_valid_csv_of_every_line_ending_and_a_byte_order_mark_still_loads(
+    api: httpx.Client, sources_dir: Path
+) -> None:
+    tenant_id, key = onboard(api, plan=UNMETERED)
+    folder = sources_dir / tenant_id
+    folder.mkdir()
+    text = SAMPLE.read_text()
+    variants = {
+        "crlf": text.replace("\n", "\r\n").encode(),
+        "cr": text.replace("\n", "\r").encode(),
+        "bom": b"\xef\xbb\xbf" + text.encode(),
+        "no_final_line_break": text.rstrip("\n").encode(),
+    }
+    for name, content in variants.items():
+        source = folder / f"{name}.csv"
+        source.write_bytes(content)
+        run = trigger(api, key, tenant_id, AWS, date=DAY, parameters={"source_uri": str(source)})
+        done = wait_for_run(api, key, run["pipeline_logging_id"])
+        assert done["status"] == "COMPLETE", (name, done)

@@ -7,7 +7,9 @@ tenant's dataset, already checked against the template name pattern.
 
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date
@@ -47,17 +49,27 @@ MAX_HEADER_BYTES = 1 << 20
 
 def csv_header(path: str) -> list[str]:
     """A local CSV file's column names as a load names them (`column_names`), from its first
-    row; a file with no header row, or not UTF-8, fails the load saying so."""
+    record (which may hold quoted line breaks); a file that does not begin with a header
+    row, or is not UTF-8, fails the load saying so."""
     with open(path, "rb") as source:
-        first = source.readline(MAX_HEADER_BYTES)
+        head = source.read(MAX_HEADER_BYTES + 1)
+    try:  # not final: a character cut at the end of `head` is left out
+        text = codecs.getincrementaldecoder("utf-8-sig")().decode(head)
+    except UnicodeDecodeError as exc:
+        line = head[: exc.start].count(b"\n") + 1
+        raise WarehouseError(f"the file is not UTF-8 text (line {line})") from None
+    rows = csv.reader(io.StringIO(text, newline=""))
     try:
-        header = next(csv.reader([first.decode("utf-8-sig")]), [])
-    except UnicodeDecodeError:
-        raise WarehouseError("the file is not UTF-8 text (its header row cannot be read)") from None
+        header = next(rows, [])
+        cut = len(head) > MAX_HEADER_BYTES and next(rows, None) is None
     except csv.Error as exc:
         raise WarehouseError(f"the file's header row is not valid CSV: {exc}") from None
+    if cut:
+        raise WarehouseError(f"the header row is longer than {MAX_HEADER_BYTES >> 20} MiB")
     if not header:
-        raise WarehouseError("the file is empty: it has no header row")
+        raise WarehouseError(
+            "the file is empty or begins with an empty row: CSV begins with its header row"
+        )
     return column_names(header)
 
 
