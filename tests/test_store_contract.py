@@ -811,37 +811,42 @@ def test_steps_and_dq_results_are_kept_per_attempt(store: Store) -> None:
     ]
 
 
-def test_a_run_handed_back_lists_the_steps_of_its_latest_execution(store: Store) -> None:
-    """A stop hands the run back in its attempt; once its next execution has begun, the
-    steps the interrupted one began are no longer listed (the step log keeps them)."""
+@pytest.mark.parametrize("skew", [timedelta(0), timedelta(minutes=11)])
+def test_a_run_handed_back_lists_the_steps_of_its_latest_execution(
+    store: Store, skew: timedelta
+) -> None:
+    """A stop hands the run back in its attempt; once it is claimed again, the run is read
+    with the steps its new execution writes, not those the interrupted one began (the
+    attempt's step rows keep them). With `skew`, the interrupted execution ran on a clock
+    ahead (another replica's): the new one's steps, timed after its claim, still show."""
     tenant_id = tenant(store)
     made = new_run(tenant_id)
     run_id = made.pipeline_logging_id
     run(store.create_run(made, LONG_AGO, RunLimits(10, 10)))
     claimed = claim(store, tenant_id)
-    started = datetime.now(UTC)
-    run(store.save_step(step_of(made, 0, "RUNNING", started)))
-    run(
-        store.save_steps(
-            [step_of(made, 0, "COMPLETE", started), step_of(made, 1, "RUNNING", started)]
-        )
-    )
-    assert run(store.requeue_run(claimed, started, count_attempt=False))
-    interrupted = run(store.list_steps(tenant_id, run_id))
+    began = datetime.now(UTC) - timedelta(minutes=1) + skew  # its steps 0 and 1 s later
+    run(store.save_step(step_of(made, 0, "RUNNING", began)))
+    run(store.save_steps([step_of(made, 0, "COMPLETE", began), step_of(made, 1, "RUNNING", began)]))
+    assert run(store.requeue_run(claimed, began, count_attempt=False))
+    interrupted = run(store.run_with_steps(tenant_id, run_id))[1]
     assert [(s.step_index, s.status) for s in interrupted] == [(0, "COMPLETE"), (1, "FAILED")]
 
     again = claim(store, tenant_id)
-    assert again.attempt == claimed.attempt
-    later = started + timedelta(minutes=1)
-    first = replace(step_of(made, 0, "RUNNING", later), step_logging_id=str(uuid.uuid4()))
+    assert again.attempt == claimed.attempt and again.start_time is not None
+    first = replace(
+        step_of(made, 0, "RUNNING", again.start_time + timedelta(milliseconds=1)),
+        step_logging_id=str(uuid.uuid4()),
+    )
     run(store.save_step(first))
-    assert run(store.list_steps(tenant_id, run_id)) == [first]
-    assert run(store.run_with_steps(tenant_id, run_id))[1] == [first]
-    assert run(store.finish_run(again, "FAILED", later, "step_0 failed")) is not None
-    ended = run(store.list_steps(tenant_id, run_id))
-    assert [(s.step_logging_id, s.step_index, s.status) for s in ended] == [
-        (first.step_logging_id, 0, "FAILED")
-    ]
+    assert len(run(store.list_steps(tenant_id, run_id))) == 3  # the attempt's rows
+    ended = replace(first, status="FAILED", step_end_time=first.step_start_time)
+    run(store.save_step(ended))
+    assert run(store.finish_run(again, "FAILED", datetime.now(UTC), "step_0 failed")) is not None
+    listed = run(store.run_with_steps(tenant_id, run_id))[1]
+    if skew:
+        assert ended in listed
+    else:
+        assert listed == [ended]
 
 
 def test_a_step_has_one_row_however_it_is_saved(store: Store) -> None:
@@ -1146,6 +1151,8 @@ def test_a_bigquery_replica_answers_the_steps_of_runs_it_executes(
             return found
 
         claimed = claim(executing, tenant_id)
+        assert claimed.start_time is not None
+        started = claimed.start_time  # its steps start after their claim
         assert listed(1) == []  # nothing written here yet: BigQuery's newest attempt
         first = step(0, "RUNNING")
         run(executing.save_step(first))

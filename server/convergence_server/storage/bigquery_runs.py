@@ -60,7 +60,6 @@ from convergence_server.storage.rows import (
     STEP_COLUMNS,
     dq_from_row,
     dq_values,
-    latest_execution,
     run_from_row,
     step_from_row,
 )
@@ -946,7 +945,7 @@ def _steps_sql(db: Central, columns: str) -> str:
 
 async def list_steps(db: Central, tenant_id: str, run_id: str) -> list[StepRecord]:
     rows = await db.call(lambda: db.query(_steps_sql(db, STEP_COLUMNS), t=tenant_id, id=run_id))
-    return latest_execution([step_from_row(row) for row in rows])
+    return [step_from_row(row) for row in rows]
 
 
 async def run_with_steps(
@@ -964,8 +963,7 @@ async def run_with_steps(
         return None, []
     *run, steps_found = rows[0]
     names = STEP_COLUMNS.split(", ")
-    found = [step_from_row([s[n] for n in names]) for s in steps_found or []]
-    return run_from_row(run), latest_execution(found)
+    return run_from_row(run), [step_from_row([s[n] for n in names]) for s in steps_found or []]
 
 
 async def add_dq_results(db: Central, run: RunRecord, results: list[DqRecord]) -> RunRecord | None:

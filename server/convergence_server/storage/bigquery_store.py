@@ -906,11 +906,9 @@ class BigQueryStore:
                 for s in found
                 if s.run_attempt == steps.attempt and s.step_logging_id not in steps.writing
             ]
-        return latest_execution(
-            sorted(
-                [*steps.earlier, *steps.written.values()],
-                key=lambda s: (s.step_index, s.step_start_time),
-            )
+        return sorted(
+            [*steps.earlier, *steps.written.values()],
+            key=lambda s: (s.step_index, s.step_start_time),
         )
 
     async def run_with_steps(
@@ -918,12 +916,15 @@ class BigQueryStore:
     ) -> tuple[RunRecord | None, list[StepRecord]]:
         if run_id in self._executing:  # answered here, from memory once its steps are
             run = await self.get_run(tenant_id, run_id)
-            return (run, await self.list_steps(tenant_id, run_id)) if run else (None, [])
-        run, steps = await self._reads.read(
+            if run is None:
+                return None, []
+            return run, latest_execution(run, await self.list_steps(tenant_id, run_id))
+        found, steps = await self._reads.read(
             ("run and steps", tenant_id, run_id),
             lambda: runs.run_with_steps(self._db, tenant_id, run_id),
         )
-        return self._keep(run), list(steps)
+        run = self._keep(found)
+        return run, [] if run is None else latest_execution(run, steps)
 
     async def _read_steps(self, tenant_id: str, run_id: str) -> list[StepRecord]:
         return list(

@@ -37,7 +37,6 @@ from convergence_server.storage.rows import (
     aware,
     dq_from_row,
     dq_values,
-    latest_execution,
     naive,
     run_from_row,
     step_from_row,
@@ -863,15 +862,14 @@ def insert_rows(
 
 
 def list_run_steps(cur: duckdb.DuckDBPyConnection, run_id: str) -> list[StepRecord]:
-    """The steps of the run's latest attempt, of its latest execution (whichever tenant's:
-    the caller checks)."""
+    """The steps of the run's latest attempt (whichever tenant's: the caller checks)."""
     rows = cur.execute(
         f"SELECT {STEP_COLUMNS} FROM {STEPS} WHERE pipeline_logging_id = ? "
         f"AND run_attempt = (SELECT max(run_attempt) FROM {STEPS} WHERE pipeline_logging_id = ?) "
         "ORDER BY step_index, step_start_time",
         [run_id, run_id],
     ).fetchall()
-    return latest_execution([step_from_row(row) for row in rows])
+    return [step_from_row(row) for row in rows]
 
 
 def add_dq_results(

@@ -66,6 +66,7 @@ from convergence_server.storage.rows import (
     WEBHOOK_COLUMNS,
     audit_from_row,
     key_from_row,
+    latest_execution,
     webhook_from_row,
 )
 from convergence_server.storage.run_cache import RunCache
@@ -1039,7 +1040,9 @@ class DuckDBStore:
         self, tenant_id: str, run_id: str
     ) -> tuple[RunRecord | None, list[StepRecord]]:
         run = await self.get_run(tenant_id, run_id)
-        return (run, await self.list_steps(tenant_id, run_id)) if run else (None, [])
+        if run is None:
+            return None, []
+        return run, latest_execution(run, await self.list_steps(tenant_id, run_id))
 
     async def list_steps(self, tenant_id: str, run_id: str) -> list[StepRecord]:
         steps = self._cache.steps(run_id)

@@ -181,15 +181,15 @@ def step_from_row(row: Sequence[Any]) -> StepRecord:
     )
 
 
-def latest_execution(steps: Sequence[StepRecord]) -> list[StepRecord]:
-    """The steps of an attempt (in order) that its latest execution wrote. A run handed back
-    at a stop keeps its attempt and is executed again from its first step: the steps the
-    interrupted execution began are left out once the next one has begun its first."""
-    if not steps:
-        return []
-    first = min(step.step_index for step in steps)
-    began = max(step.step_start_time for step in steps if step.step_index == first)
-    return [step for step in steps if step.step_start_time >= began]
+def latest_execution(run: RunRecord, steps: Sequence[StepRecord]) -> list[StepRecord]:
+    """Of the steps of the run's latest attempt, those its latest execution wrote. A run
+    handed back at a stop keeps its attempt and is executed again from its first step; each
+    claim sets the run's `start_time` by the clock of the server that then times the
+    execution's steps, so none of those is ever left out. (Steps of the execution before, on
+    another server whose clock ran ahead, may still be listed.)"""
+    if run.start_time is None:
+        return list(steps)
+    return [step for step in steps if step.step_start_time >= run.start_time]
 
 
 def dq_values(result: DqRecord, created_at: datetime | None = None) -> list[Any]:
