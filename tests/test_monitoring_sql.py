@@ -81,6 +81,9 @@ def test_pipeline_runs_query(history: History) -> None:
         done: "COMPLETE",
         failed: "FAILED",
     }
+    # What a run does not have is NULL on both stores (BigQuery once stored '' for a run
+    # triggered without an idempotency key).
+    assert all(r["idempotency_key"] is None and r["user_id"] is None for r in rows), rows
 
 
 def test_step_logs_query(history: History) -> None:

@@ -1057,7 +1057,7 @@ def _run_params(run: RunRecord) -> dict[str, Any]:
             "provider": run.provider,
             "domain": run.domain,
             "template": run.template,
-            "idempotency_key": run.idempotency_key,
+            "idempotency_key": run.idempotency_key or None,
             "attempt": run.attempt,
             "worker_id": run.worker_id or None,
             "heartbeat_at": None,
