@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from datetime import UTC, datetime
 
 import httpx
 import pytest
@@ -170,6 +171,8 @@ def test_usage_queries_return_the_right_figures(history: History) -> None:
     assert row["concurrent_pipelines_running"] == 0
     assert len(monthly) == 1
     assert monthly[0]["total_pipelines"] == 2
+    this_month = datetime.now(UTC).date().replace(day=1).isoformat()
+    assert monthly[0]["month"] == this_month  # a DATE, as BigQuery's
 
 
 def test_safe_cast_reads_text_as_bigquery_does(history: History) -> None:

@@ -77,6 +77,16 @@ def _fix(
     return node
 
 
+def _date_trunc(node: exp.Expression) -> exp.Expression:
+    """BigQuery's DATE_TRUNC gives a DATE; DuckDB's, a TIMESTAMP. (A pass of its own, after
+    `_fix`: what replaces a node is not visited again.)"""
+    if isinstance(node, exp.DateTrunc) and not (
+        isinstance(node.parent, exp.Cast) and node.parent.to.this == exp.DataType.Type.DATE
+    ):
+        return exp.cast(node, "DATE")
+    return node
+
+
 def _text_to_check(value: exp.Expression) -> bool:
     """Whether SAFE_CAST's operand may be text to check: not a number a cast already made
     (nor holding one: a nested cast is checked once, where it reads text), and no query
@@ -111,7 +121,7 @@ def _transpiled(
     except sqlglot.errors.ParseError as exc:
         raise SqlError(f"cannot parse the SQL: {exc}") from None
     return tuple(
-        statement.transform(_fix, project, moved).sql(dialect="duckdb")
+        statement.transform(_fix, project, moved).transform(_date_trunc).sql(dialect="duckdb")
         for statement in statements
         if statement is not None
     )
