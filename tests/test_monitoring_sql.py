@@ -191,15 +191,18 @@ def test_safe_cast_reads_text_as_bigquery_does(history: History) -> None:
         "SAFE_CAST(' 12 ' AS NUMERIC) AS spaced, SAFE_CAST('.5' AS INT64) AS half, "
         "SAFE_CAST('1_0' AS INTEGER) AS integer_alias, SAFE_CAST('0x10' AS INT64) AS hex, "
         "SAFE_CAST('-inf' AS FLOAT64) < 0 AS minus_inf, "
-        f"SAFE_CAST(SAFE_CAST('2.0' AS FLOAT64) AS INT64) AS of_a_float, {deep} = 7 AS deep",
+        f"SAFE_CAST(SAFE_CAST('2.0' AS FLOAT64) AS INT64) AS of_a_float, {deep} = 7 AS deep, "
+        "SAFE_CAST('0' AS NUMERIC) AS zero, SAFE_CAST('0.12423215' AS NUMERIC) AS fraction",
     )
     assert row == {
         "underscore": None,
-        "spaced": "12.000000000",
+        "spaced": "12",  # a NUMERIC as BigQuery writes it
         "half": None,
         "integer_alias": None,
         "hex": 16,
         "minus_inf": True,
         "of_a_float": 2,
         "deep": True,
+        "zero": "0",
+        "fraction": "0.12423215",
     }

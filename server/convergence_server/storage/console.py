@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -68,11 +69,20 @@ def _run_embedded(database: Path, query: str, project: str, fmt: str) -> int:
     return 0
 
 
+def _shown(value: Any) -> Any:
+    """A NUMERIC as BigQuery writes it, on either store: no trailing zeros, no exponent
+    (DuckDB's DECIMAL(38, 9) zero is 0E-9)."""
+    if isinstance(value, Decimal):
+        return "0" if value == 0 else format(value.normalize(), "f")
+    return value
+
+
 def _print(columns: list[str], rows: list[tuple[Any, ...]], fmt: str) -> None:
     if fmt == "json":
         for row in rows:
-            print(json.dumps(dict(zip(columns, row, strict=True)), default=str))
+            shown = {c: _shown(v) for c, v in zip(columns, row, strict=True)}
+            print(json.dumps(shown, default=str))
     else:
         print("\t".join(columns))
         for row in rows:
-            print("\t".join("NULL" if v is None else str(v) for v in row))
+            print("\t".join("NULL" if v is None else str(_shown(v)) for v in row))
