@@ -42,6 +42,7 @@ from convergence_server.storage.sql import quote
 from convergence_server.storage.warehouse import (
     STAGE_PREFIX,
     Interrupted,
+    OutOfMemory,
     Publication,
     PublishRefused,
     TransientError,
@@ -50,6 +51,9 @@ from convergence_server.storage.warehouse import (
 )
 
 MAX_BACKOFF = 60.0
+# A load or check step that runs out of the warehouse's memory (which runs share) is tried
+# this many times at least, whatever its retry policy: the other runs may free it.
+OUT_OF_MEMORY_ATTEMPTS = 3
 # A failed check keeps up to this many of its rows, each value cut to SAMPLE_VALUE characters.
 SAMPLE_ROWS = 3
 SAMPLE_VALUE = 200
@@ -303,13 +307,17 @@ class PipelineRun:
             raise RunCancelled
 
     async def _attempt(self, step: Step) -> StepOutcome:
-        attempts = 0
-        for attempts in range(1, step.retry.attempts + 1):
+        attempts, allowed = 0, step.retry.attempts
+        while True:
+            attempts += 1
             try:
                 rows = await self._run_step(step)
                 return StepOutcome(rows=rows, attempts=attempts)
             except TransientError as exc:
-                if attempts == step.retry.attempts:
+                # Loads replace their table and checks only read: trying again is safe.
+                if isinstance(exc, OutOfMemory) and step.kind in ("load", "dq"):
+                    allowed = max(allowed, OUT_OF_MEMORY_ATTEMPTS)
+                if attempts >= allowed:
                     return StepOutcome(
                         0, attempts, self._shown(f"{exc} (after {attempts} attempts)")
                     )
@@ -317,7 +325,6 @@ class PipelineRun:
                 await self._between_steps()
             except (StepFailed, WarehouseError) as exc:
                 return StepOutcome(0, attempts, self._shown(str(exc)))
-        raise AssertionError("unreachable")  # pragma: no cover
 
     def _shown(self, error: str) -> str:
         """A step's error as its tenant sees it: the samples' folder (the server's own, which

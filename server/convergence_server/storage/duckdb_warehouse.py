@@ -41,6 +41,7 @@ from convergence_server.storage.sql import SqlError, quote, to_duckdb
 from convergence_server.storage.warehouse import (
     STAGE_PREFIX,
     Interrupted,
+    OutOfMemory,
     Publication,
     PublishRefused,
     SchemaColumn,
@@ -194,6 +195,11 @@ class DuckDBWarehouse:
                 return fn(self._cursor)
             except duckdb.InterruptException as exc:
                 raise Interrupted(_first_line(exc)) from exc
+            except duckdb.OutOfMemoryException as exc:  # the runs share one memory limit
+                raise OutOfMemory(
+                    f"the store's memory limit (CONVERGENCE_DUCKDB_MEMORY_LIMIT) was reached: "
+                    f"{_first_line(exc)}"
+                ) from exc
             except duckdb.Error as exc:
                 fault = self._on_fault(exc)
                 if fault is not None or isinstance(exc, duckdb.TransactionException):

@@ -37,6 +37,10 @@ class TransientError(Exception):
     """A failure worth retrying (a write conflict, a backend hiccup)."""
 
 
+class OutOfMemory(TransientError):
+    """The warehouse's memory ran out: other work may free it (runs sharing the limit)."""
+
+
 class WarehouseError(Exception):
     """A failure that retrying cannot fix (bad SQL, a missing file, wrong types)."""
 
