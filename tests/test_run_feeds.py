@@ -129,11 +129,14 @@ def test_a_watcher_that_joins_while_the_end_is_being_read_gets_it(tmp_path: Path
     ) -> None:
         first = feeds.follow(TENANT, run.pipeline_logging_id)
         assert (await asyncio.wait_for(anext(first), DEADLINE))[0].status == "PENDING"
-        await store.request_cancel(TENANT, run.pipeline_logging_id, datetime.now(UTC))
+        # A read held before it reads the store (the feed may still be reading for its
+        # first watcher's join: held or not, its next read is this one). Ended meanwhile,
+        # the run is what it finds: the end's read.
         store.release.clear()
         store.reading.clear()
         events.publish(run.pipeline_logging_id)
-        await asyncio.wait_for(store.reading.wait(), DEADLINE)  # the end's read, held
+        await asyncio.wait_for(store.reading.wait(), DEADLINE)
+        await store.request_cancel(TENANT, run.pipeline_logging_id, datetime.now(UTC))
         other = feeds.follow(TENANT, run.pipeline_logging_id)
         joined = asyncio.create_task(anext(other))
         for _ in range(3):
