@@ -95,6 +95,23 @@ def test_focus_schema_matches_the_focus_sample() -> None:
     assert schema.union_view == "focus_cost"
 
 
+def serve(data_dir: Path, settings: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """`convergence_server serve` on `data_dir` with `settings`, until it exits (a bad
+    setting stops it at once)."""
+    return subprocess.run(
+        [sys.executable, "-m", "convergence_server", "serve"],
+        env={
+            **os.environ,
+            "CONVERGENCE_DATA_DIR": str(data_dir),
+            "CONVERGENCE_GRPC_PORT": "0",
+            **settings,
+        },
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
 @pytest.mark.parametrize(
     ("settings", "complaint"),
     [
@@ -120,18 +137,7 @@ def test_focus_schema_matches_the_focus_sample() -> None:
 def test_a_bad_store_setting_stops_the_server_with_a_reason(
     tmp_path: Path, settings: dict[str, str], complaint: str
 ) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "convergence_server", "serve"],
-        env={
-            **os.environ,
-            "CONVERGENCE_DATA_DIR": str(tmp_path),
-            "CONVERGENCE_GRPC_PORT": "0",
-            **settings,
-        },
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = serve(tmp_path, settings)
     assert result.returncode != 0
     assert complaint in result.stderr, result.stderr
     assert not (tmp_path / "key_pepper").exists() or settings.get("CONVERGENCE_STORE") != "bigquery"
@@ -159,18 +165,7 @@ def test_a_bad_store_setting_stops_the_server_with_a_reason(
 def test_a_bad_setting_stops_the_server_naming_it(
     tmp_path: Path, name: str, value: str, complaint: str
 ) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "convergence_server", "serve"],
-        env={
-            **os.environ,
-            "CONVERGENCE_DATA_DIR": str(tmp_path),
-            "CONVERGENCE_GRPC_PORT": "0",
-            name: value,
-        },
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = serve(tmp_path, {name: value})
     assert result.returncode != 0
     assert name in result.stderr and complaint in result.stderr, result.stderr
     assert "Traceback" not in result.stderr, result.stderr

@@ -247,6 +247,15 @@ def test_a_header_no_format_has_fails_its_load_saying_why(
     assert "(at most 300)" in done["error_message"]
 
 
+def run_on(
+    api: httpx.Client, key: str, tenant_id: str, source: Path, content: bytes
+) -> dict[str, object]:
+    """The tenant's AWS run of DAY on `source`, written with `content`, once it has ended."""
+    source.write_bytes(content)
+    run = trigger(api, key, tenant_id, AWS, date=DAY, parameters={"source_uri": str(source)})
+    return wait_for_run(api, key, run["pipeline_logging_id"])
+
+
 def test_a_file_that_is_not_valid_csv_fails_its_load_naming_the_line(
     api: httpx.Client, sources_dir: Path
 ) -> None:
@@ -281,10 +290,7 @@ def test_a_file_that_is_not_valid_csv_fails_its_load_naming_the_line(
         "'lineItem_UnblendedCost'",
     }
     for name, content in cases.items():
-        source = folder / f"{name}.csv"
-        source.write_bytes(content)
-        run = trigger(api, key, tenant_id, AWS, date=DAY, parameters={"source_uri": str(source)})
-        done = wait_for_run(api, key, run["pipeline_logging_id"])
+        done = run_on(api, key, tenant_id, folder / f"{name}.csv", content)
         assert done["status"] == "FAILED", (name, done)
         assert done["error_message"].startswith(f"step load_export failed: {expected[name]}"), (
             name,
@@ -306,8 +312,5 @@ def test_valid_csv_of_every_line_ending_and_a_byte_order_mark_still_loads(
         "no_final_line_break": text.rstrip("\n").encode(),
     }
     for name, content in variants.items():
-        source = folder / f"{name}.csv"
-        source.write_bytes(content)
-        run = trigger(api, key, tenant_id, AWS, date=DAY, parameters={"source_uri": str(source)})
-        done = wait_for_run(api, key, run["pipeline_logging_id"])
+        done = run_on(api, key, tenant_id, folder / f"{name}.csv", content)
         assert done["status"] == "COMPLETE", (name, done)

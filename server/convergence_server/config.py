@@ -130,21 +130,14 @@ class Config:
         pepper = env.get("CONVERGENCE_KEY_PEPPER", "")
         store = env.get("CONVERGENCE_STORE", defaults.store)
         return cls(
-            grpc_host=_address(
-                "CONVERGENCE_GRPC_HOST", env.get("CONVERGENCE_GRPC_HOST", defaults.grpc_host)
-            ),
+            grpc_host=_host(env, "CONVERGENCE_GRPC_HOST", defaults.grpc_host),
             grpc_port=_int(env, "CONVERGENCE_GRPC_PORT", defaults.grpc_port, PORTS),
-            http_host=_address(
-                "CONVERGENCE_HTTP_HOST", env.get("CONVERGENCE_HTTP_HOST", defaults.http_host)
-            ),
+            http_host=_host(env, "CONVERGENCE_HTTP_HOST", defaults.http_host),
             http_port=_int(env, "CONVERGENCE_HTTP_PORT", defaults.http_port, PORTS),
             envoy_admin_port=_int(
                 env, "CONVERGENCE_ENVOY_ADMIN_PORT", defaults.envoy_admin_port, PORTS
             ),
-            metrics_host=_address(
-                "CONVERGENCE_METRICS_HOST",
-                env.get("CONVERGENCE_METRICS_HOST", defaults.metrics_host),
-            ),
+            metrics_host=_host(env, "CONVERGENCE_METRICS_HOST", defaults.metrics_host),
             metrics_port=_int(env, "CONVERGENCE_METRICS_PORT", 0, PORTS)
             if env.get("CONVERGENCE_METRICS_PORT")
             else None,
@@ -263,6 +256,10 @@ def _int(env: dict[str, str], name: str, default: int, bounds: tuple[int, int]) 
     if not low <= value <= high:
         raise SystemExit(f"{name} must be an integer in [{low}, {high}], got {raw!r}")
     return value
+
+
+def _host(env: dict[str, str], name: str, default: str) -> str:
+    return _address(name, env.get(name, default))
 
 
 def _address(name: str, value: str) -> str:
