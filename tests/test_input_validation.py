@@ -8,8 +8,10 @@ Envoy) and, where the field can be sent that way, over native gRPC.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
+import os
 import random
 import shutil
 import string
@@ -33,6 +35,13 @@ from convergence.v1 import (
 )
 from convergence_server import faults
 from convergence_server.config import REPO_ROOT
+from convergence_server.engine.runner import (
+    OpenedSource,
+    SourceFolders,
+    SourceRefused,
+    open_source,
+    resolve_source,
+)
 from convergence_server.stack import Stack
 from tests.conftest import (
     GUIDE_TENANT,
@@ -398,6 +407,123 @@ def test_a_sample_gone_before_its_run_reads_it_is_shown_as_its_source_named_it(
     assert done["status"] == "FAILED", done
     assert f"source '{source}' names a file that does not exist" in done["error_message"]
     assert str(config_dir) not in json.dumps(done) + steps.text, (done, steps.text)
+
+
+LEDGER = "id,account,currency,day,amount\n1,acme,USD,2023-11-04,1.50\n"
+
+
+@pytest.mark.parametrize(
+    ("template", "content"),
+    [(AWS, SAMPLE.read_text()), ("test/runs/daily", LEDGER)],
+    ids=["a_version_loaded_once", "a_stage"],
+)
+def test_a_folder_swapped_for_a_link_after_the_check_is_not_followed(
+    stack_factory: StackFactory,
+    pipeline_env: dict[str, str],
+    sources_dir: Path,
+    tmp_path: Path,
+    template: str,
+    content: str,
+) -> None:
+    """The load step reads the file it checked: a tenant that swaps a folder of its source
+    for a link to another tenant's folder once the check has passed (the fault point holds
+    the step there) still loads its own file. The step read the path again before, and
+    followed the link. Both kinds of load: a file version loaded once for the runs that
+    read it (`reuse: true`), and a run's own stage."""
+    data = tmp_path / "data"
+    hold = data / "hold" / faults.BEFORE_SOURCE_READ
+    hold.parent.mkdir(parents=True)
+    hold.touch()
+    stack = stack_factory(data_dir=data, **pipeline_env, CONVERGENCE_FAULT_POINTS=hold.name)
+    with httpx.Client(base_url=stack.http_url, timeout=30) as http:
+        tenant_id, key = onboard(http, plan=UNMETERED)
+        other_id, _ = onboard(http, plan=UNMETERED)
+        own, theirs = sources_dir / tenant_id / "exports", sources_dir / other_id / "exports"
+        own.mkdir(parents=True)
+        theirs.mkdir(parents=True)
+        (own / "cur.csv").write_text(content)
+        # Not a file the tenant could load: read, it would fail the run.
+        (theirs / "cur.csv").write_text("private\n")
+        source = {"source_uri": str(own / "cur.csv")}
+        run = trigger(http, key, tenant_id, template, date=DAY, parameters=source)
+        log = data / "logs" / "server.log"
+        eventually(lambda: f"fault point {hold.name}: holding" in log.read_text(), "the hold")
+        own.rename(own.with_name("checked"))
+        own.symlink_to(theirs)
+        hold.unlink()
+        run_id = run["pipeline_logging_id"]
+        done = wait_for_run(http, key, run_id)
+        steps = http.get(f"/api/v1/pipelines/runs/{run_id}/steps", headers=auth(key)).json()
+    assert done["status"] == "COMPLETE", done
+    assert steps["steps"][0]["rows_processed"] == len(content.splitlines()) - 1
+
+
+def test_a_source_opens_only_as_checked(tmp_path: Path) -> None:
+    """`open_source` walks from the tenant's folder without following a link: whatever
+    became a link, or stopped being a file, since `resolve_source` checked it is refused."""
+    root = tmp_path / "root"
+    folder = root / "exports"
+    folder.mkdir(parents=True)
+    (folder / "cur.csv").write_text("a\n1\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "cur.csv").write_text("secret\n")
+    folders = SourceFolders(sample_data=tmp_path / "samples", local_roots=(root,))
+    checked = resolve_source(str(folder / "cur.csv"), {}, folders)
+
+    fd = open_source(checked, folders, "cur.csv")
+    try:
+        assert Path(f"/dev/fd/{fd}").read_text() == "a\n1\n"
+    finally:
+        os.close(fd)
+
+    folder.rename(root / "was")
+    folder.symlink_to(elsewhere)  # a folder became a link
+    with pytest.raises(SourceRefused, match="became a link"):
+        open_source(checked, folders, "cur.csv")
+    folder.unlink()
+    folder.mkdir()
+    (folder / "cur.csv").symlink_to(elsewhere / "cur.csv")  # the file became a link
+    with pytest.raises(SourceRefused, match="became a link"):
+        open_source(checked, folders, "cur.csv")
+    (folder / "cur.csv").unlink()
+    os.mkfifo(folder / "cur.csv")  # a pipe would block a reader
+    with pytest.raises(SourceRefused, match="names a file that does not exist"):
+        open_source(checked, folders, "cur.csv")
+    with pytest.raises(SourceRefused, match="outside the allowed source folders"):
+        open_source(str(elsewhere / "cur.csv"), folders, "cur.csv")
+
+
+def test_a_source_read_by_a_cancelled_step_stays_open_until_the_read_ends(tmp_path: Path) -> None:
+    """A step cancelled while a thread reads its source must not close the descriptor under
+    the reader: the number could be given to another file (another tenant's source) before
+    the reader opens `/dev/fd/N`."""
+    (tmp_path / "cur.csv").write_text("a\n1\n")
+    folders = SourceFolders(sample_data=tmp_path, local_roots=(tmp_path,))
+    source = OpenedSource(open_source(str(tmp_path / "cur.csv"), folders, "cur.csv"))
+
+    async def scenario() -> None:
+        reading, finish = asyncio.Event(), asyncio.Event()
+
+        async def reader(path: str) -> int:
+            reading.set()
+            await finish.wait()  # a thread still reading
+            return os.stat(path).st_size
+
+        step = asyncio.create_task(source.read(reader))
+        await reading.wait()
+        step.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await step
+        source.close()
+        os.fstat(source.fd)  # still open: the read goes on
+        finish.set()
+        for _ in range(100):
+            await asyncio.sleep(0)
+        with pytest.raises(OSError):
+            os.fstat(source.fd)  # closed once it ended
+
+    asyncio.run(scenario())
 
 
 # -- parameters, labels, nested JSON ------------------------------------------------------------

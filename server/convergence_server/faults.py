@@ -57,8 +57,12 @@ AFTER_MEMBER_ADMISSION = "after_member_admission"
 # (held: a cancel comes too late).
 BEFORE_PUBLICATION = "before_publication"
 AFTER_PUBLICATION = "after_publication"
+# A run's load step, after its local source was checked and opened, before it is read
+# (held: the test swaps a folder of the source for a link meanwhile).
+BEFORE_SOURCE_READ = "before_source_read"
 KNOWN = frozenset(
     {
+        BEFORE_SOURCE_READ,
         AFTER_PUBLICATION,
         BEFORE_PUBLICATION,
         AFTER_MEMBER_ADMISSION,

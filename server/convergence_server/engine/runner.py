@@ -11,13 +11,15 @@ that table is a cache of the file, not output.)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
 import json
 import logging
 import os
 import re
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+import stat
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,6 +28,7 @@ from typing import Any, Protocol
 import sqlglot
 from sqlglot import exp
 
+from convergence_server import faults
 from convergence_server.engine.templates import (
     ALLOW_SHRINK,
     HIDDEN_ISSUE,
@@ -70,6 +73,7 @@ log = logging.getLogger(__name__)
 OUTSIDE_ISSUE = "is outside the allowed source folders"
 WILDCARDS = re.compile(r"[*?\[]")
 WILDCARD_ISSUE = "must name one file: a local path holds no wildcard (*, ? or [)"
+SWAPPED_ISSUE = "changed while the run opened it: a folder or the file became a link"
 
 
 class StepFailed(Exception):
@@ -128,7 +132,7 @@ def resolve_source(template: str, parameters: Mapping[str, Any], folders: Source
     The trigger checks a run's sources with this before the run is created, and the run
     checks them again when its load step starts.
     """
-    filled = PLACEHOLDER.sub(lambda m: str(parameters.get(m.group(1), m.group(0))), template)
+    filled = _filled(template, parameters)
     if not filled.strip():
         raise SourceRefused(filled, "is empty")
     if has_hidden_characters(filled):
@@ -156,6 +160,79 @@ def resolve_source(template: str, parameters: Mapping[str, Any], folders: Source
     if not exists:
         raise SourceRefused(filled, "names a file that does not exist")
     return str(path)
+
+
+def _filled(template: str, parameters: Mapping[str, Any]) -> str:
+    """A source with parameters filled in (`{sample_data}` left as it is)."""
+    return PLACEHOLDER.sub(lambda m: str(parameters.get(m.group(1), m.group(0))), template)
+
+
+def open_source(path: str, folders: SourceFolders, shown: str) -> int:
+    """A descriptor of `path`, a local source as `resolve_source` returned it (links
+    resolved), opened from its folder down without following a link: a folder or the file
+    swapped for a link since the check is refused, so the file read is the file checked.
+    Readers read it as `/dev/fd/<descriptor>`; the caller closes it. Raises
+    `SourceRefused`."""
+    target = Path(path)
+    root = next(
+        (r.resolve() for r in folders.local_roots if target.is_relative_to(r.resolve())), None
+    )
+    if root is None:
+        raise SourceRefused(shown, OUTSIDE_ISSUE)
+    parts = target.relative_to(root).parts
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for depth, part in enumerate(parts, 1):
+            # Non-blocking: a file swapped for a FIFO would block the open.
+            last = os.O_NONBLOCK if depth == len(parts) else os.O_DIRECTORY
+            inner = os.open(part, os.O_RDONLY | os.O_NOFOLLOW | last, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise SourceRefused(shown, "names a file that does not exist")
+    except OSError:
+        os.close(fd)
+        raise SourceRefused(shown, SWAPPED_ISSUE) from None
+    except SourceRefused:
+        os.close(fd)
+        raise
+    return fd
+
+
+class OpenedSource:
+    """A local source opened by `open_source`, read by its readers as `path`."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.path = f"/dev/fd/{fd}"
+        self._reading: asyncio.Future[int] | None = None
+
+    def version(self) -> tuple[int, int]:
+        """(modification time in ns, size) of the file."""
+        status = os.fstat(self.fd)
+        return status.st_mtime_ns, status.st_size
+
+    async def read(self, reader: Callable[[str], Awaitable[int]]) -> int:
+        """`reader(path)`, which reads the file on a thread of its own."""
+        self._reading = asyncio.ensure_future(reader(self.path))
+        # Shielded: a cancelled step leaves the read to end (or be interrupted) first.
+        return await asyncio.shield(self._reading)
+
+    def close(self) -> None:
+        """Closes the file, or, while a read of a cancelled step goes on, once it ends: a
+        number closed under a reader could be given to another file before the reader
+        opens it."""
+        reading = self._reading
+        if reading is None or reading.done():
+            os.close(self.fd)
+            return
+
+        def closed(done: asyncio.Future[int]) -> None:
+            os.close(self.fd)
+            if not done.cancelled():
+                done.exception()  # retrieved: the step that wanted it was cancelled
+
+        reading.add_done_callback(closed)
 
 
 def _remote_source(uri: str, shown: str, folders: SourceFolders) -> str:
@@ -241,6 +318,8 @@ class PipelineRun:
     # The loaded file versions this run reads (`reuse: true` load steps).
     reused: set[str] = field(default_factory=set)
     publications: list[Publication] = field(default_factory=list)
+    # The sources this run opened, by the name its readers read them by (`/dev/fd/N`).
+    opened: dict[str, str] = field(default_factory=dict)
 
     async def execute(self) -> None:
         """Runs every step, then publishes; raises StepFailed, RunCancelled or Interrupted
@@ -327,8 +406,11 @@ class PipelineRun:
                 return StepOutcome(0, attempts, self._shown(str(exc)))
 
     def _shown(self, error: str) -> str:
-        """A step's error as its tenant sees it: the samples' folder (the server's own, which
-        a reader's message may name) as sources name it, `{sample_data}`."""
+        """A step's error as its tenant sees it: an opened source by its path, not its
+        descriptor, and the samples' folder (the server's own, which a reader's message may
+        name) as sources name it, `{sample_data}`."""
+        for read_as in sorted(self.opened, key=len, reverse=True):  # /dev/fd/17 before /dev/fd/1
+            error = error.replace(read_as, self.opened[read_as])
         folders = {str(self.sample_data.resolve())}
         if self.sample_data.is_absolute():
             folders.add(str(self.sample_data))
@@ -361,16 +443,40 @@ class PipelineRun:
 
     async def _load(self, step: Step) -> int:
         uri = self._source(step.source)
-        if step.reuse and "://" not in uri:
-            return await self._load_once(step, uri)
+        if "://" in uri:
+            return await self._load_stage(step, uri)
+        with self._opened(step.source, uri) as source:
+            await faults.held(faults.BEFORE_SOURCE_READ)
+            if step.reuse:
+                return await self._load_once(step, uri, source)
+            return await self._load_stage(step, source)
+
+    async def _load_stage(self, step: Step, source: str | OpenedSource) -> int:
         stage = self._stage(step.destination)
-        rows = await self.warehouse.load(stage, uri, step.format)
+        if isinstance(source, OpenedSource):
+            rows = await source.read(lambda path: self.warehouse.load(stage, path, step.format))
+        else:
+            rows = await self.warehouse.load(stage, source, step.format)
         await self.warehouse.add_columns(stage, step.optional_columns)
         self.staged[step.destination] = stage
         self.publications.append(Publication(stage, step.destination, step.write_mode))
         return rows
 
-    async def _load_once(self, step: Step, path: str) -> int:
+    @contextlib.contextmanager
+    def _opened(self, template: str, path: str) -> Iterator[OpenedSource]:
+        """The checked local source `path` opened (`open_source`) while the step reads it."""
+        try:
+            fd = open_source(path, self._folders(), _filled(template, self.parameters))
+        except SourceRefused as exc:
+            raise StepFailed(str(exc)) from None
+        source = OpenedSource(fd)
+        self.opened[source.path] = path
+        try:
+            yield source
+        finally:
+            source.close()
+
+    async def _load_once(self, step: Step, path: str, source: OpenedSource) -> int:
         """Loads this version of the file (its modification time and size) unless a table
         of the dataset already holds it, and reads that table. The table is named by the
         file and its version and never changes: a new version is a new table. Loading one
@@ -380,12 +486,12 @@ class PipelineRun:
         prefix = f"{SOURCE_PREFIX}{step.destination}_"
         prefix += _digest(f"{step.destination}\0{step.format}\0{path}") + "_"
         async with _LOADING.get(f"{dataset}.{prefix}"):
-            version = await _file_version(path)
+            version = source.version()
             table = f"{prefix}{version[0]:020d}_{_digest(str(version[1]))}"
             if not await self.warehouse.columns(table):
                 _forget(dataset, table)
-                await self.warehouse.load(table, path, step.format)
-                if await _file_version(path) != version:
+                await source.read(lambda path: self.warehouse.load(table, path, step.format))
+                if source.version() != version:
                     await self.warehouse.drop([table])
                     raise TransientError(f"{path} changed while it was loaded")
                 older = sorted(t for t in await self.warehouse.tables(prefix) if t != table)
@@ -600,11 +706,13 @@ class PipelineRun:
 
     # -- rendering --------------------------------------------------------------------------
 
+    def _folders(self) -> SourceFolders:
+        return SourceFolders(self.sample_data, self.source_roots, self.remote_roots)
+
     def _source(self, template: str) -> str:
         """The step's source with parameters, then `{sample_data}`, filled in and checked."""
-        folders = SourceFolders(self.sample_data, self.source_roots, self.remote_roots)
         try:
-            return resolve_source(template, self.parameters, folders)
+            return resolve_source(template, self.parameters, self._folders())
         except SourceRefused as exc:
             raise StepFailed(str(exc)) from None
 
@@ -702,15 +810,6 @@ def _sample(text: object, extra: Mapping[str, object] | None = None) -> str:
             break
         sample[str(key)] = shown
     return json.dumps(sample)
-
-
-async def _file_version(path: str) -> tuple[int, int]:
-    """(modification time in ns, size) of a source file; StepFailed when it is gone."""
-    try:
-        stat = await asyncio.to_thread(os.stat, path)
-    except OSError as exc:
-        raise StepFailed(f"cannot read {path}: {exc.strerror}") from None
-    return stat.st_mtime_ns, stat.st_size
 
 
 def _forget(dataset: str, table: str) -> None:
