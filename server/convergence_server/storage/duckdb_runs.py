@@ -16,6 +16,7 @@ from datetime import UTC, date, datetime, timedelta
 import duckdb
 
 from convergence_server import faults
+from convergence_server.storage import schema
 from convergence_server.storage.identifiers import quote_identifier
 from convergence_server.storage.records import (
     Admission,
@@ -49,6 +50,25 @@ KEYS = f"{CENTRAL}.tenant_idempotency_keys"
 USAGE = f"{CENTRAL}.tenant_usage_quotas"
 PUBLICATIONS = f"{CENTRAL}.tenant_run_publications"
 DQ_RESULTS = f"{CENTRAL}.tenant_dq_results"
+# The central tables' column types (`schema`) in DuckDB.
+DUCKDB_TYPES = {
+    "STRING": "VARCHAR",
+    "INT64": "BIGINT",
+    "BOOL": "BOOLEAN",
+    "TIMESTAMP": "TIMESTAMP",
+    "DATE": "DATE",
+    "BYTES": "BLOB",
+    "JSON": "JSON",
+}
+_RUN_TYPES = {c.name: DUCKDB_TYPES[c.type] for c in schema.TENANT_PIPELINE_RUNS.columns}
+# Runs written together: one list a column (DuckDB's cost grows with the values bound: 8
+# runs by VALUES bind 176 values, and their admission costs 6% more; 16 runs, 29% more).
+_INSERT_RUNS = f"INSERT INTO {RUNS} ({RUN_COLUMNS}) SELECT " + ", ".join(
+    f"unnest(?::{_RUN_TYPES[c]}[])" for c in RUN_COLUMNS.split(", ")
+)
+_INSERT_RUN = (
+    f"INSERT INTO {RUNS} ({RUN_COLUMNS}) VALUES ({', '.join('?' * len(RUN_COLUMNS.split(', ')))})"
+)
 
 
 def rollback(cur: duckdb.DuckDBPyConnection) -> None:
@@ -91,11 +111,11 @@ def insert_run(cur: duckdb.DuckDBPyConnection, run: RunRecord) -> None:
 
 def insert_runs(cur: duckdb.DuckDBPyConnection, runs: Sequence[RunRecord]) -> None:
     """One statement for them all."""
-    row = f"({', '.join('?' for _ in RUN_COLUMNS.split(', '))})"
-    cur.execute(
-        f"INSERT INTO {RUNS} ({RUN_COLUMNS}) VALUES {', '.join(row for _ in runs)}",
-        [value for run in runs for value in _run_values(run)],
-    )
+    if len(runs) == 1:
+        cur.execute(_INSERT_RUN, _run_values(runs[0]))
+    else:
+        columns = zip(*map(_run_values, runs), strict=True)
+        cur.execute(_INSERT_RUNS, [list(column) for column in columns])
 
 
 def _run_values(run: RunRecord) -> list[object]:

@@ -75,15 +75,7 @@ from convergence_server.storage.sql import to_duckdb
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
-_TYPES = {
-    "STRING": "VARCHAR",
-    "INT64": "BIGINT",
-    "BOOL": "BOOLEAN",
-    "TIMESTAMP": "TIMESTAMP",
-    "DATE": "DATE",
-    "BYTES": "BLOB",
-    "JSON": "JSON",
-}
+_TYPES = runs.DUCKDB_TYPES
 CENTRAL = quote_identifier(schema.CENTRAL_DATASET)
 MEMBERS = f"{CENTRAL}.tenant_members"
 KEYS = f"{CENTRAL}.tenant_api_keys"
