@@ -174,9 +174,8 @@ def open_source(path: str, folders: SourceFolders, shown: str) -> int:
     Readers read it as `/dev/fd/<descriptor>`; the caller closes it. Raises
     `SourceRefused`."""
     target = Path(path)
-    root = next(
-        (r.resolve() for r in folders.local_roots if target.is_relative_to(r.resolve())), None
-    )
+    roots = (r.resolve() for r in folders.local_roots)
+    root = next((r for r in roots if target.is_relative_to(r)), None)
     if root is None:
         raise SourceRefused(shown, OUTSIDE_ISSUE)
     parts = target.relative_to(root).parts

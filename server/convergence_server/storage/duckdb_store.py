@@ -75,7 +75,6 @@ from convergence_server.storage.sql import to_duckdb
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
-_TYPES = runs.DUCKDB_TYPES
 CENTRAL = quote_identifier(schema.CENTRAL_DATASET)
 MEMBERS = f"{CENTRAL}.tenant_members"
 KEYS = f"{CENTRAL}.tenant_api_keys"
@@ -137,7 +136,7 @@ def _aware(moment: datetime | None) -> datetime | None:
 
 def create_table_sql(dataset: str, table: schema.Table) -> str:
     columns = [
-        f"{quote_identifier(c.name)} {_TYPES[c.type]}{' NOT NULL' if c.required else ''}"
+        f"{quote_identifier(c.name)} {runs.DUCKDB_TYPES[c.type]}{' NOT NULL' if c.required else ''}"
         for c in table.columns
     ]
     if table.primary_key:
@@ -367,7 +366,8 @@ class DuckDBStore:
                 for name in names:
                     cur.execute(
                         f"ALTER TABLE {CENTRAL}.{quote_identifier(table.name)} ADD COLUMN "
-                        f"IF NOT EXISTS {quote_identifier(name)} {_TYPES[columns[name].type]}"
+                        f"IF NOT EXISTS {quote_identifier(name)} "
+                        f"{runs.DUCKDB_TYPES[columns[name].type]}"
                     )
             cur.execute(
                 f"INSERT INTO {CENTRAL}.schema_migrations VALUES (?, ?, ?)",
