@@ -92,11 +92,13 @@ def test_exactly_5_concurrent_and_25_a_day(idle: Stack, repetition: int) -> None
     with httpx.Client(base_url=idle.http_url, timeout=30) as http:
         tenant_id, key = onboard(http)  # PROFESSIONAL: 25 a day, 5 at once
         auth = {"X-API-Key": key}
-        results = fire(idle, key, tenant_id, 200)
+        # The key's rate allows 300 calls a minute: this test makes 293, so none is refused
+        # for the rate however fast it runs (its bucket need not refill).
+        results = fire(idle, key, tenant_id, 190)
         admitted = [body["pipeline_logging_id"] for status, body in results if status == 200]
         refused = [body for status, body in results if status != 200]
         assert len(admitted) == 5
-        assert refused == [CONCURRENT_BODY] * 195
+        assert refused == [CONCURRENT_BODY] * 185
 
         total = 5
         while total < 22:  # free the slots (cancel), take them again
@@ -113,10 +115,10 @@ def test_exactly_5_concurrent_and_25_a_day(idle: Stack, repetition: int) -> None
             total += take
         for run_id in admitted:
             http.post(f"/api/v1/pipelines/runs/{run_id}:cancel", headers=auth)
-        # 22 used, none active: of 60 at once (the key's rate allows 300 a minute, and the
-        # first burst took 200), exactly the day's last 3 get in.
+        # 22 used, none active: of 60 at once, exactly the day's last 3 get in.
         over = fire(idle, key, tenant_id, 60)
-        assert len([1 for status, _ in over if status == 200]) == 3
+        admitted = [body["pipeline_logging_id"] for status, body in over if status == 200]
+        assert len(admitted) == 3
         refusals = [body for status, body in over if status != 200]
         assert len(refusals) == 57
         expected_wait = seconds_to_midnight(datetime.now(UTC))
@@ -125,8 +127,8 @@ def test_exactly_5_concurrent_and_25_a_day(idle: Stack, repetition: int) -> None
                 "Daily pipeline quota exceeded. You have run 25 pipelines today (limit: 25)"
             )
             assert abs(int(body["retry_after"]) - expected_wait) <= 5  # type: ignore[call-overload]
-        for run in http.get("/api/v1/pipelines/runs?status=PENDING", headers=auth).json()["runs"]:
-            http.post(f"/api/v1/pipelines/runs/{run['pipeline_logging_id']}:cancel", headers=auth)
+        for run_id in admitted:
+            http.post(f"/api/v1/pipelines/runs/{run_id}:cancel", headers=auth)
 
         usage = http.get(f"/api/v1/tenants/{tenant_id}/usage", headers=auth).json()
         assert usage["pipelines_run_today"] == 25
