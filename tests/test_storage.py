@@ -122,3 +122,26 @@ def test_a_conditional_write_never_applies_over_a_concurrent_change(tmp_path: Pa
         holder.close()
         other.close()
         run(store.close())
+
+
+def test_only_plain_values_are_written_into_a_statement() -> None:
+    """An admission's usage UPDATE may be sent with its values written in (one DuckDB call
+    fewer): integers, dates, naive timestamps and plain text only; anything else keeps
+    its parameters."""
+    statement = "UPDATE t SET a = ?, b = ?, c = ? WHERE tenant_id = ?"
+    moment = datetime(2026, 12, 4, 3, 5, 7, 123456)
+    assert duckdb_runs._inline(statement, [7, moment.date(), moment, "c_ab-9"]) == (
+        "UPDATE t SET a = 7, b = DATE '2026-12-04', c = TIMESTAMP '2026-12-04 03:05:07.123456' "
+        "WHERE tenant_id = 'c_ab-9'"
+    )
+    for value in ("o'brien", "a b", "", "x\\", "é", True, 1.5, None, moment.replace(tzinfo=UTC)):
+        assert duckdb_runs._inline(statement, [1, moment.date(), moment, value]) is None, value
+    connection = duckdb.connect()
+    connection.execute("CREATE TABLE t (a BIGINT, b DATE, c TIMESTAMP, tenant_id VARCHAR)")
+    connection.execute("INSERT INTO t VALUES (0, NULL, NULL, 'c_ab-9')")
+    written = duckdb_runs._inline(statement, [7, moment.date(), moment, "c_ab-9"])
+    assert written is not None
+    connection.execute(written)
+    assert connection.execute("SELECT * FROM t").fetchall() == [
+        (7, moment.date(), moment, "c_ab-9")
+    ]

@@ -636,6 +636,38 @@ def test_a_burst_of_tenants_keys_and_limits_is_admitted_exactly(store: Store) ->
             run(store.request_cancel(tenant_id, waiting.pipeline_logging_id, datetime.now(UTC)))
 
 
+def test_bursts_after_the_first_are_counted_row_for_row(store: Store) -> None:
+    """The embedded store writes a burst whose counts and usage row it knows in one call
+    (the row's values written into the statement): each later burst still adds exactly
+    what it admitted, sets the concurrency and takes the limits it was checked against."""
+    tenant_id = tenant(store)
+    today = datetime.now(UTC).date()
+
+    def burst(count: int, limits: RunLimits | None) -> list[bool]:
+        async def together() -> list[bool]:
+            made = [new_run(tenant_id) for _ in range(count)]
+            answers = await asyncio.gather(*(store.create_run(r, LONG_AGO, limits) for r in made))
+            return [a.created for a in answers]
+
+        return run(together())
+
+    assert burst(3, RunLimits(daily=10, concurrent=5)) == [True] * 3
+    assert usage_row(store, tenant_id, today) == UsageRecord(tenant_id, today, 3, 0, 0, 3, 3, 10, 5)
+    created = burst(4, RunLimits(daily=10, concurrent=6))
+    assert sum(created) == 3
+    if store.exclusive:  # one process admits them in the order they came
+        assert created == [True, True, True, False]
+    assert usage_row(store, tenant_id, today) == UsageRecord(tenant_id, today, 6, 0, 0, 6, 6, 10, 6)
+    for waiting in run(store.list_runs(RunFilter(tenant_id), None, 2)):
+        run(store.request_cancel(tenant_id, waiting.pipeline_logging_id, datetime.now(UTC)))
+    assert burst(2, None) == [True, True]  # no limits: none checked, the row's kept
+    assert usage_row(store, tenant_id, today) == UsageRecord(tenant_id, today, 8, 0, 2, 6, 6, 10, 6)
+    assert burst(3, RunLimits(daily=9, concurrent=20)) == [True, False, False]
+    assert usage_row(store, tenant_id, today) == UsageRecord(tenant_id, today, 9, 0, 2, 7, 7, 9, 20)
+    for waiting in run(store.list_runs(RunFilter(tenant_id, status="PENDING"), None, 10)):
+        run(store.request_cancel(tenant_id, waiting.pipeline_logging_id, datetime.now(UTC)))
+
+
 def test_a_run_ending_days_after_it_was_created_counts_on_both_days(store: Store) -> None:
     """Its creation and its success count on the day it was created; its end sets the
     concurrency of the day it ends, whose row takes the tenant's last limits."""

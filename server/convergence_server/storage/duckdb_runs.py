@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
@@ -110,13 +111,16 @@ def insert_run(cur: duckdb.DuckDBPyConnection, run: RunRecord) -> None:
     insert_runs(cur, [run])
 
 
-def insert_runs(cur: duckdb.DuckDBPyConnection, runs: Sequence[RunRecord]) -> None:
-    """One statement for them all."""
+def insert_runs(
+    cur: duckdb.DuckDBPyConnection, runs: Sequence[RunRecord], before: str = ""
+) -> None:
+    """One statement for them all, after the statements `before` (without parameters: DuckDB
+    binds them only in the last statement of a call) in the same call."""
     if len(runs) == 1:
-        cur.execute(_INSERT_RUN, _run_values(runs[0]))
+        cur.execute(before + _INSERT_RUN, _run_values(runs[0]))
     else:
         columns = zip(*map(_run_values, runs), strict=True)
-        cur.execute(_INSERT_RUNS, [list(column) for column in columns])
+        cur.execute(before + _INSERT_RUNS, [list(column) for column in columns])
 
 
 def _run_values(run: RunRecord) -> list[object]:
@@ -215,6 +219,7 @@ def create_run(
         raise
     counts.active[tenant_id] = active + 1
     counts.created[tenant_id, day] = today + 1
+    counts.usage_rows.add((tenant_id, day))
     return Admission(run, created=True, progressed=progressed), counts
 
 
@@ -226,6 +231,12 @@ class Counts:
 
     active: dict[str, int] = field(default_factory=dict)
     created: dict[tuple[str, date], int] = field(default_factory=dict)
+    # The tenants' usage rows (tenant, UTC day) known to exist: none is ever deleted.
+    usage_rows: set[tuple[str, date]] = field(default_factory=set)
+
+    def cover(self, tenants: Sequence[str], days: Sequence[date]) -> bool:
+        """Whether these tenants' counts on these days are all known."""
+        return all(t in self.active and all((t, d) in self.created for d in days) for t in tenants)
 
 
 def _counts(
@@ -233,7 +244,7 @@ def _counts(
 ) -> Counts:
     """`known`, completed for these tenants and days from the database (a copy: a
     transaction retried after a conflict starts again from what the caller knew)."""
-    counts = Counts(dict(known.active), dict(known.created))
+    counts = Counts(dict(known.active), dict(known.created), set(known.usage_rows))
     unknown = [t for t in tenants if t not in counts.active]
     if unknown:
         # A list of literals, not an unnested array: DuckDB prunes row groups by it.
@@ -280,15 +291,23 @@ def admit_batch(
     against them as they stand after the requests before it, and the admitted runs, their
     idempotency keys and usage rows are written with one statement each. The caller holds
     the turns of every tenant of the batch, so no count moves under it. Returns the
-    answers and the counts after the batch."""
+    answers and the counts after the batch.
+
+    When it has nothing to read (its counts known, no idempotency key) and its usage rows
+    exist, the transaction is one call before its commit: BEGIN, the usage rows' UPDATEs
+    (their values written in) and the runs' INSERT. Each DuckDB call gives up the GIL and
+    must take it back from a busy event loop: two calls instead of four made triggers 8%
+    faster (bench/RESULTS.md)."""
     tenants = sorted({r.run.tenant_id for r in requests})
     days = sorted({_day(r.run) for r in requests})
     of_tenants = f"tenant_id IN ({', '.join('?' for _ in tenants)})"
-    cur.begin()
+    wanted = sorted({r.run.idempotency_key for r in requests if r.run.idempotency_key})
+    begun = bool(wanted) or not known.cover(tenants, days)
+    if begun:
+        cur.begin()
     try:
         counts = _counts(cur, known, tenants, days)
         active, created = counts.active, counts.created
-        wanted = sorted({r.run.idempotency_key for r in requests if r.run.idempotency_key})
         stored_keys: dict[tuple[str, str], tuple[str, datetime]] = {}
         if wanted:
             stored_keys = {
@@ -354,14 +373,25 @@ def admit_batch(
                     )
                 ],
             )
-        if admitted:
-            insert_runs(cur, list(admitted.values()))
-        for (tenant_id, _), (count, after, moment, limits) in usage.items():
-            _count_usage(cur, tenant_id, moment, limits, started=count, active=after)
+        updates = [
+            _inline(*_usage_update(tenant_id, moment, limits, started=count, active=after))
+            for (tenant_id, _), (count, after, moment, limits) in usage.items()
+        ]
+        if admitted and set(usage) <= counts.usage_rows and None not in updates:
+            before = "" if begun else "BEGIN TRANSACTION; "
+            insert_runs(cur, list(admitted.values()), before + "".join(f"{u}; " for u in updates))
+        else:
+            if not begun:
+                cur.begin()
+            if admitted:
+                insert_runs(cur, list(admitted.values()))
+            for (tenant_id, _), (count, after, moment, limits) in usage.items():
+                _count_usage(cur, tenant_id, moment, limits, started=count, active=after)
         cur.commit()
     except BaseException:
         rollback(cur)
         raise
+    counts.usage_rows.update(usage)
     return answers, counts
 
 
@@ -397,9 +427,23 @@ def _count_usage(
     # An UPDATE of the day's row, and an INSERT only for the day's first: DuckDB's
     # INSERT ... ON CONFLICT costs about twice an UPDATE, and a new row alone needs the
     # tenant's last limits when none are given.
+    if changed(cur, *_usage_update(tenant_id, moment, limits, started=started, active=active)):
+        return
+    daily, concurrent = (
+        (limits.daily, limits.concurrent) if limits else _last_limits(cur, tenant_id)
+    )
+    cur.execute(
+        f"INSERT INTO {USAGE} VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [tenant_id, usage_day, started, 0, 0, active, active, daily, concurrent, naive(moment)],
+    )
+
+
+def _usage_update(
+    tenant_id: str, moment: datetime, limits: RunLimits | None, *, started: int, active: int
+) -> tuple[str, list[object]]:
+    """The UPDATE of `_count_usage`, and its parameters."""
     new_limits = ", daily_limit = ?, concurrent_limit = ?" if limits else ""
-    updated = changed(
-        cur,
+    return (
         f"UPDATE {USAGE} SET pipelines_run_today = pipelines_run_today + ?, "
         "concurrent_pipelines_running = ?, "
         f"max_concurrent_reached = greatest(max_concurrent_reached, ?){new_limits}, "
@@ -411,18 +455,37 @@ def _count_usage(
             *((limits.daily, limits.concurrent) if limits else ()),
             naive(moment),
             tenant_id,
-            usage_day,
+            moment.astimezone(UTC).date(),
         ],
     )
-    if updated:
-        return
-    daily, concurrent = (
-        (limits.daily, limits.concurrent) if limits else _last_limits(cur, tenant_id)
-    )
-    cur.execute(
-        f"INSERT INTO {USAGE} VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        [tenant_id, usage_day, started, 0, 0, active, active, daily, concurrent, naive(moment)],
-    )
+
+
+# Text written into a statement as it is: nothing DuckDB could read as more than a value.
+_PLAIN_TEXT = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _inline(statement: str, params: Sequence[object]) -> str | None:
+    """`statement` with its parameters (`?`) written in as literals, or None when one of them
+    is not an integer, a date, a naive timestamp or plain text (`_PLAIN_TEXT`)."""
+    literals: list[str] = []
+    for value in params:
+        if isinstance(value, bool) or not isinstance(value, int | date | str):
+            return None
+        if isinstance(value, int):
+            literals.append(str(value))
+        elif isinstance(value, datetime):
+            if value.tzinfo is not None:
+                return None
+            literals.append(f"TIMESTAMP '{value.isoformat(sep=' ')}'")
+        elif isinstance(value, date):
+            literals.append(f"DATE '{value.isoformat()}'")
+        elif _PLAIN_TEXT.fullmatch(value):
+            literals.append(f"'{value}'")
+        else:
+            return None
+    parts = statement.split("?")
+    assert len(parts) == len(literals) + 1, statement
+    return "".join(part + literal for part, literal in zip(parts, [*literals, ""], strict=True))
 
 
 def _last_limits(cur: duckdb.DuckDBPyConnection, tenant_id: str) -> tuple[int, int]:

@@ -206,6 +206,8 @@ class DuckDBStore:
         # Each tenant's runs created on its latest UTC day of admissions, as they committed
         # (only admissions, in the tenant's turn, create runs; none is deleted).
         self._created: dict[str, tuple[date, int]] = {}
+        # Each tenant's latest UTC day whose usage row is known to exist (none is deleted).
+        self._usage_days: dict[str, date] = {}
         # The step rows of each execution claimed here, as committed (step id -> status): only
         # its worker writes them, through `save_step`, so a step's first row is one INSERT,
         # and a run whose steps all ended needs no query to close them when it ends.
@@ -720,6 +722,8 @@ class DuckDBStore:
                 known.active[tenant_id] = active
             if (created := self._created.get(tenant_id)) is not None:
                 known.created[tenant_id, created[0]] = created[1]
+            if (day := self._usage_days.get(tenant_id)) is not None:
+                known.usage_rows.add((tenant_id, day))
         try:
             answers, counts = await self._call(functools.partial(admit, known))
         except BaseException:  # what it committed is unknown: counted again next time
@@ -732,6 +736,8 @@ class DuckDBStore:
         for (tenant_id, day), count in counts.created.items():
             if tenant_id not in self._created or self._created[tenant_id][0] <= day:
                 self._created[tenant_id] = (day, count)
+        for tenant_id, day in counts.usage_rows:
+            self._usage_days[tenant_id] = max(day, self._usage_days.get(tenant_id, day))
         return answers
 
     async def usage(self, tenant_id: str, day: date) -> TenantUsage:
