@@ -296,8 +296,8 @@ def admit_batch(
     When it has nothing to read (its counts known, no idempotency key) and its usage rows
     exist, the transaction is one call before its commit: BEGIN, the usage rows' UPDATEs
     (their values written in) and the runs' INSERT. Each DuckDB call gives up the GIL and
-    must take it back from a busy event loop: two calls instead of four made triggers 8%
-    faster (bench/RESULTS.md)."""
+    must take it back from a busy event loop: two calls instead of four made triggers about
+    5% faster (bench/RESULTS.md)."""
     tenants = sorted({r.run.tenant_id for r in requests})
     days = sorted({_day(r.run) for r in requests})
     of_tenants = f"tenant_id IN ({', '.join('?' for _ in tenants)})"
