@@ -153,6 +153,15 @@ def count_ok(log_dir: Path, since: dict[str, int], marker: str) -> int:
     return sum('"grpc_code": "OK"' in line and marker in line for line in text.splitlines())
 
 
+def logged_ok(log_dir: Path, since: dict[str, int], marker: str, done: int) -> int:
+    """How many of `done` calls the server logged OK after `since`. A request line is
+    written as its call ends: the last ones may still be on the way (waited for 10 s)."""
+    deadline = time.monotonic() + 10
+    while (ok := count_ok(log_dir, since, marker)) < done and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return min(done, ok)
+
+
 def measure(
     scenario: Scenario, args: argparse.Namespace, work: Path, log_dir: Path, pids: Sequence[int]
 ) -> Outcome:
@@ -166,13 +175,7 @@ def measure(
     servers = sum(_cpu_seconds(p) for p in pids) - servers
     succeeded = int(parse(output, r"(\d+) succeeded"))
     if scenario.ok_marker:
-        # A request line is written as its call ends: the last ones may still be on the way.
-        deadline = time.monotonic() + 10
-        while (ok := count_ok(log_dir, before, scenario.ok_marker)) < succeeded:
-            if time.monotonic() > deadline:
-                break
-            time.sleep(0.1)
-        succeeded = min(succeeded, ok)
+        succeeded = logged_ok(log_dir, before, scenario.ok_marker, succeeded)
     # --log-file: one line per request: its start, status and duration (microseconds).
     latencies = [int(line.split("\t")[2]) for line in log.read_text().splitlines() if line]
     seconds = parse(output, r"finished in ([\d.]+)s")

@@ -22,9 +22,10 @@ too (before the sides in even rounds, after them in odd ones), and each side's m
 GetRun is given as a ratio to the echo's median.
 
 The server's CPU per call comes from /proc. This measures relative costs only: the
-absolute rates are those of several stacks sharing the machine. h2load counts a call that
-gRPC answered with an error as done (HTTP 200); `bench.h2load_calls` counts only the calls
-the server logged OK.
+absolute rates are those of several stacks sharing the machine. gRPC answers an error with
+HTTP 200, which h2load counts as done: a call to a side counts only when its server logged
+it OK (the default request log; with `CONVERGENCE_REQUEST_LOG=off`, h2load's count), and
+the command exits with status 1, naming the calls, when one did not succeed.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench import pipelines
-from bench.api_overhead import _cpu_seconds, start_echo_server
+from bench.api_overhead import _cpu_seconds, log_sizes, start_echo_server
 from bench.h2load_calls import (
     GET_RUN,
     H2LOAD,
@@ -48,6 +49,7 @@ from bench.h2load_calls import (
     echo_scenario,
     grpc_frame,
     h2load,
+    logged_ok,
     parse,
     trigger_scenarios,
 )
@@ -86,18 +88,21 @@ def _scenarios(session: pipelines.Session, calls: str) -> list[tuple[str, Scenar
         f"http://{session.stack.grpc_target}{GET_RUN}",
         health.headers,
         grpc_frame(request.SerializeToString()),
+        ok_marker=GET_RUN,
     )
     return [("GetHealth", health), ("GetRun", get_run)]
 
 
-def measure(args: argparse.Namespace) -> list[str]:
+def measure(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """The table's rows, and the calls that did not succeed."""
     sides = [Side.parse(s) for s in args.sides]
     concurrency = 16 if args.calls == "triggers" else 8
     rates: dict[tuple[str, str], list[float]] = {}
     cpu: dict[tuple[str, str], list[float]] = {}
+    failed: list[str] = []
     with contextlib.ExitStack() as resources:
         workspace = pipelines.make_workspace(resources)
-        plans: dict[str, tuple[int, list[tuple[str, Scenario]]]] = {}
+        plans: dict[str, tuple[int, Path | None, list[tuple[str, Scenario]]]] = {}
         for number, side in enumerate(sides):
             # The side's server is started from its tree, with its settings.
             path = f"{side.tree / 'server'}{os.pathsep}{side.tree / 'clients' / 'python'}"
@@ -108,22 +113,33 @@ def measure(args: argparse.Namespace) -> list[str]:
                 workers=int(args.calls == "getrun"),
                 **{"PYTHONPATH": path, **side.env},
             )
-            plans[side.label] = (session.stack.server.pid, _scenarios(session, args.calls))
+            # Without request lines (`CONVERGENCE_REQUEST_LOG=off`), h2load's count stands.
+            logs = side.env.get("CONVERGENCE_REQUEST_LOG", "on").lower() == "on"
+            plans[side.label] = (
+                session.stack.server.pid,
+                session.log_dir if logs else None,
+                _scenarios(session, args.calls),
+            )
         labels = [side.label for side in sides]
         if args.echo:
             echo, echo_pid = start_echo_server(resources)
-            plans[ECHO] = (echo_pid, [("echo", echo_scenario(echo))])
+            plans[ECHO] = (echo_pid, None, [("echo", echo_scenario(echo))])
             labels.insert(0, ECHO)
-        for _, scenarios in plans.values():
+        for _, _, scenarios in plans.values():
             for _, scenario in scenarios:
                 h2load(scenario, WARMUP, concurrency, workspace.root, None)
         for round_ in range(args.rounds):
             for label in labels if round_ % 2 == 0 else labels[::-1]:
-                pid, scenarios = plans[label]
+                pid, log_dir, scenarios = plans[label]
                 for name, scenario in scenarios:
-                    before = _cpu_seconds(pid)
+                    before, logged = _cpu_seconds(pid), log_sizes(log_dir) if log_dir else {}
                     output = h2load(scenario, args.requests, concurrency, workspace.root, None)
                     spent = _cpu_seconds(pid) - before
+                    done = int(parse(output, r"(\d+) succeeded"))
+                    if log_dir is not None and scenario.ok_marker:
+                        done = logged_ok(log_dir, logged, scenario.ok_marker, done)
+                    if bad := args.requests - done:
+                        failed.append(f"{name} of `{label}`, round {round_ + 1}: {bad} calls")
                     rates.setdefault((name, label), []).append(parse(output, RATE))
                     cpu.setdefault((name, label), []).append(1000 * spent / args.requests)
     rows = [
@@ -145,7 +161,7 @@ def measure(args: argparse.Namespace) -> list[str]:
             for (name, label), each in rates.items()
             if name == "GetRun"
         )
-    return rows
+    return rows, failed
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -164,8 +180,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{args.calls}: {args.rounds} rounds of {args.requests} calls per scenario and side; "
         f"nproc {os.cpu_count()}\n"
     )
-    print("\n".join(measure(args)))
-    return 0
+    rows, failed = measure(args)
+    print("\n".join(rows))
+    for calls in failed:
+        print(f"did not succeed: {calls}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
