@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-from datetime import UTC, datetime
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import duckdb
@@ -13,7 +14,7 @@ import pytest
 from convergence_server.errors import Unavailable
 from convergence_server.storage import duckdb_runs, duckdb_schedules, schema
 from convergence_server.storage.duckdb_store import DuckDBStore, cursor_of
-from convergence_server.storage.records import ApiKeyRecord, TenantRecord
+from convergence_server.storage.records import ApiKeyRecord, RunLimits, TenantRecord
 from tests.conftest import fill, small_disk
 from tests.test_schedule_store import new_schedule, next_version
 from tests.test_store_contract import LONG_AGO, new_run, run, tenant
@@ -134,8 +135,16 @@ def test_only_plain_values_are_written_into_a_statement() -> None:
         "UPDATE t SET a = 7, b = DATE '2026-12-04', c = TIMESTAMP '2026-12-04 03:05:07.123456' "
         "WHERE tenant_id = 'c_ab-9'"
     )
-    for value in ("o'brien", "a b", "", "x\\", "é", True, 1.5, None, moment.replace(tzinfo=UTC)):
+
+    class Sly(str):
+        def __str__(self) -> str:
+            return "x'; DROP TABLE t; --"
+
+    refused = ["o'brien", "a b", "", "x\\", "é", Sly("plain"), True, 1.5, None, -1]
+    for value in [*refused, moment.replace(tzinfo=UTC)]:
         assert duckdb_runs._inline(statement, [1, moment.date(), moment, value]) is None, value
+    # A minus sign in the text before a negative value would begin a comment: refused.
+    assert duckdb_runs._inline("UPDATE t SET a = a -? WHERE tenant_id = ?", [-1, "x"]) is None
     connection = duckdb.connect()
     connection.execute("CREATE TABLE t (a BIGINT, b DATE, c TIMESTAMP, tenant_id VARCHAR)")
     connection.execute("INSERT INTO t VALUES (0, NULL, NULL, 'c_ab-9')")
@@ -145,3 +154,43 @@ def test_only_plain_values_are_written_into_a_statement() -> None:
     assert connection.execute("SELECT * FROM t").fetchall() == [
         (7, moment.date(), moment, "c_ab-9")
     ]
+
+
+def test_an_admission_whose_one_call_fails_changes_no_usage(tmp_path: Path) -> None:
+    """A later admission of a day (its counts and usage row known) sends BEGIN, the usage
+    UPDATE and the runs' INSERT in one call: when the INSERT fails there, the UPDATE is
+    rolled back with it, and the next admission counts from the file again."""
+    store = DuckDBStore.open(tmp_path / "store.duckdb")
+    tenant_id = tenant(store)
+    today = datetime.now(UTC).date()
+    limits = RunLimits(daily=10, concurrent=10)
+    first = new_run(tenant_id)
+    assert run(store.create_run(first, LONG_AGO, limits)).created
+    counted = run(store.usage(tenant_id, today)).row
+    assert counted is not None and counted.pipelines_run_today == 1
+    again = replace(new_run(tenant_id), pipeline_logging_id=first.pipeline_logging_id)
+    with pytest.raises(duckdb.ConstraintException):
+        run(store.create_run(again, LONG_AGO, limits))
+    assert run(store.usage(tenant_id, today)).row == counted
+    assert run(store.create_run(new_run(tenant_id), LONG_AGO, limits)).created
+    assert run(store.usage(tenant_id, today)).row == replace(
+        counted, pipelines_run_today=2, concurrent_pipelines_running=2, max_concurrent_reached=2
+    )
+    run(store.close())
+
+
+def test_a_day_after_the_usage_row_known_gets_its_own_row(tmp_path: Path) -> None:
+    """The store knows a tenant's usage row of an earlier day only: the first admission of
+    a later day inserts that day's row, and the next ones update it."""
+    store = DuckDBStore.open(tmp_path / "store.duckdb")
+    tenant_id = tenant(store)
+    now = datetime.now(UTC)
+    limits = RunLimits(daily=10, concurrent=10)
+    assert run(store.create_run(new_run(tenant_id, now - timedelta(days=1)), LONG_AGO, limits))
+    for _ in range(3):
+        assert run(store.create_run(new_run(tenant_id, now), LONG_AGO, limits)).created
+    row = run(store.usage(tenant_id, now.date())).row
+    assert (row.pipelines_run_today, row.concurrent_pipelines_running) == (3, 4)  # type: ignore[union-attr]
+    earlier = run(store.usage(tenant_id, now.date() - timedelta(days=1))).row
+    assert earlier is not None and earlier.pipelines_run_today == 1
+    run(store.close())

@@ -48,6 +48,7 @@ CENTRAL = quote_identifier("tenants")
 RUNS = f"{CENTRAL}.tenant_pipeline_runs"
 STEPS = f"{CENTRAL}.tenant_step_logs"
 KEYS = f"{CENTRAL}.tenant_idempotency_keys"
+# Usage rows are never deleted: an admission relies on a row it has written being there.
 USAGE = f"{CENTRAL}.tenant_usage_quotas"
 PUBLICATIONS = f"{CENTRAL}.tenant_run_publications"
 DQ_RESULTS = f"{CENTRAL}.tenant_dq_results"
@@ -293,11 +294,11 @@ def admit_batch(
     the turns of every tenant of the batch, so no count moves under it. Returns the
     answers and the counts after the batch.
 
-    When it has nothing to read (its counts known, no idempotency key) and its usage rows
-    exist, the transaction is one call before its commit: BEGIN, the usage rows' UPDATEs
-    (their values written in) and the runs' INSERT. Each DuckDB call gives up the GIL and
-    must take it back from a busy event loop: two calls instead of four made triggers about
-    5% faster (bench/RESULTS.md)."""
+    When its usage rows are known to exist, their UPDATEs (values written in) and the runs'
+    INSERT are one call; when it also has nothing to read (its counts known, no idempotency
+    key), BEGIN is in that call too, so the transaction is two calls with its commit. Each
+    DuckDB call gives up the GIL and must take it back from a busy event loop: two calls
+    instead of four made triggers about 5% faster (bench/RESULTS.md)."""
     tenants = sorted({r.run.tenant_id for r in requests})
     days = sorted({_day(r.run) for r in requests})
     of_tenants = f"tenant_id IN ({', '.join('?' for _ in tenants)})"
@@ -373,21 +374,18 @@ def admit_batch(
                     )
                 ],
             )
-        updates = [
-            _inline(*_usage_update(tenant_id, moment, limits, started=count, active=after))
-            for (tenant_id, _), (count, after, moment, limits) in usage.items()
-        ]
-        if admitted and set(usage) <= counts.usage_rows and None not in updates:
+        updates = _inlined_updates(usage, counts.usage_rows) if admitted else None
+        if updates is not None:
             before = "" if begun else "BEGIN TRANSACTION; "
-            insert_runs(cur, list(admitted.values()), before + "".join(f"{u}; " for u in updates))
-        else:
+            insert_runs(cur, list(admitted.values()), before + updates)
+        elif admitted:
             if not begun:
                 cur.begin()
-            if admitted:
-                insert_runs(cur, list(admitted.values()))
+            insert_runs(cur, list(admitted.values()))
             for (tenant_id, _), (count, after, moment, limits) in usage.items():
                 _count_usage(cur, tenant_id, moment, limits, started=count, active=after)
-        cur.commit()
+        if begun or admitted:  # else all refused, nothing read: no transaction
+            cur.commit()
     except BaseException:
         rollback(cur)
         raise
@@ -460,31 +458,45 @@ def _usage_update(
     )
 
 
+def _inlined_updates(
+    usage: Mapping[tuple[str, date], tuple[int, int, datetime, RunLimits | None]],
+    rows: set[tuple[str, date]],
+) -> str | None:
+    """The UPDATEs of these usage rows, each followed by "; ", with their values written in
+    (to share a call with a statement that has parameters); None unless every row is known
+    to exist (an UPDATE of no row would lose the count unseen) and every value is plain."""
+    if not set(usage) <= rows:
+        return None
+    updates = [
+        _inline(*_usage_update(tenant_id, moment, limits, started=count, active=after))
+        for (tenant_id, _), (count, after, moment, limits) in usage.items()
+    ]
+    return None if None in updates else "".join(f"{update}; " for update in updates)
+
+
 # Text written into a statement as it is: nothing DuckDB could read as more than a value.
 _PLAIN_TEXT = re.compile(r"[A-Za-z0-9_-]+")
 
 
 def _inline(statement: str, params: Sequence[object]) -> str | None:
     """`statement` with its parameters (`?`) written in as literals, or None when one of them
-    is not an integer, a date, a naive timestamp or plain text (`_PLAIN_TEXT`)."""
+    is not a non-negative integer (a minus sign after one in the text would begin a
+    comment), a date, a naive timestamp or plain text (`_PLAIN_TEXT`). Exact types only:
+    a subclass could write itself as anything."""
     literals: list[str] = []
     for value in params:
-        if isinstance(value, bool) or not isinstance(value, int | date | str):
-            return None
-        if isinstance(value, int):
+        if type(value) is int and value >= 0:
             literals.append(str(value))
-        elif isinstance(value, datetime):
-            if value.tzinfo is not None:
-                return None
+        elif type(value) is datetime and value.tzinfo is None:
             literals.append(f"TIMESTAMP '{value.isoformat(sep=' ')}'")
-        elif isinstance(value, date):
+        elif type(value) is date:
             literals.append(f"DATE '{value.isoformat()}'")
-        elif _PLAIN_TEXT.fullmatch(value):
+        elif type(value) is str and _PLAIN_TEXT.fullmatch(value):
             literals.append(f"'{value}'")
         else:
             return None
+    # Strict: as many placeholders as values, else ValueError.
     parts = statement.split("?")
-    assert len(parts) == len(literals) + 1, statement
     return "".join(part + literal for part, literal in zip(parts, [*literals, ""], strict=True))
 
 
