@@ -186,7 +186,8 @@ def test_a_day_after_the_usage_row_known_gets_its_own_row(tmp_path: Path) -> Non
     tenant_id = tenant(store)
     now = datetime.now(UTC)
     limits = RunLimits(daily=10, concurrent=10)
-    assert run(store.create_run(new_run(tenant_id, now - timedelta(days=1)), LONG_AGO, limits))
+    yesterday = new_run(tenant_id, now - timedelta(days=1))
+    assert run(store.create_run(yesterday, LONG_AGO, limits)).created
     for _ in range(3):
         assert run(store.create_run(new_run(tenant_id, now), LONG_AGO, limits)).created
     row = run(store.usage(tenant_id, now.date())).row
