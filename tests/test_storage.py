@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import duckdb
@@ -14,7 +14,8 @@ import pytest
 from convergence_server.errors import Unavailable
 from convergence_server.storage import duckdb_runs, duckdb_schedules, schema
 from convergence_server.storage.duckdb_store import DuckDBStore, cursor_of
-from convergence_server.storage.records import ApiKeyRecord, RunLimits, TenantRecord
+from convergence_server.storage.warehouse import STAGE_PREFIX, Publication
+from convergence_server.storage.records import ApiKeyRecord, RunLimits, RunRecord, TenantRecord
 from tests.conftest import fill, small_disk
 from tests.test_schedule_store import new_schedule, next_version
 from tests.test_store_contract import LONG_AGO, new_run, run, tenant
@@ -108,7 +109,8 @@ def test_a_conditional_write_never_applies_over_a_concurrent_change(tmp_path: Pa
             duckdb_runs.claim_run(other, made.pipeline_logging_id, "worker-a", now)
         holder.commit()
         assert run(store.claim_next_run("worker-a", now)) is None
-        cancelled = run(store.get_run(tenant_id, made.pipeline_logging_id))
+        # Read from the file: the cancel above went around the store and its run cache.
+        cancelled = duckdb_runs.find_run(other, made.pipeline_logging_id)
         assert cancelled is not None and cancelled.status == "FAILED"
 
         holder.begin()
@@ -122,6 +124,82 @@ def test_a_conditional_write_never_applies_over_a_concurrent_change(tmp_path: Pa
     finally:
         holder.close()
         other.close()
+        run(store.close())
+
+
+def test_the_runs_kept_in_memory_are_the_runs_stored(tmp_path: Path) -> None:
+    """An admitted run is kept as it was given, and a claim and an end derive the run from
+    what is kept instead of reading it back: each must be exactly what the file holds.
+    Here the times are given in another zone and the run lasts 1.002 ms across two
+    millisecond boundaries, which DuckDB counts as 2 (whole milliseconds since 1970)."""
+    store = DuckDBStore.open(tmp_path / "store.duckdb")
+    tenant_id = tenant(store)
+    zone = timezone(timedelta(hours=2))
+    start = datetime(2026, 3, 1, 11, 0, 0, 999, tzinfo=zone)
+    made = replace(
+        new_run(tenant_id, start - timedelta(seconds=1)),
+        user_id="someone@example.com",
+        parameters={"date": "2026-02-28", "note": "a 'quoted' value"},
+        trace_id="0af7651916cd43dd8448eb211c80319c",
+    )
+    reader = cursor_of(store._connection)
+
+    def kept_and_stored() -> tuple[RunRecord | None, RunRecord | None]:
+        run_id = made.pipeline_logging_id
+        return run(store.get_run(tenant_id, run_id)), duckdb_runs.find_run(reader, run_id)
+
+    try:
+        assert run(store.create_run(made, LONG_AGO)).created
+        kept, stored = kept_and_stored()
+        assert kept == stored == replace(made, created_at=made.created_at.astimezone(UTC))
+
+        claimed = run(store.claim_next_run("worker-a", start))
+        kept, stored = kept_and_stored()
+        assert claimed == kept == stored
+        assert claimed is not None and claimed.start_time == start
+
+        ended = run(store.finish_run(claimed, "FAILED", start + timedelta(microseconds=1002), "x"))
+        kept, stored = kept_and_stored()
+        assert ended == kept == stored
+        assert ended is not None and (ended.status, ended.duration_ms) == ("FAILED", 2)
+    finally:
+        reader.close()
+        run(store.close())
+
+
+def test_a_publication_is_recorded_once_and_answered_again_to_its_execution(
+    tmp_path: Path,
+) -> None:
+    """A publication records itself first. Publishing again (a retry whose first try did
+    commit) answers True to the execution that published, without writing the rows
+    twice; another execution of the run is refused and writes nothing."""
+    store = DuckDBStore.open(tmp_path / "store.duckdb")
+    tenant_id = tenant(store)
+    assert run(store.create_run(new_run(tenant_id), LONG_AGO)).created
+    claimed = run(store.claim_next_run("worker-a", datetime.now(UTC)))
+    assert claimed is not None
+
+    async def publish(execution: RunRecord) -> bool:
+        warehouse = store.warehouse(tenant_id)
+        try:
+            stage = f"{STAGE_PREFIX}rows"
+            assert await warehouse.create_as(stage, "SELECT 1 AS n UNION ALL SELECT 2", {}) == 2
+            return await warehouse.publish([Publication(stage, "rows", "append")], execution)
+        finally:
+            await warehouse.close()
+
+    assert run(publish(claimed))
+    assert run(publish(claimed))
+    assert not run(publish(replace(claimed, attempt=claimed.attempt + 1)))
+    reader = cursor_of(store._connection)
+    try:
+        assert reader.execute(f'SELECT COUNT(*) FROM "{tenant_id}".rows').fetchone() == (2,)
+        assert duckdb_runs.published_by(reader, claimed.pipeline_logging_id) == (
+            claimed.attempt,
+            "worker-a",
+        )
+    finally:
+        reader.close()
         run(store.close())
 
 

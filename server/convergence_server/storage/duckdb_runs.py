@@ -11,7 +11,7 @@ import contextlib
 import json
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
 
 import duckdb
@@ -696,16 +696,25 @@ def claim_next_run(
 
 
 def claim_run(
-    cur: duckdb.DuckDBPyConnection, run_id: str, worker_id: str, now: datetime
+    cur: duckdb.DuckDBPyConnection,
+    run_id: str,
+    worker_id: str,
+    now: datetime,
+    known: RunRecord | None = None,
 ) -> RunRecord | None:
     """Moves this run to RUNNING for this worker if it is still PENDING (the in-memory
-    queue's choice, `QueueIndex`)."""
+    queue's choice, `QueueIndex`). `known`: the run as last committed, PENDING, when the
+    caller knows it (the claimed run is then derived from it, not read back)."""
     with _transaction(cur):
-        return _claim(cur, run_id, worker_id, now)
+        return _claim(cur, run_id, worker_id, now, known)
 
 
 def _claim(
-    cur: duckdb.DuckDBPyConnection, run_id: str, worker_id: str, now: datetime
+    cur: duckdb.DuckDBPyConnection,
+    run_id: str,
+    worker_id: str,
+    now: datetime,
+    known: RunRecord | None = None,
 ) -> RunRecord | None:
     if not changed(
         cur,
@@ -714,6 +723,9 @@ def _claim(
         [naive(now), worker_id, naive(now), run_id],
     ):
         return None
+    if known is not None and known.status == "PENDING":
+        # The row was PENDING, as `known` is: only what this UPDATE set differs.
+        return replace(known, status="RUNNING", start_time=now.astimezone(UTC), worker_id=worker_id)
     return find_run(cur, run_id)
 
 
@@ -748,6 +760,7 @@ def finish_run(
     owner: tuple[str, int] | None,
     active: int | None = None,
     steps_open: bool = True,
+    known: RunRecord | None = None,
 ) -> RunRecord | None:
     """Ends the run; returns it, or None when it was not in the expected state.
 
@@ -755,12 +768,14 @@ def finish_run(
     so a worker can only end its own execution, and its steps left RUNNING are closed
     (unless the caller knows none is: not `steps_open`); without, it must be PENDING.
     `active` is the tenant's active runs before it ends, when the caller knows them.
+    `known`: the run as last committed, when the caller knows it; if it is in the expected
+    state, the ended run is derived from it instead of read back.
     """
     if owner is None:
         guard, values = "status = 'PENDING'", []
     else:
         guard, values = "status = 'RUNNING' AND worker_id = ? AND attempt = ?", list(owner)
-    row = None
+    ended = None
     with _transaction(cur):
         if changed(
             cur,
@@ -770,14 +785,44 @@ def finish_run(
             f"WHERE pipeline_logging_id = ? AND {guard}",
             [status, naive(now), error_message or None, naive(now), run_id, *values],
         ):
-            row = cur.execute(
-                f"SELECT {RUN_COLUMNS} FROM {RUNS} WHERE pipeline_logging_id = ?", [run_id]
-            ).fetchone()
-        if row is not None:
+            ended = _ended(known, owner, status, now, error_message) or find_run(cur, run_id)
+        if ended is not None:
             if owner is not None and steps_open:
                 interrupt_steps(cur, run_id, now)
-            record_finish(cur, run_from_row(row), now, None if active is None else active - 1)
-    return None if row is None else run_from_row(row)
+            record_finish(cur, ended, now, None if active is None else active - 1)
+    return ended
+
+
+def _ended(
+    known: RunRecord | None,
+    owner: tuple[str, int] | None,
+    status: str,
+    now: datetime,
+    error_message: str,
+) -> RunRecord | None:
+    """The run as `finish_run`'s UPDATE left it, from `known` (as last committed) when that
+    was in the state the UPDATE required, else None (read it back)."""
+    if known is None:
+        return None
+    if owner is None:
+        if known.status != "PENDING":
+            return None
+    elif (known.status, known.worker_id, known.attempt) != ("RUNNING", *owner):
+        return None
+    end = now.astimezone(UTC)
+    duration = 0
+    if known.start_time is not None:  # DuckDB's date_diff: whole milliseconds since 1970
+        duration = _epoch_ms(end) - _epoch_ms(known.start_time)
+    return replace(
+        known, status=status, end_time=end, error_message=error_message or "", duration_ms=duration
+    )
+
+
+def _epoch_ms(moment: datetime) -> int:
+    return (moment - _EPOCH) // timedelta(milliseconds=1)
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 # This execution of the run may publish: the run is RUNNING for its worker and attempt,

@@ -733,6 +733,9 @@ class DuckDBStore:
         for answer in answers:
             if answer.created and answer.run is not None:
                 self._queue.apply(answer.run)
+                # As stored (a new row: no read of it can hold an older state), for the
+                # GetRun that follows a trigger, and for its claim.
+                self._cache.put(answer.run)
         for (tenant_id, day), count in counts.created.items():
             if tenant_id not in self._created or self._created[tenant_id][0] <= day:
                 self._created[tenant_id] = (day, count)
@@ -930,7 +933,10 @@ class DuckDBStore:
                 chosen = self._queue.next_run()
                 run = None
                 if chosen is not None:
-                    run = await self._call(lambda cur: runs.claim_run(cur, chosen, worker_id, now))
+                    known = self._cache.run(chosen)  # admitted runs are kept (`_counted`)
+                    run = await self._call(
+                        lambda cur: runs.claim_run(cur, chosen, worker_id, now, known)
+                    )
                 if run is None:  # none known here, or taken meanwhile: the query decides
                     run = await self._call(lambda cur: runs.claim_next_run(cur, worker_id, now))
                 if run is not None:
@@ -948,26 +954,26 @@ class DuckDBStore:
         # In the tenant's turn, like admissions: both update its usage row.
         steps = self._step_rows.pop(run.pipeline_logging_id, None)
         steps_open = steps is None or "RUNNING" in steps.values()
-        async with (
-            self._tenant_turns.get(run.tenant_id),
-            self._changing(run.pipeline_logging_id),
-        ):
-            active = self._queue.active(run.tenant_id)  # exact in the tenant's turn
-            ended = await self._call(
-                lambda cur: runs.finish_run(
-                    cur,
-                    run.pipeline_logging_id,
-                    status,
-                    now,
-                    error_message,
-                    owner,
-                    active,
-                    steps_open,
+        async with self._tenant_turns.get(run.tenant_id):
+            known = self._cache.run(run.pipeline_logging_id)  # dropped by the change
+            async with self._changing(run.pipeline_logging_id):
+                active = self._queue.active(run.tenant_id)  # exact in the tenant's turn
+                ended = await self._call(
+                    lambda cur: runs.finish_run(
+                        cur,
+                        run.pipeline_logging_id,
+                        status,
+                        now,
+                        error_message,
+                        owner,
+                        active,
+                        steps_open,
+                        known,
+                    )
                 )
-            )
-            if ended is not None:
-                self._committed(ended)
-            return ended
+                if ended is not None:
+                    self._committed(ended)
+                return ended
 
     async def request_cancel(
         self, tenant_id: str, run_id: str, now: datetime, known: RunRecord | None = None

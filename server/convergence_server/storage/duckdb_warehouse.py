@@ -287,11 +287,11 @@ class DuckDBWarehouse:
 
         def create(cur: duckdb.DuckDBPyConnection) -> int:
             statement = self._one_select(sql)
-            cur.execute(
+            (created,) = cur.execute(
                 f"CREATE OR REPLACE TABLE {self._table(table)} AS {statement}",
                 _bind(statement, params),
-            )
-            return _count(cur, self._table(table))
+            ).fetchone() or (0,)
+            return int(created)  # DuckDB answers the rows it wrote
 
         return await self._call(create)
 
@@ -436,10 +436,16 @@ class DuckDBWarehouse:
                 runs.rollback(cur)  # the rows written into place, undone
                 return False
             try:
-                done = runs.published_by(cur, run.pipeline_logging_id)
-                if done is not None or not runs.record_publication(cur, run, datetime.now(UTC)):
-                    cur.rollback()
-                    return done == (run.attempt, run.worker_id)
+                try:
+                    recorded = runs.record_publication(cur, run, datetime.now(UTC))
+                except duckdb.ConstraintException:  # recorded before (a retry)
+                    recorded = False
+                if not recorded:  # whose is it, if anyone's?
+                    runs.rollback(cur)
+                    return runs.published_by(cur, run.pipeline_logging_id) == (
+                        run.attempt,
+                        run.worker_id,
+                    )
                 for write in writes:
                     if in_place is not None and write.stage == in_place.stage:
                         self._publish_in_place(cur, in_place)
