@@ -14,8 +14,8 @@ import pytest
 from convergence_server.errors import Unavailable
 from convergence_server.storage import duckdb_runs, duckdb_schedules, schema
 from convergence_server.storage.duckdb_store import DuckDBStore, cursor_of
-from convergence_server.storage.warehouse import STAGE_PREFIX, Publication
 from convergence_server.storage.records import ApiKeyRecord, RunLimits, RunRecord, TenantRecord
+from convergence_server.storage.warehouse import STAGE_PREFIX, Publication
 from tests.conftest import fill, small_disk
 from tests.test_schedule_store import new_schedule, next_version
 from tests.test_store_contract import LONG_AGO, new_run, run, tenant
