@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import uuid
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -14,7 +15,13 @@ import pytest
 from convergence_server.errors import Unavailable
 from convergence_server.storage import duckdb_runs, duckdb_schedules, schema
 from convergence_server.storage.duckdb_store import DuckDBStore, cursor_of
-from convergence_server.storage.records import ApiKeyRecord, RunLimits, RunRecord, TenantRecord
+from convergence_server.storage.records import (
+    ApiKeyRecord,
+    RunLimits,
+    RunRecord,
+    StepRecord,
+    TenantRecord,
+)
 from convergence_server.storage.warehouse import STAGE_PREFIX, Publication
 from tests.conftest import fill, small_disk
 from tests.test_schedule_store import new_schedule, next_version
@@ -162,6 +169,51 @@ def test_the_runs_kept_in_memory_are_the_runs_stored(tmp_path: Path) -> None:
         kept, stored = kept_and_stored()
         assert ended == kept == stored
         assert ended is not None and (ended.status, ended.duration_ms) == ("FAILED", 2)
+    finally:
+        reader.close()
+        run(store.close())
+
+
+def test_a_steps_end_updates_what_changed_and_a_changed_identity_the_whole_row(
+    tmp_path: Path,
+) -> None:
+    """A step's end sets only its progress columns when the rest of its row is as last
+    written here; any other change of the row (its start time here) writes every column.
+    Both leave the row as given."""
+    store = DuckDBStore.open(tmp_path / "store.duckdb")
+    tenant_id = tenant(store)
+    assert run(store.create_run(new_run(tenant_id), LONG_AGO)).created
+    claimed = run(store.claim_next_run("worker-a", datetime.now(UTC)))
+    assert claimed is not None
+    start = datetime(2026, 3, 1, 9, 0, 0, 1, tzinfo=UTC)
+    first = StepRecord(
+        str(uuid.uuid4()),
+        claimed.pipeline_logging_id,
+        claimed.pipeline_id,
+        tenant_id,
+        "one_row",
+        "query",
+        0,
+        "RUNNING",
+        start,
+    )
+    ended = replace(
+        first,
+        status="FAILED",
+        rows_processed=7,
+        step_end_time=start + timedelta(seconds=2),
+        duration_ms=2000,
+        error_message="it broke",
+        attempts=2,
+        warnings=1,
+    )
+    moved = replace(ended, step_start_time=start + timedelta(seconds=1), duration_ms=1000)
+    reader = cursor_of(store._connection)
+    try:
+        for step in (first, ended, moved):
+            run(store.save_step(step))
+            (stored,) = duckdb_runs.list_run_steps(reader, claimed.pipeline_logging_id)
+            assert stored == step
     finally:
         reader.close()
         run(store.close())

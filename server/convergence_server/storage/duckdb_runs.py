@@ -952,35 +952,79 @@ def requeue_run(
     return bool(requeued)
 
 
-def save_step(cur: duckdb.DuckDBPyConnection, step: StepRecord, new: bool) -> None:
+def save_step(
+    cur: duckdb.DuckDBPyConnection,
+    step: StepRecord,
+    new: bool,
+    written: StepRecord | None = None,
+) -> None:
     """Writes the step's row: an INSERT when the caller believes it `new` (an UPDATE if its
     key is taken after all), else an UPDATE, and an INSERT if there was nothing to update
-    (DuckDB's INSERT OR REPLACE costs three times either)."""
-    values = [
-        step.step_logging_id,
-        step.pipeline_logging_id,
-        step.pipeline_id,
-        step.tenant_id,
-        step.step_name,
-        step.step_type,
-        step.step_index,
-        step.status,
-        naive(step.step_start_time),
-        step.rows_processed,
-        naive(step.step_end_time),
-        step.duration_ms,
-        step.error_message or None,
-        step.attempts,
-        step.run_attempt,
-        step.warnings,
-    ]
+    (DuckDB's INSERT OR REPLACE costs three times either). `written`: the row as the caller
+    last committed it; when only the step's progress differs from it (its end), the UPDATE
+    sets just that, in a statement of its own (a third cheaper than every column in a
+    transaction)."""
+    values = _step_values(step)
     if new:
         with contextlib.suppress(duckdb.ConstraintException):
-            cur.execute(_INSERT_STEP, values)
+            cur.execute(_INSERT_STEP, list(values.values()))
+            return
+    if written is not None and all(
+        values[name] == value
+        for name, value in _step_values(written).items()
+        if name not in _STEP_PROGRESS
+    ):
+        progress = [values[name] for name in _STEP_PROGRESS]
+        if changed(cur, _UPDATE_STEP_PROGRESS, [*progress, step.step_logging_id]):
             return
     with _transaction(cur):
-        if not changed(cur, _UPDATE_STEP, [*values[1:], values[0]]):
-            cur.execute(_INSERT_STEP, values)
+        if not changed(cur, _UPDATE_STEP, [*list(values.values())[1:], step.step_logging_id]):
+            cur.execute(_INSERT_STEP, list(values.values()))
+
+
+def _step_values(step: StepRecord) -> dict[str, object]:
+    """The step's row, by column (`STEP_COLUMNS` order)."""
+    return dict(
+        zip(
+            STEP_COLUMNS.split(", "),
+            [
+                step.step_logging_id,
+                step.pipeline_logging_id,
+                step.pipeline_id,
+                step.tenant_id,
+                step.step_name,
+                step.step_type,
+                step.step_index,
+                step.status,
+                naive(step.step_start_time),
+                step.rows_processed,
+                naive(step.step_end_time),
+                step.duration_ms,
+                step.error_message or None,
+                step.attempts,
+                step.run_attempt,
+                step.warnings,
+            ],
+            strict=True,
+        )
+    )
+
+
+# What changes in a step's row as it runs and ends; the other columns are its identity.
+_STEP_PROGRESS = (
+    "status",
+    "rows_processed",
+    "step_end_time",
+    "duration_ms",
+    "error_message",
+    "attempts",
+    "warnings",
+)
+_UPDATE_STEP_PROGRESS = (
+    f"UPDATE {STEPS} SET "
+    + ", ".join(f"{name} = ?" for name in _STEP_PROGRESS)
+    + " WHERE step_logging_id = ?"
+)
 
 
 _UPDATE_STEP = (

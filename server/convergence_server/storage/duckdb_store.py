@@ -208,10 +208,11 @@ class DuckDBStore:
         self._created: dict[str, tuple[date, int]] = {}
         # Each tenant's latest UTC day whose usage row is known to exist (none is deleted).
         self._usage_days: dict[str, date] = {}
-        # The step rows of each execution claimed here, as committed (step id -> status): only
-        # its worker writes them, through `save_step`, so a step's first row is one INSERT,
-        # and a run whose steps all ended needs no query to close them when it ends.
-        self._step_rows: dict[str, dict[str, str]] = {}
+        # The step rows of each execution claimed here, as committed (by step id): only its
+        # worker writes them, through `save_step`, so a step's first row is one INSERT, its
+        # end an UPDATE of what changed, and a run whose steps all ended needs no query to
+        # close them when it ends.
+        self._step_rows: dict[str, dict[str, StepRecord]] = {}
         # The newest creation time of a stored run: where the first page of runs ends.
         self._newest_run: datetime | None = None
 
@@ -953,7 +954,7 @@ class DuckDBStore:
 
         # In the tenant's turn, like admissions: both update its usage row.
         steps = self._step_rows.pop(run.pipeline_logging_id, None)
-        steps_open = steps is None or "RUNNING" in steps.values()
+        steps_open = steps is None or any(s.status == "RUNNING" for s in steps.values())
         async with self._tenant_turns.get(run.tenant_id):
             known = self._cache.run(run.pipeline_logging_id)  # dropped by the change
             async with self._changing(run.pipeline_logging_id):
@@ -1026,14 +1027,15 @@ class DuckDBStore:
         run_id = step.pipeline_logging_id
         rows = self._step_rows.get(run_id)
         new = rows is not None and step.step_logging_id not in rows
+        written = None if rows is None else rows.get(step.step_logging_id)
         async with self._cache.change(run_id, steps_only=True):
             try:
-                await self._call(lambda cur: runs.save_step(cur, step, new))
+                await self._call(lambda cur: runs.save_step(cur, step, new, written))
             except BaseException:  # what it committed is unknown
                 self._step_rows.pop(run_id, None)
                 raise
         if rows is not None:
-            rows[step.step_logging_id] = step.status
+            rows[step.step_logging_id] = step
 
     async def save_steps(self, steps: Sequence[StepRecord]) -> None:
         # One write per step here: DuckDB's cost is per statement, not per commit.
