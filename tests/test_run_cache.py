@@ -111,3 +111,23 @@ def test_steps_follow_the_same_rule_and_a_forgotten_change_still_counts() -> Non
         assert cache.steps("r1") == [step]
 
     asyncio.run(play())
+
+
+def test_a_creation_does_not_replace_a_claim_that_came_first() -> None:
+    """An admission keeps its new run once its caller is back on the event loop; a claim by
+    the fair-queue query may have found the committed row and put its own state first."""
+
+    async def play() -> None:
+        cache = RunCache()
+        stamp = cache.stamp()  # the admission's INSERT is sent
+        async with cache.claim():  # the query claims the committed row meanwhile
+            cache.put(NEW)
+        cache.created(stamp, OLD)  # the admission's caller comes back
+        assert cache.run("r1") == NEW
+
+        alone = RunCache()
+        stamp = alone.stamp()
+        alone.created(stamp, OLD)
+        assert alone.run("r1") == OLD
+
+    asyncio.run(play())

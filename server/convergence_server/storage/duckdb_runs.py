@@ -582,6 +582,17 @@ def find_run(cur: duckdb.DuckDBPyConnection, run_id: str) -> RunRecord | None:
     return None if row is None else run_from_row(row)
 
 
+def as_stored(run: RunRecord) -> RunRecord:
+    """The run as a read of its row gives it back: times in UTC, parameters by name."""
+    return replace(
+        run,
+        parameters=dict(sorted(run.parameters.items())),
+        created_at=run.created_at.astimezone(UTC),
+        start_time=run.start_time and run.start_time.astimezone(UTC),
+        end_time=run.end_time and run.end_time.astimezone(UTC),
+    )
+
+
 def get_run(cur: duckdb.DuckDBPyConnection, tenant_id: str, run_id: str) -> RunRecord | None:
     run = find_run(cur, run_id)
     return run if run is not None and run.tenant_id == tenant_id else None

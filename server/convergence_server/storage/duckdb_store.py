@@ -168,6 +168,13 @@ class _Abandoned(Exception):
     """The caller of a transaction went away before it committed."""
 
 
+def _first_try(known: RunRecord | None) -> Callable[[], RunRecord | None]:
+    """`known` to a store call's first try only: a try again follows a write conflict, a
+    change of the row that `known` (as last committed before the call) may not hold."""
+    tries = iter([known])
+    return lambda: next(tries, None)
+
+
 class DuckDBStore:
     kind = "embedded"
     exclusive = True
@@ -725,6 +732,7 @@ class DuckDBStore:
                 known.created[tenant_id, created[0]] = created[1]
             if (day := self._usage_days.get(tenant_id)) is not None:
                 known.usage_rows.add((tenant_id, day))
+        stamp = self._cache.stamp()
         try:
             answers, counts = await self._call(functools.partial(admit, known))
         except BaseException:  # what it committed is unknown: counted again next time
@@ -734,9 +742,8 @@ class DuckDBStore:
         for answer in answers:
             if answer.created and answer.run is not None:
                 self._queue.apply(answer.run)
-                # As stored (a new row: no read of it can hold an older state), for the
-                # GetRun that follows a trigger, and for its claim.
-                self._cache.put(answer.run)
+                # For the GetRun that follows a trigger, and for the run's claim.
+                self._cache.created(stamp, runs.as_stored(answer.run))
         for (tenant_id, day), count in counts.created.items():
             if tenant_id not in self._created or self._created[tenant_id][0] <= day:
                 self._created[tenant_id] = (day, count)
@@ -934,9 +941,9 @@ class DuckDBStore:
                 chosen = self._queue.next_run()
                 run = None
                 if chosen is not None:
-                    known = self._cache.run(chosen)  # admitted runs are kept (`_counted`)
+                    known = _first_try(self._cache.run(chosen))  # kept since its admission
                     run = await self._call(
-                        lambda cur: runs.claim_run(cur, chosen, worker_id, now, known)
+                        lambda cur: runs.claim_run(cur, chosen, worker_id, now, known())
                     )
                 if run is None:  # none known here, or taken meanwhile: the query decides
                     run = await self._call(lambda cur: runs.claim_next_run(cur, worker_id, now))
@@ -956,7 +963,7 @@ class DuckDBStore:
         steps = self._step_rows.pop(run.pipeline_logging_id, None)
         steps_open = steps is None or any(s.status == "RUNNING" for s in steps.values())
         async with self._tenant_turns.get(run.tenant_id):
-            known = self._cache.run(run.pipeline_logging_id)  # dropped by the change
+            known = _first_try(self._cache.run(run.pipeline_logging_id))  # the change drops it
             async with self._changing(run.pipeline_logging_id):
                 active = self._queue.active(run.tenant_id)  # exact in the tenant's turn
                 ended = await self._call(
@@ -969,7 +976,7 @@ class DuckDBStore:
                         owner,
                         active,
                         steps_open,
-                        known,
+                        known(),
                     )
                 )
                 if ended is not None:

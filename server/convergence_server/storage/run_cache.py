@@ -6,9 +6,10 @@ or of its steps goes through the store's methods, which wrap it in `change` (the
 entries are dropped before the write and the new state put after it commits) and, for a
 change whose run is not known before it (a claim), in `claim`. A read that missed fills an
 entry only if no change of that run (and no claim) began or ended while it read, so an
-older state read from the database never replaces a newer one. A change that fails drops
-everything: whatever it may have committed is read again. Bounded: the least recently
-used entries go first.
+older state read from the database never replaces a newer one; a new run is kept as its
+admission stored it unless a change of it began or ended since the admission was sent
+(`created`). A change that fails drops everything: whatever it may have committed is read
+again. Bounded: the least recently used entries go first.
 
 Everything runs on the event loop's thread; no lock is needed.
 """
@@ -101,7 +102,17 @@ class RunCache:
 
     def put(self, run: RunRecord) -> None:
         """The run as a change just committed it (inside `change` or `claim`)."""
+        self._mark(run.pipeline_logging_id)
         self._runs.put(run.pipeline_logging_id, run)
+
+    def created(self, stamp: int, run: RunRecord) -> None:
+        """A new run as its creation committed, `stamp` taken before that: kept unless a
+        change of it began or ended since (a claim by the fair-queue query can find the
+        row, and put its own state, before the creation's caller gets here)."""
+        run_id = run.pipeline_logging_id
+        changed = self._changed.get(run_id, 0) >= stamp or run_id in self._busy
+        if stamp > self._floor and not changed:
+            self._runs.put(run_id, run)
 
     @contextlib.asynccontextmanager
     async def change(self, run_id: str, steps_only: bool = False) -> AsyncIterator[None]:
