@@ -45,34 +45,31 @@ Written for BigQuery's strengths and limits rather than as a port of the embedde
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import functools
 import logging
-import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import UTC, date, datetime, timedelta
+from datetime import date, datetime
 from typing import Any, TypeVar
 
 from google.api_core import exceptions as api_exceptions
 from google.cloud import bigquery
 
-from convergence_server.errors import AlreadyExists, DeadlineExceeded
+from convergence_server.storage import bigquery_accounts as accounts
 from convergence_server.storage import bigquery_runs as runs
 from convergence_server.storage import bigquery_schedules as schedules
 from convergence_server.storage import schema
-from convergence_server.storage.bigquery_central import Central, typed
+from convergence_server.storage.bigquery_central import Central
 from convergence_server.storage.bigquery_client import (
     RETRY,
     UNAVAILABLE,
     Runner,
     make_client,
 )
-from convergence_server.storage.bigquery_schema import COUNTERS, counters_table, migrate
-from convergence_server.storage.bigquery_warehouse import BigQueryWarehouse, create_table_sql
+from convergence_server.storage.bigquery_schema import migrate
+from convergence_server.storage.bigquery_warehouse import BigQueryWarehouse
 from convergence_server.storage.identifiers import quote_identifier
 from convergence_server.storage.locks import KeyedLocks
 from convergence_server.storage.records import (
@@ -95,16 +92,7 @@ from convergence_server.storage.records import (
     TenantUsage,
     WebhookRecord,
 )
-from convergence_server.storage.rows import (
-    AUDIT_COLUMNS,
-    AUDIT_NAMES,
-    KEY_COLUMNS,
-    WEBHOOK_COLUMNS,
-    audit_from_row,
-    key_from_row,
-    latest_execution,
-    webhook_from_row,
-)
+from convergence_server.storage.rows import latest_execution
 from convergence_server.storage.run_cache import CAPACITY, Lru
 from convergence_server.storage.shared_reads import SharedReads
 from convergence_server.storage.warehouse import STAGE_PREFIX
@@ -114,13 +102,13 @@ log = logging.getLogger(__name__)
 
 THREADS = 16
 ENDED = ("COMPLETE", "FAILED")
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 TYPICAL_RUN_SECONDS = 60.0
 
 
 class BigQueryStore:
     """The `Store` port on BigQuery. Runs, steps and data-quality results are served by
-    `bigquery_runs`, schedules by `bigquery_schedules`, both over the central dataset's
+    `bigquery_runs`, schedules by `bigquery_schedules`, tenants, keys, the audit log,
+    webhooks, plans and members by `bigquery_accounts`, all over the central dataset's
     tables and views of `bigquery_schema`."""
 
     kind = "bigquery"
@@ -229,208 +217,28 @@ class BigQueryStore:
 
         return await self._call(exists)
 
-    # -- tenants and keys -------------------------------------------------------------------
+    # -- tenants, keys, the audit log, webhooks, plans, members: `bigquery_accounts` -----
 
     async def get_tenant(self, tenant_id: str) -> TenantRecord | None:
-        rows = await self._call(
-            lambda: self._query(
-                "SELECT tenant_id, company_name, admin_email, subscription_plan, created_at, "
-                f"status FROM {self._t('tenant_profiles')} WHERE tenant_id = @t",
-                t=tenant_id,
-            )
-        )
-        return TenantRecord(*rows[0]) if rows else None
+        return await accounts.get_tenant(self._db, tenant_id)
 
     async def tenant_ids_equal_ignoring_case(self, tenant_id: str) -> list[str]:
-        rows = await self._call(
-            lambda: self._query(
-                f"SELECT tenant_id FROM {self._t('tenant_profiles')} "
-                "WHERE LOWER(tenant_id) = LOWER(@t)",
-                t=tenant_id,
-            )
-        )
-        return [row[0] for row in rows]
+        return await accounts.tenant_ids_equal_ignoring_case(self._db, tenant_id)
 
     async def create_tenant(
         self, tenant: TenantRecord, key: ApiKeyRecord, commit_by: float | None = None
     ) -> tuple[str, ...]:
-        """Creates the dataset (its name is the tenant's lock: a second creation fails),
-        its objects, then the tenant's rows in one transaction; undone on any failure."""
         dataset = self.dataset_of(tenant.tenant_id)
-        abandoned = threading.Event()
-
-        def create() -> tuple[str, ...]:
-            client = self._bq.client
-            try:
-                client.create_dataset(dataset, retry=RETRY)
-            except api_exceptions.Conflict as exc:
-                raise AlreadyExists(
-                    f"Tenant '{tenant.tenant_id}' or its dataset already exists"
-                ) from exc
-            try:
-                self._fill_dataset(dataset, tenant)
-                if abandoned.is_set():
-                    raise asyncio.CancelledError
-                if commit_by is not None and time.monotonic() > commit_by:
-                    raise DeadlineExceeded("The deadline passed before onboarding finished")
-                try:
-                    taken = self._tenant_rows(tenant, key)
-                except BaseException:
-                    # It may have committed before the failure reached us.
-                    self._delete_tenant(tenant, key)
-                    raise
-                if taken:
-                    raise AlreadyExists(f"Tenant '{tenant.tenant_id}' already exists")
-            except BaseException:
-                self._delete_tenant(tenant, key, rows=False)
-                raise
-            return schema.TENANT_DATASET_OBJECTS
-
-        task = asyncio.ensure_future(self._call(create))
-        try:
-            return await asyncio.shield(task)
-        except asyncio.CancelledError:
-            abandoned.set()
-            with contextlib.suppress(asyncio.CancelledError, AlreadyExists, DeadlineExceeded):
-                await task
-                # It committed before it could see the flag: undo it.
-                await self._call(lambda: self._delete_tenant(tenant, key))
-                log.warning("onboarding of %s abandoned after commit: undone", tenant.tenant_id)
-            raise
-
-    def _tenant_rows(self, tenant: TenantRecord, key: ApiKeyRecord) -> bool:
-        """Stores the tenant's profile, key and counters in one transaction, unless the
-        tenant id is taken; returns whether it was."""
-        rows = self._db.transaction(
-            f"""
-            DECLARE taken BOOL;
-            BEGIN TRANSACTION;
-            SET taken = EXISTS (SELECT 1 FROM {self._t("tenant_profiles")}
-                                WHERE tenant_id = @tenant_id);
-            IF NOT taken THEN
-              INSERT INTO {self._t("tenant_profiles")}
-                (tenant_id, company_name, admin_email, subscription_plan, status,
-                 created_at, updated_at)
-              VALUES (@tenant_id, @company_name, @admin_email, @plan, @status,
-                      @now, @now);
-              {self._insert_key_sql("k_")}
-              INSERT INTO {counters_table(self._db, tenant.tenant_id)}
-                (tenant_id, seq, active_runs, runs_day, runs_today, updated_at)
-              VALUES (@tenant_id, 0, 0, NULL, 0, @now);
-            END IF;
-            COMMIT TRANSACTION;
-            SELECT taken;
-            """,
-            {
-                "tenant_id": tenant.tenant_id,
-                "company_name": tenant.company_name,
-                "admin_email": tenant.admin_email,
-                "plan": tenant.subscription_plan,
-                "status": tenant.status,
-                "now": tenant.created_at,
-                **_key_params(key, "k_"),
-            },
-        )
-        return bool(rows[0][0])
-
-    def _fill_dataset(self, dataset: str, tenant: TenantRecord) -> None:
-        counters = replace(COUNTERS, name=f"{COUNTERS.name}_{tenant.tenant_id}")
-        self._query(create_table_sql(self.central, counters))
-        table = schema.ONBOARDING_VALIDATION_TEST
-        self._query(create_table_sql(dataset, table))
-        self._query(
-            f"INSERT INTO `{dataset}.{table.name}` (validation_id, tenant_id, validated_at, "
-            "message) VALUES (@id, @tenant_id, @now, @message)",
-            id=str(uuid.uuid4()),
-            tenant_id=tenant.tenant_id,
-            now=tenant.created_at,
-            message="Dataset writable: onboarding validation row written.",
-        )
-        quote_identifier(tenant.tenant_id)
-        self._query(schema.comprehensive_view_sql(dataset, self.central, tenant.tenant_id))
-
-    def _delete_tenant(self, tenant: TenantRecord, key: ApiKeyRecord, rows: bool = True) -> None:
-        """Removes what this onboarding created: its rows (told apart by the key and the
-        creation time) and, unless only the rows, the dataset."""
-        if rows:
-            self._db.transaction(
-                f"""
-                BEGIN TRANSACTION;
-                DELETE FROM {self._t("tenant_api_keys")} WHERE key_id = @key_id;
-                DELETE FROM {self._t("tenant_profiles")}
-                WHERE tenant_id = @tenant_id AND created_at = @now;
-                COMMIT TRANSACTION;
-                """,
-                {"tenant_id": tenant.tenant_id, "key_id": key.key_id, "now": tenant.created_at},
-            )
-        self._bq.client.delete_table(
-            counters_table(self._db, tenant.tenant_id).strip("`"), not_found_ok=True, retry=RETRY
-        )
-        self._bq.client.delete_dataset(
-            self.dataset_of(tenant.tenant_id), delete_contents=True, not_found_ok=True, retry=RETRY
-        )
+        return await accounts.create_tenant(self._db, dataset, tenant, key, commit_by)
 
     async def get_api_key(self, key_id: str) -> ApiKeyRecord | None:
-        rows = await self._call(
-            lambda: self._query(
-                f"SELECT {KEY_COLUMNS} FROM {self._t('tenant_api_keys')} WHERE key_id = @k",
-                k=key_id,
-            )
-        )
-        return key_from_row(rows[0]) if rows else None
-
-    # -- API keys and the audit log -----------------------------------------------------
-    #
-    # Keys are rows of `tenant_api_keys`, changed in place (revoked, rotated, last used):
-    # every UPDATE of them is conditional on the row's state, in SQL. A change and its audit
-    # row commit in one transaction; two changes of keys conflict (BigQuery detects it per
-    # table) and the loser runs again, seeing the winner's change. `changed_at` is set by
-    # BigQuery's clock, so that replicas comparing it with `changed_api_keys`' time never
-    # depend on their own clocks.
-
-    def _insert_key_sql(self, prefix: str) -> str:
-        """Inserts the key of the `_key_params` named with `prefix`."""
-        p = prefix
-        return f"""
-            INSERT INTO {self._t("tenant_api_keys")} ({KEY_COLUMNS}, changed_at)
-            VALUES (@{p}key_id, @{p}tenant_id, @{p}salt, @{p}key_hash, @{p}created_at, NULL,
-                    @{p}name, @{p}scope, @{p}created_by, @{p}expires_at, NULL, NULL,
-                    CURRENT_TIMESTAMP());"""
-
-    def _insert_audit_sql(self, prefix: str) -> str:
-        """Appends the audit rows of the `_audit_params` named with `prefix` (one array per
-        column: the statement's size and parameter count do not grow with the rows)."""
-        values = [
-            {
-                "event_time": f"TIMESTAMP_MICROS(CAST(@{prefix}event_time[OFFSET(i)] AS INT64))",
-                "event_count": f"CAST(@{prefix}event_count[OFFSET(i)] AS INT64)",
-            }.get(name, f"@{prefix}{name}[OFFSET(i)]")
-            for name in AUDIT_NAMES
-        ]
-        return f"""
-            INSERT INTO {self._t(schema.TENANT_AUDIT_LOG.name)} ({AUDIT_COLUMNS})
-            SELECT {", ".join(values)}
-            FROM UNNEST(@{prefix}event_id) AS event_id WITH OFFSET AS i;"""
+        return await accounts.get_api_key(self._db, key_id)
 
     async def list_api_keys(self, tenant_id: str) -> list[ApiKeyRecord]:
-        rows = await self._call(
-            lambda: self._query(
-                f"SELECT {KEY_COLUMNS} FROM {self._t('tenant_api_keys')} WHERE tenant_id = @t "
-                "ORDER BY created_at DESC, key_id DESC",
-                t=tenant_id,
-            )
-        )
-        return [key_from_row(row) for row in rows]
+        return await accounts.list_api_keys(self._db, tenant_id)
 
     async def create_api_key(self, key: ApiKeyRecord, audit: AuditRecord) -> None:
-        script = f"""
-            BEGIN TRANSACTION;
-            {self._insert_key_sql("k_")}
-            {self._insert_audit_sql("a_")}
-            COMMIT TRANSACTION;
-        """
-        params = {**_key_params(key, "k_"), **_audit_params([audit], "a_")}
-        await self._call(lambda: self._db.transaction(script, params))
+        await accounts.create_api_key(self._db, key, audit)
 
     async def revoke_api_key(
         self,
@@ -440,34 +248,7 @@ class BigQueryStore:
         audit: AuditRecord,
         keep_one: bool = True,
     ) -> ApiKeyRecord | None:
-        keys = self._t("tenant_api_keys")
-        another = f"""
-              AND EXISTS (SELECT 1 FROM {keys} AS other
-                          WHERE other.tenant_id = @tenant_id AND other.key_id != @key_id
-                            AND other.revoked_at IS NULL AND other.replaced_by IS NULL
-                            AND IFNULL(other.scope, 'FULL') != 'READ_ONLY'
-                            AND (other.expires_at IS NULL OR other.expires_at > @now))"""
-        script = f"""
-            DECLARE changed BOOL DEFAULT FALSE;
-            BEGIN TRANSACTION;
-            UPDATE {keys} SET revoked_at = @now, changed_at = CURRENT_TIMESTAMP()
-            WHERE key_id = @key_id AND tenant_id = @tenant_id AND revoked_at IS NULL
-              {another if keep_one else ""};
-            SET changed = @@row_count > 0;
-            IF changed THEN
-              {self._insert_audit_sql("a_")}
-            END IF;
-            COMMIT TRANSACTION;
-            SELECT {KEY_COLUMNS} FROM {keys} WHERE key_id = @key_id AND tenant_id = @tenant_id;
-        """
-        params = {
-            "key_id": key_id,
-            "tenant_id": tenant_id,
-            "now": now,
-            **_audit_params([audit], "a_"),
-        }
-        rows = await self._call(lambda: self._db.transaction(script, params))
-        return key_from_row(rows[0]) if rows else None
+        return await accounts.revoke_api_key(self._db, tenant_id, key_id, now, audit, keep_one)
 
     async def rotate_api_key(
         self,
@@ -477,217 +258,45 @@ class BigQueryStore:
         grace_until: datetime,
         audit: AuditRecord,
     ) -> ApiKeyRecord | None:
-        keys = self._t("tenant_api_keys")
-        script = f"""
-            DECLARE changed BOOL DEFAULT FALSE;
-            BEGIN TRANSACTION;
-            UPDATE {keys} SET replaced_by = @k_key_id, changed_at = CURRENT_TIMESTAMP(),
-              expires_at = LEAST(COALESCE(expires_at, @grace_until), @grace_until)
-            WHERE key_id = @key_id AND tenant_id = @tenant_id AND revoked_at IS NULL
-              AND replaced_by IS NULL AND (expires_at IS NULL OR expires_at > @k_created_at);
-            SET changed = @@row_count > 0;
-            IF changed THEN
-              {self._insert_key_sql("k_")}
-              {self._insert_audit_sql("a_")}
-            END IF;
-            COMMIT TRANSACTION;
-            SELECT {KEY_COLUMNS} FROM {keys} WHERE key_id = @key_id AND tenant_id = @tenant_id;
-        """
-        params = {
-            "key_id": key_id,
-            "tenant_id": tenant_id,
-            "grace_until": grace_until,
-            **_key_params(new_key, "k_"),
-            **_audit_params([audit], "a_"),
-        }
-        rows = await self._call(lambda: self._db.transaction(script, params))
-        return key_from_row(rows[0]) if rows else None
+        return await accounts.rotate_api_key(
+            self._db, tenant_id, key_id, new_key, grace_until, audit
+        )
 
     async def record_key_use(self, uses: dict[str, datetime]) -> None:
-        if not uses:
-            return
-        sql = (
-            f"UPDATE {self._t('tenant_api_keys')} AS k SET last_used_at = u.used_at "
-            "FROM (SELECT key_id, TIMESTAMP_MICROS(CAST(@times[OFFSET(i)] AS INT64)) AS used_at "
-            "FROM UNNEST(@ids) AS key_id WITH OFFSET AS i) AS u "
-            "WHERE k.key_id = u.key_id AND (k.last_used_at IS NULL OR k.last_used_at < u.used_at)"
-        )
-        params = {"ids": list(uses), "times": [str(_micros(t)) for t in uses.values()]}
-        # One statement, safe to run again: it conflicts with a key's change (the same
-        # table) and then waits its turn like one.
-        await self._call(lambda: self._db.transaction(sql, params))
+        await accounts.record_key_use(self._db, uses)
 
     async def changed_api_keys(self, since: datetime | None) -> tuple[list[str], datetime]:
-        if since is None:
-            rows = await self._call(lambda: self._query("SELECT CURRENT_TIMESTAMP()"))
-            return [], rows[0][0]
-        rows = await self._call(
-            lambda: self._query(
-                f"SELECT ARRAY(SELECT key_id FROM {self._t('tenant_api_keys')} "
-                "WHERE changed_at >= @since), CURRENT_TIMESTAMP()",
-                since=since,
-            )
-        )
-        return list(rows[0][0] or []), rows[0][1]
+        return await accounts.changed_api_keys(self._db, since)
 
     async def add_audit(self, records: list[AuditRecord]) -> None:
-        if records:
-            sql, params = self._insert_audit_sql(""), _audit_params(records, "")
-            await self._call(lambda: self._bq.query(sql, params))
+        await accounts.add_audit(self._db, records)
 
     async def list_audit(
         self, where: AuditFilter, after: tuple[datetime, str] | None, limit: int
     ) -> list[AuditRecord]:
-        conditions = ["tenant_id = @tenant_id"]
-        params: dict[str, Any] = {"tenant_id": where.tenant_id}
-        if where.events:
-            conditions.append("event IN UNNEST(@events)")
-            params["events"] = sorted(where.events)
-        if where.start is not None:
-            conditions.append("event_time >= @start")
-            params["start"] = where.start
-        if where.end is not None:
-            conditions.append("event_time < @end")
-            params["end"] = where.end
-        if after is not None:
-            conditions.append(
-                "(event_time < @after_at OR (event_time = @after_at AND event_id < @after_id))"
-            )
-            params.update(after_at=after[0], after_id=after[1])
-        sql = (
-            f"SELECT {AUDIT_COLUMNS} FROM {self._t(schema.TENANT_AUDIT_LOG.name)} "
-            f"WHERE {' AND '.join(conditions)} "
-            f"ORDER BY event_time DESC, event_id DESC LIMIT {int(limit)}"
-        )
-        rows = await self._call(lambda: self._bq.query(sql, params))
-        return [audit_from_row(r) for r in rows]
-
-    # -- webhooks ---------------------------------------------------------------------------
+        return await accounts.list_audit(self._db, where, after, limit)
 
     async def get_webhook(self, tenant_id: str) -> WebhookRecord | None:
-        rows = await self._call(
-            lambda: self._query(
-                f"SELECT {WEBHOOK_COLUMNS} FROM {self._t(schema.TENANT_WEBHOOKS.name)} "
-                "WHERE tenant_id = @t ORDER BY updated_at DESC, secret_id DESC LIMIT 1",
-                t=tenant_id,
-            )
-        )
-        found = webhook_from_row(rows[0]) if rows else None
-        return None if found is None or found.deleted else found
+        return await accounts.get_webhook(self._db, tenant_id)
 
     async def save_webhook(self, webhook: WebhookRecord, audit: AuditRecord) -> None:
-        script = f"""
-            BEGIN TRANSACTION;
-            INSERT INTO {self._t(schema.TENANT_WEBHOOKS.name)} ({WEBHOOK_COLUMNS})
-            VALUES (@w_tenant_id, @w_url, @w_secret_id, @w_updated_at, @w_updated_by,
-                    @w_deleted);
-            {self._insert_audit_sql("a_")}
-            COMMIT TRANSACTION;
-        """
-        values = typed(
-            schema.TENANT_WEBHOOKS,
-            {
-                "tenant_id": webhook.tenant_id,
-                "url": webhook.url,
-                "secret_id": webhook.secret_id,
-                "updated_at": webhook.updated_at,
-                "updated_by": webhook.updated_by or None,
-                "deleted": webhook.deleted,
-            },
-        )
-        params = {**{f"w_{k}": v for k, v in values.items()}, **_audit_params([audit], "a_")}
-        await self._call(lambda: self._db.transaction(script, params))
+        await accounts.save_webhook(self._db, webhook, audit)
 
     async def update_plan(
         self, tenant_id: str, plan: str, team_size: int, now: datetime
     ) -> int | None:
-        if await self.get_tenant(tenant_id) is None:  # nor its counters table
-            return None
-        # The counters row's UPDATE makes this and `admit_member` of the tenant conflict:
-        # on every server, the team counted here is the team the new plan applies to.
-        rows = await self._call(
-            lambda: self._db.transaction(
-                f"""
-                DECLARE team INT64;
-                DECLARE found BOOL;
-                BEGIN TRANSACTION;
-                UPDATE {counters_table(self._db, tenant_id)} SET seq = seq + 1, updated_at = @now
-                WHERE TRUE;
-                SET found = EXISTS (SELECT 1 FROM {self._t("tenant_profiles")}
-                                    WHERE tenant_id = @t);
-                SET team = (SELECT COUNT(*) FROM {self._t("tenant_members")}
-                            WHERE tenant_id = @t);
-                IF found AND team <= @team_size THEN
-                  UPDATE {self._t("tenant_profiles")} SET subscription_plan = @plan,
-                    updated_at = @now WHERE tenant_id = @t;
-                END IF;
-                COMMIT TRANSACTION;
-                SELECT found, team;
-                """,
-                {"plan": plan, "team_size": team_size, "now": now, "t": tenant_id},
-            )
-        )
-        return int(rows[0][1]) if rows[0][0] else None
-
-    # -- team members -----------------------------------------------------------------------
+        return await accounts.update_plan(self._db, tenant_id, plan, team_size, now)
 
     async def admit_member(
         self, tenant_id: str, user_id: str, plan: str, team_size: int, now: datetime
     ) -> MemberAdmission:
-        members = self._t("tenant_members")
-        rows = await self._call(
-            lambda: self._db.transaction(
-                f"""
-                DECLARE known INT64;
-                DECLARE total INT64;
-                DECLARE stored_plan STRING;
-                DECLARE added BOOL DEFAULT FALSE;
-                BEGIN TRANSACTION;
-                UPDATE {counters_table(self._db, tenant_id)} SET seq = seq + 1, updated_at = @now
-                WHERE TRUE;
-                SET known = (SELECT COUNT(*) FROM {members}
-                             WHERE tenant_id = @tenant_id AND user_id = @user_id);
-                SET total = (SELECT COUNT(*) FROM {members} WHERE tenant_id = @tenant_id);
-                SET stored_plan = (SELECT subscription_plan FROM {self._t("tenant_profiles")}
-                                   WHERE tenant_id = @tenant_id);
-                IF known = 0 AND total < @team_size AND stored_plan = @plan THEN
-                  INSERT INTO {members} (tenant_id, user_id, first_seen_at)
-                  VALUES (@tenant_id, @user_id, @now);
-                  SET known = 1;
-                  SET added = TRUE;
-                END IF;
-                COMMIT TRANSACTION;
-                SELECT known, added, stored_plan;
-                """,
-                {
-                    "tenant_id": tenant_id,
-                    "user_id": user_id,
-                    "plan": plan,
-                    "team_size": team_size,
-                    "now": now,
-                },
-            )
-        )
-        return MemberAdmission(bool(rows[0][0]), bool(rows[0][1]), rows[0][2] or "")
+        return await accounts.admit_member(self._db, tenant_id, user_id, plan, team_size, now)
 
     async def list_members(self, tenant_id: str) -> list[MemberRecord]:
-        rows = await self._call(
-            lambda: self._query(
-                "SELECT tenant_id, user_id, first_seen_at "
-                f"FROM {self._t('tenant_members')} WHERE tenant_id = @t ORDER BY user_id",
-                t=tenant_id,
-            )
-        )
-        return [MemberRecord(*row) for row in rows]
+        return await accounts.list_members(self._db, tenant_id)
 
     async def remove_member(self, tenant_id: str, user_id: str) -> bool:
-        changed = await self._call(
-            lambda: self._bq.execute(
-                f"DELETE FROM {self._t('tenant_members')} WHERE tenant_id = @t AND user_id = @u",
-                {"t": tenant_id, "u": user_id},
-            )
-        )
-        return changed > 0
+        return await accounts.remove_member(self._db, tenant_id, user_id)
 
     # -- schedules --------------------------------------------------------------------------
 
@@ -1002,48 +611,3 @@ class _Steps:
     writing: set[str] = field(default_factory=set)
     written: dict[str, StepRecord] = field(default_factory=dict)
     earlier: list[StepRecord] | None = None
-
-
-def _micros(moment: datetime) -> int:
-    """Microseconds since the epoch (a TIMESTAMP passed in an array of strings)."""
-    return (moment - EPOCH) // timedelta(microseconds=1)
-
-
-def _key_params(key: ApiKeyRecord, prefix: str) -> dict[str, Any]:
-    """The key's columns as the parameters of `_insert_key_sql`."""
-    values = typed(
-        schema.TENANT_API_KEYS,
-        {
-            "key_id": key.key_id,
-            "tenant_id": key.tenant_id,
-            "salt": key.salt,
-            "key_hash": key.key_hash,
-            "created_at": key.created_at,
-            "name": key.name,
-            "scope": key.scope,
-            "created_by": key.created_by,
-            "expires_at": key.expires_at,
-        },
-    )
-    return {f"{prefix}{name}": value for name, value in values.items()}
-
-
-def _audit_params(records: Sequence[AuditRecord], prefix: str) -> dict[str, Any]:
-    """The rows as the parameters of `_insert_audit_sql`: an array of strings per column."""
-    columns: dict[str, list[str]] = {name: [] for name in AUDIT_NAMES}
-    for r in records:
-        for name, value in (
-            ("event_id", r.event_id),
-            ("tenant_id", r.tenant_id),
-            ("event_time", str(_micros(r.event_time))),
-            ("event", r.event),
-            ("actor_key_id", r.actor_key_id),
-            ("actor_user_id", r.actor_user_id),
-            ("target", r.target),
-            ("detail", r.detail),
-            ("request_id", r.request_id),
-            ("client_address", r.client_address),
-            ("event_count", str(int(r.count))),
-        ):
-            columns[name].append(value)
-    return {f"{prefix}{name}": values for name, values in columns.items()}
