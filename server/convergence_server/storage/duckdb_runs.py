@@ -66,6 +66,20 @@ _RUN_TYPES = {c.name: DUCKDB_TYPES[c.type] for c in schema.TENANT_PIPELINE_RUNS.
 _RUN_NAMES = RUN_COLUMNS.split(", ")
 
 
+def create_table_sql(dataset: str, table: schema.Table) -> str:
+    """The table (`schema`), created in `dataset` if it is not there."""
+    columns = [
+        f"{quote_identifier(c.name)} {DUCKDB_TYPES[c.type]}{' NOT NULL' if c.required else ''}"
+        for c in table.columns
+    ]
+    if table.primary_key:
+        columns.append(f"PRIMARY KEY ({', '.join(map(quote_identifier, table.primary_key))})")
+    return (
+        f"CREATE TABLE IF NOT EXISTS {quote_identifier(dataset)}.{quote_identifier(table.name)} "
+        f"({', '.join(columns)})"
+    )
+
+
 def rollback(cur: duckdb.DuckDBPyConnection) -> None:
     """Rolls back the open transaction, if any: a commit that failed (a full disk) has
     already ended it, and that failure, not this one, is what the caller must see."""

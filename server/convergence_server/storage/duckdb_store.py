@@ -24,11 +24,12 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, date, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import duckdb
 
 from convergence_server.errors import AlreadyExists, DeadlineExceeded, Unavailable
+from convergence_server.storage import duckdb_accounts as accounts
 from convergence_server.storage import duckdb_runs as runs
 from convergence_server.storage import duckdb_schedules as schedules
 from convergence_server.storage import schema
@@ -60,27 +61,13 @@ from convergence_server.storage.records import (
     TenantUsage,
     WebhookRecord,
 )
-from convergence_server.storage.rows import (
-    AUDIT_COLUMNS,
-    KEY_COLUMNS,
-    WEBHOOK_COLUMNS,
-    audit_from_row,
-    key_from_row,
-    latest_execution,
-    webhook_from_row,
-)
+from convergence_server.storage.rows import latest_execution
 from convergence_server.storage.run_cache import RunCache
-from convergence_server.storage.sql import to_duckdb
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 CENTRAL = quote_identifier(schema.CENTRAL_DATASET)
-MEMBERS = f"{CENTRAL}.tenant_members"
-KEYS = f"{CENTRAL}.tenant_api_keys"
-AUDIT = f"{CENTRAL}.tenant_audit_log"
-WEBHOOKS = f"{CENTRAL}.tenant_webhooks"
-_KEY_SELECT = f"SELECT {KEY_COLUMNS} FROM {KEYS}"
 WORKER_THREADS = 4
 # DuckDB folds its write-ahead log into the database file (a checkpoint) once the log is
 # this large. Its default, 16 MB, made nearly every publication of a day of cost rows pay a
@@ -126,34 +113,8 @@ def _invalidated(exc: BaseException) -> bool:
     return isinstance(exc, duckdb.FatalException) or "database has been invalidated" in str(exc)
 
 
-def _utc_naive(moment: datetime) -> datetime:
-    return moment.astimezone(UTC).replace(tzinfo=None)
-
-
 def _aware(moment: datetime | None) -> datetime | None:
     return None if moment is None else moment.replace(tzinfo=UTC)
-
-
-def create_table_sql(dataset: str, table: schema.Table) -> str:
-    columns = [
-        f"{quote_identifier(c.name)} {runs.DUCKDB_TYPES[c.type]}{' NOT NULL' if c.required else ''}"
-        for c in table.columns
-    ]
-    if table.primary_key:
-        columns.append(f"PRIMARY KEY ({', '.join(map(quote_identifier, table.primary_key))})")
-    return (
-        f"CREATE TABLE IF NOT EXISTS {quote_identifier(dataset)}.{quote_identifier(table.name)} "
-        f"({', '.join(columns)})"
-    )
-
-
-def comprehensive_view_sql(tenant_id: str) -> str:
-    """The tenant's comprehensive view (`schema.comprehensive_view_sql`), in DuckDB SQL."""
-    quote_identifier(tenant_id)
-    (statement,) = to_duckdb(
-        schema.comprehensive_view_sql(tenant_id, schema.CENTRAL_DATASET, tenant_id)
-    )
-    return statement
 
 
 def cursor_of(connection: duckdb.DuckDBPyConnection) -> duckdb.DuckDBPyConnection:
@@ -162,10 +123,6 @@ def cursor_of(connection: duckdb.DuckDBPyConnection) -> duckdb.DuckDBPyConnectio
     cursor = connection.cursor()
     cursor.execute(f"USE {STORE}")
     return cursor
-
-
-class _Abandoned(Exception):
-    """The caller of a transaction went away before it committed."""
 
 
 def _first_try(known: RunRecord | None) -> Callable[[], RunRecord | None]:
@@ -370,7 +327,7 @@ class DuckDBStore:
             if migration.version <= applied:
                 continue
             for table in migration.creates:
-                cur.execute(create_table_sql(schema.CENTRAL_DATASET, table))
+                cur.execute(runs.create_table_sql(schema.CENTRAL_DATASET, table))
             for table, names in migration.adds:
                 columns = {c.name: c for c in table.columns}
                 for name in names:
@@ -381,7 +338,7 @@ class DuckDBStore:
                     )
             cur.execute(
                 f"INSERT INTO {CENTRAL}.schema_migrations VALUES (?, ?, ?)",
-                [migration.version, migration.description, _utc_naive(datetime.now(UTC))],
+                [migration.version, migration.description, datetime.now(UTC).replace(tzinfo=None)],
             )
         cur.execute(f"CREATE TABLE IF NOT EXISTS {PROBE} (probe_id VARCHAR, payload VARCHAR)")
         cur.commit()
@@ -438,137 +395,49 @@ class DuckDBStore:
 
         return await self._call(query)
 
-    async def get_tenant(self, tenant_id: str) -> TenantRecord | None:
-        def query(cur: duckdb.DuckDBPyConnection) -> TenantRecord | None:
-            row = cur.execute(
-                "SELECT tenant_id, company_name, admin_email, subscription_plan, created_at, "
-                f"status FROM {CENTRAL}.tenant_profiles WHERE tenant_id = ?",
-                [tenant_id],
-            ).fetchone()
-            if row is None:
-                return None
-            return TenantRecord(row[0], row[1], row[2], row[3], row[4].replace(tzinfo=UTC), row[5])
+    # -- tenants, keys, the audit log: `duckdb_accounts` ------------------------------------
 
-        return await self._call(query)
+    async def get_tenant(self, tenant_id: str) -> TenantRecord | None:
+        return await self._call(lambda cur: accounts.get_tenant(cur, tenant_id))
 
     async def tenant_ids_equal_ignoring_case(self, tenant_id: str) -> list[str]:
-        def query(cur: duckdb.DuckDBPyConnection) -> list[str]:
-            rows = cur.execute(
-                f"SELECT tenant_id FROM {CENTRAL}.tenant_profiles "
-                "WHERE lower(tenant_id) = lower(?)",
-                [tenant_id],
-            ).fetchall()
-            return [row[0] for row in rows]
-
-        return await self._call(query)
+        return await self._call(lambda cur: accounts.tenant_ids_equal_ignoring_case(cur, tenant_id))
 
     async def create_tenant(
         self, tenant: TenantRecord, key: ApiKeyRecord, commit_by: float | None = None
     ) -> tuple[str, ...]:
-        dataset = quote_identifier(tenant.tenant_id)
-        now = _utc_naive(tenant.created_at)
         # Set when the caller stops waiting (deadline, disconnect, shutdown): the worker
         # thread then rolls back instead of committing a tenant whose key nobody received.
         abandoned = threading.Event()
 
         def create(cur: duckdb.DuckDBPyConnection) -> tuple[str, ...]:
             with self._ddl_lock:
-                cur.begin()
-                try:
-                    cur.execute(
-                        f"INSERT INTO {CENTRAL}.tenant_profiles VALUES (?, ?, ?, ?, ?, ?, ?)",
-                        [
-                            tenant.tenant_id,
-                            tenant.company_name,
-                            tenant.admin_email,
-                            tenant.subscription_plan,
-                            tenant.status,
-                            now,
-                            now,
-                        ],
-                    )
-                    _insert_key(cur, key)
-                    cur.execute(f"CREATE SCHEMA {dataset}")
-                    cur.execute(
-                        create_table_sql(tenant.tenant_id, schema.ONBOARDING_VALIDATION_TEST)
-                    )
-                    cur.execute(
-                        f"INSERT INTO {dataset}.{schema.ONBOARDING_VALIDATION_TEST.name} "
-                        "VALUES (?, ?, ?, ?)",
-                        [
-                            str(uuid.uuid4()),
-                            tenant.tenant_id,
-                            now,
-                            "Dataset writable: onboarding validation row written.",
-                        ],
-                    )
-                    cur.execute(comprehensive_view_sql(tenant.tenant_id))
-                    if abandoned.is_set():
-                        raise _Abandoned
-                    if commit_by is not None and time.monotonic() > commit_by:
-                        raise DeadlineExceeded("The deadline passed before onboarding finished")
-                    cur.commit()
-                except (duckdb.ConstraintException, duckdb.CatalogException) as exc:
-                    runs.rollback(cur)
-                    if "already exists" in str(exc) or "Duplicate key" in str(exc):
-                        raise AlreadyExists(
-                            f"Tenant '{tenant.tenant_id}' or its dataset already exists"
-                        ) from exc
-                    raise
-                except BaseException:
-                    runs.rollback(cur)
-                    raise
-            return schema.TENANT_DATASET_OBJECTS
+                return accounts.create_tenant(cur, tenant, key, abandoned, commit_by)
+
+        def delete(cur: duckdb.DuckDBPyConnection) -> None:
+            with self._ddl_lock:
+                accounts.delete_tenant(cur, tenant.tenant_id)
 
         future = self._submit(create)
         try:
             return await asyncio.shield(future)
         except asyncio.CancelledError:
             abandoned.set()
-            with contextlib.suppress(_Abandoned, AlreadyExists, DeadlineExceeded):
+            with contextlib.suppress(accounts.Abandoned, AlreadyExists, DeadlineExceeded):
                 await future
                 # It committed before it could see the flag: undo it.
-                await self._call(lambda cur: self._delete_tenant(cur, tenant.tenant_id))
+                await self._call(delete)
                 log.warning("onboarding of %s abandoned after commit: undone", tenant.tenant_id)
             raise
 
-    def _delete_tenant(self, cur: duckdb.DuckDBPyConnection, tenant_id: str) -> None:
-        with self._ddl_lock:
-            cur.begin()
-            cur.execute(f"DELETE FROM {CENTRAL}.tenant_api_keys WHERE tenant_id = ?", [tenant_id])
-            cur.execute(f"DELETE FROM {CENTRAL}.tenant_profiles WHERE tenant_id = ?", [tenant_id])
-            cur.execute(f"DROP SCHEMA IF EXISTS {quote_identifier(tenant_id)} CASCADE")
-            cur.commit()
-
     async def get_api_key(self, key_id: str) -> ApiKeyRecord | None:
-        def query(cur: duckdb.DuckDBPyConnection) -> ApiKeyRecord | None:
-            row = cur.execute(f"{_KEY_SELECT} WHERE key_id = ?", [key_id]).fetchone()
-            return None if row is None else key_from_row(row)
-
-        return await self._call(query)
+        return await self._call(lambda cur: accounts.get_api_key(cur, key_id))
 
     async def list_api_keys(self, tenant_id: str) -> list[ApiKeyRecord]:
-        def query(cur: duckdb.DuckDBPyConnection) -> list[ApiKeyRecord]:
-            rows = cur.execute(
-                f"{_KEY_SELECT} WHERE tenant_id = ? ORDER BY created_at DESC, key_id DESC",
-                [tenant_id],
-            ).fetchall()
-            return [key_from_row(row) for row in rows]
-
-        return await self._call(query)
+        return await self._call(lambda cur: accounts.list_api_keys(cur, tenant_id))
 
     async def create_api_key(self, key: ApiKeyRecord, audit: AuditRecord) -> None:
-        def create(cur: duckdb.DuckDBPyConnection) -> None:
-            cur.begin()
-            try:
-                _insert_key(cur, key)
-                _insert_audit(cur, [audit])
-                cur.commit()
-            except BaseException:
-                runs.rollback(cur)
-                raise
-
-        await self._call(create)
+        await self._call(lambda cur: accounts.create_api_key(cur, key, audit))
 
     async def revoke_api_key(
         self,
@@ -578,23 +447,11 @@ class DuckDBStore:
         audit: AuditRecord,
         keep_one: bool = True,
     ) -> ApiKeyRecord | None:
-        another = (
-            f"AND EXISTS (SELECT 1 FROM {KEYS} AS other WHERE other.tenant_id = $tenant "
-            "AND other.key_id <> $key AND other.revoked_at IS NULL "
-            "AND other.replaced_by IS NULL AND other.scope IS DISTINCT FROM 'READ_ONLY' "
-            "AND (other.expires_at IS NULL OR other.expires_at > $now)) "
-        )
-        statement = (
-            f"UPDATE {KEYS} SET revoked_at = $now, changed_at = $now "
-            "WHERE key_id = $key AND tenant_id = $tenant AND revoked_at IS NULL "
-            f"{another if keep_one else ''}"
-        )
-        params = {"now": _utc_naive(now), "key": key_id, "tenant": tenant_id}
         # One key change per tenant at a time: two revokes of its last two FULL keys must
         # not both see the other one still active (DuckDB conflicts only on the same row).
         async with self._tenant_turns.get(tenant_id):
             return await self._call(
-                lambda cur: _change_key(cur, statement, params, lambda: _insert_audit(cur, [audit]))
+                lambda cur: accounts.revoke_api_key(cur, tenant_id, key_id, now, audit, keep_one)
             )
 
     async def rotate_api_key(
@@ -605,43 +462,16 @@ class DuckDBStore:
         grace_until: datetime,
         audit: AuditRecord,
     ) -> ApiKeyRecord | None:
-        statement = (
-            f"UPDATE {KEYS} SET replaced_by = $new, changed_at = $now, "
-            "expires_at = LEAST(COALESCE(expires_at, $grace), $grace) "
-            "WHERE key_id = $key AND tenant_id = $tenant AND revoked_at IS NULL "
-            "AND replaced_by IS NULL AND (expires_at IS NULL OR expires_at > $now)"
-        )
-        params = {
-            "new": new_key.key_id,
-            "now": _utc_naive(new_key.created_at),
-            "grace": _utc_naive(grace_until),
-            "key": key_id,
-            "tenant": tenant_id,
-        }
-
-        def then(cur: duckdb.DuckDBPyConnection) -> None:
-            _insert_key(cur, new_key)
-            _insert_audit(cur, [audit])
-
         async with self._tenant_turns.get(tenant_id):
             return await self._call(
-                lambda cur: _change_key(cur, statement, params, functools.partial(then, cur))
+                lambda cur: accounts.rotate_api_key(
+                    cur, tenant_id, key_id, new_key, grace_until, audit
+                )
             )
 
     async def record_key_use(self, uses: dict[str, datetime]) -> None:
-        if not uses:
-            return
-
-        def record(cur: duckdb.DuckDBPyConnection) -> None:
-            cur.execute(
-                f"UPDATE {KEYS} AS k SET last_used_at = u.used_at "
-                "FROM (SELECT UNNEST($ids) AS key_id, UNNEST($times) AS used_at) AS u "
-                "WHERE k.key_id = u.key_id "
-                "AND (k.last_used_at IS NULL OR k.last_used_at < u.used_at)",
-                {"ids": list(uses), "times": [_utc_naive(t) for t in uses.values()]},
-            )
-
-        await self._call(record)
+        if uses:
+            await self._call(lambda cur: accounts.record_key_use(cur, uses))
 
     async def changed_api_keys(self, since: datetime | None) -> tuple[list[str], datetime]:
         # One process owns the file: its own changes reach its cache directly.
@@ -649,34 +479,12 @@ class DuckDBStore:
 
     async def add_audit(self, records: list[AuditRecord]) -> None:
         if records:
-            await self._call(lambda cur: _insert_audit(cur, records))
+            await self._call(lambda cur: accounts.add_audit(cur, records))
 
     async def list_audit(
         self, where: AuditFilter, after: tuple[datetime, str] | None, limit: int
     ) -> list[AuditRecord]:
-        clauses, params = ["tenant_id = $tenant"], {"tenant": where.tenant_id, "limit": limit}
-        if where.events:
-            clauses.append("list_contains($events, event)")
-            params["events"] = sorted(where.events)
-        if where.start is not None:
-            clauses.append("event_time >= $start")
-            params["start"] = _utc_naive(where.start)
-        if where.end is not None:
-            clauses.append("event_time < $end")
-            params["end"] = _utc_naive(where.end)
-        if after is not None:
-            clauses.append("(event_time, event_id) < ($after_time, $after_id)")
-            params["after_time"], params["after_id"] = _utc_naive(after[0]), after[1]
-
-        def query(cur: duckdb.DuckDBPyConnection) -> list[AuditRecord]:
-            rows = cur.execute(
-                f"SELECT {AUDIT_COLUMNS} FROM {AUDIT} WHERE {' AND '.join(clauses)} "
-                "ORDER BY event_time DESC, event_id DESC LIMIT $limit",
-                params,
-            ).fetchall()
-            return [audit_from_row(r) for r in rows]
-
-        return await self._call(query)
+        return await self._call(lambda cur: accounts.list_audit(cur, where, after, limit))
 
     # -- runs ----------------------------------------------------------------------------
 
@@ -757,118 +565,42 @@ class DuckDBStore:
         def read(cur: duckdb.DuckDBPyConnection) -> TenantUsage:
             active = runs.active_runs(cur, tenant_id) if known is None else known
             team = cur.execute(
-                f"SELECT COUNT(*) FROM {MEMBERS} WHERE tenant_id = ?", [tenant_id]
+                f"SELECT COUNT(*) FROM {accounts.MEMBERS} WHERE tenant_id = ?", [tenant_id]
             ).fetchone()
             return TenantUsage(runs.get_usage(cur, tenant_id, day), active, team[0] if team else 0)
 
         return await self._call(read)
 
-    # -- webhooks ---------------------------------------------------------------------------
+    # -- webhooks, plans and members: `duckdb_accounts` -------------------------------------
 
     async def get_webhook(self, tenant_id: str) -> WebhookRecord | None:
-        def query(cur: duckdb.DuckDBPyConnection) -> WebhookRecord | None:
-            row = cur.execute(
-                f"SELECT {WEBHOOK_COLUMNS} FROM {WEBHOOKS} WHERE tenant_id = ? "
-                "ORDER BY updated_at DESC, secret_id DESC LIMIT 1",
-                [tenant_id],
-            ).fetchone()
-            found = webhook_from_row(row) if row else None
-            return None if found is None or found.deleted else found
-
-        return await self._call(query)
+        return await self._call(lambda cur: accounts.get_webhook(cur, tenant_id))
 
     async def save_webhook(self, webhook: WebhookRecord, audit: AuditRecord) -> None:
-        def save(cur: duckdb.DuckDBPyConnection) -> None:
-            cur.begin()
-            try:
-                cur.execute(
-                    f"INSERT INTO {WEBHOOKS} ({WEBHOOK_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
-                    [
-                        webhook.tenant_id,
-                        webhook.url,
-                        webhook.secret_id,
-                        _utc_naive(webhook.updated_at),
-                        webhook.updated_by or None,
-                        webhook.deleted,
-                    ],
-                )
-                _insert_audit(cur, [audit])
-                cur.commit()
-            except BaseException:
-                runs.rollback(cur)
-                raise
-
-        await self._call(save)
+        await self._call(lambda cur: accounts.save_webhook(cur, webhook, audit))
 
     async def update_plan(
         self, tenant_id: str, plan: str, team_size: int, now: datetime
     ) -> int | None:
-        def update(cur: duckdb.DuckDBPyConnection) -> int | None:
-            row = cur.execute(
-                f"SELECT (SELECT COUNT(*) FROM {MEMBERS} WHERE tenant_id = $t) "
-                f"FROM {CENTRAL}.tenant_profiles WHERE tenant_id = $t",
-                {"t": tenant_id},
-            ).fetchone()
-            if row is None:
-                return None
-            if row[0] <= team_size:
-                cur.execute(
-                    f"UPDATE {CENTRAL}.tenant_profiles SET subscription_plan = ?, updated_at = ? "
-                    "WHERE tenant_id = ?",
-                    [plan, _utc_naive(now), tenant_id],
-                )
-            return int(row[0])
-
         # In the tenant's turn, as admissions are: no member joins while the team is counted.
         async with self._tenant_turns.get(tenant_id):
-            return await self._call(update)
+            return await self._call(
+                lambda cur: accounts.update_plan(cur, tenant_id, plan, team_size, now)
+            )
 
     async def admit_member(
         self, tenant_id: str, user_id: str, plan: str, team_size: int, now: datetime
     ) -> MemberAdmission:
-        def admit(cur: duckdb.DuckDBPyConnection) -> MemberAdmission:
-            known, team, current = cur.execute(
-                f"SELECT COUNT(*) FILTER (WHERE user_id = $u), COUNT(*), "
-                f"(SELECT subscription_plan FROM {CENTRAL}.tenant_profiles WHERE tenant_id = $t) "
-                f"FROM {MEMBERS} WHERE tenant_id = $t",
-                {"u": user_id, "t": tenant_id},
-            ).fetchone() or (0, 0, None)
-            current = current or ""
-            if known:
-                return MemberAdmission(True, False, current)
-            if team >= team_size or current != plan:
-                return MemberAdmission(False, False, current)
-            cur.execute(
-                f"INSERT INTO {MEMBERS} VALUES (?, ?, ?)",
-                [tenant_id, user_id, _utc_naive(now)],
-            )
-            return MemberAdmission(True, True, current)
-
         async with self._tenant_turns.get(tenant_id):
-            return await self._call(admit)
+            return await self._call(
+                lambda cur: accounts.admit_member(cur, tenant_id, user_id, plan, team_size, now)
+            )
 
     async def list_members(self, tenant_id: str) -> list[MemberRecord]:
-        def members(cur: duckdb.DuckDBPyConnection) -> list[MemberRecord]:
-            rows = cur.execute(
-                f"SELECT tenant_id, user_id, first_seen_at FROM {MEMBERS} WHERE tenant_id = ? "
-                "ORDER BY user_id",
-                [tenant_id],
-            ).fetchall()
-            return [MemberRecord(r[0], r[1], r[2].replace(tzinfo=UTC)) for r in rows]
-
-        return await self._call(members)
+        return await self._call(lambda cur: accounts.list_members(cur, tenant_id))
 
     async def remove_member(self, tenant_id: str, user_id: str) -> bool:
-        def remove(cur: duckdb.DuckDBPyConnection) -> bool:
-            return bool(
-                runs.changed(
-                    cur,
-                    f"DELETE FROM {MEMBERS} WHERE tenant_id = ? AND user_id = ?",
-                    [tenant_id, user_id],
-                )
-            )
-
-        return await self._call(remove)
+        return await self._call(lambda cur: accounts.remove_member(cur, tenant_id, user_id))
 
     # -- schedules --------------------------------------------------------------------------
 
@@ -1110,68 +842,3 @@ class DuckDBStore:
 
         # Off the event loop: a thread still busy must not stall the server's bounded stop.
         await asyncio.to_thread(close)
-
-
-def _change_key(
-    cur: duckdb.DuckDBPyConnection,
-    statement: str,
-    params: dict[str, Any],
-    then: Callable[[], None],
-) -> ApiKeyRecord | None:
-    """Runs a conditional UPDATE of one key (`$key`, `$tenant`) and, if it changed the key,
-    `then`, in one transaction; returns the key as stored after."""
-    cur.begin()
-    try:
-        if runs.changed(cur, statement, params):
-            then()
-        row = cur.execute(
-            f"{_KEY_SELECT} WHERE key_id = ? AND tenant_id = ?", [params["key"], params["tenant"]]
-        ).fetchone()
-        cur.commit()
-    except BaseException:
-        runs.rollback(cur)
-        raise
-    return None if row is None else key_from_row(row)
-
-
-def _insert_key(cur: duckdb.DuckDBPyConnection, key: ApiKeyRecord) -> None:
-    cur.execute(
-        f"INSERT INTO {KEYS} ({KEY_COLUMNS}, changed_at) "
-        "VALUES (?, ?, ?, ?, ?, NULL, ?, ?, ?, ?, NULL, NULL, ?)",
-        [
-            key.key_id,
-            key.tenant_id,
-            key.salt,
-            key.key_hash,
-            _utc_naive(key.created_at),
-            key.name,
-            key.scope,
-            key.created_by,
-            None if key.expires_at is None else _utc_naive(key.expires_at),
-            _utc_naive(key.created_at),
-        ],
-    )
-
-
-def _insert_audit(cur: duckdb.DuckDBPyConnection, records: Sequence[AuditRecord]) -> None:
-    runs.insert_rows(
-        cur,
-        AUDIT,
-        AUDIT_COLUMNS,
-        [
-            [
-                r.event_id,
-                r.tenant_id,
-                _utc_naive(r.event_time),
-                r.event,
-                r.actor_key_id,
-                r.actor_user_id,
-                r.target,
-                r.detail,
-                r.request_id,
-                r.client_address,
-                r.count,
-            ]
-            for r in records
-        ],
-    )
