@@ -4,9 +4,9 @@ store (a part of BigQueryStore).
 A tenant's onboarding creates its dataset first (the dataset's name is the tenant's lock),
 then its objects, then its rows in one transaction, and undoes all of it on any failure.
 Keys are rows changed in place under conditions written in SQL (see below); a change of
-keys, a webhook's new settings and a plan change each commit with their audit row. A plan
-change and a member's admission both update the tenant's counters row, so on every server
-the team a plan is checked against is the team it applies to.
+keys and a webhook's new settings each commit with their audit row. A plan change and a
+member's admission both update the tenant's counters row, so on every server the team a
+plan is checked against is the team it applies to.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """Tenants, API keys, the audit log, webhooks, plans and team members in the embedded store
 (a part of DuckDBStore): each function runs its statements on the cursor it is given, on
 one of the store's threads. The store decides which calls take turns: a tenant's key
-changes, plan changes and member admissions take the tenant's turn, as its admissions do
-(DuckDB conflicts only on the same row, so two revokes of a tenant's last two keys would
-not see each other otherwise), and DDL takes the store's DDL lock.
+revocations and rotations, plan changes and member admissions take the tenant's turn, as
+its admissions do (DuckDB conflicts only on the same row, so two revokes of a tenant's
+last two keys would not see each other otherwise), and DDL takes the store's DDL lock.
 """
 
 from __future__ import annotations

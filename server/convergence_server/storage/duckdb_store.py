@@ -113,10 +113,6 @@ def _invalidated(exc: BaseException) -> bool:
     return isinstance(exc, duckdb.FatalException) or "database has been invalidated" in str(exc)
 
 
-def _aware(moment: datetime | None) -> datetime | None:
-    return None if moment is None else moment.replace(tzinfo=UTC)
-
-
 def cursor_of(connection: duckdb.DuckDBPyConnection) -> duckdb.DuckDBPyConnection:
     """A new cursor whose unqualified names are in the store's database file (a cursor
     starts in DuckDB's in-memory database)."""
