@@ -18,7 +18,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from google.api_core import exceptions as api_exceptions
@@ -42,15 +42,13 @@ from convergence_server.storage.records import (
 from convergence_server.storage.rows import (
     AUDIT_COLUMNS,
     AUDIT_NAMES,
+    EPOCH,
     KEY_COLUMNS,
     WEBHOOK_COLUMNS,
     audit_from_row,
     key_from_row,
     webhook_from_row,
 )
-
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
 
 # -- tenants ----------------------------------------------------------------------------
 
@@ -286,27 +284,12 @@ async def revoke_api_key(
                         AND other.revoked_at IS NULL AND other.replaced_by IS NULL
                         AND IFNULL(other.scope, 'FULL') != 'READ_ONLY'
                         AND (other.expires_at IS NULL OR other.expires_at > @now))"""
-    script = f"""
-        DECLARE changed BOOL DEFAULT FALSE;
-        BEGIN TRANSACTION;
+    update = f"""
         UPDATE {keys} SET revoked_at = @now, changed_at = CURRENT_TIMESTAMP()
         WHERE key_id = @key_id AND tenant_id = @tenant_id AND revoked_at IS NULL
-          {another if keep_one else ""};
-        SET changed = @@row_count > 0;
-        IF changed THEN
-          {_insert_audit_sql(db, "a_")}
-        END IF;
-        COMMIT TRANSACTION;
-        SELECT {KEY_COLUMNS} FROM {keys} WHERE key_id = @key_id AND tenant_id = @tenant_id;
-    """
-    params = {
-        "key_id": key_id,
-        "tenant_id": tenant_id,
-        "now": now,
-        **_audit_params([audit], "a_"),
-    }
-    rows = await db.call(lambda: db.transaction(script, params))
-    return key_from_row(rows[0]) if rows else None
+          {another if keep_one else ""};"""
+    params = {"now": now, **_audit_params([audit], "a_")}
+    return await _change_key(db, tenant_id, key_id, update, _insert_audit_sql(db, "a_"), params)
 
 
 async def rotate_api_key(
@@ -317,30 +300,40 @@ async def rotate_api_key(
     grace_until: datetime,
     audit: AuditRecord,
 ) -> ApiKeyRecord | None:
-    keys = db.table("tenant_api_keys")
-    script = f"""
-        DECLARE changed BOOL DEFAULT FALSE;
-        BEGIN TRANSACTION;
-        UPDATE {keys} SET replaced_by = @k_key_id, changed_at = CURRENT_TIMESTAMP(),
+    update = f"""
+        UPDATE {db.table("tenant_api_keys")} SET replaced_by = @k_key_id,
+          changed_at = CURRENT_TIMESTAMP(),
           expires_at = LEAST(COALESCE(expires_at, @grace_until), @grace_until)
         WHERE key_id = @key_id AND tenant_id = @tenant_id AND revoked_at IS NULL
-          AND replaced_by IS NULL AND (expires_at IS NULL OR expires_at > @k_created_at);
-        SET changed = @@row_count > 0;
-        IF changed THEN
-          {_insert_key_sql(db, "k_")}
-          {_insert_audit_sql(db, "a_")}
-        END IF;
-        COMMIT TRANSACTION;
-        SELECT {KEY_COLUMNS} FROM {keys} WHERE key_id = @key_id AND tenant_id = @tenant_id;
-    """
+          AND replaced_by IS NULL AND (expires_at IS NULL OR expires_at > @k_created_at);"""
+    then = _insert_key_sql(db, "k_") + _insert_audit_sql(db, "a_")
     params = {
-        "key_id": key_id,
-        "tenant_id": tenant_id,
         "grace_until": grace_until,
         **_key_params(new_key, "k_"),
         **_audit_params([audit], "a_"),
     }
-    rows = await db.call(lambda: db.transaction(script, params))
+    return await _change_key(db, tenant_id, key_id, update, then, params)
+
+
+async def _change_key(
+    db: Central, tenant_id: str, key_id: str, update: str, then: str, params: dict[str, Any]
+) -> ApiKeyRecord | None:
+    """Runs a conditional UPDATE of one key (`@key_id`, `@tenant_id`) and, if it changed the
+    key, the statements `then`, in one transaction; returns the key as stored after."""
+    keys = db.table("tenant_api_keys")
+    script = f"""
+        DECLARE changed BOOL DEFAULT FALSE;
+        BEGIN TRANSACTION;
+        {update}
+        SET changed = @@row_count > 0;
+        IF changed THEN
+          {then}
+        END IF;
+        COMMIT TRANSACTION;
+        SELECT {KEY_COLUMNS} FROM {keys} WHERE key_id = @key_id AND tenant_id = @tenant_id;
+    """
+    values = {"key_id": key_id, "tenant_id": tenant_id, **params}
+    rows = await db.call(lambda: db.transaction(script, values))
     return key_from_row(rows[0]) if rows else None
 
 

@@ -37,6 +37,7 @@ from convergence_server.storage.rows import (
     WEBHOOK_COLUMNS,
     audit_from_row,
     key_from_row,
+    naive,
     webhook_from_row,
 )
 from convergence_server.storage.sql import to_duckdb
@@ -51,10 +52,6 @@ _KEY_SELECT = f"SELECT {KEY_COLUMNS} FROM {KEYS}"
 
 class Abandoned(Exception):
     """The caller of a transaction went away before it committed."""
-
-
-def utc_naive(moment: datetime) -> datetime:
-    return moment.astimezone(UTC).replace(tzinfo=None)
 
 
 def comprehensive_view_sql(tenant_id: str) -> str:
@@ -97,7 +94,7 @@ def create_tenant(
     """The tenant's rows, key, dataset and its objects, in one transaction; rolled back
     when `abandoned` is set or `commit_by` (monotonic) has passed before it commits."""
     dataset = quote_identifier(tenant.tenant_id)
-    now = utc_naive(tenant.created_at)
+    now = naive(tenant.created_at)
     cur.begin()
     try:
         cur.execute(
@@ -196,7 +193,7 @@ def revoke_api_key(
         "WHERE key_id = $key AND tenant_id = $tenant AND revoked_at IS NULL "
         f"{another if keep_one else ''}"
     )
-    params = {"now": utc_naive(now), "key": key_id, "tenant": tenant_id}
+    params = {"now": naive(now), "key": key_id, "tenant": tenant_id}
     return _change_key(cur, statement, params, lambda: add_audit(cur, [audit]))
 
 
@@ -216,8 +213,8 @@ def rotate_api_key(
     )
     params = {
         "new": new_key.key_id,
-        "now": utc_naive(new_key.created_at),
-        "grace": utc_naive(grace_until),
+        "now": naive(new_key.created_at),
+        "grace": naive(grace_until),
         "key": key_id,
         "tenant": tenant_id,
     }
@@ -235,7 +232,7 @@ def record_key_use(cur: duckdb.DuckDBPyConnection, uses: dict[str, datetime]) ->
         "FROM (SELECT UNNEST($ids) AS key_id, UNNEST($times) AS used_at) AS u "
         "WHERE k.key_id = u.key_id "
         "AND (k.last_used_at IS NULL OR k.last_used_at < u.used_at)",
-        {"ids": list(uses), "times": [utc_naive(t) for t in uses.values()]},
+        {"ids": list(uses), "times": [naive(t) for t in uses.values()]},
     )
 
 
@@ -248,7 +245,7 @@ def add_audit(cur: duckdb.DuckDBPyConnection, records: Sequence[AuditRecord]) ->
             [
                 r.event_id,
                 r.tenant_id,
-                utc_naive(r.event_time),
+                naive(r.event_time),
                 r.event,
                 r.actor_key_id,
                 r.actor_user_id,
@@ -276,13 +273,13 @@ def list_audit(
         params["events"] = sorted(where.events)
     if where.start is not None:
         clauses.append("event_time >= $start")
-        params["start"] = utc_naive(where.start)
+        params["start"] = naive(where.start)
     if where.end is not None:
         clauses.append("event_time < $end")
-        params["end"] = utc_naive(where.end)
+        params["end"] = naive(where.end)
     if after is not None:
         clauses.append("(event_time, event_id) < ($after_time, $after_id)")
-        params["after_time"], params["after_id"] = utc_naive(after[0]), after[1]
+        params["after_time"], params["after_id"] = naive(after[0]), after[1]
     rows = cur.execute(
         f"SELECT {AUDIT_COLUMNS} FROM {AUDIT} WHERE {' AND '.join(clauses)} "
         "ORDER BY event_time DESC, event_id DESC LIMIT $limit",
@@ -322,12 +319,12 @@ def _insert_key(cur: duckdb.DuckDBPyConnection, key: ApiKeyRecord) -> None:
             key.tenant_id,
             key.salt,
             key.key_hash,
-            utc_naive(key.created_at),
+            naive(key.created_at),
             key.name,
             key.scope,
             key.created_by,
-            None if key.expires_at is None else utc_naive(key.expires_at),
-            utc_naive(key.created_at),
+            naive(key.expires_at),
+            naive(key.created_at),
         ],
     )
 
@@ -356,7 +353,7 @@ def save_webhook(
                 webhook.tenant_id,
                 webhook.url,
                 webhook.secret_id,
-                utc_naive(webhook.updated_at),
+                naive(webhook.updated_at),
                 webhook.updated_by or None,
                 webhook.deleted,
             ],
@@ -383,7 +380,7 @@ def update_plan(
     if row[0] <= team_size:
         cur.execute(
             f"UPDATE {PROFILES} SET subscription_plan = ?, updated_at = ? WHERE tenant_id = ?",
-            [plan, utc_naive(now), tenant_id],
+            [plan, naive(now), tenant_id],
         )
     return int(row[0])
 
@@ -410,7 +407,7 @@ def admit_member(
         return MemberAdmission(True, False, current)
     if team >= team_size or current != plan:
         return MemberAdmission(False, False, current)
-    cur.execute(f"INSERT INTO {MEMBERS} VALUES (?, ?, ?)", [tenant_id, user_id, utc_naive(now)])
+    cur.execute(f"INSERT INTO {MEMBERS} VALUES (?, ?, ?)", [tenant_id, user_id, naive(now)])
     return MemberAdmission(True, True, current)
 
 

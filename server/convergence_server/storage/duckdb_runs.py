@@ -33,6 +33,7 @@ from convergence_server.storage.records import (
 from convergence_server.storage.rows import (
     DQ_CHECKS,
     DQ_COLUMNS,
+    EPOCH,
     FAIR_QUEUE,
     RUN_COLUMNS,
     STEP_COLUMNS,
@@ -844,10 +845,7 @@ def _ended(
 
 
 def _epoch_ms(moment: datetime) -> int:
-    return (moment - _EPOCH) // timedelta(milliseconds=1)
-
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+    return (moment - EPOCH) // timedelta(milliseconds=1)
 
 
 # This execution of the run may publish: the run is RUNNING for its worker and attempt,
@@ -990,9 +988,10 @@ def save_step(
     sets just that, in a statement of its own (a third cheaper than every column in a
     transaction)."""
     values = _step_values(step)
+    row = list(values.values())
     if new:
         with contextlib.suppress(duckdb.ConstraintException):
-            cur.execute(_INSERT_STEP, list(values.values()))
+            cur.execute(_INSERT_STEP, row)
             return
     if written is not None and all(
         values[name] == value
@@ -1003,8 +1002,8 @@ def save_step(
         if changed(cur, _UPDATE_STEP_PROGRESS, [*progress, step.step_logging_id]):
             return
     with _transaction(cur):
-        if not changed(cur, _UPDATE_STEP, [*list(values.values())[1:], step.step_logging_id]):
-            cur.execute(_INSERT_STEP, list(values.values()))
+        if not changed(cur, _UPDATE_STEP, [*row[1:], step.step_logging_id]):
+            cur.execute(_INSERT_STEP, row)
 
 
 def _step_values(step: StepRecord) -> dict[str, object]:

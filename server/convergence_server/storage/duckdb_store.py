@@ -61,7 +61,7 @@ from convergence_server.storage.records import (
     TenantUsage,
     WebhookRecord,
 )
-from convergence_server.storage.rows import latest_execution
+from convergence_server.storage.rows import latest_execution, naive
 from convergence_server.storage.run_cache import RunCache
 
 T = TypeVar("T")
@@ -334,7 +334,7 @@ class DuckDBStore:
                     )
             cur.execute(
                 f"INSERT INTO {CENTRAL}.schema_migrations VALUES (?, ?, ?)",
-                [migration.version, migration.description, datetime.now(UTC).replace(tzinfo=None)],
+                [migration.version, migration.description, naive(datetime.now(UTC))],
             )
         cur.execute(f"CREATE TABLE IF NOT EXISTS {PROBE} (probe_id VARCHAR, payload VARCHAR)")
         cur.commit()

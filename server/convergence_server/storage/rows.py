@@ -64,6 +64,9 @@ SCHEDULE_COLUMNS = (
 )
 
 
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
 def naive(moment: datetime | None) -> datetime | None:
     return None if moment is None else moment.astimezone(UTC).replace(tzinfo=None)
 

@@ -90,12 +90,14 @@ class RunCache:
 
     def _unchanged(self, stamp: int, run_id: str) -> bool:
         """No change of the run, and no claim, began or ended since `stamp`, or is going on."""
+        return self._untouched(stamp, run_id) and not self._claiming and self._claimed < stamp
+
+    def _untouched(self, stamp: int, run_id: str) -> bool:
+        """No change of the run began or ended since `stamp`, or is going on."""
         return (
             stamp > self._floor
             and self._changed.get(run_id, 0) < stamp
             and run_id not in self._busy
-            and not self._claiming
-            and self._claimed < stamp
         )
 
     # -- changes ----------------------------------------------------------------------------
@@ -109,10 +111,8 @@ class RunCache:
         """A new run as its creation committed, `stamp` taken before that: kept unless a
         change of it began or ended since (a claim by the fair-queue query can find the
         row, and put its own state, before the creation's caller gets here)."""
-        run_id = run.pipeline_logging_id
-        changed = self._changed.get(run_id, 0) >= stamp or run_id in self._busy
-        if stamp > self._floor and not changed:
-            self._runs.put(run_id, run)
+        if self._untouched(stamp, run.pipeline_logging_id):
+            self._runs.put(run.pipeline_logging_id, run)
 
     @contextlib.asynccontextmanager
     async def change(self, run_id: str, steps_only: bool = False) -> AsyncIterator[None]:
