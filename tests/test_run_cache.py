@@ -26,6 +26,18 @@ OLD = RunRecord(
     created_at=datetime(2026, 1, 1, tzinfo=UTC),
 )
 NEW = replace(OLD, status="RUNNING", worker_id="w")
+STEP = StepRecord(
+    step_logging_id="s1",
+    pipeline_logging_id="r1",
+    pipeline_id="p",
+    tenant_id="t",
+    step_name="one",
+    step_type="query",
+    step_index=0,
+    status="RUNNING",
+    step_start_time=OLD.created_at,
+)
+ENDED = replace(STEP, status="COMPLETE", step_end_time=OLD.created_at)
 
 
 def test_a_read_that_began_before_a_change_does_not_fill() -> None:
@@ -88,27 +100,16 @@ def test_a_failed_change_drops_everything() -> None:
 def test_steps_follow_the_same_rule_and_a_forgotten_change_still_counts() -> None:
     async def play() -> None:
         cache = RunCache(capacity=2)  # remembers the changes of 8 runs
-        step = StepRecord(
-            step_logging_id="s1",
-            pipeline_logging_id="r1",
-            pipeline_id="p",
-            tenant_id="t",
-            step_name="one",
-            step_type="query",
-            step_index=0,
-            status="RUNNING",
-            step_start_time=OLD.created_at,
-        )
         stamp = cache.stamp()
         async with cache.change("r1", steps_only=True):
             pass
         for n in range(20):  # r1's change is forgotten among others
             async with cache.change(f"other{n}"):
                 pass
-        cache.fill_steps(stamp, "r1", [step])
+        cache.fill_steps(stamp, "r1", [STEP])
         assert cache.steps("r1") is None
-        cache.fill_steps(cache.stamp(), "r1", [step])
-        assert cache.steps("r1") == [step]
+        cache.fill_steps(cache.stamp(), "r1", [STEP])
+        assert cache.steps("r1") == [STEP]
 
     asyncio.run(play())
 
@@ -129,5 +130,42 @@ def test_a_creation_does_not_replace_a_claim_that_came_first() -> None:
         stamp = alone.stamp()
         alone.created(stamp, OLD)
         assert alone.run("r1") == OLD
+
+    asyncio.run(play())
+
+
+def test_a_derived_step_list_is_kept_only_when_no_other_change_overlapped() -> None:
+    """A step's write derives the run's step list from the one kept before it; another
+    change of the run (a requeue closing its steps) that began or ended meanwhile, or is
+    still going on, voids it."""
+
+    async def play() -> None:
+        cache = RunCache()
+        cache.fill_steps(cache.stamp(), "r1", [STEP])
+        async with cache.change("r1", steps_only=True) as change:
+            assert change.steps_before == [STEP] and cache.steps("r1") is None
+            change.steps = [ENDED]
+        assert cache.steps("r1") == [ENDED]
+
+        async with cache.change("r1", steps_only=True) as change:
+            async with cache.change("r1"):  # began and ended meanwhile
+                pass
+            change.steps = [STEP]
+        assert cache.steps("r1") is None
+
+        cache.fill_steps(cache.stamp(), "r1", [STEP])
+        requeue = cache.change("r1")
+        await requeue.__aenter__()  # began before, still going on
+        async with cache.change("r1", steps_only=True) as change:
+            assert change.steps_before is None  # dropped by the requeue
+            change.steps = [ENDED]
+        await requeue.__aexit__(None, None, None)
+        assert cache.steps("r1") is None
+
+        cache.fill_run(cache.stamp(), NEW)
+        async with cache.change("r1") as change:  # a dq step's warnings
+            assert change.run_before == NEW and cache.run("r1") is None
+            change.run = replace(NEW, warnings=1)
+        assert cache.run("r1") == replace(NEW, warnings=1)
 
     asyncio.run(play())

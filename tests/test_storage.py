@@ -6,7 +6,7 @@ import asyncio
 import os
 import uuid
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta, timezone
 from pathlib import Path
 
 import duckdb
@@ -17,6 +17,7 @@ from convergence_server.storage import duckdb_runs, duckdb_schedules, schema
 from convergence_server.storage.duckdb_store import DuckDBStore, cursor_of
 from convergence_server.storage.records import (
     ApiKeyRecord,
+    DqRecord,
     RunLimits,
     RunRecord,
     StepRecord,
@@ -229,6 +230,71 @@ def test_a_steps_end_updates_what_changed_and_a_changed_identity_the_whole_row(
             monkeypatch.undo()
             (stored,) = duckdb_runs.list_run_steps(reader, claimed.pipeline_logging_id)
             assert stored == step
+    finally:
+        reader.close()
+        run(store.close())
+
+
+def test_step_lists_and_dq_warnings_follow_writes_without_a_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once a run's step list was read, each step written keeps it as a read of the file
+    gives it (order, zones, a later attempt's steps only), and a dq step's warnings keep
+    the cached run: neither is read again."""
+    store = DuckDBStore.open(tmp_path / "store.duckdb")
+    tenant_id = tenant(store)
+    assert run(store.create_run(new_run(tenant_id), LONG_AGO)).created
+    claimed = run(store.claim_next_run("worker-a", datetime.now(UTC)))
+    assert claimed is not None
+    run_id = claimed.pipeline_logging_id
+    start = datetime(2026, 3, 1, 9, 0, 0, 1, tzinfo=timezone(timedelta(hours=-5)))
+
+    def step(index: int, attempt: int = 1, **changes: object) -> StepRecord:
+        made = StepRecord(
+            f"s{index}-{attempt}",
+            run_id,
+            claimed.pipeline_id,
+            tenant_id,
+            f"step_{index}",
+            "query",
+            index,
+            "RUNNING",
+            start + timedelta(seconds=index),
+            run_attempt=attempt,
+        )
+        return replace(made, **changes)
+
+    def ended(made: StepRecord) -> StepRecord:
+        end = made.step_start_time + timedelta(milliseconds=1500)
+        return replace(made, status="COMPLETE", rows_processed=3, step_end_time=end)
+
+    def no_read(*args: object) -> None:
+        raise AssertionError("read again")
+
+    reader = cursor_of(store._connection)
+    list_run_steps = duckdb_runs.list_run_steps
+    try:
+        assert run(store.list_steps(tenant_id, run_id)) == []  # read once: now kept
+        monkeypatch.setattr(duckdb_runs, "list_run_steps", no_read)
+        monkeypatch.setattr(duckdb_runs, "find_run", no_read)
+        writes = [step(1), ended(step(1)), step(0), ended(step(0)), step(2), step(0, attempt=2)]
+        writes += [step(1, attempt=1, status="FAILED"), ended(step(0, attempt=2))]
+        for made in writes:
+            run(store.save_step(made))
+            kept = run(store.list_steps(tenant_id, run_id))
+            stored = list_run_steps(reader, run_id)
+            assert repr(kept) == repr(stored), made
+        assert [s.step_logging_id for s in kept] == ["s0-2"]
+
+        check = DqRecord(
+            "dq-1", run_id, claimed.pipeline_id, tenant_id, "checks", "rows", "row_count",
+            "warn", "FAILED", "0", "> 0", "no rows", date(2026, 3, 1), start,
+        )  # fmt: skip
+        run(store.add_dq_results(claimed, [check, replace(check, dq_result_id="dq-2")]))
+        kept_run = run(store.get_run(tenant_id, run_id))
+        monkeypatch.undo()
+        assert kept_run is not None and kept_run.warnings == 2
+        assert repr(kept_run) == repr(duckdb_runs.find_run(reader, run_id))
     finally:
         reader.close()
         run(store.close())

@@ -1088,6 +1088,37 @@ def list_run_steps(cur: duckdb.DuckDBPyConnection, run_id: str) -> list[StepReco
     return [step_from_row(row) for row in rows]
 
 
+def with_step(steps: Sequence[StepRecord], step: StepRecord) -> list[StepRecord]:
+    """What `list_run_steps` reads once `step` is written over `steps`, the list it read
+    before (in its order; where two steps tie, the database gives them in no set order)."""
+    stored = replace(
+        step,
+        step_start_time=step.step_start_time.astimezone(UTC),
+        step_end_time=step.step_end_time and step.step_end_time.astimezone(UTC),
+    )
+    latest = max((s.run_attempt for s in steps), default=stored.run_attempt)
+    if stored.run_attempt < latest:  # a row of an earlier attempt: not listed
+        return list(steps)
+    kept = [s for s in steps if s.run_attempt == stored.run_attempt]
+    kept = [s for s in kept if s.step_logging_id != stored.step_logging_id] + [stored]
+    return sorted(kept, key=lambda s: (s.step_index, s.step_start_time))
+
+
+def with_dq_warnings(
+    known: RunRecord, run: RunRecord, results: Sequence[DqRecord]
+) -> RunRecord | None:
+    """The run as `add_dq_results` leaves it, from its row before (`known`); None when
+    that cannot be told without reading it."""
+    warnings = sum(r.warns for r in results)
+    if not warnings:
+        return known
+    if not run.worker_id or not known.worker_id:
+        return None  # NULL against an empty string: read it back
+    if (known.status, known.worker_id, known.attempt) != ("RUNNING", run.worker_id, run.attempt):
+        return known
+    return replace(known, warnings=known.warnings + warnings)
+
+
 def add_dq_results(
     cur: duckdb.DuckDBPyConnection, run: RunRecord, results: Sequence[DqRecord]
 ) -> None:

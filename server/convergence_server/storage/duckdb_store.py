@@ -763,12 +763,14 @@ class DuckDBStore:
         rows = self._step_rows.get(run_id)
         new = rows is not None and step.step_logging_id not in rows
         written = None if rows is None else rows.get(step.step_logging_id)
-        async with self._cache.change(run_id, steps_only=True):
+        async with self._cache.change(run_id, steps_only=True) as change:
             try:
                 await self._call(lambda cur: runs.save_step(cur, step, new, written))
             except BaseException:  # what it committed is unknown
                 self._step_rows.pop(run_id, None)
                 raise
+            if change.steps_before is not None:
+                change.steps = runs.with_step(change.steps_before, step)
         if rows is not None:
             rows[step.step_logging_id] = step
 
@@ -795,8 +797,10 @@ class DuckDBStore:
 
     async def add_dq_results(self, run: RunRecord, results: list[DqRecord]) -> None:
         if results:
-            async with self._cache.change(run.pipeline_logging_id):
+            async with self._cache.change(run.pipeline_logging_id) as change:
                 await self._call(lambda cur: runs.add_dq_results(cur, run, results))
+                if change.run_before is not None:
+                    change.run = runs.with_dq_warnings(change.run_before, run, results)
 
     async def run_with_checks(
         self, tenant_id: str, run_id: str

@@ -3,8 +3,9 @@ and each WatchRun update are answered without a query.
 
 It is exact because one process owns the store (`Store.exclusive`): every change of a run
 or of its steps goes through the store's methods, which wrap it in `change` (the run's
-entries are dropped before the write and the new state put after it commits) and, for a
-change whose run is not known before it (a claim), in `claim`. A read that missed fills an
+entries are dropped before the write and the new state put after it commits, or derived
+from the entries before it when no other change of the run overlapped) and, for a change
+whose run is not known before it (a claim), in `claim`. A read that missed fills an
 entry only if no change of that run (and no claim) began or ended while it read, so an
 older state read from the database never replaces a newer one; a new run is kept as its
 admission stored it unless a change of it began or ended since the admission was sent
@@ -19,6 +20,7 @@ from __future__ import annotations
 import contextlib
 from collections import OrderedDict
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from convergence_server.storage.records import RunRecord, StepRecord
@@ -50,6 +52,18 @@ class Lru(Generic[V]):
 
     def clear(self) -> None:
         self._entries.clear()
+
+
+@dataclass
+class Change:
+    """A change of a run in progress: its entries as they were before it (None when not
+    kept), and what the change sets for them once committed, derived from those (kept
+    unless another change of the run began or ended meanwhile)."""
+
+    run_before: RunRecord | None
+    steps_before: list[StepRecord] | None
+    run: RunRecord | None = None
+    steps: list[StepRecord] | None = None
 
 
 class RunCache:
@@ -115,19 +129,28 @@ class RunCache:
             self._runs.put(run.pipeline_logging_id, run)
 
     @contextlib.asynccontextmanager
-    async def change(self, run_id: str, steps_only: bool = False) -> AsyncIterator[None]:
+    async def change(self, run_id: str, steps_only: bool = False) -> AsyncIterator[Change]:
         """Around a write of the run and its steps (or its steps only): their entries are
         dropped first."""
         self._mark(run_id)
+        began = self._tick
         self._busy[run_id] = self._busy.get(run_id, 0) + 1
+        # The lists kept are never changed in place: the one before is handed over as is.
+        change = Change(None if steps_only else self._runs.get(run_id), self._steps.get(run_id))
         if not steps_only:
             self._runs.drop(run_id)
         self._steps.drop(run_id)
         try:
-            yield
+            yield change
         except BaseException:
             self.clear()
             raise
+        else:
+            alone = self._changed.get(run_id) == began and self._busy[run_id] == 1
+            if alone and change.run is not None:
+                self._runs.put(run_id, change.run)
+            if alone and change.steps is not None:
+                self._steps.put(run_id, change.steps)
         finally:
             self._busy[run_id] -= 1
             if not self._busy[run_id]:
