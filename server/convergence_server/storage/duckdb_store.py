@@ -202,6 +202,8 @@ class DuckDBStore:
                     {"path": str(path)},
                 )
                 attach_stages(connection)
+                # Every cursor's default (a statement of its own on each cursor otherwise).
+                connection.execute("SET GLOBAL TimeZone = 'UTC'")
             except BaseException:
                 connection.close()
                 raise

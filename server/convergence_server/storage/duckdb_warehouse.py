@@ -188,10 +188,8 @@ class DuckDBWarehouse:
     async def _call(self, fn: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
         def run() -> T:
             try:
-                if self._cursor is None:
-                    cursor = self._connect()
-                    cursor.execute("SET TimeZone = 'UTC'")
-                    self._cursor = cursor
+                if self._cursor is None:  # in UTC, as every cursor of the store
+                    self._cursor = self._connect()
                 return fn(self._cursor)
             except duckdb.InterruptException as exc:
                 raise Interrupted(_first_line(exc)) from exc
@@ -319,12 +317,12 @@ class DuckDBWarehouse:
         try:
             cur.execute(f"CREATE TABLE IF NOT EXISTS {destination} ({_columns_sql(into.schema)})")
             self._add_schema_columns(cur, into.destination, into.schema)
-            old = self._day_total(cur, destination, day, into.total_column)
+            (old,) = self._day_totals(cur, [(destination, day)], into.total_column)
             cur.execute(f"DELETE FROM {destination} WHERE {day}")
             (inserted,) = cur.execute(
                 f"INSERT INTO {destination} BY NAME {statement}", bound
             ).fetchone() or (0,)
-            new = self._day_total(cur, destination, day, into.total_column)
+            (new,) = self._day_totals(cur, [(destination, day)], into.total_column)
             if inserted != new[0]:  # rows of other days too: staged, as the step is
                 runs.rollback(cur)
                 return None
@@ -339,19 +337,20 @@ class DuckDBWarehouse:
         return int(new[0])
 
     @staticmethod
-    def _day_total(
+    def _day_totals(
         cur: duckdb.DuckDBPyConnection,
-        table: str,
-        day: str,
+        days: Sequence[tuple[str, str]],
         total_column: str,
         params: Mapping[str, Any] | None = None,
-    ) -> tuple[int, Any]:
-        """The rows of `table` passing `day`, and the sum of their `total_column`."""
+    ) -> list[tuple[int, Any]]:
+        """For each table and condition of `days`, the rows passing it and the sum of
+        their `total_column`, in one statement."""
         total = quote_identifier_any(total_column) if total_column else "NULL"
-        (found,) = cur.execute(
-            f"SELECT COUNT(*), SUM({total}) FROM {table} WHERE {day}", params
-        ).fetchall()
-        return int(found[0]), found[1]
+        parts = ", ".join(
+            f"(SELECT COUNT(*), SUM({total}) FROM {table} WHERE {day})" for table, day in days
+        )
+        (found,) = cur.execute(f"SELECT * FROM {parts}", params).fetchall()
+        return [(int(found[i]), found[i + 1]) for i in range(0, len(found), 2)]
 
     async def insert_into(self, table: str, sql: str, params: Mapping[str, Any]) -> int:
         def insert(cur: duckdb.DuckDBPyConnection) -> int:
@@ -519,10 +518,12 @@ class DuckDBWarehouse:
             cur.execute(f"DELETE FROM {destination}")
         elif write.write_mode == "replace_partition":
             day = f"CAST({quote_identifier_any(write.partition_column)} AS DATE) = $day"
-            old = self._day_total(
-                cur, destination, day, write.total_column, {"day": write.partition_value}
+            old, new = self._day_totals(
+                cur,
+                [(destination, day), (stage, "TRUE")],
+                write.total_column,
+                {"day": write.partition_value},
             )
-            new = self._day_total(cur, stage, "TRUE", write.total_column)
             refusal = write.shrink_refusal(old, new)
             if refusal:
                 raise PublishRefused(refusal)
