@@ -169,3 +169,25 @@ def test_a_derived_step_list_is_kept_only_when_no_other_change_overlapped() -> N
         assert cache.run("r1") == replace(NEW, warnings=1)
 
     asyncio.run(play())
+
+
+def test_a_write_left_running_by_a_cancelled_caller_keeps_fills_out_until_it_ends() -> None:
+    async def play() -> None:
+        cache = RunCache()
+        write = asyncio.get_running_loop().create_future()
+        try:
+            async with cache.change("r1", steps_only=True):
+                raise asyncio.CancelledError  # the caller is cancelled; its write goes on
+        except asyncio.CancelledError:
+            cache.outlive(write)
+        stamp = cache.stamp()  # a read before the write commits
+        cache.fill_steps(stamp, "r1", [STEP])
+        assert cache.steps("r1") is None
+        write.set_result(None)
+        await asyncio.sleep(0)  # its callbacks run
+        cache.fill_steps(stamp, "r1", [STEP])  # that read, back after the write ended
+        assert cache.steps("r1") is None
+        cache.fill_steps(cache.stamp(), "r1", [ENDED])
+        assert cache.steps("r1") == [ENDED]
+
+    asyncio.run(play())

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import uuid
 from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import pytest
@@ -235,12 +237,14 @@ def test_a_steps_end_updates_what_changed_and_a_changed_identity_the_whole_row(
         run(store.close())
 
 
-def test_step_lists_and_dq_warnings_follow_writes_without_a_read(
+def test_step_lists_and_dq_results_follow_writes_without_a_read(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Once a run's step list was read, each step written keeps it as a read of the file
-    gives it (order, zones, a later attempt's steps only), and a dq step's warnings keep
-    the cached run: neither is read again."""
+    gives it (order, ties, zones, a later attempt's steps only), and dq results without a
+    failed `warn` check keep the run and its steps: neither is read again. Failed `warn`
+    checks (the run's warnings), and a listed step's row written under another attempt,
+    are read again."""
     store = DuckDBStore.open(tmp_path / "store.duckdb")
     tenant_id = tenant(store)
     assert run(store.create_run(new_run(tenant_id), LONG_AGO)).created
@@ -277,8 +281,9 @@ def test_step_lists_and_dq_warnings_follow_writes_without_a_read(
         assert run(store.list_steps(tenant_id, run_id)) == []  # read once: now kept
         monkeypatch.setattr(duckdb_runs, "list_run_steps", no_read)
         monkeypatch.setattr(duckdb_runs, "find_run", no_read)
-        writes = [step(1), ended(step(1)), step(0), ended(step(0)), step(2), step(0, attempt=2)]
-        writes += [step(1, attempt=1, status="FAILED"), ended(step(0, attempt=2))]
+        tie = replace(step(2), step_logging_id="s2-0")  # the same index and start (a retry)
+        writes = [step(1), ended(step(1)), step(0), ended(step(0)), step(2), tie]
+        writes += [step(0, attempt=2), step(1, status="FAILED"), ended(step(0, attempt=2))]
         for made in writes:
             run(store.save_step(made))
             kept = run(store.list_steps(tenant_id, run_id))
@@ -288,14 +293,80 @@ def test_step_lists_and_dq_warnings_follow_writes_without_a_read(
 
         check = DqRecord(
             "dq-1", run_id, claimed.pipeline_id, tenant_id, "checks", "rows", "row_count",
-            "warn", "FAILED", "0", "> 0", "no rows", date(2026, 3, 1), start,
+            "warn", "PASSED", "1", "> 0", "", date(2026, 3, 1), start,
         )  # fmt: skip
-        run(store.add_dq_results(claimed, [check, replace(check, dq_result_id="dq-2")]))
+        run(store.add_dq_results(claimed, [check]))
         kept_run = run(store.get_run(tenant_id, run_id))
+        assert repr(run(store.list_steps(tenant_id, run_id))) == repr(kept)
         monkeypatch.undo()
-        assert kept_run is not None and kept_run.warnings == 2
         assert repr(kept_run) == repr(duckdb_runs.find_run(reader, run_id))
+
+        failed = [replace(check, dq_result_id=f"dq-{n}", status="FAILED") for n in (2, 3)]
+        run(store.add_dq_results(claimed, failed))
+        read = run(store.get_run(tenant_id, run_id))
+        assert read is not None and read.warnings == 2
+        assert repr(read) == repr(duckdb_runs.find_run(reader, run_id))
+
+        run(store.save_step(replace(step(0), step_logging_id="s0-2")))  # attempt 2's, as 1
+        kept = run(store.list_steps(tenant_id, run_id))
+        assert len(kept) == 5 and repr(kept) == repr(list_run_steps(reader, run_id))
     finally:
+        reader.close()
+        run(store.close())
+
+
+def test_a_step_write_whose_caller_is_cancelled_is_never_cached_before_it_ends(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A step's write held in its thread while its caller is cancelled (a client's
+    deadline, a stop): a read meanwhile gets the row before it, which must not be kept,
+    nor the next step's list derived from it."""
+    store = DuckDBStore.open(tmp_path / "store.duckdb")
+    tenant_id = tenant(store)
+    assert run(store.create_run(new_run(tenant_id), LONG_AGO)).created
+    claimed = run(store.claim_next_run("worker-a", datetime.now(UTC)))
+    assert claimed is not None
+    run_id = claimed.pipeline_logging_id
+    first = StepRecord(
+        "s0", run_id, claimed.pipeline_id, tenant_id, "one", "query", 0, "RUNNING",
+        datetime(2026, 3, 1, tzinfo=UTC),
+    )  # fmt: skip
+    second = replace(first, step_logging_id="s1", step_name="two", step_index=1)
+    save_step = duckdb_runs.save_step
+    started, release, committed = threading.Event(), threading.Event(), threading.Event()
+
+    def held(*args: Any) -> None:
+        started.set()
+        assert release.wait(60)
+        save_step(*args)
+        committed.set()
+
+    async def play() -> None:
+        await store.save_step(first)
+        assert [s.status for s in await store.list_steps(tenant_id, run_id)] == ["RUNNING"]
+        monkeypatch.setattr(duckdb_runs, "save_step", held)
+        write = asyncio.create_task(store.save_step(replace(first, status="COMPLETE")))
+        assert await asyncio.to_thread(started.wait, 60)
+        write.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await write
+        monkeypatch.undo()
+        before = await store.list_steps(tenant_id, run_id)  # the row before the write
+        assert [s.status for s in before] == ["RUNNING"]
+        release.set()
+        assert await asyncio.to_thread(committed.wait, 60)
+        await store.save_step(second)
+        kept = await store.list_steps(tenant_id, run_id)
+        assert [s.status for s in kept] == ["COMPLETE", "RUNNING"]
+
+    reader = cursor_of(store._connection)
+    try:
+        run(play())
+        assert repr(run(store.list_steps(tenant_id, run_id))) == repr(
+            duckdb_runs.list_run_steps(reader, run_id)
+        )
+    finally:
+        release.set()
         reader.close()
         run(store.close())
 

@@ -1082,41 +1082,32 @@ def list_run_steps(cur: duckdb.DuckDBPyConnection, run_id: str) -> list[StepReco
     rows = cur.execute(
         f"SELECT {STEP_COLUMNS} FROM {STEPS} WHERE pipeline_logging_id = ? "
         f"AND run_attempt = (SELECT max(run_attempt) FROM {STEPS} WHERE pipeline_logging_id = ?) "
-        "ORDER BY step_index, step_start_time",
+        "ORDER BY step_index, step_start_time, step_logging_id",  # `_listed_order`
         [run_id, run_id],
     ).fetchall()
     return [step_from_row(row) for row in rows]
 
 
-def with_step(steps: Sequence[StepRecord], step: StepRecord) -> list[StepRecord]:
+def with_step(steps: Sequence[StepRecord], step: StepRecord) -> list[StepRecord] | None:
     """What `list_run_steps` reads once `step` is written over `steps`, the list it read
-    before (in its order; where two steps tie, the database gives them in no set order)."""
-    stored = replace(
-        step,
-        step_start_time=step.step_start_time.astimezone(UTC),
-        step_end_time=step.step_end_time and step.step_end_time.astimezone(UTC),
-    )
+    before (in its order); None when that cannot be told without reading it (the step's
+    row listed there with another attempt)."""
+    stored = step_from_row(list(_step_values(step).values()))  # as a read gives it back
+    if any(
+        s.step_logging_id == stored.step_logging_id and s.run_attempt != stored.run_attempt
+        for s in steps
+    ):
+        return None
     latest = max((s.run_attempt for s in steps), default=stored.run_attempt)
     if stored.run_attempt < latest:  # a row of an earlier attempt: not listed
         return list(steps)
     kept = [s for s in steps if s.run_attempt == stored.run_attempt]
     kept = [s for s in kept if s.step_logging_id != stored.step_logging_id] + [stored]
-    return sorted(kept, key=lambda s: (s.step_index, s.step_start_time))
+    return sorted(kept, key=_listed_order)
 
 
-def with_dq_warnings(
-    known: RunRecord, run: RunRecord, results: Sequence[DqRecord]
-) -> RunRecord | None:
-    """The run as `add_dq_results` leaves it, from its row before (`known`); None when
-    that cannot be told without reading it."""
-    warnings = sum(r.warns for r in results)
-    if not warnings:
-        return known
-    if not run.worker_id or not known.worker_id:
-        return None  # NULL against an empty string: read it back
-    if (known.status, known.worker_id, known.attempt) != ("RUNNING", run.worker_id, run.attempt):
-        return known
-    return replace(known, warnings=known.warnings + warnings)
+def _listed_order(step: StepRecord) -> tuple[int, datetime, str]:
+    return step.step_index, step.step_start_time, step.step_logging_id
 
 
 def add_dq_results(

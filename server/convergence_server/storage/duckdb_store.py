@@ -308,7 +308,15 @@ class DuckDBStore:
         return None
 
     async def _call(self, fn: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
-        return await self._submit(fn)
+        call = self._submit(fn)
+        try:
+            return await asyncio.shield(call)
+        except asyncio.CancelledError:
+            if not call.done():  # it goes on in its thread: the run cache must know
+                self._cache.outlive(call)
+            elif not call.cancelled():
+                call.exception()  # retrieved: the caller was cancelled as it ended
+            raise
 
     def _migrate(self) -> None:
         cur = cursor_of(self._connection)
@@ -772,7 +780,7 @@ class DuckDBStore:
                 self._step_rows.pop(run_id, None)
                 raise
             if change.steps_before is not None:
-                change.steps = runs.with_step(change.steps_before, step)
+                change.steps = runs.with_step(change.steps_before, step)  # or None
         if rows is not None:
             rows[step.step_logging_id] = step
 
@@ -801,8 +809,9 @@ class DuckDBStore:
         if results:
             async with self._cache.change(run.pipeline_logging_id) as change:
                 await self._call(lambda cur: runs.add_dq_results(cur, run, results))
-                if change.run_before is not None:
-                    change.run = runs.with_dq_warnings(change.run_before, run, results)
+                change.steps = change.steps_before  # no step written
+                if not any(r.warns for r in results):  # nor the run
+                    change.run = change.run_before
 
     async def run_with_checks(
         self, tenant_id: str, run_id: str

@@ -10,18 +10,21 @@ entry only if no change of that run (and no claim) began or ended while it read,
 older state read from the database never replaces a newer one; a new run is kept as its
 admission stored it unless a change of it began or ended since the admission was sent
 (`created`). A change that fails drops everything: whatever it may have committed is read
-again. Bounded: the least recently used entries go first.
+again; one whose caller was cancelled while its write went on in its thread (`outlive`)
+also keeps every entry from being filled or derived until that write has ended. Bounded:
+the least recently used entries go first.
 
 Everything runs on the event loop's thread; no lock is needed.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from convergence_server.storage.records import RunRecord, StepRecord
 
@@ -78,6 +81,8 @@ class RunCache:
         self._busy: dict[str, int] = {}  # changes in progress, per run
         self._claiming = 0  # claims in progress
         self._claimed = 0  # the tick of the latest claim's beginning or end
+        self._outliving = 0  # writes of cancelled callers still going on
+        self._outlived = 0  # the tick of the latest one's beginning or end
         self._bound = 4 * capacity
 
     # -- reads ------------------------------------------------------------------------------
@@ -107,12 +112,18 @@ class RunCache:
         return self._untouched(stamp, run_id) and not self._claiming and self._claimed < stamp
 
     def _untouched(self, stamp: int, run_id: str) -> bool:
-        """No change of the run began or ended since `stamp`, or is going on."""
+        """No change of the run (nor a write of a cancelled caller) began or ended since
+        `stamp`, or is going on."""
         return (
             stamp > self._floor
             and self._changed.get(run_id, 0) < stamp
             and run_id not in self._busy
+            and self._unseen_ended_before(stamp)
         )
+
+    def _unseen_ended_before(self, stamp: int) -> bool:
+        """No write of a cancelled caller is going on, nor ended since `stamp`."""
+        return not self._outliving and self._outlived < stamp
 
     # -- changes ----------------------------------------------------------------------------
 
@@ -146,8 +157,14 @@ class RunCache:
             self.clear()
             raise
         else:
-            alone = self._changed.get(run_id) == began and self._busy[run_id] == 1
-            if alone and change.run is not None:
+            alone = (
+                self._changed.get(run_id) == began
+                and self._busy[run_id] == 1
+                and self._unseen_ended_before(began)
+            )
+            # A claim may change a run it did not know before (never a step).
+            unclaimed = not self._claiming and self._claimed < began
+            if alone and unclaimed and change.run is not None:
                 self._runs.put(run_id, change.run)
             if alone and change.steps is not None:
                 self._steps.put(run_id, change.steps)
@@ -172,6 +189,22 @@ class RunCache:
             self._claiming -= 1
             self._tick += 1
             self._claimed = self._tick
+
+    def outlive(self, write: asyncio.Future[Any]) -> None:
+        """A write whose caller was cancelled goes on in its thread (after its change or
+        claim failed, which cleared the cache): until it ends, what it commits is unknown."""
+        self._outliving += 1
+        self._tick += 1
+        self._outlived = self._tick
+
+        def ended(done: asyncio.Future[Any]) -> None:
+            if not done.cancelled():
+                done.exception()  # retrieved: the cancelled caller reported the call
+            self._outliving -= 1
+            self._tick += 1
+            self._outlived = self._tick
+
+        write.add_done_callback(ended)
 
     def clear(self) -> None:
         self._runs.clear()
