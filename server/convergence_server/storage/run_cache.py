@@ -118,10 +118,10 @@ class RunCache:
             stamp > self._floor
             and self._changed.get(run_id, 0) < stamp
             and run_id not in self._busy
-            and self._unseen_ended_before(stamp)
+            and self._no_outlived_write_since(stamp)
         )
 
-    def _unseen_ended_before(self, stamp: int) -> bool:
+    def _no_outlived_write_since(self, stamp: int) -> bool:
         """No write of a cancelled caller is going on, nor ended since `stamp`."""
         return not self._outliving and self._outlived < stamp
 
@@ -160,7 +160,7 @@ class RunCache:
             alone = (
                 self._changed.get(run_id) == began
                 and self._busy[run_id] == 1
-                and self._unseen_ended_before(began)
+                and self._no_outlived_write_since(began)
             )
             # A claim may change a run it did not know before (never a step).
             unclaimed = not self._claiming and self._claimed < began
