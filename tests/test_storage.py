@@ -189,17 +189,23 @@ def test_the_runs_kept_in_memory_are_the_runs_stored(
         run(store.close())
 
 
+def claimed_run(tmp_path: Path) -> tuple[DuckDBStore, RunRecord]:
+    """A store holding one tenant's run, claimed by worker-a."""
+    store = DuckDBStore.open(tmp_path / "store.duckdb")
+    assert run(store.create_run(new_run(tenant(store)), LONG_AGO)).created
+    claimed = run(store.claim_next_run("worker-a", datetime.now(UTC)))
+    assert claimed is not None
+    return store, claimed
+
+
 def test_a_steps_end_updates_what_changed_and_a_changed_identity_the_whole_row(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A step's end sets only its progress columns when the rest of its row is as last
     written here (the UPDATE of every column fails here meanwhile); any other change of the
     row (its start time here) writes every column. Both leave the row as given."""
-    store = DuckDBStore.open(tmp_path / "store.duckdb")
-    tenant_id = tenant(store)
-    assert run(store.create_run(new_run(tenant_id), LONG_AGO)).created
-    claimed = run(store.claim_next_run("worker-a", datetime.now(UTC)))
-    assert claimed is not None
+    store, claimed = claimed_run(tmp_path)
+    tenant_id = claimed.tenant_id
     start = datetime(2026, 3, 1, 9, 0, 0, 1, tzinfo=UTC)
     first = StepRecord(
         str(uuid.uuid4()),
@@ -245,11 +251,8 @@ def test_step_lists_and_dq_results_follow_writes_without_a_read(
     failed `warn` check keep the run and its steps: neither is read again. Failed `warn`
     checks (the run's warnings), and a listed step's row written under another attempt,
     are read again."""
-    store = DuckDBStore.open(tmp_path / "store.duckdb")
-    tenant_id = tenant(store)
-    assert run(store.create_run(new_run(tenant_id), LONG_AGO)).created
-    claimed = run(store.claim_next_run("worker-a", datetime.now(UTC)))
-    assert claimed is not None
+    store, claimed = claimed_run(tmp_path)
+    tenant_id = claimed.tenant_id
     run_id = claimed.pipeline_logging_id
     start = datetime(2026, 3, 1, 9, 0, 0, 1, tzinfo=timezone(timedelta(hours=-5)))
 
@@ -321,11 +324,8 @@ def test_a_step_write_whose_caller_is_cancelled_is_never_cached_before_it_ends(
     """A step's write held in its thread while its caller is cancelled (a client's
     deadline, a stop): a read meanwhile gets the row before it, which must not be kept,
     nor the next step's list derived from it."""
-    store = DuckDBStore.open(tmp_path / "store.duckdb")
-    tenant_id = tenant(store)
-    assert run(store.create_run(new_run(tenant_id), LONG_AGO)).created
-    claimed = run(store.claim_next_run("worker-a", datetime.now(UTC)))
-    assert claimed is not None
+    store, claimed = claimed_run(tmp_path)
+    tenant_id = claimed.tenant_id
     run_id = claimed.pipeline_logging_id
     first = StepRecord(
         "s0", run_id, claimed.pipeline_id, tenant_id, "one", "query", 0, "RUNNING",
@@ -377,11 +377,8 @@ def test_a_publication_is_recorded_once_and_answered_again_to_its_execution(
     """A publication records itself first. Publishing again (a retry whose first try did
     commit) answers True to the execution that published, without writing the rows
     twice; another execution of the run is refused and writes nothing."""
-    store = DuckDBStore.open(tmp_path / "store.duckdb")
-    tenant_id = tenant(store)
-    assert run(store.create_run(new_run(tenant_id), LONG_AGO)).created
-    claimed = run(store.claim_next_run("worker-a", datetime.now(UTC)))
-    assert claimed is not None
+    store, claimed = claimed_run(tmp_path)
+    tenant_id = claimed.tenant_id
 
     async def publish(execution: RunRecord) -> bool:
         warehouse = store.warehouse(tenant_id)
