@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from unittest.mock import Mock
 
+import duckdb
 import pytest
 from google.api_core.exceptions import ServiceUnavailable
 
@@ -1392,6 +1393,82 @@ def test_a_bigquery_store_of_schema_9_fills_the_tenants_usage_counters(
         assert_usage_from_counters(store, expected)
         assert usage_row(store, idle, today) is None
         run(store.request_cancel(tenant_id, made.pipeline_logging_id, datetime.now(UTC)))
+
+
+def forget_attempts(kind: str, store: Store, tmp_path: Path, tenant_id: str) -> None:
+    """The tenant's runs, steps and checks as written before schema versions 2 and 3 (no
+    attempt), and the store closed as one of schema 11, which left them so."""
+    tables = {
+        "tenant_pipeline_runs": "attempt",
+        "tenant_step_logs": "run_attempt",
+        "tenant_dq_results": "run_attempt",
+    }
+    if kind == "bigquery":
+        db = store._db  # type: ignore[attr-defined]
+        tables["tenant_run_events"] = tables.pop("tenant_pipeline_runs")
+        tables["tenant_step_events"] = tables.pop("tenant_step_logs")
+        for table, column in tables.items():
+            db.query(
+                f"UPDATE {db.table(table)} SET {column} = NULL WHERE tenant_id = @t", t=tenant_id
+            )
+        db.query(f"DELETE FROM {db.table('schema_migrations')} WHERE version > 11")
+        run(store.close())
+        return
+    run(store.close())
+    with duckdb.connect(str(tmp_path / "store.duckdb")) as db:
+        for table, column in tables.items():
+            db.execute(
+                f"UPDATE tenants.{table} SET {column} = NULL WHERE tenant_id = ?", [tenant_id]
+            )
+        db.execute("DELETE FROM tenants.schema_migrations WHERE version > 11")
+
+
+@pytest.mark.parametrize("kind", ["embedded", "bigquery"])
+def test_runs_in_flight_before_attempts_were_recorded_end_after_the_upgrade(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Migration 12 gives the runs, steps and checks written before attempts were recorded
+    the attempt reads gave them (1). Before it, a run RUNNING or PENDING at the upgrade
+    could never be requeued or ended (the guards compare attempts, and NULL matches
+    nothing), and the steps of such runs were not listed."""
+    emulator = request.getfixturevalue("emulator") if kind == "bigquery" else None
+    prefix = new_prefix()
+    store = open_store(kind, tmp_path, emulator, prefix)
+    tenant_id = tenant(store)
+    limits = RunLimits(10, 10)
+    running, waiting = new_run(tenant_id), new_run(tenant_id)
+    run(store.create_run(running, LONG_AGO, limits))
+    claimed = claim(store, tenant_id)
+    started = datetime.now(UTC)
+    run(store.save_step(replace(step_of(running, 0, "COMPLETE", started), rows_processed=3)))
+    run(store.add_dq_results(claimed, [dq_result(claimed, "step_0", 0, "has_rows", started)]))
+    run(store.create_run(waiting, LONG_AGO, limits))
+    forget_attempts(kind, store, tmp_path, tenant_id)
+
+    store = open_store(kind, tmp_path, emulator, prefix)
+    try:
+        assert run(store.schema_version()) == schema.SCHEMA_VERSION
+        run_id = running.pipeline_logging_id
+        assert [(s.step_name, s.run_attempt) for s in run(store.list_steps(tenant_id, run_id))] == [
+            ("step_0", 1)
+        ]
+        assert [c.check_name for c in run(store.list_dq_results(tenant_id, run_id, 1))] == [
+            "has_rows"
+        ]
+        # The server that ran it is gone: its run goes back to the queue, an attempt used.
+        (stale,) = run(store.stale_runs(datetime.now(UTC) + timedelta(hours=1)))
+        assert (stale.pipeline_logging_id, stale.attempt) == (run_id, 1)
+        assert run(store.requeue_run(stale, datetime.now(UTC), count_attempt=True))
+        ended = []
+        for _ in range(2):
+            again = claim(store, tenant_id)
+            ended.append(run(store.finish_run(again, "COMPLETE", datetime.now(UTC))))
+        assert sorted((e.pipeline_logging_id, e.status, e.attempt) for e in ended if e) == sorted(
+            [(run_id, "COMPLETE", 2), (waiting.pipeline_logging_id, "COMPLETE", 1)]
+        )
+        assert active_runs(store, tenant_id) == 0
+    finally:
+        run(store.close())
 
 
 def test_a_bigquery_store_of_schema_10_clusters_publications_and_idempotency_keys(

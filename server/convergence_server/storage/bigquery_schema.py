@@ -150,6 +150,16 @@ def migrate(db: Central) -> None:
                 found = client.get_table(f"{db.name}.{table.name}", retry=STARTUP_RETRY)
                 found.clustering_fields = list(table.cluster_by)
                 client.update_table(found, ["clustering_fields"], retry=STARTUP_RETRY)
+        for fill in migration.fills:
+            if fill.table.name in created:
+                continue
+            for physical in EVENT_BACKED.get(fill.table.name, (fill.table,)):
+                if fill.column in physical.column_names:
+                    db.query(
+                        f"UPDATE {db.table(physical.name)} SET {fill.column} = @v "
+                        f"WHERE {fill.column} IS NULL",
+                        v=fill.value,
+                    )
         if migration.version in COUNTERS_ADDS:
             _add_counters_columns(db, COUNTERS_ADDS[migration.version])
         db.query(

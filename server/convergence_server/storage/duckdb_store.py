@@ -342,6 +342,13 @@ class DuckDBStore:
                         f"IF NOT EXISTS {quote_identifier(name)} "
                         f"{runs.DUCKDB_TYPES[columns[name].type]}"
                     )
+            for fill in migration.fills:
+                column = quote_identifier(fill.column)
+                cur.execute(
+                    f"UPDATE {CENTRAL}.{quote_identifier(fill.table.name)} "
+                    f"SET {column} = ? WHERE {column} IS NULL",
+                    [fill.value],
+                )
             cur.execute(
                 f"INSERT INTO {CENTRAL}.schema_migrations VALUES (?, ?, ?)",
                 [migration.version, migration.description, naive(datetime.now(UTC))],

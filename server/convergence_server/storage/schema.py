@@ -321,8 +321,19 @@ TENANT_SCHEDULE_SKIPS = Table(
 
 
 @dataclass(frozen=True)
+class Fill:
+    """`UPDATE table SET column = value WHERE column IS NULL`: a value for the rows written
+    before `column` existed (idempotent, so replicas migrating at once agree)."""
+
+    table: Table
+    column: str
+    value: int
+
+
+@dataclass(frozen=True)
 class Migration:
-    """One schema version: tables to create, and columns to add to existing tables.
+    """One schema version: tables to create, columns to add to existing tables, and
+    values for the rows that predate a column.
 
     Tables are defined at their newest shape, so a fresh store gets every column at once
     and a later migration's `ADD COLUMN IF NOT EXISTS` does nothing there; an older store
@@ -336,6 +347,7 @@ class Migration:
     # Existing tables whose clustering (BigQuery's; the rows written from then on) becomes
     # their definition's.
     clusters: tuple[Table, ...] = ()
+    fills: tuple[Fill, ...] = ()
 
 
 MIGRATIONS: tuple[Migration, ...] = (
@@ -421,6 +433,17 @@ MIGRATIONS: tuple[Migration, ...] = (
         11,
         "run publications and idempotency keys clustered by the columns they are read by",
         clusters=(TENANT_RUN_PUBLICATIONS, TENANT_IDEMPOTENCY_KEYS),
+    ),
+    # Reads took a NULL attempt for 1, but the guards of a run's changes (`attempt = ?`)
+    # never match NULL: a run in flight when its store was upgraded could not end.
+    Migration(
+        12,
+        "runs, steps and checks written before versions 2 and 3 belong to the run's attempt 1",
+        fills=(
+            Fill(TENANT_PIPELINE_RUNS, "attempt", 1),
+            Fill(TENANT_STEP_LOGS, "run_attempt", 1),
+            Fill(TENANT_DQ_RESULTS, "run_attempt", 1),
+        ),
     ),
 )
 
