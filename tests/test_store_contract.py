@@ -1471,16 +1471,26 @@ def test_runs_in_flight_before_attempts_were_recorded_end_after_the_upgrade(
         run(store.close())
 
 
-def test_a_bigquery_store_of_schema_10_clusters_publications_and_idempotency_keys(
-    emulator: Emulator, tmp_path: Path
+@pytest.mark.parametrize(
+    ("version", "clustered"),
+    [
+        (
+            10,
+            {
+                schema.TENANT_RUN_PUBLICATIONS.name: ["pipeline_logging_id"],
+                schema.TENANT_IDEMPOTENCY_KEYS.name: ["tenant_id", "idempotency_key"],
+            },
+        ),
+        (12, {schema.TENANT_MEMBERS.name: ["tenant_id"]}),
+    ],
+)
+def test_a_bigquery_store_clusters_tables_by_what_reads_them(
+    emulator: Emulator, tmp_path: Path, version: int, clustered: dict[str, list[str]]
 ) -> None:
-    """Both are read by the columns they are clustered by (a publication by its run, a key
-    by its tenant and key), created so, or changed so by migration 11."""
+    """Tables are read by the columns they are clustered by (a publication by its run, a
+    key by its tenant and key, members by tenant), created so, or changed so by the
+    migration after `version` (11, 13)."""
     prefix = new_prefix()
-    clustered = {
-        schema.TENANT_RUN_PUBLICATIONS.name: ["pipeline_logging_id"],
-        schema.TENANT_IDEMPOTENCY_KEYS.name: ["tenant_id", "idempotency_key"],
-    }
 
     def clustering(store: Store) -> dict[str, list[str] | None]:
         db = store._db  # type: ignore[attr-defined]
@@ -1497,7 +1507,7 @@ def test_a_bigquery_store_of_schema_10_clusters_publications_and_idempotency_key
         table.clustering_fields = None
         db.runner.client.update_table(table, ["clustering_fields"])
     assert clustering(store) == dict.fromkeys(clustered)
-    with migrated_from(10, store, prefix, emulator, tmp_path) as store:
+    with migrated_from(version, store, prefix, emulator, tmp_path) as store:
         assert clustering(store) == clustered
 
 

@@ -250,6 +250,7 @@ TENANT_MEMBERS = Table(
         _req("first_seen_at", "TIMESTAMP"),
     ),
     primary_key=("tenant_id", "user_id"),
+    cluster_by=("tenant_id",),
 )
 
 
@@ -444,6 +445,11 @@ MIGRATIONS: tuple[Migration, ...] = (
             Fill(TENANT_STEP_LOGS, "run_attempt", 1),
             Fill(TENANT_DQ_RESULTS, "run_attempt", 1),
         ),
+    ),
+    Migration(
+        13,
+        "team members clustered by tenant (admissions and usage read one tenant's)",
+        clusters=(TENANT_MEMBERS,),
     ),
 )
 
