@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import random
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import pytest
 
 from convergence_server.storage import duckdb_runs
 from convergence_server.storage.duckdb_store import DuckDBStore
+from convergence_server.storage.queue_index import QueueIndex
 from convergence_server.storage.records import Admission, RunFilter, RunLimits, RunRecord
 from tests.test_store_contract import new_run, tenant
 
@@ -196,3 +198,25 @@ def test_admissions_count_as_the_database_does(tmp_path: Path, seed: int) -> Non
         assert refused["daily"] >= 3 and refused["concurrent"] >= 3  # both limits were met
     finally:
         asyncio.run(store.close())
+
+
+def test_reports_of_one_run_out_of_order_are_kept_or_make_the_index_read_again() -> None:
+    """A claim by the fair-queue query may report a new run before its admission does: the
+    claim's state is the newer, and kept. Two other changes of one run that overlap (a
+    cancel and a requeue) may have committed in either order: the index is read again."""
+    made = new_run("t1", BASE)
+    claimed = replace(made, status="RUNNING", worker_id="w")
+    index = QueueIndex()
+    assert index.load(index.mark(), [], [])
+    with index.changing(creates=True) as admission:
+        with index.changing() as claim:
+            index.apply(claim, claimed)
+        index.apply(admission, made)
+    assert index.valid and index.active("t1") == 1 and index.next_run() is None
+
+    run_id = made.pipeline_logging_id
+    with index.changing((run_id,)) as cancel:
+        with index.changing((run_id,)) as requeue:
+            index.apply(requeue, made)
+        index.apply(cancel, claimed)
+    assert not index.valid

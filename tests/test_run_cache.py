@@ -44,8 +44,8 @@ def test_a_read_that_began_before_a_change_does_not_fill() -> None:
     async def play() -> None:
         cache = RunCache()
         stamp = cache.stamp()  # a read misses and queries: it gets OLD
-        async with cache.change("r1"):
-            cache.put(NEW)
+        async with cache.change("r1") as change:
+            change.run = NEW  # as committed
         cache.fill_run(stamp, OLD)  # the read comes back after the change
         assert cache.run("r1") == NEW
 
@@ -74,8 +74,8 @@ def test_a_claim_blocks_fills_of_every_run_while_it_runs() -> None:
     async def play() -> None:
         cache = RunCache()
         stamp = cache.stamp()
-        async with cache.claim():
-            cache.put(NEW)
+        async with cache.claim() as began:
+            cache.claimed(began, NEW)
         cache.fill_run(stamp, OLD)
         assert cache.run("r1") == NEW
 
@@ -121,8 +121,8 @@ def test_a_creation_does_not_replace_a_claim_that_came_first() -> None:
     async def play() -> None:
         cache = RunCache()
         stamp = cache.stamp()  # the admission's INSERT is sent
-        async with cache.claim():  # the query claims the committed row meanwhile
-            cache.put(NEW)
+        async with cache.claim() as began:  # the query claims the committed row meanwhile
+            cache.claimed(began, NEW)
         cache.created(stamp, OLD)  # the admission's caller comes back
         assert cache.run("r1") == NEW
 
@@ -189,5 +189,30 @@ def test_a_write_left_running_by_a_cancelled_caller_keeps_fills_out_until_it_end
         assert cache.steps("r1") is None
         cache.fill_steps(cache.stamp(), "r1", [ENDED])
         assert cache.steps("r1") == [ENDED]
+
+    asyncio.run(play())
+
+
+def test_overlapping_changes_of_a_run_keep_neither_state() -> None:
+    """Two changes of a run may commit in one order and come back in the other: neither's
+    state is kept, committed or derived; nor a claim's, when a change of its run began or
+    ended since the claim began."""
+
+    async def play() -> None:
+        cache = RunCache()
+        cache.fill_run(cache.stamp(), NEW)
+        outer = cache.change("r1")
+        (await outer.__aenter__()).run = replace(NEW, warnings=1)  # committed second
+        async with cache.change("r1") as inner:  # a cancel, committed first, back first
+            inner.run = replace(NEW, cancel_requested=True)
+        assert cache.run("r1") is None
+        await outer.__aexit__(None, None, None)
+        assert cache.run("r1") is None
+
+        async with cache.claim() as began:
+            async with cache.change("r1") as cancel:  # after the claim's commit
+                cancel.run = replace(NEW, cancel_requested=True)
+            cache.claimed(began, NEW)  # the claim's caller comes back last
+        assert cache.run("r1") is None
 
     asyncio.run(play())

@@ -371,6 +371,148 @@ def test_a_step_write_whose_caller_is_cancelled_is_never_cached_before_it_ends(
         run(store.close())
 
 
+class Held:
+    """`duckdb_runs.<name>` held in its thread, before its call or after it has committed,
+    until released: the window in which another change of the run runs to its end."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, name: str, after: bool) -> None:
+        self.started, self.release = threading.Event(), threading.Event()
+        real = getattr(duckdb_runs, name)
+
+        def held(*args: Any, **kwargs: Any) -> Any:
+            if not after:
+                self.started.set()
+                assert self.release.wait(60)
+            answer = real(*args, **kwargs)
+            if after:
+                self.started.set()
+                assert self.release.wait(60)
+            return answer
+
+        monkeypatch.setattr(duckdb_runs, name, held)
+        self._monkeypatch = monkeypatch
+
+    async def entered(self) -> None:
+        """Waits until the held call is in its window; later calls are not held."""
+        assert await asyncio.to_thread(self.started.wait, 60)
+        self._monkeypatch.undo()
+
+
+def as_stored(store: DuckDBStore, run_id: str) -> RunRecord | None:
+    reader = cursor_of(store._connection)
+    try:
+        return duckdb_runs.find_run(reader, run_id)
+    finally:
+        reader.close()
+
+
+def warn_failed(claimed: RunRecord) -> DqRecord:
+    return DqRecord(
+        "dq-warn", claimed.pipeline_logging_id, claimed.pipeline_id, claimed.tenant_id,
+        "checks", "rows", "row_count", "warn", "FAILED", "0", "> 0", "0 rows",
+        date(2026, 3, 1), datetime(2026, 3, 1, tzinfo=UTC),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("first", ["dq_results", "requeue"])
+def test_a_change_overlapping_a_cancel_leaves_the_run_as_stored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, first: str
+) -> None:
+    """A write of the run (a failed `warn` check's count, a requeue) is held in its thread
+    while a cancel flags the run: the write then conflicts and is tried again, so it
+    commits after the cancel, whose caller comes back first. What GetRun answers, and what
+    the worker asks (`cancel_requested`) and ends the run from, is what the file holds."""
+    store, claimed = claimed_run(tmp_path)
+    tenant_id, run_id = claimed.tenant_id, claimed.pipeline_logging_id
+
+    async def play() -> None:
+        assert await store.get_run(tenant_id, run_id) == claimed  # kept in memory
+        if first == "dq_results":
+            hold = Held(monkeypatch, "add_dq_results", after=False)
+            write = asyncio.create_task(store.add_dq_results(claimed, [warn_failed(claimed)]))
+        else:
+            hold = Held(monkeypatch, "requeue_run", after=False)
+            write = asyncio.create_task(store.requeue_run(claimed, datetime.now(UTC), True))
+        await hold.entered()
+        cancel = await store.request_cancel(tenant_id, run_id, datetime.now(UTC))
+        assert cancel.run is not None and cancel.run.cancel_requested
+        hold.release.set()
+        await write
+        assert await store.get_run(tenant_id, run_id) == as_stored(store, run_id)
+        assert await store.cancel_requested(claimed)
+        if first == "dq_results":
+            ended = await store.finish_run(claimed, "COMPLETE", datetime.now(UTC))
+            assert ended is not None and ended.warnings == 1
+            assert ended == as_stored(store, run_id) == await store.get_run(tenant_id, run_id)
+
+    try:
+        run(play())
+    finally:
+        run(store.close())
+
+
+def test_a_cancel_after_a_claims_commit_is_not_lost_when_the_claim_comes_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A claim committed and held before its caller is back; a cancel flags the RUNNING run
+    meanwhile. The claim's state (not flagged) must not replace the cancel's: the worker
+    would not see the cancel."""
+    store = DuckDBStore.open(tmp_path / "store.duckdb")
+    made = new_run(tenant(store))
+    assert run(store.create_run(made, LONG_AGO)).created
+    tenant_id, run_id = made.tenant_id, made.pipeline_logging_id
+
+    async def play() -> None:
+        hold = Held(monkeypatch, "claim_run", after=True)
+        claim = asyncio.create_task(store.claim_next_run("worker-a", datetime.now(UTC)))
+        await hold.entered()
+        cancel = await store.request_cancel(tenant_id, run_id, datetime.now(UTC))
+        assert cancel.run is not None and not cancel.ended and cancel.run.cancel_requested
+        hold.release.set()
+        claimed = await claim
+        assert claimed is not None and claimed.status == "RUNNING"
+        assert await store.cancel_requested(claimed)
+        assert await store.get_run(tenant_id, run_id) == as_stored(store, run_id)
+
+    try:
+        run(play())
+    finally:
+        run(store.close())
+
+
+def test_a_requeue_reported_after_a_cancel_it_followed_leaves_the_run_in_the_fair_queue(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cancel commits its flag and is held before its caller is back; a requeue of the run
+    (its server lost) then commits and is reported first. The fair queue must not keep the
+    run RUNNING: it would never offer it while another tenant has a run waiting, and would
+    count its tenant one run too busy. The requeued run, the older, is claimed first."""
+    store, claimed = claimed_run(tmp_path)
+    tenant_id, run_id = claimed.tenant_id, claimed.pipeline_logging_id
+    later = new_run(tenant(store), claimed.created_at + timedelta(seconds=1))
+    assert run(store.create_run(later, LONG_AGO)).created
+
+    async def play() -> None:
+        hold = Held(monkeypatch, "request_cancel", after=True)
+        cancel = asyncio.create_task(store.request_cancel(tenant_id, run_id, datetime.now(UTC)))
+        await hold.entered()
+        assert await store.requeue_run(claimed, datetime.now(UTC), count_attempt=True)
+        hold.release.set()
+        await cancel
+        assert await store.get_run(tenant_id, run_id) == as_stored(store, run_id)
+        first = await store.claim_next_run("worker-b", datetime.now(UTC))
+        assert first is not None and first.pipeline_logging_id == run_id
+        second = await store.claim_next_run("worker-b", datetime.now(UTC))
+        assert second is not None and second.pipeline_logging_id == later.pipeline_logging_id
+        for each in (first, second):
+            assert await store.finish_run(each, "FAILED", datetime.now(UTC), "Cancelled")
+
+    try:
+        run(play())
+    finally:
+        run(store.close())
+
+
 def test_a_publication_is_recorded_once_and_answered_again_to_its_execution(
     tmp_path: Path,
 ) -> None:

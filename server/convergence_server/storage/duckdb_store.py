@@ -40,7 +40,7 @@ from convergence_server.storage.duckdb_warehouse import (
 )
 from convergence_server.storage.identifiers import quote_identifier
 from convergence_server.storage.locks import GroupCommit, KeyedTurns
-from convergence_server.storage.queue_index import QueueIndex
+from convergence_server.storage.queue_index import Changing, QueueIndex
 from convergence_server.storage.records import (
     Admission,
     ApiKeyRecord,
@@ -62,7 +62,7 @@ from convergence_server.storage.records import (
     WebhookRecord,
 )
 from convergence_server.storage.rows import latest_execution, naive
-from convergence_server.storage.run_cache import RunCache
+from convergence_server.storage.run_cache import Change, RunCache
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -119,6 +119,14 @@ def cursor_of(connection: duckdb.DuckDBPyConnection) -> duckdb.DuckDBPyConnectio
     cursor = connection.cursor()
     cursor.execute(f"USE {STORE}")
     return cursor
+
+
+@dataclasses.dataclass(frozen=True)
+class _RunChange:
+    """A change of one run in progress, as the run cache and the fair queue follow it."""
+
+    cached: Change
+    queued: Changing
 
 
 def _first_try(known: RunRecord | None) -> Callable[[], RunRecord | None]:
@@ -554,17 +562,18 @@ class DuckDBStore:
             if (day := self._usage_days.get(tenant_id)) is not None:
                 known.usage_rows.add((tenant_id, day))
         stamp = self._cache.stamp()
-        try:
-            answers, counts = await self._call(functools.partial(admit, known))
-        except BaseException:  # what it committed is unknown: counted again next time
-            for tenant_id in tenant_ids:
-                self._created.pop(tenant_id, None)
-            raise
-        for answer in answers:
-            if answer.created and answer.run is not None:
-                self._queue.apply(answer.run)
-                # For the GetRun that follows a trigger, and for the run's claim.
-                self._cache.created(stamp, runs.as_stored(answer.run))
+        with self._queue.changing(creates=True) as queued:
+            try:
+                answers, counts = await self._call(functools.partial(admit, known))
+            except BaseException:  # what it committed is unknown: counted again next time
+                for tenant_id in tenant_ids:
+                    self._created.pop(tenant_id, None)
+                raise
+            for answer in answers:
+                if answer.created and answer.run is not None:
+                    self._queue.apply(queued, answer.run)
+                    # For the GetRun that follows a trigger, and for the run's claim.
+                    self._cache.created(stamp, runs.as_stored(answer.run))
         for (tenant_id, day), count in counts.created.items():
             if tenant_id not in self._created or self._created[tenant_id][0] <= day:
                 self._created[tenant_id] = (day, count)
@@ -667,22 +676,22 @@ class DuckDBStore:
         return await self._call(lambda cur: runs.list_runs(cur, where, after, limit, newest))
 
     @contextlib.asynccontextmanager
-    async def _changing(self, run_id: str) -> AsyncIterator[None]:
+    async def _changing(self, run_id: str) -> AsyncIterator[_RunChange]:
         """Around a change of a run: its cached state and the fair queue follow it."""
-        async with self._cache.change(run_id):
-            with self._queue.changing():
-                yield
+        async with self._cache.change(run_id) as cached:
+            with self._queue.changing((run_id,)) as queued:
+                yield _RunChange(cached, queued)
 
-    def _committed(self, run: RunRecord) -> None:
+    def _committed(self, change: _RunChange, run: RunRecord) -> None:
         """The run's state, as the change just committed it."""
-        self._queue.apply(run)
-        self._cache.put(run)
+        self._queue.apply(change.queued, run)
+        change.cached.run = run  # kept if no other change of the run overlapped
 
     async def claim_next_run(self, worker_id: str, now: datetime) -> RunRecord | None:
         if not self._queue.valid and (mark := self._queue.mark()) is not None:
             self._queue.load(mark, *await self._call(runs.queue_state))
-        async with self._cache.claim():
-            with self._queue.changing():
+        async with self._cache.claim() as began:
+            with self._queue.changing() as queued:
                 chosen = self._queue.next_run()
                 run = None
                 if chosen is not None:
@@ -693,9 +702,9 @@ class DuckDBStore:
                 if run is None:  # none known here, or taken meanwhile: the query decides
                     run = await self._call(lambda cur: runs.claim_next_run(cur, worker_id, now))
                 if run is not None:
-                    self._queue.apply(run)
+                    self._queue.apply(queued, run)
             if run is not None:
-                self._cache.put(run)
+                self._cache.claimed(began, run)
                 self._step_rows[run.pipeline_logging_id] = {}
             return run
 
@@ -709,7 +718,7 @@ class DuckDBStore:
         steps_open = steps is None or any(s.status == "RUNNING" for s in steps.values())
         async with self._tenant_turns.get(run.tenant_id):
             known = _first_try(self._cache.run(run.pipeline_logging_id))  # the change drops it
-            async with self._changing(run.pipeline_logging_id):
+            async with self._changing(run.pipeline_logging_id) as change:
                 active = self._queue.active(run.tenant_id)  # exact in the tenant's turn
                 ended = await self._call(
                     lambda cur: runs.finish_run(
@@ -725,7 +734,7 @@ class DuckDBStore:
                     )
                 )
                 if ended is not None:
-                    self._committed(ended)
+                    self._committed(change, ended)
                 return ended
 
     async def request_cancel(
@@ -737,14 +746,14 @@ class DuckDBStore:
         async with (
             self._publications.get(tenant_id),
             self._tenant_turns.get(tenant_id),
-            self._changing(run_id),
+            self._changing(run_id) as change,
         ):
             active = self._queue.active(tenant_id)  # exact in the tenant's turn
             cancel = await self._call(
                 lambda cur: runs.request_cancel(cur, tenant_id, run_id, now, active)
             )
             if cancel.run is not None:
-                self._committed(cancel.run)
+                self._committed(change, cancel.run)
             return cancel
 
     async def cancel_requested(self, run: RunRecord, stored: bool = False) -> bool:
@@ -766,10 +775,11 @@ class DuckDBStore:
 
     async def requeue_run(self, run: RunRecord, now: datetime, count_attempt: bool) -> bool:
         self._step_rows.pop(run.pipeline_logging_id, None)  # its steps are closed with it
-        async with self._changing(run.pipeline_logging_id):
+        async with self._changing(run.pipeline_logging_id) as change:
             requeued = await self._call(lambda cur: runs.requeue_run(cur, run, now, count_attempt))
             if requeued:  # the run's new state is read again when asked for
-                self._queue.apply(dataclasses.replace(run, status="PENDING", start_time=None))
+                pending = dataclasses.replace(run, status="PENDING", start_time=None)
+                self._queue.apply(change.queued, pending)
             return requeued
 
     async def published(self, run_id: str) -> bool:

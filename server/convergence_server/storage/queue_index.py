@@ -10,9 +10,15 @@ One process owns the embedded store, and every change of a run's status goes thr
 store's methods, which report the committed state here (`apply`) within `changing`. A
 change that fails leaves the index invalid (what it committed is unknown) until it is
 loaded again from the database, which is only installed when no change began or ended
-while it was read. The store claims the index's choice with a guarded UPDATE (still
-PENDING), and falls back to the query when the index is invalid, has no candidate, or its
-choice was taken meanwhile: the index can make a claim cheaper, never wrong.
+while it was read. So does a state reported by a change that overlapped another of the
+same run (a cancel and a requeue, a claim and the admission still reporting the run):
+such changes may commit in one order and report in the other. Only an admission's report
+needs no such care: a run's creation commits before any other change of it, so a state of
+the new run reported first (its claim by the fair-queue query) is newer, and kept.
+
+The store claims the index's choice with a guarded UPDATE (still PENDING), and falls back to
+the query when the index is invalid, has no candidate, or its choice was taken meanwhile:
+the index can make a claim cheaper, never wrong.
 
 Everything runs on the event loop's thread; no lock is needed.
 """
@@ -22,6 +28,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import logging
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -31,6 +38,8 @@ from convergence_server.storage.records import RunRecord
 log = logging.getLogger(__name__)
 
 PENDING, RUNNING = "PENDING", "RUNNING"
+# How many runs' latest reports are remembered (see `QueueIndex._changed`).
+REMEMBERED = 50_000
 
 
 @dataclass
@@ -38,6 +47,16 @@ class _Tenant:
     running: int = 0
     pending: list[tuple[datetime, str]] = field(default_factory=list)  # sorted
     released: datetime | None = None  # the last end of a run of it that had started
+
+
+@dataclass(frozen=True)
+class Changing:
+    """A change in progress: the tick it began at, the runs it named, and whether it
+    creates the runs it reports (an admission)."""
+
+    began: int
+    run_ids: tuple[str, ...]
+    creates: bool = False
 
 
 def _utc(moment: datetime) -> datetime:
@@ -52,6 +71,12 @@ class QueueIndex:
         self.valid = False
         self._busy = 0  # changes in progress
         self._tick = 0  # counts the beginnings and ends of changes
+        self._busy_runs: dict[str, int] = {}  # changes in progress of the runs they name
+        # The tick at which each run was last reported, or its change ended (runs that
+        # left the index are forgotten beyond a bound: none of those is later than
+        # `_floor`).
+        self._changed: OrderedDict[str, int] = OrderedDict()
+        self._floor = 0
 
     # -- loading ----------------------------------------------------------------------------
 
@@ -83,23 +108,46 @@ class QueueIndex:
     # -- changes ----------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def changing(self) -> Iterator[None]:
-        """Around a store call that may change a run's status (see the module's doc)."""
+    def changing(self, run_ids: Iterable[str] = (), creates: bool = False) -> Iterator[Changing]:
+        """Around a store call that may change a run's status (see the module's doc): the
+        runs it changes when known before (none for a claim, nor an admission, which
+        `creates` its runs), and what `apply` takes."""
         self._busy += 1
         self._tick += 1
+        change = Changing(self._tick, tuple(run_ids), creates)
+        for run_id in change.run_ids:
+            self._busy_runs[run_id] = self._busy_runs.get(run_id, 0) + 1
         try:
-            yield
+            yield change
         except BaseException:
             self.valid = False
             raise
         finally:
             self._busy -= 1
             self._tick += 1
+            for run_id in change.run_ids:
+                if self._busy_runs[run_id] == 1:
+                    del self._busy_runs[run_id]
+                else:
+                    self._busy_runs[run_id] -= 1
+                self._touched(run_id)
 
-    def apply(self, run: RunRecord) -> None:
-        """The run's state as just committed. Never raises: the change it reports has been
-        committed; an index that cannot follow it is read again instead."""
+    def apply(self, change: Changing, run: RunRecord) -> None:
+        """The run's state as `change` just committed it. Never raises: the change it
+        reports has been committed; an index that cannot follow it (or that cannot tell
+        whether another change of the run committed after it) is read again instead."""
+        run_id = run.pipeline_logging_id
+        reported = self._changed.get(run_id, 0) > change.began  # by another change since
+        forgotten = change.began <= self._floor  # reports since may be forgotten
+        others = self._busy_runs.get(run_id, 0) - (run_id in change.run_ids)
+        self._tick += 1
+        self._touched(run_id)
         if not self.valid:
+            return
+        if change.creates and reported and not forgotten:
+            return  # a newer state of the new run was reported first
+        if forgotten or reported or (others and not change.creates):
+            self.valid = False
             return
         try:
             self._apply(run)
@@ -148,6 +196,13 @@ class QueueIndex:
         return 0 if tenant is None else tenant.running + len(tenant.pending)
 
     # -- plumbing ---------------------------------------------------------------------------
+
+    def _touched(self, run_id: str) -> None:
+        self._changed[run_id] = self._tick
+        self._changed.move_to_end(run_id)
+        if len(self._changed) > REMEMBERED:
+            _, forgotten = self._changed.popitem(last=False)
+            self._floor = max(self._floor, forgotten)
 
     def _tenant(self, tenant_id: str) -> _Tenant:
         tenant = self._tenants.get(tenant_id)

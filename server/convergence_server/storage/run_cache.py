@@ -3,13 +3,15 @@ and each WatchRun update are answered without a query.
 
 It is exact because one process owns the store (`Store.exclusive`): every change of a run
 or of its steps goes through the store's methods, which wrap it in `change` (the run's
-entries are dropped before the write and the new state put after it commits, or derived
-from the entries before it when no other change of the run overlapped) and, for a change
-whose run is not known before it (a claim), in `claim`. A read that missed fills an
+entries are dropped before the write; the state it committed, or one derived from the
+entries before it, is kept after it only if no other change of the run overlapped it,
+since overlapping changes may commit in one order and come back in the other) and, for a
+change whose run is not known before it (a claim), in `claim`. A read that missed fills an
 entry only if no change of that run (and no claim) began or ended while it read, so an
 older state read from the database never replaces a newer one; a new run is kept as its
 admission stored it unless a change of it began or ended since the admission was sent
-(`created`). A change that fails drops everything: whatever it may have committed is read
+(`created`), and a claimed run unless a change of it began or ended since the claim began
+(`claimed`). A change that fails drops everything: whatever it may have committed is read
 again; one whose caller was cancelled while its write went on in its thread (`outlive`)
 also keeps every entry from being filled or derived until that write has ended. Bounded:
 the least recently used entries go first.
@@ -60,8 +62,8 @@ class Lru(Generic[V]):
 @dataclass
 class Change:
     """A change of a run in progress: its entries as they were before it (None when not
-    kept), and what the change sets for them once committed, derived from those (kept
-    unless another change of the run began or ended meanwhile)."""
+    kept), and what the change sets for them once committed, as it committed them or
+    derived from those (kept unless another change of the run began or ended meanwhile)."""
 
     run_before: RunRecord | None
     steps_before: list[StepRecord] | None
@@ -127,10 +129,17 @@ class RunCache:
 
     # -- changes ----------------------------------------------------------------------------
 
-    def put(self, run: RunRecord) -> None:
-        """The run as a change just committed it (inside `change` or `claim`)."""
-        self._mark(run.pipeline_logging_id)
-        self._runs.put(run.pipeline_logging_id, run)
+    def claimed(self, began: int, run: RunRecord) -> None:
+        """The run as a claim that began at tick `began` (`claim`) just committed it: kept
+        unless a change of the run (or a write of a cancelled caller) began or ended since,
+        or is going on (a cancel may have flagged it after the claim's commit)."""
+        run_id = run.pipeline_logging_id
+        kept = self._untouched(began, run_id)
+        self._mark(run_id)
+        if kept:
+            self._runs.put(run_id, run)
+        else:
+            self._runs.drop(run_id)
 
     def created(self, stamp: int, run: RunRecord) -> None:
         """A new run as its creation committed, `stamp` taken before that: kept unless a
@@ -162,9 +171,13 @@ class RunCache:
                 and self._busy[run_id] == 1
                 and self._no_outlived_write_since(began)
             )
-            # A claim may change a run it did not know before (never a step).
+            # A claim may change a PENDING run it did not know before (never a step, nor
+            # a run RUNNING or ended).
             unclaimed = not self._claiming and self._claimed < began
-            if alone and unclaimed and change.run is not None:
+            if not alone:
+                self._runs.drop(run_id)
+                self._steps.drop(run_id)
+            elif change.run is not None and (unclaimed or change.run.status != "PENDING"):
                 self._runs.put(run_id, change.run)
             if alone and change.steps is not None:
                 self._steps.put(run_id, change.steps)
@@ -175,13 +188,14 @@ class RunCache:
             self._mark(run_id)
 
     @contextlib.asynccontextmanager
-    async def claim(self) -> AsyncIterator[None]:
-        """Around a write whose run is known only after it (a claim)."""
+    async def claim(self) -> AsyncIterator[int]:
+        """Around a write whose run is known only after it (a claim); gives the tick it
+        began at, for `claimed`."""
         self._tick += 1
         self._claimed = self._tick
         self._claiming += 1
         try:
-            yield
+            yield self._claimed
         except BaseException:
             self.clear()
             raise
