@@ -213,6 +213,12 @@ def test_reports_of_one_run_out_of_order_are_kept_or_make_the_index_read_again()
             index.apply(claim, claimed)
         index.apply(admission, made)
     assert index.valid and index.active("t1") == 1 and index.next_run() is None
+    second = new_run("t1", BASE + timedelta(seconds=1))  # reported in order, during the claim
+    with index.changing() as claim:
+        with index.changing(creates=True) as admission:
+            index.apply(admission, second)
+        index.apply(claim, replace(second, status="RUNNING", worker_id="w"))
+    assert index.valid and index.active("t1") == 2 and index.next_run() is None
 
     run_id = made.pipeline_logging_id
     with index.changing((run_id,)) as cancel:

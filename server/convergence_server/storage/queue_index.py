@@ -141,7 +141,8 @@ class QueueIndex:
         forgotten = change.began <= self._floor  # reports since may be forgotten
         others = self._busy_runs.get(run_id, 0) - (run_id in change.run_ids)
         self._tick += 1
-        self._touched(run_id)
+        if not change.creates:  # a creation is older than any other report of its run
+            self._touched(run_id)
         if not self.valid:
             return
         if change.creates and reported and not forgotten:
