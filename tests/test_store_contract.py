@@ -1160,6 +1160,68 @@ def test_a_bigquery_replica_answers_the_runs_it_executes(
         assert len(jobs) == 1
 
 
+def test_a_bigquery_replica_keeps_a_cancel_asked_there_whatever_the_order_its_calls_end(
+    emulator: Emulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A claim committed, its caller not yet back, while a cancel on the same replica flags
+    the run: the claimed run kept there has the flag. A cancel that committed but whose
+    caller got no answer (gone, timed out) leaves the run to be read from BigQuery. Either
+    way GetRun and the worker's check say what BigQuery says, not one heartbeat later."""
+    prefix = new_prefix()
+    store = open_store("bigquery", tmp_path, emulator, prefix)
+    tenant_id = tenant(store)
+    made = new_run(tenant_id)
+    run_id = made.pipeline_logging_id
+    run(store.create_run(made, LONG_AGO, RunLimits(10, 10)))
+    claim_next_run, request_cancel = bigquery_runs.claim_next_run, bigquery_runs.request_cancel
+
+    async def cancelled_before_the_claim_is_back() -> RunRecord | None:
+        committed, resume = asyncio.Event(), asyncio.Event()
+
+        async def held(*args: Any) -> RunRecord | None:
+            claimed = await claim_next_run(*args)
+            committed.set()
+            await resume.wait()
+            return claimed
+
+        monkeypatch.setattr(bigquery_runs, "claim_next_run", held)
+        claiming = asyncio.create_task(store.claim_next_run("worker-a", datetime.now(UTC)))
+        await asyncio.wait_for(committed.wait(), 60)
+        seen = await store.get_run(tenant_id, run_id)
+        asked = await store.request_cancel(tenant_id, run_id, datetime.now(UTC), seen)
+        assert asked.run is not None and asked.run.cancel_requested
+        resume.set()
+        return await claiming
+
+    try:
+        claimed = run(cancelled_before_the_claim_is_back())
+        assert claimed is not None and claimed.cancel_requested
+        assert run(store.cancel_requested(claimed))
+        assert run(store.get_run(tenant_id, run_id)) == run(
+            bigquery_runs.get_run(store._db, tenant_id, run_id)  # type: ignore[attr-defined]
+        )
+        assert run(store.finish_run(claimed, "FAILED", datetime.now(UTC), "Cancelled"))
+        monkeypatch.undo()
+
+        again = new_run(tenant_id)
+        run(store.create_run(again, LONG_AGO, RunLimits(10, 10)))
+        executing = claim(store, tenant_id)
+
+        async def answer_lost(*args: Any) -> Any:
+            await request_cancel(*args)
+            raise asyncio.CancelledError  # the caller went away after the commit
+
+        monkeypatch.setattr(bigquery_runs, "request_cancel", answer_lost)
+        with pytest.raises(asyncio.CancelledError):
+            run(store.request_cancel(tenant_id, again.pipeline_logging_id, datetime.now(UTC)))
+        assert run(store.cancel_requested(executing))
+        found = run(store.get_run(tenant_id, again.pipeline_logging_id))
+        assert found is not None and found.cancel_requested
+        assert run(store.finish_run(executing, "FAILED", datetime.now(UTC), "Cancelled"))
+    finally:
+        run(store.close())
+
+
 def test_a_bigquery_replica_answers_the_steps_of_runs_it_executes(
     emulator: Emulator, tmp_path: Path
 ) -> None:

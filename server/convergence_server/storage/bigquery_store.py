@@ -143,6 +143,9 @@ class BigQueryStore:
         self._executing: dict[str, RunRecord] = {}
         # Their steps, served from here too once the attempt has one written here (`_Steps`).
         self._steps: dict[str, _Steps] = {}
+        # Runs a cancel here flagged, as it left them: a claim here that committed before
+        # the cancel, but whose caller comes back after it, takes the flag from here.
+        self._flagged: Lru[RunRecord] = Lru(CAPACITY)
         # Reads polled by many callers at once (a run, its steps and checks, a list of
         # runs, a day's usage) share their query jobs: see `shared_reads`.
         self._reads = SharedReads()
@@ -419,6 +422,12 @@ class BigQueryStore:
     async def claim_next_run(self, worker_id: str, now: datetime) -> RunRecord | None:
         run = await runs.claim_next_run(self._db, self._horizon, worker_id, now)
         if run is not None:
+            flagged = self._flagged.get(run.pipeline_logging_id)
+            if flagged is not None and (flagged.worker_id, flagged.attempt) == (
+                run.worker_id,
+                run.attempt,
+            ):  # this very execution was flagged after the claim committed
+                run = replace(run, cancel_requested=True)
             self._executing[run.pipeline_logging_id] = run
             self._steps[run.pipeline_logging_id] = _Steps(run.attempt)
         return run
@@ -437,10 +446,15 @@ class BigQueryStore:
     async def request_cancel(
         self, tenant_id: str, run_id: str, now: datetime, known: RunRecord | None = None
     ) -> Cancellation:
-        cancel = await runs.request_cancel(self._db, tenant_id, run_id, now, known)
+        try:
+            cancel = await runs.request_cancel(self._db, tenant_id, run_id, now, known)
+        except BaseException:  # it may have committed: reads of the run go to BigQuery
+            self._let_go(run_id)
+            raise
         changed = self._keep(cancel.run)
         if changed is not None and changed.cancel_requested:
             self._cancelled(run_id)
+            self._flagged.put(run_id, changed)
         return cancel
 
     async def heartbeat(self, run_ids: list[str], worker_id: str) -> None:
