@@ -11,8 +11,8 @@ store's methods, which report the committed state here (`apply`) within `changin
 change that fails leaves the index invalid (what it committed is unknown) until it is
 loaded again from the database, which is only installed when no change began or ended
 while it was read. So does a state reported by a change that overlapped another of the
-same run (a cancel and a requeue, a claim and the admission still reporting the run):
-such changes may commit in one order and report in the other. Only an admission's report
+same run (a cancel and a requeue, a cancel and a claim): such changes may commit in one
+order and report in the other. Only an admission's report
 needs no such care: a run's creation commits before any other change of it, so a state of
 the new run reported first (its claim by the fair-queue query) is newer, and kept.
 
@@ -72,8 +72,8 @@ class QueueIndex:
         self._busy = 0  # changes in progress
         self._tick = 0  # counts the beginnings and ends of changes
         self._busy_runs: dict[str, int] = {}  # changes in progress of the runs they name
-        # The tick at which each run was last reported, or its change ended (runs that
-        # left the index are forgotten beyond a bound: none of those is later than
+        # The tick at which each run was last reported (but by its admission), or a change
+        # naming it ended (runs are forgotten beyond a bound: none of those is later than
         # `_floor`).
         self._changed: OrderedDict[str, int] = OrderedDict()
         self._floor = 0
