@@ -28,12 +28,12 @@ from __future__ import annotations
 import bisect
 import contextlib
 import logging
-from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from convergence_server.storage.records import RunRecord
+from convergence_server.storage.run_cache import Marks
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +73,8 @@ class QueueIndex:
         self._tick = 0  # counts the beginnings and ends of changes
         self._busy_runs: dict[str, int] = {}  # changes in progress of the runs they name
         # The tick at which each run was last reported (but by its admission), or a change
-        # naming it ended (runs are forgotten beyond a bound: none of those is later than
-        # `_floor`).
-        self._changed: OrderedDict[str, int] = OrderedDict()
-        self._floor = 0
+        # naming it ended.
+        self._changed = Marks(REMEMBERED)
 
     # -- loading ----------------------------------------------------------------------------
 
@@ -130,19 +128,19 @@ class QueueIndex:
                     del self._busy_runs[run_id]
                 else:
                     self._busy_runs[run_id] -= 1
-                self._touched(run_id)
+                self._changed.mark(run_id, self._tick)
 
     def apply(self, change: Changing, run: RunRecord) -> None:
         """The run's state as `change` just committed it. Never raises: the change it
         reports has been committed; an index that cannot follow it (or that cannot tell
         whether another change of the run committed after it) is read again instead."""
         run_id = run.pipeline_logging_id
-        reported = self._changed.get(run_id, 0) > change.began  # by another change since
-        forgotten = change.began <= self._floor  # reports since may be forgotten
+        reported = self._changed.get(run_id) > change.began  # by another change since
+        forgotten = change.began <= self._changed.floor  # reports since may be forgotten
         others = self._busy_runs.get(run_id, 0) - (run_id in change.run_ids)
         self._tick += 1
         if not change.creates:  # a creation is older than any other report of its run
-            self._touched(run_id)
+            self._changed.mark(run_id, self._tick)
         if not self.valid:
             return
         if change.creates and reported and not forgotten:
@@ -197,13 +195,6 @@ class QueueIndex:
         return 0 if tenant is None else tenant.running + len(tenant.pending)
 
     # -- plumbing ---------------------------------------------------------------------------
-
-    def _touched(self, run_id: str) -> None:
-        self._changed[run_id] = self._tick
-        self._changed.move_to_end(run_id)
-        if len(self._changed) > REMEMBERED:
-            _, forgotten = self._changed.popitem(last=False)
-            self._floor = max(self._floor, forgotten)
 
     def _tenant(self, tenant_id: str) -> _Tenant:
         tenant = self._tenants.get(tenant_id)

@@ -59,6 +59,27 @@ class Lru(Generic[V]):
         self._entries.clear()
 
 
+class Marks:
+    """The tick of each run's latest mark. The oldest are forgotten beyond `bound`, none of
+    them later than `floor`: a tick at or below it cannot tell what was marked after it."""
+
+    def __init__(self, bound: int) -> None:
+        self._ticks: OrderedDict[str, int] = OrderedDict()
+        self._bound = bound
+        self.floor = 0
+
+    def mark(self, run_id: str, tick: int) -> None:
+        self._ticks[run_id] = tick
+        self._ticks.move_to_end(run_id)
+        if len(self._ticks) > self._bound:
+            _, forgotten = self._ticks.popitem(last=False)
+            self.floor = max(self.floor, forgotten)
+
+    def get(self, run_id: str) -> int:
+        """The run's latest mark, 0 when none is remembered."""
+        return self._ticks.get(run_id, 0)
+
+
 @dataclass
 class Change:
     """A change of a run in progress: its entries as they were before it (None when not
@@ -76,16 +97,12 @@ class RunCache:
         self._runs: Lru[RunRecord] = Lru(capacity)
         self._steps: Lru[list[StepRecord]] = Lru(capacity)
         self._tick = 0  # counts the beginnings and ends of changes
-        # The tick of each run's latest change beginning or end (the oldest forgotten
-        # beyond a bound: none of those is later than `_floor`).
-        self._changed: OrderedDict[str, int] = OrderedDict()
-        self._floor = 0
+        self._changed = Marks(4 * capacity)  # each run's latest change beginning or end
         self._busy: dict[str, int] = {}  # changes in progress, per run
         self._claiming = 0  # claims in progress
         self._claimed = 0  # the tick of the latest claim's beginning or end
         self._outliving = 0  # writes of cancelled callers still going on
         self._outlived = 0  # the tick of the latest one's beginning or end
-        self._bound = 4 * capacity
 
     # -- reads ------------------------------------------------------------------------------
 
@@ -117,8 +134,8 @@ class RunCache:
         """No change of the run (nor a write of a cancelled caller) began or ended since
         `stamp`, or is going on."""
         return (
-            stamp > self._floor
-            and self._changed.get(run_id, 0) < stamp
+            stamp > self._changed.floor
+            and self._changed.get(run_id) < stamp
             and run_id not in self._busy
             and self._no_outlived_write_since(stamp)
         )
@@ -226,8 +243,4 @@ class RunCache:
 
     def _mark(self, run_id: str) -> None:
         self._tick += 1
-        self._changed[run_id] = self._tick
-        self._changed.move_to_end(run_id)
-        if len(self._changed) > self._bound:
-            _, forgotten = self._changed.popitem(last=False)
-            self._floor = max(self._floor, forgotten)
+        self._changed.mark(run_id, self._tick)
